@@ -1,0 +1,1 @@
+//! Generated code of the admin API (reserved).
