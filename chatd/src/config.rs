@@ -1,0 +1,598 @@
+//! Configuration: raw layers → one validated [`Config`].
+//!
+//! The layers are, lowest first: the built-in defaults (the `Default` impls
+//! below), a TOML file, and `CHATD_<SECTION>__<KEY>` environment variables.
+//! The `config` crate merges them into [`RawConfig`], which mirrors the file
+//! format exactly (unknown keys are rejected there). [`RawConfig::validate`]
+//! then turns it into the typed [`Config`] the rest of the daemon trusts, and
+//! every rejection names the key, the bad value and what is allowed.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::protocol;
+
+/// Where chatd looks for a config file when `--config` is not given.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/chatd/chatd.toml";
+
+/// Why the configuration cannot be used. Each message is one line an operator
+/// can act on.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("invalid configuration: {0}")]
+    Parse(String),
+    #[error("invalid value for `{key}`: {value} — {allowed}")]
+    Invalid {
+        key: &'static str,
+        value: String,
+        allowed: String,
+    },
+}
+
+/// Where the file layer comes from.
+#[derive(Debug, Clone)]
+pub enum Source {
+    /// `--config PATH`: the file must exist.
+    Explicit(PathBuf),
+    /// No flag: [`DEFAULT_CONFIG_PATH`] if it exists, else defaults only.
+    Default,
+}
+
+impl Source {
+    /// The file that will be read, if any.
+    pub fn path(&self) -> Option<PathBuf> {
+        match self {
+            Source::Explicit(p) => Some(p.clone()),
+            Source::Default => {
+                let p = Path::new(DEFAULT_CONFIG_PATH);
+                p.exists().then(|| p.to_path_buf())
+            }
+        }
+    }
+}
+
+/// The file format, section by section. Numbers are read as `i64` so that a
+/// negative or huge value reaches [`RawConfig::validate`] and gets a message
+/// naming its allowed range instead of a generic type error.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RawConfig {
+    pub server: RawServer,
+    pub chat: RawChat,
+    pub udp: RawUdp,
+    pub admin: RawAdmin,
+    pub limits: RawLimits,
+    pub log: RawLog,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RawServer {
+    pub name: String,
+    pub motd: String,
+    pub shutdown_timeout_secs: i64,
+}
+
+impl Default for RawServer {
+    fn default() -> Self {
+        Self {
+            name: "chatd".into(),
+            motd: String::new(),
+            shutdown_timeout_secs: 10,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RawChat {
+    pub listen: String,
+    pub default_room: String,
+    pub history: i64,
+    pub backlog: i64,
+}
+
+impl Default for RawChat {
+    fn default() -> Self {
+        Self {
+            listen: "0.0.0.0:8080".into(),
+            default_room: "lobby".into(),
+            history: 20,
+            backlog: 4096,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RawUdp {
+    pub enabled: bool,
+    pub listen: String,
+    pub max_datagram_bytes: i64,
+    pub rate_per_sec: i64,
+    pub burst: i64,
+}
+
+impl Default for RawUdp {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            listen: "0.0.0.0:8080".into(),
+            max_datagram_bytes: 1024,
+            rate_per_sec: 10,
+            burst: 20,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RawAdmin {
+    pub listen: String,
+}
+
+impl Default for RawAdmin {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:50051".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RawLimits {
+    pub max_clients: i64,
+    pub max_clients_per_ip: i64,
+    pub max_line_bytes: i64,
+    pub max_overlong_lines: i64,
+    pub flood_lines_per_sec: i64,
+    pub flood_burst: i64,
+    pub flood_max_dropped: i64,
+    pub idle_timeout_secs: i64,
+    pub keepalive_secs: i64,
+    pub outbound_queue_bytes: i64,
+    pub room_notice_max: i64,
+}
+
+impl Default for RawLimits {
+    fn default() -> Self {
+        Self {
+            max_clients: 10_000,
+            max_clients_per_ip: 32,
+            max_line_bytes: 1024,
+            max_overlong_lines: 5,
+            flood_lines_per_sec: 10,
+            flood_burst: 20,
+            flood_max_dropped: 100,
+            idle_timeout_secs: 3600,
+            keepalive_secs: 60,
+            outbound_queue_bytes: 256 * 1024,
+            room_notice_max: 500,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RawLog {
+    pub level: String,
+    pub format: String,
+}
+
+impl Default for RawLog {
+    fn default() -> Self {
+        Self {
+            level: "info".into(),
+            format: "text".into(),
+        }
+    }
+}
+
+/// The validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub chat: ChatConfig,
+    pub udp: Option<UdpConfig>,
+    pub admin: AdminConfig,
+    pub limits: Limits,
+    pub log: LogConfig,
+    /// The merged raw layers, kept for `--print-config`.
+    pub raw: RawConfig,
+}
+
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub name: String,
+    pub motd: String,
+    pub shutdown_timeout: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct ChatConfig {
+    pub listen: SocketAddr,
+    pub default_room: String,
+    pub history: usize,
+    pub backlog: u32,
+}
+
+#[derive(Debug, Clone)]
+pub struct UdpConfig {
+    pub listen: SocketAddr,
+    pub max_datagram_bytes: usize,
+    pub rate_per_sec: u32,
+    pub burst: u32,
+}
+
+#[derive(Debug, Clone)]
+pub struct AdminConfig {
+    pub listen: SocketAddr,
+}
+
+/// Per-connection and server-wide limits. All of them can be changed at run
+/// time, which is why connections read them from the hub on each use.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub max_clients: usize,
+    pub max_clients_per_ip: usize,
+    pub max_line_bytes: usize,
+    pub max_overlong_lines: u32,
+    /// `None` turns flood control off.
+    pub flood: Option<FloodLimits>,
+    pub idle_timeout: Option<Duration>,
+    pub keepalive: Option<Duration>,
+    pub outbound_queue_bytes: usize,
+    pub room_notice_max: usize,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct FloodLimits {
+    pub lines_per_sec: u32,
+    pub burst: u32,
+    /// 0: never disconnect, only drop.
+    pub max_dropped: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone)]
+pub struct LogConfig {
+    pub level: String,
+    pub format: LogFormat,
+}
+
+impl Config {
+    /// Reads every layer and validates the result.
+    pub fn load(source: &Source) -> Result<Config, ConfigError> {
+        Self::load_with_env(source, None)
+    }
+
+    /// Like [`Config::load`], with the environment layer taken from `env`
+    /// instead of the process environment when given (tests use this).
+    pub fn load_with_env(
+        source: &Source,
+        env: Option<Vec<(String, String)>>,
+    ) -> Result<Config, ConfigError> {
+        let mut builder = config::Config::builder();
+        if let Some(path) = source.path() {
+            let text = std::fs::read_to_string(&path).map_err(|source| ConfigError::Read {
+                path: path.clone(),
+                source,
+            })?;
+            builder = builder
+                .add_source(config::File::from_str(&text, config::FileFormat::Toml).required(true));
+        }
+        let mut env_source = config::Environment::with_prefix("CHATD")
+            .prefix_separator("_")
+            .separator("__")
+            .try_parsing(true);
+        if let Some(vars) = env {
+            env_source = env_source.source(Some(vars.into_iter().collect()));
+        }
+        let merged = builder
+            .add_source(env_source)
+            .build()
+            .map_err(|e| ConfigError::Parse(e.to_string()))?;
+        let raw: RawConfig = merged
+            .try_deserialize()
+            .map_err(|e| ConfigError::Parse(e.to_string()))?;
+        raw.validate()
+    }
+
+    /// The effective configuration in the file format.
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(&self.raw).unwrap_or_else(|e| format!("# cannot print: {e}\n"))
+    }
+}
+
+fn invalid(
+    key: &'static str,
+    value: impl std::fmt::Display,
+    allowed: impl Into<String>,
+) -> ConfigError {
+    ConfigError::Invalid {
+        key,
+        value: value.to_string(),
+        allowed: allowed.into(),
+    }
+}
+
+fn addr(key: &'static str, value: &str) -> Result<SocketAddr, ConfigError> {
+    value.parse().map_err(|_| {
+        invalid(
+            key,
+            format!("{value:?}"),
+            "expected IP:PORT, e.g. \"0.0.0.0:8080\" or \"[::1]:8080\" (port 0 picks a free port)",
+        )
+    })
+}
+
+fn range(
+    key: &'static str,
+    value: i64,
+    min: i64,
+    max: i64,
+    note: &str,
+) -> Result<i64, ConfigError> {
+    if (min..=max).contains(&value) {
+        Ok(value)
+    } else {
+        Err(invalid(key, value, format!("allowed: {min}..={max}{note}")))
+    }
+}
+
+fn secs(key: &'static str, value: i64, max: i64) -> Result<Option<Duration>, ConfigError> {
+    let v = range(key, value, 0, max, " seconds, 0 turns it off")?;
+    // The range check above makes the cast lossless.
+    Ok((v > 0).then(|| Duration::from_secs(v as u64)))
+}
+
+impl RawConfig {
+    /// Checks every value and builds the typed [`Config`].
+    pub fn validate(self) -> Result<Config, ConfigError> {
+        // Every `as` cast below follows a `range` check that bounds the value
+        // to the target type, so none truncates.
+        let s = &self.server;
+        if s.name.is_empty() || s.name.len() > 64 || s.name.chars().any(char::is_control) {
+            return Err(invalid(
+                "server.name",
+                format!("{:?}", s.name),
+                "1 to 64 characters, no control characters",
+            ));
+        }
+        let server = ServerConfig {
+            name: s.name.clone(),
+            motd: s.motd.clone(),
+            shutdown_timeout: Duration::from_secs(range(
+                "server.shutdown_timeout_secs",
+                s.shutdown_timeout_secs,
+                0,
+                3600,
+                " seconds",
+            )? as u64),
+        };
+
+        let c = &self.chat;
+        let default_room = protocol::normalize_room(&c.default_room).map_err(|why| {
+            invalid(
+                "chat.default_room",
+                format!("{:?}", c.default_room),
+                why.to_string(),
+            )
+        })?;
+        let chat = ChatConfig {
+            listen: addr("chat.listen", &c.listen)?,
+            default_room,
+            history: range("chat.history", c.history, 0, 1000, " lines")? as usize,
+            backlog: range("chat.backlog", c.backlog, 1, 65535, "")? as u32,
+        };
+
+        let u = &self.udp;
+        let udp = if u.enabled {
+            Some(UdpConfig {
+                listen: addr("udp.listen", &u.listen)?,
+                max_datagram_bytes: range(
+                    "udp.max_datagram_bytes",
+                    u.max_datagram_bytes,
+                    1,
+                    65507,
+                    " bytes",
+                )? as usize,
+                rate_per_sec: range(
+                    "udp.rate_per_sec",
+                    u.rate_per_sec,
+                    1,
+                    1_000_000,
+                    " datagrams per second per source address",
+                )? as u32,
+                burst: range("udp.burst", u.burst, 1, 1_000_000, " datagrams")? as u32,
+            })
+        } else {
+            None
+        };
+
+        let admin = AdminConfig {
+            listen: addr("admin.listen", &self.admin.listen)?,
+        };
+
+        let l = &self.limits;
+        let flood_rate = range(
+            "limits.flood_lines_per_sec",
+            l.flood_lines_per_sec,
+            0,
+            1_000_000,
+            " lines per second, 0 turns flood control off",
+        )? as u32;
+        let flood_burst =
+            range("limits.flood_burst", l.flood_burst, 1, 1_000_000, " lines")? as u32;
+        let flood_max_dropped = range(
+            "limits.flood_max_dropped",
+            l.flood_max_dropped,
+            0,
+            1_000_000,
+            " lines, 0 never disconnects",
+        )? as u32;
+        let limits = Limits {
+            max_clients: range(
+                "limits.max_clients",
+                l.max_clients,
+                1,
+                1_000_000,
+                " clients",
+            )? as usize,
+            max_clients_per_ip: range(
+                "limits.max_clients_per_ip",
+                l.max_clients_per_ip,
+                1,
+                1_000_000,
+                " clients",
+            )? as usize,
+            max_line_bytes: range(
+                "limits.max_line_bytes",
+                l.max_line_bytes,
+                64,
+                65536,
+                " bytes",
+            )? as usize,
+            max_overlong_lines: range(
+                "limits.max_overlong_lines",
+                l.max_overlong_lines,
+                1,
+                1_000_000,
+                " lines",
+            )? as u32,
+            flood: (flood_rate > 0).then_some(FloodLimits {
+                lines_per_sec: flood_rate,
+                burst: flood_burst,
+                max_dropped: flood_max_dropped,
+            }),
+            idle_timeout: secs(
+                "limits.idle_timeout_secs",
+                l.idle_timeout_secs,
+                30 * 24 * 3600,
+            )?,
+            keepalive: secs("limits.keepalive_secs", l.keepalive_secs, 24 * 3600)?,
+            outbound_queue_bytes: range(
+                "limits.outbound_queue_bytes",
+                l.outbound_queue_bytes,
+                4096,
+                1 << 30,
+                " bytes",
+            )? as usize,
+            room_notice_max: range(
+                "limits.room_notice_max",
+                l.room_notice_max,
+                0,
+                10_000_000,
+                " members, 0 never sends join/leave notices",
+            )? as usize,
+        };
+
+        let g = &self.log;
+        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&g.level) {
+            return Err(invalid(
+                "log.level",
+                format!("{:?}", g.level),
+                format!(
+                    "a level (error, warn, info, debug, trace) or a filter like \"info,chatd=debug\" ({e})"
+                ),
+            ));
+        }
+        let format = match g.format.as_str() {
+            "text" => LogFormat::Text,
+            "json" => LogFormat::Json,
+            other => {
+                return Err(invalid(
+                    "log.format",
+                    format!("{other:?}"),
+                    "\"text\" or \"json\"",
+                ));
+            }
+        };
+        let log = LogConfig {
+            level: g.level.clone(),
+            format,
+        };
+
+        Ok(Config {
+            server,
+            chat,
+            udp,
+            admin,
+            limits,
+            log,
+            raw: self,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with_env(vars: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let env = vars
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        Config::load_with_env(&Source::Default, Some(env))
+    }
+
+    #[test]
+    fn defaults_are_valid() {
+        let c = RawConfig::default().validate().expect("defaults validate");
+        assert_eq!(c.chat.listen.port(), 8080);
+        assert_eq!(c.chat.default_room, "lobby");
+        assert!(c.limits.flood.is_some());
+    }
+
+    #[test]
+    fn env_overrides_split_on_double_underscore() {
+        let c = with_env(&[
+            ("CHATD_CHAT__LISTEN", "127.0.0.1:0"),
+            ("CHATD_LIMITS__MAX_LINE_BYTES", "200"),
+        ])
+        .expect("valid");
+        assert_eq!(c.chat.listen.to_string(), "127.0.0.1:0");
+        assert_eq!(c.limits.max_line_bytes, 200);
+    }
+
+    #[test]
+    fn bad_values_name_key_value_and_range() {
+        let e = with_env(&[("CHATD_LIMITS__MAX_LINE_BYTES", "-5")])
+            .expect_err("rejected")
+            .to_string();
+        assert!(
+            e.contains("limits.max_line_bytes") && e.contains("-5") && e.contains("64..=65536"),
+            "{e}"
+        );
+        let e = with_env(&[("CHATD_CHAT__LISTEN", "nowhere")])
+            .expect_err("rejected")
+            .to_string();
+        assert!(
+            e.contains("chat.listen") && e.contains("nowhere") && e.contains("IP:PORT"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected() {
+        let e = with_env(&[("CHATD_LIMITS__MAX_LINES", "5")])
+            .expect_err("rejected")
+            .to_string();
+        assert!(e.contains("max_lines"), "{e}");
+    }
+}

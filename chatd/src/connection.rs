@@ -1,0 +1,500 @@
+//! One client's task: the only owner of its socket.
+//!
+//! A single task per client both reads and writes, driven by one `select!`
+//! over socket readiness and the client's [`Outbox`](crate::outbox::Outbox):
+//!
+//! - **read**: whatever is readable is read into a buffer on the thread's
+//!   stack (so an idle client holds no read buffer), framed into lines,
+//!   cleaned, and consecutive chat lines are formatted into *one* batch that
+//!   the hub hands, as one shared allocation, to every other room member;
+//! - **write**: everything queued for this client is written with one
+//!   vectored `try_write` per wake-up, so a client that fell behind catches
+//!   up in few syscalls.
+//!
+//! Nothing here waits on another client. A client that stops reading only
+//! stops its own writes; its outbox fills and the hub cuts it off.
+
+use std::collections::VecDeque;
+use std::io::{self, IoSlice};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, debug, info, info_span};
+
+use crate::framing::{Frame, LineFramer};
+use crate::hub::{Client, Disconnect, Hub, Refusal, Room, server_line};
+use crate::protocol::{self, Command};
+use crate::rate::TokenBucket;
+use crate::sanitize;
+
+/// Bytes read per `read` call. Lives on the worker thread's stack, not in
+/// the connection.
+const READ_CHUNK: usize = 16 * 1024;
+/// Reads per wake-up before yielding to other clients.
+const READS_PER_WAKE: usize = 4;
+/// Buffers handed to one vectored write.
+const IOV_MAX: usize = 64;
+/// How long a closing connection may take to flush its last lines when the
+/// client is slow to read them.
+const CLOSE_FLUSH: Duration = Duration::from_secs(5);
+/// How long to wait for the client's EOF after ours, so that unread input
+/// does not turn our close into a reset that destroys the last lines.
+const CLOSE_LINGER: Duration = Duration::from_secs(2);
+
+const HELP: &[&str] = &[
+    "Commands:",
+    "  /nick NAME       change your nick",
+    "  /join ROOM       leave this room and join (or create) ROOM",
+    "  /rooms           list rooms",
+    "  /who             list who is in this room",
+    "  /msg NICK TEXT   send a private message",
+    "  /me ACTION       send an action: * you ACTION",
+    "  /quit [REASON]   leave",
+    "  /help            this list",
+    "Any other line is sent to everyone in your room. Start it with // to send a leading /.",
+];
+
+/// Serves one accepted socket until it closes. Errors stay in here: they are
+/// logged and never reach the accept loop.
+pub async fn serve(stream: TcpStream, peer: SocketAddr, hub: Hub, shutdown: CancellationToken) {
+    let client = match hub.connect(peer) {
+        Ok(client) => client,
+        Err(refusal) => return refuse(stream, peer, refusal).await,
+    };
+    let span = info_span!("conn", client = client.id, %peer, nick = %client.nick());
+    async move {
+        info!("connected");
+        let config = hub.config();
+        let limit = config.limits.outbound_queue_bytes;
+        let nick = client.nick();
+        client.notice(
+            &format!(
+                "Welcome to {}, {nick}! Type /help for commands.",
+                config.server.name
+            ),
+            limit,
+        );
+        for line in config.server.motd.lines() {
+            client.notice(&sanitize::clean(line), limit);
+        }
+        let room = hub.join(&client, &config.chat.default_room);
+        let mut conn = Connection {
+            stream,
+            hub,
+            room,
+            nick,
+            framer: LineFramer::default(),
+            pending: VecDeque::new(),
+            flood: Flood::new(Instant::now()),
+            overlong: 0,
+            last_input: Instant::now(),
+            client,
+        };
+        let reason = conn.run(&shutdown).await;
+        conn.finish(reason).await;
+    }
+    .instrument(span)
+    .await
+}
+
+/// Tells a refused client why, in one line, and closes.
+async fn refuse(mut stream: TcpStream, peer: SocketAddr, refusal: Refusal) {
+    info!(%peer, reason = %refusal, "refused connection");
+    let line = server_line(&format!("error: {refusal}"));
+    let _ = tokio::time::timeout(CLOSE_FLUSH, stream.write_all(&line)).await;
+    linger(stream).await;
+}
+
+/// Half-closes and waits briefly for the peer's EOF, discarding its input.
+async fn linger(mut stream: TcpStream) {
+    if stream.shutdown().await.is_err() {
+        return;
+    }
+    let drain = async {
+        let mut sink = [0u8; 1024];
+        loop {
+            if stream.readable().await.is_err() {
+                return;
+            }
+            match stream.try_read(&mut sink) {
+                Ok(0) => return,
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(_) => return,
+            }
+        }
+    };
+    let _ = tokio::time::timeout(CLOSE_LINGER, drain).await;
+}
+
+struct Connection {
+    stream: TcpStream,
+    client: Arc<Client>,
+    hub: Hub,
+    /// The room this client is in; cached so the hot path needs no lookup.
+    room: Arc<Room>,
+    nick: Arc<str>,
+    framer: LineFramer,
+    /// Lines taken from the outbox and not yet fully written.
+    pending: VecDeque<Bytes>,
+    flood: Flood,
+    overlong: u32,
+    last_input: Instant,
+}
+
+struct Flood {
+    bucket: TokenBucket,
+    dropped: u32,
+    warned: bool,
+}
+
+impl Flood {
+    fn new(now: Instant) -> Self {
+        Self {
+            bucket: TokenBucket::new(u32::MAX, now),
+            dropped: 0,
+            warned: false,
+        }
+    }
+}
+
+/// Chat lines read in one wake-up, formatted for the room, waiting to be
+/// handed to the hub as one batch.
+struct Batch {
+    buf: BytesMut,
+    lines: usize,
+}
+
+impl Connection {
+    async fn run(&mut self, shutdown: &CancellationToken) -> Disconnect {
+        let idle = tokio::time::sleep(Duration::ZERO);
+        tokio::pin!(idle);
+        let mut idle_limit = self.arm_idle(idle.as_mut());
+        loop {
+            let want_write = !self.pending.is_empty();
+            tokio::select! {
+                biased;
+                () = shutdown.cancelled() => return Disconnect::Shutdown,
+                () = self.client.outbox.notified() => {
+                    if let Some(reason) = self.client.outbox.take(&mut self.pending) {
+                        return reason;
+                    }
+                    if self.flush().is_err() {
+                        return Disconnect::Error;
+                    }
+                }
+                ready = self.stream.writable(), if want_write => {
+                    if ready.is_err() || self.flush().is_err() {
+                        return Disconnect::Error;
+                    }
+                }
+                ready = self.stream.readable() => {
+                    if ready.is_err() {
+                        return Disconnect::Error;
+                    }
+                    match self.on_readable() {
+                        Ok(None) => {}
+                        Ok(Some(reason)) => return reason,
+                        Err(e) => {
+                            debug!(error = %e, "read failed");
+                            return Disconnect::Error;
+                        }
+                    }
+                }
+                () = &mut idle, if idle_limit.is_some() => {
+                    if idle_limit.is_some_and(|limit| self.last_input.elapsed() >= limit) {
+                        return Disconnect::Idle;
+                    }
+                    idle_limit = self.arm_idle(idle.as_mut());
+                }
+            }
+        }
+    }
+
+    /// Points the idle timer at the moment this client would become idle.
+    /// It is re-armed only when it fires, not on every line.
+    fn arm_idle(&self, idle: std::pin::Pin<&mut tokio::time::Sleep>) -> Option<Duration> {
+        let limit = self.hub.config().limits.idle_timeout?;
+        idle.reset((self.last_input + limit).into());
+        Some(limit)
+    }
+
+    /// Reads what is available and handles every complete line.
+    fn on_readable(&mut self) -> io::Result<Option<Disconnect>> {
+        let config = self.hub.config();
+        let max_line = config.limits.max_line_bytes;
+        let mut buf = [0u8; READ_CHUNK];
+        let mut batch = Batch {
+            buf: BytesMut::new(),
+            lines: 0,
+        };
+        let mut outcome = None;
+        let (mut lines, mut bytes) = (0u64, 0u64);
+        let now = Instant::now();
+        for _ in 0..READS_PER_WAKE {
+            let n = match self.stream.try_read(&mut buf) {
+                Ok(0) => {
+                    outcome = Some(Disconnect::Closed);
+                    break;
+                }
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) => return Err(e),
+            };
+            bytes += n as u64;
+            self.last_input = now;
+            let kept = self.framer.strip_telnet(&mut buf[..n]);
+            if batch.buf.capacity() == 0 {
+                batch.buf.reserve(kept + kept / 2 + 64);
+            }
+            let mut framer = std::mem::take(&mut self.framer);
+            framer.feed(&buf[..kept], max_line, |frame| {
+                if outcome.is_none() {
+                    lines += u64::from(matches!(frame, Frame::Line(_)));
+                    outcome = self.on_frame(frame, &mut batch, &config, now);
+                }
+            });
+            self.framer = framer;
+            if outcome.is_some() || n < buf.len() {
+                break;
+            }
+        }
+        self.publish(&mut batch);
+        self.client.record_input(lines, bytes);
+        self.hub.stats().input(lines, bytes);
+        Ok(outcome)
+    }
+
+    /// Hands the batch to the hub.
+    fn publish(&mut self, batch: &mut Batch) {
+        if batch.lines == 0 {
+            return;
+        }
+        let lines = std::mem::take(&mut batch.lines);
+        let bytes = batch.buf.split().freeze();
+        if self.hub.watching_messages() {
+            for line in bytes.split(|&b| b == b'\n').filter(|l| !l.is_empty()) {
+                let text = String::from_utf8_lossy(line.strip_suffix(b"\r").unwrap_or(line));
+                self.hub.message_event(&self.room, &self.nick, &text);
+            }
+        }
+        self.hub.publish(&self.room, self.client.id, bytes, lines);
+    }
+
+    fn on_frame(
+        &mut self,
+        frame: Frame<'_>,
+        batch: &mut Batch,
+        config: &crate::config::Config,
+        now: Instant,
+    ) -> Option<Disconnect> {
+        let limits = &config.limits;
+        let line = match frame {
+            Frame::TooLong => {
+                self.overlong += 1;
+                if self.overlong >= limits.max_overlong_lines {
+                    return Some(Disconnect::OverlongLines);
+                }
+                self.error(&format!(
+                    "line too long (max {} bytes), discarded; {} more and you are disconnected",
+                    limits.max_line_bytes,
+                    limits.max_overlong_lines - self.overlong
+                ));
+                return None;
+            }
+            Frame::Line(line) => line,
+        };
+        if line.is_empty() {
+            return None;
+        }
+        if let Some(flood) = limits.flood {
+            let f = &mut self.flood;
+            if f.dropped > 0 && f.bucket.is_full(flood.lines_per_sec, flood.burst, now) {
+                f.dropped = 0;
+                f.warned = false;
+            }
+            if !f.bucket.try_take(flood.lines_per_sec, flood.burst, now) {
+                f.dropped += 1;
+                if flood.max_dropped > 0 && f.dropped > flood.max_dropped {
+                    return Some(Disconnect::Flood);
+                }
+                if !f.warned {
+                    f.warned = true;
+                    self.error("flood control: you are sending too fast, lines are being dropped");
+                }
+                return None;
+            }
+        }
+        match line {
+            [b'/', b'/', ..] => {
+                self.say(batch, b"<", b"> ", &line[1..]);
+                None
+            }
+            [b'/', ..] => {
+                // Commands change state or answer this client: anything
+                // batched so far must reach the room first.
+                self.publish(batch);
+                let text = String::from_utf8_lossy(line);
+                self.command(&text, batch)
+            }
+            _ => {
+                self.say(batch, b"<", b"> ", line);
+                None
+            }
+        }
+    }
+
+    /// Appends `before nick after text\r\n` to the batch, unless the cleaned
+    /// text is empty.
+    fn say(&mut self, batch: &mut Batch, before: &[u8], after: &[u8], text: &[u8]) {
+        let start = batch.buf.len();
+        batch.buf.put_slice(before);
+        batch.buf.put_slice(self.nick.as_bytes());
+        batch.buf.put_slice(after);
+        let body = batch.buf.len();
+        sanitize::clean_into(&mut batch.buf, text);
+        if batch.buf[body..].iter().all(|&b| b == b' ') {
+            batch.buf.truncate(start);
+        } else {
+            batch.buf.put_slice(b"\r\n");
+            batch.lines += 1;
+        }
+    }
+
+    fn command(&mut self, text: &str, batch: &mut Batch) -> Option<Disconnect> {
+        let command = match protocol::parse(text) {
+            Ok(c) => c,
+            Err(e) => {
+                self.error(&e.to_string());
+                return None;
+            }
+        };
+        match command {
+            Command::Say(text) => self.say(batch, b"<", b"> ", text.as_bytes()),
+            Command::Me(action) => {
+                self.say(batch, b"* ", b" ", action.as_bytes());
+                self.publish(batch);
+            }
+            Command::Help => {
+                for line in HELP {
+                    self.notice(line);
+                }
+            }
+            Command::Nick(wanted) => match self.hub.rename(&self.client, wanted) {
+                Ok(new) => {
+                    tracing::Span::current().record("nick", &*new);
+                    info!(old = %self.nick, new = %new, "nick changed");
+                    self.nick = new;
+                    self.notice(&format!("You are now known as {}.", self.nick));
+                }
+                Err(why) => self.error(&why),
+            },
+            Command::Join(room) => match protocol::normalize_room(room) {
+                Ok(room) => {
+                    self.room = self.hub.join(&self.client, &room);
+                    info!(room = %self.room.name, "joined");
+                }
+                Err(e) => self.error(&e.describe("room", room)),
+            },
+            Command::Rooms => {
+                let rooms = self.hub.rooms();
+                self.notice(&format!("{} rooms:", rooms.len()));
+                for r in rooms.iter().take(100) {
+                    self.notice(&format!("  {} ({})", r.name, protocol::users(r.members)));
+                }
+            }
+            Command::Who => {
+                let who = self.hub.who(&self.room);
+                self.notice(&who);
+            }
+            Command::Msg { to, text } => {
+                if let Err(why) = self.hub.private(&self.client, to, text) {
+                    self.error(&why);
+                }
+            }
+            Command::Quit(reason) => {
+                let reason = reason.map(sanitize::clean).filter(|r| !r.trim().is_empty());
+                return Some(Disconnect::Quit(reason));
+            }
+        }
+        None
+    }
+
+    fn notice(&self, text: &str) {
+        self.client
+            .notice(text, self.hub.config().limits.outbound_queue_bytes);
+    }
+
+    fn error(&self, text: &str) {
+        self.notice(&format!("error: {text}"));
+    }
+
+    /// Writes as much of `pending` as the socket takes now, in one vectored
+    /// syscall per round, and releases the queue's memory once it is empty.
+    fn flush(&mut self) -> io::Result<()> {
+        while !self.pending.is_empty() {
+            let mut slices = [IoSlice::new(&[]); IOV_MAX];
+            let mut count = 0;
+            for (slot, bytes) in slices.iter_mut().zip(self.pending.iter()) {
+                *slot = IoSlice::new(bytes);
+                count += 1;
+            }
+            let mut written = match self.stream.try_write_vectored(&slices[..count]) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+                Err(e) => return Err(e),
+            };
+            self.client.outbox.written(written);
+            while written > 0 {
+                let Some(front) = self.pending.front_mut() else {
+                    break;
+                };
+                if front.len() <= written {
+                    written -= front.len();
+                    self.pending.pop_front();
+                } else {
+                    front.advance(written);
+                    written = 0;
+                }
+            }
+        }
+        if self.pending.capacity() > IOV_MAX {
+            self.pending = VecDeque::new();
+        }
+        Ok(())
+    }
+
+    /// Leaves the hub, then tells the client why it is being closed (after
+    /// what it is still owed) and closes gracefully.
+    async fn finish(mut self, reason: Disconnect) {
+        self.hub.leave(&self.client, &reason);
+        info!(%reason, "disconnected");
+        let last = match &reason {
+            Disconnect::Closed | Disconnect::Error | Disconnect::SlowConsumer => return,
+            Disconnect::Quit(_) => "Goodbye.".to_string(),
+            Disconnect::Kicked(why) => format!("You were kicked: {why}"),
+            Disconnect::Shutdown => "Server is shutting down.".to_string(),
+            Disconnect::Flood => "Disconnected: flooding.".to_string(),
+            Disconnect::Idle => "Disconnected: idle for too long.".to_string(),
+            Disconnect::OverlongLines => "Disconnected: too many over-long lines.".to_string(),
+        };
+        self.client.outbox.take(&mut self.pending);
+        self.pending.push_back(server_line(&last));
+        let flushed = tokio::time::timeout(CLOSE_FLUSH, async {
+            while !self.pending.is_empty() {
+                self.stream.writable().await?;
+                self.flush()?;
+            }
+            io::Result::Ok(())
+        })
+        .await;
+        if matches!(flushed, Ok(Ok(()))) {
+            linger(self.stream).await;
+        }
+    }
+}

@@ -1,0 +1,877 @@
+//! The hub: who is connected, which rooms exist, and every fan-out.
+//!
+//! All delivery goes through the hub's methods ([`Hub::publish`],
+//! [`Hub::private`], [`Hub::broadcast`], the notices sent by [`Hub::join`] and
+//! [`Hub::leave`]): that is the one seam where a multi-node backend can take
+//! over. The operations the admin API exposes (list, get, kick, broadcast,
+//! rooms, stats) are methods here too, so they are tested without gRPC.
+//!
+//! Locking: the control plane (connect, join, nick, leave) takes the `state`
+//! mutex and then, when needed, one room's member lock. The hot path
+//! ([`Hub::publish`]) takes only the room's read lock and each recipient's
+//! outbox lock, briefly, and never waits on a socket: pushing to an outbox
+//! is non-blocking. No lock is ever held across an `.await`.
+
+use std::collections::{HashMap, VecDeque};
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use arc_swap::ArcSwap;
+use bytes::{Bytes, BytesMut};
+use tokio::sync::broadcast;
+
+use crate::config::{Config, Limits};
+use crate::outbox::{Outbox, Push};
+use crate::protocol::{self, users};
+use crate::sanitize;
+use crate::stats::{Stats, StatsSnapshot};
+
+pub type ClientId = u64;
+
+/// Why a client leaves. Its `Display` is the reason others see.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Disconnect {
+    Quit(Option<String>),
+    Closed,
+    Error,
+    Kicked(String),
+    SlowConsumer,
+    Flood,
+    Idle,
+    OverlongLines,
+    Shutdown,
+}
+
+impl fmt::Display for Disconnect {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Disconnect::Quit(None) => f.write_str("quit"),
+            Disconnect::Quit(Some(r)) => write!(f, "quit: {r}"),
+            Disconnect::Closed => f.write_str("connection closed"),
+            Disconnect::Error => f.write_str("connection error"),
+            Disconnect::Kicked(r) => write!(f, "kicked: {r}"),
+            Disconnect::SlowConsumer => f.write_str("too slow to read (slow consumer)"),
+            Disconnect::Flood => f.write_str("flooding"),
+            Disconnect::Idle => f.write_str("idle timeout"),
+            Disconnect::OverlongLines => f.write_str("too many over-long lines"),
+            Disconnect::Shutdown => f.write_str("server shutting down"),
+        }
+    }
+}
+
+/// Why a new connection is refused. The text is sent to it as one line.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    #[error("server is full ({0} clients), try again later")]
+    Full(usize),
+    #[error("too many connections from your address (max {0})")]
+    PerIp(usize),
+    #[error("server is shutting down")]
+    ShuttingDown,
+}
+
+/// Errors of the operations the admin API exposes.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum HubError {
+    #[error("no client {0}")]
+    NoSuchClient(Target),
+    #[error("no room {0:?}")]
+    NoSuchRoom(String),
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// A client named by an operator: by id, or by nick (nicks never start with
+/// a digit, so a number is always an id).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    Id(ClientId),
+    Nick(String),
+}
+
+impl Target {
+    pub fn parse(s: &str) -> Target {
+        match s.parse() {
+            Ok(id) => Target::Id(id),
+            Err(_) => Target::Nick(s.to_string()),
+        }
+    }
+}
+
+impl fmt::Display for Target {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Target::Id(id) => write!(f, "with id {id}"),
+            Target::Nick(n) => write!(f, "with nick {n:?}"),
+        }
+    }
+}
+
+/// What happened, for live watchers (the admin API's `WatchEvents`).
+#[derive(Debug, Clone)]
+pub enum Event {
+    Connect {
+        id: ClientId,
+        nick: Arc<str>,
+        peer: SocketAddr,
+    },
+    Disconnect {
+        id: ClientId,
+        nick: Arc<str>,
+        reason: String,
+    },
+    Nick {
+        id: ClientId,
+        old: Arc<str>,
+        new: Arc<str>,
+    },
+    Join {
+        id: ClientId,
+        nick: Arc<str>,
+        room: Arc<str>,
+    },
+    Part {
+        id: ClientId,
+        nick: Arc<str>,
+        room: Arc<str>,
+    },
+    Kick {
+        id: ClientId,
+        nick: Arc<str>,
+        reason: String,
+    },
+    Broadcast {
+        room: Option<String>,
+        text: String,
+        reached: usize,
+    },
+    Message {
+        room: Arc<str>,
+        nick: Arc<str>,
+        text: String,
+    },
+}
+
+/// A connected client as the rest of the daemon sees it. Its connection task
+/// owns the socket; everyone else reaches it through its [`Outbox`].
+#[derive(Debug)]
+pub struct Client {
+    pub id: ClientId,
+    pub peer: SocketAddr,
+    pub connected_at: SystemTime,
+    pub outbox: Outbox,
+    names: Mutex<Names>,
+    pub lines_in: AtomicU64,
+    pub bytes_in: AtomicU64,
+    last_active_ms: AtomicU64,
+}
+
+#[derive(Debug)]
+struct Names {
+    nick: Arc<str>,
+    room: Option<Arc<Room>>,
+}
+
+impl Client {
+    pub fn nick(&self) -> Arc<str> {
+        lock(&self.names).nick.clone()
+    }
+
+    pub fn room(&self) -> Option<Arc<Room>> {
+        lock(&self.names).room.clone()
+    }
+
+    /// Records input: called once per read, not per line.
+    pub fn record_input(&self, lines: u64, bytes: u64) {
+        self.lines_in.fetch_add(lines, Relaxed);
+        self.bytes_in.fetch_add(bytes, Relaxed);
+        self.last_active_ms
+            .store(unix_ms(SystemTime::now()), Relaxed);
+    }
+
+    /// Queues a server line for this client alone.
+    pub fn notice(&self, text: &str, limit: usize) -> Push {
+        self.outbox.push(server_line(text), limit)
+    }
+
+    pub fn info(&self) -> ClientInfo {
+        let names = lock(&self.names);
+        let (lines_out, bytes_out) = self.outbox.totals();
+        ClientInfo {
+            id: self.id,
+            nick: names.nick.to_string(),
+            peer: self.peer,
+            room: names
+                .room
+                .as_ref()
+                .map(|r| r.name.to_string())
+                .unwrap_or_default(),
+            connected_at_ms: unix_ms(self.connected_at),
+            last_active_ms: self.last_active_ms.load(Relaxed),
+            lines_in: self.lines_in.load(Relaxed),
+            bytes_in: self.bytes_in.load(Relaxed),
+            lines_out,
+            bytes_out,
+            queued_bytes: self.outbox.owed() as u64,
+        }
+    }
+}
+
+/// A snapshot of one client, for the admin API.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientInfo {
+    pub id: ClientId,
+    pub nick: String,
+    pub peer: SocketAddr,
+    pub room: String,
+    pub connected_at_ms: u64,
+    pub last_active_ms: u64,
+    pub lines_in: u64,
+    pub bytes_in: u64,
+    pub lines_out: u64,
+    pub bytes_out: u64,
+    pub queued_bytes: u64,
+}
+
+/// A snapshot of one room, for the admin API and `/rooms`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RoomInfo {
+    pub name: String,
+    pub members: usize,
+    pub messages: u64,
+}
+
+#[derive(Debug)]
+pub struct Room {
+    pub name: Arc<str>,
+    members: RwLock<Vec<Arc<Client>>>,
+    history: Mutex<VecDeque<Bytes>>,
+    messages: AtomicU64,
+}
+
+impl Room {
+    fn new(name: &str) -> Self {
+        Self {
+            name: name.into(),
+            members: RwLock::new(Vec::new()),
+            history: Mutex::new(VecDeque::new()),
+            messages: AtomicU64::new(0),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        read(&self.members).len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn info(&self) -> RoomInfo {
+        RoomInfo {
+            name: self.name.to_string(),
+            members: self.len(),
+            messages: self.messages.load(Relaxed),
+        }
+    }
+
+    /// Keeps the last `keep` lines of `batch` (whole `\r\n`-ended lines) as
+    /// zero-copy slices of it.
+    fn remember(&self, batch: &Bytes, lines: usize, keep: usize) {
+        self.messages.fetch_add(lines as u64, Relaxed);
+        if keep == 0 {
+            return;
+        }
+        let take = lines.min(keep);
+        let mut slices = Vec::with_capacity(take);
+        let mut end = batch.len();
+        while slices.len() < take && end > 0 {
+            // Each line ends in "\r\n": find the end of the line before it.
+            let start = memchr::memrchr(b'\n', &batch[..end - 1]).map_or(0, |p| p + 1);
+            slices.push(batch.slice(start..end));
+            end = start;
+        }
+        let mut history = lock(&self.history);
+        for line in slices.into_iter().rev() {
+            if history.len() == keep {
+                history.pop_front();
+            }
+            history.push_back(line);
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+struct State {
+    clients: HashMap<ClientId, Arc<Client>>,
+    /// Folded nick → client.
+    nicks: HashMap<String, ClientId>,
+    rooms: HashMap<Arc<str>, Arc<Room>>,
+    per_ip: HashMap<IpAddr, usize>,
+    closing: bool,
+}
+
+#[derive(Debug)]
+struct Shared {
+    config: ArcSwap<Config>,
+    state: Mutex<State>,
+    stats: Stats,
+    next_id: AtomicU64,
+    started: Instant,
+    events: broadcast::Sender<Event>,
+    /// Watchers that asked for message events; while 0, the hot path skips
+    /// building them.
+    message_watchers: AtomicU64,
+}
+
+/// A cheap handle to the hub; clone it freely.
+#[derive(Debug, Clone)]
+pub struct Hub {
+    shared: Arc<Shared>,
+}
+
+/// How many events a watcher may fall behind before it is told it missed some.
+const EVENT_BUFFER: usize = 1024;
+/// Longest list of names `/who` prints before summarising.
+const WHO_MAX: usize = 50;
+
+impl Hub {
+    pub fn new(config: Config) -> Hub {
+        let (events, _) = broadcast::channel(EVENT_BUFFER);
+        Hub {
+            shared: Arc::new(Shared {
+                config: ArcSwap::from_pointee(config),
+                state: Mutex::new(State::default()),
+                stats: Stats::default(),
+                next_id: AtomicU64::new(1),
+                started: Instant::now(),
+                events,
+                message_watchers: AtomicU64::new(0),
+            }),
+        }
+    }
+
+    pub fn config(&self) -> Arc<Config> {
+        self.shared.config.load_full()
+    }
+
+    /// Applies a new configuration; connections read limits on each use.
+    pub fn set_config(&self, config: Config) {
+        self.shared.config.store(Arc::new(config));
+    }
+
+    pub fn limits(&self) -> Limits {
+        self.shared.config.load().limits.clone()
+    }
+
+    fn queue_limit(&self) -> usize {
+        self.shared.config.load().limits.outbound_queue_bytes
+    }
+
+    pub fn stats(&self) -> &Stats {
+        &self.shared.stats
+    }
+
+    pub fn subscribe(&self) -> broadcast::Receiver<Event> {
+        self.shared.events.subscribe()
+    }
+
+    fn emit(&self, event: Event) {
+        // No receiver is the normal case, not an error.
+        let _ = self.shared.events.send(event);
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        lock(&self.shared.state)
+    }
+
+    /// Registers a new connection, or says why it is refused.
+    pub fn connect(&self, peer: SocketAddr) -> Result<Arc<Client>, Refusal> {
+        let limits = self.limits();
+        let mut state = self.state();
+        if state.closing {
+            return Err(Refusal::ShuttingDown);
+        }
+        if state.clients.len() >= limits.max_clients {
+            self.shared.stats.refused.fetch_add(1, Relaxed);
+            return Err(Refusal::Full(limits.max_clients));
+        }
+        let from_ip = state.per_ip.entry(peer.ip()).or_default();
+        if *from_ip >= limits.max_clients_per_ip {
+            self.shared.stats.refused.fetch_add(1, Relaxed);
+            return Err(Refusal::PerIp(limits.max_clients_per_ip));
+        }
+        *from_ip += 1;
+        let id = self.shared.next_id.fetch_add(1, Relaxed);
+        let mut nick = format!("guest-{id}");
+        // A guest nick can only be taken by another guest with the same id,
+        // which cannot exist; the loop is a guard, not a hot path.
+        while state.nicks.contains_key(&nick) {
+            nick.push('_');
+        }
+        let now = SystemTime::now();
+        let client = Arc::new(Client {
+            id,
+            peer,
+            connected_at: now,
+            outbox: Outbox::new(),
+            names: Mutex::new(Names {
+                nick: nick.as_str().into(),
+                room: None,
+            }),
+            lines_in: AtomicU64::new(0),
+            bytes_in: AtomicU64::new(0),
+            last_active_ms: AtomicU64::new(unix_ms(now)),
+        });
+        state.nicks.insert(nick.clone(), id);
+        state.clients.insert(id, client.clone());
+        self.shared.stats.connected(state.clients.len());
+        drop(state);
+        self.emit(Event::Connect {
+            id,
+            nick: nick.into(),
+            peer,
+        });
+        Ok(client)
+    }
+
+    /// Stops new registrations (shutdown has begun).
+    pub fn close(&self) {
+        self.state().closing = true;
+    }
+
+    /// Moves `client` into `room` (leaving its current one), tells both
+    /// rooms, and sends the client its room line and the room's history.
+    pub fn join(&self, client: &Arc<Client>, room: &str) -> Arc<Room> {
+        let config = self.config();
+        let limit = config.limits.outbound_queue_bytes;
+        let notice_max = config.limits.room_notice_max;
+        let mut state = self.state();
+        let old = lock(&client.names).room.clone();
+        if let Some(old) = &old {
+            if *old.name == *room {
+                drop(state);
+                client.notice(&format!("You are already in {room}."), limit);
+                return old.clone();
+            }
+            self.part_locked(&mut state, client, old, None, notice_max, limit);
+        }
+        let target = state
+            .rooms
+            .entry(room.into())
+            .or_insert_with(|| Arc::new(Room::new(room)))
+            .clone();
+        let nick = {
+            let mut names = lock(&client.names);
+            names.room = Some(target.clone());
+            names.nick.clone()
+        };
+        let count = {
+            let mut members = write(&target.members);
+            members.push(client.clone());
+            members.len()
+        };
+        if count <= notice_max {
+            let line = server_line(&format!("{nick} joined {room} ({})", users(count)));
+            self.fan_out(&target, client.id, &line, limit);
+        }
+        drop(state);
+        client.notice(&format!("You are now in {room} ({}).", users(count)), limit);
+        let history: Vec<Bytes> = lock(&target.history).iter().cloned().collect();
+        if !history.is_empty() {
+            let mut block = BytesMut::new();
+            push_server_line(
+                &mut block,
+                &format!("Last {} messages in {room}:", history.len()),
+            );
+            for line in &history {
+                block.extend_from_slice(line);
+            }
+            push_server_line(&mut block, "End of history.");
+            client.outbox.push(block.freeze(), limit);
+        }
+        self.emit(Event::Join {
+            id: client.id,
+            nick,
+            room: target.name.clone(),
+        });
+        target
+    }
+
+    /// Removes `client` from `room` under the state lock; sends the leave
+    /// notice and drops the room when it empties (except the default room).
+    fn part_locked(
+        &self,
+        state: &mut State,
+        client: &Arc<Client>,
+        room: &Arc<Room>,
+        reason: Option<&Disconnect>,
+        notice_max: usize,
+        limit: usize,
+    ) {
+        let remaining = {
+            let mut members = write(&room.members);
+            if let Some(pos) = members.iter().position(|m| m.id == client.id) {
+                members.swap_remove(pos);
+            }
+            members.len()
+        };
+        let nick = client.nick();
+        // At shutdown everyone leaves at once: notices would be O(n²) noise.
+        if remaining < notice_max && reason != Some(&Disconnect::Shutdown) {
+            let text = match reason {
+                Some(r) => format!("{nick} left {} ({}): {r}", room.name, users(remaining)),
+                None => format!("{nick} left {} ({})", room.name, users(remaining)),
+            };
+            self.fan_out(room, client.id, &server_line(&text), limit);
+        }
+        if remaining == 0 && *room.name != *self.config().chat.default_room {
+            state.rooms.remove(&room.name);
+        }
+        self.emit(Event::Part {
+            id: client.id,
+            nick,
+            room: room.name.clone(),
+        });
+    }
+
+    /// Unregisters `client` for good: leaves its room (others see `reason`)
+    /// and frees its nick.
+    pub fn leave(&self, client: &Arc<Client>, reason: &Disconnect) {
+        let config = self.config();
+        let mut state = self.state();
+        if state.clients.remove(&client.id).is_none() {
+            return;
+        }
+        let room = lock(&client.names).room.take();
+        if let Some(room) = room {
+            self.part_locked(
+                &mut state,
+                client,
+                &room,
+                Some(reason),
+                config.limits.room_notice_max,
+                config.limits.outbound_queue_bytes,
+            );
+        }
+        let nick = client.nick();
+        state.nicks.remove(&protocol::fold(&nick));
+        if let Some(n) = state.per_ip.get_mut(&client.peer.ip()) {
+            *n -= 1;
+            if *n == 0 {
+                state.per_ip.remove(&client.peer.ip());
+            }
+        }
+        self.shared.stats.disconnected(reason);
+        drop(state);
+        self.emit(Event::Disconnect {
+            id: client.id,
+            nick,
+            reason: reason.to_string(),
+        });
+    }
+
+    /// Changes a nick, or says why not (the text follows `*** error: `).
+    pub fn rename(&self, client: &Arc<Client>, wanted: &str) -> Result<Arc<str>, String> {
+        protocol::validate_nick(wanted).map_err(|e| e.describe("nick", wanted))?;
+        let limit = self.queue_limit();
+        let folded = protocol::fold(wanted);
+        let mut state = self.state();
+        let old = client.nick();
+        if let Some(&owner) = state.nicks.get(&folded) {
+            if owner != client.id {
+                return Err(format!("nick \"{wanted}\" is taken"));
+            }
+        }
+        state.nicks.remove(&protocol::fold(&old));
+        state.nicks.insert(folded, client.id);
+        let new: Arc<str> = wanted.into();
+        let room = {
+            let mut names = lock(&client.names);
+            names.nick = new.clone();
+            names.room.clone()
+        };
+        if let Some(room) = room {
+            let line = server_line(&format!("{old} is now known as {new}"));
+            self.fan_out(&room, client.id, &line, limit);
+        }
+        drop(state);
+        self.emit(Event::Nick {
+            id: client.id,
+            old,
+            new: new.clone(),
+        });
+        Ok(new)
+    }
+
+    /// The hot path: hands one batch of whole, formatted lines from `from`
+    /// to every other member of `room`. One allocation is shared by all
+    /// recipients. Returns how many recipients it reached.
+    pub fn publish(&self, room: &Room, from: ClientId, batch: Bytes, lines: usize) -> usize {
+        let config = self.shared.config.load();
+        let reached = self.fan_out_lines(
+            room,
+            from,
+            &batch,
+            lines as u64,
+            config.limits.outbound_queue_bytes,
+        );
+        room.remember(&batch, lines, config.chat.history);
+        self.shared.stats.published(lines, reached);
+        reached
+    }
+
+    /// Whether any watcher wants message events.
+    pub fn watching_messages(&self) -> bool {
+        self.shared.message_watchers.load(Relaxed) > 0
+    }
+
+    /// Subscribes to events, message events included; they stop when the
+    /// returned guard is dropped.
+    pub fn subscribe_messages(&self) -> (broadcast::Receiver<Event>, MessageWatch) {
+        self.shared.message_watchers.fetch_add(1, Relaxed);
+        (self.subscribe(), MessageWatch { hub: self.clone() })
+    }
+
+    pub fn message_event(&self, room: &Room, nick: &Arc<str>, text: &str) {
+        self.emit(Event::Message {
+            room: room.name.clone(),
+            nick: nick.clone(),
+            text: text.to_string(),
+        });
+    }
+
+    fn fan_out(&self, room: &Room, from: ClientId, line: &Bytes, limit: usize) -> usize {
+        self.fan_out_lines(room, from, line, 1, limit)
+    }
+
+    fn fan_out_lines(
+        &self,
+        room: &Room,
+        from: ClientId,
+        batch: &Bytes,
+        lines: u64,
+        limit: usize,
+    ) -> usize {
+        let members = read(&room.members);
+        let mut reached = 0;
+        for member in members.iter().filter(|m| m.id != from) {
+            match member.outbox.push_lines(batch.clone(), lines, limit) {
+                Push::Queued => reached += 1,
+                Push::Overflow => {
+                    tracing::warn!(client = member.id, peer = %member.peer, "slow consumer: outgoing queue full, disconnecting");
+                }
+                Push::Closed => {}
+            }
+        }
+        reached
+    }
+
+    /// Sends `text` privately from `from` to the client called `to`.
+    pub fn private(&self, from: &Client, to: &str, text: &str) -> Result<(), String> {
+        let limit = self.queue_limit();
+        let target = {
+            let state = self.state();
+            state
+                .nicks
+                .get(&protocol::fold(to))
+                .and_then(|id| state.clients.get(id))
+                .cloned()
+        };
+        let Some(target) = target else {
+            return Err(format!("no such nick \"{}\"", sanitize::clean(to)));
+        };
+        let from_nick = from.nick();
+        let mut line = BytesMut::with_capacity(from_nick.len() + text.len() + 12);
+        line.extend_from_slice(b"[pm] <");
+        line.extend_from_slice(from_nick.as_bytes());
+        line.extend_from_slice(b"> ");
+        sanitize::clean_into(&mut line, text.as_bytes());
+        line.extend_from_slice(b"\r\n");
+        target.outbox.push(line.freeze(), limit);
+        let mut echo = BytesMut::new();
+        echo.extend_from_slice(b"[pm -> ");
+        echo.extend_from_slice(target.nick().as_bytes());
+        echo.extend_from_slice(b"] ");
+        sanitize::clean_into(&mut echo, text.as_bytes());
+        echo.extend_from_slice(b"\r\n");
+        from.outbox.push(echo.freeze(), limit);
+        self.shared.stats.published(1, 1);
+        Ok(())
+    }
+
+    /// `/who`: the nicks in `room`, sorted, at most [`WHO_MAX`] of them.
+    pub fn who(&self, room: &Room) -> String {
+        let members = read(&room.members);
+        let total = members.len();
+        let mut nicks: Vec<Arc<str>> = members.iter().take(WHO_MAX).map(|m| m.nick()).collect();
+        drop(members);
+        nicks.sort();
+        let mut text = format!("{} ({}): {}", room.name, users(total), nicks.join(", "));
+        if total > WHO_MAX {
+            text.push_str(&format!(", and {} more", total - WHO_MAX));
+        }
+        text
+    }
+
+    pub fn rooms(&self) -> Vec<RoomInfo> {
+        let rooms: Vec<Arc<Room>> = self.state().rooms.values().cloned().collect();
+        let mut infos: Vec<RoomInfo> = rooms.iter().map(|r| r.info()).collect();
+        infos.sort_by(|a, b| a.name.cmp(&b.name));
+        infos
+    }
+
+    fn find(&self, target: &Target) -> Option<Arc<Client>> {
+        let state = self.state();
+        let id = match target {
+            Target::Id(id) => *id,
+            Target::Nick(n) => *state.nicks.get(&protocol::fold(n))?,
+        };
+        state.clients.get(&id).cloned()
+    }
+
+    /// Every client, optionally only those in `room` and those whose nick or
+    /// address contains `filter`; sorted by id.
+    pub fn clients(&self, room: Option<&str>, filter: Option<&str>) -> Vec<ClientInfo> {
+        let clients: Vec<Arc<Client>> = self.state().clients.values().cloned().collect();
+        let filter = filter.map(|f| f.to_ascii_lowercase());
+        let mut infos: Vec<ClientInfo> = clients
+            .iter()
+            .map(|c| c.info())
+            .filter(|i| {
+                room.is_none_or(|r| i.room == r.trim_start_matches('#').to_ascii_lowercase())
+            })
+            .filter(|i| {
+                filter.as_deref().is_none_or(|f| {
+                    i.nick.to_ascii_lowercase().contains(f) || i.peer.to_string().contains(f)
+                })
+            })
+            .collect();
+        infos.sort_by_key(|i| i.id);
+        infos
+    }
+
+    pub fn client(&self, target: &Target) -> Result<ClientInfo, HubError> {
+        self.find(target)
+            .map(|c| c.info())
+            .ok_or_else(|| HubError::NoSuchClient(target.clone()))
+    }
+
+    /// Disconnects a client: it reads `*** You were kicked: REASON`, its room
+    /// sees it leave with the reason.
+    pub fn kick(&self, target: &Target, reason: &str) -> Result<ClientInfo, HubError> {
+        let client = self
+            .find(target)
+            .ok_or_else(|| HubError::NoSuchClient(target.clone()))?;
+        let reason = sanitize::clean(reason);
+        let reason = if reason.trim().is_empty() {
+            "no reason given".to_string()
+        } else {
+            reason
+        };
+        let info = client.info();
+        if client.outbox.close(Disconnect::Kicked(reason.clone())) {
+            self.shared.stats.kicks.fetch_add(1, Relaxed);
+            tracing::info!(client = client.id, nick = %info.nick, %reason, "kicked");
+            self.emit(Event::Kick {
+                id: client.id,
+                nick: info.nick.as_str().into(),
+                reason,
+            });
+        }
+        Ok(info)
+    }
+
+    /// Sends a system notice to everyone, or to one room. Returns how many
+    /// clients it reached.
+    pub fn broadcast(&self, room: Option<&str>, text: &str) -> Result<usize, HubError> {
+        let clean = sanitize::clean(text);
+        if clean.trim().is_empty() {
+            return Err(HubError::Invalid("the message is empty".into()));
+        }
+        let limit = self.queue_limit();
+        let line = server_line(&format!("NOTICE: {clean}"));
+        let (targets, room_name) = {
+            let state = self.state();
+            match room {
+                None => (state.clients.values().cloned().collect::<Vec<_>>(), None),
+                Some(name) => {
+                    let name = protocol::normalize_room(name)
+                        .map_err(|_| HubError::NoSuchRoom(name.to_string()))?;
+                    let room = state
+                        .rooms
+                        .get(name.as_str())
+                        .ok_or_else(|| HubError::NoSuchRoom(name.clone()))?;
+                    (read(&room.members).clone(), Some(name))
+                }
+            }
+        };
+        let reached = targets
+            .iter()
+            .filter(|c| c.outbox.push(line.clone(), limit) == Push::Queued)
+            .count();
+        self.emit(Event::Broadcast {
+            room: room_name,
+            text: clean,
+            reached,
+        });
+        Ok(reached)
+    }
+
+    pub fn snapshot(&self) -> StatsSnapshot {
+        let (clients, rooms) = {
+            let state = self.state();
+            (state.clients.len(), state.rooms.len())
+        };
+        self.shared
+            .stats
+            .snapshot(clients, rooms, self.shared.started.elapsed())
+    }
+}
+
+/// Keeps message events flowing while alive.
+#[derive(Debug)]
+pub struct MessageWatch {
+    hub: Hub,
+}
+
+impl Drop for MessageWatch {
+    fn drop(&mut self) {
+        self.hub.shared.message_watchers.fetch_sub(1, Relaxed);
+    }
+}
+
+/// `*** text\r\n`, the form of every server line.
+pub fn server_line(text: &str) -> Bytes {
+    let mut b = BytesMut::with_capacity(text.len() + 6);
+    push_server_line(&mut b, text);
+    b.freeze()
+}
+
+fn push_server_line(b: &mut BytesMut, text: &str) {
+    b.extend_from_slice(b"*** ");
+    b.extend_from_slice(text.as_bytes());
+    b.extend_from_slice(b"\r\n");
+}
+
+pub fn unix_ms(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+// Poisoning is ignored: every critical section in this module is a handful
+// of field updates that cannot be left half-done by a panic elsewhere.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn read<T>(l: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    l.read().unwrap_or_else(|p| p.into_inner())
+}
+
+fn write<T>(l: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+    l.write().unwrap_or_else(|p| p.into_inner())
+}

@@ -1,0 +1,33 @@
+//! chatd: a line-based chat daemon for `nc` and `telnet` users.
+//!
+//! # Layout
+//!
+//! - [`server`]: binds sockets, runs the accept loop and the shutdown.
+//! - [`connection`]: one client's task, the only owner of its socket.
+//! - [`framing`]: bytes → lines, with the line-length limit and telnet
+//!   filtering.
+//! - [`protocol`]: a line → a command; nick and room rules.
+//! - [`sanitize`]: cleaning user text for other people's terminals.
+//! - [`hub`]: clients, rooms and every fan-out; the operations the admin API
+//!   exposes.
+//! - [`outbox`]: one client's bounded outgoing queue.
+//! - [`udp_echo`]: the UDP echo port.
+//! - [`config`], [`telemetry`], [`stats`], [`rate`]: what they say.
+//!
+//! See `ARCHITECTURE.md` at the repository root for the path of a message.
+
+pub mod config;
+pub mod connection;
+pub mod framing;
+pub mod hub;
+pub mod outbox;
+pub mod protocol;
+pub mod rate;
+pub mod sanitize;
+pub mod server;
+pub mod stats;
+pub mod telemetry;
+pub mod udp_echo;
+
+pub use config::Config;
+pub use server::{Listeners, bind, run};

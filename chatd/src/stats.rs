@@ -1,0 +1,105 @@
+//! Server-wide counters.
+//!
+//! Plain relaxed atomics: they are only ever added to, read for reports, and
+//! updated once per batch or per event, never per recipient.
+
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::time::Duration;
+
+use crate::hub::Disconnect;
+
+#[derive(Debug, Default)]
+pub struct Stats {
+    pub connections: AtomicU64,
+    pub peak_clients: AtomicU64,
+    pub refused: AtomicU64,
+    pub lines_in: AtomicU64,
+    pub bytes_in: AtomicU64,
+    /// Lines relayed to a room or a person (each counted once).
+    pub lines_relayed: AtomicU64,
+    /// Line deliveries: lines × recipients.
+    pub deliveries: AtomicU64,
+    pub kicks: AtomicU64,
+    pub slow_consumer_disconnects: AtomicU64,
+    pub flood_disconnects: AtomicU64,
+    pub idle_disconnects: AtomicU64,
+    pub overlong_disconnects: AtomicU64,
+    pub udp_in: AtomicU64,
+    pub udp_out: AtomicU64,
+    pub udp_dropped: AtomicU64,
+}
+
+/// A copy of every counter at one moment, plus gauges.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StatsSnapshot {
+    pub uptime: Duration,
+    pub clients: u64,
+    pub rooms: u64,
+    pub connections: u64,
+    pub peak_clients: u64,
+    pub refused: u64,
+    pub lines_in: u64,
+    pub bytes_in: u64,
+    pub lines_relayed: u64,
+    pub deliveries: u64,
+    pub kicks: u64,
+    pub slow_consumer_disconnects: u64,
+    pub flood_disconnects: u64,
+    pub idle_disconnects: u64,
+    pub overlong_disconnects: u64,
+    pub udp_in: u64,
+    pub udp_out: u64,
+    pub udp_dropped: u64,
+}
+
+impl Stats {
+    pub(crate) fn connected(&self, now: usize) {
+        self.connections.fetch_add(1, Relaxed);
+        self.peak_clients.fetch_max(now as u64, Relaxed);
+    }
+
+    pub(crate) fn disconnected(&self, reason: &Disconnect) {
+        let counter = match reason {
+            Disconnect::SlowConsumer => &self.slow_consumer_disconnects,
+            Disconnect::Flood => &self.flood_disconnects,
+            Disconnect::Idle => &self.idle_disconnects,
+            Disconnect::OverlongLines => &self.overlong_disconnects,
+            _ => return,
+        };
+        counter.fetch_add(1, Relaxed);
+    }
+
+    pub(crate) fn published(&self, lines: usize, reached: usize) {
+        self.lines_relayed.fetch_add(lines as u64, Relaxed);
+        self.deliveries.fetch_add((lines * reached) as u64, Relaxed);
+    }
+
+    pub(crate) fn input(&self, lines: u64, bytes: u64) {
+        self.lines_in.fetch_add(lines, Relaxed);
+        self.bytes_in.fetch_add(bytes, Relaxed);
+    }
+
+    pub(crate) fn snapshot(&self, clients: usize, rooms: usize, uptime: Duration) -> StatsSnapshot {
+        let get = |c: &AtomicU64| c.load(Relaxed);
+        StatsSnapshot {
+            uptime,
+            clients: clients as u64,
+            rooms: rooms as u64,
+            connections: get(&self.connections),
+            peak_clients: get(&self.peak_clients),
+            refused: get(&self.refused),
+            lines_in: get(&self.lines_in),
+            bytes_in: get(&self.bytes_in),
+            lines_relayed: get(&self.lines_relayed),
+            deliveries: get(&self.deliveries),
+            kicks: get(&self.kicks),
+            slow_consumer_disconnects: get(&self.slow_consumer_disconnects),
+            flood_disconnects: get(&self.flood_disconnects),
+            idle_disconnects: get(&self.idle_disconnects),
+            overlong_disconnects: get(&self.overlong_disconnects),
+            udp_in: get(&self.udp_in),
+            udp_out: get(&self.udp_out),
+            udp_dropped: get(&self.udp_dropped),
+        }
+    }
+}
