@@ -1,0 +1,199 @@
+//! The command line: global connection flags and one subcommand per admin
+//! call. Parsing only; [`crate::run`] does the work.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::parser::ValueSource;
+use clap::{ArgMatches, Args, CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
+
+use crate::connect::EndpointAddr;
+
+const AFTER_HELP: &str = "\
+Exit codes:
+  0  success
+  1  error (the message says what went wrong)
+  2  usage error
+  3  not found (no such client or ban)
+  4  cannot reach chatd
+  5  not authorised (see --token and --token-file)
+
+The token: --token, else --token-file, else the first readable of
+$RUNTIME_DIRECTORY/admin.token, /run/chatd/admin.token,
+$XDG_RUNTIME_DIR/chatd/admin.token and /tmp/chatd-$UID/admin.token
+(where chatd writes the token it generates when none is configured).
+A flag given on the command line beats one from the environment.";
+
+/// Inspect and steer a running chatd through its admin API.
+#[derive(Debug, Parser)]
+#[command(name = "chatctl", version, after_help = AFTER_HELP)]
+pub struct Cli {
+    #[command(flatten)]
+    pub conn: ConnectionArgs,
+
+    /// Output format; json prints one document (one per line for `watch`).
+    #[arg(short, long, global = true, value_enum, default_value_t = Output::Table)]
+    pub output: Output,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+impl Cli {
+    /// Parses the process's arguments, exiting on a usage error (code 2).
+    pub fn parse_args() -> Self {
+        let matches = Self::command().get_matches();
+        match Self::from_arg_matches(&matches) {
+            Ok(cli) => cli.prefer_command_line(&matches),
+            Err(err) => err.exit(),
+        }
+    }
+
+    /// `--token-file` on the command line beats `CHATCTL_TOKEN` from the
+    /// environment, as any flag beats the environment.
+    fn prefer_command_line(mut self, matches: &ArgMatches) -> Self {
+        let source = |id: &str| matches.value_source(id);
+        if source("token") == Some(ValueSource::EnvVariable)
+            && source("token_file") == Some(ValueSource::CommandLine)
+        {
+            self.conn.token = None;
+        }
+        self
+    }
+}
+
+/// How to reach chatd and prove who we are.
+#[derive(Debug, Args)]
+pub struct ConnectionArgs {
+    /// The admin API: http://HOST:PORT, https://HOST:PORT or unix:/PATH.
+    #[arg(
+        long,
+        global = true,
+        env = "CHATCTL_ENDPOINT",
+        default_value = "http://127.0.0.1:50051",
+        value_parser = EndpointAddr::parse,
+    )]
+    pub endpoint: EndpointAddr,
+
+    /// The admin token (sent as `authorization: Bearer TOKEN`).
+    #[arg(long, global = true, env = "CHATCTL_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+
+    /// Read the admin token from this file.
+    #[arg(long, global = true, env = "CHATCTL_TOKEN_FILE", value_name = "PATH")]
+    pub token_file: Option<PathBuf>,
+
+    /// Trust this CA certificate (PEM) for an https:// endpoint instead of
+    /// the system's roots.
+    #[arg(long, global = true, value_name = "PATH")]
+    pub ca_cert: Option<PathBuf>,
+
+    /// Give up on connecting or on a reply after this long (e.g. 500ms, 5s).
+    #[arg(long, global = true, default_value = "5s", value_parser = humantime::parse_duration)]
+    pub timeout: Duration,
+}
+
+/// Table: aligned columns for people. Json: stable, for scripts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Output {
+    Table,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// List connected clients.
+    #[command(visible_alias = "ls")]
+    ListClients {
+        /// Only clients in this room.
+        #[arg(long)]
+        room: Option<String>,
+        /// Only clients whose nick or address contains this text.
+        #[arg(long)]
+        filter: Option<String>,
+    },
+    /// Show one client.
+    Client {
+        /// A client id (digits) or a nick.
+        id_or_nick: ClientRef,
+    },
+    /// Disconnect a client.
+    Kick {
+        /// A client id (digits) or a nick.
+        id_or_nick: ClientRef,
+        /// Shown to the client and its room.
+        #[arg(long)]
+        reason: Option<String>,
+    },
+    /// Send a server notice to everyone, or to one room.
+    Broadcast {
+        text: String,
+        /// Only this room.
+        #[arg(long)]
+        room: Option<String>,
+    },
+    /// List rooms.
+    Rooms,
+    /// Show server statistics.
+    Stats,
+    /// Ban an address or network and disconnect its clients.
+    Ban {
+        /// An IP address (192.0.2.7) or a CIDR network (192.0.2.0/24).
+        ip_or_cidr: String,
+        /// Lift the ban after this long (e.g. 30m, 1h, 7d); default: never.
+        #[arg(long = "for", value_name = "DURATION", value_parser = humantime::parse_duration)]
+        duration: Option<Duration>,
+        /// Why; kept with the ban.
+        #[arg(long)]
+        reason: Option<String>,
+    },
+    /// Lift a ban.
+    Unban {
+        /// As given to `ban`.
+        ip_or_cidr: String,
+    },
+    /// List bans in force.
+    Bans,
+    /// Stream events (connects, joins, kicks, ...) until interrupted.
+    Watch {
+        /// Also stream chat messages.
+        #[arg(long)]
+        messages: bool,
+    },
+    /// Make chatd re-read its config file.
+    Reload,
+    /// Check health with the standard gRPC health service; exit 0 when
+    /// SERVING, 1 otherwise.
+    Health {
+        /// The service to ask about; the whole server by default.
+        #[arg(long, default_value = "")]
+        service: String,
+    },
+    /// Print a shell completion script.
+    Completions { shell: clap_complete::Shell },
+}
+
+/// A client named on the command line: digits are an id, anything else a
+/// nick (nicks start with a letter, so the two never clash).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClientRef {
+    Id(u64),
+    Nick(String),
+}
+
+impl std::str::FromStr for ClientRef {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if s.is_empty() {
+            return Err("expected a client id or a nick".into());
+        }
+        if s.bytes().all(|b| b.is_ascii_digit()) {
+            s.parse()
+                .map(ClientRef::Id)
+                .map_err(|_| format!("client id {s} is out of range"))
+        } else {
+            Ok(ClientRef::Nick(s.to_owned()))
+        }
+    }
+}

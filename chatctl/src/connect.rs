@@ -1,0 +1,172 @@
+//! Reaching chatd: the endpoint forms we accept, the channel (TCP, TLS or a
+//! UNIX socket) and the bearer token sent on every call.
+
+use std::fmt;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use chatd_proto::admin::v1::admin_client::AdminClient;
+use hyper_util::rt::TokioIo;
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::service::Interceptor;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Uri};
+
+use crate::error::ChatctlError;
+
+/// Where the admin API listens, as given by `--endpoint`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EndpointAddr {
+    /// `http://…` or `https://…`, and the text as given.
+    Url { uri: Uri, text: String },
+    /// `unix:/path` or `unix:///path`.
+    Unix(PathBuf),
+}
+
+impl EndpointAddr {
+    /// Parses `--endpoint`; errors name the forms that are accepted.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        const FORMS: &str = "expected http://HOST:PORT, https://HOST:PORT or unix:/PATH";
+        if let Some(rest) = text.strip_prefix("unix:") {
+            let path = rest.strip_prefix("//").unwrap_or(rest);
+            if path.is_empty() {
+                return Err(format!("no socket path in {text:?}; {FORMS}"));
+            }
+            return Ok(Self::Unix(PathBuf::from(path)));
+        }
+        let uri: Uri = text.parse().map_err(|e| format!("{e}; {FORMS}"))?;
+        match uri.scheme_str() {
+            Some("http" | "https") if uri.host().is_some() => Ok(Self::Url {
+                uri,
+                text: text.to_owned(),
+            }),
+            _ => Err(FORMS.to_owned()),
+        }
+    }
+
+    fn is_https(&self) -> bool {
+        matches!(self, Self::Url { uri, .. } if uri.scheme_str() == Some("https"))
+    }
+}
+
+impl fmt::Display for EndpointAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Url { text, .. } => f.write_str(text),
+            Self::Unix(path) => write!(f, "unix:{}", path.display()),
+        }
+    }
+}
+
+/// Adds `authorization: Bearer <token>` to every request, when we have one.
+#[derive(Debug, Clone, Default)]
+pub struct BearerAuth {
+    header: Option<MetadataValue<Ascii>>,
+}
+
+impl BearerAuth {
+    /// `origin` names where the token came from, for the error message.
+    pub fn new(token: Option<&str>, origin: &str) -> Result<Self, ChatctlError> {
+        let Some(token) = token else {
+            return Ok(Self::default());
+        };
+        let bad = |reason: &str| ChatctlError::BadToken {
+            origin: origin.to_owned(),
+            reason: reason.to_owned(),
+        };
+        if token.is_empty() {
+            return Err(bad("it is empty"));
+        }
+        if !token.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(bad("it must be printable ASCII without spaces"));
+        }
+        let header = format!("Bearer {token}")
+            .parse()
+            .map_err(|_| bad("it is not a valid header value"))?;
+        Ok(Self {
+            header: Some(header),
+        })
+    }
+}
+
+impl Interceptor for BearerAuth {
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(header) = &self.header {
+            request
+                .metadata_mut()
+                .insert("authorization", header.clone());
+        }
+        Ok(request)
+    }
+}
+
+pub type Admin = AdminClient<InterceptedService<Channel, BearerAuth>>;
+
+/// Connects now, so an unreachable daemon is reported before any call.
+pub async fn channel(
+    addr: &EndpointAddr,
+    ca_cert: Option<&std::path::Path>,
+    timeout: Duration,
+) -> Result<Channel, ChatctlError> {
+    if ca_cert.is_some() && !addr.is_https() {
+        return Err(ChatctlError::Usage(
+            "--ca-cert needs an https:// endpoint".to_owned(),
+        ));
+    }
+    let unreachable = |err: tonic::transport::Error| ChatctlError::Unreachable {
+        endpoint: addr.to_string(),
+        cause: error_chain(&err),
+    };
+    match addr {
+        EndpointAddr::Url { uri, .. } => {
+            let mut endpoint = Endpoint::from(uri.clone()).connect_timeout(timeout);
+            if addr.is_https() {
+                let tls = match ca_cert {
+                    Some(path) => {
+                        let pem = std::fs::read(path).map_err(|source| ChatctlError::CaCert {
+                            path: path.to_owned(),
+                            source,
+                        })?;
+                        ClientTlsConfig::new().ca_certificate(Certificate::from_pem(pem))
+                    }
+                    None => ClientTlsConfig::new().with_enabled_roots(),
+                };
+                endpoint = endpoint.tls_config(tls).map_err(unreachable)?;
+            }
+            endpoint.connect().await.map_err(unreachable)
+        }
+        EndpointAddr::Unix(path) => {
+            let path = path.clone();
+            // The URI only fills the :authority header; the connector ignores it.
+            Endpoint::from_static("http://localhost")
+                .connect_timeout(timeout)
+                .connect_with_connector(tower::service_fn(move |_: Uri| {
+                    let path = path.clone();
+                    async move {
+                        let stream = tokio::net::UnixStream::connect(path).await?;
+                        Ok::<_, std::io::Error>(TokioIo::new(stream))
+                    }
+                }))
+                .await
+                .map_err(unreachable)
+        }
+    }
+}
+
+/// An error with its causes, `outer: inner: innermost`, skipping repeats.
+fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text
+}

@@ -1,0 +1,125 @@
+//! Everything that can go wrong, each with the exit code and the hint an
+//! operator needs. The one place a `tonic::Status` becomes a [`ChatctlError`].
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use tonic::Code;
+
+/// Process exit codes; documented in `--help` and docs/ADMIN.md.
+pub mod exit {
+    pub const OK: u8 = 0;
+    pub const ERROR: u8 = 1;
+    pub const USAGE: u8 = 2;
+    pub const NOT_FOUND: u8 = 3;
+    pub const UNREACHABLE: u8 = 4;
+    pub const UNAUTHORISED: u8 = 5;
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ChatctlError {
+    #[error("{0}")]
+    Usage(String),
+
+    #[error("cannot reach chatd at {endpoint}: {cause}; is chatd running?")]
+    Unreachable { endpoint: String, cause: String },
+
+    #[error("chatd at {endpoint} did not answer within {}", humantime::format_duration(*.timeout))]
+    Timeout { endpoint: String, timeout: Duration },
+
+    #[error("not found: {0}")]
+    NotFound(String),
+
+    #[error("not authorised: {message}")]
+    Unauthorised {
+        message: String,
+        role_too_weak: bool,
+    },
+
+    #[error("chatd answered {code:?}: {message}")]
+    Status { code: Code, message: String },
+
+    #[error("cannot read the token file {}: {source}", path.display())]
+    TokenFile {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+
+    #[error("the token from {origin} is not usable: {reason}")]
+    BadToken { origin: String, reason: String },
+
+    #[error("cannot read the CA certificate {}: {source}", path.display())]
+    CaCert {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+
+    #[error("chatd reports {0}")]
+    NotServing(String),
+
+    #[error("cannot write the output: {0}")]
+    Output(#[source] std::io::Error),
+}
+
+impl ChatctlError {
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            Self::Usage(_) => exit::USAGE,
+            Self::NotFound(_) => exit::NOT_FOUND,
+            Self::Unreachable { .. } => exit::UNREACHABLE,
+            Self::Unauthorised { .. } => exit::UNAUTHORISED,
+            Self::Timeout { .. }
+            | Self::Status { .. }
+            | Self::TokenFile { .. }
+            | Self::BadToken { .. }
+            | Self::CaCert { .. }
+            | Self::NotServing(_)
+            | Self::Output(_) => exit::ERROR,
+        }
+    }
+
+    /// What to try next, when there is more to say than the message.
+    pub fn hint(&self) -> Option<&'static str> {
+        match self {
+            Self::Unauthorised {
+                role_too_weak: true,
+                ..
+            } => Some("this token's role cannot make that change; use a token with the admin role"),
+            Self::Unauthorised { .. } => Some(
+                "pass the admin token with --token or --token-file (or CHATCTL_TOKEN / \
+                 CHATCTL_TOKEN_FILE); by default chatctl reads the token file chatd writes, \
+                 see `chatctl --help`",
+            ),
+            Self::Timeout { .. } => Some("chatd may be overloaded; try a longer --timeout"),
+            _ => None,
+        }
+    }
+
+    /// The one conversion from a gRPC status.
+    pub fn from_status(status: tonic::Status, endpoint: &str, timeout: Duration) -> Self {
+        let message = match status.message() {
+            "" => "chatd gave no details".to_owned(),
+            text => text.to_owned(),
+        };
+        match status.code() {
+            Code::NotFound => Self::NotFound(message),
+            Code::Unauthenticated => Self::Unauthorised {
+                message,
+                role_too_weak: false,
+            },
+            Code::PermissionDenied => Self::Unauthorised {
+                message,
+                role_too_weak: true,
+            },
+            Code::Unavailable => Self::Unreachable {
+                endpoint: endpoint.to_owned(),
+                cause: message,
+            },
+            Code::DeadlineExceeded => Self::Timeout {
+                endpoint: endpoint.to_owned(),
+                timeout,
+            },
+            code => Self::Status { code, message },
+        }
+    }
+}
