@@ -2,6 +2,7 @@
 //! meets it, and the pure pieces behind it.
 
 mod cli;
+mod fake;
 mod format;
 mod help;
 mod token;
