@@ -581,10 +581,12 @@ impl Hub {
         let folded = protocol::fold(wanted);
         let mut state = self.state();
         let old = client.nick();
-        if let Some(&owner) = state.nicks.get(&folded) {
-            if owner != client.id {
-                return Err(format!("nick \"{wanted}\" is taken"));
-            }
+        if state
+            .nicks
+            .get(&folded)
+            .is_some_and(|&owner| owner != client.id)
+        {
+            return Err(format!("nick \"{wanted}\" is taken"));
         }
         state.nicks.remove(&protocol::fold(&old));
         state.nicks.insert(folded, client.id);

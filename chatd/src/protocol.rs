@@ -238,12 +238,12 @@ mod tests {
             validate_nick("***"),
             Err(NameError::Charset("letters, digits, '_' and '-'"))
         );
-        assert_eq!(validate_nick("al ice").is_err(), true);
+        assert!(validate_nick("al ice").is_err());
         assert_eq!(validate_nick("2pac"), Err(NameError::Start));
         assert_eq!(validate_nick("Server"), Err(NameError::Reserved));
         assert_eq!(validate_nick("GUEST-12"), Err(NameError::Reserved));
         assert_eq!(validate_nick("guest-x"), Ok(()));
-        assert_eq!(validate_nick("élodie").is_err(), true);
+        assert!(validate_nick("élodie").is_err());
     }
 
     #[test]

@@ -1,0 +1,198 @@
+//! The chat protocol as users see it.
+
+use crate::support::*;
+
+#[tokio::test]
+async fn a_message_reaches_everyone_else_but_not_the_sender() {
+    let server = TestServer::start();
+    let (mut alice, alice_nick) = server.join().await;
+    let (mut bob, _) = server.join().await;
+    let (mut carol, _) = server.join().await;
+    alice.send("hello everyone\n").await;
+    let expected = format!("<{alice_nick}> hello everyone");
+    assert_eq!(bob.expect("hello").await, expected);
+    assert_eq!(carol.expect("hello").await, expected);
+    let before = alice.sync().await;
+    assert!(
+        before.iter().all(|l| !l.contains("hello everyone")),
+        "echoed to sender: {before:?}"
+    );
+}
+
+#[tokio::test]
+async fn join_and_leave_notices_carry_the_room_count() {
+    let server = TestServer::start();
+    let (mut alice, _) = server.join().await;
+    let (mut bob, bob_nick) = server.join().await;
+    assert_eq!(
+        alice.line().await,
+        format!("*** {bob_nick} joined lobby (2 users)")
+    );
+    let (_carol, carol_nick) = server.join().await;
+    assert_eq!(
+        alice.line().await,
+        format!("*** {carol_nick} joined lobby (3 users)")
+    );
+    bob.send("/quit see you\n").await;
+    bob.expect("*** Goodbye.").await;
+    assert_eq!(bob.try_line().await, None);
+    assert_eq!(
+        alice.line().await,
+        format!("*** {bob_nick} left lobby (2 users): quit: see you")
+    );
+    drop(_carol);
+    assert_eq!(
+        alice.line().await,
+        format!("*** {carol_nick} left lobby (1 user): connection closed")
+    );
+}
+
+#[tokio::test]
+async fn default_nicks_are_unique_and_nick_changes_are_checked() {
+    let server = TestServer::start();
+    let (mut alice, a) = server.join().await;
+    let (mut bob, b) = server.join().await;
+    assert_ne!(a, b);
+    assert!(a.starts_with("guest-") && b.starts_with("guest-"));
+    alice.expect("joined").await;
+
+    alice.send("/nick Alice\n").await;
+    assert_eq!(alice.line().await, "*** You are now known as Alice.");
+    assert_eq!(bob.line().await, format!("*** {a} is now known as Alice"));
+
+    for (wanted, why) in [
+        ("alice", "nick \"alice\" is taken"),
+        ("***", "may only contain"),
+        ("9lives", "must start with a letter"),
+        ("guest-99", "is reserved"),
+        ("server", "is reserved"),
+        ("abcdefghijklmnopqrstu", "must be 1 to 20 characters"),
+    ] {
+        bob.send(&format!("/nick {wanted}\n")).await;
+        let l = bob.line().await;
+        assert!(
+            l.starts_with("*** error: ") && l.contains(why),
+            "{wanted}: {l}"
+        );
+    }
+    bob.send("hi\n").await;
+    assert_eq!(
+        alice.expect("hi").await,
+        format!("<{b}> hi"),
+        "nick unchanged after refusals"
+    );
+}
+
+#[tokio::test]
+async fn rooms_separate_conversations() {
+    let server = TestServer::start();
+    let (mut alice, a) = server.join().await;
+    let (mut bob, b) = server.join().await;
+    alice.expect("joined").await;
+
+    alice.send("/join #Dev\n").await;
+    assert_eq!(alice.line().await, "*** You are now in dev (1 user).");
+    assert_eq!(bob.line().await, format!("*** {a} left lobby (1 user)"));
+    alice.send("only for dev\n").await;
+    alice.send("/rooms\n").await;
+    assert_eq!(alice.line().await, "*** 2 rooms:");
+    assert_eq!(alice.line().await, "***   dev (1 user)");
+    assert_eq!(alice.line().await, "***   lobby (1 user)");
+
+    let before = bob.sync().await;
+    assert!(before.is_empty(), "lobby got dev traffic: {before:?}");
+
+    bob.send("/join dev\n").await;
+    assert_eq!(alice.line().await, format!("*** {b} joined dev (2 users)"));
+    bob.expect("You are now in dev (2 users).").await;
+    bob.send("/who\n").await;
+    let who = bob.expect("dev (2 users): ").await;
+    assert!(who.contains(&a) && who.contains(&b), "{who}");
+
+    alice.send("/join bad room\n").await;
+    assert!(
+        alice
+            .line()
+            .await
+            .starts_with("*** error: usage: /join ROOM")
+    );
+    alice.send("/join ro*om\n").await;
+    assert!(alice.line().await.contains("may only contain"));
+}
+
+#[tokio::test]
+async fn private_messages_and_actions() {
+    let server = TestServer::start();
+    let (mut alice, a) = server.join().await;
+    let (mut bob, b) = server.join().await;
+    let (mut carol, _) = server.join().await;
+    alice.expect("joined").await;
+    alice.expect("joined").await;
+    bob.expect("joined").await;
+
+    alice
+        .send(&format!("/msg {} psst\n", b.to_uppercase()))
+        .await;
+    assert_eq!(bob.line().await, format!("[pm] <{a}> psst"));
+    assert_eq!(alice.line().await, format!("[pm -> {b}] psst"));
+    let before = carol.sync().await;
+    assert!(before.iter().all(|l| !l.contains("psst")), "{before:?}");
+
+    alice.send("/msg nobody hi\n").await;
+    assert_eq!(alice.line().await, "*** error: no such nick \"nobody\"");
+
+    alice.send("/me waves\n").await;
+    assert_eq!(bob.line().await, format!("* {a} waves"));
+    assert_eq!(carol.line().await, format!("* {a} waves"));
+}
+
+#[tokio::test]
+async fn history_is_replayed_to_newcomers() {
+    let server = TestServer::with_env(&[("CHATD_CHAT__HISTORY", "3")]);
+    let (mut alice, a) = server.join().await;
+    for i in 1..=5 {
+        alice.send(&format!("message {i}\n")).await;
+    }
+    alice.sync().await;
+    let mut late = server.connect().await;
+    late.expect("You are now in lobby (2 users).").await;
+    assert_eq!(late.line().await, "*** Last 3 messages in lobby:");
+    for i in 3..=5 {
+        assert_eq!(late.line().await, format!("<{a}> message {i}"));
+    }
+    assert_eq!(late.line().await, "*** End of history.");
+}
+
+#[tokio::test]
+async fn help_and_unknown_commands() {
+    let server = TestServer::start();
+    let (mut alice, _) = server.join().await;
+    alice.send("/help\n").await;
+    assert_eq!(alice.line().await, "*** Commands:");
+    alice.expect("/quit").await;
+    alice.send("/frobnicate now\n").await;
+    assert_eq!(
+        alice.expect("error").await,
+        "*** error: unknown command /frobnicate (try /help)"
+    );
+    alice.send("//slash\n").await;
+    let (mut bob, _) = server.join().await;
+    alice.send("//still here\n").await;
+    assert!(bob.expect("still here").await.ends_with("> /still here"));
+}
+
+#[tokio::test]
+async fn fragmented_and_coalesced_lines() {
+    let server = TestServer::start();
+    let (mut alice, a) = server.join().await;
+    let (mut bob, _) = server.join().await;
+    for piece in ["he", "llo wo", "rld\r", "\n"] {
+        alice.send(piece).await;
+        tokio::task::yield_now().await;
+    }
+    alice.send("one\ntwo\r\nthree\n").await;
+    assert_eq!(bob.line().await, format!("<{a}> hello world"));
+    assert_eq!(bob.line().await, format!("<{a}> one"));
+    assert_eq!(bob.line().await, format!("<{a}> two"));
+    assert_eq!(bob.line().await, format!("<{a}> three"));
+}

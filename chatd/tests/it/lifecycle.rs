@@ -1,0 +1,201 @@
+//! Starting, configuring and stopping the daemon.
+
+use std::net::TcpListener;
+use std::process::Command;
+
+use rustix::process::Signal;
+
+use crate::support::*;
+
+fn chatd(args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
+    let mut cmd = Command::new(chatd_bin());
+    cmd.args(args).env_remove("RUST_LOG");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().expect("run chatd");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test]
+async fn sigterm_tells_every_client_and_exits_zero() {
+    let mut server = TestServer::start();
+    let (mut alice, _) = server.join().await;
+    let (mut bob, _) = server.join().await;
+    alice.expect("joined").await;
+    server.signal(Signal::TERM);
+    assert_eq!(
+        alice.until_eof().await,
+        vec!["*** Server is shutting down."]
+    );
+    assert_eq!(bob.until_eof().await, vec!["*** Server is shutting down."]);
+    let status = server.wait_exit().await;
+    assert_eq!(status.code(), Some(0));
+}
+
+#[tokio::test]
+async fn shutdown_flushes_what_clients_are_owed() {
+    let mut server = TestServer::with_env(&[("CHATD_LIMITS__FLOOD_LINES_PER_SEC", "0")]);
+    let (mut alice, a) = server.join().await;
+    let (mut bob, _) = server.join().await;
+    alice.expect("joined").await;
+    let block: String = (0..500).map(|i| format!("line {i}\n")).collect();
+    alice.send(&block).await;
+    alice.sync().await;
+    server.signal(Signal::INT);
+    let lines = bob.until_eof().await;
+    let said: Vec<&String> = lines.iter().filter(|l| l.starts_with('<')).collect();
+    assert_eq!(said.len(), 500);
+    assert_eq!(said[499], &format!("<{a}> line 499"));
+    assert_eq!(
+        lines.last().map(String::as_str),
+        Some("*** Server is shutting down.")
+    );
+    assert_eq!(server.wait_exit().await.code(), Some(0));
+}
+
+#[tokio::test]
+async fn bad_config_values_stop_startup_with_one_clear_line() {
+    let cases: &[(&str, &str, &[&str])] = &[
+        (
+            "CHATD_LIMITS__MAX_LINE_BYTES",
+            "-5",
+            &["limits.max_line_bytes", "-5", "64..=65536"],
+        ),
+        (
+            "CHATD_CHAT__LISTEN",
+            "localhost",
+            &["chat.listen", "localhost", "IP:PORT"],
+        ),
+        (
+            "CHATD_LOG__FORMAT",
+            "xml",
+            &["log.format", "xml", "\"text\" or \"json\""],
+        ),
+        (
+            "CHATD_LIMITS__MAX_CLIENTS",
+            "lots",
+            &["max_clients", "lots"],
+        ),
+        ("CHATD_LIMITS__NOPE", "1", &["nope"]),
+    ];
+    for (key, value, needles) in cases {
+        let (code, _, stderr) = chatd(&["--check-config"], &[(key, value)]);
+        assert_eq!(code, 1, "{key}={value}: {stderr}");
+        assert_eq!(stderr.lines().count(), 1, "one line: {stderr}");
+        assert!(!stderr.contains("panicked"), "{stderr}");
+        for n in *needles {
+            assert!(stderr.contains(n), "{key}={value}: {stderr:?} lacks {n:?}");
+        }
+    }
+}
+
+#[tokio::test]
+async fn config_file_unknown_keys_and_missing_files() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("chatd.toml");
+    std::fs::write(&path, "[limits]\nmax_line_byte = 100\n").expect("write");
+    let (code, _, stderr) = chatd(
+        &["--check-config", "--config", path.to_str().expect("utf-8")],
+        &[],
+    );
+    assert_eq!(code, 1);
+    assert!(
+        stderr.contains("max_line_byte") && stderr.contains("max_line_bytes"),
+        "{stderr}"
+    );
+
+    let (code, _, stderr) = chatd(&["--config", "/nonexistent/chatd.toml"], &[]);
+    assert_eq!(code, 1);
+    assert!(stderr.contains("/nonexistent/chatd.toml"), "{stderr}");
+
+    std::fs::write(
+        &path,
+        "[server]\nname = \"test-net\"\n[limits]\nmax_line_bytes = 100\n",
+    )
+    .expect("write");
+    let (code, stdout, _) = chatd(
+        &["--check-config", "--config", path.to_str().expect("utf-8")],
+        &[],
+    );
+    assert_eq!(code, 0);
+    assert!(stdout.contains("configuration OK"), "{stdout}");
+    let (code, stdout, _) = chatd(
+        &["--print-config", "--config", path.to_str().expect("utf-8")],
+        &[("CHATD_CHAT__HISTORY", "7")],
+    );
+    assert_eq!(code, 0);
+    let printed: toml::Table = stdout.parse().expect("printed config is TOML");
+    assert_eq!(printed["server"]["name"].as_str(), Some("test-net"));
+    assert_eq!(printed["limits"]["max_line_bytes"].as_integer(), Some(100));
+    assert_eq!(printed["chat"]["history"].as_integer(), Some(7));
+    assert_eq!(printed["chat"]["listen"].as_str(), Some("0.0.0.0:8080"));
+}
+
+#[tokio::test]
+async fn the_committed_example_config_is_valid_and_complete() {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../config/chatd.toml");
+    let (code, _, stderr) = chatd(&["--check-config", "--config", path], &[]);
+    assert_eq!(code, 0, "{stderr}");
+    // Every key chatd knows appears in the example with its default.
+    let (_, defaults, _) = chatd(&["--print-config", "--config", "/dev/null"], &[]);
+    let example: toml::Table = std::fs::read_to_string(path)
+        .expect("read")
+        .parse()
+        .expect("toml");
+    let defaults: toml::Table = defaults.parse().expect("toml");
+    assert_eq!(
+        example, defaults,
+        "config/chatd.toml differs from the built-in defaults"
+    );
+}
+
+#[tokio::test]
+async fn address_in_use_is_one_clear_line() {
+    let taken = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = taken.local_addr().expect("addr").to_string();
+    let (code, _, stderr) = chatd(
+        &[],
+        &[
+            ("CHATD_CHAT__LISTEN", &addr),
+            ("CHATD_UDP__LISTEN", "127.0.0.1:0"),
+        ],
+    );
+    assert_eq!(code, 1);
+    let last = stderr.lines().last().unwrap_or_default();
+    assert!(
+        last.contains(&addr) && last.contains("chat.listen") && last.contains("in use"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("panicked"));
+}
+
+#[tokio::test]
+async fn the_accept_loop_survives_running_out_of_file_descriptors() {
+    let mut cmd = Command::new("prlimit");
+    cmd.arg("--nofile=48:48").arg(chatd_bin());
+    TestServer::prepare(&mut cmd, None, &[]);
+    let server = TestServer::launch(cmd);
+    let mut clients = Vec::new();
+    for _ in 0..60 {
+        clients.push(
+            tokio::net::TcpStream::connect(server.chat)
+                .await
+                .expect("connect"),
+        );
+    }
+    server.wait_logged("accept failed").await;
+    drop(clients);
+    // Once descriptors are free again, new clients are served.
+    let (mut alice, a) = server.join().await;
+    let (mut bob, _) = server.join().await;
+    alice.send("still alive\n").await;
+    assert_eq!(
+        bob.expect("still alive").await,
+        format!("<{a}> still alive")
+    );
+}

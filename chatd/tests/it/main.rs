@@ -1,0 +1,9 @@
+//! End-to-end tests: the real `chatd` binary on port 0, spoken to over real
+//! sockets the way `nc` would.
+
+mod chat;
+mod lifecycle;
+mod limits;
+mod safety;
+mod support;
+mod udp;
