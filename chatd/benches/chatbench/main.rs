@@ -1,0 +1,235 @@
+//! chatbench: the fan-out benchmark (docs/PERFORMANCE.md).
+//!
+//! Drives many TCP clients over loopback against chatd and against peer
+//! servers (ngIRCd, InspIRCd, optionally the Python tutorial's chat server),
+//! all in one invocation, and prints one table per scenario with chatd/peer
+//! ratios. Run it as `bash chatd/benches/run.sh [ARGS]` or
+//! `cargo bench -p chatd --bench chatbench -- [ARGS]`.
+//!
+//! Layout: `client` (one client: dialects, registration, stamped sends,
+//! accounting), `server` (spawning targets, /proc sampling), `scenario` (the
+//! scenarios and one run), `report` (metrics and the table).
+
+mod client;
+mod report;
+mod scenario;
+mod server;
+
+use std::collections::BTreeMap;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::Parser;
+
+use crate::report::Metric;
+use crate::scenario::{Outcome, RunOptions, Scenario};
+use crate::server::Target;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "chatbench",
+    about = "Fan-out benchmark: chatd against ngIRCd and InspIRCd"
+)]
+struct Args {
+    /// Scenarios to run: a, b, c, d, e (e = e-clean and e-stalled), quick.
+    #[arg(long, short, value_delimiter = ',', default_value = "a,b,c,d,e")]
+    scenarios: Vec<String>,
+    /// Servers to compare: chatd, ngircd, inspircd, python.
+    #[arg(
+        long,
+        short,
+        value_delimiter = ',',
+        default_value = "chatd,ngircd,inspircd"
+    )]
+    targets: Vec<Target>,
+    /// Runs per scenario and target; the table shows medians.
+    #[arg(long, default_value_t = 1)]
+    runs: usize,
+    /// A tiny smoke scenario for CI; fails only if chatd lost deliveries.
+    #[arg(long)]
+    quick: bool,
+    /// Also run scenario d (10,000 connections) against InspIRCd, which
+    /// accepts connections in whole-second steps: expect minutes.
+    #[arg(long)]
+    inspircd_storm: bool,
+    /// As-fast-as-possible senders keep at most this many lines (all senders
+    /// together) not yet delivered to every receiver; 0 = open loop, where
+    /// the senders outrun the readers and a server that bounds its queues
+    /// cuts them off as slow consumers.
+    #[arg(long, default_value_t = 1000)]
+    window: u64,
+    /// Registrations in flight at once.
+    #[arg(long, default_value_t = 128)]
+    connect_concurrency: usize,
+    /// Stop waiting for deliveries after this many seconds without progress.
+    #[arg(long, default_value_t = 5)]
+    idle_timeout: u64,
+    /// Override the scenarios' client count.
+    #[arg(long)]
+    clients: Option<usize>,
+    /// Override the scenarios' sender count.
+    #[arg(long)]
+    senders: Option<usize>,
+    /// Override the scenarios' lines per sender.
+    #[arg(long)]
+    messages: Option<u32>,
+    /// Override the scenarios' payload size in bytes (at least 32).
+    #[arg(long)]
+    size: Option<usize>,
+    /// Override the scenarios' rate in lines/s per sender (0 = as fast as possible).
+    #[arg(long)]
+    rate: Option<f64>,
+    /// Override the scenarios' room count.
+    #[arg(long)]
+    rooms: Option<usize>,
+    /// Passed by `cargo bench`; ignored.
+    #[arg(long, hide = true)]
+    bench: bool,
+}
+
+impl Args {
+    fn scenarios(&self) -> anyhow::Result<Vec<Scenario>> {
+        let names: Vec<&str> = if self.quick {
+            vec!["quick"]
+        } else {
+            self.scenarios
+                .iter()
+                .flat_map(|s| match s.as_str() {
+                    "e" => vec!["e-clean", "e-stalled"],
+                    other => vec![other],
+                })
+                .collect()
+        };
+        let all = scenario::all();
+        let mut chosen = Vec::new();
+        for name in names {
+            let mut s = all
+                .iter()
+                .find(|s| s.name == name)
+                .cloned()
+                .ok_or_else(|| {
+                    anyhow::anyhow!("unknown scenario {name:?} (a, b, c, d, e, quick)")
+                })?;
+            let p = &mut s.params;
+            p.clients = self.clients.unwrap_or(p.clients);
+            p.senders = self.senders.unwrap_or(p.senders);
+            p.messages = self.messages.unwrap_or(p.messages);
+            p.size = self.size.unwrap_or(p.size).max(32);
+            p.rooms = self.rooms.unwrap_or(p.rooms).max(1);
+            if let Some(r) = self.rate {
+                p.rate = (r > 0.0).then_some(r);
+            }
+            anyhow::ensure!(
+                p.senders >= 1 && p.senders <= p.clients && p.clients >= 2,
+                "scenario {name}: need 2 or more clients and 1..=clients senders"
+            );
+            chosen.push(s);
+        }
+        Ok(chosen)
+    }
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(n) if n < 10_500 => {
+            eprintln!("chatbench: open-file limit is only {n}; scenario d needs about 10,100")
+        }
+        Ok(_) => {}
+        Err(e) => eprintln!("chatbench: could not raise the open-file limit: {e}"),
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("chatbench: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(args)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("chatbench: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(args: Args) -> anyhow::Result<ExitCode> {
+    client::init_epoch();
+    let scenarios = args.scenarios()?;
+    let opts = RunOptions {
+        connect_concurrency: args.connect_concurrency.max(1),
+        idle_timeout: Duration::from_secs(args.idle_timeout.max(1)),
+        window: args.window,
+    };
+    let mut targets = Vec::new();
+    for &t in &args.targets {
+        if targets.contains(&t) {
+            continue;
+        }
+        match t.unavailable() {
+            Some(why) => eprintln!("chatbench: skipping {}: {why}", t.name()),
+            None => targets.push(t),
+        }
+    }
+    if targets.contains(&Target::Tutorial) {
+        eprintln!(
+            "chatbench: python relays raw 1024-byte chunks, not lines: its numbers are indicative"
+        );
+    }
+    let mut chatd_lost = false;
+    for s in &scenarios {
+        let mut runs: report::Runs = BTreeMap::new();
+        for run in 1..=args.runs.max(1) {
+            // Targets alternate within each run so drift hits them alike.
+            for &t in &targets {
+                if s.name == "d" && t == Target::Inspircd && !args.inspircd_storm {
+                    if run == 1 {
+                        runs.entry(t).or_default().push(Outcome {
+                            notes: vec![
+                                "skipped: InspIRCd accepts connections in whole-second steps \
+                                 (~50 clients/s); pass --inspircd-storm to run it"
+                                    .to_owned(),
+                            ],
+                            ..Outcome::default()
+                        });
+                    }
+                    continue;
+                }
+                eprintln!(
+                    "chatbench: {} against {} (run {run}/{})",
+                    s.name,
+                    t.name(),
+                    args.runs
+                );
+                let outcome = match scenario::run(t, &s.params, &opts).await {
+                    Ok(o) => o,
+                    Err(e) => Outcome {
+                        notes: vec![format!("failed: {e:#}")],
+                        ..Outcome::default()
+                    },
+                };
+                if t == Target::Chatd {
+                    let lost = outcome.values.get(&Metric::Lost).copied();
+                    if lost != Some(0.0) {
+                        chatd_lost = true;
+                    }
+                }
+                for note in &outcome.notes {
+                    eprintln!("chatbench:   {}: {note}", t.name());
+                }
+                runs.entry(t).or_default().push(outcome);
+            }
+        }
+        let table = report::table(s.name, s.what, &targets, &runs);
+        print!("{table}");
+    }
+    if args.quick && targets.contains(&Target::Chatd) && chatd_lost {
+        eprintln!("chatbench: chatd lost deliveries in the quick scenario");
+        return Ok(ExitCode::FAILURE);
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,313 @@
+//! The servers under test: spawning each one in the foreground on a free
+//! loopback port, waiting until it accepts, and reading its CPU time and
+//! memory from /proc.
+
+use std::fs;
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::str::FromStr;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+
+use crate::client::Dialect;
+
+/// A server the benchmark can drive.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Target {
+    Chatd,
+    Ngircd,
+    Inspircd,
+    /// The multi-user chat server of the Python socket tutorial in
+    /// ../shared/seed, extracted at run time.
+    Tutorial,
+}
+
+impl FromStr for Target {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> anyhow::Result<Self> {
+        Ok(match s {
+            "chatd" => Target::Chatd,
+            "ngircd" => Target::Ngircd,
+            "inspircd" => Target::Inspircd,
+            "python" | "tutorial" => Target::Tutorial,
+            _ => bail!("unknown target {s:?} (expected chatd, ngircd, inspircd or python)"),
+        })
+    }
+}
+
+impl Target {
+    pub fn name(self) -> &'static str {
+        match self {
+            Target::Chatd => "chatd",
+            Target::Ngircd => "ngircd",
+            Target::Inspircd => "inspircd",
+            Target::Tutorial => "python",
+        }
+    }
+
+    pub fn dialect(self) -> Dialect {
+        match self {
+            Target::Chatd => Dialect::Chatd,
+            Target::Ngircd | Target::Inspircd => Dialect::Irc,
+            Target::Tutorial => Dialect::Tutorial,
+        }
+    }
+
+    /// Why this target cannot run here, if it cannot.
+    pub fn unavailable(self) -> Option<String> {
+        match self {
+            Target::Chatd => None,
+            Target::Ngircd => find_program("ngircd")
+                .is_none()
+                .then(|| "ngircd not installed (apt-get install ngircd)".to_owned()),
+            Target::Inspircd => find_program("inspircd")
+                .is_none()
+                .then(|| "inspircd not installed (apt-get install inspircd)".to_owned()),
+            Target::Tutorial => {
+                if find_program("python3").is_none() {
+                    Some("python3 not installed".to_owned())
+                } else if !tutorial_path().exists() {
+                    Some(format!("{} not found", tutorial_path().display()))
+                } else {
+                    None
+                }
+            }
+        }
+    }
+}
+
+fn find_program(name: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain(["/usr/sbin", "/usr/local/sbin", "/sbin"].map(PathBuf::from))
+        .map(|dir| dir.join(name))
+        .find(|p| p.is_file())
+}
+
+fn tutorial_path() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/seed/python-socket-tutorial.fr.md")
+}
+
+const NGIRCD_CONF: &str = include_str!("../peers/ngircd.conf");
+const INSPIRCD_CONF: &str = include_str!("../peers/inspircd.conf");
+
+/// CPU time and memory of a process at one moment.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Sample {
+    /// utime + stime, in nanoseconds.
+    pub cpu_ns: u64,
+    /// VmRSS, in KiB.
+    pub rss_kib: u64,
+    /// VmHWM (peak RSS), in KiB.
+    pub hwm_kib: u64,
+}
+
+/// A running server; killed on drop.
+pub struct Server {
+    child: Child,
+    pub addr: SocketAddr,
+    log: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Server {
+    /// Starts `target` on a free loopback port and waits until it accepts.
+    pub fn start(target: Target) -> anyhow::Result<Server> {
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("chatbench-{}-", target.name()))
+            .tempdir()?;
+        let port = free_port()?;
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        let log = dir.path().join("server.log");
+        let mut cmd = command(target, dir.path(), port)?;
+        let out = fs::File::create(&log)?;
+        cmd.stdin(Stdio::null())
+            .stdout(out.try_clone()?)
+            .stderr(out);
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("starting {}", target.name()))?;
+        let mut server = Server {
+            child,
+            addr,
+            log,
+            _dir: dir,
+        };
+        server.wait_ready(target)?;
+        Ok(server)
+    }
+
+    fn wait_ready(&mut self, target: Target) -> anyhow::Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                bail!(
+                    "{} exited ({status}) before accepting connections; its log:\n{}",
+                    target.name(),
+                    self.log_tail()
+                );
+            }
+            if std::net::TcpStream::connect_timeout(&self.addr, Duration::from_millis(200)).is_ok()
+            {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "{} did not accept on {} within 20 s; its log:\n{}",
+                    target.name(),
+                    self.addr,
+                    self.log_tail()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(25));
+        }
+    }
+
+    /// The last lines of the server's output, for error messages.
+    pub fn log_tail(&self) -> String {
+        let text = fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(15)..].join("\n")
+    }
+
+    /// Whether the process is still running.
+    pub fn alive(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// CPU time and memory right now.
+    pub fn sample(&self) -> anyhow::Result<Sample> {
+        sample(self.child.id())
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn command(target: Target, dir: &Path, port: u16) -> anyhow::Result<Command> {
+    let fill = |template: &str| {
+        template
+            .replace("{{PORT}}", &port.to_string())
+            .replace("{{DIR}}", &dir.display().to_string())
+    };
+    Ok(match target {
+        Target::Chatd => {
+            let mut cmd = Command::new(env!("CARGO_BIN_EXE_chatd"));
+            let config = Path::new(env!("CARGO_MANIFEST_DIR")).join("../config/bench.toml");
+            cmd.arg("--config")
+                .arg(config)
+                .env("CHATD_CHAT__LISTEN", format!("127.0.0.1:{port}"))
+                .env("CHATD_UDP__LISTEN", "127.0.0.1:0")
+                .env("CHATD_ADMIN__LISTEN", "127.0.0.1:0");
+            cmd
+        }
+        Target::Ngircd => {
+            let conf = dir.join("ngircd.conf");
+            fs::write(&conf, fill(NGIRCD_CONF))?;
+            let mut cmd = Command::new(find_program("ngircd").context("ngircd not found")?);
+            cmd.arg("-n").arg("-f").arg(conf);
+            cmd
+        }
+        Target::Inspircd => {
+            let conf = dir.join("inspircd.conf");
+            fs::write(&conf, fill(INSPIRCD_CONF))?;
+            fs::write(dir.join("motd.txt"), "bench\n")?;
+            let mut cmd = Command::new(find_program("inspircd").context("inspircd not found")?);
+            cmd.arg("--nofork").arg("--nopid").arg("--config").arg(conf);
+            if is_root() {
+                cmd.arg("--runasroot");
+            }
+            cmd
+        }
+        Target::Tutorial => {
+            let script = dir.join("chat_server.py");
+            fs::write(&script, extract_tutorial_server(port)?)?;
+            let mut cmd = Command::new("python3");
+            cmd.arg(script);
+            cmd
+        }
+    })
+}
+
+/// The tutorial's `chat_server.py`, from its Markdown, with our port.
+fn extract_tutorial_server(port: u16) -> anyhow::Result<String> {
+    let path = tutorial_path();
+    let text = fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    let after = text
+        .split_once("### chat_server.py")
+        .context("no `### chat_server.py` section in the tutorial")?
+        .1;
+    let code = after
+        .split_once("```python\n")
+        .and_then(|(_, rest)| rest.split_once("\n```"))
+        .context("no python block after `### chat_server.py`")?
+        .0;
+    if !code.contains("PORT = 8080") {
+        bail!("the tutorial's chat server no longer sets `PORT = 8080`");
+    }
+    Ok(code.replace("PORT = 8080", &format!("PORT = {port}")))
+}
+
+fn is_root() -> bool {
+    fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .map(|l| l.split_whitespace().nth(1) == Some("0"))
+        })
+        .unwrap_or(false)
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    let listener = TcpListener::bind("127.0.0.1:0")?;
+    Ok(listener.local_addr()?.port())
+}
+
+/// Clock ticks per second for /proc/PID/stat times.
+fn clock_ticks() -> u64 {
+    static TICKS: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    *TICKS.get_or_init(|| {
+        Command::new("getconf")
+            .arg("CLK_TCK")
+            .output()
+            .ok()
+            .and_then(|o| String::from_utf8(o.stdout).ok())
+            .and_then(|s| s.trim().parse().ok())
+            .filter(|&t| t > 0)
+            .unwrap_or(100)
+    })
+}
+
+fn sample(pid: u32) -> anyhow::Result<Sample> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the command name, which is in parentheses and may contain
+    // spaces: state is field 3, utime 14 and stime 15.
+    let after = stat.rsplit_once(')').context("malformed /proc/PID/stat")?.1;
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let ticks = |i: usize| -> anyhow::Result<u64> {
+        Ok(fields.get(i).context("short /proc/PID/stat")?.parse()?)
+    };
+    let cpu_ticks = ticks(11)? + ticks(12)?;
+    let cpu_ns = cpu_ticks * 1_000_000_000 / clock_ticks();
+    let status = fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let kib = |key: &str| -> u64 {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(key))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    Ok(Sample {
+        cpu_ns,
+        rss_kib: kib("VmRSS:"),
+        hwm_kib: kib("VmHWM:"),
+    })
+}
