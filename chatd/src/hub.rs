@@ -278,28 +278,31 @@ impl Room {
         }
     }
 
-    /// Keeps the last `keep` lines of `batch` (whole `\r\n`-ended lines) as
-    /// zero-copy slices of it.
+    /// Keeps the last `keep` lines of `batch` (whole `\r\n`-ended lines).
+    /// They are copied, in one allocation, so that history never pins a
+    /// large batch in memory.
     fn remember(&self, batch: &Bytes, lines: usize, keep: usize) {
         self.messages.fetch_add(lines as u64, Relaxed);
         if keep == 0 {
             return;
         }
         let take = lines.min(keep);
-        let mut slices = Vec::with_capacity(take);
+        let mut ends = Vec::with_capacity(take + 1);
         let mut end = batch.len();
-        while slices.len() < take && end > 0 {
+        ends.push(end);
+        while ends.len() <= take && end > 0 {
             // Each line ends in "\r\n": find the end of the line before it.
-            let start = memchr::memrchr(b'\n', &batch[..end - 1]).map_or(0, |p| p + 1);
-            slices.push(batch.slice(start..end));
-            end = start;
+            end = memchr::memrchr(b'\n', &batch[..end - 1]).map_or(0, |p| p + 1);
+            ends.push(end);
         }
+        let start = end;
+        let tail = Bytes::copy_from_slice(&batch[start..]);
         let mut history = lock(&self.history);
-        for line in slices.into_iter().rev() {
+        for pair in ends.windows(2).rev() {
             if history.len() == keep {
                 history.pop_front();
             }
-            history.push_back(line);
+            history.push_back(tail.slice(pair[1] - start..pair[0] - start));
         }
     }
 }
@@ -877,3 +880,7 @@ fn read<T>(l: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
 fn write<T>(l: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
     l.write().unwrap_or_else(|p| p.into_inner())
 }
+
+#[cfg(test)]
+#[path = "hub_tests.rs"]
+mod tests;

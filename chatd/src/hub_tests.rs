@@ -1,0 +1,162 @@
+//! The hub's operations, without sockets: what the admin API builds on.
+
+use std::collections::VecDeque;
+
+use super::*;
+use crate::config::RawConfig;
+
+fn hub() -> Hub {
+    Hub::new(RawConfig::default().validate().expect("defaults"))
+}
+
+fn peer(n: u8) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, n], 40000 + u16::from(n)))
+}
+
+/// Everything queued for `client`, as text.
+fn drain(client: &Client) -> String {
+    let mut q = VecDeque::new();
+    client.outbox.take(&mut q);
+    let n: usize = q.iter().map(|b| b.len()).sum();
+    client.outbox.written(n);
+    q.iter()
+        .map(|b| String::from_utf8_lossy(b).into_owned())
+        .collect()
+}
+
+#[test]
+fn publish_reaches_every_other_member_once() {
+    let hub = hub();
+    let a = hub.connect(peer(1)).expect("a");
+    let b = hub.connect(peer(2)).expect("b");
+    let c = hub.connect(peer(3)).expect("c");
+    let room = hub.join(&a, "lobby");
+    hub.join(&b, "lobby");
+    hub.join(&c, "elsewhere");
+    drain(&a);
+    drain(&b);
+    drain(&c);
+    let reached = hub.publish(
+        &room,
+        a.id,
+        Bytes::from_static(b"<a> one\r\n<a> two\r\n"),
+        2,
+    );
+    assert_eq!(reached, 1);
+    assert_eq!(drain(&b), "<a> one\r\n<a> two\r\n");
+    assert_eq!(drain(&a), "");
+    assert_eq!(drain(&c), "");
+    let stats = hub.snapshot();
+    assert_eq!((stats.lines_relayed, stats.deliveries), (2, 2));
+}
+
+#[test]
+fn clients_can_be_listed_filtered_and_found() {
+    let hub = hub();
+    let a = hub.connect(peer(1)).expect("a");
+    let b = hub.connect(peer(2)).expect("b");
+    hub.join(&a, "lobby");
+    hub.join(&b, "dev");
+    hub.rename(&a, "Alice").expect("rename");
+    let all = hub.clients(None, None);
+    assert_eq!(
+        all.iter().map(|c| c.nick.as_str()).collect::<Vec<_>>(),
+        ["Alice", &*b.nick()]
+    );
+    assert_eq!(hub.clients(Some("#DEV"), None).len(), 1);
+    assert_eq!(hub.clients(None, Some("alic")).len(), 1);
+    assert_eq!(hub.clients(None, Some("127.0.0.2")).len(), 1);
+    assert_eq!(
+        hub.client(&Target::parse("alice")).expect("by nick").id,
+        a.id
+    );
+    assert_eq!(
+        hub.client(&Target::parse(&b.id.to_string()))
+            .expect("by id")
+            .room,
+        "dev"
+    );
+    assert!(matches!(
+        hub.client(&Target::parse("nobody")),
+        Err(HubError::NoSuchClient(_))
+    ));
+}
+
+#[test]
+fn kick_closes_the_client_with_its_reason() {
+    let hub = hub();
+    let a = hub.connect(peer(1)).expect("a");
+    hub.join(&a, "lobby");
+    let info = hub
+        .kick(&Target::parse(&a.nick()), "spam\x1b[2J")
+        .expect("kick");
+    assert_eq!(info.id, a.id);
+    let mut q = VecDeque::new();
+    assert_eq!(
+        a.outbox.take(&mut q),
+        Some(Disconnect::Kicked("spam".into()))
+    );
+    assert_eq!(hub.snapshot().kicks, 1);
+    assert!(hub.kick(&Target::Id(999), "x").is_err());
+}
+
+#[test]
+fn broadcast_reaches_everyone_or_one_room() {
+    let hub = hub();
+    let a = hub.connect(peer(1)).expect("a");
+    let b = hub.connect(peer(2)).expect("b");
+    hub.join(&a, "lobby");
+    hub.join(&b, "dev");
+    drain(&a);
+    drain(&b);
+    assert_eq!(hub.broadcast(None, "maintenance at 10:00"), Ok(2));
+    assert_eq!(drain(&a), "*** NOTICE: maintenance at 10:00\r\n");
+    assert_eq!(hub.broadcast(Some("dev"), "dev only"), Ok(1));
+    assert_eq!(
+        drain(&b),
+        "*** NOTICE: maintenance at 10:00\r\n*** NOTICE: dev only\r\n"
+    );
+    assert_eq!(drain(&a), "");
+    assert!(matches!(
+        hub.broadcast(Some("nope"), "x"),
+        Err(HubError::NoSuchRoom(_))
+    ));
+}
+
+#[test]
+fn leaving_frees_nick_room_and_address_slot() {
+    let hub = hub();
+    let a = hub.connect(peer(1)).expect("a");
+    hub.join(&a, "dev");
+    hub.rename(&a, "alice").expect("rename");
+    hub.leave(&a, &Disconnect::Closed);
+    assert!(
+        hub.rooms().iter().all(|r| r.name != "dev"),
+        "empty room removed"
+    );
+    let b = hub.connect(peer(1)).expect("b");
+    hub.rename(&b, "alice").expect("nick free again");
+    let s = hub.snapshot();
+    assert_eq!((s.clients, s.connections, s.peak_clients), (1, 2, 1));
+}
+
+#[test]
+fn history_keeps_the_last_lines_of_each_batch() {
+    let hub = hub();
+    let a = hub.connect(peer(1)).expect("a");
+    let room = hub.join(&a, "lobby");
+    let batch: String = (0..30).map(|i| format!("<a> {i}\r\n")).collect();
+    hub.publish(&room, a.id, Bytes::from(batch), 30);
+    let b = hub.connect(peer(2)).expect("b");
+    hub.join(&b, "lobby");
+    let seen = drain(&b);
+    assert!(
+        seen.contains("*** Last 20 messages in lobby:\r\n<a> 10\r\n"),
+        "{seen}"
+    );
+    assert!(
+        seen.ends_with("<a> 29\r\n*** End of history.\r\n"),
+        "{seen}"
+    );
+    assert_eq!(hub.rooms()[0].messages, 30);
+}
