@@ -23,7 +23,6 @@ use std::time::{Duration, Instant};
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
-use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, info_span};
 
 use crate::framing::{Frame, LineFramer};
@@ -61,10 +60,14 @@ const HELP: &[&str] = &[
 
 /// Serves one accepted socket until it closes. Errors stay in here: they are
 /// logged and never reach the accept loop.
-pub async fn serve(stream: TcpStream, peer: SocketAddr, hub: Hub, shutdown: CancellationToken) {
+///
+/// Rare paths (refusal, closing) run in boxed futures: the future of every
+/// live connection is sized for the common path only, which keeps an idle
+/// client's footprint small.
+pub async fn serve(stream: TcpStream, peer: SocketAddr, hub: Hub) {
     let client = match hub.connect(peer) {
         Ok(client) => client,
-        Err(refusal) => return refuse(stream, peer, refusal).await,
+        Err(refusal) => return Box::pin(refuse(stream, peer, refusal)).await,
     };
     let span = info_span!("conn", client = client.id, %peer, nick = %client.nick());
     async move {
@@ -92,14 +95,30 @@ pub async fn serve(stream: TcpStream, peer: SocketAddr, hub: Hub, shutdown: Canc
             pending: VecDeque::new(),
             flood: Flood::new(Instant::now()),
             overlong: 0,
-            last_input: Instant::now(),
             client,
         };
-        let reason = conn.run(&shutdown).await;
-        conn.finish(reason).await;
+        let reason = conn.run().await;
+        Box::pin(conn.finish(reason)).await;
     }
     .instrument(span)
     .await
+}
+
+/// Greets a new client and puts it in the default room.
+fn welcome(hub: &Hub, client: &Arc<Client>, nick: &str) -> Arc<Room> {
+    let config = hub.config();
+    let limit = config.limits.outbound_queue_bytes;
+    client.notice(
+        &format!(
+            "Welcome to {}, {nick}! Type /help for commands.",
+            config.server.name
+        ),
+        limit,
+    );
+    for line in config.server.motd.lines() {
+        client.notice(&sanitize::clean(line), limit);
+    }
+    hub.join(client, &config.chat.default_room)
 }
 
 /// Tells a refused client why, in one line, and closes.
@@ -144,7 +163,6 @@ struct Connection {
     pending: VecDeque<Bytes>,
     flood: Flood,
     overlong: u32,
-    last_input: Instant,
 }
 
 struct Flood {
@@ -171,15 +189,14 @@ struct Batch {
 }
 
 impl Connection {
-    async fn run(&mut self, shutdown: &CancellationToken) -> Disconnect {
-        let idle = tokio::time::sleep(Duration::ZERO);
-        tokio::pin!(idle);
-        let mut idle_limit = self.arm_idle(idle.as_mut());
+    /// Serves until the client must go, and says why. Shutdown, kicks and
+    /// idle timeouts all arrive as a close reason on the outbox, so this
+    /// waits on three things only: the outbox, and the socket's readiness.
+    async fn run(&mut self) -> Disconnect {
         loop {
             let want_write = !self.pending.is_empty();
             tokio::select! {
                 biased;
-                () = shutdown.cancelled() => return Disconnect::Shutdown,
                 () = self.client.outbox.notified() => {
                     if let Some(reason) = self.client.outbox.take(&mut self.pending) {
                         return reason;
@@ -206,22 +223,8 @@ impl Connection {
                         }
                     }
                 }
-                () = &mut idle, if idle_limit.is_some() => {
-                    if idle_limit.is_some_and(|limit| self.last_input.elapsed() >= limit) {
-                        return Disconnect::Idle;
-                    }
-                    idle_limit = self.arm_idle(idle.as_mut());
-                }
             }
         }
-    }
-
-    /// Points the idle timer at the moment this client would become idle.
-    /// It is re-armed only when it fires, not on every line.
-    fn arm_idle(&self, idle: std::pin::Pin<&mut tokio::time::Sleep>) -> Option<Duration> {
-        let limit = self.hub.config().limits.idle_timeout?;
-        idle.reset((self.last_input + limit).into());
-        Some(limit)
     }
 
     /// Reads what is available and handles every complete line.
@@ -247,7 +250,6 @@ impl Connection {
                 Err(e) => return Err(e),
             };
             bytes += n as u64;
-            self.last_input = now;
             let kept = self.framer.strip_telnet(&mut buf[..n]);
             if batch.buf.capacity() == 0 {
                 batch.buf.reserve(kept + kept / 2 + 64);

@@ -441,9 +441,28 @@ impl Hub {
         Ok(client)
     }
 
-    /// Stops new registrations (shutdown has begun).
+    /// Shutdown has begun: refuses new registrations and asks every
+    /// connection to close.
     pub fn close(&self) {
-        self.state().closing = true;
+        let mut state = self.state();
+        state.closing = true;
+        for client in state.clients.values() {
+            client.outbox.close(Disconnect::Shutdown);
+        }
+    }
+
+    /// Closes every client that has sent nothing for `limit`; returns how
+    /// many. Run periodically by the server, so that idle detection costs no
+    /// timer per connection.
+    pub fn reap_idle(&self, limit: std::time::Duration) -> usize {
+        let cutoff = unix_ms(SystemTime::now()).saturating_sub(limit.as_millis() as u64);
+        let state = self.state();
+        state
+            .clients
+            .values()
+            .filter(|c| c.last_active_ms.load(Relaxed) <= cutoff)
+            .filter(|c| c.outbox.close(Disconnect::Idle))
+            .count()
     }
 
     /// Moves `client` into `room` (leaving its current one), tells both

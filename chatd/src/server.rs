@@ -90,6 +90,7 @@ pub async fn serve(listeners: Listeners, hub: Hub, shutdown: CancellationToken, 
     if let Some(udp) = listeners.udp {
         tracker.spawn(udp_echo::run(udp, hub.clone(), shutdown.clone()));
     }
+    tracker.spawn(reap_idle(hub.clone(), shutdown.clone()));
     accept_loop(&listeners.chat, &hub, &shutdown, &tracker).await;
     drop(listeners.chat);
     hub.close();
@@ -122,12 +123,7 @@ async fn accept_loop(
             Ok((stream, peer)) => {
                 backoff.reset();
                 tune(&stream, hub);
-                tracker.spawn(connection::serve(
-                    stream,
-                    peer,
-                    hub.clone(),
-                    shutdown.clone(),
-                ));
+                tracker.spawn(connection::serve(stream, peer, hub.clone()));
             }
             Err(e) if is_peer_error(&e) => {}
             Err(e) => {
@@ -137,6 +133,27 @@ async fn accept_loop(
                     () = shutdown.cancelled() => return,
                     () = tokio::time::sleep(pause) => {}
                 }
+            }
+        }
+    }
+}
+
+/// Closes idle clients. One task scanning every client a few times per
+/// timeout is far cheaper than a timer in each of 10,000 connections.
+async fn reap_idle(hub: Hub, shutdown: CancellationToken) {
+    loop {
+        let limit = hub.limits().idle_timeout;
+        let pause = limit.map_or(Duration::from_secs(5), |l| {
+            (l / 4).clamp(Duration::from_millis(100), Duration::from_secs(15))
+        });
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(pause) => {}
+        }
+        if let Some(limit) = limit {
+            let closed = hub.reap_idle(limit);
+            if closed > 0 {
+                info!(clients = closed, "closed idle connections");
             }
         }
     }
