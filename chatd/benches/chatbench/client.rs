@@ -121,10 +121,10 @@ pub fn classify(dialect: Dialect, line: &[u8]) -> Event<'_> {
     match dialect {
         Dialect::Chatd => {
             // `<nick> text`; nicks cannot contain '>'.
-            if line.first() == Some(&b'<') {
-                if let Some(i) = memchr::memmem::find(line, b"> ") {
-                    return Event::Message(&line[i + 2..]);
-                }
+            if line.first() == Some(&b'<')
+                && let Some(i) = memchr::memmem::find(line, b"> ")
+            {
+                return Event::Message(&line[i + 2..]);
             }
             Event::Other
         }
@@ -516,6 +516,10 @@ impl Conn {
                 // notices without newlines); drop it.
                 rx.tally.garbled += 1;
                 self.buf.clear();
+            }
+            if quiet.is_some() {
+                // The stalled client is not measured: it reads only at the end.
+                rx.latencies.clear();
             }
             if !rx.latencies.is_empty() {
                 let n = rx.latencies.len() as u64;

@@ -156,8 +156,9 @@ pub async fn run(target: Target, params: &Params, opts: &RunOptions) -> anyhow::
     } else {
         64 * 1024
     };
-    let connect_timeout =
-        Duration::from_secs(30).max(Duration::from_millis(25) * params.clients as u32);
+    // 25 ms per client, within [30 s, 120 s].
+    let connect_timeout = (Duration::from_millis(25) * params.clients as u32)
+        .clamp(Duration::from_secs(30), Duration::from_secs(120));
     let started = Instant::now();
     let release = CancellationToken::new();
     let conns = connect_all(
@@ -176,6 +177,14 @@ pub async fn run(target: Target, params: &Params, opts: &RunOptions) -> anyhow::
     out.set(Metric::ConnectSecs, connect_secs);
     let wanted = params.clients + usize::from(params.stalled);
     if conns.len() < wanted {
+        if let Ok(now) = server.sample() {
+            out.set(Metric::RssLoaded, now.rss_kib as f64 / MIB);
+            out.set(Metric::RssPeak, now.hwm_kib as f64 / MIB);
+            if !conns.is_empty() {
+                let grown = now.rss_kib.saturating_sub(idle.rss_kib) as f64;
+                out.set(Metric::RssPerConn, grown / conns.len() as f64);
+            }
+        }
         out.notes.push(format!(
             "only {}/{} clients registered in {:.1} s ({}){}",
             conns.len(),
@@ -339,7 +348,7 @@ pub async fn run(target: Target, params: &Params, opts: &RunOptions) -> anyhow::
         out.set(Metric::DeliveriesPerSec, total.delivered as f64 / span);
     }
     let lat = shared.merged_latency()?;
-    if lat.len() > 0 {
+    if !lat.is_empty() {
         let ms = |q: f64| lat.value_at_quantile(q) as f64 / 1e6;
         out.set(Metric::P50, ms(0.50));
         out.set(Metric::P99, ms(0.99));
