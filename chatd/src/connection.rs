@@ -72,20 +72,8 @@ pub async fn serve(stream: TcpStream, peer: SocketAddr, hub: Hub) {
     let span = info_span!("conn", client = client.id, %peer, nick = %client.nick());
     async move {
         info!("connected");
-        let config = hub.config();
-        let limit = config.limits.outbound_queue_bytes;
         let nick = client.nick();
-        client.notice(
-            &format!(
-                "Welcome to {}, {nick}! Type /help for commands.",
-                config.server.name
-            ),
-            limit,
-        );
-        for line in config.server.motd.lines() {
-            client.notice(&sanitize::clean(line), limit);
-        }
-        let room = hub.join(&client, &config.chat.default_room);
+        let room = welcome(&hub, &client, &nick);
         let mut conn = Connection {
             stream,
             hub,

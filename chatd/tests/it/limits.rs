@@ -173,7 +173,7 @@ async fn keepalive_is_enabled_on_client_sockets() {
 async fn a_client_that_never_reads_is_cut_off_without_slowing_the_others() {
     let server = TestServer::with_env(&[
         ("CHATD_LIMITS__FLOOD_LINES_PER_SEC", "0"),
-        ("CHATD_LIMITS__OUTBOUND_QUEUE_BYTES", "262144"),
+        ("CHATD_LIMITS__OUTBOUND_QUEUE_BYTES", "1048576"),
     ]);
     let (mut sender, s) = server.join().await;
     let (mut reader, _) = server.join().await;
@@ -191,8 +191,9 @@ async fn a_client_that_never_reads_is_cut_off_without_slowing_the_others() {
     const BLOCK: usize = 100;
     let payload = "p".repeat(400);
     let expected_line = format!("<{s}> {payload}");
-    // The reader reports progress so the sender keeps at most a few blocks
-    // in flight: a reader that keeps up must never be taken for a slow one.
+    // The reader reports progress so the sender keeps at most 250 kB in
+    // flight, well under the 1 MiB queue: a reader that keeps up must never
+    // be taken for a slow one.
     let (progress, mut received) = tokio::sync::watch::channel(0usize);
     let read_all = tokio::spawn(async move {
         let mut got = 0;

@@ -71,9 +71,14 @@ impl TestServer {
         let logs = Arc::new(Mutex::new(Vec::new()));
         let (tx, rx) = std::sync::mpsc::channel();
         let sink = logs.clone();
+        // SHOW_CHATD_LOGS=1 shows the daemon's log while debugging a test.
+        let echo = std::env::var_os("SHOW_CHATD_LOGS").is_some();
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines() {
                 let Ok(line) = line else { break };
+                if echo {
+                    eprintln!("chatd: {line}");
+                }
                 match serde_json::from_str::<serde_json::Value>(&line) {
                     Ok(v) => {
                         if v["message"] == "listening" {
