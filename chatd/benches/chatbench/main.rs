@@ -191,7 +191,7 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
                         runs.entry(t).or_default().push(Outcome {
                             notes: vec![
                                 "skipped: InspIRCd accepts connections in whole-second steps \
-                                 (~50 clients/s); pass --inspircd-storm to run it"
+                                 (10,000 would take minutes); pass --inspircd-storm to run it"
                                     .to_owned(),
                             ],
                             ..Outcome::default()

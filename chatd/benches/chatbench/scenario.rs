@@ -409,7 +409,12 @@ async fn connect_all(
     timeout: Duration,
 ) -> (Vec<Registered>, String) {
     let dialect = target.dialect();
-    let gate = Arc::new(Semaphore::new(opts.connect_concurrency));
+    let in_flight = target
+        .max_connecting()
+        .map_or(opts.connect_concurrency, |m| {
+            m.min(opts.connect_concurrency)
+        });
+    let gate = Arc::new(Semaphore::new(in_flight));
     let mut set = JoinSet::new();
     for id in 0..params.clients {
         let gate = gate.clone();

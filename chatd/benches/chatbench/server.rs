@@ -55,6 +55,18 @@ impl Target {
         }
     }
 
+    /// How many connections may be in the handshake at once, if the target
+    /// needs fewer than asked. ngIRCd listens with a fixed backlog of 10:
+    /// more parallel connects overflow it, and the kernel then retries the
+    /// dropped SYNs after 1, 3, 7, 15… s, which would measure the kernel's
+    /// back-off instead of the server.
+    pub fn max_connecting(self) -> Option<usize> {
+        match self {
+            Target::Ngircd => Some(8),
+            _ => None,
+        }
+    }
+
     /// Why this target cannot run here, if it cannot.
     pub fn unavailable(self) -> Option<String> {
         match self {
