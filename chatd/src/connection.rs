@@ -1,7 +1,7 @@
 //! One client's task: the only owner of its socket.
 //!
-//! A single task per client both reads and writes, driven by one `select!`
-//! over socket readiness and the client's [`Outbox`](crate::outbox::Outbox):
+//! A single task per client both reads and writes, driven by the socket's
+//! readiness and the client's [`Outbox`](crate::outbox::Outbox):
 //!
 //! - **read**: whatever is readable is read into a buffer on the thread's
 //!   stack (so an idle client holds no read buffer), framed into lines,
@@ -18,6 +18,7 @@ use std::collections::VecDeque;
 use std::io::{self, IoSlice};
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
@@ -178,40 +179,52 @@ struct Batch {
 
 impl Connection {
     /// Serves until the client must go, and says why. Shutdown, kicks and
-    /// idle timeouts all arrive as a close reason on the outbox, so this
-    /// waits on three things only: the outbox, and the socket's readiness.
+    /// idle timeouts all arrive as a close reason on the outbox.
     async fn run(&mut self) -> Disconnect {
-        loop {
-            let want_write = !self.pending.is_empty();
-            tokio::select! {
-                biased;
-                () = self.client.outbox.notified() => {
-                    if let Some(reason) = self.client.outbox.take(&mut self.pending) {
-                        return reason;
-                    }
+        std::future::poll_fn(|cx| self.poll_run(cx)).await
+    }
+
+    /// One turn of the connection: take what the outbox holds, write what
+    /// the socket accepts, read what it offers. Readiness is polled
+    /// directly rather than through `select!`ed futures, so a wake-up costs
+    /// no waiter registration and the idle connection's future stays small.
+    fn poll_run(&mut self, cx: &mut Context<'_>) -> Poll<Disconnect> {
+        if let Some(reason) = self
+            .client
+            .outbox
+            .take_or_wait(&mut self.pending, cx.waker())
+        {
+            return Poll::Ready(reason);
+        }
+        while !self.pending.is_empty() {
+            match self.stream.poll_write_ready(cx) {
+                // `flush` stops at `WouldBlock`, which clears the readiness,
+                // so the next round registers for it instead of spinning.
+                Poll::Ready(Ok(())) => {
                     if self.flush().is_err() {
-                        return Disconnect::Error;
+                        return Poll::Ready(Disconnect::Error);
                     }
                 }
-                ready = self.stream.writable(), if want_write => {
-                    if ready.is_err() || self.flush().is_err() {
-                        return Disconnect::Error;
-                    }
-                }
-                ready = self.stream.readable() => {
-                    if ready.is_err() {
-                        return Disconnect::Error;
-                    }
-                    match self.on_readable() {
-                        Ok(None) => {}
-                        Ok(Some(reason)) => return reason,
-                        Err(e) => {
-                            debug!(error = %e, "read failed");
-                            return Disconnect::Error;
-                        }
-                    }
-                }
+                Poll::Ready(Err(_)) => return Poll::Ready(Disconnect::Error),
+                Poll::Pending => break,
             }
+        }
+        match self.stream.poll_read_ready(cx) {
+            Poll::Ready(Ok(())) => match self.on_readable() {
+                Ok(None) => {
+                    // Lines were handled (and may have queued replies for
+                    // us); let other clients run, then come back.
+                    cx.waker().wake_by_ref();
+                    Poll::Pending
+                }
+                Ok(Some(reason)) => Poll::Ready(reason),
+                Err(e) => {
+                    debug!(error = %e, "read failed");
+                    Poll::Ready(Disconnect::Error)
+                }
+            },
+            Poll::Ready(Err(_)) => Poll::Ready(Disconnect::Error),
+            Poll::Pending => Poll::Pending,
         }
     }
 

@@ -9,20 +9,23 @@
 //! reading costs at most `limit` bytes and never slows anyone else down.
 //!
 //! The same lock holds the reason the client must go (kicked, slow consumer,
-//! banned…), so the connection learns it from the one [`Notify`] it waits on.
+//! shutdown…) and the connection task's waker, so one lock round-trip both
+//! delivers lines and close requests and arms the next wake-up. There is no
+//! separate notification primitive: a woken connection polls its outbox and
+//! its socket's readiness directly, with no per-wake-up futures to allocate
+//! or register.
 
 use std::collections::VecDeque;
 use std::sync::Mutex;
+use std::task::Waker;
 
 use bytes::Bytes;
-use tokio::sync::Notify;
 
 use crate::hub::Disconnect;
 
 #[derive(Debug)]
 pub struct Outbox {
     state: Mutex<State>,
-    notify: Notify,
 }
 
 #[derive(Debug, Default)]
@@ -32,6 +35,9 @@ struct State {
     /// connection has taken but not finished writing.
     owed: usize,
     closed: Option<Disconnect>,
+    /// The connection task, parked until something is pushed or a close is
+    /// requested.
+    waker: Option<Waker>,
     /// Totals for the admin API: lines queued, bytes written.
     lines_out: u64,
     bytes_out: u64,
@@ -51,7 +57,6 @@ impl Outbox {
     pub fn new() -> Self {
         Self {
             state: Mutex::new(State::default()),
-            notify: Notify::new(),
         }
     }
 
@@ -69,18 +74,13 @@ impl Outbox {
         }
         if s.owed + bytes.len() > limit {
             s.closed = Some(Disconnect::SlowConsumer);
-            drop(s);
-            self.notify.notify_one();
+            wake(s);
             return Push::Overflow;
         }
         s.owed += bytes.len();
         s.lines_out += lines;
         s.queue.push_back(bytes);
-        let first = s.queue.len() == 1;
-        drop(s);
-        if first {
-            self.notify.notify_one();
-        }
+        wake(s);
         Push::Queued
     }
 
@@ -92,15 +92,28 @@ impl Outbox {
             return false;
         }
         s.closed = Some(reason);
-        drop(s);
-        self.notify.notify_one();
+        wake(s);
         true
+    }
+
+    /// Like [`Outbox::take`], and registers `waker` to be woken at the next
+    /// push or close. Registering on every call, not only when the queue is
+    /// empty, is what makes a wake-up impossible to lose.
+    pub fn take_or_wait(&self, into: &mut VecDeque<Bytes>, waker: &Waker) -> Option<Disconnect> {
+        let mut s = self.lock();
+        if !s.waker.as_ref().is_some_and(|w| w.will_wake(waker)) {
+            s.waker = Some(waker.clone());
+        }
+        Self::take_locked(&mut s, into)
     }
 
     /// Moves everything queued to `into` (the connection's write queue) and
     /// reports a pending close, if any.
     pub fn take(&self, into: &mut VecDeque<Bytes>) -> Option<Disconnect> {
-        let mut s = self.lock();
+        Self::take_locked(&mut self.lock(), into)
+    }
+
+    fn take_locked(s: &mut State, into: &mut VecDeque<Bytes>) -> Option<Disconnect> {
         if into.is_empty() {
             std::mem::swap(into, &mut s.queue);
         } else {
@@ -127,15 +140,20 @@ impl Outbox {
         self.lock().owed
     }
 
-    /// Waits until something is pushed or a close is requested.
-    pub async fn notified(&self) {
-        self.notify.notified().await
-    }
-
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         // A panic while holding this lock cannot leave the state torn (every
         // critical section is a few field updates), so poisoning is ignored.
         self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Releases the lock, then wakes the parked connection, if any: the woken
+/// task must not find the lock still held.
+fn wake(mut s: std::sync::MutexGuard<'_, State>) {
+    let waker = s.waker.take();
+    drop(s);
+    if let Some(w) = waker {
+        w.wake();
     }
 }
 
