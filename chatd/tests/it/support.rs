@@ -367,7 +367,12 @@ impl TestServer {
         cmd.args(args)
             .env_remove("CHATCTL_TOKEN")
             .env_remove("CHATCTL_TOKEN_FILE")
-            .env("CHATCTL_ENDPOINT", self.endpoint())
+            .env(
+                "CHATCTL_ENDPOINT",
+                self.admin
+                    .map(|a| format!("http://{a}"))
+                    .unwrap_or_default(),
+            )
             .env("RUNTIME_DIRECTORY", self.runtime_dir())
             .env("XDG_RUNTIME_DIR", self.dir.path().join("xdg"))
             .stdin(Stdio::null())
