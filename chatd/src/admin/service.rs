@@ -264,3 +264,59 @@ impl Admin for AdminService {
         }))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use futures_util::StreamExt;
+
+    use super::*;
+    use crate::config::{RawConfig, Source};
+
+    fn service() -> (Hub, AdminService) {
+        let config = RawConfig::default().validate().expect("defaults validate");
+        let hub = Hub::new(config);
+        let reloader = Reloader::new(Source::Default, hub.clone(), None);
+        let service = AdminService::new(hub.clone(), reloader, CancellationToken::new());
+        (hub, service)
+    }
+
+    #[tokio::test]
+    async fn a_lagging_watcher_is_told_how_much_it_missed_and_goes_on() {
+        let (hub, service) = service();
+        let mut stream = service
+            .watch_events(Request::new(pb::WatchEventsRequest::default()))
+            .await
+            .expect("watch")
+            .into_inner();
+        for i in 0..1500 {
+            hub.broadcast(None, &format!("notice {i}"))
+                .expect("broadcast");
+        }
+        let first = stream.next().await.expect("an event").expect("ok");
+        let Some(pb::event::Kind::Lagged(lagged)) = first.kind else {
+            panic!("expected a lagged event, got {first:?}");
+        };
+        assert_eq!(lagged.missed, 1500 - 1024);
+        let next = stream.next().await.expect("an event").expect("ok");
+        let Some(pb::event::Kind::Broadcast(b)) = next.kind else {
+            panic!("expected the oldest kept event, got {next:?}");
+        };
+        assert_eq!(b.text, format!("notice {}", 1500 - 1024));
+    }
+
+    #[tokio::test]
+    async fn message_events_flow_only_while_a_watcher_asks_for_them() {
+        let (hub, service) = service();
+        assert!(!hub.watching_messages());
+        let stream = service
+            .watch_events(Request::new(pb::WatchEventsRequest {
+                include_messages: true,
+            }))
+            .await
+            .expect("watch")
+            .into_inner();
+        assert!(hub.watching_messages());
+        drop(stream);
+        assert!(!hub.watching_messages());
+    }
+}
