@@ -554,3 +554,52 @@ async fn admin_address_in_use_is_one_clear_line() {
         "{stderr}"
     );
 }
+
+#[tokio::test]
+async fn the_tcp_listener_can_require_tls() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let key = rcgen::generate_simple_self_signed(vec!["localhost".to_string()])
+        .expect("self-signed certificate");
+    let cert_path = dir.path().join("admin.crt");
+    let key_path = dir.path().join("admin.key");
+    std::fs::write(&cert_path, key.cert.pem()).expect("write");
+    std::fs::write(&key_path, key.signing_key.serialize_pem()).expect("write");
+    let server = TestServer::with_env(&[
+        ("CHATD_ADMIN__TLS_CERT", cert_path.to_str().expect("utf-8")),
+        ("CHATD_ADMIN__TLS_KEY", key_path.to_str().expect("utf-8")),
+    ]);
+    let (_alice, a) = server.join().await;
+    let port = server.admin.expect("admin address").port();
+    let https = format!("https://localhost:{port}");
+    let ca = cert_path.to_str().expect("utf-8");
+    let out = server
+        .chatctl_env(&["ls", "--ca-cert", ca], &[("CHATCTL_ENDPOINT", &https)])
+        .await;
+    assert!(out.ok().contains(&a), "{out:#?}");
+    // Plain HTTP/2 is not answered.
+    let plain = server.chatctl(&["ls"]).await;
+    assert_ne!(plain.code, 0, "{plain:#?}");
+
+    // A key that does not parse stops startup with one line.
+    std::fs::write(&key_path, "not a key").expect("write");
+    let out = std::process::Command::new(chatd_bin())
+        .env("CHATD_ADMIN__LISTEN", "127.0.0.1:0")
+        .env("CHATD_CHAT__LISTEN", "127.0.0.1:0")
+        .env("CHATD_UDP__ENABLED", "false")
+        .env("CHATD_ADMIN__TLS_CERT", &cert_path)
+        .env("CHATD_ADMIN__TLS_KEY", &key_path)
+        .env("RUNTIME_DIRECTORY", dir.path().join("run"))
+        .env("CHATD_SERVER__STATE_DIR", dir.path().join("state"))
+        .env_remove("RUST_LOG")
+        .output()
+        .expect("run chatd");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr
+            .lines()
+            .last()
+            .is_some_and(|l| l.contains("admin.tls_key")),
+        "{stderr}"
+    );
+}
