@@ -820,6 +820,92 @@ mod tests {
         );
     }
 
+    fn admin(toml_text: &str) -> Result<Config, ConfigError> {
+        let raw: RawConfig = toml::from_str(toml_text).expect("valid TOML");
+        raw.validate()
+    }
+
+    #[test]
+    fn admin_tokens_roles_and_tls_are_checked() {
+        let c = admin(
+            "[admin]\ntokens = [{ name = \"ops\", token = \"0123456789abcdef\" }, { name = \"mon\", token = \"fedcba9876543210\", role = \"read\" }]\n",
+        )
+        .expect("valid");
+        let a = c.admin.expect("enabled by default");
+        assert_eq!(a.tokens.len(), 2);
+        assert_eq!(a.tokens[0].role, Role::Admin);
+        assert_eq!(a.tokens[1].role, Role::Read);
+        assert!(!format!("{:?}", a.tokens).contains("0123456789abcdef"));
+
+        let e = admin("[admin]\ntokens = [{ name = \"ops\", token = \"short\" }]\n")
+            .expect_err("too short")
+            .to_string();
+        assert!(
+            e.contains("admin.tokens.token") && !e.contains("short"),
+            "{e}"
+        );
+        let e = admin(
+            "[admin]\ntokens = [{ name = \"ops\", token = \"0123456789abcdef\", role = \"root\" }]\n",
+        )
+        .expect_err("bad role")
+        .to_string();
+        assert!(
+            e.contains("admin.tokens.role") && e.contains("\"read\""),
+            "{e}"
+        );
+        let e = admin("[admin]\ntls_cert = \"/etc/chatd/admin.crt\"\n")
+            .expect_err("cert without key")
+            .to_string();
+        assert!(e.contains("admin.tls_key"), "{e}");
+        assert!(
+            admin("[admin]\nenabled = false\nlisten = \"\"\n")
+                .expect("valid")
+                .admin
+                .is_none()
+        );
+    }
+
+    #[test]
+    fn a_public_admin_address_needs_a_token() {
+        let e = admin("[admin]\nlisten = \"0.0.0.0:50051\"\n")
+            .expect_err("refused")
+            .to_string();
+        assert!(
+            e.contains("0.0.0.0:50051") && e.contains("admin.tokens"),
+            "{e}"
+        );
+        admin("[admin]\nlisten = \"0.0.0.0:50051\"\ntokens = [{ name = \"ops\", token = \"0123456789abcdef\" }]\n")
+            .expect("a token makes it acceptable");
+        admin("[admin]\nlisten = \"[::1]:50051\"\n").expect("loopback needs none");
+    }
+
+    #[test]
+    fn the_state_dir_follows_systemd_root_and_xdg() {
+        let env = |vars: &'static [(&'static str, &'static str)]| {
+            move |name: &str| {
+                vars.iter()
+                    .find(|(k, _)| *k == name)
+                    .map(|(_, v)| std::ffi::OsString::from(v))
+            }
+        };
+        assert_eq!(
+            default_state_dir(env(&[("STATE_DIRECTORY", "/var/lib/x:/var/lib/y")]), true),
+            PathBuf::from("/var/lib/x")
+        );
+        assert_eq!(
+            default_state_dir(env(&[("HOME", "/home/u")]), true),
+            PathBuf::from("/var/lib/chatd")
+        );
+        assert_eq!(
+            default_state_dir(env(&[("XDG_STATE_HOME", "/s"), ("HOME", "/home/u")]), false),
+            PathBuf::from("/s/chatd")
+        );
+        assert_eq!(
+            default_state_dir(env(&[("HOME", "/home/u")]), false),
+            PathBuf::from("/home/u/.local/state/chatd")
+        );
+    }
+
     #[test]
     fn unknown_keys_are_rejected() {
         let e = with_env(&[("CHATD_LIMITS__MAX_LINES", "5")])

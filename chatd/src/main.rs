@@ -72,10 +72,24 @@ fn main() -> ExitCode {
     match runtime.block_on(serve(config, source, log)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("chatd: {e:#}");
+            eprintln!("chatd: {}", one_line(&e));
             ExitCode::FAILURE
         }
     }
+}
+
+/// The error and its causes on one line, `outer: inner`, without repeating
+/// a cause the outer message already quotes.
+fn one_line(e: &anyhow::Error) -> String {
+    let mut text = e.to_string();
+    for cause in e.chain().skip(1) {
+        let cause = cause.to_string();
+        if !text.contains(&cause) {
+            text.push_str(": ");
+            text.push_str(&cause);
+        }
+    }
+    text
 }
 
 async fn serve(config: Config, source: Source, log: LogLevel) -> anyhow::Result<()> {

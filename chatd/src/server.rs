@@ -140,7 +140,7 @@ pub fn bind_tcp(addr: SocketAddr, backlog: u32) -> io::Result<TcpListener> {
 /// Why the daemon cannot start; one line for the operator.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
-    #[error("cannot load the bans (`server.state_dir`): {0}")]
+    #[error("cannot load the bans (`server.state_dir`)")]
     Bans(#[from] BanError),
     #[error(transparent)]
     Admin(#[from] SetupError),

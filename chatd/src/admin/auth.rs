@@ -36,6 +36,7 @@ const ADMIN_PREFIX: &str = "/chatd.admin.v1.Admin/";
 const PUBLIC_PREFIXES: &[&str] = &[
     "/grpc.health.v1.Health/",
     "/grpc.reflection.v1.ServerReflection/",
+    "/grpc.reflection.v1alpha.ServerReflection/",
 ];
 const READ_METHODS: &[&str] = &[
     "ListClients",

@@ -169,6 +169,13 @@ pub async fn serve(
         .build_v1()
         .inspect_err(|e| error!(error = %e, "server reflection is off"))
         .ok();
+    // v1alpha too, for older grpcurl and grpc_cli.
+    let reflection_alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(chatd_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()
+        .inspect_err(|e| error!(error = %e, "server reflection (v1alpha) is off"))
+        .ok();
     let admin = AdminServer::new(AdminService::new(hub, reloader, shutdown.clone()));
     let router = |tls: Option<&ServerTlsConfig>| {
         let mut builder = Server::builder();
@@ -186,6 +193,7 @@ pub async fn serve(
             .layer(AuthLayer::new(setup.tokens.clone()))
             .add_service(health_service.clone())
             .add_optional_service(reflection.clone())
+            .add_optional_service(reflection_alpha.clone())
             .add_service(admin.clone())
     };
     let tcp = async {
