@@ -51,3 +51,21 @@ pub fn private_file(path: &Path) -> io::Result<fs::File> {
     file.set_permissions(fs::Permissions::from_mode(0o600))?;
     Ok(file)
 }
+
+/// Refuses a directory that someone else could tamper with: it must belong
+/// to this user and be writable by no one else.
+pub fn check_private_dir(dir: &Path) -> io::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = fs::metadata(dir)?;
+    let me = rustix::process::geteuid().as_raw();
+    if meta.uid() != me || meta.mode() & 0o022 != 0 {
+        return Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            format!(
+                "{} must belong to uid {me} and be writable by it alone",
+                dir.display()
+            ),
+        ));
+    }
+    Ok(())
+}

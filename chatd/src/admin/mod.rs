@@ -86,11 +86,9 @@ impl AdminSetup {
         if tokens.is_empty() {
             let path = chatd_proto::default_token_write_path();
             let secret = generate_token()?;
-            files::atomic_write(&path, format!("{secret}\n").as_bytes()).map_err(|source| {
-                SetupError::TokenFile {
-                    path: path.clone(),
-                    source,
-                }
+            write_token(&path, &secret).map_err(|source| SetupError::TokenFile {
+                path: path.clone(),
+                source,
             })?;
             tokens.push(TokenConfig {
                 name: "generated".into(),
@@ -131,6 +129,16 @@ impl AdminSetup {
     pub fn generated_token_file(&self) -> Option<&Path> {
         self.generated.as_deref()
     }
+}
+
+/// Writes the token 0600 into a directory only we control, so nobody else
+/// can read it or swap it.
+fn write_token(path: &Path, secret: &str) -> std::io::Result<()> {
+    if let Some(dir) = path.parent() {
+        files::create_private_dir(dir)?;
+        files::check_private_dir(dir)?;
+    }
+    files::atomic_write(path, format!("{secret}\n").as_bytes())
 }
 
 fn generate_token() -> Result<String, SetupError> {
