@@ -4,7 +4,8 @@
 //! [`Hub::private`], [`Hub::broadcast`], the notices sent by [`Hub::join`] and
 //! [`Hub::leave`]): that is the one seam where a multi-node backend can take
 //! over. The operations the admin API exposes (list, get, kick, broadcast,
-//! rooms, stats) are methods here too, so they are tested without gRPC.
+//! rooms, stats, bans) are methods here too, so they are tested without
+//! gRPC. The hub enforces bans at connect; [`crate::bans`] keeps the list.
 //!
 //! Locking: the control plane (connect, join, nick, leave) takes the `state`
 //! mutex and then, when needed, one room's member lock. The hot path

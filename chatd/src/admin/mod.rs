@@ -2,10 +2,10 @@
 //! server reflection beside it on the same listeners (TCP, optionally TLS,
 //! and/or a UNIX socket).
 //!
-//! - [`auth`]: bearer tokens and roles, a tower layer in front of everything;
-//! - [`service`]: the `Admin` methods, each a thin call into the hub;
-//! - [`convert`]: hub types → protobuf messages;
-//! - [`error`]: the one conversion from domain errors to `tonic::Status`.
+//! - `auth`: bearer tokens and roles, a tower layer in front of everything;
+//! - `service`: the `Admin` methods, each a thin call into the hub;
+//! - `convert`: hub types → protobuf messages;
+//! - `error`: the one conversion from domain errors to `tonic::Status`.
 //!
 //! [`AdminSetup::prepare`] does everything that can fail before serving
 //! (tokens, the generated token file, TLS files), so a problem stops startup
