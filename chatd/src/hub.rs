@@ -902,7 +902,7 @@ impl Hub {
             .iter()
             .filter(|c| c.outbox.close(Disconnect::Banned(reason.clone())))
             .count();
-        tracing::info!(target = %ban.target(), %reason, kicked, "banned");
+        tracing::info!(ban = %ban.target(), %reason, kicked, "banned");
         self.emit(Event::Ban {
             ban: ban.clone(),
             kicked,
@@ -914,7 +914,7 @@ impl Hub {
     pub fn unban(&self, net: ipnet::IpNet) -> Result<(), BanError> {
         self.shared.bans.remove(net)?;
         let target = crate::bans::format_target(&net);
-        tracing::info!(%target, "unbanned");
+        tracing::info!(ban = %target, "unbanned");
         self.emit(Event::Unban { target });
         Ok(())
     }

@@ -182,7 +182,14 @@ impl Admin for AdminService {
         };
         let hub = self.hub.clone();
         let (ban, kicked) = blocking(move || hub.ban(ban).map_err(AdminError::from)).await?;
-        info!(by, target = %ban.target(), reason = %ban.reason, expires = ?ban.expires_at.map(humantime::format_rfc3339_seconds), kicked, "admin: ban");
+        info!(
+            by,
+            ban = %ban.target(),
+            reason = %ban.reason,
+            expires = %ban.expires_at.map_or("never".to_string(), |t| humantime::format_rfc3339_seconds(t).to_string()),
+            kicked,
+            "admin: ban"
+        );
         Ok(Response::new(pb::BanResponse {
             ban: Some(convert::ban(&ban)),
             kicked: kicked as u64,
@@ -194,7 +201,7 @@ impl Admin for AdminService {
         let net = bans::parse_target(&request.into_inner().target).map_err(AdminError::from)?;
         let hub = self.hub.clone();
         blocking(move || hub.unban(net).map_err(AdminError::from)).await?;
-        info!(by, target = %bans::format_target(&net), "admin: unban");
+        info!(by, ban = %bans::format_target(&net), "admin: unban");
         Ok(Response::new(pb::UnbanResponse {}))
     }
 

@@ -213,6 +213,11 @@ async fn ban_kicks_refuses_and_survives_a_restart() {
         .mode();
     assert_eq!(mode & 0o777, 0o600);
 
+    let log = server.wait_logged("admin: ban").await;
+    assert_eq!(log["by"], "generated", "{log}");
+    assert_eq!(log["ban"], "127.0.0.0/8", "{log}");
+    assert_eq!(log["kicked"], 1, "{log}");
+
     server.stop().await;
     let server = TestServer::with_env(&env);
     let mut refused = server.connect().await;
@@ -233,6 +238,8 @@ async fn ban_kicks_refuses_and_survives_a_restart() {
     let lifted = server.chatctl(&["unban", "127.0.0.0/8"]).await;
     assert_eq!(lifted.ok(), "unbanned 127.0.0.0/8\n");
     let (_welcome, _) = server.join().await;
+    let log = server.wait_logged("admin: unban").await;
+    assert_eq!(log["ban"], "127.0.0.0/8", "{log}");
     let twice = server
         .chatctl(&["unban", "127.0.0.0/8", "-o", "json"])
         .await;
