@@ -27,8 +27,17 @@ pub enum ConfigError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("cannot read `admin.token_file` {path}: {source}")]
+    TokenFile {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("invalid configuration: {0}")]
     Parse(String),
+    #[error(
+        "refusing to serve the admin API on {0} without a token: set `admin.tokens` or `admin.token_file`, or listen on a loopback address"
+    )]
+    Insecure(SocketAddr),
     #[error("invalid value for `{key}`: {value} — {allowed}")]
     Invalid {
         key: &'static str,
@@ -79,6 +88,7 @@ pub struct RawServer {
     pub name: String,
     pub motd: String,
     pub shutdown_timeout_secs: i64,
+    pub state_dir: String,
 }
 
 impl Default for RawServer {
@@ -87,6 +97,7 @@ impl Default for RawServer {
             name: "chatd".into(),
             motd: String::new(),
             shutdown_timeout_secs: 10,
+            state_dir: String::new(),
         }
     }
 }
@@ -136,15 +147,36 @@ impl Default for RawUdp {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RawAdmin {
+    pub enabled: bool,
     pub listen: String,
+    pub socket: String,
+    pub tokens: Vec<RawToken>,
+    pub token_file: String,
+    pub tls_cert: String,
+    pub tls_key: String,
 }
 
 impl Default for RawAdmin {
     fn default() -> Self {
         Self {
+            enabled: true,
             listen: "127.0.0.1:50051".into(),
+            socket: String::new(),
+            tokens: Vec::new(),
+            token_file: String::new(),
+            tls_cert: String::new(),
+            tls_key: String::new(),
         }
     }
+}
+
+/// One entry of `admin.tokens`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RawToken {
+    pub name: String,
+    pub token: String,
+    pub role: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -203,7 +235,7 @@ pub struct Config {
     pub server: ServerConfig,
     pub chat: ChatConfig,
     pub udp: Option<UdpConfig>,
-    pub admin: AdminConfig,
+    pub admin: Option<AdminConfig>,
     pub limits: Limits,
     pub log: LogConfig,
     /// The merged raw layers, kept for `--print-config`.
@@ -215,6 +247,8 @@ pub struct ServerConfig {
     pub name: String,
     pub motd: String,
     pub shutdown_timeout: Duration,
+    /// Where bans are kept; see [`default_state_dir`].
+    pub state_dir: PathBuf,
 }
 
 #[derive(Debug, Clone)]
@@ -233,9 +267,56 @@ pub struct UdpConfig {
     pub burst: u32,
 }
 
+/// The admin API. `None` in [`Config::admin`] when `admin.enabled` is false.
 #[derive(Debug, Clone)]
 pub struct AdminConfig {
-    pub listen: SocketAddr,
+    /// `None`: no TCP listener (`admin.listen = ""`), only the socket.
+    pub listen: Option<SocketAddr>,
+    pub socket: Option<PathBuf>,
+    /// Configured tokens; empty means one is generated at start.
+    pub tokens: Vec<TokenConfig>,
+    pub tls: Option<TlsFiles>,
+}
+
+/// What a token may do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Role {
+    /// List, show, watch, stats.
+    Read,
+    /// Everything, including kick, broadcast, ban and reload.
+    Admin,
+}
+
+impl std::fmt::Display for Role {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Role::Read => "read",
+            Role::Admin => "admin",
+        })
+    }
+}
+
+#[derive(Clone, PartialEq, Eq)]
+pub struct TokenConfig {
+    pub name: String,
+    pub secret: String,
+    pub role: Role,
+}
+
+// The secret never reaches a log or `{:?}`.
+impl std::fmt::Debug for TokenConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TokenConfig")
+            .field("name", &self.name)
+            .field("role", &self.role)
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
 }
 
 /// Per-connection and server-wide limits. All of them can be changed at run
@@ -340,6 +421,150 @@ fn addr(key: &'static str, value: &str) -> Result<SocketAddr, ConfigError> {
     })
 }
 
+/// Where bans are kept when `server.state_dir` is empty: `$STATE_DIRECTORY`
+/// (systemd's `StateDirectory=`), else `/var/lib/chatd` for root, else
+/// `$XDG_STATE_HOME/chatd`, else `~/.local/state/chatd`, else
+/// `/tmp/chatd-state-<uid>` for a user without a home.
+pub fn default_state_dir(
+    lookup: impl Fn(&str) -> Option<std::ffi::OsString>,
+    root: bool,
+) -> PathBuf {
+    let var = |name: &str| lookup(name).filter(|v| !v.is_empty()).map(PathBuf::from);
+    if let Some(dir) = lookup("STATE_DIRECTORY").filter(|v| !v.is_empty()) {
+        // systemd joins several StateDirectory= entries with colons.
+        let dir = dir.to_string_lossy().into_owned();
+        if let Some(first) = dir.split(':').find(|p| !p.is_empty()) {
+            return PathBuf::from(first);
+        }
+    }
+    if root {
+        return PathBuf::from("/var/lib/chatd");
+    }
+    if let Some(dir) = var("XDG_STATE_HOME") {
+        return dir.join("chatd");
+    }
+    if let Some(home) = var("HOME") {
+        return home.join(".local/state/chatd");
+    }
+    PathBuf::from(format!(
+        "/tmp/chatd-state-{}",
+        rustix::process::getuid().as_raw()
+    ))
+}
+
+fn is_root() -> bool {
+    rustix::process::geteuid().is_root()
+}
+
+/// Shortest token accepted from the config: shorter ones can be guessed.
+const MIN_TOKEN_LEN: usize = 16;
+
+fn validate_token(key: &'static str, token: &str) -> Result<(), ConfigError> {
+    if token.len() < MIN_TOKEN_LEN || !token.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(invalid(
+            key,
+            format!("a token of {} characters", token.len()),
+            format!("at least {MIN_TOKEN_LEN} printable ASCII characters without spaces"),
+        ));
+    }
+    Ok(())
+}
+
+fn validate_admin(raw: &RawAdmin) -> Result<AdminConfig, ConfigError> {
+    let listen = if raw.listen.is_empty() {
+        None
+    } else {
+        Some(addr("admin.listen", &raw.listen)?)
+    };
+    let socket = (!raw.socket.is_empty()).then(|| PathBuf::from(&raw.socket));
+    if listen.is_none() && socket.is_none() {
+        return Err(invalid(
+            "admin.listen",
+            "\"\"",
+            "an IP:PORT, or set admin.socket, or turn the API off with admin.enabled = false",
+        ));
+    }
+    let mut tokens = Vec::with_capacity(raw.tokens.len() + 1);
+    for t in &raw.tokens {
+        if t.name.is_empty() || t.name.len() > 64 || t.name.chars().any(char::is_control) {
+            return Err(invalid(
+                "admin.tokens.name",
+                format!("{:?}", t.name),
+                "1 to 64 characters, no control characters",
+            ));
+        }
+        validate_token("admin.tokens.token", &t.token)?;
+        let role = match t.role.as_str() {
+            "admin" | "" => Role::Admin,
+            "read" => Role::Read,
+            other => {
+                return Err(invalid(
+                    "admin.tokens.role",
+                    format!("{other:?}"),
+                    "\"admin\" or \"read\"",
+                ));
+            }
+        };
+        if tokens.iter().any(|c: &TokenConfig| c.name == t.name) {
+            return Err(invalid(
+                "admin.tokens.name",
+                format!("{:?}", t.name),
+                "each token needs a name of its own",
+            ));
+        }
+        tokens.push(TokenConfig {
+            name: t.name.clone(),
+            secret: t.token.clone(),
+            role,
+        });
+    }
+    if !raw.token_file.is_empty() {
+        let path = PathBuf::from(&raw.token_file);
+        let text = std::fs::read_to_string(&path)
+            .map_err(|source| ConfigError::TokenFile { path, source })?;
+        let secret = text.lines().next().unwrap_or_default().trim().to_string();
+        validate_token("admin.token_file", &secret)?;
+        tokens.push(TokenConfig {
+            name: "token_file".into(),
+            secret,
+            role: Role::Admin,
+        });
+    }
+    if let Some(listen) = listen
+        && !listen.ip().is_loopback()
+        && tokens.is_empty()
+    {
+        return Err(ConfigError::Insecure(listen));
+    }
+    let tls = match (raw.tls_cert.is_empty(), raw.tls_key.is_empty()) {
+        (true, true) => None,
+        (false, false) => Some(TlsFiles {
+            cert: PathBuf::from(&raw.tls_cert),
+            key: PathBuf::from(&raw.tls_key),
+        }),
+        (false, true) => {
+            return Err(invalid(
+                "admin.tls_key",
+                "\"\"",
+                "the key file of admin.tls_cert (set both or neither)",
+            ));
+        }
+        (true, false) => {
+            return Err(invalid(
+                "admin.tls_cert",
+                "\"\"",
+                "the certificate file of admin.tls_key (set both or neither)",
+            ));
+        }
+    };
+    Ok(AdminConfig {
+        listen,
+        socket,
+        tokens,
+        tls,
+    })
+}
+
 fn range(
     key: &'static str,
     value: i64,
@@ -383,6 +608,11 @@ impl RawConfig {
                 3600,
                 " seconds",
             )? as u64),
+            state_dir: if s.state_dir.is_empty() {
+                default_state_dir(|name| std::env::var_os(name), is_root())
+            } else {
+                PathBuf::from(&s.state_dir)
+            },
         };
 
         let c = &self.chat;
@@ -424,8 +654,10 @@ impl RawConfig {
             None
         };
 
-        let admin = AdminConfig {
-            listen: addr("admin.listen", &self.admin.listen)?,
+        let admin = if self.admin.enabled {
+            Some(validate_admin(&self.admin)?)
+        } else {
+            None
         };
 
         let l = &self.limits;
@@ -585,6 +817,92 @@ mod tests {
         assert!(
             e.contains("chat.listen") && e.contains("nowhere") && e.contains("IP:PORT"),
             "{e}"
+        );
+    }
+
+    fn admin(toml_text: &str) -> Result<Config, ConfigError> {
+        let raw: RawConfig = toml::from_str(toml_text).expect("valid TOML");
+        raw.validate()
+    }
+
+    #[test]
+    fn admin_tokens_roles_and_tls_are_checked() {
+        let c = admin(
+            "[admin]\ntokens = [{ name = \"ops\", token = \"0123456789abcdef\" }, { name = \"mon\", token = \"fedcba9876543210\", role = \"read\" }]\n",
+        )
+        .expect("valid");
+        let a = c.admin.expect("enabled by default");
+        assert_eq!(a.tokens.len(), 2);
+        assert_eq!(a.tokens[0].role, Role::Admin);
+        assert_eq!(a.tokens[1].role, Role::Read);
+        assert!(!format!("{:?}", a.tokens).contains("0123456789abcdef"));
+
+        let e = admin("[admin]\ntokens = [{ name = \"ops\", token = \"short\" }]\n")
+            .expect_err("too short")
+            .to_string();
+        assert!(
+            e.contains("admin.tokens.token") && !e.contains("short"),
+            "{e}"
+        );
+        let e = admin(
+            "[admin]\ntokens = [{ name = \"ops\", token = \"0123456789abcdef\", role = \"root\" }]\n",
+        )
+        .expect_err("bad role")
+        .to_string();
+        assert!(
+            e.contains("admin.tokens.role") && e.contains("\"read\""),
+            "{e}"
+        );
+        let e = admin("[admin]\ntls_cert = \"/etc/chatd/admin.crt\"\n")
+            .expect_err("cert without key")
+            .to_string();
+        assert!(e.contains("admin.tls_key"), "{e}");
+        assert!(
+            admin("[admin]\nenabled = false\nlisten = \"\"\n")
+                .expect("valid")
+                .admin
+                .is_none()
+        );
+    }
+
+    #[test]
+    fn a_public_admin_address_needs_a_token() {
+        let e = admin("[admin]\nlisten = \"0.0.0.0:50051\"\n")
+            .expect_err("refused")
+            .to_string();
+        assert!(
+            e.contains("0.0.0.0:50051") && e.contains("admin.tokens"),
+            "{e}"
+        );
+        admin("[admin]\nlisten = \"0.0.0.0:50051\"\ntokens = [{ name = \"ops\", token = \"0123456789abcdef\" }]\n")
+            .expect("a token makes it acceptable");
+        admin("[admin]\nlisten = \"[::1]:50051\"\n").expect("loopback needs none");
+    }
+
+    #[test]
+    fn the_state_dir_follows_systemd_root_and_xdg() {
+        let env = |vars: &'static [(&'static str, &'static str)]| {
+            move |name: &str| {
+                vars.iter()
+                    .find(|(k, _)| *k == name)
+                    .map(|(_, v)| std::ffi::OsString::from(v))
+            }
+        };
+        assert_eq!(
+            default_state_dir(env(&[("STATE_DIRECTORY", "/var/lib/x:/var/lib/y")]), true),
+            PathBuf::from("/var/lib/x")
+        );
+        assert_eq!(
+            default_state_dir(env(&[("HOME", "/home/u")]), true),
+            PathBuf::from("/var/lib/chatd")
+        );
+        assert_eq!(
+            default_state_dir(env(&[("XDG_STATE_HOME", "/s"), ("HOME", "/home/u")]), false),
+            PathBuf::from("/s/chatd")
+        );
+        assert_eq!(
+            default_state_dir(env(&[("HOME", "/home/u")]), false),
+            PathBuf::from("/home/u/.local/state/chatd")
         );
     }
 

@@ -140,6 +140,26 @@ async fn linger(mut stream: TcpStream) {
     let _ = tokio::time::timeout(CLOSE_LINGER, drain).await;
 }
 
+/// A formatted chat line back to its text: `<nick> text` or, for an
+/// action, `* nick text`.
+fn unformat<'a>(line: &'a [u8], nick: &str) -> (&'a [u8], bool) {
+    let said = line
+        .strip_prefix(b"<")
+        .and_then(|r| r.strip_prefix(nick.as_bytes()))
+        .and_then(|r| r.strip_prefix(b"> "));
+    if let Some(text) = said {
+        return (text, false);
+    }
+    let acted = line
+        .strip_prefix(b"* ")
+        .and_then(|r| r.strip_prefix(nick.as_bytes()))
+        .and_then(|r| r.strip_prefix(b" "));
+    match acted {
+        Some(text) => (text, true),
+        None => (line, false),
+    }
+}
+
 struct Connection {
     stream: TcpStream,
     client: Arc<Client>,
@@ -282,8 +302,11 @@ impl Connection {
         let bytes = batch.buf.split().freeze();
         if self.hub.watching_messages() {
             for line in bytes.split(|&b| b == b'\n').filter(|l| !l.is_empty()) {
-                let text = String::from_utf8_lossy(line.strip_suffix(b"\r").unwrap_or(line));
-                self.hub.message_event(&self.room, &self.nick, &text);
+                let line = line.strip_suffix(b"\r").unwrap_or(line);
+                let (text, action) = unformat(line, &self.nick);
+                let text = String::from_utf8_lossy(text);
+                self.hub
+                    .message_event(self.client.id, &self.room, &self.nick, &text, action);
             }
         }
         self.hub.publish(&self.room, self.client.id, bytes, lines);
@@ -453,6 +476,7 @@ impl Connection {
                 Err(e) => return Err(e),
             };
             self.client.outbox.written(written);
+            self.hub.stats().output(written as u64);
             while written > 0 {
                 let Some(front) = self.pending.front_mut() else {
                     break;
@@ -485,6 +509,7 @@ impl Connection {
             Disconnect::Flood => "Disconnected: flooding.".to_string(),
             Disconnect::Idle => "Disconnected: idle for too long.".to_string(),
             Disconnect::OverlongLines => "Disconnected: too many over-long lines.".to_string(),
+            Disconnect::Banned(why) => format!("You are banned: {why}"),
         };
         self.client.outbox.take(&mut self.pending);
         self.pending.push_back(server_line(&last));

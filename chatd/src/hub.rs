@@ -4,7 +4,8 @@
 //! [`Hub::private`], [`Hub::broadcast`], the notices sent by [`Hub::join`] and
 //! [`Hub::leave`]): that is the one seam where a multi-node backend can take
 //! over. The operations the admin API exposes (list, get, kick, broadcast,
-//! rooms, stats) are methods here too, so they are tested without gRPC.
+//! rooms, stats, bans) are methods here too, so they are tested without
+//! gRPC. The hub enforces bans at connect; [`crate::bans`] keeps the list.
 //!
 //! Locking: the control plane (connect, join, nick, leave) takes the `state`
 //! mutex and then, when needed, one room's member lock. The hot path
@@ -23,6 +24,7 @@ use arc_swap::ArcSwap;
 use bytes::{Bytes, BytesMut};
 use tokio::sync::broadcast;
 
+use crate::bans::{Ban, BanError, Bans};
 use crate::config::{Config, Limits};
 use crate::outbox::{Outbox, Push};
 use crate::protocol::{self, users};
@@ -43,6 +45,7 @@ pub enum Disconnect {
     Idle,
     OverlongLines,
     Shutdown,
+    Banned(String),
 }
 
 impl fmt::Display for Disconnect {
@@ -58,6 +61,7 @@ impl fmt::Display for Disconnect {
             Disconnect::Idle => f.write_str("idle timeout"),
             Disconnect::OverlongLines => f.write_str("too many over-long lines"),
             Disconnect::Shutdown => f.write_str("server shutting down"),
+            Disconnect::Banned(r) => write!(f, "banned: {r}"),
         }
     }
 }
@@ -71,6 +75,8 @@ pub enum Refusal {
     PerIp(usize),
     #[error("server is shutting down")]
     ShuttingDown,
+    #[error("you are banned: {0}")]
+    Banned(String),
 }
 
 /// Errors of the operations the admin API exposes.
@@ -121,7 +127,7 @@ pub enum Event {
     Disconnect {
         id: ClientId,
         nick: Arc<str>,
-        reason: String,
+        reason: Disconnect,
     },
     Nick {
         id: ClientId,
@@ -148,10 +154,23 @@ pub enum Event {
         text: String,
         reached: usize,
     },
+    /// A chat line; only while someone watches messages.
     Message {
-        room: Arc<str>,
+        id: ClientId,
         nick: Arc<str>,
+        /// `None` for a private message.
+        room: Option<Arc<str>>,
+        /// The recipient of a private message.
+        to: Option<Arc<str>>,
         text: String,
+        action: bool,
+    },
+    Ban {
+        ban: Ban,
+        kicked: usize,
+    },
+    Unban {
+        target: String,
     },
 }
 
@@ -325,6 +344,7 @@ struct Shared {
     next_id: AtomicU64,
     started: Instant,
     events: broadcast::Sender<Event>,
+    bans: Bans,
     /// Watchers that asked for message events; while 0, the hot path skips
     /// building them.
     message_watchers: AtomicU64,
@@ -342,7 +362,15 @@ const EVENT_BUFFER: usize = 1024;
 const WHO_MAX: usize = 50;
 
 impl Hub {
+    /// A hub with no bans; they will be saved under `server.state_dir`.
     pub fn new(config: Config) -> Hub {
+        let bans = Bans::empty(&config.server.state_dir);
+        Hub::with_bans(config, bans)
+    }
+
+    /// A hub enforcing `bans` (loaded by the caller, which reports a bad
+    /// bans file before serving anyone).
+    pub fn with_bans(config: Config, bans: Bans) -> Hub {
         let (events, _) = broadcast::channel(EVENT_BUFFER);
         Hub {
             shared: Arc::new(Shared {
@@ -352,6 +380,7 @@ impl Hub {
                 next_id: AtomicU64::new(1),
                 started: Instant::now(),
                 events,
+                bans,
                 message_watchers: AtomicU64::new(0),
             }),
         }
@@ -394,6 +423,10 @@ impl Hub {
     /// Registers a new connection, or says why it is refused.
     pub fn connect(&self, peer: SocketAddr) -> Result<Arc<Client>, Refusal> {
         let limits = self.limits();
+        if let Some(ban) = self.shared.bans.check(peer.ip()) {
+            self.shared.stats.refused.fetch_add(1, Relaxed);
+            return Err(Refusal::Banned(ban.reason_text().to_string()));
+        }
         let mut state = self.state();
         if state.closing {
             return Err(Refusal::ShuttingDown);
@@ -592,7 +625,7 @@ impl Hub {
         self.emit(Event::Disconnect {
             id: client.id,
             nick,
-            reason: reason.to_string(),
+            reason: reason.clone(),
         });
     }
 
@@ -660,11 +693,23 @@ impl Hub {
         (self.subscribe(), MessageWatch { hub: self.clone() })
     }
 
-    pub fn message_event(&self, room: &Room, nick: &Arc<str>, text: &str) {
+    /// Reports a room message to watchers; call only while
+    /// [`Hub::watching_messages`].
+    pub fn message_event(
+        &self,
+        id: ClientId,
+        room: &Room,
+        nick: &Arc<str>,
+        text: &str,
+        action: bool,
+    ) {
         self.emit(Event::Message {
-            room: room.name.clone(),
+            id,
             nick: nick.clone(),
+            room: Some(room.name.clone()),
+            to: None,
             text: text.to_string(),
+            action,
         });
     }
 
@@ -724,6 +769,16 @@ impl Hub {
         echo.extend_from_slice(b"\r\n");
         from.outbox.push(echo.freeze(), limit);
         self.shared.stats.published(1, 1);
+        if self.watching_messages() {
+            self.emit(Event::Message {
+                id: from.id,
+                nick: from_nick,
+                room: None,
+                to: Some(target.nick()),
+                text: sanitize::clean(text),
+                action: false,
+            });
+        }
         Ok(())
     }
 
@@ -843,6 +898,53 @@ impl Hub {
             reached,
         });
         Ok(reached)
+    }
+
+    /// Bans in force.
+    pub fn bans(&self) -> Vec<Ban> {
+        self.shared.bans.active()
+    }
+
+    /// Bans an address or network: saves it, then disconnects the matching
+    /// clients (each reads `*** You are banned: REASON`; its room sees it
+    /// leave). Returns the ban and how many clients it disconnected. Blocks
+    /// on file I/O.
+    pub fn ban(&self, ban: Ban) -> Result<(Ban, usize), BanError> {
+        let ban = self.shared.bans.add(ban)?;
+        let now = SystemTime::now();
+        let matching: Vec<Arc<Client>> = self
+            .state()
+            .clients
+            .values()
+            .filter(|c| ban.matches(c.peer.ip(), now))
+            .cloned()
+            .collect();
+        let reason = ban.reason_text().to_string();
+        let kicked = matching
+            .iter()
+            .filter(|c| c.outbox.close(Disconnect::Banned(reason.clone())))
+            .count();
+        tracing::info!(ban = %ban.target(), %reason, kicked, "banned");
+        self.emit(Event::Ban {
+            ban: ban.clone(),
+            kicked,
+        });
+        Ok((ban, kicked))
+    }
+
+    /// Lifts the ban of `net`. Blocks on file I/O.
+    pub fn unban(&self, net: ipnet::IpNet) -> Result<(), BanError> {
+        self.shared.bans.remove(net)?;
+        let target = crate::bans::format_target(&net);
+        tracing::info!(ban = %target, "unbanned");
+        self.emit(Event::Unban { target });
+        Ok(())
+    }
+
+    /// Re-reads the bans file from `state_dir`; returns the bans in force.
+    /// Blocks on file I/O.
+    pub fn reload_bans(&self, state_dir: &std::path::Path) -> Result<usize, BanError> {
+        self.shared.bans.reload(state_dir)
     }
 
     pub fn snapshot(&self) -> StatsSnapshot {

@@ -12,17 +12,25 @@
 //!   exposes.
 //! - [`outbox`]: one client's bounded outgoing queue.
 //! - [`udp_echo`]: the UDP echo port.
+//! - [`admin`]: the gRPC admin API (tokens, service, health, reflection).
+//! - [`bans`]: banned addresses and their file; [`files`]: private files
+//!   written atomically.
+//! - [`reload`]: re-reading the config at run time (admin `Reload`, SIGHUP).
 //! - [`config`], [`telemetry`], [`stats`], [`rate`]: what they say.
 //!
 //! See `ARCHITECTURE.md` at the repository root for the path of a message.
 
+pub mod admin;
+pub mod bans;
 pub mod config;
 pub mod connection;
+pub mod files;
 pub mod framing;
 pub mod hub;
 pub mod outbox;
 pub mod protocol;
 pub mod rate;
+pub mod reload;
 pub mod sanitize;
 pub mod server;
 pub mod stats;
@@ -30,4 +38,4 @@ pub mod telemetry;
 pub mod udp_echo;
 
 pub use config::Config;
-pub use server::{Listeners, bind, run};
+pub use server::{Daemon, Listeners, bind};

@@ -1,5 +1,5 @@
 //! The `chatd` binary: reads arguments and config, starts logging, binds the
-//! listeners, and hands them to [`chatd::run`] until a signal stops it.
+//! listeners, and hands them to a [`chatd::Daemon`] until a signal stops it.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -9,7 +9,10 @@ use clap::Parser;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
+use chatd::Daemon;
 use chatd::config::{Config, Source};
+use chatd::reload::Reloader;
+use chatd::telemetry::LogLevel;
 
 /// A line-based chat daemon for nc and telnet, with a UDP echo port.
 #[derive(Parser, Debug)]
@@ -52,7 +55,7 @@ fn main() -> ExitCode {
         print!("{}", config.to_toml());
         return ExitCode::SUCCESS;
     }
-    chatd::telemetry::init(&config.log);
+    let log = chatd::telemetry::init(&config.log);
     std::panic::set_hook(Box::new(|info| {
         error!(panic = %info, "internal error; please report it");
     }));
@@ -66,46 +69,77 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(serve(config, source)) {
+    match runtime.block_on(serve(config, source, log)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("chatd: {e:#}");
+            eprintln!("chatd: {}", one_line(&e));
             ExitCode::FAILURE
         }
     }
 }
 
-async fn serve(config: Config, source: Source) -> anyhow::Result<()> {
+/// The error and its causes on one line, `outer: inner`, without repeating
+/// a cause the outer message already quotes.
+fn one_line(e: &anyhow::Error) -> String {
+    let mut text = e.to_string();
+    for cause in e.chain().skip(1) {
+        let cause = cause.to_string();
+        if !text.contains(&cause) {
+            text.push_str(": ");
+            text.push_str(&cause);
+        }
+    }
+    text
+}
+
+async fn serve(config: Config, source: Source, log: LogLevel) -> anyhow::Result<()> {
     let listeners = chatd::bind(&config)?;
     let chat = listeners.chat.local_addr().context("chat listener")?;
     let udp = match &listeners.udp {
         Some(s) => s.local_addr().context("udp socket")?.to_string(),
         None => "off".to_string(),
     };
+    let admin = match &listeners.admin.tcp {
+        Some(l) => l.local_addr().context("admin listener")?.to_string(),
+        None => "off".to_string(),
+    };
+    let admin_socket = match &listeners.admin.unix {
+        Some((_, path)) => path.display().to_string(),
+        None => "off".to_string(),
+    };
     let file = source
         .path()
         .map_or("built-in defaults".to_string(), |p| p.display().to_string());
-    info!(chat = %chat, udp = %udp, config = %file, "listening");
+    let daemon = Daemon::new(config, source, Some(log))?;
+    if let Some(path) = daemon.generated_token_file() {
+        info!(path = %path.display(), "no admin token configured: generated one for local use");
+    }
+    info!(chat = %chat, udp = %udp, admin = %admin, admin_socket = %admin_socket, config = %file, "listening");
     let shutdown = CancellationToken::new();
-    tokio::spawn(signals(shutdown.clone()));
-    chatd::run(listeners, config, shutdown).await;
+    tokio::spawn(signals(shutdown.clone(), daemon.reloader()));
+    daemon.run(listeners, shutdown).await;
     info!("stopped");
     Ok(())
 }
 
 /// SIGINT or SIGTERM starts a graceful shutdown; a second one exits at once.
-async fn signals(shutdown: CancellationToken) {
+/// SIGHUP reloads the configuration.
+async fn signals(shutdown: CancellationToken, reloader: Reloader) {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut int), Ok(mut term)) = (
+    let (Ok(mut int), Ok(mut term), Ok(mut hup)) = (
         signal(SignalKind::interrupt()),
         signal(SignalKind::terminate()),
+        signal(SignalKind::hangup()),
     ) else {
         warn!("cannot install signal handlers; stop chatd with SIGKILL");
         return;
     };
-    tokio::select! {
-        _ = int.recv() => {}
-        _ = term.recv() => {}
+    loop {
+        tokio::select! {
+            _ = int.recv() => break,
+            _ = term.recv() => break,
+            _ = hup.recv() => reload(&reloader).await,
+        }
     }
     info!("signal received: shutting down (send it again to exit at once)");
     shutdown.cancel();
@@ -115,4 +149,19 @@ async fn signals(shutdown: CancellationToken) {
     }
     warn!("second signal: exiting now");
     std::process::exit(130);
+}
+
+/// SIGHUP: the same as the admin API's `Reload`; the outcome is logged.
+async fn reload(reloader: &Reloader) {
+    let reloader = reloader.clone();
+    match tokio::task::spawn_blocking(move || reloader.reload()).await {
+        Ok(Ok(report)) => info!(
+            config = %report.config_path,
+            applied = ?report.applied,
+            restart_required = ?report.restart_required,
+            "SIGHUP: configuration reloaded"
+        ),
+        Ok(Err(e)) => error!(error = %e, "SIGHUP: reload refused; the running configuration stays"),
+        Err(e) => error!(error = %e, "SIGHUP: reload failed"),
+    }
 }

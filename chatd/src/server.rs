@@ -1,22 +1,27 @@
 //! Binding, the accept loop, and the daemon's life from start to shutdown.
 //!
-//! [`bind`] is the only code that opens sockets; `main` calls it and hands
-//! the result to [`run`], and so can anything else that wants to run the
-//! daemon on sockets of its own.
+//! [`bind`] is the only code that opens sockets; `main` calls it, prepares a
+//! [`Daemon`] and hands it the listeners, and so can anything else that
+//! wants to run the daemon on sockets of its own.
 
 use std::io;
 use std::net::SocketAddr;
+use std::path::Path;
 use std::time::Duration;
 
 use socket2::{SockRef, TcpKeepalive};
-use tokio::net::{TcpListener, TcpSocket, TcpStream, UdpSocket};
+use tokio::net::{TcpListener, TcpSocket, TcpStream, UdpSocket, UnixListener};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
 
-use crate::config::Config;
+use crate::admin::{self, AdminListeners, AdminSetup, SetupError};
+use crate::bans::{BanError, Bans};
+use crate::config::{Config, Source};
 use crate::connection;
 use crate::hub::Hub;
+use crate::reload::Reloader;
+use crate::telemetry::LogLevel;
 use crate::udp_echo;
 
 /// Every socket the daemon serves, already bound.
@@ -24,6 +29,7 @@ use crate::udp_echo;
 pub struct Listeners {
     pub chat: TcpListener,
     pub udp: Option<UdpSocket>,
+    pub admin: AdminListeners,
 }
 
 /// Why a listener could not be opened; names the config key to change.
@@ -31,7 +37,8 @@ pub struct Listeners {
 #[error("cannot listen on {addr} (`{key}`): {source}")]
 pub struct BindError {
     pub key: &'static str,
-    pub addr: SocketAddr,
+    /// An address, or a socket path.
+    pub addr: String,
     pub source: io::Error,
 }
 
@@ -40,7 +47,7 @@ pub fn bind(config: &Config) -> Result<Listeners, BindError> {
     let chat_addr = config.chat.listen;
     let chat = bind_tcp(chat_addr, config.chat.backlog).map_err(|source| BindError {
         key: "chat.listen",
-        addr: chat_addr,
+        addr: chat_addr.to_string(),
         source,
     })?;
     let udp = match &config.udp {
@@ -52,14 +59,68 @@ pub fn bind(config: &Config) -> Result<Listeners, BindError> {
                 })
                 .map_err(|source| BindError {
                     key: "udp.listen",
-                    addr: udp.listen,
+                    addr: udp.listen.to_string(),
                     source,
                 })?;
             Some(socket)
         }
         None => None,
     };
-    Ok(Listeners { chat, udp })
+    let mut admin = AdminListeners {
+        tcp: None,
+        unix: None,
+    };
+    if let Some(config) = &config.admin {
+        if let Some(addr) = config.listen {
+            admin.tcp = Some(bind_tcp(addr, 128).map_err(|source| BindError {
+                key: "admin.listen",
+                addr: addr.to_string(),
+                source,
+            })?);
+        }
+        if let Some(path) = &config.socket {
+            let listener = bind_unix(path).map_err(|source| BindError {
+                key: "admin.socket",
+                addr: path.display().to_string(),
+                source,
+            })?;
+            admin.unix = Some((listener, path.clone()));
+        }
+    }
+    Ok(Listeners { chat, udp, admin })
+}
+
+/// A UNIX socket only its owner may connect to (mode 0600). A stale socket
+/// file left by a previous run is replaced; a live one, or a file that is
+/// not a socket, is an error.
+pub fn bind_unix(path: &Path) -> io::Result<UnixListener> {
+    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        if !meta.file_type().is_socket() {
+            return Err(io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                "the path exists and is not a socket",
+            ));
+        }
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return Err(io::Error::new(
+                io::ErrorKind::AddrInUse,
+                "another process is serving on this socket",
+            ));
+        }
+        std::fs::remove_file(path)?;
+    }
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        crate::files::create_private_dir(dir)?;
+    }
+    // The umask makes the socket 0600 from its creation; the chmod below
+    // is for the record. Startup is single-threaded here.
+    let old = rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o177));
+    let listener = UnixListener::bind(path);
+    rustix::process::umask(old);
+    let listener = listener?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(listener)
 }
 
 /// A TCP listener with address reuse (so a restart does not wait out
@@ -76,15 +137,99 @@ pub fn bind_tcp(addr: SocketAddr, backlog: u32) -> io::Result<TcpListener> {
     socket.listen(backlog)
 }
 
-/// Serves until `shutdown` is cancelled, then closes every connection
-/// gracefully within `server.shutdown_timeout_secs`.
-pub async fn run(listeners: Listeners, config: Config, shutdown: CancellationToken) {
-    let grace = config.server.shutdown_timeout;
-    let hub = Hub::new(config);
-    serve(listeners, hub, shutdown, grace).await
+/// Why the daemon cannot start; one line for the operator.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot load the bans (`server.state_dir`)")]
+    Bans(#[from] BanError),
+    #[error(transparent)]
+    Admin(#[from] SetupError),
 }
 
-/// Like [`run`], with a hub the caller keeps (for an admin API, say).
+/// The daemon, prepared: bans loaded, admin tokens ready. Everything that
+/// can refuse a start happens in [`Daemon::new`], before serving.
+#[derive(Debug)]
+pub struct Daemon {
+    hub: Hub,
+    reloader: Reloader,
+    admin: Option<AdminSetup>,
+    grace: Duration,
+}
+
+/// How long the admin API may take to finish its last calls at exit.
+const ADMIN_STOP: Duration = Duration::from_secs(5);
+
+impl Daemon {
+    /// `source` is re-read on reload; `log` lets a reload change the level.
+    pub fn new(
+        config: Config,
+        source: Source,
+        log: Option<LogLevel>,
+    ) -> Result<Daemon, StartError> {
+        let bans = Bans::load(&config.server.state_dir)?;
+        let admin = config.admin.as_ref().map(AdminSetup::prepare).transpose()?;
+        let grace = config.server.shutdown_timeout;
+        let hub = Hub::with_bans(config, bans);
+        let reloader = Reloader::new(source, hub.clone(), log);
+        Ok(Daemon {
+            hub,
+            reloader,
+            admin,
+            grace,
+        })
+    }
+
+    pub fn hub(&self) -> &Hub {
+        &self.hub
+    }
+
+    /// For SIGHUP.
+    pub fn reloader(&self) -> Reloader {
+        self.reloader.clone()
+    }
+
+    /// Where the generated admin token was written, if one was.
+    pub fn generated_token_file(&self) -> Option<&Path> {
+        self.admin.as_ref()?.generated_token_file()
+    }
+
+    /// Serves until `shutdown` is cancelled, then closes every connection
+    /// gracefully within `server.shutdown_timeout_secs`. The admin API
+    /// reports NOT_SERVING from the start of the shutdown and stops last.
+    pub async fn run(self, listeners: Listeners, shutdown: CancellationToken) {
+        let admin_stop = CancellationToken::new();
+        let tracker = TaskTracker::new();
+        if let Some(setup) = self.admin {
+            tracker.spawn(admin::serve(
+                listeners.admin,
+                setup,
+                self.hub.clone(),
+                self.reloader.clone(),
+                shutdown.clone(),
+                admin_stop.clone(),
+            ));
+        }
+        let chat = Listeners {
+            admin: AdminListeners {
+                tcp: None,
+                unix: None,
+            },
+            ..listeners
+        };
+        serve(chat, self.hub, shutdown, self.grace).await;
+        admin_stop.cancel();
+        tracker.close();
+        if tokio::time::timeout(ADMIN_STOP, tracker.wait())
+            .await
+            .is_err()
+        {
+            warn!("the admin API did not stop in time");
+        }
+    }
+}
+
+/// Serves chat and UDP (not the admin API) on `listeners` with a hub the
+/// caller keeps, until `shutdown`; then drains within `grace`.
 pub async fn serve(listeners: Listeners, hub: Hub, shutdown: CancellationToken, grace: Duration) {
     let tracker = TaskTracker::new();
     if let Some(udp) = listeners.udp {

@@ -15,6 +15,8 @@ pub struct Stats {
     pub refused: AtomicU64,
     pub lines_in: AtomicU64,
     pub bytes_in: AtomicU64,
+    /// Bytes written to clients' sockets.
+    pub bytes_out: AtomicU64,
     /// Lines relayed to a room or a person (each counted once).
     pub lines_relayed: AtomicU64,
     /// Line deliveries: lines × recipients.
@@ -40,6 +42,7 @@ pub struct StatsSnapshot {
     pub refused: u64,
     pub lines_in: u64,
     pub bytes_in: u64,
+    pub bytes_out: u64,
     pub lines_relayed: u64,
     pub deliveries: u64,
     pub kicks: u64,
@@ -79,6 +82,10 @@ impl Stats {
         self.bytes_in.fetch_add(bytes, Relaxed);
     }
 
+    pub(crate) fn output(&self, bytes: u64) {
+        self.bytes_out.fetch_add(bytes, Relaxed);
+    }
+
     pub(crate) fn snapshot(&self, clients: usize, rooms: usize, uptime: Duration) -> StatsSnapshot {
         let get = |c: &AtomicU64| c.load(Relaxed);
         StatsSnapshot {
@@ -90,6 +97,7 @@ impl Stats {
             refused: get(&self.refused),
             lines_in: get(&self.lines_in),
             bytes_in: get(&self.bytes_in),
+            bytes_out: get(&self.bytes_out),
             lines_relayed: get(&self.lines_relayed),
             deliveries: get(&self.deliveries),
             kicks: get(&self.kicks),

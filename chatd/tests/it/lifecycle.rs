@@ -178,8 +178,8 @@ async fn address_in_use_is_one_clear_line() {
 async fn the_accept_loop_survives_running_out_of_file_descriptors() {
     let mut cmd = Command::new("prlimit");
     cmd.arg("--nofile=48:48").arg(chatd_bin());
-    TestServer::prepare(&mut cmd, None, &[]);
-    let server = TestServer::launch(cmd);
+    let dir = TestServer::prepare(&mut cmd, None, &[]);
+    let server = TestServer::launch(cmd, dir);
     let mut clients = Vec::new();
     for _ in 0..60 {
         clients.push(

@@ -3,7 +3,7 @@
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -24,7 +24,12 @@ pub struct TestServer {
     child: Child,
     pub chat: SocketAddr,
     pub udp: Option<SocketAddr>,
+    /// The admin API's TCP address, when it has one.
+    pub admin: Option<SocketAddr>,
     logs: Arc<Mutex<Vec<serde_json::Value>>>,
+    /// Holds `run/` (the generated admin token) and `state/` (bans) unless
+    /// the test points them elsewhere.
+    pub dir: tempfile::TempDir,
 }
 
 impl TestServer {
@@ -40,16 +45,27 @@ impl TestServer {
 
     pub fn spawn(config: Option<&Path>, env: &[(&str, &str)]) -> TestServer {
         let mut cmd = Command::new(chatd_bin());
-        Self::prepare(&mut cmd, config, env);
-        Self::launch(cmd)
+        let dir = Self::prepare(&mut cmd, config, env);
+        Self::launch(cmd, dir)
     }
 
-    /// Sets the environment every test daemon needs; `env` wins.
-    pub fn prepare(cmd: &mut Command, config: Option<&Path>, env: &[(&str, &str)]) {
+    /// Sets the environment every test daemon needs; `env` wins. The
+    /// returned directory holds the runtime directory (where the generated
+    /// admin token goes) and the state directory.
+    pub fn prepare(
+        cmd: &mut Command,
+        config: Option<&Path>,
+        env: &[(&str, &str)],
+    ) -> tempfile::TempDir {
+        let dir = tempfile::tempdir().expect("tempdir");
         if let Some(path) = config {
             cmd.arg("--config").arg(path);
         }
-        cmd.env("CHATD_CHAT__LISTEN", "127.0.0.1:0")
+        cmd.env("RUNTIME_DIRECTORY", dir.path().join("run"))
+            .env("XDG_RUNTIME_DIR", dir.path().join("xdg"))
+            .env("CHATD_SERVER__STATE_DIR", dir.path().join("state"))
+            .env_remove("STATE_DIRECTORY")
+            .env("CHATD_CHAT__LISTEN", "127.0.0.1:0")
             .env("CHATD_UDP__LISTEN", "127.0.0.1:0")
             .env("CHATD_ADMIN__LISTEN", "127.0.0.1:0")
             .env("CHATD_LIMITS__MAX_CLIENTS_PER_IP", "1000")
@@ -62,10 +78,11 @@ impl TestServer {
         cmd.stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
+        dir
     }
 
     /// Starts `cmd` and waits for its "listening" log line.
-    pub fn launch(mut cmd: Command) -> TestServer {
+    pub fn launch(mut cmd: Command, dir: tempfile::TempDir) -> TestServer {
         let mut child = cmd.spawn().expect("start chatd");
         let stderr = child.stderr.take().expect("stderr is piped");
         let logs = Arc::new(Mutex::new(Vec::new()));
@@ -105,12 +122,28 @@ impl TestServer {
             .and_then(|s| s.parse().ok())
             .expect("chat address");
         let udp = listening["udp"].as_str().and_then(|s| s.parse().ok());
+        let admin = listening["admin"].as_str().and_then(|s| s.parse().ok());
         TestServer {
             child,
             chat,
             udp,
+            admin,
             logs,
+            dir,
         }
+    }
+
+    /// The runtime directory the daemon was given (`RUNTIME_DIRECTORY`).
+    pub fn runtime_dir(&self) -> PathBuf {
+        self.dir.path().join("run")
+    }
+
+    /// `http://ADDR` of the admin API.
+    pub fn endpoint(&self) -> String {
+        format!(
+            "http://{}",
+            self.admin.expect("the admin API listens on TCP")
+        )
     }
 
     pub fn pid(&self) -> u32 {
@@ -294,5 +327,86 @@ impl Client {
             lines.push(l);
         }
         lines
+    }
+}
+
+/// The `chatctl` binary, built beside `chatd` by `cargo test --workspace`
+/// (a binary of another package cannot be a dev-dependency).
+pub fn chatctl_bin() -> PathBuf {
+    let path = Path::new(chatd_bin()).with_file_name("chatctl");
+    assert!(
+        path.exists(),
+        "{} is missing: run these tests with `cargo test --workspace`, which builds chatctl",
+        path.display()
+    );
+    path
+}
+
+/// What a `chatctl` run printed, and how it exited.
+#[derive(Debug)]
+pub struct Ctl {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Ctl {
+    /// Asserts success and returns stdout.
+    pub fn ok(&self) -> &str {
+        assert_eq!(self.code, 0, "chatctl failed: {self:#?}");
+        &self.stdout
+    }
+
+    /// Asserts success and parses stdout as one JSON document.
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(self.ok())
+            .unwrap_or_else(|e| panic!("chatctl printed invalid JSON ({e}): {self:#?}"))
+    }
+}
+
+impl TestServer {
+    /// `chatctl` set up the way a local operator has it: the endpoint in
+    /// `CHATCTL_ENDPOINT`, the token found in the daemon's runtime directory.
+    pub fn chatctl_command(&self, args: &[&str], env: &[(&str, &str)]) -> tokio::process::Command {
+        let mut cmd = tokio::process::Command::new(chatctl_bin());
+        cmd.args(args)
+            .env_remove("CHATCTL_TOKEN")
+            .env_remove("CHATCTL_TOKEN_FILE")
+            .env(
+                "CHATCTL_ENDPOINT",
+                self.admin
+                    .map(|a| format!("http://{a}"))
+                    .unwrap_or_default(),
+            )
+            .env("RUNTIME_DIRECTORY", self.runtime_dir())
+            .env("XDG_RUNTIME_DIR", self.dir.path().join("xdg"))
+            .stdin(Stdio::null())
+            .kill_on_drop(true);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        cmd
+    }
+
+    pub async fn chatctl(&self, args: &[&str]) -> Ctl {
+        self.chatctl_env(args, &[]).await
+    }
+
+    pub async fn chatctl_env(&self, args: &[&str], env: &[(&str, &str)]) -> Ctl {
+        let out = tokio::time::timeout(WAIT, self.chatctl_command(args, env).output())
+            .await
+            .expect("chatctl finishes in time")
+            .expect("run chatctl");
+        Ctl {
+            code: out.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    }
+
+    /// Sends a signal and waits until the process is gone; for restarts.
+    pub async fn stop(&mut self) {
+        self.signal(rustix::process::Signal::TERM);
+        self.wait_exit().await;
     }
 }

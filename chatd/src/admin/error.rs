@@ -1,0 +1,41 @@
+//! The admin API's errors, and the one place they become a `tonic::Status`.
+
+use tonic::Status;
+
+use crate::bans::BanError;
+use crate::hub::HubError;
+use crate::reload::ReloadError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum AdminError {
+    #[error(transparent)]
+    Hub(#[from] HubError),
+    #[error(transparent)]
+    Ban(#[from] BanError),
+    #[error(transparent)]
+    Reload(#[from] ReloadError),
+    /// The request itself is malformed.
+    #[error("{0}")]
+    BadRequest(String),
+    /// A blocking task died (a bug); the operator sees a plain internal error.
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl From<AdminError> for Status {
+    fn from(e: AdminError) -> Status {
+        let message = e.to_string();
+        match e {
+            AdminError::Hub(HubError::NoSuchClient(_) | HubError::NoSuchRoom(_))
+            | AdminError::Ban(BanError::NotFound(_)) => Status::not_found(message),
+            AdminError::Hub(HubError::Invalid(_))
+            | AdminError::Ban(BanError::BadTarget(_) | BanError::AlreadyExpired)
+            | AdminError::Reload(_)
+            | AdminError::BadRequest(_) => Status::invalid_argument(message),
+            AdminError::Ban(
+                BanError::Read { .. } | BanError::Invalid { .. } | BanError::Write { .. },
+            )
+            | AdminError::Internal(_) => Status::internal(message),
+        }
+    }
+}

@@ -1,0 +1,173 @@
+//! Reloading the configuration while running: the admin API's `Reload` and
+//! SIGHUP.
+//!
+//! The file the daemon started with is read again (with the environment
+//! layer) and validated; a bad file changes nothing. Settings that the
+//! running daemon reads on each use (limits, MOTD, server name, history, UDP
+//! rates, log level, the state directory and its bans file) apply at once.
+//! The others (listen addresses, the admin API, log format, shutdown timeout)
+//! are reported as needing a restart, and the running values stay in force.
+
+use std::collections::BTreeSet;
+use std::sync::{Arc, Mutex};
+
+use crate::bans::BanError;
+use crate::config::{Config, ConfigError, RawConfig, Source, UdpConfig};
+use crate::hub::Hub;
+use crate::telemetry::LogLevel;
+
+/// What a reload did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReloadReport {
+    /// The file read; `built-in defaults` when there is none.
+    pub config_path: String,
+    /// Keys (`limits.max_clients`) whose new value is in effect now.
+    pub applied: Vec<String>,
+    /// Keys that differ from the running values until a restart.
+    pub restart_required: Vec<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Bans(#[from] BanError),
+}
+
+/// Re-reads the configuration; clone it freely.
+#[derive(Debug, Clone)]
+pub struct Reloader {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    source: Source,
+    hub: Hub,
+    log: Option<LogLevel>,
+    /// The configuration the daemon started with: what restart-only keys
+    /// are compared against. The lock also serialises reloads.
+    started: Mutex<RawConfig>,
+}
+
+impl Reloader {
+    pub fn new(source: Source, hub: Hub, log: Option<LogLevel>) -> Reloader {
+        let started = hub.config().raw.clone();
+        Reloader {
+            inner: Arc::new(Inner {
+                source,
+                hub,
+                log,
+                started: Mutex::new(started),
+            }),
+        }
+    }
+
+    /// Reads, validates and applies. Blocks on file I/O: call it from a
+    /// blocking task.
+    pub fn reload(&self) -> Result<ReloadReport, ReloadError> {
+        let inner = &*self.inner;
+        let started = inner.started.lock().unwrap_or_else(|p| p.into_inner());
+        let new = Config::load(&inner.source)?;
+        let old = inner.hub.config();
+        inner.hub.reload_bans(&new.server.state_dir)?;
+        let mut applied = Vec::new();
+        for key in changed(&old.raw, &new.raw) {
+            if !reloadable(&key) {
+                continue;
+            }
+            if key == "log.level" && !inner.log.as_ref().is_some_and(|l| l.set(&new.log.level)) {
+                // RUST_LOG pins the filter; nothing changed.
+                continue;
+            }
+            applied.push(key);
+        }
+        let restart_required = changed(&started, &new.raw)
+            .into_iter()
+            .filter(|k| !reloadable(k))
+            .collect();
+        inner.hub.set_config(keep_running_values(&old, new));
+        Ok(ReloadReport {
+            config_path: inner
+                .source
+                .path()
+                .map_or("built-in defaults".to_string(), |p| p.display().to_string()),
+            applied,
+            restart_required,
+        })
+    }
+}
+
+/// Whether the running daemon picks up a new value of `key` at once.
+fn reloadable(key: &str) -> bool {
+    key.starts_with("limits.")
+        || matches!(
+            key,
+            "server.name"
+                | "server.motd"
+                | "server.state_dir"
+                | "chat.default_room"
+                | "chat.history"
+                | "udp.max_datagram_bytes"
+                | "udp.rate_per_sec"
+                | "udp.burst"
+                | "log.level"
+        )
+}
+
+/// `new`, with the settings that need a restart set back to what runs.
+fn keep_running_values(old: &Config, new: Config) -> Config {
+    let mut next = new;
+    next.chat.listen = old.chat.listen;
+    next.chat.backlog = old.chat.backlog;
+    next.udp = match (&old.udp, next.udp.take()) {
+        (Some(old), Some(new)) => Some(UdpConfig {
+            listen: old.listen,
+            ..new
+        }),
+        (old, _) => old.clone(),
+    };
+    next.admin = old.admin.clone();
+    next.log.format = old.log.format;
+    next.server.shutdown_timeout = old.server.shutdown_timeout;
+    next
+}
+
+/// The `section.key`s whose values differ.
+fn changed(old: &RawConfig, new: &RawConfig) -> BTreeSet<String> {
+    let (Ok(old), Ok(new)) = (toml::Table::try_from(old), toml::Table::try_from(new)) else {
+        return BTreeSet::new();
+    };
+    let mut keys = BTreeSet::new();
+    for (section, values) in old.iter().chain(new.iter()) {
+        let Some(values) = values.as_table() else {
+            continue;
+        };
+        for key in values.keys() {
+            let get = |t: &toml::Table| t.get(section).and_then(|s| s.get(key)).cloned();
+            if get(&old) != get(&new) {
+                keys.insert(format!("{section}.{key}"));
+            }
+        }
+    }
+    keys
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn changed_keys_are_named_by_section() {
+        let old = RawConfig::default();
+        let mut new = RawConfig::default();
+        new.limits.max_clients = 5;
+        new.chat.listen = "127.0.0.1:1".into();
+        let keys: Vec<String> = changed(&old, &new).into_iter().collect();
+        assert_eq!(keys, ["chat.listen", "limits.max_clients"]);
+        assert!(reloadable("limits.max_clients"));
+        assert!(!reloadable("chat.listen"));
+        assert!(!reloadable("admin.tokens"));
+    }
+}

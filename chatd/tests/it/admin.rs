@@ -1,0 +1,612 @@
+//! The admin API end to end: the real `chatctl` against the real daemon,
+//! checked both by what chatctl prints and by what chat clients see.
+//!
+//! These tests need the `chatctl` binary: run them with
+//! `cargo test --workspace`.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::process::Stdio;
+
+use rustix::process::Signal;
+use tokio::io::{AsyncBufReadExt, BufReader};
+
+use crate::support::*;
+
+const ADMIN_TOKEN: &str = "ops-token-0123456789abcdef";
+const READ_TOKEN: &str = "read-token-0123456789abcdef";
+
+/// A daemon with one admin and one read-only token.
+fn with_tokens(dir: &Path) -> TestServer {
+    let config = dir.join("chatd.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[admin]\ntokens = [\n  {{ name = \"ops\", token = \"{ADMIN_TOKEN}\", role = \"admin\" }},\n  {{ name = \"monitoring\", token = \"{READ_TOKEN}\", role = \"read\" }},\n]\n"
+        ),
+    )
+    .expect("write config");
+    TestServer::spawn(Some(&config), &[])
+}
+
+#[tokio::test]
+async fn list_clients_client_rooms_and_stats() {
+    let server = TestServer::start();
+    let (mut alice, a) = server.join().await;
+    let (mut bob, b) = server.join().await;
+    alice.expect("joined").await;
+    bob.send("/join dev\n").await;
+    bob.expect("You are now in dev").await;
+    alice.send("hello\n").await;
+    alice.sync().await;
+
+    let table = server.chatctl(&["list-clients"]).await;
+    let lines: Vec<&str> = table.ok().lines().collect();
+    assert!(
+        lines[0].starts_with("ID") && lines[0].contains("NICK"),
+        "{table:#?}"
+    );
+    assert_eq!(lines.len(), 3, "{table:#?}");
+    assert!(
+        lines[1].contains(&a) && lines[1].contains("lobby"),
+        "{table:#?}"
+    );
+    assert!(
+        lines[2].contains(&b) && lines[2].contains("dev"),
+        "{table:#?}"
+    );
+
+    let json = server
+        .chatctl(&["ls", "--room", "dev", "-o", "json"])
+        .await
+        .json();
+    let clients = json["clients"].as_array().expect("clients");
+    assert_eq!(clients.len(), 1, "{json}");
+    assert_eq!(clients[0]["nick"], b.as_str());
+    assert_eq!(clients[0]["room"], "dev");
+    assert!(
+        clients[0]["addr"]
+            .as_str()
+            .is_some_and(|s| s.starts_with("127.0.0.1:"))
+    );
+
+    let json = server
+        .chatctl(&["ls", "--filter", &a, "-o", "json"])
+        .await
+        .json();
+    assert_eq!(json["clients"][0]["nick"], a.as_str(), "{json}");
+    // "hello" and the `/who` of `sync`.
+    assert_eq!(json["clients"][0]["lines_in"], 2, "{json}");
+
+    let shown = server.chatctl(&["client", &a]).await;
+    assert!(
+        shown.ok().contains(&format!("nick:         {a}")),
+        "{shown:#?}"
+    );
+    let json = server.chatctl(&["client", &a, "-o", "json"]).await.json();
+    assert_eq!(json["room"], "lobby");
+    let missing = server.chatctl(&["client", "nobody"]).await;
+    assert_eq!(missing.code, 3, "{missing:#?}");
+
+    let rooms = server.chatctl(&["rooms"]).await;
+    let out = rooms.ok();
+    assert!(out.starts_with("ROOM"), "{out}");
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("dev") && l.contains(" 1 ")),
+        "{out}"
+    );
+    let json = server.chatctl(&["rooms", "-o", "json"]).await.json();
+    let names: Vec<&str> = json["rooms"]
+        .as_array()
+        .expect("rooms")
+        .iter()
+        .filter_map(|r| r["name"].as_str())
+        .collect();
+    assert_eq!(names, ["dev", "lobby"]);
+    assert_eq!(json["rooms"][1]["messages"], 1, "{json}");
+
+    let stats = server.chatctl(&["stats"]).await;
+    assert!(
+        stats.ok().contains("clients:        2 (peak 2)"),
+        "{stats:#?}"
+    );
+    let json = server.chatctl(&["stats", "-o", "json"]).await.json();
+    assert_eq!(json["version"], env!("CARGO_PKG_VERSION"));
+    assert_eq!(json["clients"], 2);
+    assert_eq!(json["rooms"], 2);
+    assert_eq!(json["totals"]["connections"], 2);
+    assert!(
+        json["totals"]["bytes_out"].as_u64().is_some_and(|n| n > 0),
+        "{json}"
+    );
+}
+
+#[tokio::test]
+async fn kick_shows_the_reason_then_closes() {
+    let server = TestServer::start();
+    let (mut alice, _) = server.join().await;
+    let (mut bob, b) = server.join().await;
+    alice.expect("joined").await;
+
+    let kicked = server.chatctl(&["kick", &b, "--reason", "spam"]).await;
+    assert!(
+        kicked.ok().starts_with(&format!("kicked {b} (id ")),
+        "{kicked:#?}"
+    );
+    assert_eq!(bob.until_eof().await, ["*** You were kicked: spam"]);
+    let left = alice.expect("left lobby").await;
+    assert!(left.ends_with("kicked: spam"), "{left}");
+
+    let (_carol, c) = server.join().await;
+    let json = server.chatctl(&["kick", &c, "-o", "json"]).await.json();
+    assert_eq!(json["kicked"]["nick"], c.as_str());
+    let gone = server.chatctl(&["kick", &b]).await;
+    assert_eq!(gone.code, 3, "{gone:#?}");
+    let log = server.wait_logged("admin: kick").await;
+    assert_eq!(log["by"], "generated", "{log}");
+}
+
+#[tokio::test]
+async fn broadcast_reaches_everyone_or_one_room() {
+    let server = TestServer::start();
+    let (mut alice, _) = server.join().await;
+    let (mut bob, _) = server.join().await;
+    bob.send("/join dev\n").await;
+    bob.expect("You are now in dev").await;
+
+    let sent = server.chatctl(&["broadcast", "maintenance at 10:00"]).await;
+    assert_eq!(sent.ok(), "delivered to 2 clients\n");
+    for c in [&mut alice, &mut bob] {
+        c.expect("*** NOTICE: maintenance at 10:00").await;
+    }
+
+    let json = server
+        .chatctl(&["broadcast", "--room", "dev", "deploy done", "-o", "json"])
+        .await
+        .json();
+    assert_eq!(json["delivered"], 1);
+    bob.expect("*** NOTICE: deploy done").await;
+    let before = alice.sync().await;
+    assert!(
+        !before.iter().any(|l| l.contains("deploy done")),
+        "{before:?}"
+    );
+
+    let nowhere = server
+        .chatctl(&["broadcast", "--room", "nowhere", "hi"])
+        .await;
+    assert_eq!(nowhere.code, 3, "{nowhere:#?}");
+}
+
+#[tokio::test]
+async fn ban_kicks_refuses_and_survives_a_restart() {
+    let state = tempfile::tempdir().expect("tempdir");
+    let state_dir = state.path().to_str().expect("utf-8").to_string();
+    let env = [("CHATD_SERVER__STATE_DIR", state_dir.as_str())];
+    let mut server = TestServer::with_env(&env);
+    let (mut alice, _) = server.join().await;
+
+    let banned = server
+        .chatctl(&["ban", "127.0.0.0/8", "--for", "1h", "--reason", "flood"])
+        .await;
+    let said = banned.ok();
+    assert!(
+        said.starts_with("banned 127.0.0.0/8 (expires in ")
+            && said.ends_with("); kicked 1 connected client\n"),
+        "{banned:#?}"
+    );
+    assert_eq!(alice.until_eof().await, ["*** You are banned: flood"]);
+    let mut again = server.connect().await;
+    assert_eq!(
+        again.until_eof().await,
+        ["*** error: you are banned: flood"]
+    );
+
+    let json = server.chatctl(&["bans", "-o", "json"]).await.json();
+    assert_eq!(json["bans"][0]["target"], "127.0.0.0/8", "{json}");
+    assert_eq!(json["bans"][0]["reason"], "flood");
+    assert!(json["bans"][0]["expires_at"].is_string(), "{json}");
+    let mode = std::fs::metadata(state.path().join("bans.json"))
+        .expect("bans file")
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+
+    let log = server.wait_logged("admin: ban").await;
+    assert_eq!(log["by"], "generated", "{log}");
+    assert_eq!(log["ban"], "127.0.0.0/8", "{log}");
+    assert_eq!(log["kicked"], 1, "{log}");
+
+    server.stop().await;
+    let server = TestServer::with_env(&env);
+    let mut refused = server.connect().await;
+    assert_eq!(
+        refused.until_eof().await,
+        ["*** error: you are banned: flood"]
+    );
+    let table = server.chatctl(&["bans"]).await;
+    assert!(
+        table
+            .ok()
+            .lines()
+            .nth(1)
+            .is_some_and(|l| l.starts_with("127.0.0.0/8")),
+        "{table:#?}"
+    );
+
+    let lifted = server.chatctl(&["unban", "127.0.0.0/8"]).await;
+    assert_eq!(lifted.ok(), "unbanned 127.0.0.0/8\n");
+    let (_welcome, _) = server.join().await;
+    let log = server.wait_logged("admin: unban").await;
+    assert_eq!(log["ban"], "127.0.0.0/8", "{log}");
+    let twice = server
+        .chatctl(&["unban", "127.0.0.0/8", "-o", "json"])
+        .await;
+    assert_eq!(twice.code, 3, "{twice:#?}");
+    let bad = server.chatctl(&["ban", "not-an-address"]).await;
+    assert_eq!(bad.code, 1, "{bad:#?}");
+    assert!(bad.stderr.contains("not an IP address"), "{bad:#?}");
+}
+
+#[tokio::test]
+async fn watch_streams_joins_and_optionally_messages() {
+    let server = TestServer::start();
+    let mut watch = server
+        .chatctl_command(&["watch", "--messages", "-o", "json"], &[])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("start chatctl watch");
+    let mut events = BufReader::new(watch.stdout.take().expect("piped")).lines();
+    server.wait_logged("admin: watch started").await;
+
+    let (mut alice, a) = server.join().await;
+    alice.send("hi there\n").await;
+    let mut seen = Vec::new();
+    loop {
+        let line = tokio::time::timeout(WAIT, events.next_line())
+            .await
+            .expect("an event in time")
+            .expect("read")
+            .expect("a line");
+        let event: serde_json::Value = serde_json::from_str(&line).expect("one JSON per line");
+        assert!(event["at"].is_string(), "{event}");
+        let kind = event["type"].as_str().unwrap_or_default().to_string();
+        seen.push(kind.clone());
+        if kind == "join" {
+            assert_eq!(event["nick"], a.as_str());
+            assert_eq!(event["room"], "lobby");
+        }
+        if kind == "message" {
+            assert_eq!(event["text"], "hi there", "{event}");
+            assert_eq!(event["room"], "lobby");
+            break;
+        }
+    }
+    assert_eq!(seen, ["connect", "join", "message"]);
+    drop(watch);
+
+    let mut table = server
+        .chatctl_command(&["watch"], &[])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("start chatctl watch");
+    let mut lines = BufReader::new(table.stdout.take().expect("piped")).lines();
+    let started = server.logged("admin: watch started").len();
+    while server.logged("admin: watch started").len() == started {
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    alice.send("not shown\n").await;
+    alice.send("/quit bye\n").await;
+    let line = tokio::time::timeout(WAIT, lines.next_line())
+        .await
+        .expect("an event in time")
+        .expect("read")
+        .expect("a line");
+    assert!(line.contains("part"), "{line}");
+    let line = tokio::time::timeout(WAIT, lines.next_line())
+        .await
+        .expect("an event in time")
+        .expect("read")
+        .expect("a line");
+    assert!(
+        line.contains("disconnect") && line.contains(&a) && line.contains("bye"),
+        "{line}"
+    );
+    let _ = table.kill().await;
+}
+
+#[tokio::test]
+async fn reload_applies_limits_and_refuses_a_bad_file() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("chatd.toml");
+    std::fs::write(&config, "[limits]\nmax_clients = 100\n").expect("write");
+    let server = TestServer::spawn(Some(&config), &[]);
+    let (_alice, _) = server.join().await;
+
+    std::fs::write(
+        &config,
+        "[limits]\nmax_clients = 1\n[chat]\nbacklog = 100\n",
+    )
+    .expect("write");
+    let json = server.chatctl(&["reload", "-o", "json"]).await.json();
+    assert_eq!(json["config_path"], config.to_str().expect("utf-8"));
+    assert_eq!(json["applied"], serde_json::json!(["limits.max_clients"]));
+    assert_eq!(
+        json["restart_required"],
+        serde_json::json!(["chat.backlog"])
+    );
+    let mut full = server.connect().await;
+    assert_eq!(
+        full.until_eof().await,
+        ["*** error: server is full (1 clients), try again later"]
+    );
+
+    std::fs::write(&config, "[limits]\nmax_clients = -1\n").expect("write");
+    let bad = server.chatctl(&["reload"]).await;
+    assert_eq!(bad.code, 1, "{bad:#?}");
+    assert!(bad.stderr.contains("limits.max_clients"), "{bad:#?}");
+    let mut still_full = server.connect().await;
+    assert!(still_full.line().await.contains("server is full"));
+
+    // SIGHUP does the same.
+    std::fs::write(&config, "[limits]\nmax_clients = 5\n").expect("write");
+    server.signal(Signal::HUP);
+    let log = server.wait_logged("SIGHUP: configuration reloaded").await;
+    assert_eq!(log["applied"], "[\"limits.max_clients\"]", "{log}");
+    let (_bob, _) = server.join().await;
+    let table = server.chatctl(&["reload"]).await;
+    assert_eq!(
+        table.ok(),
+        format!(
+            "reloaded {}\napplied: none\nneed a restart: none\n",
+            config.display()
+        )
+    );
+}
+
+#[tokio::test]
+async fn tokens_and_roles_are_enforced() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = with_tokens(dir.path());
+    let (_alice, a) = server.join().await;
+
+    // No token at all: the daemon generated none, and none was given.
+    let none = server.chatctl(&["ls"]).await;
+    assert_eq!(none.code, 5, "{none:#?}");
+    let wrong = server
+        .chatctl(&["ls", "--token", "wrong-token-0123456789"])
+        .await;
+    assert_eq!(wrong.code, 5, "{wrong:#?}");
+
+    let read = server.chatctl(&["ls", "--token", READ_TOKEN]).await;
+    assert!(read.ok().contains(&a));
+    let denied = server
+        .chatctl_env(&["kick", &a], &[("CHATCTL_TOKEN", READ_TOKEN)])
+        .await;
+    assert_eq!(denied.code, 5, "{denied:#?}");
+    assert!(denied.stderr.contains("read role"), "{denied:#?}");
+
+    let file = dir.path().join("ops.token");
+    std::fs::write(&file, format!("{ADMIN_TOKEN}\n")).expect("write");
+    let kicked = server
+        .chatctl(&["kick", &a, "--token-file", file.to_str().expect("utf-8")])
+        .await;
+    kicked.ok();
+    let log = server.wait_logged("admin: kick").await;
+    assert_eq!(log["by"], "ops", "{log}");
+    assert_eq!(log["nick"], a.as_str(), "{log}");
+    assert!(
+        !server
+            .logged("")
+            .iter()
+            .any(|l| l.to_string().contains(ADMIN_TOKEN)),
+        "a token reached the log"
+    );
+
+    // Health needs no token.
+    let health = server.chatctl(&["health"]).await;
+    assert_eq!(health.ok(), "SERVING\n");
+}
+
+#[tokio::test]
+async fn zero_config_writes_a_private_token_that_chatctl_finds() {
+    let server = TestServer::start();
+    let token = server.runtime_dir().join("admin.token");
+    let mode = std::fs::metadata(&token)
+        .expect("token file")
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+    let dir_mode = std::fs::metadata(server.runtime_dir())
+        .expect("runtime dir")
+        .permissions()
+        .mode();
+    assert_eq!(dir_mode & 0o777, 0o700);
+    let secret = std::fs::read_to_string(&token).expect("read");
+    assert!(secret.trim().len() >= 32, "{secret:?}");
+    let logged = server.wait_logged("generated one for local use").await;
+    assert_eq!(logged["path"], token.to_str().expect("utf-8"));
+
+    let (_alice, a) = server.join().await;
+    let (_bob, b) = server.join().await;
+    // No flags: endpoint from CHATCTL_ENDPOINT, token from the runtime dir.
+    let out = server.chatctl(&["list-clients"]).await;
+    let text = out.ok();
+    assert!(text.contains(&a) && text.contains(&b), "{text}");
+}
+
+#[tokio::test]
+async fn the_unix_socket_is_private_and_serves_the_api() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let socket = dir.path().join("admin.sock");
+    // A stale socket file from an earlier run is replaced.
+    drop(std::os::unix::net::UnixListener::bind(&socket).expect("stale socket"));
+    let path = socket.to_str().expect("utf-8");
+    let server =
+        TestServer::with_env(&[("CHATD_ADMIN__SOCKET", path), ("CHATD_ADMIN__LISTEN", "")]);
+    assert_eq!(server.admin, None);
+    let mode = std::fs::metadata(&socket)
+        .expect("socket")
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+    let (_alice, a) = server.join().await;
+    let endpoint = format!("unix:{path}");
+    let out = server
+        .chatctl_env(&["ls"], &[("CHATCTL_ENDPOINT", &endpoint)])
+        .await;
+    assert!(out.ok().contains(&a), "{out:#?}");
+}
+
+#[tokio::test]
+async fn reflection_lists_the_services() {
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+
+    let server = TestServer::start();
+    let channel = tonic::transport::Endpoint::from_shared(server.endpoint())
+        .expect("endpoint")
+        .connect()
+        .await
+        .expect("connect");
+    let mut client = ServerReflectionClient::new(channel);
+    let request = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut replies = client
+        .server_reflection_info(tokio_stream::iter([request]))
+        .await
+        .expect("reflection answers without a token")
+        .into_inner();
+    let reply = replies
+        .message()
+        .await
+        .expect("a reply")
+        .expect("not the end");
+    let Some(MessageResponse::ListServicesResponse(list)) = reply.message_response else {
+        panic!("not a service list: {reply:?}");
+    };
+    let mut names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    names.sort();
+    assert_eq!(
+        names,
+        [
+            "chatd.admin.v1.Admin",
+            "grpc.health.v1.Health",
+            "grpc.reflection.v1.ServerReflection"
+        ]
+    );
+}
+
+#[tokio::test]
+async fn health_turns_not_serving_when_shutdown_begins() {
+    let mut server = TestServer::start();
+    let json = server.chatctl(&["health", "-o", "json"]).await.json();
+    assert_eq!(json["status"], "SERVING");
+    // A client that neither reads nor closes keeps the daemon in its
+    // shutdown phase for a moment (chatd waits for its EOF).
+    let (_lingering, _) = server.join().await;
+    server.signal(Signal::TERM);
+    server.wait_logged("health is NOT_SERVING").await;
+    let health = server.chatctl(&["health"]).await;
+    assert!(
+        (health.code == 1 && health.stdout == "NOT_SERVING\n") || health.code == 4,
+        "{health:#?}"
+    );
+    assert_eq!(server.wait_exit().await.code(), Some(0));
+}
+
+#[tokio::test]
+async fn a_public_admin_address_without_a_token_refuses_to_start() {
+    let out = std::process::Command::new(chatd_bin())
+        .env("CHATD_ADMIN__LISTEN", "0.0.0.0:0")
+        .env("CHATD_CHAT__LISTEN", "127.0.0.1:0")
+        .env("CHATD_UDP__ENABLED", "false")
+        .env_remove("RUST_LOG")
+        .output()
+        .expect("run chatd");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.contains("0.0.0.0:0")
+            && stderr.contains("admin.tokens")
+            && stderr.contains("loopback"),
+        "{stderr}"
+    );
+}
+
+#[tokio::test]
+async fn admin_address_in_use_is_one_clear_line() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = taken.local_addr().expect("addr").to_string();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = std::process::Command::new(chatd_bin())
+        .env("CHATD_ADMIN__LISTEN", &addr)
+        .env("CHATD_CHAT__LISTEN", "127.0.0.1:0")
+        .env("CHATD_UDP__ENABLED", "false")
+        .env("RUNTIME_DIRECTORY", dir.path())
+        .env_remove("RUST_LOG")
+        .output()
+        .expect("run chatd");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    let last = stderr.lines().last().unwrap_or_default();
+    assert!(
+        last.contains(&addr) && last.contains("admin.listen") && last.contains("in use"),
+        "{stderr}"
+    );
+}
+
+#[tokio::test]
+async fn the_tcp_listener_can_require_tls() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let key = rcgen::generate_simple_self_signed(vec!["localhost".to_string()])
+        .expect("self-signed certificate");
+    let cert_path = dir.path().join("admin.crt");
+    let key_path = dir.path().join("admin.key");
+    std::fs::write(&cert_path, key.cert.pem()).expect("write");
+    std::fs::write(&key_path, key.signing_key.serialize_pem()).expect("write");
+    let server = TestServer::with_env(&[
+        ("CHATD_ADMIN__TLS_CERT", cert_path.to_str().expect("utf-8")),
+        ("CHATD_ADMIN__TLS_KEY", key_path.to_str().expect("utf-8")),
+    ]);
+    let (_alice, a) = server.join().await;
+    let port = server.admin.expect("admin address").port();
+    let https = format!("https://localhost:{port}");
+    let ca = cert_path.to_str().expect("utf-8");
+    let out = server
+        .chatctl_env(&["ls", "--ca-cert", ca], &[("CHATCTL_ENDPOINT", &https)])
+        .await;
+    assert!(out.ok().contains(&a), "{out:#?}");
+    // Plain HTTP/2 is not answered.
+    let plain = server.chatctl(&["ls"]).await;
+    assert_ne!(plain.code, 0, "{plain:#?}");
+
+    // A key that does not parse stops startup with one line.
+    std::fs::write(&key_path, "not a key").expect("write");
+    let out = std::process::Command::new(chatd_bin())
+        .env("CHATD_ADMIN__LISTEN", "127.0.0.1:0")
+        .env("CHATD_CHAT__LISTEN", "127.0.0.1:0")
+        .env("CHATD_UDP__ENABLED", "false")
+        .env("CHATD_ADMIN__TLS_CERT", &cert_path)
+        .env("CHATD_ADMIN__TLS_KEY", &key_path)
+        .env("RUNTIME_DIRECTORY", dir.path().join("run"))
+        .env("CHATD_SERVER__STATE_DIR", dir.path().join("state"))
+        .env_remove("RUST_LOG")
+        .output()
+        .expect("run chatd");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr
+            .lines()
+            .last()
+            .is_some_and(|l| l.contains("admin.tls_key")),
+        "{stderr}"
+    );
+}
