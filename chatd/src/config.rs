@@ -71,6 +71,8 @@ pub struct RawConfig {
     pub admin: RawAdmin,
     pub limits: RawLimits,
     pub log: RawLog,
+    pub telemetry: RawTelemetry,
+    pub metrics: RawMetrics,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -186,6 +188,7 @@ impl Default for RawLimits {
 pub struct RawLog {
     pub level: String,
     pub format: String,
+    pub target: String,
 }
 
 impl Default for RawLog {
@@ -193,8 +196,21 @@ impl Default for RawLog {
         Self {
             level: "info".into(),
             format: "text".into(),
+            target: "auto".into(),
         }
     }
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RawTelemetry {
+    pub otlp_endpoint: String,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RawMetrics {
+    pub listen: String,
 }
 
 /// The validated configuration.
@@ -206,6 +222,8 @@ pub struct Config {
     pub admin: AdminConfig,
     pub limits: Limits,
     pub log: LogConfig,
+    pub telemetry: TelemetryConfig,
+    pub metrics: MetricsConfig,
     /// The merged raw layers, kept for `--print-config`.
     pub raw: RawConfig,
 }
@@ -268,10 +286,34 @@ pub enum LogFormat {
     Json,
 }
 
+/// Where log records go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogTarget {
+    /// The journal when stderr is connected to it (`JOURNAL_STREAM`), else
+    /// stderr.
+    Auto,
+    Stderr,
+    Journald,
+}
+
 #[derive(Debug, Clone)]
 pub struct LogConfig {
     pub level: String,
     pub format: LogFormat,
+    pub target: LogTarget,
+}
+
+#[derive(Debug, Clone)]
+pub struct TelemetryConfig {
+    /// The OTLP/gRPC collector; `None` leaves it to
+    /// `OTEL_EXPORTER_OTLP_ENDPOINT`, and tracing off when that is unset too.
+    pub otlp_endpoint: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct MetricsConfig {
+    /// Where Prometheus scrapes `/metrics`; `None`: off.
+    pub listen: Option<SocketAddr>,
 }
 
 impl Config {
@@ -522,9 +564,44 @@ impl RawConfig {
                 ));
             }
         };
+        let target = match g.target.as_str() {
+            "auto" => LogTarget::Auto,
+            "stderr" => LogTarget::Stderr,
+            "journald" => LogTarget::Journald,
+            other => {
+                return Err(invalid(
+                    "log.target",
+                    format!("{other:?}"),
+                    "\"auto\", \"stderr\" or \"journald\"",
+                ));
+            }
+        };
         let log = LogConfig {
             level: g.level.clone(),
             format,
+            target,
+        };
+
+        let endpoint = self.telemetry.otlp_endpoint.trim();
+        let is_url = endpoint.starts_with("http://") || endpoint.starts_with("https://");
+        if !endpoint.is_empty() && !is_url {
+            return Err(invalid(
+                "telemetry.otlp_endpoint",
+                format!("{endpoint:?}"),
+                "empty (off) or an OTLP/gRPC URL like \"http://127.0.0.1:4317\"",
+            ));
+        }
+        let telemetry = TelemetryConfig {
+            otlp_endpoint: (!endpoint.is_empty()).then(|| endpoint.to_string()),
+        };
+
+        let m = self.metrics.listen.trim();
+        let metrics = MetricsConfig {
+            listen: if m.is_empty() {
+                None
+            } else {
+                Some(addr("metrics.listen", m)?)
+            },
         };
 
         Ok(Config {
@@ -534,6 +611,8 @@ impl RawConfig {
             admin,
             limits,
             log,
+            telemetry,
+            metrics,
             raw: self,
         })
     }

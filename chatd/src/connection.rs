@@ -340,6 +340,15 @@ impl Connection {
                 // batched so far must reach the room first.
                 self.publish(batch);
                 let text = String::from_utf8_lossy(line);
+                // One span per command (never per chat line), so a trace
+                // shows what each client did and how long it took.
+                let span = info_span!(
+                    "command",
+                    otel.name = command_name(&text),
+                    command = command_name(&text),
+                    room = %self.room.name,
+                );
+                let _entered = span.enter();
                 self.command(&text, batch)
             }
             _ => {
@@ -365,7 +374,26 @@ impl Connection {
             batch.lines += 1;
         }
     }
+}
 
+/// The command word of a `/command` line, for span names: one of a fixed
+/// set, so a client cannot create unbounded span names.
+fn command_name(line: &str) -> &'static str {
+    let word = line.split_whitespace().next().unwrap_or("/");
+    match word.to_ascii_lowercase().as_str() {
+        "/nick" => "/nick",
+        "/join" => "/join",
+        "/rooms" => "/rooms",
+        "/who" => "/who",
+        "/msg" => "/msg",
+        "/me" => "/me",
+        "/quit" => "/quit",
+        "/help" => "/help",
+        _ => "/unknown",
+    }
+}
+
+impl Connection {
     fn command(&mut self, text: &str, batch: &mut Batch) -> Option<Disconnect> {
         let command = match protocol::parse(text) {
             Ok(c) => c,
@@ -450,6 +478,7 @@ impl Connection {
                 Err(e) => return Err(e),
             };
             self.client.outbox.written(written);
+            self.hub.stats().wrote(written);
             while written > 0 {
                 let Some(front) = self.pending.front_mut() else {
                     break;

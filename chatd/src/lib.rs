@@ -13,6 +13,8 @@
 //! - [`outbox`]: one client's bounded outgoing queue.
 //! - [`udp_echo`]: the UDP echo port.
 //! - [`config`], [`telemetry`], [`stats`], [`rate`]: what they say.
+//! - [`notify`], [`journal`], [`metrics`]: running under systemd and being
+//!   watched (sd_notify, the journal, Prometheus).
 //!
 //! See `ARCHITECTURE.md` at the repository root for the path of a message.
 
@@ -20,6 +22,9 @@ pub mod config;
 pub mod connection;
 pub mod framing;
 pub mod hub;
+pub mod journal;
+pub mod metrics;
+pub mod notify;
 pub mod outbox;
 pub mod protocol;
 pub mod rate;

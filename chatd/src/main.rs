@@ -52,10 +52,6 @@ fn main() -> ExitCode {
         print!("{}", config.to_toml());
         return ExitCode::SUCCESS;
     }
-    chatd::telemetry::init(&config.log);
-    std::panic::set_hook(Box::new(|info| {
-        error!(panic = %info, "internal error; please report it");
-    }));
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -66,7 +62,15 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(serve(config, source)) {
+    let telemetry = {
+        // The OTLP exporter's channel is created on the runtime.
+        let _runtime = runtime.enter();
+        chatd::telemetry::init(&config.log, &config.telemetry)
+    };
+    std::panic::set_hook(Box::new(|info| {
+        error!(panic = %info, "internal error; please report it");
+    }));
+    match runtime.block_on(serve(config, source, telemetry)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("chatd: {e:#}");
@@ -75,8 +79,13 @@ fn main() -> ExitCode {
     }
 }
 
-async fn serve(config: Config, source: Source) -> anyhow::Result<()> {
+async fn serve(
+    config: Config,
+    source: Source,
+    telemetry: chatd::telemetry::Telemetry,
+) -> anyhow::Result<()> {
     let listeners = chatd::bind(&config)?;
+    let metrics = chatd::metrics::bind(&config)?;
     let chat = listeners.chat.local_addr().context("chat listener")?;
     let udp = match &listeners.udp {
         Some(s) => s.local_addr().context("udp socket")?.to_string(),
@@ -85,12 +94,50 @@ async fn serve(config: Config, source: Source) -> anyhow::Result<()> {
     let file = source
         .path()
         .map_or("built-in defaults".to_string(), |p| p.display().to_string());
-    info!(chat = %chat, udp = %udp, config = %file, "listening");
+    let metrics_addr = chatd::metrics::describe(metrics.as_ref());
+    info!(chat = %chat, udp = %udp, metrics = %metrics_addr, config = %file, "listening");
     let shutdown = CancellationToken::new();
     tokio::spawn(signals(shutdown.clone()));
-    chatd::run(listeners, config, shutdown).await;
+    let grace = config.server.shutdown_timeout;
+    let hub = chatd::hub::Hub::new(config);
+    if let Some(listener) = metrics {
+        tokio::spawn(chatd::metrics::serve(
+            listener,
+            hub.clone(),
+            shutdown.clone(),
+        ));
+    }
+    tokio::spawn(reloads(hub.clone(), source));
+    let notifier = tokio::spawn(chatd::notify::run(hub.clone(), shutdown.clone()));
+    // Every listener is bound: connections queue in the backlog from here.
+    chatd::notify::ready();
+    chatd::server::serve(listeners, hub, shutdown, grace).await;
+    let _ = notifier.await;
+    telemetry.shutdown().await;
     info!("stopped");
     Ok(())
+}
+
+/// SIGHUP re-reads the configuration file and applies what can change at
+/// run time (limits, history, motd…); addresses, logging and tracing
+/// settings take a restart. A bad file leaves the running settings alone.
+async fn reloads(hub: chatd::hub::Hub, source: Source) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let Ok(mut hup) = signal(SignalKind::hangup()) else {
+        warn!("cannot install the SIGHUP handler; reloading is off");
+        return;
+    };
+    while hup.recv().await.is_some() {
+        chatd::notify::reloading();
+        match Config::load(&source) {
+            Ok(config) => {
+                hub.set_config(config);
+                info!("configuration reloaded");
+            }
+            Err(e) => warn!(error = %e, "configuration not reloaded; keeping the running one"),
+        }
+        chatd::notify::ready();
+    }
 }
 
 /// SIGINT or SIGTERM starts a graceful shutdown; a second one exits at once.

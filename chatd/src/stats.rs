@@ -19,6 +19,8 @@ pub struct Stats {
     pub lines_relayed: AtomicU64,
     /// Line deliveries: lines × recipients.
     pub deliveries: AtomicU64,
+    /// Bytes written to client sockets.
+    pub bytes_out: AtomicU64,
     pub kicks: AtomicU64,
     pub slow_consumer_disconnects: AtomicU64,
     pub flood_disconnects: AtomicU64,
@@ -27,6 +29,49 @@ pub struct Stats {
     pub udp_in: AtomicU64,
     pub udp_out: AtomicU64,
     pub udp_dropped: AtomicU64,
+    /// How long [`Hub::publish`](crate::hub::Hub::publish) takes.
+    pub fan_out_latency: Latency,
+}
+
+/// Upper bounds of the [`Latency`] buckets, in microseconds.
+pub const LATENCY_BUCKETS_US: [u64; 14] = [
+    1, 2, 5, 10, 20, 50, 100, 200, 500, 1_000, 2_000, 5_000, 10_000, 50_000,
+];
+
+/// A fixed-bucket histogram of durations: one relaxed add per observation.
+#[derive(Debug, Default)]
+pub struct Latency {
+    /// Observations per bucket (not cumulative); the last one is `+Inf`.
+    buckets: [AtomicU64; LATENCY_BUCKETS_US.len() + 1],
+    sum_ns: AtomicU64,
+}
+
+impl Latency {
+    pub fn observe(&self, elapsed: Duration) {
+        let us = elapsed.as_micros();
+        let slot = LATENCY_BUCKETS_US
+            .iter()
+            .position(|&bound| us <= u128::from(bound))
+            .unwrap_or(LATENCY_BUCKETS_US.len());
+        self.buckets[slot].fetch_add(1, Relaxed);
+        self.sum_ns
+            .fetch_add(elapsed.as_nanos().min(u128::from(u64::MAX)) as u64, Relaxed);
+    }
+
+    /// Cumulative counts per upper bound in seconds (`+Inf` last), the
+    /// total count and the sum in seconds, as Prometheus wants them.
+    pub fn cumulative(&self) -> (Vec<(f64, u64)>, u64, f64) {
+        let mut total = 0;
+        let mut out = Vec::with_capacity(self.buckets.len());
+        for (i, bucket) in self.buckets.iter().enumerate() {
+            total += bucket.load(Relaxed);
+            let bound = LATENCY_BUCKETS_US
+                .get(i)
+                .map_or(f64::INFINITY, |&us| us as f64 / 1e6);
+            out.push((bound, total));
+        }
+        (out, total, self.sum_ns.load(Relaxed) as f64 / 1e9)
+    }
 }
 
 /// A copy of every counter at one moment, plus gauges.
@@ -72,6 +117,10 @@ impl Stats {
     pub(crate) fn published(&self, lines: usize, reached: usize) {
         self.lines_relayed.fetch_add(lines as u64, Relaxed);
         self.deliveries.fetch_add((lines * reached) as u64, Relaxed);
+    }
+
+    pub(crate) fn wrote(&self, bytes: usize) {
+        self.bytes_out.fetch_add(bytes as u64, Relaxed);
     }
 
     pub(crate) fn input(&self, lines: u64, bytes: u64) {
