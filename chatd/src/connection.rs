@@ -94,6 +94,7 @@ pub async fn serve(stream: TcpStream, peer: SocketAddr, hub: Hub, shutdown: Canc
             overlong: 0,
             last_input: Instant::now(),
             client,
+            span: tracing::Span::current(),
         };
         let reason = conn.run(&shutdown).await;
         conn.finish(reason).await;
@@ -145,6 +146,8 @@ struct Connection {
     flood: Flood,
     overlong: u32,
     last_input: Instant,
+    /// The `conn` span, whose `nick` follows the client's.
+    span: tracing::Span,
 }
 
 struct Flood {
@@ -415,7 +418,7 @@ impl Connection {
             }
             Command::Nick(wanted) => match self.hub.rename(&self.client, wanted) {
                 Ok(new) => {
-                    tracing::Span::current().record("nick", &*new);
+                    self.span.record("nick", &*new);
                     info!(old = %self.nick, new = %new, "nick changed");
                     self.nick = new;
                     self.notice(&format!("You are now known as {}.", self.nick));

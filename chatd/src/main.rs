@@ -108,9 +108,9 @@ async fn serve(
         ));
     }
     tokio::spawn(reloads(hub.clone(), source));
-    let notifier = tokio::spawn(chatd::notify::run(hub.clone(), shutdown.clone()));
     // Every listener is bound: connections queue in the backlog from here.
     chatd::notify::ready();
+    let notifier = tokio::spawn(chatd::notify::run(hub.clone(), shutdown.clone()));
     chatd::server::serve(listeners, hub, shutdown, grace).await;
     let _ = notifier.await;
     telemetry.shutdown().await;

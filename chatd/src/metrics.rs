@@ -96,7 +96,12 @@ impl Collector for HubCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let snap = self.hub.snapshot();
         let stats = self.hub.stats();
-        let gauges: [(&str, &str, u64); 3] = [
+        let gauges: [(&str, &str, u64); 4] = [
+            (
+                "uptime_seconds",
+                "Seconds since the daemon started",
+                snap.uptime.as_secs(),
+            ),
             ("clients", "Clients connected now", snap.clients),
             (
                 "peak_clients",
@@ -109,7 +114,7 @@ impl Collector for HubCollector {
             let metric = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
             ConstGauge::new(value as i64).encode(metric)?;
         }
-        let counters: [(&str, &str, u64); 16] = [
+        let counters: [(&str, &str, u64); 15] = [
             (
                 "connections",
                 "Connections accepted and registered",
@@ -165,17 +170,12 @@ impl Collector for HubCollector {
                 "UDP datagrams not echoed (too large or rate-limited)",
                 snap.udp_dropped,
             ),
-            (
-                "uptime_seconds",
-                "Seconds since the daemon started",
-                snap.uptime.as_secs(),
-            ),
         ];
         for (name, help, value) in counters {
             let metric = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
             ConstCounter::new(value).encode(metric)?;
         }
-        let (buckets, count, sum) = stats.fan_out_latency.cumulative();
+        let (buckets, count, sum) = stats.fan_out_latency.buckets();
         let mut metric = encoder.encode_descriptor(
             "fan_out_seconds",
             "Time to hand one batch of chat lines to every member of a room",
@@ -273,4 +273,30 @@ pub fn describe(listener: Option<&TcpListener>) -> String {
     listener
         .and_then(|l| l.local_addr().ok())
         .map_or_else(|| "off".to_string(), |a: SocketAddr| a.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn admin_rpcs_are_counted_by_method_and_status() {
+        let config = crate::config::RawConfig::default()
+            .validate()
+            .expect("defaults validate");
+        let hub = Hub::new(config);
+        admin_rpc("Kick", "OK");
+        admin_rpc("Kick", "OK");
+        admin_rpc("Kick", "NOT_FOUND");
+        let text = render(&hub);
+        assert!(
+            text.contains("chatd_admin_rpcs_total{method=\"Kick\",status=\"OK\"} 2"),
+            "{text}"
+        );
+        assert!(
+            text.contains("chatd_admin_rpcs_total{method=\"Kick\",status=\"NOT_FOUND\"} 1"),
+            "{text}"
+        );
+        assert!(text.contains("chatd_clients 0"), "{text}");
+    }
 }

@@ -58,17 +58,19 @@ impl Latency {
             .fetch_add(elapsed.as_nanos().min(u128::from(u64::MAX)) as u64, Relaxed);
     }
 
-    /// Cumulative counts per upper bound in seconds (`+Inf` last), the
-    /// total count and the sum in seconds, as Prometheus wants them.
-    pub fn cumulative(&self) -> (Vec<(f64, u64)>, u64, f64) {
+    /// Counts per bucket, keyed by upper bound in seconds (the last one,
+    /// `f64::MAX`, stands for `+Inf`), the total count and the sum in
+    /// seconds.
+    pub fn buckets(&self) -> (Vec<(f64, u64)>, u64, f64) {
         let mut total = 0;
         let mut out = Vec::with_capacity(self.buckets.len());
         for (i, bucket) in self.buckets.iter().enumerate() {
-            total += bucket.load(Relaxed);
+            let n = bucket.load(Relaxed);
+            total += n;
             let bound = LATENCY_BUCKETS_US
                 .get(i)
-                .map_or(f64::INFINITY, |&us| us as f64 / 1e6);
-            out.push((bound, total));
+                .map_or(f64::MAX, |&us| us as f64 / 1e6);
+            out.push((bound, n));
         }
         (out, total, self.sum_ns.load(Relaxed) as f64 / 1e9)
     }

@@ -121,10 +121,10 @@ pub fn classify(dialect: Dialect, line: &[u8]) -> Event<'_> {
     match dialect {
         Dialect::Chatd => {
             // `<nick> text`; nicks cannot contain '>'.
-            if line.first() == Some(&b'<') {
-                if let Some(i) = memchr::memmem::find(line, b"> ") {
-                    return Event::Message(&line[i + 2..]);
-                }
+            if line.first() == Some(&b'<')
+                && let Some(i) = memchr::memmem::find(line, b"> ")
+            {
+                return Event::Message(&line[i + 2..]);
             }
             Event::Other
         }

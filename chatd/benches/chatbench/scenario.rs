@@ -339,7 +339,7 @@ pub async fn run(target: Target, params: &Params, opts: &RunOptions) -> anyhow::
         out.set(Metric::DeliveriesPerSec, total.delivered as f64 / span);
     }
     let lat = shared.merged_latency()?;
-    if lat.len() > 0 {
+    if !lat.is_empty() {
         let ms = |q: f64| lat.value_at_quantile(q) as f64 / 1e6;
         out.set(Metric::P50, ms(0.50));
         out.set(Metric::P99, ms(0.99));
