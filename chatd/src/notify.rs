@@ -4,9 +4,10 @@
 //! and `WATCHDOG=1` while the daemon is demonstrably alive.
 //!
 //! Every function is a no-op when `NOTIFY_SOCKET` is unset, so chatd behaves
-//! the same outside systemd. A failed send is logged once per kind and
-//! otherwise ignored: the service manager's view must never stop the chat.
+//! the same outside systemd. A failed send is logged once and otherwise
+//! ignored: the service manager's view must never stop the chat.
 
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::time::Duration;
 
 use sd_notify::NotifyState;
@@ -24,8 +25,11 @@ pub fn enabled() -> bool {
 }
 
 fn send(what: &'static str, states: &[NotifyState]) {
+    static WARNED: AtomicBool = AtomicBool::new(false);
     if let Err(e) = sd_notify::notify(states) {
-        warn!(error = %e, message = what, "cannot notify the service manager");
+        if !WARNED.swap(true, Relaxed) {
+            warn!(error = %e, notification = what, "cannot notify the service manager");
+        }
     }
 }
 

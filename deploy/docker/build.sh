@@ -19,10 +19,13 @@ context=$(mktemp -d)
 trap 'rm -rf "$context"' EXIT
 for bin in chatd chatctl; do
     cp "target/$target/release/$bin" "$context/"
-    if ldd "$context/$bin" >/dev/null 2>&1; then
+    # ldd says "statically linked" or "not a dynamic executable" for one.
+    if ldd "$context/$bin" 2>&1 | grep -q '=>'; then
         echo "$bin is dynamically linked; the scratch image needs static binaries" >&2
         exit 1
     fi
+    # Debug line tables stay in target/; the image gets the code only.
+    if command -v strip >/dev/null; then strip "$context/$bin"; fi
 done
 cp config/chatd.toml "$context/chatd.toml"
 mkdir "$context/empty"
