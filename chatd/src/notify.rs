@@ -26,10 +26,10 @@ pub fn enabled() -> bool {
 
 fn send(what: &'static str, states: &[NotifyState]) {
     static WARNED: AtomicBool = AtomicBool::new(false);
-    if let Err(e) = sd_notify::notify(states) {
-        if !WARNED.swap(true, Relaxed) {
-            warn!(error = %e, notification = what, "cannot notify the service manager");
-        }
+    if let Err(e) = sd_notify::notify(states)
+        && !WARNED.swap(true, Relaxed)
+    {
+        warn!(error = %e, notification = what, "cannot notify the service manager");
     }
 }
 
