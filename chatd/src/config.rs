@@ -668,6 +668,38 @@ mod tests {
     }
 
     #[test]
+    fn operations_keys_validate() {
+        let c = with_env(&[
+            ("CHATD_LOG__TARGET", "journald"),
+            ("CHATD_TELEMETRY__OTLP_ENDPOINT", "http://127.0.0.1:4317"),
+            ("CHATD_METRICS__LISTEN", "127.0.0.1:9100"),
+        ])
+        .expect("valid");
+        assert_eq!(c.log.target, LogTarget::Journald);
+        assert_eq!(
+            c.telemetry.otlp_endpoint.as_deref(),
+            Some("http://127.0.0.1:4317")
+        );
+        assert_eq!(c.metrics.listen.map(|a| a.port()), Some(9100));
+        let d = with_env(&[]).expect("defaults");
+        assert_eq!(d.log.target, LogTarget::Auto);
+        assert!(d.telemetry.otlp_endpoint.is_none() && d.metrics.listen.is_none());
+
+        for (key, value, needle) in [
+            ("CHATD_LOG__TARGET", "syslog", "log.target"),
+            (
+                "CHATD_TELEMETRY__OTLP_ENDPOINT",
+                "collector:4317",
+                "telemetry.otlp_endpoint",
+            ),
+            ("CHATD_METRICS__LISTEN", "localhost:9100", "metrics.listen"),
+        ] {
+            let e = with_env(&[(key, value)]).expect_err("rejected").to_string();
+            assert!(e.contains(needle) && e.contains(value), "{e}");
+        }
+    }
+
+    #[test]
     fn unknown_keys_are_rejected() {
         let e = with_env(&[("CHATD_LIMITS__MAX_LINES", "5")])
             .expect_err("rejected")

@@ -381,44 +381,57 @@ impl Collector {
 
 #[tokio::test]
 async fn a_collector_receives_connection_and_command_spans() {
-    let collector = Collector::default();
-    let addr = collector.start().await;
-    let endpoint = format!("http://{addr}");
-    let server = TestServer::with_env(&[
-        ("CHATD_TELEMETRY__OTLP_ENDPOINT", &endpoint),
-        ("OTEL_SERVICE_NAME", "chatd-test"),
-        ("OTEL_BSP_SCHEDULE_DELAY", "100"),
-    ]);
-    let (mut alice, _) = server.join().await;
-    alice.send("/nick alice\n").await;
-    alice.expect("You are now known as alice").await;
-    alice.send("/join dev\n").await;
-    alice.expect("You are now in dev").await;
-    alice.send("hello\n/quit bye\n").await;
-    alice.until_eof().await;
+    // Once through the config key, once through the standard variables.
+    for by_config in [true, false] {
+        let collector = Collector::default();
+        let addr = collector.start().await;
+        let endpoint = format!("http://{addr}");
+        let env: Vec<(&str, &str)> = if by_config {
+            vec![
+                ("CHATD_TELEMETRY__OTLP_ENDPOINT", &endpoint),
+                ("OTEL_SERVICE_NAME", "chatd-test"),
+            ]
+        } else {
+            vec![
+                ("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint),
+                ("OTEL_RESOURCE_ATTRIBUTES", "deployment.environment=test"),
+            ]
+        };
+        let mut env = env;
+        env.push(("OTEL_BSP_SCHEDULE_DELAY", "100"));
+        let server = TestServer::with_env(&env);
+        let (mut alice, _) = server.join().await;
+        alice.send("/nick alice\n").await;
+        alice.expect("You are now known as alice").await;
+        alice.send("/join dev\n").await;
+        alice.expect("You are now in dev").await;
+        alice.send("hello\n/quit bye\n").await;
+        alice.until_eof().await;
 
-    let join = collector.wait_for("/join", |s| s.name == "/join").await;
-    assert_eq!(join.service, "chatd-test");
-    assert_eq!(join.attributes["command"], "/join");
-    assert_eq!(
-        join.attributes["room"], "lobby",
-        "the room it was issued from"
-    );
-    let conn = collector.wait_for("conn", |s| s.name == "conn").await;
-    assert_eq!(conn.attributes["nick"], "alice", "{conn:?}");
-    assert!(conn.attributes["client"].parse::<u64>().is_ok(), "{conn:?}");
-    assert!(
-        conn.attributes["peer"].starts_with("127.0.0.1:"),
-        "{conn:?}"
-    );
-    // Chat lines have no spans of their own.
-    let spans = collector.spans.lock().expect("lock").clone();
-    assert!(
-        spans
-            .iter()
-            .all(|s| s.name == "conn" || s.name.starts_with('/')),
-        "{spans:#?}"
-    );
+        let join = collector.wait_for("/join", |s| s.name == "/join").await;
+        let service = if by_config { "chatd-test" } else { "chatd" };
+        assert_eq!(join.service, service);
+        assert_eq!(join.attributes["command"], "/join");
+        assert_eq!(
+            join.attributes["room"], "lobby",
+            "the room it was issued from"
+        );
+        let conn = collector.wait_for("conn", |s| s.name == "conn").await;
+        assert_eq!(conn.attributes["nick"], "alice", "{conn:?}");
+        assert!(conn.attributes["client"].parse::<u64>().is_ok(), "{conn:?}");
+        assert!(
+            conn.attributes["peer"].starts_with("127.0.0.1:"),
+            "{conn:?}"
+        );
+        // Chat lines have no spans of their own.
+        let spans = collector.spans.lock().expect("lock").clone();
+        assert!(
+            spans
+                .iter()
+                .all(|s| s.name == "conn" || s.name.starts_with('/')),
+            "{spans:#?}"
+        );
+    }
 }
 
 #[tokio::test]
