@@ -377,26 +377,7 @@ impl Connection {
             batch.lines += 1;
         }
     }
-}
 
-/// The command word of a `/command` line, for span names: one of a fixed
-/// set, so a client cannot create unbounded span names.
-fn command_name(line: &str) -> &'static str {
-    let word = line.split_whitespace().next().unwrap_or("/");
-    match word.to_ascii_lowercase().as_str() {
-        "/nick" => "/nick",
-        "/join" => "/join",
-        "/rooms" => "/rooms",
-        "/who" => "/who",
-        "/msg" => "/msg",
-        "/me" => "/me",
-        "/quit" => "/quit",
-        "/help" => "/help",
-        _ => "/unknown",
-    }
-}
-
-impl Connection {
     fn command(&mut self, text: &str, batch: &mut Batch) -> Option<Disconnect> {
         let command = match protocol::parse(text) {
             Ok(c) => c,
@@ -528,5 +509,22 @@ impl Connection {
         if matches!(flushed, Ok(Ok(()))) {
             linger(self.stream).await;
         }
+    }
+}
+
+/// The command word of a `/command` line, for span names: one of a fixed
+/// set, so a client cannot create unbounded span names.
+fn command_name(line: &str) -> &'static str {
+    let word = line.split_whitespace().next().unwrap_or("/");
+    match word.to_ascii_lowercase().as_str() {
+        "/nick" => "/nick",
+        "/join" => "/join",
+        "/rooms" => "/rooms",
+        "/who" => "/who",
+        "/msg" => "/msg",
+        "/me" => "/me",
+        "/quit" => "/quit",
+        "/help" => "/help",
+        _ => "/unknown",
     }
 }
