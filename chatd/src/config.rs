@@ -80,6 +80,8 @@ pub struct RawConfig {
     pub admin: RawAdmin,
     pub limits: RawLimits,
     pub log: RawLog,
+    pub telemetry: RawTelemetry,
+    pub metrics: RawMetrics,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -218,6 +220,7 @@ impl Default for RawLimits {
 pub struct RawLog {
     pub level: String,
     pub format: String,
+    pub target: String,
 }
 
 impl Default for RawLog {
@@ -225,8 +228,21 @@ impl Default for RawLog {
         Self {
             level: "info".into(),
             format: "text".into(),
+            target: "auto".into(),
         }
     }
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RawTelemetry {
+    pub otlp_endpoint: String,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RawMetrics {
+    pub listen: String,
 }
 
 /// The validated configuration.
@@ -238,6 +254,8 @@ pub struct Config {
     pub admin: Option<AdminConfig>,
     pub limits: Limits,
     pub log: LogConfig,
+    pub telemetry: TelemetryConfig,
+    pub metrics: MetricsConfig,
     /// The merged raw layers, kept for `--print-config`.
     pub raw: RawConfig,
 }
@@ -349,10 +367,34 @@ pub enum LogFormat {
     Json,
 }
 
+/// Where log records go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogTarget {
+    /// The journal when stderr is connected to it (`JOURNAL_STREAM`), else
+    /// stderr.
+    Auto,
+    Stderr,
+    Journald,
+}
+
 #[derive(Debug, Clone)]
 pub struct LogConfig {
     pub level: String,
     pub format: LogFormat,
+    pub target: LogTarget,
+}
+
+#[derive(Debug, Clone)]
+pub struct TelemetryConfig {
+    /// The OTLP/gRPC collector; `None` leaves it to
+    /// `OTEL_EXPORTER_OTLP_ENDPOINT`, and tracing off when that is unset too.
+    pub otlp_endpoint: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct MetricsConfig {
+    /// Where Prometheus scrapes `/metrics`; `None`: off.
+    pub listen: Option<SocketAddr>,
 }
 
 impl Config {
@@ -754,9 +796,44 @@ impl RawConfig {
                 ));
             }
         };
+        let target = match g.target.as_str() {
+            "auto" => LogTarget::Auto,
+            "stderr" => LogTarget::Stderr,
+            "journald" => LogTarget::Journald,
+            other => {
+                return Err(invalid(
+                    "log.target",
+                    format!("{other:?}"),
+                    "\"auto\", \"stderr\" or \"journald\"",
+                ));
+            }
+        };
         let log = LogConfig {
             level: g.level.clone(),
             format,
+            target,
+        };
+
+        let endpoint = self.telemetry.otlp_endpoint.trim();
+        let is_url = endpoint.starts_with("http://") || endpoint.starts_with("https://");
+        if !endpoint.is_empty() && !is_url {
+            return Err(invalid(
+                "telemetry.otlp_endpoint",
+                format!("{endpoint:?}"),
+                "empty (off) or an OTLP/gRPC URL like \"http://127.0.0.1:4317\"",
+            ));
+        }
+        let telemetry = TelemetryConfig {
+            otlp_endpoint: (!endpoint.is_empty()).then(|| endpoint.to_string()),
+        };
+
+        let m = self.metrics.listen.trim();
+        let metrics = MetricsConfig {
+            listen: if m.is_empty() {
+                None
+            } else {
+                Some(addr("metrics.listen", m)?)
+            },
         };
 
         Ok(Config {
@@ -766,6 +843,8 @@ impl RawConfig {
             admin,
             limits,
             log,
+            telemetry,
+            metrics,
             raw: self,
         })
     }
@@ -904,6 +983,38 @@ mod tests {
             default_state_dir(env(&[("HOME", "/home/u")]), false),
             PathBuf::from("/home/u/.local/state/chatd")
         );
+    }
+
+    #[test]
+    fn operations_keys_validate() {
+        let c = with_env(&[
+            ("CHATD_LOG__TARGET", "journald"),
+            ("CHATD_TELEMETRY__OTLP_ENDPOINT", "http://127.0.0.1:4317"),
+            ("CHATD_METRICS__LISTEN", "127.0.0.1:9100"),
+        ])
+        .expect("valid");
+        assert_eq!(c.log.target, LogTarget::Journald);
+        assert_eq!(
+            c.telemetry.otlp_endpoint.as_deref(),
+            Some("http://127.0.0.1:4317")
+        );
+        assert_eq!(c.metrics.listen.map(|a| a.port()), Some(9100));
+        let d = with_env(&[]).expect("defaults");
+        assert_eq!(d.log.target, LogTarget::Auto);
+        assert!(d.telemetry.otlp_endpoint.is_none() && d.metrics.listen.is_none());
+
+        for (key, value, needle) in [
+            ("CHATD_LOG__TARGET", "syslog", "log.target"),
+            (
+                "CHATD_TELEMETRY__OTLP_ENDPOINT",
+                "collector:4317",
+                "telemetry.otlp_endpoint",
+            ),
+            ("CHATD_METRICS__LISTEN", "localhost:9100", "metrics.listen"),
+        ] {
+            let e = with_env(&[(key, value)]).expect_err("rejected").to_string();
+            assert!(e.contains(needle) && e.contains(value), "{e}");
+        }
     }
 
     #[test]

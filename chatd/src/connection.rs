@@ -85,6 +85,7 @@ pub async fn serve(stream: TcpStream, peer: SocketAddr, hub: Hub) {
             flood: Flood::new(Instant::now()),
             overlong: 0,
             client,
+            span: tracing::Span::current(),
         };
         let reason = conn.run().await;
         Box::pin(conn.finish(reason)).await;
@@ -172,6 +173,8 @@ struct Connection {
     pending: VecDeque<Bytes>,
     flood: Flood,
     overlong: u32,
+    /// The `conn` span, whose `nick` follows the client's.
+    span: tracing::Span,
 }
 
 struct Flood {
@@ -366,6 +369,15 @@ impl Connection {
                 // batched so far must reach the room first.
                 self.publish(batch);
                 let text = String::from_utf8_lossy(line);
+                // One span per command (never per chat line), so a trace
+                // shows what each client did and how long it took.
+                let span = info_span!(
+                    "command",
+                    otel.name = command_name(&text),
+                    command = command_name(&text),
+                    room = %self.room.name,
+                );
+                let _entered = span.enter();
                 self.command(&text, batch)
             }
             _ => {
@@ -413,7 +425,7 @@ impl Connection {
             }
             Command::Nick(wanted) => match self.hub.rename(&self.client, wanted) {
                 Ok(new) => {
-                    tracing::Span::current().record("nick", &*new);
+                    self.span.record("nick", &*new);
                     info!(old = %self.nick, new = %new, "nick changed");
                     self.nick = new;
                     self.notice(&format!("You are now known as {}.", self.nick));
@@ -524,5 +536,22 @@ impl Connection {
         if matches!(flushed, Ok(Ok(()))) {
             linger(self.stream).await;
         }
+    }
+}
+
+/// The command word of a `/command` line, for span names: one of a fixed
+/// set, so a client cannot create unbounded span names.
+fn command_name(line: &str) -> &'static str {
+    let word = line.split_whitespace().next().unwrap_or("/");
+    match word.to_ascii_lowercase().as_str() {
+        "/nick" => "/nick",
+        "/join" => "/join",
+        "/rooms" => "/rooms",
+        "/who" => "/who",
+        "/msg" => "/msg",
+        "/me" => "/me",
+        "/quit" => "/quit",
+        "/help" => "/help",
+        _ => "/unknown",
     }
 }

@@ -668,6 +668,7 @@ impl Hub {
     /// to every other member of `room`. One allocation is shared by all
     /// recipients. Returns how many recipients it reached.
     pub fn publish(&self, room: &Room, from: ClientId, batch: Bytes, lines: usize) -> usize {
+        let started = Instant::now();
         let config = self.shared.config.load();
         let reached = self.fan_out_lines(
             room,
@@ -678,6 +679,7 @@ impl Hub {
         );
         room.remember(&batch, lines, config.chat.history);
         self.shared.stats.published(lines, reached);
+        self.shared.stats.fan_out_latency.observe(started.elapsed());
         reached
     }
 

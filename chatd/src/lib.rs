@@ -17,6 +17,8 @@
 //!   written atomically.
 //! - [`reload`]: re-reading the config at run time (admin `Reload`, SIGHUP).
 //! - [`config`], [`telemetry`], [`stats`], [`rate`]: what they say.
+//! - [`notify`], [`journal`], [`metrics`]: running under systemd and being
+//!   watched (sd_notify, the journal, Prometheus).
 //!
 //! See `ARCHITECTURE.md` at the repository root for the path of a message.
 
@@ -27,6 +29,9 @@ pub mod connection;
 pub mod files;
 pub mod framing;
 pub mod hub;
+pub mod journal;
+pub mod metrics;
+pub mod notify;
 pub mod outbox;
 pub mod protocol;
 pub mod rate;

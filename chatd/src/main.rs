@@ -12,7 +12,7 @@ use tracing::{error, info, warn};
 use chatd::Daemon;
 use chatd::config::{Config, Source};
 use chatd::reload::Reloader;
-use chatd::telemetry::LogLevel;
+use chatd::telemetry::Telemetry;
 
 /// A line-based chat daemon for nc and telnet, with a UDP echo port.
 #[derive(Parser, Debug)]
@@ -55,10 +55,6 @@ fn main() -> ExitCode {
         print!("{}", config.to_toml());
         return ExitCode::SUCCESS;
     }
-    let log = chatd::telemetry::init(&config.log);
-    std::panic::set_hook(Box::new(|info| {
-        error!(panic = %info, "internal error; please report it");
-    }));
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -69,7 +65,15 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(serve(config, source, log)) {
+    let telemetry = {
+        // The OTLP exporter's channel is created on the runtime.
+        let _runtime = runtime.enter();
+        chatd::telemetry::init(&config.log, &config.telemetry)
+    };
+    std::panic::set_hook(Box::new(|info| {
+        error!(panic = %info, "internal error; please report it");
+    }));
+    match runtime.block_on(serve(config, source, telemetry)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("chatd: {}", one_line(&e));
@@ -92,8 +96,9 @@ fn one_line(e: &anyhow::Error) -> String {
     text
 }
 
-async fn serve(config: Config, source: Source, log: LogLevel) -> anyhow::Result<()> {
+async fn serve(config: Config, source: Source, telemetry: Telemetry) -> anyhow::Result<()> {
     let listeners = chatd::bind(&config)?;
+    let metrics = chatd::metrics::bind(&config)?;
     let chat = listeners.chat.local_addr().context("chat listener")?;
     let udp = match &listeners.udp {
         Some(s) => s.local_addr().context("udp socket")?.to_string(),
@@ -110,14 +115,27 @@ async fn serve(config: Config, source: Source, log: LogLevel) -> anyhow::Result<
     let file = source
         .path()
         .map_or("built-in defaults".to_string(), |p| p.display().to_string());
-    let daemon = Daemon::new(config, source, Some(log))?;
+    let metrics_addr = chatd::metrics::describe(metrics.as_ref());
+    let daemon = Daemon::new(config, source, Some(telemetry.log_level()))?;
     if let Some(path) = daemon.generated_token_file() {
         info!(path = %path.display(), "no admin token configured: generated one for local use");
     }
-    info!(chat = %chat, udp = %udp, admin = %admin, admin_socket = %admin_socket, config = %file, "listening");
+    info!(chat = %chat, udp = %udp, admin = %admin, admin_socket = %admin_socket, metrics = %metrics_addr, config = %file, "listening");
     let shutdown = CancellationToken::new();
     tokio::spawn(signals(shutdown.clone(), daemon.reloader()));
+    if let Some(listener) = metrics {
+        tokio::spawn(chatd::metrics::serve(
+            listener,
+            daemon.hub().clone(),
+            shutdown.clone(),
+        ));
+    }
+    // Every listener is bound: connections queue in the backlog from here.
+    chatd::notify::ready();
+    let notifier = tokio::spawn(chatd::notify::run(daemon.hub().clone(), shutdown.clone()));
     daemon.run(listeners, shutdown).await;
+    let _ = notifier.await;
+    telemetry.shutdown().await;
     info!("stopped");
     Ok(())
 }
@@ -151,10 +169,14 @@ async fn signals(shutdown: CancellationToken, reloader: Reloader) {
     std::process::exit(130);
 }
 
-/// SIGHUP: the same as the admin API's `Reload`; the outcome is logged.
+/// SIGHUP: the same as the admin API's `Reload`; the outcome is logged, and
+/// systemd is told when the reload starts and ends.
 async fn reload(reloader: &Reloader) {
     let reloader = reloader.clone();
-    match tokio::task::spawn_blocking(move || reloader.reload()).await {
+    chatd::notify::reloading();
+    let outcome = tokio::task::spawn_blocking(move || reloader.reload()).await;
+    chatd::notify::ready();
+    match outcome {
         Ok(Ok(report)) => info!(
             config = %report.config_path,
             applied = ?report.applied,

@@ -29,6 +29,51 @@ pub struct Stats {
     pub udp_in: AtomicU64,
     pub udp_out: AtomicU64,
     pub udp_dropped: AtomicU64,
+    /// How long [`Hub::publish`](crate::hub::Hub::publish) takes.
+    pub fan_out_latency: Latency,
+}
+
+/// Upper bounds of the [`Latency`] buckets, in microseconds.
+pub const LATENCY_BUCKETS_US: [u64; 14] = [
+    1, 2, 5, 10, 20, 50, 100, 200, 500, 1_000, 2_000, 5_000, 10_000, 50_000,
+];
+
+/// A fixed-bucket histogram of durations: one relaxed add per observation.
+#[derive(Debug, Default)]
+pub struct Latency {
+    /// Observations per bucket (not cumulative); the last one is `+Inf`.
+    buckets: [AtomicU64; LATENCY_BUCKETS_US.len() + 1],
+    sum_ns: AtomicU64,
+}
+
+impl Latency {
+    pub fn observe(&self, elapsed: Duration) {
+        let us = elapsed.as_micros();
+        let slot = LATENCY_BUCKETS_US
+            .iter()
+            .position(|&bound| us <= u128::from(bound))
+            .unwrap_or(LATENCY_BUCKETS_US.len());
+        self.buckets[slot].fetch_add(1, Relaxed);
+        self.sum_ns
+            .fetch_add(elapsed.as_nanos().min(u128::from(u64::MAX)) as u64, Relaxed);
+    }
+
+    /// Counts per bucket, keyed by upper bound in seconds (the last one,
+    /// `f64::MAX`, stands for `+Inf`), the total count and the sum in
+    /// seconds.
+    pub fn buckets(&self) -> (Vec<(f64, u64)>, u64, f64) {
+        let mut total = 0;
+        let mut out = Vec::with_capacity(self.buckets.len());
+        for (i, bucket) in self.buckets.iter().enumerate() {
+            let n = bucket.load(Relaxed);
+            total += n;
+            let bound = LATENCY_BUCKETS_US
+                .get(i)
+                .map_or(f64::MAX, |&us| us as f64 / 1e6);
+            out.push((bound, n));
+        }
+        (out, total, self.sum_ns.load(Relaxed) as f64 / 1e9)
+    }
 }
 
 /// A copy of every counter at one moment, plus gauges.

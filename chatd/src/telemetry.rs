@@ -1,11 +1,37 @@
-//! Logging setup: human-readable text or JSON lines on stderr, with a level
-//! that a config reload can change.
+//! Logging and tracing setup. The same `tracing` events and spans feed every
+//! sink:
+//!
+//! - **stderr**: human-readable text or JSON lines (`[log] format`);
+//! - **the systemd journal**, instead of stderr, when stderr is connected to
+//!   it (`JOURNAL_STREAM`, as under systemd) or `[log] target = "journald"`:
+//!   native records with the structured fields as journal fields (see
+//!   [`journal`](crate::journal));
+//! - **OpenTelemetry traces** over OTLP/gRPC when `[telemetry] otlp_endpoint`
+//!   or `OTEL_EXPORTER_OTLP_ENDPOINT` is set. Spans are batched on a
+//!   dedicated thread with a bounded queue: when the collector is slow or
+//!   down, spans are dropped (and the drop is logged), never waited for.
+//!
+//! The level filter sits in front of every sink and can be changed at run
+//! time ([`LogLevel`]), which is how a config reload changes `log.level`.
 
-use tracing_subscriber::layer::SubscriberExt;
-use tracing_subscriber::util::SubscriberInitExt;
-use tracing_subscriber::{EnvFilter, Registry, reload};
+use std::time::Duration;
 
-use crate::config::{LogConfig, LogFormat};
+use opentelemetry::trace::TracerProvider as _;
+use opentelemetry_otlp::WithExportConfig as _;
+use opentelemetry_sdk::Resource;
+use opentelemetry_sdk::trace::{BatchConfigBuilder, BatchSpanProcessor, SdkTracerProvider};
+use tracing_subscriber::layer::Layered;
+use tracing_subscriber::layer::SubscriberExt as _;
+use tracing_subscriber::util::SubscriberInitExt as _;
+use tracing_subscriber::{EnvFilter, Layer, Registry, reload};
+
+use crate::config::{LogConfig, LogFormat, LogTarget, TelemetryConfig};
+use crate::journal::JournalLayer;
+
+/// Spans waiting for export; beyond it new spans are dropped.
+const SPAN_QUEUE: usize = 4096;
+/// How long shutdown waits for the last spans to be exported.
+const FLUSH_DEADLINE: Duration = Duration::from_secs(3);
 
 /// Changes the log filter of the running daemon.
 #[derive(Debug, Clone)]
@@ -29,36 +55,141 @@ impl LogLevel {
     }
 }
 
+/// What [`init`] set up that needs a clean stop.
+#[must_use = "call shutdown() to export the last spans"]
+pub struct Telemetry {
+    tracer: Option<SdkTracerProvider>,
+    log: LogLevel,
+}
+
+impl Telemetry {
+    /// The handle a config reload uses to change the log level.
+    pub fn log_level(&self) -> LogLevel {
+        self.log.clone()
+    }
+
+    /// Exports what spans remain, within a short deadline.
+    pub async fn shutdown(self) {
+        let Some(provider) = self.tracer else { return };
+        let flush = tokio::task::spawn_blocking(move || provider.shutdown());
+        let _ = tokio::time::timeout(FLUSH_DEADLINE, flush).await;
+    }
+}
+
+/// The subscriber every sink layers onto: the registry behind the
+/// reloadable level filter.
+type Filtered = Layered<reload::Layer<EnvFilter, Registry>, Registry>;
+type BoxedLayer = Box<dyn Layer<Filtered> + Send + Sync>;
+
 /// Installs the global subscriber. `RUST_LOG`, when set, overrides
-/// `log.level`.
-pub fn init(log: &LogConfig) -> LogLevel {
+/// `log.level`. Must run inside the tokio runtime when tracing is on (the
+/// gRPC channel lives there).
+pub fn init(log: &LogConfig, telemetry: &TelemetryConfig) -> Telemetry {
     let from_env = std::env::var("RUST_LOG")
         .ok()
         .and_then(|v| EnvFilter::try_new(v).ok());
     let pinned = from_env.is_some();
     let filter = from_env.unwrap_or_else(|| EnvFilter::new(&log.level));
     let (filter, handle) = reload::Layer::new(filter);
-    let (text, json) = match log.format {
-        LogFormat::Text => (
-            Some(tracing_subscriber::fmt::layer().with_writer(std::io::stderr)),
-            None,
-        ),
-        LogFormat::Json => (
-            None,
-            Some(
-                tracing_subscriber::fmt::layer()
-                    .with_writer(std::io::stderr)
+    let mut layers: Vec<BoxedLayer> = Vec::new();
+    let mut problems = Vec::new();
+
+    let journald = match log.target {
+        LogTarget::Stderr => false,
+        LogTarget::Journald => true,
+        LogTarget::Auto => systemd_journal_logger::connected_to_journal(),
+    };
+    let journal = journald.then(JournalLayer::connect).and_then(|r| match r {
+        Ok(layer) => Some(layer),
+        Err(e) => {
+            problems.push(format!(
+                "cannot write to the systemd journal ({e}); logging to stderr"
+            ));
+            None
+        }
+    });
+    match journal {
+        Some(layer) => layers.push(layer.boxed()),
+        None => {
+            let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+            layers.push(match log.format {
+                LogFormat::Text => fmt.boxed(),
+                LogFormat::Json => fmt
                     .json()
                     .flatten_event(true)
                     .with_current_span(true)
-                    .with_span_list(false),
-            ),
-        ),
+                    .with_span_list(false)
+                    .boxed(),
+            });
+        }
+    }
+
+    let tracer = if tracing_wanted(telemetry) {
+        match tracer_provider(telemetry) {
+            Ok(provider) => {
+                let tracer = provider.tracer("chatd");
+                layers.push(tracing_opentelemetry::layer().with_tracer(tracer).boxed());
+                Some(provider)
+            }
+            Err(e) => {
+                problems.push(format!("cannot set up OpenTelemetry tracing: {e}"));
+                None
+            }
+        }
+    } else {
+        None
     };
+
     tracing_subscriber::registry()
         .with(filter)
-        .with(text)
-        .with(json)
+        .with(layers)
         .init();
-    LogLevel { handle, pinned }
+    for problem in problems {
+        tracing::warn!("{problem}");
+    }
+    Telemetry {
+        tracer,
+        log: LogLevel { handle, pinned },
+    }
+}
+
+fn env_set(name: &str) -> bool {
+    std::env::var(name).is_ok_and(|v| !v.trim().is_empty())
+}
+
+fn tracing_wanted(telemetry: &TelemetryConfig) -> bool {
+    telemetry.otlp_endpoint.is_some()
+        || env_set("OTEL_EXPORTER_OTLP_ENDPOINT")
+        || env_set("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+}
+
+fn tracer_provider(
+    telemetry: &TelemetryConfig,
+) -> Result<SdkTracerProvider, opentelemetry_otlp::ExporterBuildError> {
+    let mut exporter = opentelemetry_otlp::SpanExporter::builder().with_tonic();
+    if let Some(endpoint) = &telemetry.otlp_endpoint {
+        exporter = exporter.with_endpoint(endpoint.clone());
+    }
+    let processor = BatchSpanProcessor::builder(exporter.build()?)
+        .with_batch_config(
+            BatchConfigBuilder::default()
+                .with_max_queue_size(SPAN_QUEUE)
+                .build(),
+        )
+        .build();
+    // The standard variables (OTEL_SERVICE_NAME, OTEL_RESOURCE_ATTRIBUTES)
+    // are read by the builder; "chatd" is only the fallback name.
+    let named = env_set("OTEL_SERVICE_NAME")
+        || std::env::var("OTEL_RESOURCE_ATTRIBUTES").is_ok_and(|v| v.contains("service.name="));
+    let mut resource = Resource::builder().with_attribute(opentelemetry::KeyValue::new(
+        "service.version",
+        env!("CARGO_PKG_VERSION"),
+    ));
+    if !named {
+        resource = resource.with_service_name("chatd");
+    }
+    Ok(SdkTracerProvider::builder()
+        .with_span_processor(processor)
+        .with_resource(resource.build())
+        .build())
 }

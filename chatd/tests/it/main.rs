@@ -6,5 +6,6 @@ mod chat;
 mod lifecycle;
 mod limits;
 mod safety;
+mod service;
 mod support;
 mod udp;

@@ -1,0 +1,302 @@
+//! Prometheus metrics at `http://[metrics] listen/metrics`.
+//!
+//! Nothing is counted twice: a scrape reads the hub's [`Stats`] counters and
+//! gauges as they are, through a `prometheus-client` collector. The only
+//! metric kept here is the admin RPC count, which the admin API adds to with
+//! [`admin_rpc`].
+//!
+//! The HTTP side is deliberately tiny: `GET /metrics` and nothing else, one
+//! request per connection, a bounded number of scrapes at once, each with a
+//! deadline. It is meant for a loopback or private address.
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::{Arc, LazyLock};
+use std::time::Duration;
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric, NoLabelSet};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::registry::Registry;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+
+use crate::config::Config;
+use crate::hub::Hub;
+use crate::server::{BindError, bind_tcp};
+
+/// Scrapes served at once; more wait in the listen backlog.
+const MAX_SCRAPES: usize = 8;
+/// A scrape must send its request and read the answer within this.
+const SCRAPE_DEADLINE: Duration = Duration::from_secs(10);
+/// Longest request head read.
+const MAX_REQUEST: usize = 8 * 1024;
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RpcLabels {
+    method: String,
+    status: String,
+}
+
+static ADMIN_RPCS: LazyLock<Family<RpcLabels, Counter>> = LazyLock::new(Family::default);
+
+/// Counts one admin RPC by method (e.g. `"Kick"`) and status code name
+/// (e.g. `"OK"`, `"NOT_FOUND"`).
+pub fn admin_rpc(method: &str, status: &str) {
+    ADMIN_RPCS
+        .get_or_create(&RpcLabels {
+            method: method.to_string(),
+            status: status.to_string(),
+        })
+        .inc();
+}
+
+/// Binds `[metrics] listen`, if set.
+pub fn bind(config: &Config) -> Result<Option<TcpListener>, BindError> {
+    let Some(addr) = config.metrics.listen else {
+        return Ok(None);
+    };
+    bind_tcp(addr, 64).map(Some).map_err(|source| BindError {
+        key: "metrics.listen",
+        addr: addr.to_string(),
+        source,
+    })
+}
+
+/// The metrics text for `hub`, in the OpenMetrics format Prometheus reads.
+pub fn render(hub: &Hub) -> String {
+    let mut registry = Registry::with_prefix("chatd");
+    registry.register(
+        "admin_rpcs",
+        "Admin API calls, by method and status",
+        ADMIN_RPCS.clone(),
+    );
+    registry.register_collector(Box::new(HubCollector { hub: hub.clone() }));
+    let mut text = String::new();
+    if let Err(e) = prometheus_client::encoding::text::encode(&mut text, &registry) {
+        warn!(error = %e, "cannot encode metrics");
+    }
+    text
+}
+
+/// Reads the hub's counters at scrape time.
+#[derive(Debug)]
+struct HubCollector {
+    hub: Hub,
+}
+
+impl Collector for HubCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let snap = self.hub.snapshot();
+        let stats = self.hub.stats();
+        let gauges: [(&str, &str, u64); 4] = [
+            (
+                "uptime_seconds",
+                "Seconds since the daemon started",
+                snap.uptime.as_secs(),
+            ),
+            ("clients", "Clients connected now", snap.clients),
+            (
+                "peak_clients",
+                "Most clients connected at once",
+                snap.peak_clients,
+            ),
+            ("rooms", "Rooms that exist now", snap.rooms),
+        ];
+        for (name, help, value) in gauges {
+            let metric = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
+            ConstGauge::new(value as i64).encode(metric)?;
+        }
+        let counters: [(&str, &str, u64); 15] = [
+            (
+                "connections",
+                "Connections accepted and registered",
+                snap.connections,
+            ),
+            (
+                "refused",
+                "Connections refused (server full, per-address limit, shutdown)",
+                snap.refused,
+            ),
+            ("lines_in", "Lines received from clients", snap.lines_in),
+            ("bytes_in", "Bytes received from clients", snap.bytes_in),
+            (
+                "lines_relayed",
+                "Chat lines relayed to a room or a person, each counted once",
+                snap.lines_relayed,
+            ),
+            (
+                "deliveries",
+                "Chat line deliveries: lines relayed times recipients (the lines out)",
+                snap.deliveries,
+            ),
+            (
+                "bytes_out",
+                "Bytes written to clients",
+                stats.bytes_out.load(Relaxed),
+            ),
+            ("kicks", "Clients kicked by an operator", snap.kicks),
+            (
+                "slow_consumer_disconnects",
+                "Clients cut off because their outgoing queue overflowed",
+                snap.slow_consumer_disconnects,
+            ),
+            (
+                "flood_disconnects",
+                "Clients cut off for flooding",
+                snap.flood_disconnects,
+            ),
+            (
+                "idle_disconnects",
+                "Clients cut off for being idle",
+                snap.idle_disconnects,
+            ),
+            (
+                "overlong_disconnects",
+                "Clients cut off for sending too many over-long lines",
+                snap.overlong_disconnects,
+            ),
+            ("udp_in", "UDP datagrams received", snap.udp_in),
+            ("udp_out", "UDP datagrams echoed", snap.udp_out),
+            (
+                "udp_dropped",
+                "UDP datagrams not echoed (too large or rate-limited)",
+                snap.udp_dropped,
+            ),
+        ];
+        for (name, help, value) in counters {
+            let metric = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+            ConstCounter::new(value).encode(metric)?;
+        }
+        let (buckets, count, sum) = stats.fan_out_latency.buckets();
+        let mut metric = encoder.encode_descriptor(
+            "fan_out_seconds",
+            "Time to hand one batch of chat lines to every member of a room",
+            None,
+            MetricType::Histogram,
+        )?;
+        metric.encode_histogram::<NoLabelSet>(sum, count, &buckets, None)?;
+        Ok(())
+    }
+}
+
+/// Serves `GET /metrics` on `listener` until `shutdown`.
+pub async fn serve(listener: TcpListener, hub: Hub, shutdown: CancellationToken) {
+    let slots = Arc::new(Semaphore::new(MAX_SCRAPES));
+    loop {
+        let Ok(permit) = slots.clone().acquire_owned().await else {
+            return;
+        };
+        let accepted = tokio::select! {
+            () = shutdown.cancelled() => return,
+            accepted = listener.accept() => accepted,
+        };
+        match accepted {
+            Ok((stream, peer)) => {
+                let hub = hub.clone();
+                tokio::spawn(async move {
+                    let answered =
+                        tokio::time::timeout(SCRAPE_DEADLINE, answer(stream, &hub)).await;
+                    if !matches!(answered, Ok(Ok(()))) {
+                        debug!(%peer, "metrics scrape failed or timed out");
+                    }
+                    drop(permit);
+                });
+            }
+            Err(e) => {
+                warn!(error = %e, "metrics accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+async fn answer(mut stream: TcpStream, hub: &Hub) -> io::Result<()> {
+    let mut head = Vec::with_capacity(512);
+    let mut buf = [0u8; 1024];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") && !head.windows(2).any(|w| w == b"\n\n") {
+        let n = stream.read(&mut buf).await?;
+        if n == 0 {
+            break;
+        }
+        head.extend_from_slice(&buf[..n]);
+        if head.len() > MAX_REQUEST {
+            return respond(
+                &mut stream,
+                "431 Request Header Fields Too Large",
+                "text/plain",
+                "",
+            )
+            .await;
+        }
+    }
+    let line = head.split(|&b| b == b'\n').next().unwrap_or_default();
+    let mut words = line.split(|&b| b == b' ');
+    let (method, path) = (words.next(), words.next());
+    match (method, path) {
+        (Some(b"GET"), Some(b"/metrics")) => {
+            let body = render(hub);
+            respond(
+                &mut stream,
+                "200 OK",
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                &body,
+            )
+            .await
+        }
+        (Some(b"GET"), _) => {
+            respond(&mut stream, "404 Not Found", "text/plain", "try /metrics\n").await
+        }
+        _ => respond(&mut stream, "405 Method Not Allowed", "text/plain", "").await,
+    }
+}
+
+async fn respond(stream: &mut TcpStream, status: &str, kind: &str, body: &str) -> io::Result<()> {
+    let head = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: {kind}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).await?;
+    stream.write_all(body.as_bytes()).await?;
+    stream.shutdown().await
+}
+
+/// The address metrics are served on, for the startup log line.
+pub fn describe(listener: Option<&TcpListener>) -> String {
+    listener
+        .and_then(|l| l.local_addr().ok())
+        .map_or_else(|| "off".to_string(), |a: SocketAddr| a.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn admin_rpcs_are_counted_by_method_and_status() {
+        let config = crate::config::RawConfig::default()
+            .validate()
+            .expect("defaults validate");
+        let hub = Hub::new(config);
+        admin_rpc("Kick", "OK");
+        admin_rpc("Kick", "OK");
+        admin_rpc("Kick", "NOT_FOUND");
+        let text = render(&hub);
+        assert!(
+            text.contains("chatd_admin_rpcs_total{method=\"Kick\",status=\"OK\"} 2"),
+            "{text}"
+        );
+        assert!(
+            text.contains("chatd_admin_rpcs_total{method=\"Kick\",status=\"NOT_FOUND\"} 1"),
+            "{text}"
+        );
+        assert!(text.contains("chatd_clients 0"), "{text}");
+    }
+}

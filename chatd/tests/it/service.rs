@@ -1,0 +1,463 @@
+//! Running as a service: the systemd notify protocol, native journal
+//! records, Prometheus metrics and OpenTelemetry traces, each checked from
+//! the receiving side.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
+    TraceService, TraceServiceServer,
+};
+use opentelemetry_proto::tonic::collector::trace::v1::{
+    ExportTraceServiceRequest, ExportTraceServiceResponse,
+};
+use opentelemetry_proto::tonic::common::v1::any_value::Value;
+use rustix::process::Signal;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpStream, UdpSocket, UnixDatagram};
+
+use crate::support::*;
+
+/// Receives datagrams until one contains `needle` as a line; returns every
+/// line received on the way, that one included.
+async fn until_line(socket: &UnixDatagram, needle: &str) -> Vec<String> {
+    let mut seen = Vec::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = tokio::time::timeout(WAIT, socket.recv(&mut buf))
+            .await
+            .unwrap_or_else(|_| panic!("no {needle:?} in time; saw {seen:?}"))
+            .expect("recv");
+        let text = String::from_utf8_lossy(&buf[..n]).into_owned();
+        let found = text.lines().any(|l| l == needle);
+        seen.extend(text.lines().map(str::to_string));
+        if found {
+            return seen;
+        }
+    }
+}
+
+#[tokio::test]
+async fn notify_ready_watchdog_reload_and_stopping_in_order() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("notify");
+    let socket = UnixDatagram::bind(&path).expect("bind notify socket");
+    let notify = path.to_str().expect("utf-8");
+    let mut server = TestServer::with_env(&[
+        ("NOTIFY_SOCKET", notify),
+        // 200 ms: chatd must ping at least every 100 ms.
+        ("WATCHDOG_USEC", "200000"),
+    ]);
+    let before = until_line(&socket, "READY=1").await;
+    assert!(
+        !before
+            .iter()
+            .any(|l| l == "STOPPING=1" || l == "WATCHDOG=1"),
+        "{before:?}"
+    );
+    // READY means served: a client is welcomed straight away.
+    let (mut alice, _) = server.join().await;
+
+    // The watchdog keeps being fed while the daemon is healthy, with a
+    // status line naming the clients.
+    let started = Instant::now();
+    let mut pings = 0;
+    let mut status = String::new();
+    while pings < 5 {
+        let lines = until_line(&socket, "WATCHDOG=1").await;
+        pings += 1;
+        if let Some(s) = lines.iter().find_map(|l| l.strip_prefix("STATUS=")) {
+            status = s.to_string();
+        }
+    }
+    assert!(started.elapsed() < Duration::from_secs(3), "pings too slow");
+    assert!(status.contains("1 clients"), "{status:?}");
+
+    server.signal(Signal::HUP);
+    let lines = until_line(&socket, "RELOADING=1").await;
+    assert!(!lines.iter().any(|l| l == "READY=1"), "{lines:?}");
+    let lines = until_line(&socket, "READY=1").await;
+    assert!(!lines.iter().any(|l| l == "STOPPING=1"), "{lines:?}");
+    server.wait_logged("configuration reloaded").await;
+    alice.send("still here\n").await;
+    alice.sync().await;
+
+    server.signal(Signal::TERM);
+    until_line(&socket, "STOPPING=1").await;
+    assert_eq!(server.wait_exit().await.code(), Some(0));
+}
+
+#[tokio::test]
+async fn without_notify_socket_nothing_is_sent_and_chat_works() {
+    let server = TestServer::with_env(&[("WATCHDOG_USEC", "200000")]);
+    let (mut alice, a) = server.join().await;
+    let (mut bob, _) = server.join().await;
+    alice.send("hello\n").await;
+    assert_eq!(bob.expect("hello").await, format!("<{a}> hello"));
+}
+
+/// One native journal record: `KEY=value` lines, or `KEY\n` followed by a
+/// little-endian u64 length, the value and `\n` for values with newlines.
+fn parse_journal(mut data: &[u8]) -> HashMap<String, String> {
+    let mut fields = HashMap::new();
+    while !data.is_empty() {
+        let end = data.iter().position(|&b| b == b'\n').unwrap_or(data.len());
+        let line = &data[..end];
+        if let Some(eq) = line.iter().position(|&b| b == b'=') {
+            fields.insert(
+                String::from_utf8_lossy(&line[..eq]).into_owned(),
+                String::from_utf8_lossy(&line[eq + 1..]).into_owned(),
+            );
+            data = data.get(end + 1..).unwrap_or_default();
+        } else {
+            let key = String::from_utf8_lossy(line).into_owned();
+            let rest = &data[end + 1..];
+            let len = u64::from_le_bytes(rest[..8].try_into().expect("8 bytes")) as usize;
+            let value = String::from_utf8_lossy(&rest[8..8 + len]).into_owned();
+            fields.insert(key, value);
+            data = rest.get(8 + len + 1..).unwrap_or_default();
+        }
+    }
+    fields
+}
+
+/// Whether this test process may create a mount namespace (root in CI).
+fn can_unshare() -> bool {
+    Command::new("unshare")
+        .args(["--mount", "true"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+#[tokio::test]
+async fn journald_records_carry_priority_message_and_client_fields() {
+    // The journal socket path is fixed (/run/systemd/journal/socket), so
+    // chatd runs in a private mount namespace where that directory is ours.
+    if !can_unshare() {
+        eprintln!("skipped: cannot create a mount namespace here (needs root)");
+        return;
+    }
+    let journal_dir = Path::new("/run/systemd/journal");
+    std::fs::create_dir_all(journal_dir).expect("create /run/systemd/journal");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let socket = UnixDatagram::bind(dir.path().join("socket")).expect("bind journal socket");
+    let script = format!(
+        "mount --bind '{}' /run/systemd/journal && exec '{}'",
+        dir.path().display(),
+        chatd_bin()
+    );
+    let mut cmd = Command::new("unshare");
+    cmd.args(["--mount", "--propagation", "private", "sh", "-c", &script]);
+    TestServer::prepare(&mut cmd, None, &[("CHATD_LOG__TARGET", "journald")]);
+    cmd.stderr(Stdio::inherit());
+    let mut child = cmd.spawn().expect("start chatd");
+    let _kill = KillOnDrop(child.id());
+
+    let mut records: Vec<HashMap<String, String>> = Vec::new();
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut next = async |records: &mut Vec<HashMap<String, String>>| {
+        let n = tokio::time::timeout(WAIT, socket.recv(&mut buf))
+            .await
+            .expect("a journal record in time")
+            .expect("recv");
+        if n > 0 {
+            records.push(parse_journal(&buf[..n]));
+        }
+    };
+    while !records
+        .iter()
+        .any(|r| r.get("MESSAGE").is_some_and(|m| m == "listening"))
+    {
+        next(&mut records).await;
+    }
+    let listening = records.last().expect("record").clone();
+    assert_eq!(listening["PRIORITY"], "5", "{listening:?}");
+    assert_eq!(listening["SYSLOG_IDENTIFIER"], "chatd");
+    let chat: SocketAddr = listening["CHAT"].parse().expect("CHAT field is an address");
+
+    let mut alice = Client::connect(chat).await;
+    alice.welcome().await;
+    alice.send("/nick alice\n/join dev\n").await;
+    alice.expect("You are now in dev").await;
+    let joined = loop {
+        if let Some(r) = records
+            .iter()
+            .find(|r| r.get("MESSAGE").is_some_and(|m| m == "joined"))
+        {
+            break r.clone();
+        }
+        next(&mut records).await;
+    };
+    assert_eq!(joined["NICK"], "alice", "{joined:?}");
+    assert_eq!(joined["ROOM"], "dev", "{joined:?}");
+    assert_eq!(joined["PRIORITY"], "5");
+    assert!(joined["CLIENT"].parse::<u64>().is_ok(), "{joined:?}");
+    assert!(joined["PEER"].starts_with("127.0.0.1:"), "{joined:?}");
+    assert!(joined.contains_key("CODE_FILE"));
+
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+struct KillOnDrop(u32);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if let Some(pid) = rustix::process::Pid::from_raw(self.0 as i32) {
+            let _ = rustix::process::kill_process(pid, Signal::KILL);
+        }
+    }
+}
+
+async fn scrape(addr: SocketAddr, path: &str) -> (String, String) {
+    let mut stream = TcpStream::connect(addr).await.expect("connect to metrics");
+    stream
+        .write_all(format!("GET {path} HTTP/1.1\r\nHost: test\r\n\r\n").as_bytes())
+        .await
+        .expect("send request");
+    let mut response = String::new();
+    tokio::time::timeout(WAIT, stream.read_to_string(&mut response))
+        .await
+        .expect("response in time")
+        .expect("read response");
+    let (head, body) = response.split_once("\r\n\r\n").expect("head and body");
+    (head.to_string(), body.to_string())
+}
+
+fn sample(body: &str, name: &str) -> f64 {
+    body.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no sample {name} in:\n{body}"))
+}
+
+#[tokio::test]
+async fn prometheus_metrics_scrape_after_real_traffic() {
+    let server = TestServer::with_env(&[("CHATD_METRICS__LISTEN", "127.0.0.1:0")]);
+    let listening = server.wait_logged("listening").await;
+    let metrics: SocketAddr = listening["metrics"]
+        .as_str()
+        .and_then(|s| s.parse().ok())
+        .expect("metrics address in the listening line");
+
+    let (mut alice, _) = server.join().await;
+    let (mut bob, _) = server.join().await;
+    alice.expect("joined").await;
+    alice.send("one\ntwo\nthree\n").await;
+    bob.expect("three").await;
+    let udp = UdpSocket::bind("127.0.0.1:0").await.expect("udp bind");
+    udp.send_to(b"ping", server.udp.expect("udp on"))
+        .await
+        .expect("udp send");
+    let mut buf = [0u8; 16];
+    tokio::time::timeout(WAIT, udp.recv_from(&mut buf))
+        .await
+        .expect("echo in time")
+        .expect("echo");
+
+    let (head, body) = scrape(metrics, "/metrics").await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(head.contains("application/openmetrics-text"), "{head}");
+    assert_eq!(sample(&body, "chatd_clients"), 2.0);
+    assert_eq!(sample(&body, "chatd_peak_clients"), 2.0);
+    assert_eq!(sample(&body, "chatd_rooms"), 1.0);
+    assert!(sample(&body, "chatd_lines_in_total") >= 3.0);
+    assert!(sample(&body, "chatd_deliveries_total") >= 3.0);
+    assert!(sample(&body, "chatd_bytes_in_total") >= 14.0);
+    assert!(sample(&body, "chatd_bytes_out_total") > 0.0);
+    assert_eq!(sample(&body, "chatd_udp_in_total"), 1.0);
+    assert_eq!(sample(&body, "chatd_udp_out_total"), 1.0);
+    assert_eq!(sample(&body, "chatd_flood_disconnects_total"), 0.0);
+    assert!(sample(&body, "chatd_fan_out_seconds_count") >= 1.0);
+    assert!(
+        body.contains("chatd_fan_out_seconds_bucket{le=\"+Inf\"}"),
+        "{body}"
+    );
+    assert!(body.trim_end().ends_with("# EOF"), "{body}");
+
+    let (head, _) = scrape(metrics, "/other").await;
+    assert!(head.starts_with("HTTP/1.1 404"), "{head}");
+}
+
+/// A stand-in OpenTelemetry collector: keeps every span it is sent.
+#[derive(Default, Clone)]
+struct Collector {
+    spans: Arc<Mutex<Vec<SpanSeen>>>,
+}
+
+#[derive(Debug, Clone)]
+struct SpanSeen {
+    name: String,
+    service: String,
+    attributes: HashMap<String, String>,
+}
+
+#[tonic::async_trait]
+impl TraceService for Collector {
+    async fn export(
+        &self,
+        request: tonic::Request<ExportTraceServiceRequest>,
+    ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+        let text = |v: &Option<opentelemetry_proto::tonic::common::v1::AnyValue>| match v
+            .as_ref()
+            .and_then(|v| v.value.as_ref())
+        {
+            Some(Value::StringValue(s)) => s.clone(),
+            Some(Value::IntValue(i)) => i.to_string(),
+            Some(Value::BoolValue(b)) => b.to_string(),
+            Some(Value::DoubleValue(d)) => d.to_string(),
+            other => format!("{other:?}"),
+        };
+        let mut spans = self.spans.lock().expect("lock");
+        for resource in request.into_inner().resource_spans {
+            let service = resource
+                .resource
+                .iter()
+                .flat_map(|r| &r.attributes)
+                .find(|kv| kv.key == "service.name")
+                .map(|kv| text(&kv.value))
+                .unwrap_or_default();
+            for scope in resource.scope_spans {
+                for span in scope.spans {
+                    spans.push(SpanSeen {
+                        name: span.name.clone(),
+                        service: service.clone(),
+                        attributes: span
+                            .attributes
+                            .iter()
+                            .map(|kv| (kv.key.clone(), text(&kv.value)))
+                            .collect(),
+                    });
+                }
+            }
+        }
+        Ok(tonic::Response::new(ExportTraceServiceResponse::default()))
+    }
+}
+
+impl Collector {
+    async fn start(&self) -> SocketAddr {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind collector");
+        let addr = listener.local_addr().expect("addr");
+        let service = TraceServiceServer::new(self.clone());
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(service)
+                .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)),
+        );
+        addr
+    }
+
+    async fn wait_for(&self, what: &str, pred: impl Fn(&SpanSeen) -> bool) -> SpanSeen {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let found = self
+                .spans
+                .lock()
+                .expect("lock")
+                .iter()
+                .find(|s| pred(s))
+                .cloned();
+            if let Some(span) = found {
+                return span;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no {what} span; got {:#?}",
+                self.spans.lock().expect("lock")
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_collector_receives_connection_and_command_spans() {
+    // Once through the config key, once through the standard variables.
+    for by_config in [true, false] {
+        let collector = Collector::default();
+        let addr = collector.start().await;
+        let endpoint = format!("http://{addr}");
+        let env: Vec<(&str, &str)> = if by_config {
+            vec![
+                ("CHATD_TELEMETRY__OTLP_ENDPOINT", &endpoint),
+                ("OTEL_SERVICE_NAME", "chatd-test"),
+            ]
+        } else {
+            vec![
+                ("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint),
+                ("OTEL_RESOURCE_ATTRIBUTES", "deployment.environment=test"),
+            ]
+        };
+        let mut env = env;
+        env.push(("OTEL_BSP_SCHEDULE_DELAY", "100"));
+        let server = TestServer::with_env(&env);
+        let (mut alice, _) = server.join().await;
+        alice.send("/nick alice\n").await;
+        alice.expect("You are now known as alice").await;
+        alice.send("/join dev\n").await;
+        alice.expect("You are now in dev").await;
+        alice.send("hello\n/quit bye\n").await;
+        alice.until_eof().await;
+
+        let join = collector.wait_for("/join", |s| s.name == "/join").await;
+        let service = if by_config { "chatd-test" } else { "chatd" };
+        assert_eq!(join.service, service);
+        assert_eq!(join.attributes["command"], "/join");
+        assert_eq!(
+            join.attributes["room"], "lobby",
+            "the room it was issued from"
+        );
+        let conn = collector.wait_for("conn", |s| s.name == "conn").await;
+        assert_eq!(conn.attributes["nick"], "alice", "{conn:?}");
+        assert!(conn.attributes["client"].parse::<u64>().is_ok(), "{conn:?}");
+        assert!(
+            conn.attributes["peer"].starts_with("127.0.0.1:"),
+            "{conn:?}"
+        );
+        // Chat lines have no spans of their own.
+        let spans = collector.spans.lock().expect("lock").clone();
+        assert!(
+            spans
+                .iter()
+                .all(|s| s.name == "conn" || s.name.starts_with('/')),
+            "{spans:#?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn chat_keeps_working_when_the_collector_is_down() {
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let endpoint = format!("http://{}", closed.local_addr().expect("addr"));
+    drop(closed);
+    let server = TestServer::with_env(&[
+        ("CHATD_TELEMETRY__OTLP_ENDPOINT", &endpoint),
+        ("OTEL_BSP_SCHEDULE_DELAY", "50"),
+        ("CHATD_LIMITS__FLOOD_LINES_PER_SEC", "0"),
+    ]);
+    let (mut alice, a) = server.join().await;
+    let (mut bob, _) = server.join().await;
+    alice.expect("joined").await;
+    let started = Instant::now();
+    for i in 0..50 {
+        alice.send(&format!("/who\nline {i}\n")).await;
+        assert_eq!(
+            bob.expect(&format!("line {i}")).await,
+            format!("<{a}> line {i}")
+        );
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "chat slowed down: {:?}",
+        started.elapsed()
+    );
+}
