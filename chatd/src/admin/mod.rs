@@ -2,6 +2,7 @@
 //! server reflection beside it on the same listeners (TCP, optionally TLS,
 //! and/or a UNIX socket).
 //!
+//! - `observe`: a span and a metric per call, outermost;
 //! - `auth`: bearer tokens and roles, a tower layer in front of everything;
 //! - `service`: the `Admin` methods, each a thin call into the hub;
 //! - `convert`: hub types → protobuf messages;
@@ -14,6 +15,7 @@
 mod auth;
 mod convert;
 mod error;
+mod observe;
 mod service;
 
 use std::path::{Path, PathBuf};
@@ -198,6 +200,7 @@ pub async fn serve(
             };
         }
         builder
+            .layer(observe::ObserveLayer)
             .layer(AuthLayer::new(setup.tokens.clone()))
             .add_service(health_service.clone())
             .add_optional_service(reflection.clone())

@@ -285,6 +285,35 @@ async fn prometheus_metrics_scrape_after_real_traffic() {
     assert!(head.starts_with("HTTP/1.1 404"), "{head}");
 }
 
+#[tokio::test]
+async fn admin_rpcs_are_counted_by_method_and_status() {
+    let server = TestServer::with_env(&[("CHATD_METRICS__LISTEN", "127.0.0.1:0")]);
+    let listening = server.wait_logged("listening").await;
+    let metrics: SocketAddr = listening["metrics"]
+        .as_str()
+        .and_then(|s| s.parse().ok())
+        .expect("metrics address in the listening line");
+    server.chatctl(&["list-clients"]).await.ok();
+    server.chatctl(&["list-clients"]).await.ok();
+    let missing = server.chatctl(&["kick", "nobody", "--reason", "x"]).await;
+    assert_eq!(missing.code, 3, "{missing:#?}");
+    let refused = server
+        .chatctl_env(&["stats"], &[("CHATCTL_TOKEN", "wrong")])
+        .await;
+    assert_eq!(refused.code, 5, "{refused:#?}");
+
+    let (_, body) = scrape(metrics, "/metrics").await;
+    let rpcs = |method: &str, status: &str| {
+        sample(
+            &body,
+            &format!("chatd_admin_rpcs_total{{method=\"{method}\",status=\"{status}\"}}"),
+        )
+    };
+    assert_eq!(rpcs("ListClients", "OK"), 2.0);
+    assert_eq!(rpcs("KickClient", "NOT_FOUND"), 1.0);
+    assert_eq!(rpcs("GetStats", "UNAUTHENTICATED"), 1.0);
+}
+
 /// A stand-in OpenTelemetry collector: keeps every span it is sent.
 #[derive(Default, Clone)]
 struct Collector {
@@ -407,6 +436,13 @@ async fn a_collector_receives_connection_and_command_spans() {
         alice.expect("You are now in dev").await;
         alice.send("hello\n/quit bye\n").await;
         alice.until_eof().await;
+        let missing = server.chatctl(&["kick", "nobody", "--reason", "x"]).await;
+        assert_eq!(missing.code, 3, "{missing:#?}");
+
+        let rpc = "/chatd.admin.v1.Admin/KickClient";
+        let kick = collector.wait_for(rpc, |s| s.name == rpc).await;
+        assert_eq!(kick.attributes["rpc.method"], "KickClient");
+        assert_eq!(kick.attributes["rpc.grpc.status"], "NOT_FOUND");
 
         let join = collector.wait_for("/join", |s| s.name == "/join").await;
         let service = if by_config { "chatd-test" } else { "chatd" };
