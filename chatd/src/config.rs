@@ -436,8 +436,14 @@ impl Config {
     }
 
     /// The effective configuration in the file format.
+    /// The effective configuration in the file format, with token secrets
+    /// replaced: the output is meant to be pasted into bug reports.
     pub fn to_toml(&self) -> String {
-        toml::to_string_pretty(&self.raw).unwrap_or_else(|e| format!("# cannot print: {e}\n"))
+        let mut raw = self.raw.clone();
+        for token in &mut raw.admin.tokens {
+            token.token = "<redacted>".into();
+        }
+        toml::to_string_pretty(&raw).unwrap_or_else(|e| format!("# cannot print: {e}\n"))
     }
 }
 

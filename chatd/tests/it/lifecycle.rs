@@ -199,3 +199,26 @@ async fn the_accept_loop_survives_running_out_of_file_descriptors() {
         format!("<{a}> still alive")
     );
 }
+
+#[tokio::test]
+async fn print_config_never_shows_token_secrets() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("chatd.toml");
+    std::fs::write(
+        &path,
+        "[[admin.tokens]]\nname = \"ops\"\ntoken = \"s3cret-s3cret-s3cret-s3cret\"\nrole = \"admin\"\n",
+    )
+    .expect("write");
+    let (code, stdout, stderr) = chatd(
+        &["--print-config", "--config", path.to_str().expect("utf-8")],
+        &[],
+    );
+    assert_eq!(code, 0, "{stderr}");
+    assert!(!stdout.contains("s3cret"), "{stdout}");
+    let printed: toml::Table = stdout.parse().expect("printed config is TOML");
+    assert_eq!(printed["admin"]["tokens"][0]["name"].as_str(), Some("ops"));
+    assert_eq!(
+        printed["admin"]["tokens"][0]["token"].as_str(),
+        Some("<redacted>")
+    );
+}
