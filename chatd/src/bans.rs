@@ -18,6 +18,7 @@ use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
 use crate::files;
+use crate::lock::{lock, read, write};
 
 /// The file name inside `server.state_dir`.
 pub const BANS_FILE: &str = "bans.json";
@@ -289,19 +290,6 @@ fn write_file(path: &Path, list: &[Ban]) -> Result<(), BanError> {
     let mut text = serde_json::to_vec_pretty(&stored).map_err(|e| failed(e.into()))?;
     text.push(b'\n');
     files::atomic_write(path, &text).map_err(failed)
-}
-
-// Poisoning is ignored: each critical section swaps a whole value.
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-fn read<T>(l: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
-    l.read().unwrap_or_else(|p| p.into_inner())
-}
-
-fn write<T>(l: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
-    l.write().unwrap_or_else(|p| p.into_inner())
 }
 
 #[cfg(test)]

@@ -26,6 +26,7 @@ use tokio::sync::broadcast;
 
 use crate::bans::{Ban, BanError, Bans};
 use crate::config::{Config, Limits};
+use crate::lock::{lock, read, write};
 use crate::outbox::{Outbox, Push};
 use crate::protocol::{self, users};
 use crate::sanitize;
@@ -988,20 +989,6 @@ fn push_server_line(b: &mut BytesMut, text: &str) {
 pub fn unix_ms(t: SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
-}
-
-// Poisoning is ignored: every critical section in this module is a handful
-// of field updates that cannot be left half-done by a panic elsewhere.
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-fn read<T>(l: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
-    l.read().unwrap_or_else(|p| p.into_inner())
-}
-
-fn write<T>(l: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
-    l.write().unwrap_or_else(|p| p.into_inner())
 }
 
 #[cfg(test)]

@@ -30,6 +30,7 @@ pub mod files;
 pub mod framing;
 pub mod hub;
 pub mod journal;
+mod lock;
 pub mod metrics;
 pub mod notify;
 pub mod outbox;

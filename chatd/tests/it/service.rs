@@ -237,14 +237,19 @@ fn sample(body: &str, name: &str) -> f64 {
         .unwrap_or_else(|| panic!("no sample {name} in:\n{body}"))
 }
 
+/// The metrics listener's address, from the "listening" log line.
+async fn metrics_addr(server: &TestServer) -> SocketAddr {
+    let listening = server.wait_logged("listening").await;
+    listening["metrics"]
+        .as_str()
+        .and_then(|s| s.parse().ok())
+        .expect("metrics address in the listening line")
+}
+
 #[tokio::test]
 async fn prometheus_metrics_scrape_after_real_traffic() {
     let server = TestServer::with_env(&[("CHATD_METRICS__LISTEN", "127.0.0.1:0")]);
-    let listening = server.wait_logged("listening").await;
-    let metrics: SocketAddr = listening["metrics"]
-        .as_str()
-        .and_then(|s| s.parse().ok())
-        .expect("metrics address in the listening line");
+    let metrics = metrics_addr(&server).await;
 
     let (mut alice, _) = server.join().await;
     let (mut bob, _) = server.join().await;
@@ -288,11 +293,7 @@ async fn prometheus_metrics_scrape_after_real_traffic() {
 #[tokio::test]
 async fn admin_rpcs_are_counted_by_method_and_status() {
     let server = TestServer::with_env(&[("CHATD_METRICS__LISTEN", "127.0.0.1:0")]);
-    let listening = server.wait_logged("listening").await;
-    let metrics: SocketAddr = listening["metrics"]
-        .as_str()
-        .and_then(|s| s.parse().ok())
-        .expect("metrics address in the listening line");
+    let metrics = metrics_addr(&server).await;
     server.chatctl(&["list-clients"]).await.ok();
     server.chatctl(&["list-clients"]).await.ok();
     let missing = server.chatctl(&["kick", "nobody", "--reason", "x"]).await;
