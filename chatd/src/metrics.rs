@@ -11,7 +11,6 @@
 
 use std::io;
 use std::net::SocketAddr;
-use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
@@ -96,7 +95,8 @@ impl Collector for HubCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let snap = self.hub.snapshot();
         let stats = self.hub.stats();
-        let gauges: [(&str, &str, u64); 4] = [
+        let bans = self.hub.bans().len() as u64;
+        let gauges: [(&str, &str, u64); 5] = [
             (
                 "uptime_seconds",
                 "Seconds since the daemon started",
@@ -109,6 +109,7 @@ impl Collector for HubCollector {
                 snap.peak_clients,
             ),
             ("rooms", "Rooms that exist now", snap.rooms),
+            ("bans", "Bans in force now", bans),
         ];
         for (name, help, value) in gauges {
             let metric = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
@@ -137,11 +138,7 @@ impl Collector for HubCollector {
                 "Chat line deliveries: lines relayed times recipients (the lines out)",
                 snap.deliveries,
             ),
-            (
-                "bytes_out",
-                "Bytes written to clients",
-                stats.bytes_out.load(Relaxed),
-            ),
+            ("bytes_out", "Bytes written to clients", snap.bytes_out),
             ("kicks", "Clients kicked by an operator", snap.kicks),
             (
                 "slow_consumer_disconnects",

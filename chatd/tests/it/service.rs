@@ -272,6 +272,7 @@ async fn prometheus_metrics_scrape_after_real_traffic() {
     assert_eq!(sample(&body, "chatd_clients"), 2.0);
     assert_eq!(sample(&body, "chatd_peak_clients"), 2.0);
     assert_eq!(sample(&body, "chatd_rooms"), 1.0);
+    assert_eq!(sample(&body, "chatd_bans"), 0.0);
     assert!(sample(&body, "chatd_lines_in_total") >= 3.0);
     assert!(sample(&body, "chatd_deliveries_total") >= 3.0);
     assert!(sample(&body, "chatd_bytes_in_total") >= 14.0);
@@ -313,6 +314,13 @@ async fn admin_rpcs_are_counted_by_method_and_status() {
     assert_eq!(rpcs("ListClients", "OK"), 2.0);
     assert_eq!(rpcs("KickClient", "NOT_FOUND"), 1.0);
     assert_eq!(rpcs("GetStats", "UNAUTHENTICATED"), 1.0);
+
+    server
+        .chatctl(&["ban", "192.0.2.0/24", "--reason", "test"])
+        .await
+        .ok();
+    let (_, body) = scrape(metrics, "/metrics").await;
+    assert_eq!(sample(&body, "chatd_bans"), 1.0);
 }
 
 /// A stand-in OpenTelemetry collector: keeps every span it is sent.
