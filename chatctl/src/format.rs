@@ -22,6 +22,12 @@ pub fn duration(span: Duration) -> String {
 }
 
 /// A byte count in binary units: `512B`, `1.5KiB`, `20.0MiB`.
+/// `lines 3 in, 5 out` and `bytes 1.0KiB in, 2.0KiB out`: the in/out pair
+/// of the `client` and `stats` detail views.
+pub fn in_out(input: impl std::fmt::Display, output: impl std::fmt::Display) -> String {
+    format!("{input} in, {output} out")
+}
+
 pub fn bytes(count: u64) -> String {
     const UNITS: [&str; 5] = ["KiB", "MiB", "GiB", "TiB", "PiB"];
     if count < 1024 {

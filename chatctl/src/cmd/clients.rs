@@ -173,14 +173,10 @@ fn write_client(out: &mut dyn std::io::Write, c: &ClientView) -> std::io::Result
             ("room", clean(&c.room).into_owned()),
             ("connected", when(&c.connected_at, c.connected)),
             ("last active", when(&c.last_active_at, c.last_active)),
-            ("lines", format!("{} in, {} out", c.lines_in, c.lines_out)),
+            ("lines", format::in_out(c.lines_in, c.lines_out)),
             (
                 "bytes",
-                format!(
-                    "{} in, {} out",
-                    format::bytes(c.bytes_in),
-                    format::bytes(c.bytes_out)
-                ),
+                format::in_out(format::bytes(c.bytes_in), format::bytes(c.bytes_out)),
             ),
             ("queue", format::bytes(c.queue_bytes)),
         ],

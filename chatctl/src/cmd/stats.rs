@@ -90,14 +90,10 @@ pub async fn show(ctx: &mut Ctx<'_>) -> Result<(), ChatctlError> {
             ),
             ("rooms", stats.rooms.to_string()),
             ("connections", t.connections.to_string()),
-            ("lines", format!("{} in, {} out", t.lines_in, t.lines_out)),
+            ("lines", format::in_out(t.lines_in, t.lines_out)),
             (
                 "bytes",
-                format!(
-                    "{} in, {} out",
-                    format::bytes(t.bytes_in),
-                    format::bytes(t.bytes_out)
-                ),
+                format::in_out(format::bytes(t.bytes_in), format::bytes(t.bytes_out)),
             ),
             ("kicks", t.kicks.to_string()),
             (
