@@ -192,9 +192,14 @@ pub struct RawLimits {
     pub flood_burst: i64,
     pub flood_max_dropped: i64,
     pub idle_timeout_secs: i64,
+    pub partial_line_timeout_secs: i64,
     pub keepalive_secs: i64,
     pub outbound_queue_bytes: i64,
+    pub slow_consumer_secs: i64,
     pub room_notice_max: i64,
+    pub room_notices_per_sec: i64,
+    pub connect_rate_per_ip: i64,
+    pub connect_burst_per_ip: i64,
 }
 
 impl Default for RawLimits {
@@ -208,9 +213,14 @@ impl Default for RawLimits {
             flood_burst: 20,
             flood_max_dropped: 100,
             idle_timeout_secs: 3600,
+            partial_line_timeout_secs: 30,
             keepalive_secs: 60,
-            outbound_queue_bytes: 256 * 1024,
+            outbound_queue_bytes: 1024 * 1024,
+            slow_consumer_secs: 30,
             room_notice_max: 500,
+            room_notices_per_sec: 10,
+            connect_rate_per_ip: 10,
+            connect_burst_per_ip: 20,
         }
     }
 }
@@ -347,10 +357,27 @@ pub struct Limits {
     pub max_overlong_lines: u32,
     /// `None` turns flood control off.
     pub flood: Option<FloodLimits>,
+    /// No complete line for this long: disconnected.
     pub idle_timeout: Option<Duration>,
+    /// In the middle of a line for this long: disconnected.
+    pub partial_line_timeout: Option<Duration>,
     pub keepalive: Option<Duration>,
+    /// The most a client may owe; see [`crate::outbox`] for the flow
+    /// control below it.
     pub outbound_queue_bytes: usize,
+    /// Owing bytes and reading none for this long: cut as a slow consumer.
+    pub slow_consumer_timeout: Option<Duration>,
     pub room_notice_max: usize,
+    pub room_notices_per_sec: u32,
+    /// New connections per second from one address; `None`: no limit.
+    pub connect_rate: Option<ConnectRate>,
+}
+
+/// The per-address connection rate: a token bucket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConnectRate {
+    pub per_sec: u32,
+    pub burst: u32,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -725,6 +752,20 @@ impl RawConfig {
             1_000_000,
             " lines, 0 never disconnects",
         )? as u32;
+        let connect_rate = range(
+            "limits.connect_rate_per_ip",
+            l.connect_rate_per_ip,
+            0,
+            1_000_000,
+            " connections per second per address, 0 turns the limit off",
+        )? as u32;
+        let connect_burst = range(
+            "limits.connect_burst_per_ip",
+            l.connect_burst_per_ip,
+            1,
+            1_000_000,
+            " connections",
+        )? as u32;
         let limits = Limits {
             max_clients: range(
                 "limits.max_clients",
@@ -764,7 +805,28 @@ impl RawConfig {
                 l.idle_timeout_secs,
                 30 * 24 * 3600,
             )?,
+            partial_line_timeout: secs(
+                "limits.partial_line_timeout_secs",
+                l.partial_line_timeout_secs,
+                24 * 3600,
+            )?,
             keepalive: secs("limits.keepalive_secs", l.keepalive_secs, 24 * 3600)?,
+            slow_consumer_timeout: secs(
+                "limits.slow_consumer_secs",
+                l.slow_consumer_secs,
+                24 * 3600,
+            )?,
+            room_notices_per_sec: range(
+                "limits.room_notices_per_sec",
+                l.room_notices_per_sec,
+                1,
+                1_000_000,
+                " notices per second per room",
+            )? as u32,
+            connect_rate: (connect_rate > 0).then_some(ConnectRate {
+                per_sec: connect_rate,
+                burst: connect_burst,
+            }),
             outbound_queue_bytes: range(
                 "limits.outbound_queue_bytes",
                 l.outbound_queue_bytes,

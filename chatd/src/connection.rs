@@ -11,12 +11,17 @@
 //!   vectored `try_write` per wake-up, so a client that fell behind catches
 //!   up in few syscalls.
 //!
-//! Nothing here waits on another client. A client that stops reading only
-//! stops its own writes; its outbox fills and the hub cuts it off.
+//! Nothing here blocks on another client. A client that stops reading only
+//! stops its own writes; its outbox fills and the hub cuts it off. A client
+//! that reads but is behind makes its *senders* pause reading for a moment
+//! (flow control, see [`crate::outbox`]): the pause is a state of this task,
+//! never a wait inside the hub.
 
 use std::collections::VecDeque;
+use std::future::Future;
 use std::io::{self, IoSlice};
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -45,6 +50,13 @@ const CLOSE_FLUSH: Duration = Duration::from_secs(5);
 /// How long to wait for the client's EOF after ours, so that unread input
 /// does not turn our close into a reset that destroys the last lines.
 const CLOSE_LINGER: Duration = Duration::from_secs(2);
+/// The longest a sender pauses for one congested recipient before reading
+/// again: flow control slows a burst down, it never silences a sender for
+/// long, even if the recipient it waits for stops reading meanwhile.
+const MAX_PAUSE: Duration = Duration::from_millis(50);
+/// What this port says to a client speaking another protocol.
+const WRONG_PROTOCOL: &str = "This is a chatd chat port: plain text lines for nc or telnet, \
+     not HTTP, gRPC or TLS. The admin API (chatctl) listens on its own port.";
 
 const HELP: &[&str] = &[
     "Commands:",
@@ -84,6 +96,9 @@ pub async fn serve(stream: TcpStream, peer: SocketAddr, hub: Hub) {
             pending: VecDeque::new(),
             flood: Flood::new(Instant::now()),
             overlong: 0,
+            mid_line: false,
+            greeted: false,
+            pause: None,
             client,
             span: tracing::Span::current(),
         };
@@ -173,8 +188,23 @@ struct Connection {
     pending: VecDeque<Bytes>,
     flood: Flood,
     overlong: u32,
+    /// Whether the client is in the middle of a line (mirrored in the hub
+    /// for the partial-line deadline, on change only).
+    mid_line: bool,
+    /// Whether the first line has been read: it is checked for another
+    /// protocol (HTTP, gRPC) before anything else.
+    greeted: bool,
+    /// While set, this client does not read: a recipient of its lines is
+    /// behind (flow control).
+    pause: Option<Box<Pause>>,
     /// The `conn` span, whose `nick` follows the client's.
     span: tracing::Span,
+}
+
+/// A sender's pause: until `on` drains, or `until` passes.
+struct Pause {
+    on: Arc<Client>,
+    until: Pin<Box<tokio::time::Sleep>>,
 }
 
 struct Flood {
@@ -232,6 +262,16 @@ impl Connection {
                 Poll::Pending => break,
             }
         }
+        if let Some(pause) = &mut self.pause {
+            let limit = self.hub.queue_limit();
+            if pause.on.outbox.drained_or_wait(limit, cx.waker())
+                || pause.until.as_mut().poll(cx).is_ready()
+            {
+                self.pause = None;
+            } else {
+                return Poll::Pending;
+            }
+        }
         match self.stream.poll_read_ready(cx) {
             Poll::Ready(Ok(())) => match self.on_readable() {
                 Ok(None) => {
@@ -274,6 +314,12 @@ impl Connection {
                 Err(e) => return Err(e),
             };
             bytes += n as u64;
+            let first_read = bytes == n as u64
+                && self.client.bytes_in.load(std::sync::atomic::Ordering::Relaxed) == 0;
+            if first_read && looks_like_tls(&buf[..n]) {
+                outcome = Some(Disconnect::WrongProtocol);
+                break;
+            }
             let kept = self.framer.strip_telnet(&mut buf[..n]);
             if batch.buf.capacity() == 0 {
                 batch.buf.reserve(kept + kept / 2 + 64);
@@ -293,7 +339,22 @@ impl Connection {
         self.publish(&mut batch);
         self.client.record_input(lines, bytes);
         self.hub.stats().input(lines, bytes);
+        if self.framer.mid_line() != self.mid_line {
+            self.mid_line = !self.mid_line;
+            self.client.set_mid_line(self.mid_line);
+        }
         Ok(outcome)
+    }
+
+    /// Stops reading until `recipient`, which is behind but reading, has
+    /// drained (or [`MAX_PAUSE`] passes): the sender's next lines wait in
+    /// its own socket buffer instead of piling up in the recipient's queue.
+    fn pause_for(&mut self, recipient: Arc<Client>) {
+        self.hub.stats().flow_paused();
+        self.pause = Some(Box::new(Pause {
+            on: recipient,
+            until: Box::pin(tokio::time::sleep(MAX_PAUSE)),
+        }));
     }
 
     /// Hands the batch to the hub.
@@ -312,7 +373,10 @@ impl Connection {
                     .message_event(self.client.id, &self.room, &self.nick, &text, action);
             }
         }
-        self.hub.publish(&self.room, self.client.id, bytes, lines);
+        let fanout = self.hub.publish(&self.room, self.client.id, bytes, lines);
+        if let Some(recipient) = fanout.congested {
+            self.pause_for(recipient);
+        }
     }
 
     fn on_frame(
@@ -338,6 +402,12 @@ impl Connection {
             }
             Frame::Line(line) => line,
         };
+        if !self.greeted {
+            self.greeted = true;
+            if looks_like_http(line) {
+                return Some(Disconnect::WrongProtocol);
+            }
+        }
         if line.is_empty() {
             return None;
         }
@@ -450,11 +520,11 @@ impl Connection {
                 let who = self.hub.who(&self.room);
                 self.notice(&who);
             }
-            Command::Msg { to, text } => {
-                if let Err(why) = self.hub.private(&self.client, to, text) {
-                    self.error(&why);
-                }
-            }
+            Command::Msg { to, text } => match self.hub.private(&self.client, to, text) {
+                Ok(Some(congested)) => self.pause_for(congested),
+                Ok(None) => {}
+                Err(why) => self.error(&why),
+            },
             Command::Quit(reason) => {
                 let reason = reason.map(sanitize::clean).filter(|r| !r.trim().is_empty());
                 return Some(Disconnect::Quit(reason));
@@ -487,7 +557,9 @@ impl Connection {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
                 Err(e) => return Err(e),
             };
-            self.client.outbox.written(written);
+            self.client
+                .outbox
+                .written(written, self.hub.queue_limit());
             self.hub.stats().output(written as u64);
             while written > 0 {
                 let Some(front) = self.pending.front_mut() else {
@@ -520,6 +592,8 @@ impl Connection {
             Disconnect::Shutdown => "Server is shutting down.".to_string(),
             Disconnect::Flood => "Disconnected: flooding.".to_string(),
             Disconnect::Idle => "Disconnected: idle for too long.".to_string(),
+            Disconnect::PartialLine => "Disconnected: line not finished in time.".to_string(),
+            Disconnect::WrongProtocol => WRONG_PROTOCOL.to_string(),
             Disconnect::OverlongLines => "Disconnected: too many over-long lines.".to_string(),
             Disconnect::Banned(why) => format!("You are banned: {why}"),
         };
@@ -537,6 +611,28 @@ impl Connection {
             linger(self.stream).await;
         }
     }
+}
+
+/// Whether the first line is an HTTP request line (`GET / HTTP/1.1`) or
+/// the HTTP/2 preface (`PRI * HTTP/2.0`, which gRPC clients such as
+/// `chatctl` send): someone pointed the wrong client at this port.
+fn looks_like_http(line: &[u8]) -> bool {
+    let mut words = line.split(|&b| b == b' ');
+    let (Some(method), Some(target), Some(version), None) =
+        (words.next(), words.next(), words.next(), words.next())
+    else {
+        return false;
+    };
+    !method.is_empty()
+        && method.iter().all(u8::is_ascii_uppercase)
+        && !target.is_empty()
+        && version.starts_with(b"HTTP/")
+}
+
+/// Whether a connection's first bytes are a TLS handshake record (content
+/// type 22, version 3.x): a TLS client on the plain-text port.
+fn looks_like_tls(first: &[u8]) -> bool {
+    matches!(first, [0x16, 0x03, 0..=4, ..])
 }
 
 /// The command word of a `/command` line, for span names: one of a fixed

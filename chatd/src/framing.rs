@@ -137,6 +137,12 @@ impl LineFramer {
         self.partial.len()
     }
 
+    /// Whether a line has begun and not ended (including an over-long one
+    /// being discarded): what the partial-line deadline watches.
+    pub fn mid_line(&self) -> bool {
+        !self.partial.is_empty() || self.discarding
+    }
+
     fn release(&mut self) {
         self.partial = BytesMut::new();
     }

@@ -18,13 +18,14 @@ use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use arc_swap::ArcSwap;
 use bytes::{Bytes, BytesMut};
 use tokio::sync::broadcast;
 
 use crate::bans::{Ban, BanError, Bans};
+use crate::clock;
 use crate::config::{Config, Limits};
 use crate::lock::{lock, read, write};
 use crate::outbox::{Outbox, Push};
@@ -44,7 +45,9 @@ pub enum Disconnect {
     SlowConsumer,
     Flood,
     Idle,
+    PartialLine,
     OverlongLines,
+    WrongProtocol,
     Shutdown,
     Banned(String),
 }
@@ -60,10 +63,26 @@ impl fmt::Display for Disconnect {
             Disconnect::SlowConsumer => f.write_str("too slow to read (slow consumer)"),
             Disconnect::Flood => f.write_str("flooding"),
             Disconnect::Idle => f.write_str("idle timeout"),
+            Disconnect::PartialLine => f.write_str("line not finished in time"),
+            Disconnect::WrongProtocol => f.write_str("not a chat client"),
             Disconnect::OverlongLines => f.write_str("too many over-long lines"),
             Disconnect::Shutdown => f.write_str("server shutting down"),
             Disconnect::Banned(r) => write!(f, "banned: {r}"),
         }
+    }
+}
+
+/// What one pass of [`Hub::reap`] closed.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Reaped {
+    pub idle: usize,
+    pub partial: usize,
+    pub stalled: usize,
+}
+
+impl Reaped {
+    pub fn total(&self) -> usize {
+        self.idle + self.partial + self.stalled
     }
 }
 
@@ -74,6 +93,8 @@ pub enum Refusal {
     Full(usize),
     #[error("too many connections from your address (max {0})")]
     PerIp(usize),
+    #[error("too many new connections from your address, slow down")]
+    TooFast,
     #[error("server is shutting down")]
     ShuttingDown,
     #[error("you are banned: {0}")]
@@ -186,7 +207,13 @@ pub struct Client {
     names: Mutex<Names>,
     pub lines_in: AtomicU64,
     pub bytes_in: AtomicU64,
-    last_active_ms: AtomicU64,
+    /// When the client last sent a complete line ([`clock::now_ms`]): bytes
+    /// that never make a line do not keep a connection alive.
+    last_line_ms: AtomicU64,
+    /// Since when the client has been in the middle of a line
+    /// ([`clock::now_ms`]), 0 when it is not: a partial line has its own
+    /// deadline, so a byte a minute cannot hold a connection forever.
+    partial_since_ms: AtomicU64,
 }
 
 #[derive(Debug)]
@@ -204,12 +231,21 @@ impl Client {
         lock(&self.names).room.clone()
     }
 
-    /// Records input: called once per read, not per line.
+    /// Records input: called once per read, not per line. Only complete
+    /// lines count as activity.
     pub fn record_input(&self, lines: u64, bytes: u64) {
         self.lines_in.fetch_add(lines, Relaxed);
         self.bytes_in.fetch_add(bytes, Relaxed);
-        self.last_active_ms
-            .store(unix_ms(SystemTime::now()), Relaxed);
+        if lines > 0 {
+            self.last_line_ms.store(clock::now_ms(), Relaxed);
+        }
+    }
+
+    /// Records whether the client is in the middle of a line; called only
+    /// when that changes.
+    pub fn set_mid_line(&self, mid_line: bool) {
+        let since = if mid_line { clock::now_ms() } else { 0 };
+        self.partial_since_ms.store(since, Relaxed);
     }
 
     /// Queues a server line for this client alone.
@@ -230,7 +266,7 @@ impl Client {
                 .map(|r| r.name.to_string())
                 .unwrap_or_default(),
             connected_at_ms: unix_ms(self.connected_at),
-            last_active_ms: self.last_active_ms.load(Relaxed),
+            last_active_ms: clock::to_unix_ms(self.last_line_ms.load(Relaxed)),
             lines_in: self.lines_in.load(Relaxed),
             bytes_in: self.bytes_in.load(Relaxed),
             lines_out,
@@ -270,6 +306,31 @@ pub struct Room {
     members: RwLock<Vec<Arc<Client>>>,
     history: Mutex<VecDeque<Bytes>>,
     messages: AtomicU64,
+    notices: Mutex<NoticeGate>,
+}
+
+/// A room's budget of join/leave/rename notices: at most
+/// `limits.room_notices_per_sec` go out as they happen; the rest are counted
+/// and summed up in one line a second later ([`Hub::flush_notices`]). So
+/// churn, whatever its rate or its number of addresses, costs each member at
+/// most that many lines a second.
+#[derive(Debug)]
+struct NoticeGate {
+    window: Instant,
+    sent: u32,
+    joined: u32,
+    left: u32,
+    renamed: u32,
+    /// Whether this room is in the hub's list of rooms with a summary due.
+    due: bool,
+}
+
+/// Which kind of room notice, for the summary of those held back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum NoticeKind {
+    Join,
+    Leave,
+    Rename,
 }
 
 impl Room {
@@ -279,6 +340,14 @@ impl Room {
             members: RwLock::new(Vec::new()),
             history: Mutex::new(VecDeque::new()),
             messages: AtomicU64::new(0),
+            notices: Mutex::new(NoticeGate {
+                window: Instant::now(),
+                sent: 0,
+                joined: 0,
+                left: 0,
+                renamed: 0,
+                due: false,
+            }),
         }
     }
 
@@ -335,6 +404,9 @@ struct State {
     rooms: HashMap<Arc<str>, Arc<Room>>,
     per_ip: HashMap<IpAddr, usize>,
     closing: bool,
+    /// The most clients the process's file limit allows; see
+    /// [`Hub::set_fd_capacity`].
+    fd_capacity: Option<usize>,
 }
 
 #[derive(Debug)]
@@ -349,6 +421,8 @@ struct Shared {
     /// Watchers that asked for message events; while 0, the hot path skips
     /// building them.
     message_watchers: AtomicU64,
+    /// Rooms holding back notices, summed up by [`Hub::flush_notices`].
+    notices_due: Mutex<Vec<Arc<Room>>>,
 }
 
 /// A cheap handle to the hub; clone it freely.
@@ -383,6 +457,7 @@ impl Hub {
                 events,
                 bans,
                 message_watchers: AtomicU64::new(0),
+                notices_due: Mutex::new(Vec::new()),
             }),
         }
     }
@@ -400,7 +475,8 @@ impl Hub {
         self.shared.config.load().limits.clone()
     }
 
-    fn queue_limit(&self) -> usize {
+    /// `limits.outbound_queue_bytes`, read without cloning the limits.
+    pub fn queue_limit(&self) -> usize {
         self.shared.config.load().limits.outbound_queue_bytes
     }
 
@@ -432,9 +508,12 @@ impl Hub {
         if state.closing {
             return Err(Refusal::ShuttingDown);
         }
-        if state.clients.len() >= limits.max_clients {
+        let max_clients = state
+            .fd_capacity
+            .map_or(limits.max_clients, |cap| cap.min(limits.max_clients));
+        if state.clients.len() >= max_clients {
             self.shared.stats.refused.fetch_add(1, Relaxed);
-            return Err(Refusal::Full(limits.max_clients));
+            return Err(Refusal::Full(max_clients));
         }
         let from_ip = state.per_ip.entry(peer.ip()).or_default();
         if *from_ip >= limits.max_clients_per_ip {
@@ -461,7 +540,8 @@ impl Hub {
             }),
             lines_in: AtomicU64::new(0),
             bytes_in: AtomicU64::new(0),
-            last_active_ms: AtomicU64::new(unix_ms(now)),
+            last_line_ms: AtomicU64::new(clock::now_ms()),
+            partial_since_ms: AtomicU64::new(0),
         });
         state.nicks.insert(nick.clone(), id);
         state.clients.insert(id, client.clone());
@@ -475,6 +555,13 @@ impl Hub {
         Ok(client)
     }
 
+    /// Caps the number of clients below what `max_clients` says when the
+    /// process may not open that many files: past the cap a client is
+    /// refused with the usual one line instead of meeting `EMFILE`.
+    pub fn set_fd_capacity(&self, capacity: usize) {
+        self.state().fd_capacity = Some(capacity);
+    }
+
     /// Shutdown has begun: refuses new registrations and asks every
     /// connection to close.
     pub fn close(&self) {
@@ -485,35 +572,65 @@ impl Hub {
         }
     }
 
-    /// Closes every client that has sent nothing for `limit`; returns how
-    /// many. Run periodically by the server, so that idle detection costs no
-    /// timer per connection.
-    pub fn reap_idle(&self, limit: std::time::Duration) -> usize {
-        let cutoff = unix_ms(SystemTime::now()).saturating_sub(limit.as_millis() as u64);
-        let state = self.state();
-        state
-            .clients
-            .values()
-            .filter(|c| c.last_active_ms.load(Relaxed) <= cutoff)
-            .filter(|c| c.outbox.close(Disconnect::Idle))
-            .count()
+    /// Closes every client that sent no complete line for
+    /// `limits.idle_timeout`, sat in the middle of a line for
+    /// `limits.partial_line_timeout`, or owed bytes without reading any for
+    /// `limits.slow_consumer_timeout`; returns how many. Run periodically by
+    /// the server, so that these deadlines cost no timer per connection.
+    pub fn reap(&self) -> Reaped {
+        let limits = self.limits();
+        let now = clock::now_ms();
+        let before = |limit: Option<Duration>| {
+            limit.map(|l| now.saturating_sub(l.as_millis() as u64))
+        };
+        let idle_cutoff = before(limits.idle_timeout);
+        let partial_cutoff = before(limits.partial_line_timeout);
+        let clients: Vec<Arc<Client>> = self.state().clients.values().cloned().collect();
+        let mut reaped = Reaped::default();
+        for c in clients {
+            if idle_cutoff.is_some_and(|cut| c.last_line_ms.load(Relaxed) <= cut) {
+                reaped.idle += usize::from(c.outbox.close(Disconnect::Idle));
+                continue;
+            }
+            let partial = c.partial_since_ms.load(Relaxed);
+            if partial != 0 && partial_cutoff.is_some_and(|cut| partial <= cut) {
+                reaped.partial += usize::from(c.outbox.close(Disconnect::PartialLine));
+                continue;
+            }
+            if let Some(stall) = limits.slow_consumer_timeout
+                && c.outbox.stalled_for().is_some_and(|d| d >= stall)
+                && c.outbox.close(Disconnect::SlowConsumer)
+            {
+                tracing::warn!(client = c.id, peer = %c.peer, owed = c.outbox.owed(), "slow consumer: read nothing for too long, disconnecting");
+                reaped.stalled += 1;
+            }
+        }
+        reaped
     }
 
     /// Moves `client` into `room` (leaving its current one), tells both
     /// rooms, and sends the client its room line and the room's history.
+    ///
+    /// Order, for the joining client: every line of the old room published
+    /// before it left, then the room line, then the history, then live lines
+    /// of the new room — each line exactly once. The room line and history
+    /// are queued under the new room's member lock, which
+    /// [`Hub::publish`] holds (shared) across both delivery and
+    /// remembering: a line is either remembered before the snapshot or
+    /// delivered live after it, never both, never neither.
     pub fn join(&self, client: &Arc<Client>, room: &str) -> Arc<Room> {
         let config = self.config();
         let limit = config.limits.outbound_queue_bytes;
-        let notice_max = config.limits.room_notice_max;
         let mut state = self.state();
         let old = lock(&client.names).room.clone();
+        let mut parted = None;
         if let Some(old) = &old {
             if *old.name == *room {
                 drop(state);
                 client.notice(&format!("You are already in {room}."), limit);
                 return old.clone();
             }
-            self.part_locked(&mut state, client, old, None, notice_max, limit);
+            parted = self.part_locked(&mut state, client, old, None);
         }
         let target = state
             .rooms
@@ -527,27 +644,21 @@ impl Hub {
         };
         let count = {
             let mut members = write(&target.members);
-            members.push(client.clone());
-            members.len()
-        };
-        if count <= notice_max {
-            let line = server_line(&format!("{nick} joined {room} ({})", users(count)));
-            self.fan_out(&target, client.id, &line, limit);
-        }
-        drop(state);
-        client.notice(&format!("You are now in {room} ({}).", users(count)), limit);
-        let history: Vec<Bytes> = lock(&target.history).iter().cloned().collect();
-        if !history.is_empty() {
-            let mut block = BytesMut::new();
-            push_server_line(
-                &mut block,
-                &format!("Last {} messages in {room}:", history.len()),
-            );
-            for line in &history {
-                block.extend_from_slice(line);
+            let count = members.len() + 1;
+            client.notice(&format!("You are now in {room} ({}).", users(count)), limit);
+            if let Some(block) = history_block(&lock(&target.history), room, limit) {
+                client.outbox.push(block, limit);
             }
-            push_server_line(&mut block, "End of history.");
-            client.outbox.push(block.freeze(), limit);
+            members.push(client.clone());
+            count
+        };
+        drop(state);
+        if let Some((old, text)) = parted {
+            self.room_notice(&old, client.id, NoticeKind::Leave, &text);
+        }
+        if count <= config.limits.room_notice_max {
+            let text = format!("{nick} joined {room} ({})", users(count));
+            self.room_notice(&target, client.id, NoticeKind::Join, &text);
         }
         self.emit(Event::Join {
             id: client.id,
@@ -557,17 +668,16 @@ impl Hub {
         target
     }
 
-    /// Removes `client` from `room` under the state lock; sends the leave
-    /// notice and drops the room when it empties (except the default room).
+    /// Removes `client` from `room` under the state lock, and drops the room
+    /// when it empties (except the default room). Returns the leave notice
+    /// to send once the lock is released, if one is due.
     fn part_locked(
         &self,
         state: &mut State,
         client: &Arc<Client>,
         room: &Arc<Room>,
         reason: Option<&Disconnect>,
-        notice_max: usize,
-        limit: usize,
-    ) {
+    ) -> Option<(Arc<Room>, String)> {
         let remaining = {
             let mut members = write(&room.members);
             if let Some(pos) = members.iter().position(|m| m.id == client.id) {
@@ -576,43 +686,108 @@ impl Hub {
             members.len()
         };
         let nick = client.nick();
-        // At shutdown everyone leaves at once: notices would be O(n²) noise.
-        if remaining < notice_max && reason != Some(&Disconnect::Shutdown) {
-            let text = match reason {
-                Some(r) => format!("{nick} left {} ({}): {r}", room.name, users(remaining)),
-                None => format!("{nick} left {} ({})", room.name, users(remaining)),
-            };
-            self.fan_out(room, client.id, &server_line(&text), limit);
-        }
-        if remaining == 0 && *room.name != *self.config().chat.default_room {
+        let config = self.config();
+        if remaining == 0 && *room.name != *config.chat.default_room {
             state.rooms.remove(&room.name);
         }
         self.emit(Event::Part {
             id: client.id,
-            nick,
+            nick: nick.clone(),
             room: room.name.clone(),
         });
+        // At shutdown everyone leaves at once: notices would be O(n²) noise.
+        if remaining >= config.limits.room_notice_max
+            || remaining == 0
+            || reason == Some(&Disconnect::Shutdown)
+        {
+            return None;
+        }
+        let text = match reason {
+            Some(r) => format!("{nick} left {} ({}): {r}", room.name, users(remaining)),
+            None => format!("{nick} left {} ({})", room.name, users(remaining)),
+        };
+        Some((room.clone(), text))
+    }
+
+    /// Sends a join/leave/rename notice to `room` (all but `from`) if the
+    /// room's notice budget allows; otherwise counts it for the summary.
+    fn room_notice(&self, room: &Arc<Room>, from: ClientId, kind: NoticeKind, text: &str) {
+        let per_sec = self.shared.config.load().limits.room_notices_per_sec;
+        {
+            let mut gate = lock(&room.notices);
+            let now = Instant::now();
+            if now.saturating_duration_since(gate.window) >= Duration::from_secs(1) {
+                gate.window = now;
+                gate.sent = 0;
+            }
+            if gate.sent >= per_sec {
+                match kind {
+                    NoticeKind::Join => gate.joined += 1,
+                    NoticeKind::Leave => gate.left += 1,
+                    NoticeKind::Rename => gate.renamed += 1,
+                }
+                if !gate.due {
+                    gate.due = true;
+                    lock(&self.shared.notices_due).push(room.clone());
+                }
+                return;
+            }
+            gate.sent += 1;
+        }
+        self.fan_out(room, from, &server_line(text), self.queue_limit());
+    }
+
+    /// Sends each room that held notices back one line summing them up. Run
+    /// once a second by the server.
+    pub fn flush_notices(&self) {
+        let due = std::mem::take(&mut *lock(&self.shared.notices_due));
+        let config = self.config();
+        for room in due {
+            let (joined, left, renamed) = {
+                let mut gate = lock(&room.notices);
+                gate.due = false;
+                (
+                    std::mem::take(&mut gate.joined),
+                    std::mem::take(&mut gate.left),
+                    std::mem::take(&mut gate.renamed),
+                )
+            };
+            let members = room.len();
+            if members == 0 || members > config.limits.room_notice_max {
+                continue;
+            }
+            let mut parts = Vec::new();
+            if joined > 0 {
+                parts.push(format!("{joined} joined"));
+            }
+            if left > 0 {
+                parts.push(format!("{left} left"));
+            }
+            if renamed > 0 {
+                parts.push(format!("{renamed} changed nick"));
+            }
+            if parts.is_empty() {
+                continue;
+            }
+            let text = format!(
+                "{} in {} in the last second ({})",
+                parts.join(", "),
+                room.name,
+                users(members)
+            );
+            self.fan_out(&room, 0, &server_line(&text), config.limits.outbound_queue_bytes);
+        }
     }
 
     /// Unregisters `client` for good: leaves its room (others see `reason`)
     /// and frees its nick.
     pub fn leave(&self, client: &Arc<Client>, reason: &Disconnect) {
-        let config = self.config();
         let mut state = self.state();
         if state.clients.remove(&client.id).is_none() {
             return;
         }
         let room = lock(&client.names).room.take();
-        if let Some(room) = room {
-            self.part_locked(
-                &mut state,
-                client,
-                &room,
-                Some(reason),
-                config.limits.room_notice_max,
-                config.limits.outbound_queue_bytes,
-            );
-        }
+        let parted = room.and_then(|room| self.part_locked(&mut state, client, &room, Some(reason)));
         let nick = client.nick();
         state.nicks.remove(&protocol::fold(&nick));
         if let Some(n) = state.per_ip.get_mut(&client.peer.ip()) {
@@ -623,6 +798,9 @@ impl Hub {
         }
         self.shared.stats.disconnected(reason);
         drop(state);
+        if let Some((room, text)) = parted {
+            self.room_notice(&room, client.id, NoticeKind::Leave, &text);
+        }
         self.emit(Event::Disconnect {
             id: client.id,
             nick,
@@ -633,7 +811,6 @@ impl Hub {
     /// Changes a nick, or says why not (the text follows `*** error: `).
     pub fn rename(&self, client: &Arc<Client>, wanted: &str) -> Result<Arc<str>, String> {
         protocol::validate_nick(wanted).map_err(|e| e.describe("nick", wanted))?;
-        let limit = self.queue_limit();
         let folded = protocol::fold(wanted);
         let mut state = self.state();
         let old = client.nick();
@@ -652,11 +829,11 @@ impl Hub {
             names.nick = new.clone();
             names.room.clone()
         };
-        if let Some(room) = room {
-            let line = server_line(&format!("{old} is now known as {new}"));
-            self.fan_out(&room, client.id, &line, limit);
-        }
         drop(state);
+        if let Some(room) = room {
+            let text = format!("{old} is now known as {new}");
+            self.room_notice(&room, client.id, NoticeKind::Rename, &text);
+        }
         self.emit(Event::Nick {
             id: client.id,
             old,
@@ -667,21 +844,26 @@ impl Hub {
 
     /// The hot path: hands one batch of whole, formatted lines from `from`
     /// to every other member of `room`. One allocation is shared by all
-    /// recipients. Returns how many recipients it reached.
-    pub fn publish(&self, room: &Room, from: ClientId, batch: Bytes, lines: usize) -> usize {
+    /// recipients. Returns how many recipients it reached, and a recipient
+    /// that is behind but still reading, if any: the sender should pause
+    /// until it drains (see [`crate::outbox`]).
+    pub fn publish(&self, room: &Room, from: ClientId, batch: Bytes, lines: usize) -> Fanout {
         let started = Instant::now();
         let config = self.shared.config.load();
-        let reached = self.fan_out_lines(
-            room,
+        let members = read(&room.members);
+        let fanout = fan_out_to(
+            &members,
             from,
             &batch,
             lines as u64,
             config.limits.outbound_queue_bytes,
         );
+        // Remembered before the member lock is released: see `join`.
         room.remember(&batch, lines, config.chat.history);
-        self.shared.stats.published(lines, reached);
+        drop(members);
+        self.shared.stats.published(lines, fanout.reached);
         self.shared.stats.fan_out_latency.observe(started.elapsed());
-        reached
+        fanout
     }
 
     /// Whether any watcher wants message events.
@@ -717,33 +899,18 @@ impl Hub {
     }
 
     fn fan_out(&self, room: &Room, from: ClientId, line: &Bytes, limit: usize) -> usize {
-        self.fan_out_lines(room, from, line, 1, limit)
+        fan_out_to(&read(&room.members), from, line, 1, limit).reached
     }
 
-    fn fan_out_lines(
+    /// Sends `text` privately from `from` to the client called `to`. On
+    /// success, returns the recipient when it is behind but still reading,
+    /// so that the sender pauses (see [`crate::outbox`]).
+    pub fn private(
         &self,
-        room: &Room,
-        from: ClientId,
-        batch: &Bytes,
-        lines: u64,
-        limit: usize,
-    ) -> usize {
-        let members = read(&room.members);
-        let mut reached = 0;
-        for member in members.iter().filter(|m| m.id != from) {
-            match member.outbox.push_lines(batch.clone(), lines, limit) {
-                Push::Queued => reached += 1,
-                Push::Overflow => {
-                    tracing::warn!(client = member.id, peer = %member.peer, "slow consumer: outgoing queue full, disconnecting");
-                }
-                Push::Closed => {}
-            }
-        }
-        reached
-    }
-
-    /// Sends `text` privately from `from` to the client called `to`.
-    pub fn private(&self, from: &Client, to: &str, text: &str) -> Result<(), String> {
+        from: &Client,
+        to: &str,
+        text: &str,
+    ) -> Result<Option<Arc<Client>>, String> {
         let limit = self.queue_limit();
         let target = {
             let state = self.state();
@@ -763,7 +930,17 @@ impl Hub {
         line.extend_from_slice(b"> ");
         sanitize::clean_into(&mut line, text.as_bytes());
         line.extend_from_slice(b"\r\n");
-        target.outbox.push(line.freeze(), limit);
+        let congested = match target.outbox.push(line.freeze(), limit) {
+            Push::Queued => None,
+            Push::Congested => Some(target.clone()),
+            Push::Overflow => {
+                tracing::warn!(client = target.id, peer = %target.peer, "slow consumer: outgoing queue full, disconnecting");
+                return Err(format!("{} is not reading; message not delivered", target.nick()));
+            }
+            Push::Closed => {
+                return Err(format!("{} is leaving; message not delivered", target.nick()));
+            }
+        };
         let mut echo = BytesMut::new();
         echo.extend_from_slice(b"[pm -> ");
         echo.extend_from_slice(target.nick().as_bytes());
@@ -782,7 +959,7 @@ impl Hub {
                 action: false,
             });
         }
-        Ok(())
+        Ok(congested)
     }
 
     /// `/who`: the nicks in `room`, sorted, at most [`WHO_MAX`] of them.
@@ -893,7 +1070,7 @@ impl Hub {
         };
         let reached = targets
             .iter()
-            .filter(|c| c.outbox.push(line.clone(), limit) == Push::Queued)
+            .filter(|c| c.outbox.push(line.clone(), limit).queued())
             .count();
         self.emit(Event::Broadcast {
             room: room_name,
@@ -971,6 +1148,75 @@ impl Drop for MessageWatch {
     fn drop(&mut self) {
         self.hub.shared.message_watchers.fetch_sub(1, Relaxed);
     }
+}
+
+/// What one fan-out did.
+#[derive(Debug, Default)]
+pub struct Fanout {
+    pub reached: usize,
+    /// A recipient that is behind but still reading (the most behind one).
+    pub congested: Option<Arc<Client>>,
+}
+
+/// Pushes `batch` to every member but `from`. Never blocks: a member too far
+/// behind is cut (its push overflows), one that is behind but reading is
+/// reported so the sender can pause.
+fn fan_out_to(
+    members: &[Arc<Client>],
+    from: ClientId,
+    batch: &Bytes,
+    lines: u64,
+    limit: usize,
+) -> Fanout {
+    let mut fanout = Fanout::default();
+    let mut worst = 0;
+    for member in members.iter().filter(|m| m.id != from) {
+        match member.outbox.push_lines(batch.clone(), lines, limit) {
+            Push::Queued => fanout.reached += 1,
+            Push::Congested => {
+                fanout.reached += 1;
+                let owed = member.outbox.owed();
+                if owed > worst {
+                    worst = owed;
+                    fanout.congested = Some(member.clone());
+                }
+            }
+            Push::Overflow => {
+                tracing::warn!(client = member.id, peer = %member.peer, "slow consumer: outgoing queue full, disconnecting");
+            }
+            Push::Closed => {}
+        }
+    }
+    fanout
+}
+
+/// The history replayed to a client joining `room`: the newest lines that
+/// fit in a quarter of the client's queue (`limit`), so that a long history
+/// or a small queue can never cut a newcomer before it has read a line.
+fn history_block(history: &VecDeque<Bytes>, room: &str, limit: usize) -> Option<Bytes> {
+    let budget = limit / 4;
+    let mut size = 0;
+    let kept = history
+        .iter()
+        .rev()
+        .take_while(|line| {
+            size += line.len();
+            size <= budget
+        })
+        .count();
+    if kept == 0 {
+        return None;
+    }
+    let mut block = BytesMut::with_capacity(size + 64);
+    push_server_line(
+        &mut block,
+        &format!("Last {} in {room}:", protocol::count(kept, "message")),
+    );
+    for line in history.iter().skip(history.len() - kept) {
+        block.extend_from_slice(line);
+    }
+    push_server_line(&mut block, "End of history.");
+    Some(block.freeze())
 }
 
 /// `*** text\r\n`, the form of every server line.

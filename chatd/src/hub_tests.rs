@@ -18,7 +18,7 @@ fn drain(client: &Client) -> String {
     let mut q = VecDeque::new();
     client.outbox.take(&mut q);
     let n: usize = q.iter().map(|b| b.len()).sum();
-    client.outbox.written(n);
+    client.outbox.written(n, usize::MAX);
     q.iter()
         .map(|b| String::from_utf8_lossy(b).into_owned())
         .collect()
@@ -36,12 +36,14 @@ fn publish_reaches_every_other_member_once() {
     drain(&a);
     drain(&b);
     drain(&c);
-    let reached = hub.publish(
-        &room,
-        a.id,
-        Bytes::from_static(b"<a> one\r\n<a> two\r\n"),
-        2,
-    );
+    let reached = hub
+        .publish(
+            &room,
+            a.id,
+            Bytes::from_static(b"<a> one\r\n<a> two\r\n"),
+            2,
+        )
+        .reached;
     assert_eq!(reached, 1);
     assert_eq!(drain(&b), "<a> one\r\n<a> two\r\n");
     assert_eq!(drain(&a), "");
@@ -159,4 +161,71 @@ fn history_keeps_the_last_lines_of_each_batch() {
         "{seen}"
     );
     assert_eq!(hub.rooms()[0].messages, 30);
+}
+
+#[test]
+fn history_replay_is_capped_to_what_fits_the_queue() {
+    let mut raw = RawConfig::default();
+    raw.chat.history = 1000;
+    raw.limits.outbound_queue_bytes = 16 * 1024;
+    let hub = Hub::new(raw.validate().expect("config"));
+    let a = hub.connect(peer(1)).expect("a");
+    let room = hub.join(&a, "lobby");
+    let line = format!("<a> {}\r\n", "x".repeat(1000));
+    for _ in 0..300 {
+        hub.publish(&room, a.id, Bytes::from(line.clone()), 1);
+    }
+    let b = hub.connect(peer(2)).expect("b");
+    hub.join(&b, "lobby");
+    let seen = drain(&b);
+    // A quarter of 16 KiB holds 4 lines of ~1 KB: the newest ones.
+    assert!(seen.contains("*** Last 4 messages in lobby:"), "{seen}");
+    assert!(seen.ends_with("*** End of history.\r\n"), "{seen}");
+    let mut q = VecDeque::new();
+    assert_eq!(b.outbox.take(&mut q), None, "the newcomer is not cut");
+}
+
+#[test]
+fn joining_delivers_room_line_then_history_then_live_lines_once() {
+    let hub = hub();
+    let a = hub.connect(peer(1)).expect("a");
+    let b = hub.connect(peer(2)).expect("b");
+    let room = hub.join(&a, "dev");
+    hub.join(&b, "lobby");
+    let publisher = {
+        let hub = hub.clone();
+        let a = a.clone();
+        std::thread::spawn(move || {
+            for i in 0..2000 {
+                let line = format!("<a> {i}\r\n");
+                hub.publish(&room, a.id, Bytes::from(line), 1);
+            }
+        })
+    };
+    // Switch rooms while lines flow.
+    for _ in 0..50 {
+        hub.join(&b, "dev");
+        hub.join(&b, "lobby");
+    }
+    hub.join(&b, "dev");
+    publisher.join().expect("publisher");
+    let seen = drain(&b);
+    // Check the last visit to dev: room line, history, live, each once.
+    let last = seen.rfind("*** You are now in dev").expect("joined dev");
+    let visit = &seen[last..];
+    let mut numbers = Vec::new();
+    let mut lines = visit.split("\r\n").filter(|l| !l.is_empty());
+    assert!(lines.next().is_some_and(|l| l.starts_with("*** You are now in dev")));
+    for l in lines {
+        if let Some(n) = l.strip_prefix("<a> ") {
+            numbers.push(n.parse::<u32>().expect("number"));
+        } else {
+            assert!(l.starts_with("*** "), "unexpected {l:?}");
+        }
+    }
+    assert!(!numbers.is_empty());
+    for pair in numbers.windows(2) {
+        assert_eq!(pair[1], pair[0] + 1, "a gap or a repeat: {numbers:?}");
+    }
+    assert_eq!(*numbers.last().expect("some"), 1999);
 }

@@ -16,7 +16,7 @@
 //! - [`bans`]: banned addresses and their file; [`files`]: private files
 //!   written atomically.
 //! - [`reload`]: re-reading the config at run time (admin `Reload`, SIGHUP).
-//! - [`config`], [`telemetry`], [`stats`], [`rate`]: what they say.
+//! - [`config`], [`telemetry`], [`stats`], [`rate`], [`clock`]: what they say.
 //! - [`notify`], [`journal`], [`metrics`]: running under systemd and being
 //!   watched (sd_notify, the journal, Prometheus).
 //!
@@ -24,6 +24,7 @@
 
 pub mod admin;
 pub mod bans;
+pub mod clock;
 pub mod config;
 pub mod connection;
 pub mod files;

@@ -116,7 +116,20 @@ async fn serve(config: Config, source: Source, telemetry: Telemetry) -> anyhow::
         .path()
         .map_or("built-in defaults".to_string(), |p| p.display().to_string());
     let metrics_addr = chatd::metrics::describe(metrics.as_ref());
+    let max_clients = config.limits.max_clients;
     let daemon = Daemon::new(config, source, Some(telemetry.log_level()))?;
+    let files = chatd::server::raise_file_limit();
+    let capacity = chatd::server::client_capacity(files);
+    if capacity < max_clients {
+        warn!(
+            open_files = files,
+            clients = capacity,
+            "limits.max_clients = {max_clients} is more than the file limit allows; \
+             clients past {capacity} are refused as if the server were full \
+             (raise LimitNOFILE / ulimit -n, or lower limits.max_clients)"
+        );
+    }
+    daemon.hub().set_fd_capacity(capacity);
     if let Some(path) = daemon.generated_token_file() {
         info!(path = %path.display(), "no admin token configured: generated one for local use");
     }

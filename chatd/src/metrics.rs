@@ -115,7 +115,7 @@ impl Collector for HubCollector {
             let metric = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
             ConstGauge::new(value as i64).encode(metric)?;
         }
-        let counters: [(&str, &str, u64); 15] = [
+        let counters: [(&str, &str, u64); 16] = [
             (
                 "connections",
                 "Connections accepted and registered",
@@ -142,7 +142,7 @@ impl Collector for HubCollector {
             ("kicks", "Clients kicked by an operator", snap.kicks),
             (
                 "slow_consumer_disconnects",
-                "Clients cut off because their outgoing queue overflowed",
+                "Clients cut off for not reading: queue full, or nothing read for limits.slow_consumer_secs",
                 snap.slow_consumer_disconnects,
             ),
             (
@@ -152,13 +152,18 @@ impl Collector for HubCollector {
             ),
             (
                 "idle_disconnects",
-                "Clients cut off for being idle",
+                "Clients cut off for being idle or for not finishing a line in time",
                 snap.idle_disconnects,
             ),
             (
                 "overlong_disconnects",
                 "Clients cut off for sending too many over-long lines",
                 snap.overlong_disconnects,
+            ),
+            (
+                "flow_control_pauses",
+                "Times a sender paused reading because a recipient that is still reading was behind",
+                snap.flow_pauses,
             ),
             ("udp_in", "UDP datagrams received", snap.udp_in),
             ("udp_out", "UDP datagrams echoed", snap.udp_out),

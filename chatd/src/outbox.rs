@@ -1,27 +1,51 @@
-//! One client's bounded outgoing queue.
+//! One client's bounded outgoing queue, and the flow control built on it.
 //!
 //! Anyone may [`Outbox::push`] to a client — the sender of a room message, an
 //! admin broadcast, a kick — and pushing never waits: it appends a cheap
-//! clone of a shared [`Bytes`] under a short lock, or, when the client already
-//! owes `limit` bytes, marks the client as a slow consumer and refuses. The
-//! client's own connection task is the only consumer: it takes everything at
-//! once and writes it with one vectored syscall. So a client that stops
-//! reading costs at most `limit` bytes and never slows anyone else down.
+//! clone of a shared [`Bytes`] under a short lock. The client's own
+//! connection task is the only consumer: it takes everything at once and
+//! writes it with one vectored syscall.
+//!
+//! **Flow control.** A burst can legitimately outrun a reader that reads all
+//! the time, so cutting on bytes alone cuts healthy readers. The policy:
+//!
+//! - above a quarter of `limit` a client is *congested*. While it is still
+//!   making progress (it wrote something within [`PROGRESS_WINDOW`]), a push
+//!   reports [`Push::Congested`] and the sender pauses its own reading until
+//!   this client drains to an eighth of `limit` (or a short deadline
+//!   passes): the burst waits in the senders' kernel buffers, at the pace of
+//!   the readers, and nothing is lost.
+//! - a client that stopped reading makes no progress, so it never slows a
+//!   sender; it is cut as a slow consumer when it owes `limit` bytes (the
+//!   memory bound) or when it has owed something without writing a byte for
+//!   `limits.slow_consumer_secs` ([`Outbox::stalled_for`]).
 //!
 //! The same lock holds the reason the client must go (kicked, slow consumer,
-//! shutdown…) and the connection task's waker, so one lock round-trip both
-//! delivers lines and close requests and arms the next wake-up. There is no
-//! separate notification primitive: a woken connection polls its outbox and
-//! its socket's readiness directly, with no per-wake-up futures to allocate
-//! or register.
+//! shutdown…), the connection task's waker and the wakers of paused senders,
+//! so one lock round-trip both delivers lines and close requests and arms the
+//! next wake-up.
 
 use std::collections::VecDeque;
 use std::sync::Mutex;
 use std::task::Waker;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
 use crate::hub::Disconnect;
+
+/// How recently a congested client must have written something to count as
+/// still reading. Longer than a scheduling hiccup on a loaded machine, far
+/// shorter than any slow-consumer deadline.
+pub const PROGRESS_WINDOW: Duration = Duration::from_millis(250);
+
+/// The share of the queue limit above which a reading client slows its
+/// senders down (1/4), and below which they resume (1/8).
+const CONGESTED_DIVISOR: usize = 4;
+const DRAINED_DIVISOR: usize = 8;
+/// Most paused senders one outbox remembers; beyond it, a sender falls back
+/// on its own deadline. Keeps a pathological room from growing the list.
+const MAX_DRAIN_WAITERS: usize = 64;
 
 #[derive(Debug)]
 pub struct Outbox {
@@ -38,6 +62,11 @@ struct State {
     /// The connection task, parked until something is pushed or a close is
     /// requested.
     waker: Option<Waker>,
+    /// Senders paused until this client drains.
+    drain_waiters: Vec<Waker>,
+    /// When the client last wrote a byte, or started owing after owing
+    /// nothing: the clock of "is it still reading?".
+    progress: Option<Instant>,
     /// Totals for the admin API: lines queued, bytes written.
     lines_out: u64,
     bytes_out: u64,
@@ -47,10 +76,20 @@ struct State {
 #[derive(Debug, PartialEq, Eq)]
 pub enum Push {
     Queued,
+    /// Queued, and the client, though still reading, is behind: the sender
+    /// should pause (see the module doc).
+    Congested,
     /// The client owed too much; it is now closed as a slow consumer.
     Overflow,
     /// The client is already leaving; the bytes were dropped.
     Closed,
+}
+
+impl Push {
+    /// Whether the bytes were queued.
+    pub fn queued(&self) -> bool {
+        matches!(self, Push::Queued | Push::Congested)
+    }
 }
 
 impl Outbox {
@@ -77,11 +116,39 @@ impl Outbox {
             wake(s);
             return Push::Overflow;
         }
+        if s.owed == 0 {
+            s.progress = Some(Instant::now());
+        }
         s.owed += bytes.len();
         s.lines_out += lines;
         s.queue.push_back(bytes);
+        let congested = s.owed > limit / CONGESTED_DIVISOR
+            && s.progress.is_some_and(|t| t.elapsed() < PROGRESS_WINDOW);
         wake(s);
-        Push::Queued
+        if congested {
+            Push::Congested
+        } else {
+            Push::Queued
+        }
+    }
+
+    /// For a paused sender: whether this client has drained below an
+    /// eighth of `limit`, stopped reading, or is leaving — any of which ends
+    /// the pause. If not, `waker` is woken when it does drain.
+    pub fn drained_or_wait(&self, limit: usize, waker: &Waker) -> bool {
+        let mut s = self.lock();
+        if s.closed.is_some()
+            || s.owed <= limit / DRAINED_DIVISOR
+            || s.progress.is_none_or(|t| t.elapsed() >= PROGRESS_WINDOW)
+        {
+            return true;
+        }
+        if !s.drain_waiters.iter().any(|w| w.will_wake(waker))
+            && s.drain_waiters.len() < MAX_DRAIN_WAITERS
+        {
+            s.drain_waiters.push(waker.clone());
+        }
+        false
     }
 
     /// Asks the connection to close for `reason`. The first reason wins;
@@ -92,7 +159,9 @@ impl Outbox {
             return false;
         }
         s.closed = Some(reason);
+        let waiters = std::mem::take(&mut s.drain_waiters);
         wake(s);
+        waiters.into_iter().for_each(Waker::wake);
         true
     }
 
@@ -122,11 +191,30 @@ impl Outbox {
         s.closed.clone()
     }
 
-    /// Records that `n` bytes reached the socket.
-    pub fn written(&self, n: usize) {
+    /// Records that `n` bytes reached the socket; wakes the senders paused
+    /// on this client once it has drained to an eighth of `limit`.
+    pub fn written(&self, n: usize, limit: usize) {
         let mut s = self.lock();
         s.owed = s.owed.saturating_sub(n);
         s.bytes_out += n as u64;
+        if n > 0 {
+            s.progress = Some(Instant::now());
+        }
+        if !s.drain_waiters.is_empty() && s.owed <= limit / DRAINED_DIVISOR {
+            let waiters = std::mem::take(&mut s.drain_waiters);
+            drop(s);
+            waiters.into_iter().for_each(Waker::wake);
+        }
+    }
+
+    /// How long the client has owed bytes without writing any; `None` when
+    /// it owes nothing.
+    pub fn stalled_for(&self) -> Option<Duration> {
+        let s = self.lock();
+        if s.owed == 0 {
+            return None;
+        }
+        s.progress.map(|t| t.elapsed())
     }
 
     /// (lines queued, bytes written) since the client connected.
@@ -170,7 +258,7 @@ mod tests {
         let o = Outbox::new();
         let line = Bytes::from_static(b"0123456789\r\n");
         let mut pushed = 0;
-        while o.push(line.clone(), 100) == Push::Queued {
+        while o.push(line.clone(), 100).queued() {
             pushed += 1;
         }
         assert_eq!(pushed, 8);
@@ -184,12 +272,63 @@ mod tests {
     fn written_bytes_free_room() {
         let o = Outbox::new();
         let line = Bytes::from_static(b"0123456789");
-        assert_eq!(o.push(line.clone(), 20), Push::Queued);
-        assert_eq!(o.push(line.clone(), 20), Push::Queued);
+        assert!(o.push(line.clone(), 20).queued());
+        assert!(o.push(line.clone(), 20).queued());
         let mut q = VecDeque::new();
         assert_eq!(o.take(&mut q), None);
         assert_eq!(q.len(), 2);
-        o.written(20);
-        assert_eq!(o.push(line, 20), Push::Queued);
+        o.written(20, 20);
+        assert!(o.push(line, 20).queued());
+    }
+
+    /// A waker that counts its wake-ups.
+    struct Count(std::sync::atomic::AtomicUsize);
+    impl std::task::Wake for Count {
+        fn wake(self: std::sync::Arc<Self>) {
+            self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+
+    #[test]
+    fn a_reading_client_behind_slows_its_senders_until_it_drains() {
+        let o = Outbox::new();
+        let kib = Bytes::from(vec![b'x'; 1024]);
+        // Below a quarter of the limit: plain queued.
+        for _ in 0..4 {
+            assert_eq!(o.push(kib.clone(), 16 * 1024), Push::Queued);
+        }
+        assert_eq!(o.push(kib.clone(), 16 * 1024), Push::Congested);
+        let count = std::sync::Arc::new(Count(0.into()));
+        let waker = Waker::from(count.clone());
+        assert!(!o.drained_or_wait(16 * 1024, &waker));
+        // Writing 2 KiB leaves 3 KiB owed: still above an eighth (2 KiB).
+        o.written(2048, 16 * 1024);
+        assert_eq!(count.0.load(std::sync::atomic::Ordering::SeqCst), 0);
+        o.written(1024, 16 * 1024);
+        assert_eq!(count.0.load(std::sync::atomic::Ordering::SeqCst), 1);
+        assert!(o.drained_or_wait(16 * 1024, &waker));
+    }
+
+    #[test]
+    fn a_client_that_stopped_reading_slows_nobody() {
+        let o = Outbox::new();
+        let kib = Bytes::from(vec![b'x'; 1024]);
+        for _ in 0..5 {
+            o.push(kib.clone(), 16 * 1024);
+        }
+        std::thread::sleep(PROGRESS_WINDOW + Duration::from_millis(50));
+        // No byte written for longer than the window: queued, not congested,
+        // and a paused sender is released at once.
+        assert_eq!(o.push(kib.clone(), 16 * 1024), Push::Queued);
+        let waker = Waker::from(std::sync::Arc::new(Count(0.into())));
+        assert!(o.drained_or_wait(16 * 1024, &waker));
+        assert!(o.stalled_for().is_some_and(|d| d >= PROGRESS_WINDOW));
+        // Then cut at the memory bound.
+        let mut last = Push::Queued;
+        for _ in 0..16 {
+            last = o.push(kib.clone(), 16 * 1024);
+        }
+        assert_eq!(last, Push::Closed);
+        assert!(o.owed() <= 16 * 1024);
     }
 }

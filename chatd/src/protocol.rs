@@ -176,10 +176,16 @@ pub fn normalize_room(room: &str) -> Result<String, NameError> {
 
 /// `1 user`, `3 users`.
 pub fn users(n: usize) -> String {
+    count(n, "user")
+}
+
+/// `1 message`, `2 messages`: a count with its noun in the right number
+/// (for nouns whose plural takes an `s`).
+pub fn count(n: usize, noun: &str) -> String {
     if n == 1 {
-        "1 user".into()
+        format!("1 {noun}")
     } else {
-        format!("{n} users")
+        format!("{n} {noun}s")
     }
 }
 

@@ -4,10 +4,12 @@
 //! [`Daemon`] and hands it the listeners, and so can anything else that
 //! wants to run the daemon on sockets of its own.
 
+use std::collections::HashMap;
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
-use std::time::Duration;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::{Duration, Instant};
 
 use socket2::{SockRef, TcpKeepalive};
 use tokio::net::{TcpListener, TcpSocket, TcpStream, UdpSocket, UnixListener};
@@ -19,7 +21,8 @@ use crate::admin::{self, AdminListeners, AdminSetup, SetupError};
 use crate::bans::{BanError, Bans};
 use crate::config::{Config, Source};
 use crate::connection;
-use crate::hub::Hub;
+use crate::hub::{Hub, Refusal};
+use crate::rate::TokenBucket;
 use crate::reload::Reloader;
 use crate::telemetry::LogLevel;
 use crate::udp_echo;
@@ -137,6 +140,38 @@ pub fn bind_tcp(addr: SocketAddr, backlog: u32) -> io::Result<TcpListener> {
     socket.listen(backlog)
 }
 
+/// Raises the soft limit on open files to the hard limit, as far as the
+/// process may, and returns the limit now in force (`u64::MAX`: unlimited).
+/// The usual soft limit, 1024, would otherwise stop chatd near 1,000
+/// clients.
+pub fn raise_file_limit() -> u64 {
+    use rustix::process::{Resource, getrlimit, setrlimit};
+    let limit = getrlimit(Resource::Nofile);
+    let Some(hard) = limit.maximum else {
+        return limit.current.unwrap_or(u64::MAX);
+    };
+    if limit.current.is_some_and(|soft| soft < hard) {
+        let raised = rustix::process::Rlimit {
+            current: Some(hard),
+            maximum: Some(hard),
+        };
+        if setrlimit(Resource::Nofile, raised).is_ok() {
+            return hard;
+        }
+    }
+    limit.current.unwrap_or(hard)
+}
+
+/// Descriptors kept for everything but chat clients: listeners, the admin
+/// and metrics connections (each capped by its own limit), the journal,
+/// files, and a margin for refusing a client with one line.
+pub const RESERVED_FILES: u64 = 256;
+
+/// How many chat clients `open_files` descriptors can serve.
+pub fn client_capacity(open_files: u64) -> usize {
+    usize::try_from(open_files.saturating_sub(RESERVED_FILES)).unwrap_or(usize::MAX)
+}
+
 /// Why the daemon cannot start; one line for the operator.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -235,7 +270,8 @@ pub async fn serve(listeners: Listeners, hub: Hub, shutdown: CancellationToken, 
     if let Some(udp) = listeners.udp {
         tracker.spawn(udp_echo::run(udp, hub.clone(), shutdown.clone()));
     }
-    tracker.spawn(reap_idle(hub.clone(), shutdown.clone()));
+    tracker.spawn(reap(hub.clone(), shutdown.clone()));
+    tracker.spawn(flush_notices(hub.clone(), shutdown.clone()));
     accept_loop(&listeners.chat, &hub, &shutdown, &tracker).await;
     drop(listeners.chat);
     hub.close();
@@ -259,6 +295,7 @@ async fn accept_loop(
     tracker: &TaskTracker,
 ) {
     let mut backoff = Backoff::default();
+    let mut rate = ConnectRate::default();
     loop {
         let accepted = tokio::select! {
             () = shutdown.cancelled() => return,
@@ -267,6 +304,10 @@ async fn accept_loop(
         match accepted {
             Ok((stream, peer)) => {
                 backoff.reset();
+                if !rate.admit(peer.ip(), hub) {
+                    refuse_fast(&stream);
+                    continue;
+                }
                 tune(&stream, hub);
                 tracker.spawn(connection::serve(stream, peer, hub.clone()));
             }
@@ -283,25 +324,97 @@ async fn accept_loop(
     }
 }
 
-/// Closes idle clients. One task scanning every client a few times per
-/// timeout is far cheaper than a timer in each of 10,000 connections.
-async fn reap_idle(hub: Hub, shutdown: CancellationToken) {
+/// Closes idle, half-a-line and stalled clients. One task scanning every
+/// client a few times per deadline is far cheaper than a timer in each of
+/// 10,000 connections.
+async fn reap(hub: Hub, shutdown: CancellationToken) {
     loop {
-        let limit = hub.limits().idle_timeout;
-        let pause = limit.map_or(Duration::from_secs(5), |l| {
+        let limits = hub.limits();
+        let shortest = [
+            limits.idle_timeout,
+            limits.partial_line_timeout,
+            limits.slow_consumer_timeout,
+        ]
+        .into_iter()
+        .flatten()
+        .min();
+        let pause = shortest.map_or(Duration::from_secs(5), |l| {
             (l / 4).clamp(Duration::from_millis(100), Duration::from_secs(15))
         });
         tokio::select! {
             () = shutdown.cancelled() => return,
             () = tokio::time::sleep(pause) => {}
         }
-        if let Some(limit) = limit {
-            let closed = hub.reap_idle(limit);
-            if closed > 0 {
-                info!(clients = closed, "closed idle connections");
-            }
+        let reaped = hub.reap();
+        if reaped.total() > 0 {
+            info!(
+                idle = reaped.idle,
+                partial_line = reaped.partial,
+                slow_consumer = reaped.stalled,
+                "closed inactive connections"
+            );
         }
     }
+}
+
+/// Sums up, once a second, the join/leave notices that rooms held back.
+async fn flush_notices(hub: Hub, shutdown: CancellationToken) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            _ = tick.tick() => hub.flush_notices(),
+        }
+    }
+}
+
+/// The per-address connection rate (`limits.connect_rate_per_ip`): one
+/// token bucket per address, owned by the accept loop alone, so it needs no
+/// lock. Full buckets are forgotten, which bounds the map by the addresses
+/// that connected within the last few seconds.
+#[derive(Default)]
+struct ConnectRate {
+    buckets: HashMap<IpAddr, TokenBucket>,
+    last_prune: Option<Instant>,
+}
+
+/// Most addresses remembered at once; past it the map is pruned at once.
+const CONNECT_RATE_MAX_ADDRS: usize = 65_536;
+
+impl ConnectRate {
+    fn admit(&mut self, ip: IpAddr, hub: &Hub) -> bool {
+        let Some(limit) = hub.limits().connect_rate else {
+            self.buckets.clear();
+            return true;
+        };
+        let now = Instant::now();
+        let stale = self
+            .last_prune
+            .is_none_or(|t| now.saturating_duration_since(t) >= Duration::from_secs(10));
+        if stale || self.buckets.len() >= CONNECT_RATE_MAX_ADDRS {
+            self.buckets
+                .retain(|_, b| !b.is_full(limit.per_sec, limit.burst, now));
+            self.last_prune = Some(now);
+        }
+        let admitted = self
+            .buckets
+            .entry(ip)
+            .or_insert_with(|| TokenBucket::new(limit.burst, now))
+            .try_take(limit.per_sec, limit.burst, now);
+        if !admitted {
+            hub.stats().refused.fetch_add(1, Relaxed);
+        }
+        admitted
+    }
+}
+
+/// Tells a connection over the rate limit why, if its socket takes the line
+/// at once, and drops it: a flood of connections gets no task, no timer and
+/// no log line each.
+fn refuse_fast(stream: &TcpStream) {
+    let line = crate::hub::server_line(&format!("error: {}", Refusal::TooFast));
+    let _ = stream.try_write(&line);
 }
 
 /// Errors that concern one connection that went away before we accepted it.

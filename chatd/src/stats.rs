@@ -26,6 +26,8 @@ pub struct Stats {
     pub flood_disconnects: AtomicU64,
     pub idle_disconnects: AtomicU64,
     pub overlong_disconnects: AtomicU64,
+    /// Times a sender paused reading because a recipient was behind.
+    pub flow_pauses: AtomicU64,
     pub udp_in: AtomicU64,
     pub udp_out: AtomicU64,
     pub udp_dropped: AtomicU64,
@@ -95,6 +97,7 @@ pub struct StatsSnapshot {
     pub flood_disconnects: u64,
     pub idle_disconnects: u64,
     pub overlong_disconnects: u64,
+    pub flow_pauses: u64,
     pub udp_in: u64,
     pub udp_out: u64,
     pub udp_dropped: u64,
@@ -110,7 +113,7 @@ impl Stats {
         let counter = match reason {
             Disconnect::SlowConsumer => &self.slow_consumer_disconnects,
             Disconnect::Flood => &self.flood_disconnects,
-            Disconnect::Idle => &self.idle_disconnects,
+            Disconnect::Idle | Disconnect::PartialLine => &self.idle_disconnects,
             Disconnect::OverlongLines => &self.overlong_disconnects,
             _ => return,
         };
@@ -120,6 +123,10 @@ impl Stats {
     pub(crate) fn published(&self, lines: usize, reached: usize) {
         self.lines_relayed.fetch_add(lines as u64, Relaxed);
         self.deliveries.fetch_add((lines * reached) as u64, Relaxed);
+    }
+
+    pub(crate) fn flow_paused(&self) {
+        self.flow_pauses.fetch_add(1, Relaxed);
     }
 
     pub(crate) fn input(&self, lines: u64, bytes: u64) {
@@ -150,6 +157,7 @@ impl Stats {
             flood_disconnects: get(&self.flood_disconnects),
             idle_disconnects: get(&self.idle_disconnects),
             overlong_disconnects: get(&self.overlong_disconnects),
+            flow_pauses: get(&self.flow_pauses),
             udp_in: get(&self.udp_in),
             udp_out: get(&self.udp_out),
             udp_dropped: get(&self.udp_dropped),

@@ -88,6 +88,8 @@ fn reason(d: &Disconnect) -> (pb::DisconnectReason, String) {
         Disconnect::SlowConsumer => (R::SlowConsumer, String::new()),
         Disconnect::Flood => (R::Flood, String::new()),
         Disconnect::Idle => (R::Idle, String::new()),
+        Disconnect::PartialLine => (R::Idle, d.to_string()),
+        Disconnect::WrongProtocol => (R::Closed, d.to_string()),
         Disconnect::OverlongLines => (R::LineTooLong, String::new()),
         Disconnect::Shutdown => (R::Shutdown, String::new()),
     }
