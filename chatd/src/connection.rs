@@ -50,10 +50,9 @@ const CLOSE_FLUSH: Duration = Duration::from_secs(5);
 /// How long to wait for the client's EOF after ours, so that unread input
 /// does not turn our close into a reset that destroys the last lines.
 const CLOSE_LINGER: Duration = Duration::from_secs(2);
-/// The longest a sender pauses for one congested recipient before reading
-/// again: flow control slows a burst down, it never silences a sender for
-/// long, even if the recipient it waits for stops reading meanwhile.
-const MAX_PAUSE: Duration = Duration::from_millis(50);
+/// How often a paused sender checks that the recipient it waits for is
+/// still reading (a drain wakes it at once; this is for one that stops).
+const RECHECK: Duration = crate::outbox::PROGRESS_WINDOW;
 /// What this port says to a client speaking another protocol.
 const WRONG_PROTOCOL: &str = "This is a chatd chat port: plain text lines for nc or telnet, \
      not HTTP, gRPC or TLS. The admin API (chatctl) listens on its own port.";
@@ -201,7 +200,8 @@ struct Connection {
     span: tracing::Span,
 }
 
-/// A sender's pause: until `on` drains, or `until` passes.
+/// A sender's pause: until `on` drains or stops reading; `until` is when
+/// to check the latter next.
 struct Pause {
     on: Arc<Client>,
     until: Pin<Box<tokio::time::Sleep>>,
@@ -262,15 +262,36 @@ impl Connection {
                 Poll::Pending => break,
             }
         }
-        if let Some(pause) = &mut self.pause {
-            let limit = self.hub.queue_limit();
-            if pause.on.outbox.drained_or_wait(limit, cx.waker())
-                || pause.until.as_mut().poll(cx).is_ready()
+        // Flow control: before reading, wait for any member of the room
+        // that is behind but reading. Checked again after each pause, so
+        // senders released together do not all publish at once into a
+        // queue that is filling up again.
+        loop {
+            if self.pause.is_none()
+                && let Some(member) = self.room.congested_member()
+                && member.id != self.client.id
             {
-                self.pause = None;
-            } else {
-                return Poll::Pending;
+                self.pause_for(member);
             }
+            let Some(pause) = &mut self.pause else {
+                break;
+            };
+            let limit = self.hub.queue_limit();
+            if pause.on.outbox.drained_or_wait(limit, cx.waker()) {
+                self.room.clear_congested(&pause.on);
+                self.pause = None;
+                continue;
+            }
+            // Still behind and still reading: wait on. The timer only makes
+            // sure a recipient that stops reading meanwhile is noticed (it
+            // then no longer holds anyone back).
+            while pause.until.as_mut().poll(cx).is_ready() {
+                pause
+                    .until
+                    .as_mut()
+                    .reset(tokio::time::Instant::now() + RECHECK);
+            }
+            return Poll::Pending;
         }
         match self.stream.poll_read_ready(cx) {
             Poll::Ready(Ok(())) => match self.on_readable() {
@@ -303,8 +324,15 @@ impl Connection {
         let mut outcome = None;
         let (mut lines, mut bytes) = (0u64, 0u64);
         let now = Instant::now();
+        // One wake-up's batch stays well inside the recipients' queues, or a
+        // single batch could overflow a small one.
+        let budget = (config.limits.outbound_queue_bytes / 8).max(1024);
         for _ in 0..READS_PER_WAKE {
-            let n = match self.stream.try_read(&mut buf) {
+            let room = budget.saturating_sub(bytes as usize).min(buf.len());
+            if room == 0 {
+                break;
+            }
+            let n = match self.stream.try_read(&mut buf[..room]) {
                 Ok(0) => {
                     outcome = Some(Disconnect::Closed);
                     break;
@@ -315,7 +343,11 @@ impl Connection {
             };
             bytes += n as u64;
             let first_read = bytes == n as u64
-                && self.client.bytes_in.load(std::sync::atomic::Ordering::Relaxed) == 0;
+                && self
+                    .client
+                    .bytes_in
+                    .load(std::sync::atomic::Ordering::Relaxed)
+                    == 0;
             if first_read && looks_like_tls(&buf[..n]) {
                 outcome = Some(Disconnect::WrongProtocol);
                 break;
@@ -332,7 +364,7 @@ impl Connection {
                 }
             });
             self.framer = framer;
-            if outcome.is_some() || n < buf.len() {
+            if outcome.is_some() || n < room {
                 break;
             }
         }
@@ -347,13 +379,13 @@ impl Connection {
     }
 
     /// Stops reading until `recipient`, which is behind but reading, has
-    /// drained (or [`MAX_PAUSE`] passes): the sender's next lines wait in
-    /// its own socket buffer instead of piling up in the recipient's queue.
+    /// drained or stopped reading: the sender's next lines wait in its own
+    /// socket buffer instead of piling up in the recipient's queue.
     fn pause_for(&mut self, recipient: Arc<Client>) {
         self.hub.stats().flow_paused();
         self.pause = Some(Box::new(Pause {
             on: recipient,
-            until: Box::pin(tokio::time::sleep(MAX_PAUSE)),
+            until: Box::pin(tokio::time::sleep(RECHECK)),
         }));
     }
 
@@ -557,9 +589,7 @@ impl Connection {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
                 Err(e) => return Err(e),
             };
-            self.client
-                .outbox
-                .written(written, self.hub.queue_limit());
+            self.client.outbox.written(written, self.hub.queue_limit());
             self.hub.stats().output(written as u64);
             while written > 0 {
                 let Some(front) = self.pending.front_mut() else {

@@ -16,7 +16,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -307,6 +307,13 @@ pub struct Room {
     history: Mutex<VecDeque<Bytes>>,
     messages: AtomicU64,
     notices: Mutex<NoticeGate>,
+    /// A member that is behind but still reading, if any: every sender of
+    /// the room pauses before its next read until it drains (flow control,
+    /// see [`crate::outbox`]). Checking before reading, not only after
+    /// publishing, is what keeps many senders from overrunning a reader
+    /// with one batch each. `has_congested` is the hot path's cheap look.
+    congested: Mutex<Option<Arc<Client>>>,
+    has_congested: AtomicBool,
 }
 
 /// A room's budget of join/leave/rename notices: at most
@@ -340,6 +347,8 @@ impl Room {
             members: RwLock::new(Vec::new()),
             history: Mutex::new(VecDeque::new()),
             messages: AtomicU64::new(0),
+            congested: Mutex::new(None),
+            has_congested: AtomicBool::new(false),
             notices: Mutex::new(NoticeGate {
                 window: Instant::now(),
                 sent: 0,
@@ -353,6 +362,32 @@ impl Room {
 
     pub fn len(&self) -> usize {
         read(&self.members).len()
+    }
+
+    /// The member every sender should wait for before reading, if any.
+    pub fn congested_member(&self) -> Option<Arc<Client>> {
+        if !self.has_congested.load(Relaxed) {
+            return None;
+        }
+        lock(&self.congested).clone()
+    }
+
+    fn mark_congested(&self, member: &Arc<Client>) {
+        let mut congested = lock(&self.congested);
+        if congested.is_none() {
+            *congested = Some(member.clone());
+            self.has_congested.store(true, Relaxed);
+        }
+    }
+
+    /// Forgets `member` as the room's congested member (it drained, stopped
+    /// reading, or left).
+    pub fn clear_congested(&self, member: &Client) {
+        let mut congested = lock(&self.congested);
+        if congested.as_ref().is_some_and(|c| c.id == member.id) {
+            *congested = None;
+            self.has_congested.store(false, Relaxed);
+        }
     }
 
     pub fn is_empty(&self) -> bool {
@@ -580,9 +615,8 @@ impl Hub {
     pub fn reap(&self) -> Reaped {
         let limits = self.limits();
         let now = clock::now_ms();
-        let before = |limit: Option<Duration>| {
-            limit.map(|l| now.saturating_sub(l.as_millis() as u64))
-        };
+        let before =
+            |limit: Option<Duration>| limit.map(|l| now.saturating_sub(l.as_millis() as u64));
         let idle_cutoff = before(limits.idle_timeout);
         let partial_cutoff = before(limits.partial_line_timeout);
         let clients: Vec<Arc<Client>> = self.state().clients.values().cloned().collect();
@@ -685,6 +719,7 @@ impl Hub {
             }
             members.len()
         };
+        room.clear_congested(client);
         let nick = client.nick();
         let config = self.config();
         if remaining == 0 && *room.name != *config.chat.default_room {
@@ -775,7 +810,12 @@ impl Hub {
                 room.name,
                 users(members)
             );
-            self.fan_out(&room, 0, &server_line(&text), config.limits.outbound_queue_bytes);
+            self.fan_out(
+                &room,
+                0,
+                &server_line(&text),
+                config.limits.outbound_queue_bytes,
+            );
         }
     }
 
@@ -787,7 +827,8 @@ impl Hub {
             return;
         }
         let room = lock(&client.names).room.take();
-        let parted = room.and_then(|room| self.part_locked(&mut state, client, &room, Some(reason)));
+        let parted =
+            room.and_then(|room| self.part_locked(&mut state, client, &room, Some(reason)));
         let nick = client.nick();
         state.nicks.remove(&protocol::fold(&nick));
         if let Some(n) = state.per_ip.get_mut(&client.peer.ip()) {
@@ -861,6 +902,9 @@ impl Hub {
         // Remembered before the member lock is released: see `join`.
         room.remember(&batch, lines, config.chat.history);
         drop(members);
+        if let Some(member) = &fanout.congested {
+            room.mark_congested(member);
+        }
         self.shared.stats.published(lines, fanout.reached);
         self.shared.stats.fan_out_latency.observe(started.elapsed());
         fanout
@@ -935,10 +979,16 @@ impl Hub {
             Push::Congested => Some(target.clone()),
             Push::Overflow => {
                 tracing::warn!(client = target.id, peer = %target.peer, "slow consumer: outgoing queue full, disconnecting");
-                return Err(format!("{} is not reading; message not delivered", target.nick()));
+                return Err(format!(
+                    "{} is not reading; message not delivered",
+                    target.nick()
+                ));
             }
             Push::Closed => {
-                return Err(format!("{} is leaving; message not delivered", target.nick()));
+                return Err(format!(
+                    "{} is leaving; message not delivered",
+                    target.nick()
+                ));
             }
         };
         let mut echo = BytesMut::new();

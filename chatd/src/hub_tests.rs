@@ -215,7 +215,11 @@ fn joining_delivers_room_line_then_history_then_live_lines_once() {
     let visit = &seen[last..];
     let mut numbers = Vec::new();
     let mut lines = visit.split("\r\n").filter(|l| !l.is_empty());
-    assert!(lines.next().is_some_and(|l| l.starts_with("*** You are now in dev")));
+    assert!(
+        lines
+            .next()
+            .is_some_and(|l| l.starts_with("*** You are now in dev"))
+    );
     for l in lines {
         if let Some(n) = l.strip_prefix("<a> ") {
             numbers.push(n.parse::<u32>().expect("number"));

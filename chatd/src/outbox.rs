@@ -10,15 +10,16 @@
 //! the time, so cutting on bytes alone cuts healthy readers. The policy:
 //!
 //! - above a quarter of `limit` a client is *congested*. While it is still
-//!   making progress (it wrote something within [`PROGRESS_WINDOW`]), a push
-//!   reports [`Push::Congested`] and the sender pauses its own reading until
-//!   this client drains to an eighth of `limit` (or a short deadline
-//!   passes): the burst waits in the senders' kernel buffers, at the pace of
+//!   making progress (it read [`PROGRESS_BYTES`] within the last
+//!   [`PROGRESS_WINDOW`], i.e. at least 32 KB/s), a push reports
+//!   [`Push::Congested`]; the sender, and every other sender of its room
+//!   before its next read, pause until this client drains to an eighth of
+//!   `limit`: the burst waits in the senders' kernel buffers, at the pace of
 //!   the readers, and nothing is lost.
-//! - a client that stopped reading makes no progress, so it never slows a
+//! - a client that reads slower than that, or not at all, never slows a
 //!   sender; it is cut as a slow consumer when it owes `limit` bytes (the
-//!   memory bound) or when it has owed something without writing a byte for
-//!   `limits.slow_consumer_secs` ([`Outbox::stalled_for`]).
+//!   memory bound) or when it has owed something without making progress
+//!   for `limits.slow_consumer_secs` ([`Outbox::stalled_for`]).
 //!
 //! The same lock holds the reason the client must go (kicked, slow consumer,
 //! shutdown…), the connection task's waker and the wakers of paused senders,
@@ -37,7 +38,11 @@ use crate::hub::Disconnect;
 /// How recently a congested client must have written something to count as
 /// still reading. Longer than a scheduling hiccup on a loaded machine, far
 /// shorter than any slow-consumer deadline.
-pub const PROGRESS_WINDOW: Duration = Duration::from_millis(250);
+pub const PROGRESS_WINDOW: Duration = Duration::from_millis(500);
+/// Bytes a client must read to count as making progress: a trickle (a
+/// byte now and then, as a hostile reader would do) does not hold senders
+/// back.
+pub const PROGRESS_BYTES: usize = 16 * 1024;
 
 /// The share of the queue limit above which a reading client slows its
 /// senders down (1/4), and below which they resume (1/8).
@@ -64,9 +69,11 @@ struct State {
     waker: Option<Waker>,
     /// Senders paused until this client drains.
     drain_waiters: Vec<Waker>,
-    /// When the client last wrote a byte, or started owing after owing
-    /// nothing: the clock of "is it still reading?".
+    /// When the client last read [`PROGRESS_BYTES`], caught up, or started
+    /// owing after owing nothing: the clock of "is it still reading?".
     progress: Option<Instant>,
+    /// Bytes written since `progress` was last set.
+    since_progress: usize,
     /// Totals for the admin API: lines queued, bytes written.
     lines_out: u64,
     bytes_out: u64,
@@ -118,6 +125,7 @@ impl Outbox {
         }
         if s.owed == 0 {
             s.progress = Some(Instant::now());
+            s.since_progress = 0;
         }
         s.owed += bytes.len();
         s.lines_out += lines;
@@ -197,8 +205,10 @@ impl Outbox {
         let mut s = self.lock();
         s.owed = s.owed.saturating_sub(n);
         s.bytes_out += n as u64;
-        if n > 0 {
+        s.since_progress += n;
+        if n > 0 && (s.owed == 0 || s.since_progress >= PROGRESS_BYTES) {
             s.progress = Some(Instant::now());
+            s.since_progress = 0;
         }
         if !s.drain_waiters.is_empty() && s.owed <= limit / DRAINED_DIVISOR {
             let waiters = std::mem::take(&mut s.drain_waiters);

@@ -164,12 +164,16 @@ pub fn raise_file_limit() -> u64 {
 
 /// Descriptors kept for everything but chat clients: listeners, the admin
 /// and metrics connections (each capped by its own limit), the journal,
-/// files, and a margin for refusing a client with one line.
-pub const RESERVED_FILES: u64 = 256;
+/// files, and a margin for refusing a client with one line. An eighth of the
+/// limit, between 16 and 256.
+pub fn reserved_files(open_files: u64) -> u64 {
+    (open_files / 8).clamp(16, 256)
+}
 
 /// How many chat clients `open_files` descriptors can serve.
 pub fn client_capacity(open_files: u64) -> usize {
-    usize::try_from(open_files.saturating_sub(RESERVED_FILES)).unwrap_or(usize::MAX)
+    let clients = open_files.saturating_sub(reserved_files(open_files));
+    usize::try_from(clients).unwrap_or(usize::MAX)
 }
 
 /// Why the daemon cannot start; one line for the operator.

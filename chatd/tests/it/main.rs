@@ -1,6 +1,7 @@
 //! End-to-end tests: the real `chatd` binary on port 0, spoken to over real
 //! sockets the way `nc` would.
 
+mod abuse;
 mod admin;
 mod chat;
 mod lifecycle;

@@ -34,7 +34,8 @@ pub struct TestServer {
 
 impl TestServer {
     /// The daemon on its defaults, on loopback port 0, with the per-address
-    /// limit raised (every test client comes from 127.0.0.1).
+    /// limits (clients, connection rate) lifted: every test client comes
+    /// from 127.0.0.1. Tests of those limits set them back.
     pub fn start() -> TestServer {
         Self::with_env(&[])
     }
@@ -69,6 +70,7 @@ impl TestServer {
             .env("CHATD_UDP__LISTEN", "127.0.0.1:0")
             .env("CHATD_ADMIN__LISTEN", "127.0.0.1:0")
             .env("CHATD_LIMITS__MAX_CLIENTS_PER_IP", "1000")
+            .env("CHATD_LIMITS__CONNECT_RATE_PER_IP", "0")
             .env("CHATD_LOG__FORMAT", "json")
             .env("CHATD_LOG__LEVEL", "info")
             .env_remove("RUST_LOG");
