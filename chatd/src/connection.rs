@@ -261,6 +261,7 @@ impl Connection {
             lines: 0,
         };
         let mut outcome = None;
+        let mut telnet_replies = BytesMut::new();
         let (mut lines, mut bytes) = (0u64, 0u64);
         let now = Instant::now();
         for _ in 0..READS_PER_WAKE {
@@ -274,7 +275,7 @@ impl Connection {
                 Err(e) => return Err(e),
             };
             bytes += n as u64;
-            let kept = self.framer.strip_telnet(&mut buf[..n]);
+            let kept = self.framer.strip_telnet(&mut buf[..n], &mut telnet_replies);
             if batch.buf.capacity() == 0 {
                 batch.buf.reserve(kept + kept / 2 + 64);
             }
@@ -286,6 +287,14 @@ impl Connection {
                 }
             });
             self.framer = framer;
+            // After the answers to this read's lines, as a timing mark
+            // requires.
+            if !telnet_replies.is_empty() {
+                let limit = config.limits.outbound_queue_bytes;
+                self.client
+                    .outbox
+                    .push(telnet_replies.split().freeze(), limit);
+            }
             if outcome.is_some() || n < buf.len() {
                 break;
             }

@@ -59,3 +59,90 @@ async fn telnet_negotiation_is_ignored() {
         .await;
     assert_eq!(bob.line().await, format!("<{a}> hi there"));
 }
+
+/// A telnet user, seen as raw bytes: telnet's answers are not lines.
+struct Raw(tokio::net::TcpStream, Vec<u8>);
+
+impl Raw {
+    async fn connect(server: &TestServer) -> Raw {
+        let stream = tokio::time::timeout(WAIT, tokio::net::TcpStream::connect(server.chat))
+            .await
+            .expect("connect in time")
+            .expect("connect");
+        let mut raw = Raw(stream, Vec::new());
+        raw.until(b"You are now in").await;
+        raw
+    }
+
+    async fn send(&mut self, bytes: &[u8]) {
+        use tokio::io::AsyncWriteExt;
+        self.0.write_all(bytes).await.expect("send");
+    }
+
+    /// Reads until `needle` has arrived; returns everything up to and
+    /// including it, and keeps the rest for the next call.
+    async fn until(&mut self, needle: &[u8]) -> Vec<u8> {
+        use tokio::io::AsyncReadExt;
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            if let Some(at) = self.1.windows(needle.len()).position(|w| w == needle) {
+                return self.1.drain(..at + needle.len()).collect();
+            }
+            let mut buf = [0u8; 4096];
+            let n = tokio::time::timeout_at(deadline, self.0.read(&mut buf))
+                .await
+                .unwrap_or_else(|_| panic!("no {needle:?} in time; got {:?}", self.1))
+                .expect("read");
+            assert!(n > 0, "EOF before {needle:?}; got {:?}", self.1);
+            self.1.extend_from_slice(&buf[..n]);
+        }
+    }
+}
+
+const WILL_TIMING_MARK: &[u8] = b"\xff\xfb\x06";
+
+#[tokio::test]
+async fn telnet_ctrl_c_is_answered_and_chat_goes_on() {
+    let server = TestServer::start();
+    let mut alice = Raw::connect(&server).await;
+    let (mut bob, b) = server.join().await;
+    alice.until(b" joined ").await;
+    // What telnet sends on Ctrl-C after typing half a line; it then shows
+    // nothing until its timing mark is answered.
+    alice.send(b"half a li\xff\xf4\xff\xfd\x06").await;
+    alice.until(WILL_TIMING_MARK).await;
+    // The interrupted line is gone; the next one arrives whole.
+    alice.send(b"next\r\n").await;
+    let a = bob.sync().await;
+    let said: Vec<&String> = a.iter().filter(|l| l.starts_with('<')).collect();
+    assert_eq!(said.len(), 1, "{a:?}");
+    assert!(said[0].ends_with("> next"), "{a:?}");
+    bob.send("still here\n").await;
+    alice
+        .until(format!("<{b}> still here\r\n").as_bytes())
+        .await;
+    // Options chatd does not do are refused once, not echoed back forever.
+    alice
+        .send(b"\xff\xfd\x01\xff\xfd\x01\xff\xfb\x1f\xff\xfc\x01")
+        .await;
+    alice.send(b"\xff\xfd\x06").await;
+    let answers = alice.until(WILL_TIMING_MARK).await;
+    assert_eq!(answers, b"\xff\xfc\x01\xff\xfe\x1f\xff\xfb\x06");
+}
+
+#[tokio::test]
+async fn a_raw_255_in_text_swallows_nothing() {
+    let server = TestServer::start();
+    let (mut alice, a) = server.join().await;
+    let (mut bob, _) = server.join().await;
+    // Latin-1 "ÿa": 255 before a byte that is no telnet command.
+    alice.send_raw(b"\xffa ok\n").await;
+    assert_eq!(bob.line().await, format!("<{a}> \u{fffd}a ok"));
+    // Latin-1 "ÿú" reads as IAC SB, which ends after 64 bytes at most.
+    let mut line = b"\xff\xfa".to_vec();
+    line.extend_from_slice(&[b'y'; 64]);
+    line.extend_from_slice(b"tail\nlater\n");
+    alice.send_raw(&line).await;
+    assert_eq!(bob.line().await, format!("<{a}> tail"));
+    assert_eq!(bob.line().await, format!("<{a}> later"));
+}
