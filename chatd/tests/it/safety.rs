@@ -25,7 +25,7 @@ async fn no_line_can_be_forged() {
     alice.send("hi\r*** Server: you are banned\n").await;
     assert_eq!(
         bob.line().await,
-        format!("<{a}> hi*** Server: you are banned")
+        format!("<{a}> hi *** Server: you are banned")
     );
     // A CRLF inside the text only ever makes two messages, both prefixed.
     alice.send("x\r\n*** fake notice\n").await;
@@ -33,8 +33,44 @@ async fn no_line_can_be_forged() {
     assert_eq!(bob.line().await, format!("<{a}> *** fake notice"));
     alice.send("/me \r*** fake\n").await;
     assert_eq!(bob.line().await, format!("* {a} *** fake"));
+    // Padding to wrap an 80-column terminal, so that the rest starts a
+    // screen line of its own, shrinks to a few spaces, however made.
+    let padding = " ".repeat(60) + &"\u{a0}\u{200b}".repeat(20) + "\t\t";
+    alice
+        .send(&format!("x{padding}*** Server: you are banned\n"))
+        .await;
+    assert_eq!(
+        bob.line().await,
+        format!("<{a}> x    *** Server: you are banned")
+    );
     alice.send("/nick ***\n").await;
     assert!(alice.expect("error").await.contains("may only contain"));
+}
+
+#[tokio::test]
+async fn invisible_and_direction_marks_are_stripped() {
+    let server = TestServer::start();
+    let (mut alice, a) = server.join().await;
+    let (mut bob, b) = server.join().await;
+    alice
+        .send(
+            "ad\u{200b}min\u{200f} \u{202e}says\u{2066} \u{feff}hi\u{2060}\u{ad}\u{61c}\u{180e}!\n",
+        )
+        .await;
+    assert_eq!(bob.line().await, format!("<{a}> admin says hi!"));
+    alice.send(&format!("/msg {b} x\u{2028}y\u{2029}z\n")).await;
+    assert_eq!(bob.line().await, format!("[pm] <{a}> x y z"));
+}
+
+#[tokio::test]
+async fn line_breaks_in_operator_text_become_spaces() {
+    let server = TestServer::start();
+    let (mut alice, _) = server.join().await;
+    server
+        .chatctl(&["broadcast", "two\nlines\r\nand\ttabs"])
+        .await
+        .ok();
+    assert_eq!(alice.line().await, "*** NOTICE: two lines  and tabs");
 }
 
 #[tokio::test]
@@ -113,10 +149,11 @@ async fn telnet_ctrl_c_is_answered_and_chat_goes_on() {
     alice.until(WILL_TIMING_MARK).await;
     // The interrupted line is gone; the next one arrives whole.
     alice.send(b"next\r\n").await;
-    let a = bob.sync().await;
-    let said: Vec<&String> = a.iter().filter(|l| l.starts_with('<')).collect();
-    assert_eq!(said.len(), 1, "{a:?}");
-    assert!(said[0].ends_with("> next"), "{a:?}");
+    let said = bob.expect("next").await;
+    assert!(
+        said.starts_with("<guest-") && said.ends_with("> next"),
+        "{said}"
+    );
     bob.send("still here\n").await;
     alice
         .until(format!("<{b}> still here\r\n").as_bytes())
