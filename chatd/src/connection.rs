@@ -432,6 +432,10 @@ impl Connection {
                     self.notice(line);
                 }
             }
+            // Same spelling: nothing changes, so the room hears nothing.
+            Command::Nick(wanted) if wanted == &*self.nick => {
+                self.notice(&format!("You are already known as {wanted}."));
+            }
             Command::Nick(wanted) => match self.hub.rename(&self.client, wanted) {
                 Ok(new) => {
                     self.span.record("nick", &*new);
@@ -450,7 +454,10 @@ impl Connection {
             },
             Command::Rooms => {
                 let rooms = self.hub.rooms();
-                self.notice(&format!("{} rooms:", rooms.len()));
+                self.notice(&format!(
+                    "{}:",
+                    protocol::count(rooms.len() as u64, "room", "rooms")
+                ));
                 for r in rooms.iter().take(100) {
                     self.notice(&format!("  {} ({})", r.name, protocol::users(r.members)));
                 }

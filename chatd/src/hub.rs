@@ -70,7 +70,7 @@ impl fmt::Display for Disconnect {
 /// Why a new connection is refused. The text is sent to it as one line.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Refusal {
-    #[error("server is full ({0} clients), try again later")]
+    #[error("server is full ({}), try again later", protocol::count(*.0 as u64, "client", "clients"))]
     Full(usize),
     #[error("too many connections from your address (max {0})")]
     PerIp(usize),
@@ -446,7 +446,7 @@ impl Hub {
         let mut nick = format!("guest-{id}");
         // A guest nick can only be taken by another guest with the same id,
         // which cannot exist; the loop is a guard, not a hot path.
-        while state.nicks.contains_key(&nick) {
+        while state.nicks.contains_key(&protocol::fold(&nick)) {
             nick.push('_');
         }
         let now = SystemTime::now();
@@ -463,7 +463,7 @@ impl Hub {
             bytes_in: AtomicU64::new(0),
             last_active_ms: AtomicU64::new(unix_ms(now)),
         });
-        state.nicks.insert(nick.clone(), id);
+        state.nicks.insert(protocol::fold(&nick), id);
         state.clients.insert(id, client.clone());
         self.shared.stats.connected(state.clients.len());
         drop(state);
@@ -541,7 +541,10 @@ impl Hub {
             let mut block = BytesMut::new();
             push_server_line(
                 &mut block,
-                &format!("Last {} messages in {room}:", history.len()),
+                &format!(
+                    "Last {} in {room}:",
+                    protocol::count(history.len() as u64, "message", "messages")
+                ),
             );
             for line in &history {
                 block.extend_from_slice(line);
