@@ -44,6 +44,16 @@ pub fn bytes(count: u64) -> String {
     format!("{value:.1}{}", UNITS[unit])
 }
 
+/// A count and its noun, in the singular for exactly one: `1 event`,
+/// `2 events`.
+pub fn count(n: u64, one: &str, many: &str) -> String {
+    if n == 1 {
+        format!("1 {one}")
+    } else {
+        format!("{n} {many}")
+    }
+}
+
 /// A protobuf timestamp as a `SystemTime`; `None` when unset or out of range.
 pub fn system_time(ts: Option<&prost_types::Timestamp>) -> Option<SystemTime> {
     ts.and_then(|ts| SystemTime::try_from(*ts).ok())
@@ -171,6 +181,13 @@ pub fn write_fields(out: &mut dyn Write, fields: &[(&str, String)]) -> io::Resul
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn counts_agree_with_their_noun() {
+        assert_eq!(count(1, "event", "events"), "1 event");
+        assert_eq!(count(0, "event", "events"), "0 events");
+        assert_eq!(count(7, "event", "events"), "7 events");
+    }
 
     #[test]
     fn table_aligns_and_trims() {

@@ -844,12 +844,12 @@ impl RawConfig {
         };
 
         let g = &self.log;
-        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&g.level) {
+        if let Err(e) = crate::telemetry::check_level(&g.level) {
             return Err(invalid(
                 "log.level",
                 format!("{:?}", g.level),
                 format!(
-                    "a level (error, warn, info, debug, trace) or a filter like \"info,chatd=debug\" ({e})"
+                    "a level (off, error, warn, info, debug, trace) or a filter like \"info,chatd=debug\" ({e})"
                 ),
             ));
         }

@@ -322,6 +322,7 @@ impl Connection {
             lines: 0,
         };
         let mut outcome = None;
+        let mut telnet_replies = BytesMut::new();
         let (mut lines, mut bytes) = (0u64, 0u64);
         let now = Instant::now();
         // One wake-up's batch stays well inside the recipients' queues, or a
@@ -352,7 +353,7 @@ impl Connection {
                 outcome = Some(Disconnect::WrongProtocol);
                 break;
             }
-            let kept = self.framer.strip_telnet(&mut buf[..n]);
+            let kept = self.framer.strip_telnet(&mut buf[..n], &mut telnet_replies);
             if batch.buf.capacity() == 0 {
                 batch.buf.reserve(kept + kept / 2 + 64);
             }
@@ -364,6 +365,14 @@ impl Connection {
                 }
             });
             self.framer = framer;
+            // After the answers to this read's lines, as a timing mark
+            // requires.
+            if !telnet_replies.is_empty() {
+                let limit = config.limits.outbound_queue_bytes;
+                self.client
+                    .outbox
+                    .push(telnet_replies.split().freeze(), limit);
+            }
             if outcome.is_some() || n < room {
                 break;
             }
@@ -525,6 +534,10 @@ impl Connection {
                     self.notice(line);
                 }
             }
+            // Same spelling: nothing changes, so the room hears nothing.
+            Command::Nick(wanted) if wanted == &*self.nick => {
+                self.notice(&format!("You are already known as {wanted}."));
+            }
             Command::Nick(wanted) => match self.hub.rename(&self.client, wanted) {
                 Ok(new) => {
                     self.span.record("nick", &*new);
@@ -543,7 +556,10 @@ impl Connection {
             },
             Command::Rooms => {
                 let rooms = self.hub.rooms();
-                self.notice(&format!("{} rooms:", rooms.len()));
+                self.notice(&format!(
+                    "{}:",
+                    protocol::count(rooms.len() as u64, "room", "rooms")
+                ));
                 for r in rooms.iter().take(100) {
                     self.notice(&format!("  {} ({})", r.name, protocol::users(r.members)));
                 }

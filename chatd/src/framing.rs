@@ -3,13 +3,22 @@
 //! [`LineFramer`] turns whatever TCP hands us — half a line, ten lines, a
 //! line split across a dozen segments — into whole lines, enforcing the
 //! maximum line length *while* reading, so a peer that never sends a newline
-//! costs at most `max_line_bytes` of memory. It also removes telnet
-//! negotiation (`IAC …`) first. It is pure: no sockets, no async.
+//! costs at most `max_line_bytes` of memory. It is pure: no sockets, no async.
+//!
+//! Before framing, [`LineFramer::strip_telnet`] removes telnet commands and
+//! writes the answers telnet expects (see `docs/PROTOCOL.md`, "Telnet"):
+//! chatd does no telnet option, so it refuses every option request, except
+//! that it confirms a timing mark (`DO TIMING-MARK` → `WILL TIMING-MARK`),
+//! which telnet sends after Ctrl-C and then waits for, discarding all output
+//! until it arrives. Interrupt and break discard the line being typed, like
+//! Ctrl-C in a terminal. Byte 255 that does not start a telnet command is
+//! kept as data, and a subnegotiation can swallow at most [`MAX_SUB`] bytes,
+//! so a Latin-1 `ÿ` in text never eats the rest of the input.
 //!
 //! An idle connection holds no buffer at all: the partial-line buffer is only
 //! allocated while a line is incomplete and is released once it completes.
 
-use bytes::BytesMut;
+use bytes::{BufMut, BytesMut};
 
 /// One result of framing.
 #[derive(Debug, PartialEq, Eq)]
@@ -21,9 +30,24 @@ pub enum Frame<'a> {
     TooLong,
 }
 
+/// Telnet commands (RFC 854) and the one option chatd answers (RFC 860).
 const IAC: u8 = 255;
+const DONT: u8 = 254;
+const DO: u8 = 253;
+const WONT: u8 = 252;
+const WILL: u8 = 251;
 const SB: u8 = 250;
+const EL: u8 = 248;
+const IP: u8 = 244;
+const BRK: u8 = 243;
 const SE: u8 = 240;
+const TIMING_MARK: u8 = 6;
+
+/// Most bytes a subnegotiation (`IAC SB … IAC SE`) may hold before the
+/// framer gives up on it and returns to data. chatd agrees to no option, so
+/// a well-behaved client sends no subnegotiation at all; the ones clients
+/// send unasked (window size, terminal type) fit easily.
+pub const MAX_SUB: u8 = 64;
 
 /// Telnet negotiation state, kept across reads since a sequence may be split.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -32,12 +56,12 @@ enum Telnet {
     Data,
     /// Just saw IAC.
     Iac,
-    /// Saw IAC WILL/WONT/DO/DONT: one option byte follows.
-    Option,
-    /// Inside IAC SB … IAC SE.
-    Sub,
+    /// Saw IAC and this verb (WILL, WONT, DO, DONT): the option byte follows.
+    Option(u8),
+    /// Inside IAC SB …, with this many bytes swallowed so far.
+    Sub(u8),
     /// Saw IAC inside a subnegotiation.
-    SubIac,
+    SubIac(u8),
 }
 
 #[derive(Debug, Default)]
@@ -45,13 +69,26 @@ pub struct LineFramer {
     partial: BytesMut,
     discarding: bool,
     telnet: Telnet,
+    /// The last option request refused (verb, option), so that a request
+    /// repeated in a row is answered once, not once per copy.
+    refused: Option<(u8, u8)>,
 }
 
 impl LineFramer {
-    /// Removes telnet negotiation from `buf` in place and returns the length
-    /// of what is left. Byte 255 never occurs in UTF-8, so it always starts a
-    /// telnet command.
-    pub fn strip_telnet(&mut self, buf: &mut [u8]) -> usize {
+    /// Removes telnet commands from `buf` in place and returns the length of
+    /// the data left, appending the answers owed to the client to `replies`.
+    ///
+    /// - `DO TIMING-MARK` is answered `WILL TIMING-MARK`, every time;
+    /// - `DO x` is refused with `WONT x`, `WILL x` with `DONT x`; `WONT` and
+    ///   `DONT` are never answered, and a request identical to the last one
+    ///   refused is not answered again, so two peers cannot loop;
+    /// - `IP`, `BRK` and `EL` discard the line being typed (its bytes in
+    ///   `buf` and those already buffered); every other command is dropped;
+    /// - `IAC IAC` is a data byte 255; `IAC` followed by a byte below 240 is
+    ///   no command, and both bytes stay data (invalid UTF-8, which cleaning
+    ///   shows as `�`);
+    /// - a subnegotiation ends at `IAC SE` or after [`MAX_SUB`] bytes.
+    pub fn strip_telnet(&mut self, buf: &mut [u8], replies: &mut BytesMut) -> usize {
         if self.telnet == Telnet::Data && memchr::memchr(IAC, buf).is_none() {
             return buf.len();
         }
@@ -65,23 +102,94 @@ impl LineFramer {
                     out += 1;
                     Telnet::Data
                 }
-                (Telnet::Iac, 251..=254) => Telnet::Option,
-                (Telnet::Iac, SB) => Telnet::Sub,
-                // IAC IAC (a literal 255, never valid text) and every other
-                // two-byte command are dropped.
-                (Telnet::Iac, _) => Telnet::Data,
-                (Telnet::Option, _) => Telnet::Data,
-                (Telnet::Sub, IAC) => Telnet::SubIac,
-                (Telnet::Sub, _) => Telnet::Sub,
-                (Telnet::SubIac, SE) => Telnet::Data,
-                (Telnet::SubIac, _) => Telnet::Sub,
+                (Telnet::Iac, IAC) => {
+                    buf[out] = IAC;
+                    out += 1;
+                    Telnet::Data
+                }
+                (Telnet::Iac, WILL..=DONT) => Telnet::Option(b),
+                (Telnet::Iac, SB) => Telnet::Sub(0),
+                (Telnet::Iac, IP | BRK | EL) => {
+                    out = self.discard_typed(&buf[..out]);
+                    Telnet::Data
+                }
+                // NOP, DM, AO, AYT, EC, GA and a stray SE.
+                (Telnet::Iac, SE..) => Telnet::Data,
+                // Not a command: a raw 255 in text, kept with what follows.
+                (Telnet::Iac, _) => {
+                    if out < i {
+                        buf[out] = IAC;
+                        out += 1;
+                    } else if !self.discarding {
+                        // The 255 ended the previous read and there is no
+                        // room before this byte: it goes where that read's
+                        // data went, in front of this read's.
+                        self.partial.put_u8(IAC);
+                    }
+                    buf[out] = b;
+                    out += 1;
+                    Telnet::Data
+                }
+                (Telnet::Option(verb), option) => {
+                    self.answer(verb, option, replies);
+                    Telnet::Data
+                }
+                (Telnet::Sub(n), _) | (Telnet::SubIac(n), _) if n >= MAX_SUB => {
+                    // Too long to be a subnegotiation: back to data, which
+                    // this byte already is.
+                    buf[out] = b;
+                    out += 1;
+                    Telnet::Data
+                }
+                (Telnet::Sub(n), IAC) => Telnet::SubIac(n + 1),
+                (Telnet::Sub(n), _) => Telnet::Sub(n + 1),
+                (Telnet::SubIac(_), SE) => Telnet::Data,
+                (Telnet::SubIac(n), _) => Telnet::Sub(n + 1),
             };
         }
         out
     }
 
-    /// Feeds `chunk` (already stripped of telnet) and calls `on_frame` for
-    /// each complete line or over-long line, in order.
+    /// Answers one option request.
+    fn answer(&mut self, verb: u8, option: u8, replies: &mut BytesMut) {
+        let reply = match (verb, option) {
+            // A timing mark is a question, not a mode: answer every one.
+            (DO, TIMING_MARK) => {
+                replies.put_slice(&[IAC, WILL, TIMING_MARK]);
+                return;
+            }
+            (DO, _) => WONT,
+            (WILL, _) => DONT,
+            // WONT and DONT are never answered (RFC 854: never acknowledge
+            // a request to enter the mode one is already in; chatd's mode
+            // is always "off").
+            _ => return,
+        };
+        if self.refused == Some((verb, option)) {
+            return;
+        }
+        self.refused = Some((verb, option));
+        replies.put_slice(&[IAC, reply, option]);
+    }
+
+    /// Interrupt: drops the line being typed. Whole lines before it in this
+    /// read stay; returns the new length of the data in this read.
+    fn discard_typed(&mut self, data: &[u8]) -> usize {
+        match memchr::memrchr(b'\n', data) {
+            // The first of those lines completes what is buffered, so the
+            // buffer stays; only the tail after the last newline goes.
+            Some(pos) => pos + 1,
+            None => {
+                self.release();
+                self.discarding = false;
+                0
+            }
+        }
+    }
+
+    /// Feeds `chunk` (what [`strip_telnet`](Self::strip_telnet) left of a
+    /// read, which must be fed before the next read is stripped) and calls
+    /// `on_frame` for each complete line or over-long line, in order.
     pub fn feed(&mut self, chunk: &[u8], max_line: usize, mut on_frame: impl FnMut(Frame<'_>)) {
         let mut rest = chunk;
         while !rest.is_empty() {
@@ -155,18 +263,52 @@ fn trim_cr(line: &[u8]) -> &[u8] {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    type Framed = Vec<Result<Vec<u8>, ()>>;
+
+    /// Strips and frames `chunks` in order, as the connection does; returns
+    /// the frames and the telnet replies.
+    fn run(framer: &mut LineFramer, chunks: &[&[u8]], max: usize) -> (Framed, Vec<u8>) {
+        let mut out = Vec::new();
+        let mut replies = BytesMut::new();
+        for chunk in chunks {
+            let mut buf = chunk.to_vec();
+            let n = framer.strip_telnet(&mut buf, &mut replies);
+            framer.feed(&buf[..n], max, |f| {
+                out.push(match f {
+                    Frame::Line(l) => Ok(l.to_vec()),
+                    Frame::TooLong => Err(()),
+                })
+            });
+        }
+        (out, replies.to_vec())
+    }
 
     fn frames(framer: &mut LineFramer, chunk: &[u8], max: usize) -> Vec<Result<String, ()>> {
-        let mut out = Vec::new();
-        let mut buf = chunk.to_vec();
-        let n = framer.strip_telnet(&mut buf);
-        framer.feed(&buf[..n], max, |f| {
-            out.push(match f {
-                Frame::Line(l) => Ok(String::from_utf8_lossy(l).into_owned()),
-                Frame::TooLong => Err(()),
-            })
-        });
-        out
+        run(framer, &[chunk], max)
+            .0
+            .into_iter()
+            .map(|f| f.map(|l| String::from_utf8_lossy(&l).into_owned()))
+            .collect()
+    }
+
+    fn lines(texts: &[&[u8]]) -> Framed {
+        texts.iter().map(|t| Ok(t.to_vec())).collect()
+    }
+
+    /// The same frames and replies whether `input` arrives whole, in two
+    /// pieces split anywhere, or one byte at a time.
+    fn assert_split_invariant(input: &[u8], max: usize) -> (Framed, Vec<u8>) {
+        let whole = run(&mut LineFramer::default(), &[input], max);
+        for cut in 0..=input.len() {
+            let (a, b) = input.split_at(cut);
+            let split = run(&mut LineFramer::default(), &[a, b], max);
+            assert_eq!(split, whole, "split at {cut} of {input:?}");
+        }
+        let bytes: Vec<&[u8]> = input.chunks(1).collect();
+        assert_eq!(run(&mut LineFramer::default(), &bytes, max), whole);
+        whole
     }
 
     #[test]
@@ -214,13 +356,126 @@ mod tests {
 
     #[test]
     fn telnet_negotiation_is_removed_even_when_split() {
-        let mut f = LineFramer::default();
-        // IAC DO ECHO, IAC SB ... IAC SE, IAC IAC
-        assert!(frames(&mut f, b"\xff\xfd\x01hi\xff\xfa\x18\x01", 100).is_empty());
-        assert_eq!(frames(&mut f, b"\xff\xf0 there\xff", 100), vec![]);
-        assert_eq!(
-            frames(&mut f, b"\xff!\n", 100),
-            vec![Ok("hi there!".into())]
+        // IAC DO ECHO, IAC SB TTYPE … IAC SE (with an escaped 255 inside),
+        // IAC NOP, IAC WONT SGA.
+        let (framed, replies) = assert_split_invariant(
+            b"\xff\xfd\x01hi\xff\xfa\x18\x01\xff\xff\x02\xff\xf0 there\xff\xf1\xff\xfc\x03!\r\n",
+            100,
         );
+        assert_eq!(framed, lines(&[b"hi there!"]));
+        assert_eq!(replies, b"\xff\xfc\x01", "DO ECHO refused, WONT unanswered");
+    }
+
+    #[test]
+    fn ctrl_c_gets_its_timing_mark_and_drops_the_typed_line() {
+        // What telnet sends on Ctrl-C: IAC IP IAC DO TIMING-MARK.
+        let (framed, replies) =
+            assert_split_invariant(b"sent\r\nhalf a li\xff\xf4\xff\xfd\x06next\r\n", 100);
+        assert_eq!(framed, lines(&[b"sent", b"next"]));
+        assert_eq!(replies, b"\xff\xfb\x06");
+        // The typed part may have arrived in an earlier read.
+        let mut f = LineFramer::default();
+        let (framed, _) = run(&mut f, &[b"done\nhal", b"f\xff\xf3", b"new\n"], 100);
+        assert_eq!(framed, lines(&[b"done", b"new"]));
+        // Break and erase-line do the same; an interrupt ends the discarding
+        // of an over-long line too.
+        let mut f = LineFramer::default();
+        let (framed, _) = run(&mut f, &[&[b'x'; 30], b"\xff\xf8ok\n"], 10);
+        assert_eq!(framed, vec![Err(()), Ok(b"ok".to_vec())]);
+    }
+
+    #[test]
+    fn every_timing_mark_is_answered_and_refusals_do_not_repeat() {
+        let (_, replies) = assert_split_invariant(
+            b"\xff\xfd\x06\xff\xfd\x06\xff\xfd\x18\xff\xfd\x18\xff\xfb\x1f\xff\xfd\x18\xff\xfe\x01\xff\xfc\x01",
+            100,
+        );
+        assert_eq!(
+            replies,
+            b"\xff\xfb\x06\xff\xfb\x06\xff\xfc\x18\xff\xfe\x1f\xff\xfc\x18".to_vec(),
+            "WILL TM twice; WONT TTYPE once for two DOs in a row, again after \
+             another request; DONT NAWS; nothing for DONT or WONT"
+        );
+    }
+
+    #[test]
+    fn a_raw_255_is_data_unless_a_command_follows() {
+        // Latin-1 "ÿa", an escaped 255, and 255 before a newline.
+        let (framed, replies) = assert_split_invariant(b"\xffa \xff\xff b\xff\nok\n", 100);
+        assert_eq!(framed, lines(&[b"\xffa \xff b\xff", b"ok"]));
+        assert!(replies.is_empty());
+    }
+
+    #[test]
+    fn a_subnegotiation_swallows_at_most_its_bound() {
+        // Latin-1 "ÿú" reads as IAC SB.
+        let text = [b'y'; 100];
+        let mut input = b"\xff\xfa".to_vec();
+        input.extend_from_slice(&text);
+        input.extend_from_slice(b"\nnext\n");
+        let (framed, _) = assert_split_invariant(&input, 1000);
+        let kept = &text[usize::from(MAX_SUB)..];
+        assert_eq!(framed, lines(&[kept, b"next"]));
+    }
+
+    fn chunked(input: &[u8], cuts: &[usize]) -> Vec<Vec<u8>> {
+        let mut cuts: Vec<usize> = cuts.iter().map(|c| c % (input.len() + 1)).collect();
+        cuts.sort_unstable();
+        let mut chunks = Vec::new();
+        let mut at = 0;
+        for cut in cuts {
+            chunks.push(input[at..cut].to_vec());
+            at = cut;
+        }
+        chunks.push(input[at..].to_vec());
+        chunks
+    }
+
+    /// Bytes that exercise every telnet path: commands, options, data.
+    fn telnet_soup() -> impl Strategy<Value = Vec<u8>> {
+        let byte = prop_oneof![
+            Just(IAC),
+            Just(SB),
+            Just(SE),
+            Just(DO),
+            Just(WILL),
+            Just(IP),
+            Just(TIMING_MARK),
+            Just(b'\n'),
+            Just(b'\r'),
+            any::<u8>(),
+            b'a'..=b'z',
+        ];
+        proptest::collection::vec(byte, 0..300)
+    }
+
+    proptest! {
+        #[test]
+        fn framing_does_not_depend_on_how_bytes_are_split(
+            input in telnet_soup(),
+            cuts in proptest::collection::vec(any::<usize>(), 0..8),
+        ) {
+            let chunks = chunked(&input, &cuts);
+            let refs: Vec<&[u8]> = chunks.iter().map(Vec::as_slice).collect();
+            let whole = run(&mut LineFramer::default(), &[&input], 100_000);
+            prop_assert_eq!(run(&mut LineFramer::default(), &refs, 100_000), whole);
+        }
+
+        #[test]
+        fn valid_lines_come_back_byte_for_byte(
+            texts in proptest::collection::vec(any::<String>(), 0..12),
+            crlf in any::<bool>(),
+            cuts in proptest::collection::vec(any::<usize>(), 0..8),
+        ) {
+            let texts: Vec<String> = texts.iter().map(|t| t.replace(['\n', '\r'], "")).collect();
+            let end = if crlf { "\r\n" } else { "\n" };
+            let input: String = texts.iter().map(|t| format!("{t}{end}")).collect();
+            let chunks = chunked(input.as_bytes(), &cuts);
+            let refs: Vec<&[u8]> = chunks.iter().map(Vec::as_slice).collect();
+            let (framed, replies) = run(&mut LineFramer::default(), &refs, 100_000);
+            let expected: Framed = texts.iter().map(|t| Ok(t.as_bytes().to_vec())).collect();
+            prop_assert_eq!(framed, expected);
+            prop_assert!(replies.is_empty());
+        }
     }
 }

@@ -89,7 +89,7 @@ impl Reaped {
 /// Why a new connection is refused. The text is sent to it as one line.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Refusal {
-    #[error("server is full ({0} clients), try again later")]
+    #[error("server is full ({}), try again later", protocol::count(*.0 as u64, "client", "clients"))]
     Full(usize),
     #[error("too many connections from your address (max {0})")]
     PerIp(usize),
@@ -560,7 +560,7 @@ impl Hub {
         let mut nick = format!("guest-{id}");
         // A guest nick can only be taken by another guest with the same id,
         // which cannot exist; the loop is a guard, not a hot path.
-        while state.nicks.contains_key(&nick) {
+        while state.nicks.contains_key(&protocol::fold(&nick)) {
             nick.push('_');
         }
         let now = SystemTime::now();
@@ -578,7 +578,7 @@ impl Hub {
             last_line_ms: AtomicU64::new(clock::now_ms()),
             partial_since_ms: AtomicU64::new(0),
         });
-        state.nicks.insert(nick.clone(), id);
+        state.nicks.insert(protocol::fold(&nick), id);
         state.clients.insert(id, client.clone());
         self.shared.stats.connected(state.clients.len());
         drop(state);
@@ -1260,7 +1260,10 @@ fn history_block(history: &VecDeque<Bytes>, room: &str, limit: usize) -> Option<
     let mut block = BytesMut::with_capacity(size + 64);
     push_server_line(
         &mut block,
-        &format!("Last {} in {room}:", protocol::count(kept, "message")),
+        &format!(
+            "Last {} in {room}:",
+            protocol::count(kept as u64, "message", "messages")
+        ),
     );
     for line in history.iter().skip(history.len() - kept) {
         block.extend_from_slice(line);

@@ -15,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use crate::hub::Hub;
+use crate::protocol::count;
 
 /// How often `STATUS=` is refreshed when no watchdog asks for more.
 const STATUS_EVERY: Duration = Duration::from_secs(10);
@@ -89,8 +90,10 @@ pub async fn run(hub: Hub, shutdown: CancellationToken) {
             },
         };
         let line = format!(
-            "{} clients, {} rooms, {} lines relayed",
-            snapshot.clients, snapshot.rooms, snapshot.lines_relayed
+            "{}, {}, {} relayed",
+            count(snapshot.clients, "client", "clients"),
+            count(snapshot.rooms, "room", "rooms"),
+            count(snapshot.lines_relayed, "line", "lines"),
         );
         if watchdog.is_some() {
             send(

@@ -10,8 +10,31 @@ pub const MAX_NICK: usize = 20;
 /// Longest room name, in characters (all ASCII).
 pub const MAX_ROOM: usize = 32;
 
-/// Names no user may take, so nobody can pose as the server.
-const RESERVED_NICKS: &[&str] = &["server", "chatd", "admin", "system", "operator", "root"];
+/// Names no user may take, so nobody can pose as the server, its operators
+/// or an IRC-style service. Compared by [`fold`], so `r00t` and `AdrnIn` are
+/// reserved too; so is every nick ending in `serv` (`NickServ`, `ChanServ`)
+/// and every nick starting with [`GUEST_PREFIX`].
+const RESERVED_NICKS: &[&str] = &[
+    "admin",
+    "administrator",
+    "chatd",
+    "everyone",
+    "guest",
+    "mod",
+    "moderator",
+    "op",
+    "operator",
+    "root",
+    "server",
+    "services",
+    "staff",
+    "sysop",
+    "system",
+];
+
+/// Default nicks are `guest-N`; no chosen nick may start like one, so a
+/// guest is always a guest.
+pub const GUEST_PREFIX: &str = "guest-";
 
 #[derive(Debug, PartialEq, Eq)]
 pub enum Command<'a> {
@@ -124,8 +147,8 @@ impl fmt::Display for Quoted<'_> {
     }
 }
 
-/// Checks a nick chosen with `/nick`. Case is kept for display; uniqueness is
-/// case-insensitive (see [`fold`]).
+/// Checks a nick chosen with `/nick`. Case is kept for display; uniqueness
+/// ignores case and look-alike letters (see [`fold`]).
 pub fn validate_nick(nick: &str) -> Result<(), NameError> {
     if nick.is_empty() || nick.len() > MAX_NICK {
         return Err(NameError::Length(MAX_NICK));
@@ -140,23 +163,39 @@ pub fn validate_nick(nick: &str) -> Result<(), NameError> {
         return Err(NameError::Start);
     }
     let folded = fold(nick);
-    if RESERVED_NICKS.contains(&folded.as_str()) || is_guest_nick(&folded) {
+    let reserved = folded.starts_with(&fold(GUEST_PREFIX))
+        || folded.ends_with(&fold("serv"))
+        || RESERVED_NICKS.iter().any(|r| fold(r) == folded);
+    if reserved {
         return Err(NameError::Reserved);
     }
     Ok(())
 }
 
-/// Default nicks look like `guest-17`; users cannot pick one, so a default
-/// nick never collides with a chosen one.
-pub fn is_guest_nick(folded: &str) -> bool {
-    folded
-        .strip_prefix("guest-")
-        .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
-}
-
-/// The key nicks are compared by.
+/// The key nicks are compared by: two nicks with the same key cannot both be
+/// taken. Nicks are ASCII, so this is a small skeleton of the letters that
+/// look alike in a terminal font, in the spirit of Unicode's confusables
+/// (UTS #39), made case-insensitive:
+///
+/// - case: `A` = `a`;
+/// - `0` = `o` (so `O` too);
+/// - `1` = `l` = `i` (because `I` looks like `l`, and `I` = `i` by case);
+/// - `m` = `rn`, `w` = `vv`: each is written as the pair, so that every
+///   string of `r n m` or `v w` has one key however it is split.
+///
+/// `_` and `-` stay apart from each other and from everything else.
 pub fn fold(name: &str) -> String {
-    name.to_ascii_lowercase()
+    let mut key = String::with_capacity(name.len() + 4);
+    for b in name.bytes() {
+        match b.to_ascii_lowercase() {
+            b'0' => key.push('o'),
+            b'1' | b'i' | b'l' => key.push('l'),
+            b'm' => key.push_str("rn"),
+            b'w' => key.push_str("vv"),
+            other => key.push(char::from(other)),
+        }
+    }
+    key
 }
 
 /// Checks a room name and returns its canonical form (lowercase, no `#`).
@@ -176,16 +215,16 @@ pub fn normalize_room(room: &str) -> Result<String, NameError> {
 
 /// `1 user`, `3 users`.
 pub fn users(n: usize) -> String {
-    count(n, "user")
+    count(n as u64, "user", "users")
 }
 
-/// `1 message`, `2 messages`: a count with its noun in the right number
-/// (for nouns whose plural takes an `s`).
-pub fn count(n: usize, noun: &str) -> String {
+/// A count and its noun, in the singular for exactly one: `1 room`,
+/// `0 rooms`, `2 rooms`.
+pub fn count(n: u64, one: &str, many: &str) -> String {
     if n == 1 {
-        format!("1 {noun}")
+        format!("1 {one}")
     } else {
-        format!("{n} {noun}s")
+        format!("{n} {many}")
     }
 }
 
@@ -248,8 +287,60 @@ mod tests {
         assert_eq!(validate_nick("2pac"), Err(NameError::Start));
         assert_eq!(validate_nick("Server"), Err(NameError::Reserved));
         assert_eq!(validate_nick("GUEST-12"), Err(NameError::Reserved));
-        assert_eq!(validate_nick("guest-x"), Ok(()));
         assert!(validate_nick("élodie").is_err());
+    }
+
+    #[test]
+    fn guest_and_service_names_are_reserved_in_every_disguise() {
+        for nick in [
+            "guest-x",
+            "Guest-alice",
+            "guest",
+            "NickServ",
+            "ChanServ",
+            "nickserv",
+            "r00t",
+            "ROOT",
+            "adrnin",
+            "Administrator",
+            "SysOp",
+            "moderator",
+            "chatd",
+            "oPerat0r",
+            "server",
+        ] {
+            assert_eq!(validate_nick(nick), Err(NameError::Reserved), "{nick}");
+        }
+        assert_eq!(validate_nick("guest_1"), Ok(()));
+        assert_eq!(validate_nick("alice"), Ok(()));
+        assert_eq!(validate_nick("serval"), Ok(()));
+    }
+
+    #[test]
+    fn look_alike_nicks_fold_together() {
+        for (a, b) in [
+            ("alice", "aIice"),
+            ("alice", "a1ice"),
+            ("alice", "ALICE"),
+            ("bob", "b0b"),
+            ("mallory", "rnallory"),
+            ("william", "vviIIiarn"),
+            ("rnrn", "mm"),
+            ("vvv", "wv"),
+            ("vvv", "vw"),
+        ] {
+            assert_eq!(fold(a), fold(b), "{a} vs {b}");
+        }
+        assert_ne!(fold("a-b"), fold("a_b"));
+        assert_ne!(fold("carol"), fold("caro1_"));
+    }
+
+    #[test]
+    fn counts_agree_with_their_noun() {
+        assert_eq!(count(0, "room", "rooms"), "0 rooms");
+        assert_eq!(count(1, "room", "rooms"), "1 room");
+        assert_eq!(count(2, "message", "messages"), "2 messages");
+        assert_eq!(users(1), "1 user");
     }
 
     #[test]

@@ -272,7 +272,10 @@ impl EventView {
             }
             KindView::Lagged { missed } => (
                 "lagged",
-                format!("missed {missed} events (watcher too slow)"),
+                format!(
+                    "missed {} (watcher too slow)",
+                    format::count(*missed, "event", "events")
+                ),
             ),
             KindView::Unknown => ("unknown", "an event this chatctl does not know".to_owned()),
         };

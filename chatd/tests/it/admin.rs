@@ -339,7 +339,7 @@ async fn reload_applies_limits_and_refuses_a_bad_file() {
     let mut full = server.connect().await;
     assert_eq!(
         full.until_eof().await,
-        ["*** error: server is full (1 clients), try again later"]
+        ["*** error: server is full (1 client), try again later"]
     );
 
     std::fs::write(&config, "[limits]\nmax_clients = -1\n").expect("write");

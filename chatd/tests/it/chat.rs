@@ -196,3 +196,93 @@ async fn fragmented_and_coalesced_lines() {
     assert_eq!(bob.line().await, format!("<{a}> two"));
     assert_eq!(bob.line().await, format!("<{a}> three"));
 }
+
+#[tokio::test]
+async fn look_alike_guest_and_service_nicks_are_refused() {
+    let server = TestServer::start();
+    let (mut alice, a) = server.join().await;
+    let (mut bob, _) = server.join().await;
+    alice.send("/nick alice\n").await;
+    assert_eq!(
+        alice.expect("known as").await,
+        "*** You are now known as alice."
+    );
+    bob.expect(&format!("{a} is now known as alice")).await;
+    for (wanted, why) in [
+        ("aIice", "nick \"aIice\" is taken"),
+        ("a1ice", "nick \"a1ice\" is taken"),
+        ("ALlCE", "nick \"ALlCE\" is taken"),
+        ("guest-bob", "is reserved"),
+        ("Guest-7", "is reserved"),
+        ("NickServ", "is reserved"),
+        ("chanserv", "is reserved"),
+        ("r00t", "is reserved"),
+        ("adrnin", "is reserved"),
+        ("Administrator", "is reserved"),
+        ("moderator", "is reserved"),
+    ] {
+        bob.send(&format!("/nick {wanted}\n")).await;
+        let l = bob.line().await;
+        assert!(
+            l.starts_with("*** error: ") && l.contains(why),
+            "{wanted}: {l}"
+        );
+    }
+    // The folded form finds the one it stands for.
+    bob.send("/msg aIice psst\n").await;
+    assert!(alice.expect("psst").await.ends_with("> psst"));
+    assert_eq!(bob.line().await, "[pm -> alice] psst");
+    bob.send("/nick carol\n").await;
+    assert_eq!(bob.line().await, "*** You are now known as carol.");
+}
+
+#[tokio::test]
+async fn renaming_to_the_same_nick_tells_nobody() {
+    let server = TestServer::start();
+    let (mut alice, a) = server.join().await;
+    let (mut bob, _) = server.join().await;
+    alice.expect("joined").await;
+    alice.send(&format!("/nick {a}\n")).await;
+    assert_eq!(
+        alice.line().await,
+        format!("*** You are already known as {a}.")
+    );
+    alice.send("/nick alice\n").await;
+    alice.expect("You are now known as alice.").await;
+    alice.send("/nick alice\n").await;
+    assert_eq!(alice.line().await, "*** You are already known as alice.");
+    // A change of case is a change the room sees.
+    alice.send("/nick Alice\n").await;
+    assert_eq!(alice.line().await, "*** You are now known as Alice.");
+    let seen = bob.sync().await;
+    assert_eq!(
+        seen,
+        vec![
+            format!("*** {a} is now known as alice"),
+            "*** alice is now known as Alice".to_string(),
+        ]
+    );
+}
+
+#[tokio::test]
+async fn counts_of_one_are_singular() {
+    let server = TestServer::start();
+    let (mut alice, a) = server.join().await;
+    alice.send("/rooms\n").await;
+    assert_eq!(alice.line().await, "*** 1 room:");
+    assert_eq!(alice.line().await, "***   lobby (1 user)");
+    alice.send("hello\n").await;
+    alice.sync().await;
+    let mut late = server.connect().await;
+    late.expect("You are now in lobby (2 users).").await;
+    assert_eq!(late.line().await, "*** Last 1 message in lobby:");
+    assert_eq!(late.line().await, format!("<{a}> hello"));
+
+    let full = TestServer::with_env(&[("CHATD_LIMITS__MAX_CLIENTS", "1")]);
+    let (_only, _) = full.join().await;
+    let mut refused = full.connect().await;
+    assert_eq!(
+        refused.line().await,
+        "*** error: server is full (1 client), try again later"
+    );
+}

@@ -82,6 +82,22 @@ async fn bad_config_values_stop_startup_with_one_clear_line() {
             &["max_clients", "lots"],
         ),
         ("CHATD_LIMITS__NOPE", "1", &["nope"]),
+        // EnvFilter reads these as target names: all logging would be off.
+        (
+            "CHATD_LOG__LEVEL",
+            "inf",
+            &["log.level", "\"inf\"", "debug"],
+        ),
+        (
+            "CHATD_LOG__LEVEL",
+            "verbose",
+            &["log.level", "verbose", "trace"],
+        ),
+        (
+            "CHATD_LOG__LEVEL",
+            "info,chatd=loud",
+            &["log.level", "loud"],
+        ),
     ];
     for (key, value, needles) in cases {
         let (code, _, stderr) = chatd(&["--check-config"], &[(key, value)]);
@@ -92,6 +108,47 @@ async fn bad_config_values_stop_startup_with_one_clear_line() {
             assert!(stderr.contains(n), "{key}={value}: {stderr:?} lacks {n:?}");
         }
     }
+}
+
+/// The text log on a pipe (as under a supervisor that is not systemd, or
+/// `2> file`) carries no colour codes.
+#[tokio::test]
+async fn the_text_log_has_no_colour_codes_off_a_terminal() {
+    use std::io::BufRead as _;
+    let mut cmd = Command::new(chatd_bin());
+    let _dir = TestServer::prepare(&mut cmd, None, &[("CHATD_LOG__FORMAT", "text")]);
+    let mut child = cmd.spawn().expect("start chatd");
+    let stderr = child.stderr.take().expect("stderr is piped");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr).lines() {
+            let Ok(line) = line else { break };
+            let done = line.contains("listening");
+            let _ = tx.send(line);
+            if done {
+                break;
+            }
+        }
+    });
+    let mut seen = Vec::new();
+    let deadline = std::time::Instant::now() + WAIT;
+    while !seen
+        .last()
+        .is_some_and(|l: &String| l.contains("listening"))
+    {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(line) => seen.push(line),
+            Err(_) => break,
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(
+        seen.last().is_some_and(|l| l.contains("listening")),
+        "no listening line: {seen:?}"
+    );
+    assert!(!seen.iter().any(|l| l.contains('\x1b')), "{seen:?}");
 }
 
 #[tokio::test]
