@@ -540,7 +540,7 @@ impl Connection {
             }
             Command::Nick(wanted) => match self.hub.rename(&self.client, wanted) {
                 Ok(new) => {
-                    self.span.record("nick", &*new);
+                    self.span.record("nick", tracing::field::display(&new));
                     info!(old = %self.nick, new = %new, "nick changed");
                     self.nick = new;
                     self.notice(&format!("You are now known as {}.", self.nick));

@@ -16,7 +16,8 @@
 //! - [`bans`]: banned addresses and their file; [`files`]: private files
 //!   written atomically.
 //! - [`reload`]: re-reading the config at run time (admin `Reload`, SIGHUP).
-//! - [`config`], [`telemetry`], [`stats`], [`rate`], [`clock`]: what they say.
+//! - [`config`], [`telemetry`] (with [`log_fields`]), [`stats`], [`rate`],
+//!   [`clock`]: what they say.
 //! - [`notify`], [`journal`], [`metrics`]: running under systemd and being
 //!   watched (sd_notify, the journal, Prometheus).
 //!
@@ -32,6 +33,7 @@ pub mod framing;
 pub mod hub;
 pub mod journal;
 mod lock;
+pub mod log_fields;
 pub mod metrics;
 pub mod notify;
 pub mod outbox;

@@ -149,7 +149,9 @@ pub fn init(log: &LogConfig, telemetry: &TelemetryConfig) -> Telemetry {
                 .with_writer(std::io::stderr)
                 .with_ansi(colour());
             layers.push(match log.format {
-                LogFormat::Text => fmt.boxed(),
+                LogFormat::Text => fmt
+                    .fmt_fields(crate::log_fields::LatestFields::default())
+                    .boxed(),
                 LogFormat::Json => fmt
                     .json()
                     .flatten_event(true)

@@ -116,7 +116,14 @@ async fn bad_config_values_stop_startup_with_one_clear_line() {
 async fn the_text_log_has_no_colour_codes_off_a_terminal() {
     use std::io::BufRead as _;
     let mut cmd = Command::new(chatd_bin());
-    let _dir = TestServer::prepare(&mut cmd, None, &[("CHATD_LOG__FORMAT", "text")]);
+    let _dir = TestServer::prepare(
+        &mut cmd,
+        None,
+        &[
+            ("CHATD_LOG__FORMAT", "text"),
+            ("CHATD_LIMITS__FLOOD_LINES_PER_SEC", "0"),
+        ],
+    );
     let mut child = cmd.spawn().expect("start chatd");
     let stderr = child.stderr.take().expect("stderr is piped");
     let (tx, rx) = std::sync::mpsc::channel();
@@ -278,4 +285,58 @@ async fn print_config_never_shows_token_secrets() {
         printed["admin"]["tokens"][0]["token"].as_str(),
         Some("<redacted>")
     );
+}
+
+#[tokio::test]
+async fn the_text_log_shows_the_current_nick_once_however_often_it_changed() {
+    let mut cmd = Command::new(chatd_bin());
+    let _dir = TestServer::prepare(
+        &mut cmd,
+        None,
+        &[
+            ("CHATD_LOG__FORMAT", "text"),
+            ("CHATD_LIMITS__FLOOD_LINES_PER_SEC", "0"),
+        ],
+    );
+    let mut child = cmd.spawn().expect("start chatd");
+    let stderr = child.stderr.take().expect("stderr");
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        for line in std::io::BufRead::lines(std::io::BufReader::new(stderr)) {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let next = |what: &str| {
+        loop {
+            let line = rx
+                .recv_timeout(WAIT)
+                .unwrap_or_else(|_| panic!("no log line with {what:?}"));
+            if line.contains(what) {
+                return line;
+            }
+        }
+    };
+    let listening = next("listening");
+    let chat: std::net::SocketAddr = listening
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("chat="))
+        .and_then(|a| a.parse().ok())
+        .expect("chat address");
+    let mut client = Client::connect(chat).await;
+    client.welcome().await;
+    for i in 0..50 {
+        client.send(&format!("/nick name{i}\n")).await;
+        client.expect("You are now known as").await;
+    }
+    client.send("/join after\n").await;
+    client.expect("You are now in after").await;
+    let joined = next("joined");
+    assert_eq!(joined.matches("nick=").count(), 1, "{joined}");
+    assert!(joined.contains("nick=name49"), "{joined}");
+    assert!(joined.len() < 400, "{} bytes: {joined}", joined.len());
+    let _ = child.kill();
+    let _ = child.wait();
 }
