@@ -32,7 +32,7 @@ use tokio::net::TcpStream;
 use tracing::{Instrument, debug, info, info_span};
 
 use crate::framing::{Frame, LineFramer};
-use crate::hub::{Client, Disconnect, Hub, Refusal, Room, server_line};
+use crate::hub::{Client, Disconnect, Hub, PrivateError, Refusal, Room, server_line};
 use crate::protocol::{self, Command};
 use crate::rate::TokenBucket;
 use crate::sanitize;
@@ -571,7 +571,14 @@ impl Connection {
             Command::Msg { to, text } => match self.hub.private(&self.client, to, text) {
                 Ok(Some(congested)) => self.pause_for(congested),
                 Ok(None) => {}
-                Err(why) => self.error(&why),
+                Err(PrivateError::Busy(target)) => {
+                    self.error(&format!(
+                        "{} is behind on reading; message not delivered, try again in a moment",
+                        target.nick()
+                    ));
+                    self.pause_for(target);
+                }
+                Err(PrivateError::Failed(why)) => self.error(&why),
             },
             Command::Quit(reason) => {
                 let reason = reason.map(sanitize::clean).filter(|r| !r.trim().is_empty());

@@ -954,7 +954,7 @@ impl Hub {
         from: &Client,
         to: &str,
         text: &str,
-    ) -> Result<Option<Arc<Client>>, String> {
+    ) -> Result<Option<Arc<Client>>, PrivateError> {
         let limit = self.queue_limit();
         let target = {
             let state = self.state();
@@ -965,8 +965,18 @@ impl Hub {
                 .cloned()
         };
         let Some(target) = target else {
-            return Err(format!("no such nick \"{}\"", sanitize::clean(to)));
+            return Err(PrivateError::Failed(format!(
+                "no such nick \"{}\"",
+                sanitize::clean(to)
+            )));
         };
+        // A reader behind on its queue gets no more private lines until it
+        // catches up: the sender is told and pauses, where a burst of
+        // private messages from many connections would otherwise overrun a
+        // reader that is reading all it can.
+        if target.outbox.congested(limit) {
+            return Err(PrivateError::Busy(target));
+        }
         let from_nick = from.nick();
         let mut line = BytesMut::with_capacity(from_nick.len() + text.len() + 12);
         line.extend_from_slice(b"[pm] <");
@@ -979,16 +989,16 @@ impl Hub {
             Push::Congested => Some(target.clone()),
             Push::Overflow => {
                 tracing::warn!(client = target.id, peer = %target.peer, "slow consumer: outgoing queue full, disconnecting");
-                return Err(format!(
+                return Err(PrivateError::Failed(format!(
                     "{} is not reading; message not delivered",
                     target.nick()
-                ));
+                )));
             }
             Push::Closed => {
-                return Err(format!(
+                return Err(PrivateError::Failed(format!(
                     "{} is leaving; message not delivered",
                     target.nick()
-                ));
+                )));
             }
         };
         let mut echo = BytesMut::new();
@@ -1198,6 +1208,16 @@ impl Drop for MessageWatch {
     fn drop(&mut self) {
         self.hub.shared.message_watchers.fetch_sub(1, Relaxed);
     }
+}
+
+/// Why a private message was not delivered.
+#[derive(Debug)]
+pub enum PrivateError {
+    /// The recipient is behind on reading; the sender should pause until it
+    /// catches up, and may try again.
+    Busy(Arc<Client>),
+    /// The text follows `*** error: `.
+    Failed(String),
 }
 
 /// What one fan-out did.

@@ -140,6 +140,14 @@ impl Outbox {
         }
     }
 
+    /// Whether the client is behind (over a quarter of `limit`) but still
+    /// reading.
+    pub fn congested(&self, limit: usize) -> bool {
+        let s = self.lock();
+        s.owed > limit / CONGESTED_DIVISOR
+            && s.progress.is_some_and(|t| t.elapsed() < PROGRESS_WINDOW)
+    }
+
     /// For a paused sender: whether this client has drained below an
     /// eighth of `limit`, stopped reading, or is leaving — any of which ends
     /// the pause. If not, `waker` is woken when it does drain.
