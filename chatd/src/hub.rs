@@ -181,6 +181,8 @@ pub enum Event {
 pub struct Client {
     pub id: ClientId,
     pub peer: SocketAddr,
+    /// Whether the client came through the TLS listener.
+    pub tls: bool,
     pub connected_at: SystemTime,
     pub outbox: Outbox,
     names: Mutex<Names>,
@@ -224,6 +226,7 @@ impl Client {
             id: self.id,
             nick: names.nick.to_string(),
             peer: self.peer,
+            tls: self.tls,
             room: names
                 .room
                 .as_ref()
@@ -246,6 +249,7 @@ pub struct ClientInfo {
     pub id: ClientId,
     pub nick: String,
     pub peer: SocketAddr,
+    pub tls: bool,
     pub room: String,
     pub connected_at_ms: u64,
     pub last_active_ms: u64,
@@ -421,8 +425,14 @@ impl Hub {
         lock(&self.shared.state)
     }
 
-    /// Registers a new connection, or says why it is refused.
+    /// Registers a new plain connection, or says why it is refused.
     pub fn connect(&self, peer: SocketAddr) -> Result<Arc<Client>, Refusal> {
+        self.connect_with(peer, false)
+    }
+
+    /// Registers a new connection from `peer` (its real address), which
+    /// came through TLS or not; or says why it is refused.
+    pub fn connect_with(&self, peer: SocketAddr, tls: bool) -> Result<Arc<Client>, Refusal> {
         let limits = self.limits();
         if let Some(ban) = self.shared.bans.check(peer.ip()) {
             self.shared.stats.refused.fetch_add(1, Relaxed);
@@ -453,6 +463,7 @@ impl Hub {
         let client = Arc::new(Client {
             id,
             peer,
+            tls,
             connected_at: now,
             outbox: Outbox::new(),
             names: Mutex::new(Names {

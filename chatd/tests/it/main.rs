@@ -3,6 +3,7 @@
 
 mod admin;
 mod chat;
+mod frontdoor;
 mod lifecycle;
 mod limits;
 mod safety;
