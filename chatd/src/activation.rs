@@ -1,12 +1,13 @@
 //! systemd socket activation: the sockets systemd opened for us
 //! (`LISTEN_FDS`, `LISTEN_PID`, `LISTEN_FDNAMES`; see `sd_listen_fds(3)`).
 //!
-//! Each socket is used by the listener its name says (`FileDescriptorName=`
-//! in `deploy/systemd/chatd.socket`): `chat`, `tls` or `udp`. A socket with
-//! any other name (systemd's default is the unit's name) is used by its
-//! type: a TCP listener for chat, a UDP socket for echo. A listener that
-//! receives sockets this way ignores its `listen` addresses; the others
-//! bind as usual, so activation can cover some listeners and not others.
+//! A socket named `tls` (`FileDescriptorName=tls`, as in
+//! `deploy/systemd/chatd-tls.socket`) serves chat over TLS, one named `udp`
+//! UDP echo; any other (`chat`, as `chatd.socket` names its TCP and UDP
+//! sockets, or systemd's default, the unit's name) is used by its type: a
+//! TCP listener for chat, a UDP socket for echo. A listener that receives
+//! sockets this way ignores its `listen` addresses; the others bind as
+//! usual, so activation can cover some listeners and not others.
 
 use std::net::{TcpListener, UdpSocket};
 
@@ -30,7 +31,7 @@ pub enum ActivationError {
         source: std::io::Error,
     },
     #[error(
-        "socket activation: fd {fd} ({name:?}) is neither a TCP listener nor a UDP socket; name it chat, tls or udp with FileDescriptorName="
+        "socket activation: fd {fd} ({name:?}) is neither a TCP listener nor a UDP socket; chatd serves TCP listeners and UDP sockets"
     )]
     Unknown { name: String, fd: usize },
 }
@@ -57,17 +58,10 @@ pub fn take() -> Result<Activated, ActivationError> {
             source,
         };
         match name.as_str() {
-            "chat" | "tls" => {
-                let l = fds
-                    .take_tcp_listener(i)
-                    .map_err(|e| wrong("TCP listener", e))?;
-                let list = if name == "chat" {
-                    &mut out.chat
-                } else {
-                    &mut out.tls
-                };
-                list.extend(l);
-            }
+            "tls" => out.tls.extend(
+                fds.take_tcp_listener(i)
+                    .map_err(|e| wrong("TCP listener", e))?,
+            ),
             "udp" => out
                 .udp
                 .extend(fds.take_udp_socket(i).map_err(|e| wrong("UDP socket", e))?),

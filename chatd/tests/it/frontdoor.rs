@@ -622,7 +622,8 @@ async fn socket_activation_starts_chatd_on_the_first_connection() {
         .arg("--datagram")
         .arg("--listen")
         .arg(udp.to_string())
-        .arg("--fdname=chat:udp");
+        // As chatd.socket names them: both "chat", told apart by type.
+        .arg("--fdname=chat:chat");
     for (k, v) in probe.get_envs() {
         if let Some(v) = v {
             let mut pair = k.to_os_string();
