@@ -444,6 +444,27 @@ async fn tls_clients_chat_with_plain_clients() {
 }
 
 #[tokio::test]
+async fn the_tls_port_closes_silent_and_plain_text_clients_in_time() {
+    use tokio::io::AsyncReadExt;
+    let (server, _certs, tls) = tls_server(&[("CHATD_LIMITS__HANDSHAKE_TIMEOUT_SECS", "1")]);
+    for first in [&b""[..], b"hello\r\n"] {
+        let started = Instant::now();
+        let mut stream = TcpStream::connect(tls).await.expect("connect");
+        stream.write_all(first).await.expect("send");
+        let mut got = Vec::new();
+        let _ = tokio::time::timeout(WAIT, stream.read_to_end(&mut got))
+            .await
+            .expect("closed in time");
+        assert!(started.elapsed() < Duration::from_secs(5));
+        assert!(
+            !String::from_utf8_lossy(&got).contains("Welcome"),
+            "{got:?}"
+        );
+    }
+    assert!(clients(&server).await.is_empty(), "never became clients");
+}
+
+#[tokio::test]
 async fn certificates_are_reloaded_without_dropping_anyone() {
     let Some(openssl) = tool("openssl") else {
         return;
