@@ -52,6 +52,8 @@ pub enum TlsError {
         what: &'static str,
         reason: String,
     },
+    #[error("`chat.tls_key` {key} is not the key of the certificate in `chat.tls_cert` {cert}")]
+    Mismatch { cert: String, key: String },
     #[error("`chat.tls_cert` and `chat.tls_key` cannot be used together: {0}")]
     Rustls(#[from] rustls::Error),
 }
@@ -76,7 +78,14 @@ pub fn load(files: &TlsFiles) -> Result<Arc<ServerConfig>, TlsError> {
     let config = ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()?
         .with_no_client_auth()
-        .with_single_cert(certs, key)?;
+        .with_single_cert(certs, key)
+        .map_err(|e| match e {
+            rustls::Error::InconsistentKeys(_) => TlsError::Mismatch {
+                cert: files.cert.display().to_string(),
+                key: files.key.display().to_string(),
+            },
+            other => TlsError::Rustls(other),
+        })?;
     Ok(Arc::new(config))
 }
 
