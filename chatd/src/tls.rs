@@ -5,8 +5,8 @@
 //! (`try_read`, vectored `try_write`), which a TLS stream cannot offer. So a
 //! TLS client's connection runs, unchanged, on one end of a UNIX socket
 //! pair, and [`serve`] copies between the other end and the TLS stream with
-//! two bounded buffers. The pair's kernel buffers make the client's queue a
-//! little deeper than a plain client's; the outbox limit still applies.
+//! two bounded buffers; the pair's kernel buffers are kept small too, so a
+//! TLS client's queue is about as deep as a plain client's.
 
 use std::io;
 use std::net::SocketAddr;
@@ -157,6 +157,11 @@ pub async fn serve(
             return;
         }
     };
+    // Small kernel buffers in the pair, so that a TLS client that stops
+    // reading fills its outbox, and is cut off, about as soon as a plain one.
+    for end in [&ours, &theirs] {
+        let _ = socket2::SockRef::from(end).set_send_buffer_size(PUMP_BUF);
+    }
     let done = CancellationToken::new();
     let chat = async {
         connection::serve_on(ours, peer, true, hub).await;
