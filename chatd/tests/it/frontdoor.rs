@@ -700,3 +700,15 @@ async fn socket_activation_starts_chatd_on_the_first_connection() {
     assert_eq!(ping.join().expect("echo"), b"ping");
     assert!(!server.logged("using the sockets systemd passed").is_empty());
 }
+
+#[tokio::test]
+async fn sockets_meant_for_another_process_are_left_alone() {
+    // LISTEN_PID names another process: chatd binds its own addresses.
+    let server = TestServer::with_env(&[
+        ("LISTEN_FDS", "1"),
+        ("LISTEN_PID", "1"),
+        ("LISTEN_FDNAMES", "chat"),
+    ]);
+    let (_alice, _) = server.join().await;
+    assert!(server.logged("using the sockets systemd passed").is_empty());
+}
