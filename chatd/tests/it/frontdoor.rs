@@ -3,7 +3,7 @@
 //! socket activation the way systemd does it.
 //!
 //! Tests that need an outside tool skip, with one line, where it is
-//! missing; with `CHATD_REQUIRE_TOOLS=1` (as `.ci/run` sets) they fail
+//! missing; with `REQUIRE_TEST_TOOLS=1` (as `.ci/run` sets) they fail
 //! instead.
 
 use std::net::SocketAddr;
@@ -26,8 +26,8 @@ fn tool(name: &str) -> Option<PathBuf> {
         .map(|dir| dir.join(name))
         .find(|p| p.is_file());
     if found.is_none() {
-        let required = std::env::var("CHATD_REQUIRE_TOOLS").is_ok_and(|v| v == "1");
-        assert!(!required, "{name} is missing and CHATD_REQUIRE_TOOLS=1");
+        let required = std::env::var("REQUIRE_TEST_TOOLS").is_ok_and(|v| v == "1");
+        assert!(!required, "{name} is missing and REQUIRE_TEST_TOOLS=1");
         eprintln!("skipped: {name} is not installed");
     }
     found
