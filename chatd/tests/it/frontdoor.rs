@@ -320,6 +320,8 @@ async fn a_trusted_proxy_must_send_a_header_and_nothing_more_is_read() {
     let server = TestServer::with_env(&[
         ("CHATD_CHAT__TRUSTED_PROXIES", "127.0.0.0/8"),
         ("CHATD_LIMITS__HANDSHAKE_TIMEOUT_SECS", "1"),
+        // Counted per real address, not per proxy.
+        ("CHATD_LIMITS__MAX_CLIENTS_PER_IP", "1"),
     ]);
     // No header: refused without a word, and logged.
     let mut plain = Client::connect(server.chat).await;
@@ -351,6 +353,19 @@ async fn a_trusted_proxy_must_send_a_header_and_nothing_more_is_read() {
     viaproxy.welcome().await;
     viaproxy.expect("You are now known as viaproxy").await;
     assert_eq!(client_of(&server, "viaproxy").await.0, "192.0.2.1:5555");
+    // The per-address limit sees the real address: a second client from
+    // 192.0.2.1 is refused, one from 192.0.2.2 is not.
+    let mut second = Client::connect(server.chat).await;
+    second
+        .send("PROXY TCP4 192.0.2.1 127.0.0.1 5556 8080\r\n")
+        .await;
+    let refused = second.line().await;
+    assert!(refused.contains("too many connections"), "{refused}");
+    let mut other = Client::connect(server.chat).await;
+    other
+        .send("PROXY TCP4 192.0.2.2 127.0.0.1 5557 8080\r\n")
+        .await;
+    other.welcome().await;
     // IPv6 in v1.
     let mut six = Client::connect(server.chat).await;
     six.send("PROXY TCP6 2001:db8::5 ::1 4444 8080\r\n/nick six\r\n")
@@ -711,4 +726,33 @@ async fn sockets_meant_for_another_process_are_left_alone() {
     ]);
     let (_alice, _) = server.join().await;
     assert!(server.logged("using the sockets systemd passed").is_empty());
+}
+
+#[tokio::test]
+async fn trusted_proxies_apply_on_reload() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("chatd.toml");
+    std::fs::write(&file, "[chat]\ntrusted_proxies = []\n").expect("write");
+    let server = TestServer::spawn(Some(&file), &[]);
+    let header = "PROXY TCP4 198.51.100.4 127.0.0.1 6000 8080\r\n/nick early\r\n";
+    let mut early = Client::connect(server.chat).await;
+    early.send(header).await;
+    early.expect("You are now known as early").await;
+    assert!(
+        client_of(&server, "early")
+            .await
+            .0
+            .starts_with("127.0.0.1:")
+    );
+
+    std::fs::write(&file, "[chat]\ntrusted_proxies = [\"127.0.0.1\"]\n").expect("write");
+    let out = server.chatctl(&["reload", "-o", "json"]).await.json();
+    let applied = out["applied"].as_array().expect("applied");
+    assert!(applied.iter().any(|k| k == "chat.trusted_proxies"), "{out}");
+    let mut late = Client::connect(server.chat).await;
+    late.send(&header.replace("early", "late")).await;
+    late.expect("You are now known as late").await;
+    assert_eq!(client_of(&server, "late").await.0, "198.51.100.4:6000");
+    // Who was connected before stays connected.
+    early.sync().await;
 }
