@@ -104,10 +104,49 @@ impl Default for RawServer {
     }
 }
 
+/// A listen setting: one address, as before, or a list of them. `""` and
+/// `[]` both mean none.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum RawAddrs {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl RawAddrs {
+    fn items(&self) -> Vec<&str> {
+        match self {
+            RawAddrs::One(a) if a.trim().is_empty() => Vec::new(),
+            RawAddrs::One(a) => vec![a.as_str()],
+            RawAddrs::Many(list) => list
+                .iter()
+                .map(String::as_str)
+                .filter(|a| !a.trim().is_empty())
+                .collect(),
+        }
+    }
+}
+
+impl Default for RawAddrs {
+    fn default() -> Self {
+        RawAddrs::Many(Vec::new())
+    }
+}
+
+impl From<&str> for RawAddrs {
+    fn from(a: &str) -> Self {
+        RawAddrs::One(a.to_string())
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RawChat {
-    pub listen: String,
+    pub listen: RawAddrs,
+    pub tls_listen: RawAddrs,
+    pub tls_cert: String,
+    pub tls_key: String,
+    pub trusted_proxies: Vec<String>,
     pub default_room: String,
     pub history: i64,
     pub backlog: i64,
@@ -117,6 +156,10 @@ impl Default for RawChat {
     fn default() -> Self {
         Self {
             listen: "0.0.0.0:8080".into(),
+            tls_listen: RawAddrs::default(),
+            tls_cert: String::new(),
+            tls_key: String::new(),
+            trusted_proxies: Vec::new(),
             default_room: "lobby".into(),
             history: 20,
             backlog: 4096,
@@ -128,7 +171,7 @@ impl Default for RawChat {
 #[serde(default, deny_unknown_fields)]
 pub struct RawUdp {
     pub enabled: bool,
-    pub listen: String,
+    pub listen: RawAddrs,
     pub max_datagram_bytes: i64,
     pub rate_per_sec: i64,
     pub burst: i64,
@@ -150,7 +193,7 @@ impl Default for RawUdp {
 #[serde(default, deny_unknown_fields)]
 pub struct RawAdmin {
     pub enabled: bool,
-    pub listen: String,
+    pub listen: RawAddrs,
     pub socket: String,
     pub tokens: Vec<RawToken>,
     pub token_file: String,
@@ -200,6 +243,7 @@ pub struct RawLimits {
     pub room_notices_per_sec: i64,
     pub connect_rate_per_ip: i64,
     pub connect_burst_per_ip: i64,
+    pub handshake_timeout_secs: i64,
 }
 
 impl Default for RawLimits {
@@ -221,6 +265,7 @@ impl Default for RawLimits {
             room_notices_per_sec: 10,
             connect_rate_per_ip: 10,
             connect_burst_per_ip: 20,
+            handshake_timeout_secs: 10,
         }
     }
 }
@@ -281,7 +326,14 @@ pub struct ServerConfig {
 
 #[derive(Debug, Clone)]
 pub struct ChatConfig {
-    pub listen: SocketAddr,
+    /// At least one address.
+    pub listen: Vec<SocketAddr>,
+    /// The TLS listeners; empty: none.
+    pub tls_listen: Vec<SocketAddr>,
+    /// Required when `tls_listen` is set; re-read on every reload.
+    pub tls: Option<TlsFiles>,
+    /// Peers whose connections must begin with a PROXY protocol header.
+    pub trusted_proxies: Vec<ipnet::IpNet>,
     pub default_room: String,
     pub history: usize,
     pub backlog: u32,
@@ -289,7 +341,7 @@ pub struct ChatConfig {
 
 #[derive(Debug, Clone)]
 pub struct UdpConfig {
-    pub listen: SocketAddr,
+    pub listen: Vec<SocketAddr>,
     pub max_datagram_bytes: usize,
     pub rate_per_sec: u32,
     pub burst: u32,
@@ -298,8 +350,8 @@ pub struct UdpConfig {
 /// The admin API. `None` in [`Config::admin`] when `admin.enabled` is false.
 #[derive(Debug, Clone)]
 pub struct AdminConfig {
-    /// `None`: no TCP listener (`admin.listen = ""`), only the socket.
-    pub listen: Option<SocketAddr>,
+    /// Empty: no TCP listener (`admin.listen = ""`), only the socket.
+    pub listen: Vec<SocketAddr>,
     pub socket: Option<PathBuf>,
     /// Configured tokens; empty means one is generated at start.
     pub tokens: Vec<TokenConfig>,
@@ -368,6 +420,9 @@ pub struct Limits {
     /// Owing bytes and reading none for this long: cut as a slow consumer.
     pub slow_consumer_timeout: Option<Duration>,
     pub room_notice_max: usize,
+    /// How long a new connection may take to send its PROXY header and
+    /// finish the TLS handshake.
+    pub handshake_timeout: Duration,
     pub room_notices_per_sec: u32,
     /// New connections per second from one address; `None`: no limit.
     pub connect_rate: Option<ConnectRate>,
@@ -448,7 +503,12 @@ impl Config {
         let mut env_source = config::Environment::with_prefix("CHATD")
             .prefix_separator("_")
             .separator("__")
-            .try_parsing(true);
+            .try_parsing(true)
+            // Lists in the environment are separated by spaces.
+            .list_separator(" ");
+        for key in LIST_KEYS {
+            env_source = env_source.with_list_parse_key(key);
+        }
         if let Some(vars) = env {
             env_source = env_source.source(Some(vars.into_iter().collect()));
         }
@@ -483,6 +543,72 @@ fn invalid(
         key,
         value: value.to_string(),
         allowed: allowed.into(),
+    }
+}
+
+/// Keys whose environment variable holds a space-separated list.
+const LIST_KEYS: [&str; 5] = [
+    "chat.listen",
+    "chat.tls_listen",
+    "chat.trusted_proxies",
+    "udp.listen",
+    "admin.listen",
+];
+
+/// Every address of a listen setting.
+fn addrs(key: &'static str, value: &RawAddrs) -> Result<Vec<SocketAddr>, ConfigError> {
+    let mut out: Vec<SocketAddr> = Vec::new();
+    for a in value.items() {
+        let a = addr(key, a.trim())?;
+        if out.contains(&a) {
+            return Err(invalid(key, a, "each address once"));
+        }
+        out.push(a);
+    }
+    Ok(out)
+}
+
+/// `10.0.0.0/8`, or a single address such as `192.0.2.1`.
+fn nets(key: &'static str, values: &[String]) -> Result<Vec<ipnet::IpNet>, ConfigError> {
+    values
+        .iter()
+        .map(|v| {
+            let v = v.trim();
+            v.parse::<ipnet::IpNet>()
+                .or_else(|_| v.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+                .map(|n| n.trunc())
+                .map_err(|_| {
+                    invalid(
+                        key,
+                        format!("{v:?}"),
+                        "a CIDR such as \"10.0.0.0/8\" or \"fd00::/8\", or an address such as \"192.0.2.1\"",
+                    )
+                })
+        })
+        .collect()
+}
+
+/// Both files or neither.
+fn tls_files(
+    (cert_key, cert): (&'static str, &str),
+    (key_key, key): (&'static str, &str),
+) -> Result<Option<TlsFiles>, ConfigError> {
+    match (cert.is_empty(), key.is_empty()) {
+        (true, true) => Ok(None),
+        (false, false) => Ok(Some(TlsFiles {
+            cert: PathBuf::from(cert),
+            key: PathBuf::from(key),
+        })),
+        (false, true) => Err(invalid(
+            key_key,
+            "\"\"",
+            format!("the key file of {cert_key} (set both or neither)"),
+        )),
+        (true, false) => Err(invalid(
+            cert_key,
+            "\"\"",
+            format!("the certificate file of {key_key} (set both or neither)"),
+        )),
     }
 }
 
@@ -546,13 +672,9 @@ fn validate_token(key: &'static str, token: &str) -> Result<(), ConfigError> {
 }
 
 fn validate_admin(raw: &RawAdmin) -> Result<AdminConfig, ConfigError> {
-    let listen = if raw.listen.is_empty() {
-        None
-    } else {
-        Some(addr("admin.listen", &raw.listen)?)
-    };
+    let listen = addrs("admin.listen", &raw.listen)?;
     let socket = (!raw.socket.is_empty()).then(|| PathBuf::from(&raw.socket));
-    if listen.is_none() && socket.is_none() {
+    if listen.is_empty() && socket.is_none() {
         return Err(invalid(
             "admin.listen",
             "\"\"",
@@ -605,33 +727,15 @@ fn validate_admin(raw: &RawAdmin) -> Result<AdminConfig, ConfigError> {
             role: Role::Admin,
         });
     }
-    if let Some(listen) = listen
-        && !listen.ip().is_loopback()
+    if let Some(public) = listen.iter().find(|a| !a.ip().is_loopback())
         && tokens.is_empty()
     {
-        return Err(ConfigError::Insecure(listen));
+        return Err(ConfigError::Insecure(*public));
     }
-    let tls = match (raw.tls_cert.is_empty(), raw.tls_key.is_empty()) {
-        (true, true) => None,
-        (false, false) => Some(TlsFiles {
-            cert: PathBuf::from(&raw.tls_cert),
-            key: PathBuf::from(&raw.tls_key),
-        }),
-        (false, true) => {
-            return Err(invalid(
-                "admin.tls_key",
-                "\"\"",
-                "the key file of admin.tls_cert (set both or neither)",
-            ));
-        }
-        (true, false) => {
-            return Err(invalid(
-                "admin.tls_cert",
-                "\"\"",
-                "the certificate file of admin.tls_key (set both or neither)",
-            ));
-        }
-    };
+    let tls = tls_files(
+        ("admin.tls_cert", &raw.tls_cert),
+        ("admin.tls_key", &raw.tls_key),
+    )?;
     Ok(AdminConfig {
         listen,
         socket,
@@ -698,8 +802,28 @@ impl RawConfig {
                 why.to_string(),
             )
         })?;
+        let listen = addrs("chat.listen", &c.listen)?;
+        if listen.is_empty() {
+            return Err(invalid(
+                "chat.listen",
+                "[]",
+                "at least one IP:PORT, e.g. \"0.0.0.0:8080\" or [\"0.0.0.0:8080\", \"[::]:8080\"]",
+            ));
+        }
+        let tls_listen = addrs("chat.tls_listen", &c.tls_listen)?;
+        let tls = tls_files(("chat.tls_cert", &c.tls_cert), ("chat.tls_key", &c.tls_key))?;
+        if !tls_listen.is_empty() && tls.is_none() {
+            return Err(invalid(
+                "chat.tls_cert",
+                "\"\"",
+                "a PEM certificate file (and chat.tls_key), required when chat.tls_listen is set",
+            ));
+        }
         let chat = ChatConfig {
-            listen: addr("chat.listen", &c.listen)?,
+            listen,
+            tls_listen,
+            tls,
+            trusted_proxies: nets("chat.trusted_proxies", &c.trusted_proxies)?,
             default_room,
             history: range("chat.history", c.history, 0, 1000, " lines")? as usize,
             backlog: range("chat.backlog", c.backlog, 1, 65535, "")? as u32,
@@ -707,8 +831,16 @@ impl RawConfig {
 
         let u = &self.udp;
         let udp = if u.enabled {
+            let listen = addrs("udp.listen", &u.listen)?;
+            if listen.is_empty() {
+                return Err(invalid(
+                    "udp.listen",
+                    "[]",
+                    "at least one IP:PORT, or turn UDP echo off with udp.enabled = false",
+                ));
+            }
             Some(UdpConfig {
-                listen: addr("udp.listen", &u.listen)?,
+                listen,
                 max_datagram_bytes: range(
                     "udp.max_datagram_bytes",
                     u.max_datagram_bytes,
@@ -841,6 +973,13 @@ impl RawConfig {
                 10_000_000,
                 " members, 0 never sends join/leave notices",
             )? as usize,
+            handshake_timeout: Duration::from_secs(range(
+                "limits.handshake_timeout_secs",
+                l.handshake_timeout_secs,
+                1,
+                300,
+                " seconds",
+            )? as u64),
         };
 
         let g = &self.log;
@@ -933,7 +1072,10 @@ mod tests {
     #[test]
     fn defaults_are_valid() {
         let c = RawConfig::default().validate().expect("defaults validate");
-        assert_eq!(c.chat.listen.port(), 8080);
+        assert_eq!(c.chat.listen.len(), 1);
+        assert_eq!(c.chat.listen[0].port(), 8080);
+        assert!(c.chat.tls_listen.is_empty() && c.chat.trusted_proxies.is_empty());
+        assert_eq!(c.limits.handshake_timeout, Duration::from_secs(10));
         assert_eq!(c.chat.default_room, "lobby");
         assert!(c.limits.flood.is_some());
     }
@@ -945,7 +1087,7 @@ mod tests {
             ("CHATD_LIMITS__MAX_LINE_BYTES", "200"),
         ])
         .expect("valid");
-        assert_eq!(c.chat.listen.to_string(), "127.0.0.1:0");
+        assert_eq!(c.chat.listen, ["127.0.0.1:0".parse().expect("addr")]);
         assert_eq!(c.limits.max_line_bytes, 200);
     }
 
@@ -963,6 +1105,74 @@ mod tests {
             .to_string();
         assert!(
             e.contains("chat.listen") && e.contains("nowhere") && e.contains("IP:PORT"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn listen_takes_one_address_or_a_list() {
+        let c = admin("[chat]\nlisten = [\"127.0.0.1:0\", \"[::1]:0\"]\n").expect("valid");
+        assert_eq!(c.chat.listen.len(), 2);
+        assert!(c.chat.listen[1].is_ipv6());
+        let c = with_env(&[
+            ("CHATD_CHAT__LISTEN", "127.0.0.1:0 [::1]:0"),
+            ("CHATD_UDP__LISTEN", "[::1]:0"),
+            ("CHATD_ADMIN__LISTEN", "127.0.0.1:0 [::1]:0"),
+        ])
+        .expect("valid");
+        assert_eq!(c.chat.listen.len(), 2);
+        assert_eq!(c.udp.expect("on").listen.len(), 1);
+        assert_eq!(c.admin.expect("on").listen.len(), 2);
+        let e = admin("[chat]\nlisten = []\n")
+            .expect_err("none")
+            .to_string();
+        assert!(
+            e.contains("chat.listen") && e.contains("at least one"),
+            "{e}"
+        );
+        let e = admin("[admin]\nlisten = [\"127.0.0.1:50051\", \"[::]:50051\"]\n")
+            .expect_err("public without token")
+            .to_string();
+        assert!(
+            e.contains("[::]:50051") && e.contains("admin.tokens"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn tls_listen_needs_a_certificate_and_proxies_are_cidrs() {
+        let e = admin("[chat]\ntls_listen = \"127.0.0.1:0\"\n")
+            .expect_err("no cert")
+            .to_string();
+        assert!(
+            e.contains("chat.tls_cert") && e.contains("chat.tls_listen"),
+            "{e}"
+        );
+        let e = admin("[chat]\ntls_cert = \"/x.pem\"\n")
+            .expect_err("cert without key")
+            .to_string();
+        assert!(e.contains("chat.tls_key"), "{e}");
+        let c = admin("[chat]\ntrusted_proxies = [\"10.1.2.3/8\", \"192.0.2.1\", \"fd00::/8\"]\n")
+            .expect("valid");
+        let nets: Vec<String> = c
+            .chat
+            .trusted_proxies
+            .iter()
+            .map(|n| n.to_string())
+            .collect();
+        assert_eq!(nets, ["10.0.0.0/8", "192.0.2.1/32", "fd00::/8"]);
+        let e = admin("[chat]\ntrusted_proxies = [\"haproxy\"]\n")
+            .expect_err("not a CIDR")
+            .to_string();
+        assert!(
+            e.contains("chat.trusted_proxies") && e.contains("\"haproxy\""),
+            "{e}"
+        );
+        let e = with_env(&[("CHATD_LIMITS__HANDSHAKE_TIMEOUT_SECS", "0")])
+            .expect_err("zero")
+            .to_string();
+        assert!(
+            e.contains("limits.handshake_timeout_secs") && e.contains("1..=300"),
             "{e}"
         );
     }

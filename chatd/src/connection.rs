@@ -27,8 +27,8 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
-use tokio::io::AsyncWriteExt;
-use tokio::net::TcpStream;
+use tokio::io::{AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpStream, UnixStream};
 use tracing::{Instrument, debug, info, info_span};
 
 use crate::framing::{Frame, LineFramer};
@@ -70,18 +70,64 @@ const HELP: &[&str] = &[
     "Any other line is sent to everyone in your room. Start it with // to send a leading /.",
 ];
 
-/// Serves one accepted socket until it closes. Errors stay in here: they are
-/// logged and never reach the accept loop.
+/// What a connection needs of its socket: readiness-driven, non-blocking
+/// I/O. A TCP socket for plain clients; one end of a UNIX socket pair for
+/// TLS clients, whose other end the TLS pump serves (see [`crate::tls`]).
+pub trait Socket: AsyncWrite + Unpin + Send + Sync + 'static {
+    fn try_read(&self, buf: &mut [u8]) -> io::Result<usize>;
+    fn try_write_vectored(&self, bufs: &[IoSlice<'_>]) -> io::Result<usize>;
+    fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>>;
+    fn poll_write_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>>;
+    fn readable(&self) -> impl Future<Output = io::Result<()>> + Send;
+    fn writable(&self) -> impl Future<Output = io::Result<()>> + Send;
+}
+
+macro_rules! socket {
+    ($t:ty) => {
+        impl Socket for $t {
+            fn try_read(&self, buf: &mut [u8]) -> io::Result<usize> {
+                <$t>::try_read(self, buf)
+            }
+            fn try_write_vectored(&self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+                <$t>::try_write_vectored(self, bufs)
+            }
+            fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+                <$t>::poll_read_ready(self, cx)
+            }
+            fn poll_write_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+                <$t>::poll_write_ready(self, cx)
+            }
+            fn readable(&self) -> impl Future<Output = io::Result<()>> + Send {
+                <$t>::readable(self)
+            }
+            fn writable(&self) -> impl Future<Output = io::Result<()>> + Send {
+                <$t>::writable(self)
+            }
+        }
+    };
+}
+
+socket!(TcpStream);
+socket!(UnixStream);
+
+/// Serves one accepted plain TCP socket until it closes.
+pub async fn serve(stream: TcpStream, peer: SocketAddr, hub: Hub) {
+    serve_on(stream, peer, false, hub).await
+}
+
+/// Serves one client until it closes; `peer` is its real address, `tls`
+/// whether it came through TLS. Errors stay in here: they are logged and
+/// never reach the accept loop.
 ///
 /// Rare paths (refusal, closing) run in boxed futures: the future of every
 /// live connection is sized for the common path only, which keeps an idle
 /// client's footprint small.
-pub async fn serve(stream: TcpStream, peer: SocketAddr, hub: Hub) {
-    let client = match hub.connect(peer) {
+pub async fn serve_on<S: Socket>(stream: S, peer: SocketAddr, tls: bool, hub: Hub) {
+    let client = match hub.connect_with(peer, tls) {
         Ok(client) => client,
         Err(refusal) => return Box::pin(refuse(stream, peer, refusal)).await,
     };
-    let span = info_span!("conn", client = client.id, %peer, nick = %client.nick());
+    let span = info_span!("conn", client = client.id, %peer, tls, nick = %client.nick());
     async move {
         info!("connected");
         let nick = client.nick();
@@ -126,7 +172,7 @@ fn welcome(hub: &Hub, client: &Arc<Client>, nick: &str) -> Arc<Room> {
 }
 
 /// Tells a refused client why, in one line, and closes.
-async fn refuse(mut stream: TcpStream, peer: SocketAddr, refusal: Refusal) {
+async fn refuse<S: Socket>(mut stream: S, peer: SocketAddr, refusal: Refusal) {
     info!(%peer, reason = %refusal, "refused connection");
     let line = server_line(&format!("error: {refusal}"));
     let _ = tokio::time::timeout(CLOSE_FLUSH, stream.write_all(&line)).await;
@@ -134,7 +180,7 @@ async fn refuse(mut stream: TcpStream, peer: SocketAddr, refusal: Refusal) {
 }
 
 /// Half-closes and waits briefly for the peer's EOF, discarding its input.
-async fn linger(mut stream: TcpStream) {
+async fn linger<S: Socket>(mut stream: S) {
     if stream.shutdown().await.is_err() {
         return;
     }
@@ -175,8 +221,8 @@ fn unformat<'a>(line: &'a [u8], nick: &str) -> (&'a [u8], bool) {
     }
 }
 
-struct Connection {
-    stream: TcpStream,
+struct Connection<S> {
+    stream: S,
     client: Arc<Client>,
     hub: Hub,
     /// The room this client is in; cached so the hot path needs no lookup.
@@ -230,7 +276,7 @@ struct Batch {
     lines: usize,
 }
 
-impl Connection {
+impl<S: Socket> Connection<S> {
     /// Serves until the client must go, and says why. Shutdown, kicks and
     /// idle timeouts all arrive as a close reason on the outbox.
     async fn run(&mut self) -> Disconnect {

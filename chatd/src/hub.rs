@@ -30,6 +30,7 @@ use crate::config::{Config, Limits};
 use crate::lock::{lock, read, write};
 use crate::outbox::{Outbox, Push};
 use crate::protocol::{self, users};
+use crate::rate::TokenBucket;
 use crate::sanitize;
 use crate::stats::{Stats, StatsSnapshot};
 
@@ -202,6 +203,8 @@ pub enum Event {
 pub struct Client {
     pub id: ClientId,
     pub peer: SocketAddr,
+    /// Whether the client came through the TLS listener.
+    pub tls: bool,
     pub connected_at: SystemTime,
     pub outbox: Outbox,
     names: Mutex<Names>,
@@ -260,6 +263,7 @@ impl Client {
             id: self.id,
             nick: names.nick.to_string(),
             peer: self.peer,
+            tls: self.tls,
             room: names
                 .room
                 .as_ref()
@@ -282,6 +286,7 @@ pub struct ClientInfo {
     pub id: ClientId,
     pub nick: String,
     pub peer: SocketAddr,
+    pub tls: bool,
     pub room: String,
     pub connected_at_ms: u64,
     pub last_active_ms: u64,
@@ -458,7 +463,20 @@ struct Shared {
     message_watchers: AtomicU64,
     /// Rooms holding back notices, summed up by [`Hub::flush_notices`].
     notices_due: Mutex<Vec<Arc<Room>>>,
+    connect_rate: Mutex<ConnectRate>,
 }
+
+/// The per-address connection rate (`limits.connect_rate_per_ip`): one token
+/// bucket per address. Full buckets are forgotten, which bounds the map by
+/// the addresses that connected within the last few seconds.
+#[derive(Debug, Default)]
+struct ConnectRate {
+    buckets: HashMap<IpAddr, TokenBucket>,
+    last_prune: Option<Instant>,
+}
+
+/// Most addresses remembered at once; past it the map is pruned at once.
+const CONNECT_RATE_MAX_ADDRS: usize = 65_536;
 
 /// A cheap handle to the hub; clone it freely.
 #[derive(Debug, Clone)]
@@ -493,6 +511,7 @@ impl Hub {
                 bans,
                 message_watchers: AtomicU64::new(0),
                 notices_due: Mutex::new(Vec::new()),
+                connect_rate: Mutex::new(ConnectRate::default()),
             }),
         }
     }
@@ -532,8 +551,14 @@ impl Hub {
         lock(&self.shared.state)
     }
 
-    /// Registers a new connection, or says why it is refused.
+    /// Registers a new plain connection, or says why it is refused.
     pub fn connect(&self, peer: SocketAddr) -> Result<Arc<Client>, Refusal> {
+        self.connect_with(peer, false)
+    }
+
+    /// Registers a new connection from `peer` (its real address), which
+    /// came through TLS or not; or says why it is refused.
+    pub fn connect_with(&self, peer: SocketAddr, tls: bool) -> Result<Arc<Client>, Refusal> {
         let limits = self.limits();
         if let Some(ban) = self.shared.bans.check(peer.ip()) {
             self.shared.stats.refused.fetch_add(1, Relaxed);
@@ -567,6 +592,7 @@ impl Hub {
         let client = Arc::new(Client {
             id,
             peer,
+            tls,
             connected_at: now,
             outbox: Outbox::new(),
             names: Mutex::new(Names {
@@ -588,6 +614,47 @@ impl Hub {
             peer,
         });
         Ok(client)
+    }
+
+    /// Whether a new connection from `ip` is within
+    /// `limits.connect_rate_per_ip`; counts it if so, and counts a refusal
+    /// if not.
+    pub fn admit_connection(&self, ip: IpAddr) -> bool {
+        let Some(limit) = self.limits().connect_rate else {
+            return true;
+        };
+        let now = Instant::now();
+        let mut rate = lock(&self.shared.connect_rate);
+        let stale = rate
+            .last_prune
+            .is_none_or(|t| now.saturating_duration_since(t) >= Duration::from_secs(10));
+        if stale || rate.buckets.len() >= CONNECT_RATE_MAX_ADDRS {
+            rate.buckets
+                .retain(|_, b| !b.is_full(limit.per_sec, limit.burst, now));
+            rate.last_prune = Some(now);
+        }
+        let admitted = rate
+            .buckets
+            .entry(ip)
+            .or_insert_with(|| TokenBucket::new(limit.burst, now))
+            .try_take(limit.per_sec, limit.burst, now);
+        drop(rate);
+        if !admitted {
+            self.shared.stats.refused.fetch_add(1, Relaxed);
+        }
+        admitted
+    }
+
+    /// Whether `ip` is one of `chat.trusted_proxies`.
+    pub fn is_trusted_proxy(&self, ip: IpAddr) -> bool {
+        let ip = ip.to_canonical();
+        self.shared
+            .config
+            .load()
+            .chat
+            .trusted_proxies
+            .iter()
+            .any(|net| net.contains(&ip))
     }
 
     /// Caps the number of clients below what `max_clients` says when the

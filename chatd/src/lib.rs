@@ -2,7 +2,10 @@
 //!
 //! # Layout
 //!
-//! - [`server`]: binds sockets, runs the accept loop and the shutdown.
+//! - [`server`]: binds sockets, runs the accept loop and the shutdown;
+//!   [`activation`]: the sockets systemd passes instead.
+//! - [`front`]: between accept and chat: the real address ([`proxy`], PROXY
+//!   protocol from trusted load balancers) and TLS ([`tls`]).
 //! - [`connection`]: one client's task, the only owner of its socket.
 //! - [`framing`]: bytes → lines, with the line-length limit and telnet
 //!   filtering.
@@ -23,6 +26,7 @@
 //!
 //! See `ARCHITECTURE.md` at the repository root for the path of a message.
 
+pub mod activation;
 pub mod admin;
 pub mod bans;
 pub mod clock;
@@ -30,6 +34,7 @@ pub mod config;
 pub mod connection;
 pub mod files;
 pub mod framing;
+pub mod front;
 pub mod hub;
 pub mod journal;
 mod lock;
@@ -38,12 +43,14 @@ pub mod metrics;
 pub mod notify;
 pub mod outbox;
 pub mod protocol;
+pub mod proxy;
 pub mod rate;
 pub mod reload;
 pub mod sanitize;
 pub mod server;
 pub mod stats;
 pub mod telemetry;
+pub mod tls;
 pub mod udp_echo;
 
 pub use config::Config;

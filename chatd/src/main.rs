@@ -10,6 +10,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use chatd::Daemon;
+use chatd::activation::Activated;
 use chatd::config::{Config, Source};
 use chatd::reload::Reloader;
 use chatd::telemetry::Telemetry;
@@ -55,6 +56,14 @@ fn main() -> ExitCode {
         print!("{}", config.to_toml());
         return ExitCode::SUCCESS;
     }
+    // Before any thread starts: this reads and clears LISTEN_FDS.
+    let activated = match chatd::activation::take() {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("chatd: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -73,7 +82,7 @@ fn main() -> ExitCode {
     std::panic::set_hook(Box::new(|info| {
         error!(panic = %info, "internal error; please report it");
     }));
-    match runtime.block_on(serve(config, source, telemetry)) {
+    match runtime.block_on(serve(config, source, telemetry, activated)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("chatd: {}", one_line(&e));
@@ -96,18 +105,53 @@ fn one_line(e: &anyhow::Error) -> String {
     text
 }
 
-async fn serve(config: Config, source: Source, telemetry: Telemetry) -> anyhow::Result<()> {
-    let listeners = chatd::bind(&config)?;
+async fn serve(
+    config: Config,
+    source: Source,
+    telemetry: Telemetry,
+    activated: Activated,
+) -> anyhow::Result<()> {
+    let from_systemd = [
+        ("chat", !activated.chat.is_empty()),
+        ("tls", !activated.tls.is_empty()),
+        ("udp", !activated.udp.is_empty()),
+    ];
+    let listeners = chatd::bind(&config, activated)?;
     let metrics = chatd::metrics::bind(&config)?;
-    let chat = listeners.chat.local_addr().context("chat listener")?;
-    let udp = match &listeners.udp {
-        Some(s) => s.local_addr().context("udp socket")?.to_string(),
-        None => "off".to_string(),
+    // Space-separated addresses, "off" for none.
+    let list = |addrs: Vec<std::io::Result<std::net::SocketAddr>>, what: &'static str| {
+        let addrs = addrs
+            .into_iter()
+            .map(|a| a.map(|a| a.to_string()))
+            .collect::<Result<Vec<_>, _>>()
+            .context(what)?;
+        anyhow::Ok(if addrs.is_empty() {
+            "off".to_string()
+        } else {
+            addrs.join(" ")
+        })
     };
-    let admin = match &listeners.admin.tcp {
-        Some(l) => l.local_addr().context("admin listener")?.to_string(),
-        None => "off".to_string(),
-    };
+    let chat = list(
+        listeners.chat.iter().map(|l| l.local_addr()).collect(),
+        "chat listener",
+    )?;
+    let tls = list(
+        listeners.tls.iter().map(|l| l.local_addr()).collect(),
+        "TLS chat listener",
+    )?;
+    let udp = list(
+        listeners.udp.iter().map(|s| s.local_addr()).collect(),
+        "udp socket",
+    )?;
+    let admin = list(
+        listeners.admin.tcp.iter().map(|l| l.local_addr()).collect(),
+        "admin listener",
+    )?;
+    for (what, given) in from_systemd {
+        if given {
+            info!(listener = what, "using the sockets systemd passed");
+        }
+    }
     let admin_socket = match &listeners.admin.unix {
         Some((_, path)) => path.display().to_string(),
         None => "off".to_string(),
@@ -133,7 +177,7 @@ async fn serve(config: Config, source: Source, telemetry: Telemetry) -> anyhow::
     if let Some(path) = daemon.generated_token_file() {
         info!(path = %path.display(), "no admin token configured: generated one for local use");
     }
-    info!(chat = %chat, udp = %udp, admin = %admin, admin_socket = %admin_socket, metrics = %metrics_addr, config = %file, "listening");
+    info!(chat = %chat, tls = %tls, udp = %udp, admin = %admin, admin_socket = %admin_socket, metrics = %metrics_addr, config = %file, "listening");
     let shutdown = CancellationToken::new();
     tokio::spawn(signals(shutdown.clone(), daemon.reloader()));
     if let Some(listener) = metrics {

@@ -4,7 +4,10 @@
 //! The file the daemon started with is read again (with the environment
 //! layer) and validated; a bad file changes nothing. Settings that the
 //! running daemon reads on each use (limits, MOTD, server name, history, UDP
-//! rates, log level, the state directory and its bans file) apply at once.
+//! rates, log level, the state directory and its bans file, trusted
+//! proxies) apply at once. The TLS certificate and key are read again every
+//! time, even from unchanged paths, and serve new connections; a bad one
+//! refuses the whole reload.
 //! The others (listen addresses, the admin API, log format, shutdown timeout)
 //! are reported as needing a restart, and the running values stay in force.
 
@@ -15,6 +18,7 @@ use crate::bans::BanError;
 use crate::config::{Config, ConfigError, RawConfig, Source, UdpConfig};
 use crate::hub::Hub;
 use crate::telemetry::LogLevel;
+use crate::tls::{self, Certs, TlsError};
 
 /// What a reload did.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -33,6 +37,8 @@ pub enum ReloadError {
     Config(#[from] ConfigError),
     #[error(transparent)]
     Bans(#[from] BanError),
+    #[error(transparent)]
+    Tls(#[from] TlsError),
 }
 
 /// Re-reads the configuration; clone it freely.
@@ -46,19 +52,22 @@ struct Inner {
     source: Source,
     hub: Hub,
     log: Option<LogLevel>,
+    /// The chat listener's certificate, re-read on every reload.
+    certs: Certs,
     /// The configuration the daemon started with: what restart-only keys
     /// are compared against. The lock also serialises reloads.
     started: Mutex<RawConfig>,
 }
 
 impl Reloader {
-    pub fn new(source: Source, hub: Hub, log: Option<LogLevel>) -> Reloader {
+    pub fn new(source: Source, hub: Hub, log: Option<LogLevel>, certs: Certs) -> Reloader {
         let started = hub.config().raw.clone();
         Reloader {
             inner: Arc::new(Inner {
                 source,
                 hub,
                 log,
+                certs,
                 started: Mutex::new(started),
             }),
         }
@@ -70,6 +79,9 @@ impl Reloader {
         let inner = &*self.inner;
         let started = inner.started.lock().unwrap_or_else(|p| p.into_inner());
         let new = Config::load(&inner.source)?;
+        // Read even when the paths are unchanged: renewed certificates
+        // are usually written over the old files. A bad one changes nothing.
+        let certs = new.chat.tls.as_ref().map(tls::load).transpose()?;
         let old = inner.hub.config();
         inner.hub.reload_bans(&new.server.state_dir)?;
         let mut applied = Vec::new();
@@ -88,6 +100,10 @@ impl Reloader {
             .filter(|k| !reloadable(k))
             .collect();
         inner.hub.set_config(keep_running_values(&old, new));
+        if let Some(certs) = certs {
+            inner.certs.set(certs);
+            tracing::info!("TLS certificate (re)loaded for new connections");
+        }
         Ok(ReloadReport {
             config_path: inner
                 .source
@@ -109,6 +125,9 @@ fn reloadable(key: &str) -> bool {
                 | "server.state_dir"
                 | "chat.default_room"
                 | "chat.history"
+                | "chat.trusted_proxies"
+                | "chat.tls_cert"
+                | "chat.tls_key"
                 | "udp.max_datagram_bytes"
                 | "udp.rate_per_sec"
                 | "udp.burst"
@@ -119,11 +138,12 @@ fn reloadable(key: &str) -> bool {
 /// `new`, with the settings that need a restart set back to what runs.
 fn keep_running_values(old: &Config, new: Config) -> Config {
     let mut next = new;
-    next.chat.listen = old.chat.listen;
+    next.chat.listen = old.chat.listen.clone();
+    next.chat.tls_listen = old.chat.tls_listen.clone();
     next.chat.backlog = old.chat.backlog;
     next.udp = match (&old.udp, next.udp.take()) {
         (Some(old), Some(new)) => Some(UdpConfig {
-            listen: old.listen,
+            listen: old.listen.clone(),
             ..new
         }),
         (old, _) => old.clone(),

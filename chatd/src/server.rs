@@ -4,12 +4,10 @@
 //! [`Daemon`] and hands it the listeners, and so can anything else that
 //! wants to run the daemon on sockets of its own.
 
-use std::collections::HashMap;
 use std::io;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::path::Path;
-use std::sync::atomic::Ordering::Relaxed;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use socket2::{SockRef, TcpKeepalive};
 use tokio::net::{TcpListener, TcpSocket, TcpStream, UdpSocket, UnixListener};
@@ -17,21 +15,25 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
 
+use crate::activation::Activated;
 use crate::admin::{self, AdminListeners, AdminSetup, SetupError};
 use crate::bans::{BanError, Bans};
 use crate::config::{Config, Source};
-use crate::connection;
+use crate::front::{self, Door};
 use crate::hub::{Hub, Refusal};
-use crate::rate::TokenBucket;
 use crate::reload::Reloader;
 use crate::telemetry::LogLevel;
+use crate::tls::{self, Certs, TlsError};
 use crate::udp_echo;
 
 /// Every socket the daemon serves, already bound.
 #[derive(Debug)]
 pub struct Listeners {
-    pub chat: TcpListener,
-    pub udp: Option<UdpSocket>,
+    /// Plain chat; at least one.
+    pub chat: Vec<TcpListener>,
+    /// Chat over TLS; may be empty.
+    pub tls: Vec<TcpListener>,
+    pub udp: Vec<UdpSocket>,
     pub admin: AdminListeners,
 }
 
@@ -45,41 +47,67 @@ pub struct BindError {
     pub source: io::Error,
 }
 
-/// Binds every listener the configuration asks for.
-pub fn bind(config: &Config) -> Result<Listeners, BindError> {
-    let chat_addr = config.chat.listen;
-    let chat = bind_tcp(chat_addr, config.chat.backlog).map_err(|source| BindError {
-        key: "chat.listen",
-        addr: chat_addr.to_string(),
-        source,
-    })?;
-    let udp = match &config.udp {
-        Some(udp) => {
-            let socket = std::net::UdpSocket::bind(udp.listen)
-                .and_then(|s| {
-                    s.set_nonblocking(true)?;
-                    UdpSocket::from_std(s)
-                })
-                .map_err(|source| BindError {
-                    key: "udp.listen",
-                    addr: udp.listen.to_string(),
-                    source,
-                })?;
-            Some(socket)
+/// Binds every listener the configuration asks for, except those systemd
+/// already passed in `activated`.
+pub fn bind(config: &Config, activated: Activated) -> Result<Listeners, BindError> {
+    let backlog = config.chat.backlog;
+    let tcp_all = |key, addrs: &[SocketAddr], given: Vec<std::net::TcpListener>| {
+        if !given.is_empty() {
+            return given.into_iter().map(adopt_tcp).collect();
         }
-        None => None,
+        addrs
+            .iter()
+            .map(|&addr| {
+                bind_tcp(addr, backlog).map_err(|source| BindError {
+                    key,
+                    addr: addr.to_string(),
+                    source,
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()
+    };
+    let chat = tcp_all("chat.listen", &config.chat.listen, activated.chat)?;
+    let tls = tcp_all("chat.tls_listen", &config.chat.tls_listen, activated.tls)?;
+    let udp = match &config.udp {
+        Some(_) if !activated.udp.is_empty() => activated
+            .udp
+            .into_iter()
+            .map(|s| {
+                s.set_nonblocking(true)
+                    .and_then(|()| UdpSocket::from_std(s))
+                    .map_err(|source| BindError {
+                        key: "udp.listen",
+                        addr: "a socket from systemd".into(),
+                        source,
+                    })
+            })
+            .collect::<Result<Vec<_>, _>>()?,
+        Some(udp) => udp
+            .listen
+            .iter()
+            .map(|&addr| {
+                bind_udp(addr).map_err(|source| BindError {
+                    key: "udp.listen",
+                    addr: addr.to_string(),
+                    source,
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?,
+        None => Vec::new(),
     };
     let mut admin = AdminListeners {
-        tcp: None,
+        tcp: Vec::new(),
         unix: None,
     };
     if let Some(config) = &config.admin {
-        if let Some(addr) = config.listen {
-            admin.tcp = Some(bind_tcp(addr, 128).map_err(|source| BindError {
-                key: "admin.listen",
-                addr: addr.to_string(),
-                source,
-            })?);
+        for &addr in &config.listen {
+            admin
+                .tcp
+                .push(bind_tcp(addr, 128).map_err(|source| BindError {
+                    key: "admin.listen",
+                    addr: addr.to_string(),
+                    source,
+                })?);
         }
         if let Some(path) = &config.socket {
             let listener = bind_unix(path).map_err(|source| BindError {
@@ -90,7 +118,36 @@ pub fn bind(config: &Config) -> Result<Listeners, BindError> {
             admin.unix = Some((listener, path.clone()));
         }
     }
-    Ok(Listeners { chat, udp, admin })
+    Ok(Listeners {
+        chat,
+        tls,
+        udp,
+        admin,
+    })
+}
+
+/// A listener systemd opened, made ready for tokio.
+fn adopt_tcp(l: std::net::TcpListener) -> Result<TcpListener, BindError> {
+    l.set_nonblocking(true)
+        .and_then(|()| TcpListener::from_std(l))
+        .map_err(|source| BindError {
+            key: "chat.listen",
+            addr: "a socket from systemd".into(),
+            source,
+        })
+}
+
+/// A UDP socket; an IPv6 one is IPv6-only, so that `0.0.0.0:P` and
+/// `[::]:P` can both be listed.
+fn bind_udp(addr: SocketAddr) -> io::Result<UdpSocket> {
+    let domain = socket2::Domain::for_address(addr);
+    let socket = socket2::Socket::new(domain, socket2::Type::DGRAM, Some(socket2::Protocol::UDP))?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(true)?;
+    }
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    UdpSocket::from_std(socket.into())
 }
 
 /// A UNIX socket only its owner may connect to (mode 0600). A stale socket
@@ -128,12 +185,16 @@ pub fn bind_unix(path: &Path) -> io::Result<UnixListener> {
 
 /// A TCP listener with address reuse (so a restart does not wait out
 /// TIME_WAIT) and a configurable backlog (so a connection storm is queued by
-/// the kernel instead of refused).
+/// the kernel instead of refused). IPv6 listeners are IPv6-only.
 pub fn bind_tcp(addr: SocketAddr, backlog: u32) -> io::Result<TcpListener> {
     let socket = if addr.is_ipv4() {
         TcpSocket::new_v4()?
     } else {
-        TcpSocket::new_v6()?
+        let socket = TcpSocket::new_v6()?;
+        // IPv6-only, so that `0.0.0.0:P` and `[::]:P` can both be listed
+        // whatever the system's `bindv6only` default.
+        SockRef::from(&socket).set_only_v6(true)?;
+        socket
     };
     socket.set_reuseaddr(true)?;
     socket.bind(addr)?;
@@ -183,6 +244,8 @@ pub enum StartError {
     Bans(#[from] BanError),
     #[error(transparent)]
     Admin(#[from] SetupError),
+    #[error(transparent)]
+    Tls(#[from] TlsError),
 }
 
 /// The daemon, prepared: bans loaded, admin tokens ready. Everything that
@@ -192,6 +255,7 @@ pub struct Daemon {
     hub: Hub,
     reloader: Reloader,
     admin: Option<AdminSetup>,
+    certs: Certs,
     grace: Duration,
 }
 
@@ -207,13 +271,18 @@ impl Daemon {
     ) -> Result<Daemon, StartError> {
         let bans = Bans::load(&config.server.state_dir)?;
         let admin = config.admin.as_ref().map(AdminSetup::prepare).transpose()?;
+        let certs = Certs::default();
+        if let Some(files) = &config.chat.tls {
+            certs.set(tls::load(files)?);
+        }
         let grace = config.server.shutdown_timeout;
         let hub = Hub::with_bans(config, bans);
-        let reloader = Reloader::new(source, hub.clone(), log);
+        let reloader = Reloader::new(source, hub.clone(), log, certs.clone());
         Ok(Daemon {
             hub,
             reloader,
             admin,
+            certs,
             grace,
         })
     }
@@ -250,12 +319,12 @@ impl Daemon {
         }
         let chat = Listeners {
             admin: AdminListeners {
-                tcp: None,
+                tcp: Vec::new(),
                 unix: None,
             },
             ..listeners
         };
-        serve(chat, self.hub, shutdown, self.grace).await;
+        serve(chat, self.hub, self.certs, shutdown, self.grace).await;
         admin_stop.cancel();
         tracker.close();
         if tokio::time::timeout(ADMIN_STOP, tracker.wait())
@@ -268,16 +337,32 @@ impl Daemon {
 }
 
 /// Serves chat and UDP (not the admin API) on `listeners` with a hub the
-/// caller keeps, until `shutdown`; then drains within `grace`.
-pub async fn serve(listeners: Listeners, hub: Hub, shutdown: CancellationToken, grace: Duration) {
+/// caller keeps, until `shutdown`; then drains within `grace`. `certs` is
+/// what the TLS listeners present.
+pub async fn serve(
+    listeners: Listeners,
+    hub: Hub,
+    certs: Certs,
+    shutdown: CancellationToken,
+    grace: Duration,
+) {
     let tracker = TaskTracker::new();
-    if let Some(udp) = listeners.udp {
+    for udp in listeners.udp {
         tracker.spawn(udp_echo::run(udp, hub.clone(), shutdown.clone()));
     }
     tracker.spawn(reap(hub.clone(), shutdown.clone()));
     tracker.spawn(flush_notices(hub.clone(), shutdown.clone()));
-    accept_loop(&listeners.chat, &hub, &shutdown, &tracker).await;
+    let doors = listeners
+        .chat
+        .iter()
+        .map(|l| (l, Door::Plain))
+        .chain(listeners.tls.iter().map(|l| (l, Door::Tls(certs.clone()))));
+    futures_util::future::join_all(
+        doors.map(|(listener, door)| accept_loop(listener, door, &hub, &shutdown, &tracker)),
+    )
+    .await;
     drop(listeners.chat);
+    drop(listeners.tls);
     hub.close();
     tracker.close();
     info!(
@@ -294,12 +379,12 @@ pub async fn serve(listeners: Listeners, hub: Hub, shutdown: CancellationToken, 
 
 async fn accept_loop(
     listener: &TcpListener,
+    door: Door,
     hub: &Hub,
     shutdown: &CancellationToken,
     tracker: &TaskTracker,
 ) {
     let mut backoff = Backoff::default();
-    let mut rate = ConnectRate::default();
     loop {
         let accepted = tokio::select! {
             () = shutdown.cancelled() => return,
@@ -308,12 +393,14 @@ async fn accept_loop(
         match accepted {
             Ok((stream, peer)) => {
                 backoff.reset();
-                if !rate.admit(peer.ip(), hub) {
+                // Behind a trusted proxy the rate is counted on the client's
+                // address, once its PROXY header is read (`front`).
+                if !hub.is_trusted_proxy(peer.ip()) && !hub.admit_connection(peer.ip()) {
                     refuse_fast(&stream);
                     continue;
                 }
                 tune(&stream, hub);
-                tracker.spawn(connection::serve(stream, peer, hub.clone()));
+                tracker.spawn(front::serve(stream, peer, door.clone(), hub.clone()));
             }
             Err(e) if is_peer_error(&e) => {}
             Err(e) => {
@@ -373,50 +460,10 @@ async fn flush_notices(hub: Hub, shutdown: CancellationToken) {
     }
 }
 
-/// The per-address connection rate (`limits.connect_rate_per_ip`): one
-/// token bucket per address, owned by the accept loop alone, so it needs no
-/// lock. Full buckets are forgotten, which bounds the map by the addresses
-/// that connected within the last few seconds.
-#[derive(Default)]
-struct ConnectRate {
-    buckets: HashMap<IpAddr, TokenBucket>,
-    last_prune: Option<Instant>,
-}
-
-/// Most addresses remembered at once; past it the map is pruned at once.
-const CONNECT_RATE_MAX_ADDRS: usize = 65_536;
-
-impl ConnectRate {
-    fn admit(&mut self, ip: IpAddr, hub: &Hub) -> bool {
-        let Some(limit) = hub.limits().connect_rate else {
-            self.buckets.clear();
-            return true;
-        };
-        let now = Instant::now();
-        let stale = self
-            .last_prune
-            .is_none_or(|t| now.saturating_duration_since(t) >= Duration::from_secs(10));
-        if stale || self.buckets.len() >= CONNECT_RATE_MAX_ADDRS {
-            self.buckets
-                .retain(|_, b| !b.is_full(limit.per_sec, limit.burst, now));
-            self.last_prune = Some(now);
-        }
-        let admitted = self
-            .buckets
-            .entry(ip)
-            .or_insert_with(|| TokenBucket::new(limit.burst, now))
-            .try_take(limit.per_sec, limit.burst, now);
-        if !admitted {
-            hub.stats().refused.fetch_add(1, Relaxed);
-        }
-        admitted
-    }
-}
-
 /// Tells a connection over the rate limit why, if its socket takes the line
 /// at once, and drops it: a flood of connections gets no task, no timer and
 /// no log line each.
-fn refuse_fast(stream: &TcpStream) {
+pub(crate) fn refuse_fast(stream: &TcpStream) {
     let line = crate::hub::server_line(&format!("error: {}", Refusal::TooFast));
     let _ = stream.try_write(&line);
 }

@@ -16,6 +16,8 @@ pub struct ClientView {
     pub id: u64,
     pub nick: String,
     pub addr: String,
+    /// Whether the client came through the TLS chat listener.
+    pub tls: bool,
     pub room: String,
     pub connected_at: Option<String>,
     pub last_active_at: Option<String>,
@@ -38,6 +40,7 @@ impl From<pb::Client> for ClientView {
             id: c.id,
             nick: c.nick,
             addr: c.peer_addr,
+            tls: c.tls,
             room: c.room,
             connected_at: connected.map(format::rfc3339),
             last_active_at: last_active.map(format::rfc3339),
@@ -89,6 +92,7 @@ pub async fn list(
         ("ID", Align::Right),
         ("NICK", Align::Left),
         ("ADDRESS", Align::Left),
+        ("TLS", Align::Left),
         ("ROOM", Align::Left),
         ("CONNECTED", Align::Right),
         ("IDLE", Align::Right),
@@ -103,6 +107,7 @@ pub async fn list(
             c.id.to_string(),
             clean(&c.nick).into_owned(),
             clean(&c.addr).into_owned(),
+            yes_no(c.tls),
             clean(&c.room).into_owned(),
             format::ago(c.connected, now),
             format::ago(c.last_active, now),
@@ -170,6 +175,7 @@ fn write_client(out: &mut dyn std::io::Write, c: &ClientView) -> std::io::Result
             ("id", c.id.to_string()),
             ("nick", clean(&c.nick).into_owned()),
             ("address", clean(&c.addr).into_owned()),
+            ("tls", yes_no(c.tls)),
             ("room", clean(&c.room).into_owned()),
             ("connected", when(&c.connected_at, c.connected)),
             ("last active", when(&c.last_active_at, c.last_active)),
@@ -181,4 +187,8 @@ fn write_client(out: &mut dyn std::io::Write, c: &ClientView) -> std::io::Result
             ("queue", format::bytes(c.queue_bytes)),
         ],
     )
+}
+
+fn yes_no(b: bool) -> String {
+    if b { "yes" } else { "no" }.to_owned()
 }

@@ -39,6 +39,7 @@ fn alice() -> pb::Client {
         bytes_in: 612,
         bytes_out: 2150,
         queue_bytes: 0,
+        tls: false,
     }
 }
 

@@ -30,6 +30,7 @@ pub fn client(c: ClientInfo) -> pb::Client {
         bytes_in: c.bytes_in,
         bytes_out: c.bytes_out,
         queue_bytes: c.queued_bytes,
+        tls: c.tls,
     }
 }
 

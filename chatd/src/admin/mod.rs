@@ -41,7 +41,8 @@ use crate::reload::Reloader;
 /// The admin API's sockets, bound by [`crate::server::bind`].
 #[derive(Debug)]
 pub struct AdminListeners {
-    pub tcp: Option<TcpListener>,
+    /// One per `admin.listen` address.
+    pub tcp: Vec<TcpListener>,
     /// The listener and its path (removed at exit).
     pub unix: Option<(UnixListener, PathBuf)>,
 }
@@ -207,17 +208,15 @@ pub async fn serve(
             .add_optional_service(reflection_alpha.clone())
             .add_service(admin.clone())
     };
-    let tcp = async {
-        let Some(listener) = listeners.tcp else {
-            return;
-        };
-        let result = router(setup.tls.as_ref())
-            .serve_with_incoming_shutdown(TcpIncoming::from(listener), stop.cancelled())
-            .await;
-        if let Err(e) = result {
-            error!(error = %error_chain(&e), "admin API (TCP) failed");
+    let tcp = futures_util::future::join_all(listeners.tcp.into_iter().map(|listener| {
+        let served = router(setup.tls.as_ref())
+            .serve_with_incoming_shutdown(TcpIncoming::from(listener), stop.cancelled());
+        async {
+            if let Err(e) = served.await {
+                error!(error = %error_chain(&e), "admin API (TCP) failed");
+            }
         }
-    };
+    }));
     let unix = async {
         let Some((listener, path)) = listeners.unix else {
             return;

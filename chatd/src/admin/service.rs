@@ -282,7 +282,7 @@ mod tests {
     fn service() -> (Hub, AdminService) {
         let config = RawConfig::default().validate().expect("defaults validate");
         let hub = Hub::new(config);
-        let reloader = Reloader::new(Source::Default, hub.clone(), None);
+        let reloader = Reloader::new(Source::Default, hub.clone(), None, Default::default());
         let service = AdminService::new(hub.clone(), reloader, CancellationToken::new());
         (hub, service)
     }

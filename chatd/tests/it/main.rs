@@ -4,6 +4,7 @@
 mod abuse;
 mod admin;
 mod chat;
+mod frontdoor;
 mod lifecycle;
 mod limits;
 mod safety;

@@ -27,6 +27,8 @@ pub struct TestServer {
     /// The admin API's TCP address, when it has one.
     pub admin: Option<SocketAddr>,
     logs: Arc<Mutex<Vec<serde_json::Value>>>,
+    /// The "listening" record: every address, space-separated per listener.
+    pub listening: serde_json::Value,
     /// Holds `run/` (the generated admin token) and `state/` (bans) unless
     /// the test points them elsewhere.
     pub dir: tempfile::TempDir,
@@ -119,18 +121,23 @@ impl TestServer {
                 );
             }
         };
-        let chat = listening["chat"]
-            .as_str()
-            .and_then(|s| s.parse().ok())
-            .expect("chat address");
-        let udp = listening["udp"].as_str().and_then(|s| s.parse().ok());
-        let admin = listening["admin"].as_str().and_then(|s| s.parse().ok());
+        // The first address of each listener; `listening` has them all.
+        let first = |key: &str| {
+            listening[key]
+                .as_str()
+                .and_then(|s| s.split_whitespace().next())
+                .and_then(|s| s.parse().ok())
+        };
+        let chat = first("chat").expect("chat address");
+        let udp = first("udp");
+        let admin = first("admin");
         TestServer {
             child,
             chat,
             udp,
             admin,
             logs,
+            listening,
             dir,
         }
     }

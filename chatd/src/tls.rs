@@ -1,0 +1,212 @@
+//! TLS on the chat port: the certificate (re-read on every reload) and the
+//! pump that lets the plain connection code serve a TLS client.
+//!
+//! [`connection`](crate::connection) drives its socket by readiness
+//! (`try_read`, vectored `try_write`), which a TLS stream cannot offer. So a
+//! TLS client's connection runs, unchanged, on one end of a UNIX socket
+//! pair, and [`serve`] copies between the other end and the TLS stream with
+//! two bounded buffers; the pair's kernel buffers are kept small too, so a
+//! TLS client's queue is about as deep as a plain client's.
+
+use std::io;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use std::pin::pin;
+
+use arc_swap::ArcSwapOption;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use tokio::io::{AsyncWriteExt, BufReader};
+use tokio::net::{TcpStream, UnixStream};
+use tokio_rustls::rustls::{self, ServerConfig};
+use tokio_util::sync::CancellationToken;
+use tracing::debug;
+
+use crate::config::TlsFiles;
+use crate::connection;
+use crate::hub::Hub;
+
+/// Plaintext bytes the pump holds per direction.
+const PUMP_BUF: usize = 16 * 1024;
+/// How long the pump may go on once the connection is over: enough to
+/// deliver the last lines and `close_notify`, not enough to let a client
+/// that stopped reading hold the socket.
+const PUMP_GRACE: Duration = Duration::from_secs(5);
+
+/// Why the certificate or key cannot be used; one line naming the key.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("cannot read `{key}` {path}: {source}")]
+    Read {
+        key: &'static str,
+        path: String,
+        source: io::Error,
+    },
+    #[error("`{key}` {path} holds no {what} in PEM format ({reason})")]
+    Pem {
+        key: &'static str,
+        path: String,
+        what: &'static str,
+        reason: String,
+    },
+    #[error("`chat.tls_key` {key} is not the key of the certificate in `chat.tls_cert` {cert}")]
+    Mismatch { cert: String, key: String },
+    #[error("`chat.tls_cert` and `chat.tls_key` cannot be used together: {0}")]
+    Rustls(#[from] rustls::Error),
+}
+
+/// Reads and checks the certificate chain and its key. Blocks on file I/O.
+pub fn load(files: &TlsFiles) -> Result<Arc<ServerConfig>, TlsError> {
+    let certs = read_pem("chat.tls_cert", &files.cert, "certificate", |bytes| {
+        CertificateDer::pem_slice_iter(bytes).collect::<Result<Vec<_>, _>>()
+    })?;
+    if certs.is_empty() {
+        return Err(TlsError::Pem {
+            key: "chat.tls_cert",
+            path: files.cert.display().to_string(),
+            what: "certificate",
+            reason: "no CERTIFICATE block".into(),
+        });
+    }
+    let key = read_pem("chat.tls_key", &files.key, "private key", |bytes| {
+        PrivateKeyDer::from_pem_slice(bytes)
+    })?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .map_err(|e| match e {
+            rustls::Error::InconsistentKeys(_) => TlsError::Mismatch {
+                cert: files.cert.display().to_string(),
+                key: files.key.display().to_string(),
+            },
+            other => TlsError::Rustls(other),
+        })?;
+    Ok(Arc::new(config))
+}
+
+fn read_pem<T>(
+    key: &'static str,
+    path: &Path,
+    what: &'static str,
+    parse: impl FnOnce(&[u8]) -> Result<T, rustls_pki_types::pem::Error>,
+) -> Result<T, TlsError> {
+    let bytes = std::fs::read(path).map_err(|source| TlsError::Read {
+        key,
+        path: path.display().to_string(),
+        source,
+    })?;
+    parse(&bytes).map_err(|e| TlsError::Pem {
+        key,
+        path: path.display().to_string(),
+        what,
+        reason: e.to_string(),
+    })
+}
+
+/// The certificate in use, shared by the TLS listeners and the reloader:
+/// a reload swaps it for new handshakes; connections already up keep theirs.
+#[derive(Debug, Clone, Default)]
+pub struct Certs {
+    current: Arc<ArcSwapOption<ServerConfig>>,
+}
+
+impl Certs {
+    pub fn set(&self, config: Arc<ServerConfig>) {
+        self.current.store(Some(config));
+    }
+
+    pub fn get(&self) -> Option<Arc<ServerConfig>> {
+        self.current.load_full()
+    }
+}
+
+/// Completes the handshake within `deadline`, then serves the client
+/// through a pump.
+pub async fn serve(
+    stream: TcpStream,
+    peer: SocketAddr,
+    certs: Certs,
+    hub: Hub,
+    deadline: Duration,
+) {
+    let Some(config) = certs.get() else {
+        debug!(%peer, "TLS connection without a certificate loaded; closing");
+        return;
+    };
+    let acceptor = tokio_rustls::TlsAcceptor::from(config);
+    let tls = match tokio::time::timeout(deadline, acceptor.accept(stream)).await {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(e)) => {
+            debug!(%peer, error = %e, "TLS handshake failed");
+            return;
+        }
+        Err(_) => {
+            debug!(%peer, "TLS handshake timed out");
+            return;
+        }
+    };
+    let (ours, theirs) = match UnixStream::pair() {
+        Ok(pair) => pair,
+        Err(e) => {
+            tracing::warn!(%peer, error = %e, "cannot create the TLS pump's socket pair");
+            return;
+        }
+    };
+    // Small kernel buffers in the pair, so that a TLS client that stops
+    // reading fills its outbox, and is cut off, about as soon as a plain one.
+    for end in [&ours, &theirs] {
+        let _ = socket2::SockRef::from(end).set_send_buffer_size(PUMP_BUF);
+    }
+    let done = CancellationToken::new();
+    let chat = async {
+        connection::serve_on(ours, peer, true, hub).await;
+        done.cancel();
+    };
+    tokio::join!(chat, pump(tls, theirs, done.clone()));
+}
+
+/// Copies both ways. Ends when the connection's side is closed and its
+/// last bytes and `close_notify` are sent (the connection has already
+/// waited for the client's EOF by then), or [`PUMP_GRACE`] after the
+/// connection is over, whichever comes first.
+async fn pump(
+    tls: tokio_rustls::server::TlsStream<TcpStream>,
+    mut inner: UnixStream,
+    done: CancellationToken,
+) {
+    let (tls_r, mut tls_w) = tokio::io::split(tls);
+    let (in_r, mut in_w) = inner.split();
+    let up = async {
+        let mut from = BufReader::with_capacity(PUMP_BUF, tls_r);
+        if let Err(e) = tokio::io::copy_buf(&mut from, &mut in_w).await {
+            debug!(error = %e, "TLS read ended");
+        }
+        let _ = in_w.shutdown().await;
+    };
+    let down = async {
+        let mut from = BufReader::with_capacity(PUMP_BUF, in_r);
+        if tokio::io::copy_buf(&mut from, &mut tls_w).await.is_ok() {
+            let _ = tls_w.shutdown().await;
+        }
+    };
+    let grace = async {
+        done.cancelled().await;
+        tokio::time::sleep(PUMP_GRACE).await;
+    };
+    let (mut up, mut down, mut grace) = (pin!(up), pin!(down), pin!(grace));
+    tokio::select! {
+        () = &mut up => {
+            tokio::select! {
+                () = &mut down => {}
+                () = &mut grace => {}
+            }
+        }
+        () = &mut down => {}
+        () = &mut grace => {}
+    }
+}
