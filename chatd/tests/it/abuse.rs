@@ -9,15 +9,6 @@ use tokio::net::TcpSocket;
 
 use crate::support::*;
 
-/// A client connected from `ip` (any 127.0.0.0/8 address).
-async fn connect_from(ip: &str, server: &TestServer) -> Client {
-    let socket = TcpSocket::new_v4().expect("socket");
-    socket
-        .bind(format!("{ip}:0").parse().expect("addr"))
-        .expect("bind");
-    Client::from_stream(socket.connect(server.chat).await.expect("connect"))
-}
-
 /// The default limits. (The test harness raises the per-address client
 /// limit for its honest clients, which all come from 127.0.0.1; attackers
 /// here come from other addresses, so the default is put back.)

@@ -110,54 +110,6 @@ async fn bad_config_values_stop_startup_with_one_clear_line() {
     }
 }
 
-/// The text log on a pipe (as under a supervisor that is not systemd, or
-/// `2> file`) carries no colour codes.
-#[tokio::test]
-async fn the_text_log_has_no_colour_codes_off_a_terminal() {
-    use std::io::BufRead as _;
-    let mut cmd = Command::new(chatd_bin());
-    let _dir = TestServer::prepare(
-        &mut cmd,
-        None,
-        &[
-            ("CHATD_LOG__FORMAT", "text"),
-            ("CHATD_LIMITS__FLOOD_LINES_PER_SEC", "0"),
-        ],
-    );
-    let mut child = cmd.spawn().expect("start chatd");
-    let stderr = child.stderr.take().expect("stderr is piped");
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in std::io::BufReader::new(stderr).lines() {
-            let Ok(line) = line else { break };
-            let done = line.contains("listening");
-            let _ = tx.send(line);
-            if done {
-                break;
-            }
-        }
-    });
-    let mut seen = Vec::new();
-    let deadline = std::time::Instant::now() + WAIT;
-    while !seen
-        .last()
-        .is_some_and(|l: &String| l.contains("listening"))
-    {
-        let left = deadline.saturating_duration_since(std::time::Instant::now());
-        match rx.recv_timeout(left) {
-            Ok(line) => seen.push(line),
-            Err(_) => break,
-        }
-    }
-    let _ = child.kill();
-    let _ = child.wait();
-    assert!(
-        seen.last().is_some_and(|l| l.contains("listening")),
-        "no listening line: {seen:?}"
-    );
-    assert!(!seen.iter().any(|l| l.contains('\x1b')), "{seen:?}");
-}
-
 #[tokio::test]
 async fn config_file_unknown_keys_and_missing_files() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -287,43 +239,78 @@ async fn print_config_never_shows_token_secrets() {
     );
 }
 
-#[tokio::test]
-async fn the_text_log_shows_the_current_nick_once_however_often_it_changed() {
-    let mut cmd = Command::new(chatd_bin());
-    let _dir = TestServer::prepare(
-        &mut cmd,
-        None,
-        &[
-            ("CHATD_LOG__FORMAT", "text"),
-            ("CHATD_LIMITS__FLOOD_LINES_PER_SEC", "0"),
-        ],
-    );
-    let mut child = cmd.spawn().expect("start chatd");
-    let stderr = child.stderr.take().expect("stderr");
-    let (tx, rx) = std::sync::mpsc::channel::<String>();
-    std::thread::spawn(move || {
-        for line in std::io::BufRead::lines(std::io::BufReader::new(stderr)) {
-            let Ok(line) = line else { break };
-            if tx.send(line).is_err() {
-                break;
+/// chatd logging in text form to a pipe (as under a supervisor that is not
+/// systemd, or `2> file`), its lines read as they come.
+struct TextLog {
+    child: std::process::Child,
+    lines: std::sync::mpsc::Receiver<String>,
+    seen: Vec<String>,
+    _dir: tempfile::TempDir,
+}
+
+impl TextLog {
+    fn start() -> TextLog {
+        let mut cmd = Command::new(chatd_bin());
+        let dir = TestServer::prepare(
+            &mut cmd,
+            None,
+            &[
+                ("CHATD_LOG__FORMAT", "text"),
+                ("CHATD_LIMITS__FLOOD_LINES_PER_SEC", "0"),
+            ],
+        );
+        let mut child = cmd.spawn().expect("start chatd");
+        let stderr = child.stderr.take().expect("stderr is piped");
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in std::io::BufRead::lines(std::io::BufReader::new(stderr)) {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
             }
+        });
+        TextLog {
+            child,
+            lines,
+            seen: Vec::new(),
+            _dir: dir,
         }
-    });
-    let next = |what: &str| {
+    }
+
+    /// The next line containing `needle`.
+    fn next(&mut self, needle: &str) -> String {
         loop {
-            let line = rx
+            let line = self
+                .lines
                 .recv_timeout(WAIT)
-                .unwrap_or_else(|_| panic!("no log line with {what:?}"));
-            if line.contains(what) {
+                .unwrap_or_else(|_| panic!("no log line with {needle:?}; saw {:#?}", self.seen));
+            self.seen.push(line.clone());
+            if line.contains(needle) {
                 return line;
             }
         }
-    };
-    let listening = next("listening");
+    }
+}
+
+impl Drop for TextLog {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Off a terminal the text log has no colour codes, and a connection's
+/// lines name its current nick once, however often it changed (the default
+/// formatter appended every new value).
+#[tokio::test]
+async fn the_text_log_is_plain_and_names_the_current_nick_once() {
+    let mut log = TextLog::start();
+    let listening = log.next("listening");
     let chat: std::net::SocketAddr = listening
         .split_whitespace()
         .find_map(|w| w.strip_prefix("chat="))
-        .and_then(|a| a.parse().ok())
+        .and_then(|a| a.split(' ').next()?.trim_matches('"').parse().ok())
         .expect("chat address");
     let mut client = Client::connect(chat).await;
     client.welcome().await;
@@ -333,10 +320,13 @@ async fn the_text_log_shows_the_current_nick_once_however_often_it_changed() {
     }
     client.send("/join after\n").await;
     client.expect("You are now in after").await;
-    let joined = next("joined");
+    let joined = log.next("joined room=after");
     assert_eq!(joined.matches("nick=").count(), 1, "{joined}");
     assert!(joined.contains("nick=name49"), "{joined}");
     assert!(joined.len() < 400, "{} bytes: {joined}", joined.len());
-    let _ = child.kill();
-    let _ = child.wait();
+    assert!(
+        !log.seen.iter().any(|l| l.contains('\x1b')),
+        "{:?}",
+        log.seen
+    );
 }

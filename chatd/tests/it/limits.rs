@@ -75,14 +75,6 @@ async fn the_server_refuses_clients_beyond_max_clients() {
     let (_d, _) = server.join().await;
 }
 
-async fn connect_from(ip: &str, server: &TestServer) -> Client {
-    let socket = TcpSocket::new_v4().expect("socket");
-    socket
-        .bind(format!("{ip}:0").parse().expect("addr"))
-        .expect("bind");
-    Client::from_stream(socket.connect(server.chat).await.expect("connect"))
-}
-
 #[tokio::test]
 async fn the_server_refuses_too_many_clients_from_one_address() {
     let server = TestServer::with_env(&[("CHATD_LIMITS__MAX_CLIENTS_PER_IP", "2")]);

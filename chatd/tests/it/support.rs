@@ -232,6 +232,16 @@ impl Drop for TestServer {
     }
 }
 
+/// A client connected from `ip` (any 127.0.0.0/8 address): per-address
+/// limits see it as another host.
+pub async fn connect_from(ip: &str, server: &TestServer) -> Client {
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket
+        .bind(format!("{ip}:0").parse().expect("addr"))
+        .expect("bind");
+    Client::from_stream(socket.connect(server.chat).await.expect("connect"))
+}
+
 /// A chat client speaking raw lines, like `nc`.
 pub struct Client {
     reader: AsyncBufReader<OwnedReadHalf>,
