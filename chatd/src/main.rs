@@ -116,8 +116,9 @@ async fn serve(config: Config, source: Source, telemetry: Telemetry) -> anyhow::
         .path()
         .map_or("built-in defaults".to_string(), |p| p.display().to_string());
     let metrics_addr = chatd::metrics::describe(metrics.as_ref());
-    let daemon = Daemon::new(config, source, Some(telemetry.log_level()))?;
-    if let Some(path) = daemon.generated_token_file() {
+    let metrics_config = config.metrics.clone();
+    let daemon = Daemon::new(config, source, Some(telemetry.log_level()), &listeners)?;
+    for path in daemon.generated_token_files() {
         info!(path = %path.display(), "no admin token configured: generated one for local use");
     }
     info!(chat = %chat, udp = %udp, admin = %admin, admin_socket = %admin_socket, metrics = %metrics_addr, config = %file, "listening");
@@ -127,6 +128,7 @@ async fn serve(config: Config, source: Source, telemetry: Telemetry) -> anyhow::
         tokio::spawn(chatd::metrics::serve(
             listener,
             daemon.hub().clone(),
+            metrics_config,
             shutdown.clone(),
         ));
     }
