@@ -56,7 +56,7 @@ where
         let (service, method) = known(request.uri().path());
         let span = tracing::info_span!(
             "admin_rpc",
-            otel.name = %format_args!("{service}/{method}"),
+            otel.name = %format_args!("/{service}/{method}"),
             rpc.system = "grpc",
             rpc.service = %service,
             rpc.method = %method,
@@ -177,9 +177,9 @@ mod tests {
         let set = prost_types::FileDescriptorSet::decode(chatd_proto::FILE_DESCRIPTOR_SET)
             .expect("valid descriptor set");
         for file in set.file {
-            for service in file.service {
+            for service in &file.service {
                 let name = format!("{}.{}", file.package(), service.name());
-                for method in service.method {
+                for method in &service.method {
                     let path = format!("/{name}/{}", method.name());
                     assert_ne!(known(&path).1, "unknown", "{path} is not in KNOWN");
                 }
