@@ -671,7 +671,9 @@ async fn a_discovered_token_is_not_sent_to_another_endpoint() {
         .chatctl_env(&["stats"], &[("CHATCTL_ENDPOINT", &other.endpoint())])
         .await;
     assert_eq!(out.code, 5, "{out:#?}");
-    other.wait_logged("admin call without a token refused").await;
+    other
+        .wait_logged("admin call without a token refused")
+        .await;
     assert!(
         other.logged("unknown token").is_empty(),
         "a token was sent to another endpoint"
@@ -761,10 +763,8 @@ async fn ban_reasons_from_the_file_are_cleaned_for_banned_clients() {
         r#"{"bans": [{"target": "127.0.0.1", "reason": "spam\r\n*** forged\u001b]0;owned\u0007 line", "created_at": "2025-01-01T00:00:00Z"}]}"#,
     )
     .expect("write bans");
-    let server = TestServer::with_env(&[(
-        "CHATD_SERVER__STATE_DIR",
-        state.to_str().expect("utf-8"),
-    )]);
+    let server =
+        TestServer::with_env(&[("CHATD_SERVER__STATE_DIR", state.to_str().expect("utf-8"))]);
     let mut client = server.connect().await;
     let lines = client.until_eof().await;
     assert_eq!(lines.len(), 1, "{lines:?}");
@@ -869,15 +869,18 @@ async fn made_up_paths_do_not_grow_metric_labels_or_the_log() {
             .header("te", "trailers")
             .body(tonic::body::Body::empty())
             .expect("request");
-        let response = tokio::time::timeout(WAIT, channel.ready().await.expect("ready").call(request))
-            .await
-            .expect("answered in time")
-            .expect("an HTTP answer");
+        let response =
+            tokio::time::timeout(WAIT, channel.ready().await.expect("ready").call(request))
+                .await
+                .expect("answered in time")
+                .expect("an HTTP answer");
         assert_eq!(response.headers()["grpc-status"], "16", "UNAUTHENTICATED");
     }
     let listening = server.wait_logged("listening").await;
     let metrics = listening["metrics"].as_str().expect("metrics address");
-    let mut stream = tokio::net::TcpStream::connect(metrics).await.expect("connect");
+    let mut stream = tokio::net::TcpStream::connect(metrics)
+        .await
+        .expect("connect");
     tokio::io::AsyncWriteExt::write_all(&mut stream, b"GET /metrics HTTP/1.1\r\n\r\n")
         .await
         .expect("send");
@@ -935,11 +938,20 @@ async fn admin_connections_are_limited() {
     let admin = server.admin.expect("admin address");
     let mut idle = Vec::new();
     for _ in 0..3 {
-        idle.push(tokio::net::TcpStream::connect(admin).await.expect("connect"));
+        idle.push(
+            tokio::net::TcpStream::connect(admin)
+                .await
+                .expect("connect"),
+        );
     }
     // Past the limit: closed at once, not left hanging.
-    let mut extra = tokio::net::TcpStream::connect(admin).await.expect("connect");
-    assert!(closed_within(&mut extra, WAIT).await, "the extra connection stays open");
+    let mut extra = tokio::net::TcpStream::connect(admin)
+        .await
+        .expect("connect");
+    assert!(
+        closed_within(&mut extra, WAIT).await,
+        "the extra connection stays open"
+    );
     // The idle ones are still open; once they go, their slots are free.
     assert!(!closed_within(&mut idle[0], std::time::Duration::from_millis(200)).await);
     drop(idle);
@@ -961,8 +973,13 @@ async fn idle_admin_connections_are_closed_but_a_watch_is_not() {
         ("CHATD_ADMIN__IDLE_TIMEOUT_SECS", "1"),
     ]);
     let admin = server.admin.expect("admin address");
-    let mut silent = tokio::net::TcpStream::connect(admin).await.expect("connect");
-    assert!(closed_within(&mut silent, WAIT).await, "a silent connection stays open");
+    let mut silent = tokio::net::TcpStream::connect(admin)
+        .await
+        .expect("connect");
+    assert!(
+        closed_within(&mut silent, WAIT).await,
+        "a silent connection stays open"
+    );
 
     // A watch in progress keeps its connection however quiet it is.
     let mut watch = server
@@ -986,4 +1003,25 @@ async fn idle_admin_connections_are_closed_but_a_watch_is_not() {
         }
     }
     let _ = watch.kill().await;
+}
+
+#[tokio::test]
+async fn tls_that_cannot_be_set_up_never_serves_plaintext() {
+    // A certificate with the key of another: TLS cannot work with these.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let one = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).expect("cert");
+    let other = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).expect("cert");
+    let cert_path = dir.path().join("admin.crt");
+    let key_path = dir.path().join("admin.key");
+    std::fs::write(&cert_path, one.cert.pem()).expect("write");
+    std::fs::write(&key_path, other.signing_key.serialize_pem()).expect("write");
+    let stderr = refused_start(
+        dir.path(),
+        &[
+            ("CHATD_ADMIN__TLS_CERT", cert_path.as_os_str()),
+            ("CHATD_ADMIN__TLS_KEY", key_path.as_os_str()),
+        ],
+    );
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("admin.tls_cert"), "{stderr}");
 }
