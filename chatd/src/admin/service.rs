@@ -346,4 +346,30 @@ mod tests {
         drop(stream);
         assert!(!hub.watching_messages());
     }
+
+    #[tokio::test]
+    async fn admin_text_over_its_limit_is_refused_and_no_notice_exceeds_a_queue() {
+        let (hub, service) = service();
+        let status = service
+            .broadcast(Request::new(pb::BroadcastRequest {
+                text: "x".repeat(crate::admin::MAX_BROADCAST_BYTES + 1),
+                room: String::new(),
+            }))
+            .await
+            .expect_err("refused");
+        assert_eq!(status.code(), tonic::Code::InvalidArgument);
+        assert!(
+            status.message().contains("limit is 1024 bytes"),
+            "{status:?}"
+        );
+
+        // The hub itself refuses a notice larger than a client's queue.
+        let mut raw = RawConfig::default();
+        raw.limits.outbound_queue_bytes = 4096;
+        hub.set_config(raw.validate().expect("valid"));
+        let e = hub
+            .broadcast(None, &"y".repeat(5000))
+            .expect_err("larger than a queue");
+        assert!(e.to_string().contains("limits.outbound_queue_bytes"), "{e}");
+    }
 }

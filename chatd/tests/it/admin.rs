@@ -617,9 +617,9 @@ async fn the_tcp_listener_can_require_tls() {
 }
 
 /// Runs chatd with `env` on loopback port 0, expecting it to refuse to
-/// start; returns its stderr.
-fn refused_start(dir: &Path, env: &[(&str, &std::ffi::OsStr)]) -> String {
-    let mut cmd = std::process::Command::new(chatd_bin());
+/// start within [`WAIT`]; returns its stderr.
+async fn refused_start(dir: &Path, env: &[(&str, &std::ffi::OsStr)]) -> String {
+    let mut cmd = tokio::process::Command::new(chatd_bin());
     cmd.env("CHATD_ADMIN__LISTEN", "127.0.0.1:0")
         .env("CHATD_CHAT__LISTEN", "127.0.0.1:0")
         .env("CHATD_UDP__ENABLED", "false")
@@ -627,11 +627,15 @@ fn refused_start(dir: &Path, env: &[(&str, &std::ffi::OsStr)]) -> String {
         .env("CHATD_SERVER__STATE_DIR", dir.join("state"))
         .env("CHATD_LOG__FORMAT", "json")
         .env_remove("RUST_LOG")
-        .stdin(Stdio::null());
+        .stdin(Stdio::null())
+        .kill_on_drop(true);
     for (k, v) in env {
         cmd.env(k, v);
     }
-    let out = cmd.output().expect("run chatd");
+    let out = tokio::time::timeout(WAIT, cmd.output())
+        .await
+        .expect("chatd refuses to start, and exits, in time")
+        .expect("run chatd");
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     stderr
@@ -786,7 +790,7 @@ async fn a_misspelt_ban_field_or_a_dangling_bans_file_stops_startup() {
         r#"{"bans": [{"target": "203.0.113.9", "created_at": "2025-01-01T00:00:00Z", "expire_at": "2025-01-01T01:00:00Z"}]}"#,
     )
     .expect("write bans");
-    let stderr = refused_start(dir.path(), &[]);
+    let stderr = refused_start(dir.path(), &[]).await;
     assert_eq!(stderr.lines().count(), 1, "{stderr}");
     assert!(
         stderr.contains("bans.json")
@@ -799,7 +803,7 @@ async fn a_misspelt_ban_field_or_a_dangling_bans_file_stops_startup() {
     std::fs::remove_file(state.join("bans.json")).expect("remove");
     std::os::unix::fs::symlink(dir.path().join("nowhere.json"), state.join("bans.json"))
         .expect("link");
-    let stderr = refused_start(dir.path(), &[]);
+    let stderr = refused_start(dir.path(), &[]).await;
     assert_eq!(stderr.lines().count(), 1, "{stderr}");
     assert!(
         stderr.contains("bans.json") && stderr.contains("does not exist"),
@@ -816,7 +820,7 @@ async fn directories_others_control_are_refused() {
     std::fs::create_dir(&state).expect("state dir");
     std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o777)).expect("chmod");
     std::fs::write(state.join("bans.json"), r#"{"bans": []}"#).expect("plant");
-    let stderr = refused_start(dir.path(), &[]);
+    let stderr = refused_start(dir.path(), &[]).await;
     assert_eq!(stderr.lines().count(), 1, "{stderr}");
     assert!(
         stderr.contains("server.state_dir") && stderr.contains("writable by it alone"),
@@ -835,7 +839,7 @@ async fn directories_others_control_are_refused() {
     let link = dir.path().join("link");
     std::os::unix::fs::symlink(&real, &link).expect("link");
     std::os::unix::fs::lchown(&link, Some(54321), Some(54321)).expect("lchown");
-    let stderr = refused_start(dir.path(), &[("RUNTIME_DIRECTORY", link.as_os_str())]);
+    let stderr = refused_start(dir.path(), &[("RUNTIME_DIRECTORY", link.as_os_str())]).await;
     assert_eq!(stderr.lines().count(), 1, "{stderr}");
     assert!(
         stderr.contains("symbolic link owned by uid 54321"),
@@ -1021,7 +1025,8 @@ async fn tls_that_cannot_be_set_up_never_serves_plaintext() {
             ("CHATD_ADMIN__TLS_CERT", cert_path.as_os_str()),
             ("CHATD_ADMIN__TLS_KEY", key_path.as_os_str()),
         ],
-    );
+    )
+    .await;
     assert_eq!(stderr.lines().count(), 1, "{stderr}");
     assert!(stderr.contains("admin.tls_cert"), "{stderr}");
 }
