@@ -15,13 +15,15 @@ Exit codes:
   1  error (the message says what went wrong)
   2  usage error
   3  not found (no such client or ban)
-  4  cannot reach chatd
+  4  cannot reach chatd's admin API (nothing listening, or not an admin
+     endpoint, e.g. the chat port)
   5  not authorised (see --token and --token-file)
 
-The token: --token, else --token-file, else the first readable of
-$RUNTIME_DIRECTORY/admin.token, /run/chatd/admin.token,
-$XDG_RUNTIME_DIR/chatd/admin.token and /tmp/chatd-$UID/admin.token
-(where chatd writes the token it generates when none is configured).
+The token: --token, else --token-file, else the token chatd generated (when
+none is configured) for this very endpoint, found in $RUNTIME_DIRECTORY,
+/run/chatd, $XDG_RUNTIME_DIR/chatd or /tmp/chatd-$UID as
+admin-<IP>-<PORT>.token (admin-unix-<hash>.token for a socket). A generated
+token is never sent to any other endpoint.
 A flag given on the command line beats one from the environment.";
 
 /// Inspect and steer a running chatd through its admin API.

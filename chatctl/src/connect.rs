@@ -170,3 +170,46 @@ fn error_chain(err: &dyn std::error::Error) -> String {
     }
     text
 }
+
+/// Whether `addr` answers like chatd's chat port: its first line starts
+/// with `*** ` (the chat port's server lines) after we send the HTTP/2
+/// preface, as our gRPC client did. Sends no token; gives up quietly.
+pub async fn is_chat_port(addr: &EndpointAddr, timeout: Duration) -> bool {
+    use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+    async fn probe<S: AsyncRead + AsyncWrite + Unpin>(mut stream: S) -> std::io::Result<bool> {
+        stream
+            .write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+            .await?;
+        let mut seen = Vec::with_capacity(64);
+        let mut buf = [0u8; 256];
+        while seen.len() < 4 {
+            let n = stream.read(&mut buf).await?;
+            if n == 0 {
+                break;
+            }
+            seen.extend_from_slice(&buf[..n]);
+        }
+        Ok(seen.starts_with(b"*** "))
+    }
+
+    let attempt = async {
+        match addr {
+            EndpointAddr::Url { uri, .. } => {
+                let Some(host) = uri.host() else {
+                    return Ok(false);
+                };
+                let host = host.trim_start_matches('[').trim_end_matches(']');
+                let port = uri
+                    .port_u16()
+                    .unwrap_or(if addr.is_https() { 443 } else { 80 });
+                probe(tokio::net::TcpStream::connect((host, port)).await?).await
+            }
+            EndpointAddr::Unix(path) => probe(tokio::net::UnixStream::connect(path).await?).await,
+        }
+    };
+    matches!(
+        tokio::time::timeout(timeout.min(Duration::from_secs(2)), attempt).await,
+        Ok(Ok(true))
+    )
+}

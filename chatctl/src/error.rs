@@ -24,6 +24,9 @@ pub enum ChatctlError {
     #[error("cannot reach chatd at {endpoint}: {cause}; is chatd running?")]
     Unreachable { endpoint: String, cause: String },
 
+    #[error("{endpoint} is not a chatd admin endpoint: it answered like chatd's chat port")]
+    NotAdmin { endpoint: String },
+
     #[error("chatd at {endpoint} did not answer within {}", humantime::format_duration(*.timeout))]
     Timeout { endpoint: String, timeout: Duration },
 
@@ -66,7 +69,7 @@ impl ChatctlError {
         match self {
             Self::Usage(_) => exit::USAGE,
             Self::NotFound(_) => exit::NOT_FOUND,
-            Self::Unreachable { .. } => exit::UNREACHABLE,
+            Self::Unreachable { .. } | Self::NotAdmin { .. } => exit::UNREACHABLE,
             Self::Unauthorised { .. } => exit::UNAUTHORISED,
             Self::Timeout { .. }
             | Self::Status { .. }
@@ -87,11 +90,32 @@ impl ChatctlError {
             } => Some("this token's role cannot make that change; use a token with the admin role"),
             Self::Unauthorised { .. } => Some(
                 "pass the admin token with --token or --token-file (or CHATCTL_TOKEN / \
-                 CHATCTL_TOKEN_FILE); by default chatctl reads the token file chatd writes, \
-                 see `chatctl --help`",
+                 CHATCTL_TOKEN_FILE); without them chatctl sends the token chatd generated \
+                 for this --endpoint only, see `chatctl --help`",
             ),
             Self::Timeout { .. } => Some("chatd may be overloaded; try a longer --timeout"),
+            Self::NotAdmin { .. } => Some(
+                "point --endpoint (or CHATCTL_ENDPOINT) at the admin API: `admin.listen` in \
+                 chatd.toml, http://127.0.0.1:50051 by default",
+            ),
             _ => None,
+        }
+    }
+
+    /// Whether a wrong `--endpoint` (another service's port) could explain
+    /// this error: worth a look at what answers there.
+    pub fn may_be_wrong_endpoint(&self) -> bool {
+        match self {
+            Self::Unreachable { .. } | Self::Timeout { .. } => true,
+            Self::Status { code, .. } => matches!(
+                code,
+                Code::Unknown
+                    | Code::Internal
+                    | Code::Unavailable
+                    | Code::Unimplemented
+                    | Code::Cancelled
+            ),
+            _ => false,
         }
     }
 

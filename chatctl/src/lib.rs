@@ -29,8 +29,38 @@ use crate::cmd::Ctx;
 use crate::connect::BearerAuth;
 pub use crate::error::ChatctlError;
 
-/// Runs one command, printing its result to `out`.
+/// Runs one command, printing its result to `out`. When the call fails in
+/// a way a wrong port explains, the endpoint is probed: if it answers like
+/// chatd's chat port, the error says so (exit 4) instead of quoting HTTP/2.
 pub async fn run(cli: Cli, out: &mut dyn Write) -> Result<(), ChatctlError> {
+    let endpoint = cli.conn.endpoint.clone();
+    let timeout = cli.conn.timeout;
+    match execute(cli, out).await {
+        Err(err) if err.may_be_wrong_endpoint() => {
+            if connect::is_chat_port(&endpoint, timeout).await {
+                Err(ChatctlError::NotAdmin {
+                    endpoint: endpoint.to_string(),
+                })
+            } else if let ChatctlError::Status { message, .. } = &err
+                && message == "transport error"
+            {
+                // The connection itself failed (e.g. an HTTP/1 server): the
+                // admin API was not reached, the same class as no listener.
+                Err(ChatctlError::Unreachable {
+                    endpoint: endpoint.to_string(),
+                    cause: "the connection failed (transport error), so it may not be chatd's \
+                            admin endpoint"
+                        .to_owned(),
+                })
+            } else {
+                Err(err)
+            }
+        }
+        result => result,
+    }
+}
+
+async fn execute(cli: Cli, out: &mut dyn Write) -> Result<(), ChatctlError> {
     if let Command::Completions { shell } = cli.command {
         clap_complete::generate(shell, &mut Cli::command(), "chatctl", out);
         return Ok(());
@@ -40,7 +70,8 @@ pub async fn run(cli: Cli, out: &mut dyn Write) -> Result<(), ChatctlError> {
     let token = token::resolve(
         conn.token.as_deref(),
         conn.token_file.as_deref(),
-        &chatd_proto::default_token_paths(),
+        &chatd_proto::default_token_dirs(),
+        &conn.endpoint,
     )?;
     let auth = match &token {
         Some(token) => BearerAuth::new(Some(&token.secret), &token.origin)?,

@@ -75,6 +75,8 @@ pub enum BanError {
     Invalid { path: PathBuf, reason: String },
     #[error("cannot save the bans to {}: {source}", path.display())]
     Write { path: PathBuf, source: io::Error },
+    #[error("cannot use `server.state_dir`: {source}")]
+    UnsafeDir { source: io::Error },
 }
 
 /// Parses `203.0.113.7`, `203.0.113.0/24`, `2001:db8::/32`; clears host bits.
@@ -139,6 +141,13 @@ impl Bans {
     /// a new directory). Returns how many bans are in force.
     pub fn reload(&self, state_dir: &Path) -> Result<usize, BanError> {
         let mut file = lock(&self.file);
+        // Only a directory nobody else can write to is trusted: a fallback
+        // under /tmp may have been made, and filled, by another user.
+        match files::check_private_dir(state_dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(source) => return Err(BanError::UnsafeDir { source }),
+        }
         let path = state_dir.join(BANS_FILE);
         let list = read_file(&path)?;
         let now = SystemTime::now();
@@ -217,13 +226,16 @@ impl Bans {
     }
 }
 
-/// The file format: readable and editable by hand.
+/// The file format: readable and editable by hand. Unknown fields are
+/// errors, so a typo (`expire_at`) cannot silently make a ban permanent.
 #[derive(Debug, Default, Serialize, Deserialize)]
-struct StoredFile {
-    bans: Vec<StoredBan>,
+#[serde(deny_unknown_fields)]
+struct StoredFile<B> {
+    bans: Vec<B>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 struct StoredBan {
     target: String,
     #[serde(default)]
@@ -235,9 +247,25 @@ struct StoredBan {
     expires_at: Option<String>,
 }
 
+/// Longest reason kept from the file; the admin API refuses longer ones.
+const MAX_REASON_BYTES: usize = crate::admin::MAX_REASON_BYTES;
+
 fn read_file(path: &Path) -> Result<Vec<Ban>, BanError> {
     let text = match fs::read_to_string(path) {
         Ok(text) => text,
+        // A link to nowhere is a mistake to report, not an empty list.
+        Err(e)
+            if e.kind() == io::ErrorKind::NotFound
+                && fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_symlink()) =>
+        {
+            return Err(BanError::Read {
+                path: path.to_owned(),
+                source: io::Error::new(
+                    io::ErrorKind::NotFound,
+                    "it is a symbolic link to a file that does not exist",
+                ),
+            });
+        }
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
         Err(source) => {
             return Err(BanError::Read {
@@ -250,26 +278,54 @@ fn read_file(path: &Path) -> Result<Vec<Ban>, BanError> {
         path: path.to_owned(),
         reason,
     };
-    let stored: StoredFile = serde_json::from_str(&text).map_err(|e| invalid(e.to_string()))?;
-    let time = |text: &str| {
-        humantime::parse_rfc3339_weak(text).map_err(|e| invalid(format!("{text:?}: {e}")))
-    };
+    let stored: StoredFile<serde_json::Value> =
+        serde_json::from_str(&text).map_err(|e| invalid(e.to_string()))?;
     stored
         .bans
         .into_iter()
-        .map(|b| {
+        .enumerate()
+        .map(|(i, entry)| {
+            // Errors name the entry by position and target.
+            let name = match entry.get("target").and_then(|t| t.as_str()) {
+                Some(target) => format!("ban #{} ({target:?})", i + 1),
+                None => format!("ban #{}", i + 1),
+            };
+            let bad = |what: String| invalid(format!("{name}: {what}"));
+            let b: StoredBan = serde_json::from_value(entry).map_err(|e| bad(e.to_string()))?;
+            let time = |field: &str, text: &str| {
+                humantime::parse_rfc3339_weak(text)
+                    .map_err(|e| bad(format!("`{field}` {text:?}: {e}")))
+            };
             Ok(Ban {
-                net: parse_target(&b.target).map_err(|e| invalid(e.to_string()))?,
-                reason: b.reason,
-                created_at: time(&b.created_at)?,
-                expires_at: b.expires_at.as_deref().map(time).transpose()?,
+                net: parse_target(&b.target).map_err(|e| bad(e.to_string()))?,
+                // The file may have been edited by hand: its reasons reach
+                // banned clients' terminals, so they are cleaned like chat.
+                reason: bounded(crate::sanitize::clean(&b.reason), MAX_REASON_BYTES),
+                created_at: time("created_at", &b.created_at)?,
+                expires_at: b
+                    .expires_at
+                    .as_deref()
+                    .map(|t| time("expires_at", t))
+                    .transpose()?,
             })
         })
         .collect()
 }
 
+/// `text` cut to at most `max` bytes, on a character boundary.
+fn bounded(mut text: String, max: usize) -> String {
+    if text.len() > max {
+        let mut end = max;
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        text.truncate(end);
+    }
+    text
+}
+
 fn write_file(path: &Path, list: &[Ban]) -> Result<(), BanError> {
-    let stored = StoredFile {
+    let stored = StoredFile::<StoredBan> {
         bans: list
             .iter()
             .map(|b| StoredBan {
@@ -380,5 +436,70 @@ mod tests {
         fs::write(dir.path().join(BANS_FILE), "{ not json").expect("write");
         let e = Bans::load(dir.path()).expect_err("rejected").to_string();
         assert!(e.contains(BANS_FILE), "{e}");
+    }
+
+    #[test]
+    fn a_misspelt_field_is_an_error_naming_the_entry_and_field() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        fs::write(
+            dir.path().join(BANS_FILE),
+            r#"{"bans": [{"target": "192.0.2.1", "created_at": "2025-01-01T00:00:00Z", "expire_at": "2025-01-02T00:00:00Z"}]}"#,
+        )
+        .expect("write");
+        let e = Bans::load(dir.path()).expect_err("rejected").to_string();
+        assert!(
+            e.contains(BANS_FILE)
+                && e.contains("ban #1")
+                && e.contains("192.0.2.1")
+                && e.contains("expire_at"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_dangling_link_is_an_error_not_an_empty_list() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::os::unix::fs::symlink(dir.path().join("gone.json"), dir.path().join(BANS_FILE))
+            .expect("link");
+        let e = Bans::load(dir.path()).expect_err("rejected").to_string();
+        assert!(e.contains(BANS_FILE) && e.contains("does not exist"), "{e}");
+    }
+
+    #[test]
+    fn reasons_from_the_file_are_cleaned_and_bounded() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let long = "x".repeat(5000);
+        fs::write(
+            dir.path().join(BANS_FILE),
+            format!(
+                r#"{{"bans": [
+                  {{"target": "192.0.2.1", "reason": "a\u001b]0;pwned\u0007b\r\n*** c", "created_at": "2025-01-01T00:00:00Z"}},
+                  {{"target": "192.0.2.2", "reason": "{long}", "created_at": "2025-01-01T00:00:00Z"}}
+                ]}}"#
+            ),
+        )
+        .expect("write");
+        let bans = Bans::load(dir.path()).expect("load").active();
+        let reason = &bans[0].reason;
+        assert!(
+            !reason.chars().any(char::is_control) && !reason.contains("pwned"),
+            "{reason:?}"
+        );
+        assert!(bans[1].reason.len() <= MAX_REASON_BYTES);
+    }
+
+    #[test]
+    fn a_state_dir_someone_else_may_write_is_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let state = dir.path().join("state");
+        fs::create_dir(&state).expect("create");
+        fs::set_permissions(&state, fs::Permissions::from_mode(0o777)).expect("chmod");
+        fs::write(state.join(BANS_FILE), r#"{"bans": []}"#).expect("write");
+        let e = Bans::load(&state).expect_err("refused").to_string();
+        assert!(
+            e.contains("server.state_dir") && e.contains("writable by it alone"),
+            "{e}"
+        );
     }
 }

@@ -199,6 +199,9 @@ pub struct RawAdmin {
     pub token_file: String,
     pub tls_cert: String,
     pub tls_key: String,
+    pub max_connections: i64,
+    pub handshake_timeout_secs: i64,
+    pub idle_timeout_secs: i64,
 }
 
 impl Default for RawAdmin {
@@ -211,6 +214,9 @@ impl Default for RawAdmin {
             token_file: String::new(),
             tls_cert: String::new(),
             tls_key: String::new(),
+            max_connections: 64,
+            handshake_timeout_secs: 10,
+            idle_timeout_secs: 300,
         }
     }
 }
@@ -294,10 +300,22 @@ pub struct RawTelemetry {
     pub otlp_endpoint: String,
 }
 
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RawMetrics {
     pub listen: String,
+    pub max_connections: i64,
+    pub timeout_secs: i64,
+}
+
+impl Default for RawMetrics {
+    fn default() -> Self {
+        Self {
+            listen: String::new(),
+            max_connections: 16,
+            timeout_secs: 5,
+        }
+    }
 }
 
 /// The validated configuration.
@@ -356,6 +374,12 @@ pub struct AdminConfig {
     /// Configured tokens; empty means one is generated at start.
     pub tokens: Vec<TokenConfig>,
     pub tls: Option<TlsFiles>,
+    /// Connections open at once, per listener; more are closed at accept.
+    pub max_connections: usize,
+    /// From accept to the first call.
+    pub handshake_timeout: Duration,
+    /// Silence allowed while no call is in progress.
+    pub idle_timeout: Duration,
 }
 
 /// What a token may do.
@@ -477,6 +501,10 @@ pub struct TelemetryConfig {
 pub struct MetricsConfig {
     /// Where Prometheus scrapes `/metrics`; `None`: off.
     pub listen: Option<SocketAddr>,
+    /// Connections open at once; more are answered 503 and closed.
+    pub max_connections: usize,
+    /// To send the request and read the answer.
+    pub timeout: Duration,
 }
 
 impl Config {
@@ -736,11 +764,21 @@ fn validate_admin(raw: &RawAdmin) -> Result<AdminConfig, ConfigError> {
         ("admin.tls_cert", &raw.tls_cert),
         ("admin.tls_key", &raw.tls_key),
     )?;
+    let positive_secs = |key: &'static str, value: i64| {
+        range(key, value, 1, 24 * 3600, " seconds").map(|v| Duration::from_secs(v as u64))
+    };
     Ok(AdminConfig {
         listen,
         socket,
         tokens,
         tls,
+        max_connections: range("admin.max_connections", raw.max_connections, 1, 65536, "")?
+            as usize,
+        handshake_timeout: positive_secs(
+            "admin.handshake_timeout_secs",
+            raw.handshake_timeout_secs,
+        )?,
+        idle_timeout: positive_secs("admin.idle_timeout_secs", raw.idle_timeout_secs)?,
     })
 }
 
@@ -1041,6 +1079,20 @@ impl RawConfig {
             } else {
                 Some(addr("metrics.listen", m)?)
             },
+            max_connections: range(
+                "metrics.max_connections",
+                self.metrics.max_connections,
+                1,
+                65536,
+                "",
+            )? as usize,
+            timeout: Duration::from_secs(range(
+                "metrics.timeout_secs",
+                self.metrics.timeout_secs,
+                1,
+                3600,
+                " seconds",
+            )? as u64),
         };
 
         Ok(Config {

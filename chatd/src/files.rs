@@ -1,21 +1,35 @@
 //! Private files: created 0600 in 0700 directories, replaced atomically.
+//!
+//! Directories that hold secrets or state are checked before use without
+//! following a symbolic link someone else planted: a fallback directory under
+//! `/tmp` may have been created by another user before chatd ever ran.
 
 use std::fs;
 use std::io::{self, Write};
 use std::path::Path;
 
 /// Writes `bytes` to `path` so that readers see the old or the new content,
-/// never a mix, even across a crash.
+/// never a mix, even across a crash. The directory must pass
+/// [`check_private_dir`]; the temporary file is created afresh (`O_EXCL`,
+/// `O_NOFOLLOW`), so a link left in its place cannot redirect the write.
 pub fn atomic_write(path: &Path, bytes: &[u8]) -> io::Result<()> {
     let dir = match path.parent() {
         Some(dir) if !dir.as_os_str().is_empty() => dir,
         _ => Path::new("."),
     };
     create_private_dir(dir)?;
+    check_private_dir(dir)?;
     let mut tmp_name = std::ffi::OsString::from(".");
     tmp_name.push(path.file_name().unwrap_or_default());
     tmp_name.push(".tmp");
     let tmp = dir.join(tmp_name);
+    // A leftover from a crash (or anything else) goes; `remove_file` removes
+    // a link itself, never its target.
+    match fs::remove_file(&tmp) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
     let mut file = private_file(&tmp)?;
     file.write_all(bytes)?;
     file.sync_all()?;
@@ -38,34 +52,99 @@ pub fn create_private_dir(dir: &Path) -> io::Result<()> {
     }
 }
 
-/// Creates (or truncates) `path` with mode 0600.
+/// Creates `path` with mode 0600; fails if anything (a file, a link) is
+/// already there.
 pub fn private_file(path: &Path) -> io::Result<fs::File> {
-    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
-    let file = fs::OpenOptions::new()
+    use std::os::unix::fs::OpenOptionsExt;
+    fs::OpenOptions::new()
         .write(true)
-        .create(true)
-        .truncate(true)
+        .create_new(true)
         .mode(0o600)
-        .open(path)?;
-    // An existing file keeps its mode through `open`; make sure.
-    file.set_permissions(fs::Permissions::from_mode(0o600))?;
-    Ok(file)
+        .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
+        .open(path)
 }
 
 /// Refuses a directory that someone else could tamper with: it must belong
-/// to this user and be writable by no one else.
+/// to this user and be writable by no one else. A symbolic link is looked at
+/// itself first (no-follow): it is followed only when this user or root made
+/// it, since a link in a shared directory like `/tmp` may be anyone's.
 pub fn check_private_dir(dir: &Path) -> io::Result<()> {
     use std::os::unix::fs::MetadataExt;
-    let meta = fs::metadata(dir)?;
     let me = rustix::process::geteuid().as_raw();
-    if meta.uid() != me || meta.mode() & 0o022 != 0 {
-        return Err(io::Error::new(
+    let refuse = |why: String| {
+        Err(io::Error::new(
             io::ErrorKind::PermissionDenied,
-            format!(
-                "{} must belong to uid {me} and be writable by it alone",
-                dir.display()
-            ),
+            format!("refusing {}: {why}", dir.display()),
+        ))
+    };
+    let link = fs::symlink_metadata(dir)?;
+    let meta = if link.file_type().is_symlink() {
+        if link.uid() != me && link.uid() != 0 {
+            return refuse(format!(
+                "it is a symbolic link owned by uid {}, not by uid {me} or root",
+                link.uid()
+            ));
+        }
+        fs::metadata(dir)?
+    } else {
+        link
+    };
+    if !meta.is_dir() {
+        return refuse("it is not a directory".into());
+    }
+    if meta.uid() != me || meta.mode() & 0o022 != 0 {
+        return refuse(format!(
+            "it must belong to uid {me} and be writable by it alone (it belongs to uid {}, mode {:o})",
+            meta.uid(),
+            meta.mode() & 0o7777
         ));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
+    use super::*;
+
+    #[test]
+    fn a_shared_or_linked_directory_is_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let private = dir.path().join("private");
+        create_private_dir(&private).expect("create");
+        check_private_dir(&private).expect("ours, 0700");
+
+        let open = dir.path().join("open");
+        fs::create_dir(&open).expect("create");
+        fs::set_permissions(&open, fs::Permissions::from_mode(0o777)).expect("chmod");
+        let e = check_private_dir(&open).expect_err("world-writable");
+        assert!(e.to_string().contains("writable by it alone"), "{e}");
+
+        let file = dir.path().join("file");
+        fs::write(&file, "x").expect("write");
+        let e = check_private_dir(&file).expect_err("not a directory");
+        assert!(e.to_string().contains("not a directory"), "{e}");
+    }
+
+    #[test]
+    fn a_planted_temporary_link_does_not_redirect_the_write() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let state = dir.path().join("state");
+        create_private_dir(&state).expect("create");
+        let victim = dir.path().join("victim");
+        fs::write(&victim, "untouched").expect("write");
+        std::os::unix::fs::symlink(&victim, state.join(".bans.json.tmp")).expect("link");
+        atomic_write(&state.join("bans.json"), b"new").expect("write");
+        assert_eq!(fs::read_to_string(&victim).expect("read"), "untouched");
+        assert_eq!(
+            fs::read_to_string(state.join("bans.json")).expect("read"),
+            "new"
+        );
+        let mode = fs::metadata(state.join("bans.json"))
+            .expect("file")
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
 }

@@ -1180,6 +1180,13 @@ impl Hub {
         }
         let limit = self.queue_limit();
         let line = server_line(&format!("NOTICE: {clean}"));
+        // A notice larger than a queue would cut every client it reaches.
+        if line.len() > limit {
+            return Err(HubError::Invalid(format!(
+                "the notice is {} bytes; it must fit limits.outbound_queue_bytes ({limit})",
+                line.len()
+            )));
+        }
         let (targets, room_name) = {
             let state = self.state();
             match room {

@@ -161,7 +161,8 @@ async fn serve(
         .map_or("built-in defaults".to_string(), |p| p.display().to_string());
     let metrics_addr = chatd::metrics::describe(metrics.as_ref());
     let max_clients = config.limits.max_clients;
-    let daemon = Daemon::new(config, source, Some(telemetry.log_level()))?;
+    let metrics_config = config.metrics.clone();
+    let daemon = Daemon::new(config, source, Some(telemetry.log_level()), &listeners)?;
     let files = chatd::server::raise_file_limit();
     let capacity = chatd::server::client_capacity(files);
     if capacity < max_clients {
@@ -174,7 +175,7 @@ async fn serve(
         );
     }
     daemon.hub().set_fd_capacity(capacity);
-    if let Some(path) = daemon.generated_token_file() {
+    for path in daemon.generated_token_files() {
         info!(path = %path.display(), "no admin token configured: generated one for local use");
     }
     info!(chat = %chat, tls = %tls, udp = %udp, admin = %admin, admin_socket = %admin_socket, metrics = %metrics_addr, config = %file, "listening");
@@ -184,6 +185,7 @@ async fn serve(
         tokio::spawn(chatd::metrics::serve(
             listener,
             daemon.hub().clone(),
+            metrics_config,
             shutdown.clone(),
         ));
     }

@@ -6,8 +6,10 @@
 //! [`admin_rpc`].
 //!
 //! The HTTP side is deliberately tiny: `GET /metrics` and nothing else, one
-//! request per connection, a bounded number of scrapes at once, each with a
-//! deadline. It is meant for a loopback or private address.
+//! request per connection, at most `metrics.max_connections` connections at
+//! once (more are answered 503 and closed at once, never left waiting), each
+//! closed after `metrics.timeout_secs`. Idle connections therefore cannot
+//! hold a scrape up. It is meant for a loopback or private address.
 
 use std::io;
 use std::net::SocketAddr;
@@ -27,14 +29,10 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
-use crate::config::Config;
+use crate::config::{Config, MetricsConfig};
 use crate::hub::Hub;
 use crate::server::{BindError, bind_tcp};
 
-/// Scrapes served at once; more wait in the listen backlog.
-const MAX_SCRAPES: usize = 8;
-/// A scrape must send its request and read the answer within this.
-const SCRAPE_DEADLINE: Duration = Duration::from_secs(10);
 /// Longest request head read.
 const MAX_REQUEST: usize = 8 * 1024;
 
@@ -190,22 +188,38 @@ impl Collector for HubCollector {
 }
 
 /// Serves `GET /metrics` on `listener` until `shutdown`.
-pub async fn serve(listener: TcpListener, hub: Hub, shutdown: CancellationToken) {
-    let slots = Arc::new(Semaphore::new(MAX_SCRAPES));
+pub async fn serve(
+    listener: TcpListener,
+    hub: Hub,
+    config: MetricsConfig,
+    shutdown: CancellationToken,
+) {
+    let slots = Arc::new(Semaphore::new(config.max_connections));
+    let busy = crate::admin::RateLimitedLog::new(Duration::from_secs(60));
     loop {
-        let Ok(permit) = slots.clone().acquire_owned().await else {
-            return;
-        };
         let accepted = tokio::select! {
             () = shutdown.cancelled() => return,
             accepted = listener.accept() => accepted,
         };
         match accepted {
             Ok((stream, peer)) => {
+                let Ok(permit) = slots.clone().try_acquire_owned() else {
+                    // Full: say so without waiting for the request, so the
+                    // accept loop never blocks on this peer.
+                    let _ = stream.try_write(BUSY_RESPONSE);
+                    if let Some(suppressed) = busy.allow() {
+                        warn!(
+                            limit = config.max_connections,
+                            suppressed,
+                            "metrics connection refused: metrics.max_connections reached"
+                        );
+                    }
+                    continue;
+                };
                 let hub = hub.clone();
+                let timeout = config.timeout;
                 tokio::spawn(async move {
-                    let answered =
-                        tokio::time::timeout(SCRAPE_DEADLINE, answer(stream, &hub)).await;
+                    let answered = tokio::time::timeout(timeout, answer(stream, &hub)).await;
                     if !matches!(answered, Ok(Ok(()))) {
                         debug!(%peer, "metrics scrape failed or timed out");
                     }
@@ -219,6 +233,9 @@ pub async fn serve(listener: TcpListener, hub: Hub, shutdown: CancellationToken)
         }
     }
 }
+
+const BUSY_RESPONSE: &[u8] =
+    b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n";
 
 async fn answer(mut stream: TcpStream, hub: &Hub) -> io::Result<()> {
     let mut head = Vec::with_capacity(512);

@@ -6,7 +6,7 @@
 
 use std::io;
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use socket2::{SockRef, TcpKeepalive};
@@ -263,14 +263,21 @@ pub struct Daemon {
 const ADMIN_STOP: Duration = Duration::from_secs(5);
 
 impl Daemon {
-    /// `source` is re-read on reload; `log` lets a reload change the level.
+    /// `source` is re-read on reload; `log` lets a reload change the level;
+    /// `listeners` are the bound sockets (a generated admin token is written
+    /// for each admin address).
     pub fn new(
         config: Config,
         source: Source,
         log: Option<LogLevel>,
+        listeners: &Listeners,
     ) -> Result<Daemon, StartError> {
         let bans = Bans::load(&config.server.state_dir)?;
-        let admin = config.admin.as_ref().map(AdminSetup::prepare).transpose()?;
+        let admin = config
+            .admin
+            .as_ref()
+            .map(|c| AdminSetup::prepare(c, &listeners.admin.addrs()))
+            .transpose()?;
         let certs = Certs::default();
         if let Some(files) = &config.chat.tls {
             certs.set(tls::load(files)?);
@@ -296,9 +303,12 @@ impl Daemon {
         self.reloader.clone()
     }
 
-    /// Where the generated admin token was written, if one was.
-    pub fn generated_token_file(&self) -> Option<&Path> {
-        self.admin.as_ref()?.generated_token_file()
+    /// Where the generated admin token was written (once per admin
+    /// address), if one was.
+    pub fn generated_token_files(&self) -> &[PathBuf] {
+        self.admin
+            .as_ref()
+            .map_or(&[], AdminSetup::generated_token_files)
     }
 
     /// Serves until `shutdown` is cancelled, then closes every connection

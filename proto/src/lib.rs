@@ -11,7 +11,7 @@
 
 pub mod token;
 
-pub use token::{default_token_paths, default_token_write_path};
+pub use token::{AdminAddr, default_token_dirs, default_token_write_dir};
 
 /// Generated code, one module per protobuf package.
 pub mod admin {

@@ -10,6 +10,7 @@
 
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use futures_util::future::{Either, Ready, ready};
 use subtle::ConstantTimeEq;
@@ -17,6 +18,7 @@ use tonic::Status;
 use tonic::codegen::http::{self, HeaderMap};
 use tracing::info;
 
+use super::RateLimitedLog;
 use crate::config::{Role, TokenConfig};
 
 /// Who is calling; found in every authorised request's extensions.
@@ -82,13 +84,13 @@ impl Tokens {
             return Ok(None);
         };
         let Some(presented) = bearer(headers) else {
-            info!(path, "admin call without a token refused");
+            log_refusal(path, "admin call without a token refused");
             return Err(Status::unauthenticated(
                 "no token: send `authorization: Bearer TOKEN`",
             ));
         };
         let Some(entry) = self.identify(presented) else {
-            info!(path, "admin call with an unknown token refused");
+            log_refusal(path, "admin call with an unknown token refused");
             return Err(Status::unauthenticated("unknown token"));
         };
         if entry.role < needed {
@@ -105,6 +107,25 @@ impl Tokens {
             role: entry.role,
         }))
     }
+}
+
+/// Refusals of unauthenticated calls logged at most once a second.
+static REFUSALS: RateLimitedLog = RateLimitedLog::new(Duration::from_secs(1));
+/// Longest part of a refused call's path that is logged, in bytes.
+const LOGGED_PATH_BYTES: usize = 96;
+
+/// Logs a refused call with its path cut short and cleaned: it comes from
+/// a peer that has not shown a token, and may repeat it at will.
+fn log_refusal(path: &str, message: &'static str) {
+    let Some(suppressed) = REFUSALS.allow() else {
+        return;
+    };
+    let mut end = path.len().min(LOGGED_PATH_BYTES);
+    while !path.is_char_boundary(end) {
+        end -= 1;
+    }
+    let path = crate::sanitize::clean(&path[..end]);
+    info!(path, suppressed, "{message}");
 }
 
 /// The token of `authorization: Bearer TOKEN` (scheme matched ignoring case).

@@ -33,7 +33,10 @@ impl From<AdminError> for Status {
             | AdminError::Reload(_)
             | AdminError::BadRequest(_) => Status::invalid_argument(message),
             AdminError::Ban(
-                BanError::Read { .. } | BanError::Invalid { .. } | BanError::Write { .. },
+                BanError::Read { .. }
+                | BanError::Invalid { .. }
+                | BanError::Write { .. }
+                | BanError::UnsafeDir { .. },
             )
             | AdminError::Internal(_) => Status::internal(message),
         }

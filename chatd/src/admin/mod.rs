@@ -6,25 +6,28 @@
 //! - `auth`: bearer tokens and roles, a tower layer in front of everything;
 //! - `service`: the `Admin` methods, each a thin call into the hub;
 //! - `convert`: hub types → protobuf messages;
-//! - `error`: the one conversion from domain errors to `tonic::Status`.
+//! - `error`: the one conversion from domain errors to `tonic::Status`;
+//! - `conn`: the connection limit and the handshake and idle deadlines.
 //!
 //! [`AdminSetup::prepare`] does everything that can fail before serving
-//! (tokens, the generated token file, TLS files), so a problem stops startup
-//! with one line; [`serve`] then runs until stopped.
+//! (tokens, the generated token files, TLS), so a problem stops startup
+//! with one line; [`serve`] then runs until stopped, and cannot fall back
+//! to anything less than what was prepared (TLS fails closed).
 
 mod auth;
+mod conn;
 mod convert;
 mod error;
 mod observe;
 mod service;
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use chatd_proto::admin::v1::admin_server::AdminServer;
 use tokio::net::{TcpListener, UnixListener};
 use tokio_util::sync::CancellationToken;
-use tonic::transport::server::TcpIncoming;
 use tonic::transport::{Identity, Server, ServerTlsConfig};
 use tonic_health::ServingStatus;
 use tracing::{error, info, warn};
@@ -36,7 +39,14 @@ use service::AdminService;
 use crate::config::{AdminConfig, Role, TokenConfig};
 use crate::files;
 use crate::hub::Hub;
+use crate::lock::lock;
 use crate::reload::Reloader;
+
+/// Longest kick or ban reason accepted, in bytes: a reason travels in one
+/// server line to the client and in the room's leave notice.
+pub const MAX_REASON_BYTES: usize = 256;
+/// Longest broadcast text accepted, in bytes: one server line to everyone.
+pub const MAX_BROADCAST_BYTES: usize = 1024;
 
 /// The admin API's sockets, bound by [`crate::server::bind`].
 #[derive(Debug)]
@@ -45,6 +55,22 @@ pub struct AdminListeners {
     pub tcp: Vec<TcpListener>,
     /// The listener and its path (removed at exit).
     pub unix: Option<(UnixListener, PathBuf)>,
+}
+
+impl AdminListeners {
+    /// The bound addresses, as the token files name them.
+    pub fn addrs(&self) -> Vec<chatd_proto::AdminAddr> {
+        let tcp = self
+            .tcp
+            .iter()
+            .filter_map(|l| l.local_addr().ok())
+            .map(chatd_proto::AdminAddr::Tcp);
+        let unix = self
+            .unix
+            .as_ref()
+            .map(|(_, path)| chatd_proto::AdminAddr::Unix(path.clone()));
+        tcp.into_iter().chain(unix).collect()
+    }
 }
 
 /// Why the admin API cannot start.
@@ -68,11 +94,23 @@ pub enum SetupError {
 }
 
 /// What the admin server needs, checked before serving.
-#[derive(Debug)]
 pub struct AdminSetup {
     tokens: Arc<Tokens>,
-    tls: Option<ServerTlsConfig>,
-    generated: Option<PathBuf>,
+    /// The TCP listener's server, TLS already applied when configured: built
+    /// once here, so serving cannot end up with anything else.
+    tcp_server: Server,
+    limits: conn::ConnLimits,
+    generated: Vec<PathBuf>,
+}
+
+impl std::fmt::Debug for AdminSetup {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AdminSetup")
+            .field("tokens", &self.tokens)
+            .field("limits", &self.limits)
+            .field("generated", &self.generated)
+            .finish_non_exhaustive()
+    }
 }
 
 /// Bytes of randomness in a generated token (hex-encoded: twice as many
@@ -81,26 +119,38 @@ const GENERATED_TOKEN_BYTES: usize = 32;
 
 impl AdminSetup {
     /// Takes the configured tokens, or generates one and writes it, mode
-    /// 0600, to [`chatd_proto::default_token_write_path`], where `chatctl`
-    /// looks; reads the TLS files.
-    pub fn prepare(config: &AdminConfig) -> Result<AdminSetup, SetupError> {
+    /// 0600, into [`chatd_proto::default_token_write_dir`] once for each of
+    /// `addrs` (the bound admin addresses), where `chatctl` looks for its
+    /// endpoint; reads the TLS files and builds the TLS server.
+    pub fn prepare(
+        config: &AdminConfig,
+        addrs: &[chatd_proto::AdminAddr],
+    ) -> Result<AdminSetup, SetupError> {
         let mut tokens = config.tokens.clone();
-        let mut generated = None;
+        let mut generated = Vec::new();
         if tokens.is_empty() {
-            let path = chatd_proto::default_token_write_path();
+            let dir = chatd_proto::default_token_write_dir();
             let secret = generate_token()?;
-            write_token(&path, &secret).map_err(|source| SetupError::TokenFile {
-                path: path.clone(),
-                source,
-            })?;
+            for addr in addrs {
+                let path = dir.join(addr.file_name());
+                write_token(&path, &chatd_proto::token::token_file_text(&secret, addr)).map_err(
+                    |source| SetupError::TokenFile {
+                        path: path.clone(),
+                        source,
+                    },
+                )?;
+                generated.push(path);
+            }
             tokens.push(TokenConfig {
                 name: "generated".into(),
                 secret,
                 role: Role::Admin,
             });
-            generated = Some(path);
         }
-        let tls = match &config.tls {
+        // No HTTP/2 keepalive pings: their answers would count as traffic
+        // and keep an idle connection open forever.
+        let base = Server::builder();
+        let tcp_server = match &config.tls {
             Some(files) => {
                 let read = |key: &'static str, path: &Path| {
                     std::fs::read(path).map_err(|source| SetupError::TlsFile {
@@ -112,36 +162,74 @@ impl AdminSetup {
                 let cert = read("admin.tls_cert", &files.cert)?;
                 let key = read("admin.tls_key", &files.key)?;
                 let tls = ServerTlsConfig::new().identity(Identity::from_pem(cert, key));
-                // Building the server config parses the PEM: fail now, not
-                // at the first connection.
-                Server::builder()
-                    .tls_config(tls.clone())
-                    .map_err(|e| SetupError::Tls(error_chain(&e)))?;
-                Some(tls)
+                // This parses the PEM: a problem stops startup now, and the
+                // server kept is the TLS one or none at all.
+                base.tls_config(tls)
+                    .map_err(|e| SetupError::Tls(error_chain(&e)))?
             }
-            None => None,
+            None => base,
         };
         Ok(AdminSetup {
             tokens: Arc::new(Tokens::new(tokens)),
-            tls,
+            tcp_server,
+            limits: conn::ConnLimits {
+                max_connections: config.max_connections,
+                handshake_timeout: config.handshake_timeout,
+                idle_timeout: config.idle_timeout,
+            },
             generated,
         })
     }
 
-    /// Where the generated token was written, when none is configured.
-    pub fn generated_token_file(&self) -> Option<&Path> {
-        self.generated.as_deref()
+    /// Where the generated token was written (once per admin address), when
+    /// none is configured.
+    pub fn generated_token_files(&self) -> &[PathBuf] {
+        &self.generated
     }
 }
 
-/// Writes the token 0600 into a directory only we control, so nobody else
-/// can read it or swap it.
-fn write_token(path: &Path, secret: &str) -> std::io::Result<()> {
+/// Writes the token file 0600 into a directory only we control (checked
+/// without following links), so nobody else can read it or swap it.
+fn write_token(path: &Path, text: &str) -> std::io::Result<()> {
     if let Some(dir) = path.parent() {
         files::create_private_dir(dir)?;
         files::check_private_dir(dir)?;
     }
-    files::atomic_write(path, format!("{secret}\n").as_bytes())
+    files::atomic_write(path, text.as_bytes())
+}
+
+/// Lets a log line through at most once per period and counts the ones held
+/// back, so a peer cannot fill the log by repeating a refused request.
+#[derive(Debug)]
+pub(crate) struct RateLimitedLog {
+    period: Duration,
+    state: Mutex<(Option<Instant>, u64)>,
+}
+
+impl RateLimitedLog {
+    pub(crate) const fn new(period: Duration) -> RateLimitedLog {
+        RateLimitedLog {
+            period,
+            state: Mutex::new((None, 0)),
+        }
+    }
+
+    /// `Some(n)`: log now, mentioning the `n` occurrences held back since
+    /// the last line; `None`: hold this one back.
+    pub(crate) fn allow(&self) -> Option<u64> {
+        let mut state = lock(&self.state);
+        let now = Instant::now();
+        match state.0 {
+            Some(last) if now.duration_since(last) < self.period => {
+                state.1 += 1;
+                None
+            }
+            _ => {
+                state.0 = Some(now);
+                Some(std::mem::take(&mut state.1))
+            }
+        }
+    }
 }
 
 fn generate_token() -> Result<String, SetupError> {
@@ -188,19 +276,10 @@ pub async fn serve(
         .inspect_err(|e| error!(error = %e, "server reflection (v1alpha) is off"))
         .ok();
     let admin = AdminServer::new(AdminService::new(hub, reloader, shutdown.clone()));
-    let router = |tls: Option<&ServerTlsConfig>| {
-        let mut builder = Server::builder();
-        if let Some(tls) = tls {
-            // Checked in `prepare`; this cannot fail again.
-            builder = match builder.tls_config(tls.clone()) {
-                Ok(b) => b,
-                Err(e) => {
-                    error!(error = %error_chain(&e), "admin TLS setup failed");
-                    Server::builder()
-                }
-            };
-        }
-        builder
+    let limits = setup.limits;
+    let router = |server: Server| {
+        server
+            .layer(conn::BusyLayer)
             .layer(observe::ObserveLayer)
             .layer(AuthLayer::new(setup.tokens.clone()))
             .add_service(health_service.clone())
@@ -209,8 +288,8 @@ pub async fn serve(
             .add_service(admin.clone())
     };
     let tcp = futures_util::future::join_all(listeners.tcp.into_iter().map(|listener| {
-        let served = router(setup.tls.as_ref())
-            .serve_with_incoming_shutdown(TcpIncoming::from(listener), stop.cancelled());
+        let served = router(setup.tcp_server.clone())
+            .serve_with_incoming_shutdown(conn::incoming(listener, limits), stop.cancelled());
         async {
             if let Err(e) = served.await {
                 error!(error = %error_chain(&e), "admin API (TCP) failed");
@@ -221,9 +300,9 @@ pub async fn serve(
         let Some((listener, path)) = listeners.unix else {
             return;
         };
-        let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
-        let result = router(None)
-            .serve_with_incoming_shutdown(incoming, stop.cancelled())
+        // The socket never uses TLS (it is a private file).
+        let result = router(Server::builder())
+            .serve_with_incoming_shutdown(conn::incoming(listener, limits), stop.cancelled())
             .await;
         if let Err(e) = result {
             error!(error = %error_chain(&e), "admin API (UNIX socket) failed");

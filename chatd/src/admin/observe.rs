@@ -4,6 +4,10 @@
 //! gRPC status is read from the response headers, where tonic puts it for
 //! every error (a "trailers-only" response); a response without it is a
 //! success whose status travels in the trailers.
+//!
+//! The path a peer sends is not trusted before authentication: the metric
+//! label and the span name are a known method or `"unknown"`, so made-up
+//! paths cannot grow the label set (and the memory behind it) without bound.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -49,15 +53,10 @@ where
     }
 
     fn call(&mut self, request: http::Request<B>) -> Self::Future {
-        let path = request.uri().path();
-        let (service, method) = path
-            .trim_start_matches('/')
-            .split_once('/')
-            .unwrap_or(("", path));
-        let method = method.to_string();
+        let (service, method) = known(request.uri().path());
         let span = tracing::info_span!(
             "admin_rpc",
-            otel.name = %path,
+            otel.name = %format_args!("/{service}/{method}"),
             rpc.system = "grpc",
             rpc.service = %service,
             rpc.method = %method,
@@ -76,12 +75,54 @@ where
                     Err(_) => "UNKNOWN",
                 };
                 recorded.record("rpc.grpc.status", status);
-                metrics::admin_rpc(&method, status);
+                metrics::admin_rpc(method, status);
                 result
             }
             .instrument(span),
         )
     }
+}
+
+/// The methods served, by service; anything else is `("unknown", "unknown")`.
+const KNOWN: &[(&str, &[&str])] = &[
+    (
+        "chatd.admin.v1.Admin",
+        &[
+            "ListClients",
+            "GetClient",
+            "KickClient",
+            "Broadcast",
+            "ListRooms",
+            "GetStats",
+            "Ban",
+            "Unban",
+            "ListBans",
+            "WatchEvents",
+            "Reload",
+        ],
+    ),
+    ("grpc.health.v1.Health", &["Check", "Watch"]),
+    (
+        "grpc.reflection.v1.ServerReflection",
+        &["ServerReflectionInfo"],
+    ),
+    (
+        "grpc.reflection.v1alpha.ServerReflection",
+        &["ServerReflectionInfo"],
+    ),
+];
+
+/// The service and method of `path` when chatd serves it, else "unknown".
+fn known(path: &str) -> (&'static str, &'static str) {
+    const UNKNOWN: (&str, &str) = ("unknown", "unknown");
+    let Some((service, method)) = path.strip_prefix('/').and_then(|p| p.split_once('/')) else {
+        return UNKNOWN;
+    };
+    KNOWN
+        .iter()
+        .find(|(s, _)| *s == service)
+        .and_then(|(s, methods)| methods.iter().find(|m| **m == method).map(|m| (*s, *m)))
+        .unwrap_or(UNKNOWN)
 }
 
 /// The gRPC status of a response, by its canonical name.
@@ -111,5 +152,38 @@ fn status_name(headers: &http::HeaderMap) -> &'static str {
         tonic::Code::Unavailable => "UNAVAILABLE",
         tonic::Code::DataLoss => "DATA_LOSS",
         tonic::Code::Unauthenticated => "UNAUTHENTICATED",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use prost::Message;
+
+    use super::*;
+
+    #[test]
+    fn only_served_methods_are_named() {
+        assert_eq!(
+            known("/chatd.admin.v1.Admin/Ban"),
+            ("chatd.admin.v1.Admin", "Ban")
+        );
+        assert_eq!(known("/chatd.admin.v1.Admin/x9f3"), ("unknown", "unknown"));
+        assert_eq!(known("/evil/Ban"), ("unknown", "unknown"));
+        assert_eq!(known("/"), ("unknown", "unknown"));
+    }
+
+    #[test]
+    fn every_method_of_the_admin_service_is_known() {
+        let set = prost_types::FileDescriptorSet::decode(chatd_proto::FILE_DESCRIPTOR_SET)
+            .expect("valid descriptor set");
+        for file in set.file {
+            for service in &file.service {
+                let name = format!("{}.{}", file.package(), service.name());
+                for method in &service.method {
+                    let path = format!("/{name}/{}", method.name());
+                    assert_ne!(known(&path).1, "unknown", "{path} is not in KNOWN");
+                }
+            }
+        }
     }
 }

@@ -60,6 +60,23 @@ fn target(selector: Option<pb::ClientSelector>) -> Result<Target, AdminError> {
     }
 }
 
+/// Refuses admin text longer than `max` bytes, naming the limit.
+fn at_most(what: &str, text: &str, max: usize) -> Result<(), AdminError> {
+    if text.len() > max {
+        return Err(AdminError::BadRequest(format!(
+            "the {what} is {} bytes; the limit is {max} bytes",
+            text.len()
+        )));
+    }
+    Ok(())
+}
+
+/// Admin-supplied text as the audit log shows it: cleaned like chat text,
+/// so line breaks and terminal escapes cannot forge or hide log lines.
+fn logged(text: &str) -> String {
+    crate::sanitize::clean(text)
+}
+
 fn non_empty(text: &str) -> Option<&str> {
     (!text.is_empty()).then_some(text)
 }
@@ -129,11 +146,12 @@ impl Admin for AdminService {
         let by = who(&request);
         let r = request.into_inner();
         let target = target(r.client)?;
+        at_most("reason", &r.reason, super::MAX_REASON_BYTES)?;
         let client = self
             .hub
             .kick(&target, &r.reason)
             .map_err(AdminError::from)?;
-        info!(by, client = client.id, nick = %client.nick, reason = %r.reason, "admin: kick");
+        info!(by, client = client.id, nick = %client.nick, reason = %logged(&r.reason), "admin: kick");
         Ok(Response::new(pb::KickClientResponse {
             client: Some(convert::client(client)),
         }))
@@ -145,11 +163,12 @@ impl Admin for AdminService {
     ) -> Reply<pb::BroadcastResponse> {
         let by = who(&request);
         let r = request.into_inner();
+        at_most("broadcast text", &r.text, super::MAX_BROADCAST_BYTES)?;
         let delivered = self
             .hub
             .broadcast(non_empty(&r.room), &r.text)
             .map_err(AdminError::from)?;
-        info!(by, room = %r.room, text = %r.text, delivered, "admin: broadcast");
+        info!(by, room = %logged(&r.room), text = %logged(&r.text), delivered, "admin: broadcast");
         Ok(Response::new(pb::BroadcastResponse {
             delivered: delivered as u64,
         }))
@@ -173,6 +192,7 @@ impl Admin for AdminService {
     async fn ban(&self, request: Request<pb::BanRequest>) -> Reply<pb::BanResponse> {
         let by = who(&request);
         let r = request.into_inner();
+        at_most("reason", &r.reason, super::MAX_REASON_BYTES)?;
         let now = SystemTime::now();
         let ban = Ban {
             net: bans::parse_target(&r.target).map_err(AdminError::from)?,
@@ -325,5 +345,31 @@ mod tests {
         assert!(hub.watching_messages());
         drop(stream);
         assert!(!hub.watching_messages());
+    }
+
+    #[tokio::test]
+    async fn admin_text_over_its_limit_is_refused_and_no_notice_exceeds_a_queue() {
+        let (hub, service) = service();
+        let status = service
+            .broadcast(Request::new(pb::BroadcastRequest {
+                text: "x".repeat(crate::admin::MAX_BROADCAST_BYTES + 1),
+                room: String::new(),
+            }))
+            .await
+            .expect_err("refused");
+        assert_eq!(status.code(), tonic::Code::InvalidArgument);
+        assert!(
+            status.message().contains("limit is 1024 bytes"),
+            "{status:?}"
+        );
+
+        // The hub itself refuses a notice larger than a client's queue.
+        let mut raw = RawConfig::default();
+        raw.limits.outbound_queue_bytes = 4096;
+        hub.set_config(raw.validate().expect("valid"));
+        let e = hub
+            .broadcast(None, &"y".repeat(5000))
+            .expect_err("larger than a queue");
+        assert!(e.to_string().contains("limits.outbound_queue_bytes"), "{e}");
     }
 }

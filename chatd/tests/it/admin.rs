@@ -412,7 +412,10 @@ async fn tokens_and_roles_are_enforced() {
 #[tokio::test]
 async fn zero_config_writes_a_private_token_that_chatctl_finds() {
     let server = TestServer::start();
-    let token = server.runtime_dir().join("admin.token");
+    let admin = server.admin.expect("admin address");
+    let token = server
+        .runtime_dir()
+        .join(format!("admin-127.0.0.1-{}.token", admin.port()));
     let mode = std::fs::metadata(&token)
         .expect("token file")
         .permissions()
@@ -423,8 +426,10 @@ async fn zero_config_writes_a_private_token_that_chatctl_finds() {
         .permissions()
         .mode();
     assert_eq!(dir_mode & 0o777, 0o700);
-    let secret = std::fs::read_to_string(&token).expect("read");
-    assert!(secret.trim().len() >= 32, "{secret:?}");
+    let text = std::fs::read_to_string(&token).expect("read");
+    let (secret, recorded) = text.split_once('\n').expect("two lines");
+    assert!(secret.trim().len() >= 32, "{text:?}");
+    assert_eq!(recorded.trim(), format!("address {admin}"));
     let logged = server.wait_logged("generated one for local use").await;
     assert_eq!(logged["path"], token.to_str().expect("utf-8"));
 
@@ -609,4 +614,419 @@ async fn the_tcp_listener_can_require_tls() {
             .is_some_and(|l| l.contains("admin.tls_key")),
         "{stderr}"
     );
+}
+
+/// Runs chatd with `env` on loopback port 0, expecting it to refuse to
+/// start within [`WAIT`]; returns its stderr.
+async fn refused_start(dir: &Path, env: &[(&str, &std::ffi::OsStr)]) -> String {
+    let mut cmd = tokio::process::Command::new(chatd_bin());
+    cmd.env("CHATD_ADMIN__LISTEN", "127.0.0.1:0")
+        .env("CHATD_CHAT__LISTEN", "127.0.0.1:0")
+        .env("CHATD_UDP__ENABLED", "false")
+        .env("RUNTIME_DIRECTORY", dir.join("run"))
+        .env("CHATD_SERVER__STATE_DIR", dir.join("state"))
+        .env("CHATD_LOG__FORMAT", "json")
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null())
+        .kill_on_drop(true);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = tokio::time::timeout(WAIT, cmd.output())
+        .await
+        .expect("chatd refuses to start, and exits, in time")
+        .expect("run chatd");
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    stderr
+}
+
+#[tokio::test]
+async fn two_instances_on_one_host_keep_their_own_tokens() {
+    let shared = tempfile::tempdir().expect("tempdir");
+    let run = shared.path().join("run");
+    let run = run.to_str().expect("utf-8");
+    let first = TestServer::with_env(&[("RUNTIME_DIRECTORY", run)]);
+    let mut second = TestServer::with_env(&[("RUNTIME_DIRECTORY", run)]);
+    async fn ctl(server: &TestServer, run: &str) -> Ctl {
+        let endpoint = server.endpoint();
+        server
+            .chatctl_env(
+                &["stats"],
+                &[("RUNTIME_DIRECTORY", run), ("CHATCTL_ENDPOINT", &endpoint)],
+            )
+            .await
+    }
+    ctl(&first, run).await.ok();
+    ctl(&second, run).await.ok();
+    second.stop().await;
+    // The first operator is not locked out by the second instance.
+    ctl(&first, run).await.ok();
+}
+
+#[tokio::test]
+async fn a_discovered_token_is_not_sent_to_another_endpoint() {
+    let local = TestServer::start();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let other = with_tokens(dir.path());
+    // The local instance's token sits where chatctl looks, but the endpoint
+    // is another instance: chatctl must send nothing.
+    let out = local
+        .chatctl_env(&["stats"], &[("CHATCTL_ENDPOINT", &other.endpoint())])
+        .await;
+    assert_eq!(out.code, 5, "{out:#?}");
+    other
+        .wait_logged("admin call without a token refused")
+        .await;
+    assert!(
+        other.logged("unknown token").is_empty(),
+        "a token was sent to another endpoint"
+    );
+    // `localhost` is the same endpoint as 127.0.0.1.
+    let port = local.admin.expect("admin address").port();
+    let localhost = format!("http://localhost:{port}");
+    local
+        .chatctl_env(&["stats"], &[("CHATCTL_ENDPOINT", &localhost)])
+        .await
+        .ok();
+}
+
+#[tokio::test]
+async fn chatctl_pointed_at_the_chat_port_says_so_and_exits_4() {
+    let server = TestServer::with_env(&[("CHATD_METRICS__LISTEN", "127.0.0.1:0")]);
+    let chat = format!("http://{}", server.chat);
+    let out = server
+        .chatctl_env(&["ls"], &[("CHATCTL_ENDPOINT", &chat)])
+        .await;
+    assert_eq!(out.code, 4, "{out:#?}");
+    assert!(
+        out.stderr.contains("not a chatd admin endpoint") && out.stderr.contains("admin.listen"),
+        "{out:#?}"
+    );
+    assert_eq!(out.stdout, "");
+    // Another service's port (an HTTP/1 server) is the same class: exit 4.
+    let listening = server.wait_logged("listening").await;
+    let metrics = format!("http://{}", listening["metrics"].as_str().expect("metrics"));
+    let out = server
+        .chatctl_env(&["ls"], &[("CHATCTL_ENDPOINT", &metrics)])
+        .await;
+    assert_eq!(out.code, 4, "{out:#?}");
+}
+
+#[tokio::test]
+async fn oversized_admin_text_is_refused_naming_the_limit() {
+    let server = TestServer::start();
+    let (mut alice, a) = server.join().await;
+    let big = "x".repeat(100 * 1024);
+    let out = server.chatctl(&["broadcast", &big]).await;
+    assert_eq!(out.code, 1, "{out:#?}");
+    assert!(
+        out.stderr.contains("InvalidArgument") && out.stderr.contains("limit is 1024 bytes"),
+        "{out:#?}"
+    );
+    let reason = "r".repeat(2000);
+    let out = server.chatctl(&["kick", &a, "--reason", &reason]).await;
+    assert_eq!(out.code, 1, "{out:#?}");
+    assert!(out.stderr.contains("limit is 256 bytes"), "{out:#?}");
+    let out = server
+        .chatctl(&["ban", "192.0.2.1", "--reason", &reason])
+        .await;
+    assert_eq!(out.code, 1, "{out:#?}");
+    assert!(out.stderr.contains("limit is 256 bytes"), "{out:#?}");
+    // Alice is still there and saw nothing of it.
+    assert!(
+        alice.sync().await.iter().all(|l| !l.contains("xxx")),
+        "a refused broadcast was delivered"
+    );
+}
+
+#[tokio::test]
+async fn admin_text_reaches_the_audit_log_cleaned() {
+    let server = TestServer::start();
+    let (_alice, a) = server.join().await;
+    let dirty = "hi\r\nadmin: kick by=\"root\"\u{1b}]0;owned\u{7} there";
+    server.chatctl(&["broadcast", dirty]).await.ok();
+    server.chatctl(&["kick", &a, "--reason", dirty]).await.ok();
+    for (message, field) in [("admin: broadcast", "text"), ("admin: kick", "reason")] {
+        let record = server.wait_logged(message).await;
+        let text = record[field].as_str().expect("a text field");
+        assert!(
+            !text.chars().any(char::is_control) && !text.contains("owned"),
+            "{message}: {text:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn ban_reasons_from_the_file_are_cleaned_for_banned_clients() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let state = dir.path().join("state");
+    std::fs::create_dir(&state).expect("state dir");
+    std::fs::write(
+        state.join("bans.json"),
+        r#"{"bans": [{"target": "127.0.0.1", "reason": "spam\r\n*** forged\u001b]0;owned\u0007 line", "created_at": "2025-01-01T00:00:00Z"}]}"#,
+    )
+    .expect("write bans");
+    let server =
+        TestServer::with_env(&[("CHATD_SERVER__STATE_DIR", state.to_str().expect("utf-8"))]);
+    let mut client = server.connect().await;
+    let lines = client.until_eof().await;
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert!(
+        lines[0].starts_with("*** error: you are banned: spam")
+            && !lines[0].chars().any(char::is_control)
+            && !lines[0].contains("owned"),
+        "{lines:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_misspelt_ban_field_or_a_dangling_bans_file_stops_startup() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let state = dir.path().join("state");
+    std::fs::create_dir(&state).expect("state dir");
+    std::fs::write(
+        state.join("bans.json"),
+        r#"{"bans": [{"target": "203.0.113.9", "created_at": "2025-01-01T00:00:00Z", "expire_at": "2025-01-01T01:00:00Z"}]}"#,
+    )
+    .expect("write bans");
+    let stderr = refused_start(dir.path(), &[]).await;
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.contains("bans.json")
+            && stderr.contains("ban #1")
+            && stderr.contains("203.0.113.9")
+            && stderr.contains("expire_at"),
+        "{stderr}"
+    );
+
+    std::fs::remove_file(state.join("bans.json")).expect("remove");
+    std::os::unix::fs::symlink(dir.path().join("nowhere.json"), state.join("bans.json"))
+        .expect("link");
+    let stderr = refused_start(dir.path(), &[]).await;
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.contains("bans.json") && stderr.contains("does not exist"),
+        "{stderr}"
+    );
+}
+
+#[tokio::test]
+async fn directories_others_control_are_refused() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().expect("tempdir");
+    // A state directory anyone may write to, with a bans file planted in it.
+    let state = dir.path().join("state");
+    std::fs::create_dir(&state).expect("state dir");
+    std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o777)).expect("chmod");
+    std::fs::write(state.join("bans.json"), r#"{"bans": []}"#).expect("plant");
+    let stderr = refused_start(dir.path(), &[]).await;
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.contains("server.state_dir") && stderr.contains("writable by it alone"),
+        "{stderr}"
+    );
+    std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o700)).expect("chmod");
+
+    // A token directory that is a link someone else made: not followed.
+    // (Making a link owned by another user needs root.)
+    if !rustix::process::geteuid().is_root() {
+        return;
+    }
+    let real = dir.path().join("real");
+    std::fs::create_dir(&real).expect("dir");
+    std::fs::set_permissions(&real, std::fs::Permissions::from_mode(0o700)).expect("chmod");
+    let link = dir.path().join("link");
+    std::os::unix::fs::symlink(&real, &link).expect("link");
+    std::os::unix::fs::lchown(&link, Some(54321), Some(54321)).expect("lchown");
+    let stderr = refused_start(dir.path(), &[("RUNTIME_DIRECTORY", link.as_os_str())]).await;
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.contains("symbolic link owned by uid 54321"),
+        "{stderr}"
+    );
+    assert_eq!(std::fs::read_dir(&real).expect("read").count(), 0);
+}
+
+#[tokio::test]
+async fn made_up_paths_do_not_grow_metric_labels_or_the_log() {
+    use tonic::codegen::http;
+    use tower::{Service, ServiceExt};
+
+    let server = TestServer::with_env(&[("CHATD_METRICS__LISTEN", "127.0.0.1:0")]);
+    let mut channel = tonic::transport::Endpoint::from_shared(server.endpoint())
+        .expect("endpoint")
+        .connect()
+        .await
+        .expect("connect");
+    let long = "p".repeat(4000);
+    for i in 0..300 {
+        let path = if i == 0 {
+            format!("/{long}/x")
+        } else {
+            format!("/bogus{i}.Service/Method{i}")
+        };
+        let request = http::Request::builder()
+            .method("POST")
+            .uri(path)
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .body(tonic::body::Body::empty())
+            .expect("request");
+        let response =
+            tokio::time::timeout(WAIT, channel.ready().await.expect("ready").call(request))
+                .await
+                .expect("answered in time")
+                .expect("an HTTP answer");
+        assert_eq!(response.headers()["grpc-status"], "16", "UNAUTHENTICATED");
+    }
+    let listening = server.wait_logged("listening").await;
+    let metrics = listening["metrics"].as_str().expect("metrics address");
+    let mut stream = tokio::net::TcpStream::connect(metrics)
+        .await
+        .expect("connect");
+    tokio::io::AsyncWriteExt::write_all(&mut stream, b"GET /metrics HTTP/1.1\r\n\r\n")
+        .await
+        .expect("send");
+    let mut body = String::new();
+    tokio::time::timeout(
+        WAIT,
+        tokio::io::AsyncReadExt::read_to_string(&mut stream, &mut body),
+    )
+    .await
+    .expect("scraped in time")
+    .expect("read");
+    let labels: Vec<&str> = body
+        .lines()
+        .filter(|l| l.starts_with("chatd_admin_rpcs_total{"))
+        .collect();
+    assert_eq!(
+        labels,
+        ["chatd_admin_rpcs_total{method=\"unknown\",status=\"UNAUTHENTICATED\"} 300"],
+        "{body}"
+    );
+    let refusals = server.logged("without a token refused");
+    assert!(
+        !refusals.is_empty() && refusals.len() < 30,
+        "{} refusals logged",
+        refusals.len()
+    );
+    assert!(
+        refusals
+            .iter()
+            .all(|r| r["path"].as_str().is_some_and(|p| p.len() <= 96)),
+        "{refusals:?}"
+    );
+}
+
+/// Reads from `stream` until EOF or `within`; true at EOF (or reset).
+async fn closed_within(stream: &mut tokio::net::TcpStream, within: std::time::Duration) -> bool {
+    use tokio::io::AsyncReadExt;
+    let mut buf = [0u8; 1024];
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        match tokio::time::timeout_at(deadline, stream.read(&mut buf)).await {
+            Err(_) => return false,
+            Ok(Ok(0) | Err(_)) => return true,
+            Ok(Ok(_)) => {}
+        }
+    }
+}
+
+#[tokio::test]
+async fn admin_connections_are_limited() {
+    let server = TestServer::with_env(&[
+        ("CHATD_ADMIN__MAX_CONNECTIONS", "3"),
+        ("CHATD_ADMIN__HANDSHAKE_TIMEOUT_SECS", "60"),
+    ]);
+    let admin = server.admin.expect("admin address");
+    let mut idle = Vec::new();
+    for _ in 0..3 {
+        idle.push(
+            tokio::net::TcpStream::connect(admin)
+                .await
+                .expect("connect"),
+        );
+    }
+    // Past the limit: closed at once, not left hanging.
+    let mut extra = tokio::net::TcpStream::connect(admin)
+        .await
+        .expect("connect");
+    assert!(
+        closed_within(&mut extra, WAIT).await,
+        "the extra connection stays open"
+    );
+    // The idle ones are still open; once they go, their slots are free.
+    assert!(!closed_within(&mut idle[0], std::time::Duration::from_millis(200)).await);
+    drop(idle);
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let out = server.chatctl(&["health"]).await;
+        if out.code == 0 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{out:#?}");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn idle_admin_connections_are_closed_but_a_watch_is_not() {
+    let server = TestServer::with_env(&[
+        ("CHATD_ADMIN__HANDSHAKE_TIMEOUT_SECS", "1"),
+        ("CHATD_ADMIN__IDLE_TIMEOUT_SECS", "1"),
+    ]);
+    let admin = server.admin.expect("admin address");
+    let mut silent = tokio::net::TcpStream::connect(admin)
+        .await
+        .expect("connect");
+    assert!(
+        closed_within(&mut silent, WAIT).await,
+        "a silent connection stays open"
+    );
+
+    // A watch in progress keeps its connection however quiet it is.
+    let mut watch = server
+        .chatctl_command(&["watch"], &[])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("start watch");
+    let mut lines = BufReader::new(watch.stdout.take().expect("stdout")).lines();
+    server.wait_logged("admin: watch started").await;
+    // Quiet for well past the idle timeout, then an event.
+    tokio::time::sleep(std::time::Duration::from_millis(2500)).await;
+    let (_second, b) = server.join().await;
+    loop {
+        let line = tokio::time::timeout(WAIT, lines.next_line())
+            .await
+            .expect("an event in time")
+            .expect("read")
+            .expect("the watch is still running");
+        if line.contains(&b) {
+            break;
+        }
+    }
+    let _ = watch.kill().await;
+}
+
+#[tokio::test]
+async fn tls_that_cannot_be_set_up_never_serves_plaintext() {
+    // A certificate with the key of another: TLS cannot work with these.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let one = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).expect("cert");
+    let other = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).expect("cert");
+    let cert_path = dir.path().join("admin.crt");
+    let key_path = dir.path().join("admin.key");
+    std::fs::write(&cert_path, one.cert.pem()).expect("write");
+    std::fs::write(&key_path, other.signing_key.serialize_pem()).expect("write");
+    let stderr = refused_start(
+        dir.path(),
+        &[
+            ("CHATD_ADMIN__TLS_CERT", cert_path.as_os_str()),
+            ("CHATD_ADMIN__TLS_KEY", key_path.as_os_str()),
+        ],
+    )
+    .await;
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("admin.tls_cert"), "{stderr}");
 }

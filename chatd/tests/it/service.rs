@@ -515,3 +515,51 @@ async fn chat_keeps_working_when_the_collector_is_down() {
         started.elapsed()
     );
 }
+
+#[tokio::test]
+async fn idle_metrics_connections_do_not_hold_up_a_scrape() {
+    let server = TestServer::with_env(&[("CHATD_METRICS__LISTEN", "127.0.0.1:0")]);
+    let metrics = metrics_addr(&server).await;
+    let mut idle = Vec::new();
+    for _ in 0..8 {
+        idle.push(TcpStream::connect(metrics).await.expect("connect"));
+    }
+    let started = Instant::now();
+    let scraped = tokio::time::timeout(Duration::from_secs(3), scrape(metrics, "/metrics")).await;
+    let (head, _) = scraped.expect("a scrape answered with 8 idle connections open");
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(started.elapsed() < Duration::from_secs(3));
+    drop(idle);
+}
+
+#[tokio::test]
+async fn metrics_connections_are_limited_and_time_out() {
+    let server = TestServer::with_env(&[
+        ("CHATD_METRICS__LISTEN", "127.0.0.1:0"),
+        ("CHATD_METRICS__MAX_CONNECTIONS", "2"),
+        ("CHATD_METRICS__TIMEOUT_SECS", "1"),
+    ]);
+    let metrics = metrics_addr(&server).await;
+    let mut idle = [
+        TcpStream::connect(metrics).await.expect("connect"),
+        TcpStream::connect(metrics).await.expect("connect"),
+    ];
+    // Past the limit: answered 503 at once.
+    let mut extra = TcpStream::connect(metrics).await.expect("connect");
+    let mut answer = String::new();
+    tokio::time::timeout(WAIT, extra.read_to_string(&mut answer))
+        .await
+        .expect("answered in time")
+        .expect("read");
+    assert!(answer.starts_with("HTTP/1.1 503"), "{answer:?}");
+    // The idle ones are closed after metrics.timeout_secs.
+    for stream in &mut idle {
+        let mut rest = Vec::new();
+        tokio::time::timeout(WAIT, stream.read_to_end(&mut rest))
+            .await
+            .expect("closed in time")
+            .expect("read");
+    }
+    let (head, _) = scrape(metrics, "/metrics").await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+}

@@ -1,0 +1,364 @@
+//! Bounding the admin listeners' connections: how many at once, how long one
+//! may take to make its first call, and how long it may stay open with no
+//! call in progress.
+//!
+//! hyper serves HTTP/2 connections for as long as the peer keeps them, and
+//! an idle one costs a file descriptor out of the budget chat clients share.
+//! So every accepted stream is wrapped in a [`Limited`] that holds a slot of
+//! the connection limit and a deadline: `admin.handshake_timeout_secs` from
+//! accept until the first call, then `admin.idle_timeout_secs` of silence
+//! while no call is in progress. A call in progress — a `watch` stream
+//! included — keeps its connection open however quiet it is: the
+//! [`BusyLayer`] counts calls per connection until their response body ends.
+//! When the deadline passes, a read fails and hyper closes the connection.
+
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use futures_util::Stream;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::time::{Instant, Sleep};
+use tonic::codegen::http;
+use tonic::transport::server::{Connected, TlsConnectInfo};
+
+use crate::lock::lock;
+
+/// The limits of one listener (from `[admin]`).
+#[derive(Debug, Clone, Copy)]
+pub struct ConnLimits {
+    pub max_connections: usize,
+    pub handshake_timeout: Duration,
+    pub idle_timeout: Duration,
+}
+
+/// What a connection's calls share with the connection: found in every
+/// request's extensions (tonic puts the connection's info there).
+#[derive(Debug)]
+pub struct Activity {
+    calls: AtomicUsize,
+    called: AtomicBool,
+    last_io: std::sync::Mutex<Instant>,
+    accepted: Instant,
+}
+
+impl Activity {
+    fn new() -> Arc<Activity> {
+        let now = Instant::now();
+        Arc::new(Activity {
+            calls: AtomicUsize::new(0),
+            called: AtomicBool::new(false),
+            last_io: std::sync::Mutex::new(now),
+            accepted: now,
+        })
+    }
+
+    fn touch(&self) {
+        *lock(&self.last_io) = Instant::now();
+    }
+
+    /// Marks a call in progress until the guard is dropped.
+    fn busy(self: &Arc<Self>) -> BusyGuard {
+        self.calls.fetch_add(1, Relaxed);
+        self.called.store(true, Relaxed);
+        BusyGuard(self.clone())
+    }
+
+    /// When the connection should be closed; `None`: not while a call runs.
+    fn deadline(&self, limits: &ConnLimits) -> Option<Instant> {
+        if self.calls.load(Relaxed) > 0 {
+            None
+        } else if !self.called.load(Relaxed) {
+            Some(self.accepted + limits.handshake_timeout)
+        } else {
+            Some(*lock(&self.last_io) + limits.idle_timeout)
+        }
+    }
+}
+
+#[derive(Debug)]
+struct BusyGuard(Arc<Activity>);
+
+impl Drop for BusyGuard {
+    fn drop(&mut self) {
+        self.0.touch();
+        self.0.calls.fetch_sub(1, Relaxed);
+    }
+}
+
+/// An accepted stream with its slot and its deadline.
+pub struct Limited<IO> {
+    io: IO,
+    activity: Arc<Activity>,
+    limits: ConnLimits,
+    timer: Pin<Box<Sleep>>,
+    _slot: OwnedSemaphorePermit,
+}
+
+impl<IO> Limited<IO> {
+    fn new(io: IO, limits: ConnLimits, slot: OwnedSemaphorePermit) -> Self {
+        let activity = Activity::new();
+        let timer = Box::pin(tokio::time::sleep_until(
+            activity.accepted + limits.handshake_timeout,
+        ));
+        Limited {
+            io,
+            activity,
+            limits,
+            timer,
+            _slot: slot,
+        }
+    }
+
+    /// `Ready(Err)` once the deadline has passed; otherwise arranges to be
+    /// woken at the deadline (or, during a call, one idle period later to
+    /// look again).
+    fn poll_deadline(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        loop {
+            let next = match self.activity.deadline(&self.limits) {
+                Some(deadline) if deadline <= Instant::now() => {
+                    return Poll::Ready(Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        "admin connection idle for too long",
+                    )));
+                }
+                Some(deadline) => deadline,
+                None => Instant::now() + self.limits.idle_timeout,
+            };
+            if self.timer.deadline() != next {
+                self.timer.as_mut().reset(next);
+            }
+            if self.timer.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+        }
+    }
+}
+
+impl<IO: AsyncRead + Unpin> AsyncRead for Limited<IO> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        match Pin::new(&mut this.io).poll_read(cx, buf) {
+            Poll::Ready(Ok(())) => {
+                if buf.filled().len() > before {
+                    this.activity.touch();
+                }
+                Poll::Ready(Ok(()))
+            }
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+            Poll::Pending => match this.poll_deadline(cx) {
+                Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+                _ => Poll::Pending,
+            },
+        }
+    }
+}
+
+impl<IO: AsyncWrite + Unpin> AsyncWrite for Limited<IO> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let written = Pin::new(&mut this.io).poll_write(cx, buf);
+        if matches!(written, Poll::Ready(Ok(n)) if n > 0) {
+            this.activity.touch();
+        }
+        written
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let written = Pin::new(&mut this.io).poll_write_vectored(cx, bufs);
+        if matches!(written, Poll::Ready(Ok(n)) if n > 0) {
+            this.activity.touch();
+        }
+        written
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
+}
+
+impl<IO> Connected for Limited<IO> {
+    type ConnectInfo = Arc<Activity>;
+
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.activity.clone()
+    }
+}
+
+/// Something that accepts streams: a TCP or a UNIX listener.
+pub trait Accept: Send + 'static {
+    type Io: AsyncRead + AsyncWrite + Unpin + Send + 'static;
+    fn accept(&self) -> impl Future<Output = io::Result<Self::Io>> + Send;
+}
+
+impl Accept for tokio::net::TcpListener {
+    type Io = tokio::net::TcpStream;
+    async fn accept(&self) -> io::Result<Self::Io> {
+        let (stream, _) = tokio::net::TcpListener::accept(self).await?;
+        Ok(stream)
+    }
+}
+
+impl Accept for tokio::net::UnixListener {
+    type Io = tokio::net::UnixStream;
+    async fn accept(&self) -> io::Result<Self::Io> {
+        let (stream, _) = tokio::net::UnixListener::accept(self).await?;
+        Ok(stream)
+    }
+}
+
+/// The accepted streams of `listener`, each [`Limited`]. Past the limit a
+/// stream is closed at once (the peer sees EOF rather than a hang), and
+/// that is logged at most once a minute.
+pub fn incoming<L: Accept>(
+    listener: L,
+    limits: ConnLimits,
+) -> impl Stream<Item = io::Result<Limited<L::Io>>> + Send + 'static {
+    let slots = Arc::new(Semaphore::new(limits.max_connections));
+    let refused = crate::admin::RateLimitedLog::new(Duration::from_secs(60));
+    futures_util::stream::unfold(
+        (listener, slots, refused),
+        move |(listener, slots, refused)| async move {
+            loop {
+                let io = match listener.accept().await {
+                    Ok(io) => io,
+                    Err(e) => {
+                        // EMFILE and friends: back off instead of spinning.
+                        tracing::warn!(error = %e, "admin accept failed");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                };
+                match slots.clone().try_acquire_owned() {
+                    Ok(slot) => {
+                        let next = Limited::new(io, limits, slot);
+                        return Some((Ok(next), (listener, slots, refused)));
+                    }
+                    Err(_) => {
+                        if let Some(suppressed) = refused.allow() {
+                            tracing::warn!(
+                                limit = limits.max_connections,
+                                suppressed,
+                                "admin connection refused: admin.max_connections reached"
+                            );
+                        }
+                        drop(io);
+                    }
+                }
+            }
+        },
+    )
+}
+
+/// Counts each call as in progress on its connection until its response
+/// body has ended (or is dropped), so streaming calls keep their connection.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct BusyLayer;
+
+impl<S> tower::Layer<S> for BusyLayer {
+    type Service = Busy<S>;
+
+    fn layer(&self, inner: S) -> Busy<S> {
+        Busy { inner }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Busy<S> {
+    inner: S,
+}
+
+type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+
+impl<S, B> tower::Service<http::Request<B>> for Busy<S>
+where
+    S: tower::Service<http::Request<B>, Response = http::Response<tonic::body::Body>>,
+    S::Future: Send + 'static,
+    S::Error: 'static,
+{
+    type Response = http::Response<tonic::body::Body>;
+    type Error = S::Error;
+    type Future = BoxFuture<Result<Self::Response, S::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        let extensions = request.extensions();
+        let guard = extensions
+            .get::<Arc<Activity>>()
+            .or_else(|| {
+                extensions
+                    .get::<TlsConnectInfo<Arc<Activity>>>()
+                    .map(TlsConnectInfo::get_ref)
+            })
+            .map(Activity::busy);
+        let call = self.inner.call(request);
+        Box::pin(async move {
+            let response = call.await?;
+            Ok(match guard {
+                Some(guard) => response.map(|body| tonic::body::Body::new(Guarded { body, guard })),
+                None => response,
+            })
+        })
+    }
+}
+
+/// A response body that keeps its call counted until it ends.
+struct Guarded {
+    body: tonic::body::Body,
+    guard: BusyGuard,
+}
+
+impl http_body::Body for Guarded {
+    type Data = bytes::Bytes;
+    type Error = tonic::Status;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        let this = self.get_mut();
+        let frame = Pin::new(&mut this.body).poll_frame(cx);
+        if matches!(frame, Poll::Ready(Some(Ok(_)))) {
+            this.guard.0.touch();
+        }
+        frame
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
+    }
+}
