@@ -8,17 +8,8 @@ use rustix::process::Signal;
 use crate::support::*;
 
 fn chatd(args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
-    let mut cmd = Command::new(chatd_bin());
-    cmd.args(args).env_remove("RUST_LOG");
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    let out = cmd.output().expect("run chatd");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    let run = run_chatd(args, env);
+    (run.code, run.stdout, run.stderr)
 }
 
 #[tokio::test]
