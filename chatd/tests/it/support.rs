@@ -351,6 +351,13 @@ impl Client {
         }
     }
 
+    /// This end's address (the daemon sees it as the peer).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.writer
+            .local_addr()
+            .expect("a connected socket has an address")
+    }
+
     /// Sends `text` as is (add the `\n` yourself).
     pub async fn send(&mut self, text: &str) {
         self.send_raw(text.as_bytes()).await;
