@@ -17,8 +17,7 @@ use opentelemetry_proto::tonic::collector::trace::v1::{
 };
 use opentelemetry_proto::tonic::common::v1::any_value::Value;
 use rustix::process::Signal;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpStream, UdpSocket, UnixDatagram};
+use tokio::net::{UdpSocket, UnixDatagram};
 
 use crate::support::*;
 
@@ -304,37 +303,6 @@ impl Drop for KillOnDrop {
             let _ = rustix::process::kill_process(pid, Signal::KILL);
         }
     }
-}
-
-async fn scrape(addr: SocketAddr, path: &str) -> (String, String) {
-    let mut stream = TcpStream::connect(addr).await.expect("connect to metrics");
-    stream
-        .write_all(format!("GET {path} HTTP/1.1\r\nHost: test\r\n\r\n").as_bytes())
-        .await
-        .expect("send request");
-    let mut response = String::new();
-    tokio::time::timeout(WAIT, stream.read_to_string(&mut response))
-        .await
-        .expect("response in time")
-        .expect("read response");
-    let (head, body) = response.split_once("\r\n\r\n").expect("head and body");
-    (head.to_string(), body.to_string())
-}
-
-fn sample(body: &str, name: &str) -> f64 {
-    body.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no sample {name} in:\n{body}"))
-}
-
-/// The metrics listener's address, from the "listening" log line.
-async fn metrics_addr(server: &TestServer) -> SocketAddr {
-    let listening = server.wait_logged("listening").await;
-    listening["metrics"]
-        .as_str()
-        .and_then(|s| s.parse().ok())
-        .expect("metrics address in the listening line")
 }
 
 #[tokio::test]

@@ -9,7 +9,7 @@ use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader as AsyncBufReader};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader as AsyncBufReader};
 use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 
@@ -545,4 +545,40 @@ impl TestServer {
         self.signal(rustix::process::Signal::TERM);
         self.wait_exit().await;
     }
+}
+
+/// One HTTP/1.1 GET of the metrics listener: (head, body).
+pub async fn scrape(addr: SocketAddr, path: &str) -> (String, String) {
+    let mut stream = tokio::time::timeout(WAIT, TcpStream::connect(addr))
+        .await
+        .expect("connect to metrics in time")
+        .expect("connect to metrics");
+    stream
+        .write_all(format!("GET {path} HTTP/1.1\r\nHost: test\r\n\r\n").as_bytes())
+        .await
+        .expect("send request");
+    let mut response = String::new();
+    tokio::time::timeout(WAIT, stream.read_to_string(&mut response))
+        .await
+        .expect("response in time")
+        .expect("read response");
+    let (head, body) = response.split_once("\r\n\r\n").expect("head and body");
+    (head.to_string(), body.to_string())
+}
+
+/// The value of the sample `name` (with its labels, if any) in `body`.
+pub fn sample(body: &str, name: &str) -> f64 {
+    body.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no sample {name} in:\n{body}"))
+}
+
+/// The metrics listener's address, from the "listening" log line.
+pub async fn metrics_addr(server: &TestServer) -> SocketAddr {
+    let listening = server.wait_logged("listening").await;
+    listening["metrics"]
+        .as_str()
+        .and_then(|s| s.parse().ok())
+        .expect("metrics address in the listening line")
 }
