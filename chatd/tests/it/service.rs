@@ -202,16 +202,6 @@ fn parse_journal(mut data: &[u8]) -> HashMap<String, String> {
     fields
 }
 
-/// Whether this test process may create a mount namespace (root in CI).
-fn can_unshare() -> bool {
-    Command::new("unshare")
-        .args(["--mount", "true"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
-}
-
 #[tokio::test]
 async fn journald_records_carry_priority_message_and_client_fields() {
     // The journal socket path is fixed (/run/systemd/journal/socket), so

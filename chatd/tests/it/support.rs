@@ -78,6 +78,16 @@ pub fn output_within(mut cmd: Command) -> Output {
     }
 }
 
+/// Whether this test process may create a mount namespace (root in CI).
+pub fn can_unshare() -> bool {
+    Command::new("unshare")
+        .args(["--mount", "true"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
 /// What one short-lived `chatd` run (`--check-config`, a refused start)
 /// printed, and how it exited.
 pub struct Run {
