@@ -175,8 +175,9 @@ async fn the_accept_loop_survives_running_out_of_file_descriptors() {
     let mut clients = Vec::new();
     for _ in 0..60 {
         clients.push(
-            tokio::net::TcpStream::connect(server.chat)
+            tokio::time::timeout(WAIT, tokio::net::TcpStream::connect(server.chat))
                 .await
+                .expect("connect in time")
                 .expect("connect"),
         );
     }

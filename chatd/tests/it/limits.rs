@@ -80,7 +80,7 @@ async fn connect_from(ip: &str, server: &TestServer) -> Client {
     socket
         .bind(format!("{ip}:0").parse().expect("addr"))
         .expect("bind");
-    Client::from_stream(socket.connect(server.chat).await.expect("connect"))
+    Client::connect_socket(socket, server.chat).await
 }
 
 #[tokio::test]
@@ -224,7 +224,10 @@ async fn a_client_that_never_reads_is_cut_off_without_slowing_the_others() {
     // absorbs little on its behalf.
     let socket = TcpSocket::new_v4().expect("socket");
     socket.set_recv_buffer_size(4096).expect("rcvbuf");
-    let stalled = socket.connect(server.chat).await.expect("connect");
+    let stalled = tokio::time::timeout(WAIT, socket.connect(server.chat))
+        .await
+        .expect("connect in time")
+        .expect("connect");
     sender.expect("joined").await;
     sender.expect("joined").await;
     reader.sync().await;

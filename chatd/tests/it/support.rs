@@ -352,6 +352,15 @@ impl Client {
         Self::from_stream(stream)
     }
 
+    /// Connects `socket` (bound and tuned by the caller) to `addr`.
+    pub async fn connect_socket(socket: tokio::net::TcpSocket, addr: SocketAddr) -> Client {
+        let stream = tokio::time::timeout(WAIT, socket.connect(addr))
+            .await
+            .expect("connect in time")
+            .expect("connect");
+        Self::from_stream(stream)
+    }
+
     pub fn from_stream(stream: TcpStream) -> Client {
         stream.set_nodelay(true).expect("nodelay");
         let (r, w) = stream.into_split();
@@ -373,8 +382,13 @@ impl Client {
         self.send_raw(text.as_bytes()).await;
     }
 
+    /// Sends `bytes`; fails if the daemon has not taken them within
+    /// [`WAIT`] (a daemon that stopped reading must not hang the test).
     pub async fn send_raw(&mut self, bytes: &[u8]) {
-        self.writer.write_all(bytes).await.expect("send");
+        tokio::time::timeout(WAIT, self.writer.write_all(bytes))
+            .await
+            .unwrap_or_else(|_| panic!("the daemon took no {} bytes within {WAIT:?}", bytes.len()))
+            .expect("send");
     }
 
     /// The next line, without its `\r\n`; `None` at EOF or reset.
