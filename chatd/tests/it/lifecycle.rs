@@ -273,8 +273,17 @@ async fn test_daemons_never_read_the_system_config_file() {
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("this is not TOML"), "{stderr}");
 
-    // The same machine, the way every test starts chatd.
+    // --no-config skips it.
     let mut cmd = with_system_config(&dir.path().join("b"), broken, chatd_bin());
+    isolate(&mut cmd, dir.path());
+    cmd.args(["--no-config", "--check-config"]);
+    let out = output_within(cmd);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert!(stdout.contains("built-in defaults"), "{stdout}");
+
+    // The same machine, the way every test starts chatd.
+    let mut cmd = with_system_config(&dir.path().join("c"), broken, chatd_bin());
     let env = TestServer::prepare(&mut cmd, None, &[]);
     let server = TestServer::launch(cmd, env);
     let (mut alice, a) = server.join().await;
