@@ -42,10 +42,11 @@ pub async fn run(cli: Cli, out: &mut dyn Write) -> Result<(), ChatctlError> {
                     endpoint: endpoint.to_string(),
                 })
             } else if let ChatctlError::Status { message, .. } = &err
-                && message == "transport error"
+                && (message == "transport error" || message.starts_with("h2 protocol error"))
             {
-                // The connection itself failed (e.g. an HTTP/1 server): the
-                // admin API was not reached, the same class as no listener.
+                // The connection itself failed, or spoke no HTTP/2 (e.g. an
+                // HTTP/1 server): the admin API was not reached, the same
+                // class as no listener.
                 Err(ChatctlError::Unreachable {
                     endpoint: endpoint.to_string(),
                     cause: "the connection failed (transport error), so it may not be chatd's \

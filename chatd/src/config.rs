@@ -53,6 +53,10 @@ pub enum Source {
     Explicit(PathBuf),
     /// No flag: [`DEFAULT_CONFIG_PATH`] if it exists, else defaults only.
     Default,
+    /// `--no-config`: no file at all, whatever exists on this machine, so a
+    /// run (a test, a one-off instance beside an installed one) depends only
+    /// on the built-in defaults and the environment it was given.
+    NoFile,
 }
 
 impl Source {
@@ -64,6 +68,7 @@ impl Source {
                 let p = Path::new(DEFAULT_CONFIG_PATH);
                 p.exists().then(|| p.to_path_buf())
             }
+            Source::NoFile => None,
         }
     }
 }
@@ -1118,7 +1123,9 @@ mod tests {
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
-        Config::load_with_env(&Source::Default, Some(env))
+        // Never the machine's /etc/chatd/chatd.toml: these tests must not
+        // depend on what is installed.
+        Config::load_with_env(&Source::NoFile, Some(env))
     }
 
     #[test]

@@ -24,6 +24,10 @@ struct Args {
     /// environment variables override both.
     #[arg(short, long, value_name = "PATH")]
     config: Option<PathBuf>,
+    /// Read no config file, not even /etc/chatd/chatd.toml: the built-in
+    /// defaults and CHATD_<SECTION>__<KEY> variables only.
+    #[arg(long, conflicts_with = "config")]
+    no_config: bool,
     /// Validate the configuration and exit.
     #[arg(long)]
     check_config: bool,
@@ -36,6 +40,7 @@ fn main() -> ExitCode {
     let args = Args::parse();
     let source = match args.config {
         Some(path) => Source::Explicit(path),
+        None if args.no_config => Source::NoFile,
         None => Source::Default,
     };
     let config = match Config::load(&source) {

@@ -5,7 +5,7 @@ use std::net::TcpListener;
 use chatctl::cli::ClientRef;
 use chatctl::connect::EndpointAddr;
 
-use crate::{chatctl, scratch_dir, stderr, stdout};
+use crate::{chatctl, chatctl_env, scratch_dir, stderr, stdout};
 
 /// A local port that nothing listens on: bound, then closed.
 fn closed_port() -> u16 {
@@ -65,13 +65,10 @@ fn usage_errors_exit_2() {
 #[test]
 fn a_token_file_on_the_command_line_beats_the_environment() {
     let missing = scratch_dir("tokenfile").join("missing.token");
-    let output = std::process::Command::new(env!("CARGO_BIN_EXE_chatctl"))
-        .args(["stats", "--token-file"])
-        .arg(&missing)
-        .env("CHATCTL_TOKEN", "from-env")
-        .env_remove("CHATCTL_TOKEN_FILE")
-        .output()
-        .expect("the chatctl binary runs");
+    let output = chatctl_env(
+        &["stats", "--token-file", missing.to_str().expect("utf-8")],
+        &[("CHATCTL_TOKEN", "from-env")],
+    );
     assert_eq!(output.status.code(), Some(1));
     assert!(
         stderr(&output).contains("cannot read the token file"),

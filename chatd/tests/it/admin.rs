@@ -263,7 +263,12 @@ async fn watch_streams_joins_and_optionally_messages() {
     let (mut alice, a) = server.join().await;
     alice.send("hi there\n").await;
     let mut seen = Vec::new();
+    let deadline = std::time::Instant::now() + WAIT;
     loop {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no message event within {WAIT:?}; saw {seen:?}"
+        );
         let line = tokio::time::timeout(WAIT, events.next_line())
             .await
             .expect("an event in time")
@@ -293,9 +298,9 @@ async fn watch_streams_joins_and_optionally_messages() {
         .expect("start chatctl watch");
     let mut lines = BufReader::new(table.stdout.take().expect("piped")).lines();
     let started = server.logged("admin: watch started").len();
-    while server.logged("admin: watch started").len() == started {
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
+    server
+        .wait_logged_times("admin: watch started", started + 1)
+        .await;
     alice.send("not shown\n").await;
     alice.send("/quit bye\n").await;
     let line = tokio::time::timeout(WAIT, lines.next_line())
@@ -527,15 +532,16 @@ async fn health_turns_not_serving_when_shutdown_begins() {
 
 #[tokio::test]
 async fn a_public_admin_address_without_a_token_refuses_to_start() {
-    let out = std::process::Command::new(chatd_bin())
-        .env("CHATD_ADMIN__LISTEN", "0.0.0.0:0")
-        .env("CHATD_CHAT__LISTEN", "127.0.0.1:0")
-        .env("CHATD_UDP__ENABLED", "false")
-        .env_remove("RUST_LOG")
-        .output()
-        .expect("run chatd");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    let out = run_chatd(
+        &[],
+        &[
+            ("CHATD_ADMIN__LISTEN", "0.0.0.0:0"),
+            ("CHATD_CHAT__LISTEN", "127.0.0.1:0"),
+            ("CHATD_UDP__ENABLED", "false"),
+        ],
+    );
+    let stderr = out.stderr;
+    assert_eq!(out.code, 1, "{stderr}");
     assert_eq!(stderr.lines().count(), 1, "{stderr}");
     assert!(
         stderr.contains("0.0.0.0:0")
@@ -549,17 +555,16 @@ async fn a_public_admin_address_without_a_token_refuses_to_start() {
 async fn admin_address_in_use_is_one_clear_line() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let addr = taken.local_addr().expect("addr").to_string();
-    let dir = tempfile::tempdir().expect("tempdir");
-    let out = std::process::Command::new(chatd_bin())
-        .env("CHATD_ADMIN__LISTEN", &addr)
-        .env("CHATD_CHAT__LISTEN", "127.0.0.1:0")
-        .env("CHATD_UDP__ENABLED", "false")
-        .env("RUNTIME_DIRECTORY", dir.path())
-        .env_remove("RUST_LOG")
-        .output()
-        .expect("run chatd");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    let out = run_chatd(
+        &[],
+        &[
+            ("CHATD_ADMIN__LISTEN", &addr),
+            ("CHATD_CHAT__LISTEN", "127.0.0.1:0"),
+            ("CHATD_UDP__ENABLED", "false"),
+        ],
+    );
+    let stderr = out.stderr;
+    assert_eq!(out.code, 1, "{stderr}");
     let last = stderr.lines().last().unwrap_or_default();
     assert!(
         last.contains(&addr) && last.contains("admin.listen") && last.contains("in use"),
@@ -594,19 +599,18 @@ async fn the_tcp_listener_can_require_tls() {
 
     // A key that does not parse stops startup with one line.
     std::fs::write(&key_path, "not a key").expect("write");
-    let out = std::process::Command::new(chatd_bin())
-        .env("CHATD_ADMIN__LISTEN", "127.0.0.1:0")
-        .env("CHATD_CHAT__LISTEN", "127.0.0.1:0")
-        .env("CHATD_UDP__ENABLED", "false")
-        .env("CHATD_ADMIN__TLS_CERT", &cert_path)
-        .env("CHATD_ADMIN__TLS_KEY", &key_path)
-        .env("RUNTIME_DIRECTORY", dir.path().join("run"))
-        .env("CHATD_SERVER__STATE_DIR", dir.path().join("state"))
-        .env_remove("RUST_LOG")
-        .output()
-        .expect("run chatd");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    let out = run_chatd(
+        &[],
+        &[
+            ("CHATD_ADMIN__LISTEN", "127.0.0.1:0"),
+            ("CHATD_CHAT__LISTEN", "127.0.0.1:0"),
+            ("CHATD_UDP__ENABLED", "false"),
+            ("CHATD_ADMIN__TLS_CERT", cert_path.to_str().expect("utf-8")),
+            ("CHATD_ADMIN__TLS_KEY", key_path.to_str().expect("utf-8")),
+        ],
+    );
+    let stderr = out.stderr;
+    assert_eq!(out.code, 1, "{stderr}");
     assert!(
         stderr
             .lines()

@@ -1,6 +1,7 @@
 //! Starting, configuring and stopping the daemon.
 
 use std::net::TcpListener;
+use std::path::Path;
 use std::process::Command;
 
 use rustix::process::Signal;
@@ -8,17 +9,8 @@ use rustix::process::Signal;
 use crate::support::*;
 
 fn chatd(args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
-    let mut cmd = Command::new(chatd_bin());
-    cmd.args(args).env_remove("RUST_LOG");
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    let out = cmd.output().expect("run chatd");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    let run = run_chatd(args, env);
+    (run.code, run.stdout, run.stderr)
 }
 
 #[tokio::test]
@@ -199,8 +191,9 @@ async fn the_accept_loop_survives_running_out_of_file_descriptors() {
     let mut clients = Vec::new();
     for _ in 0..60 {
         clients.push(
-            tokio::net::TcpStream::connect(server.chat)
+            tokio::time::timeout(WAIT, tokio::net::TcpStream::connect(server.chat))
                 .await
+                .expect("connect in time")
                 .expect("connect"),
         );
     }
@@ -329,4 +322,82 @@ async fn the_text_log_is_plain_and_names_the_current_nick_once() {
         "{:?}",
         log.seen
     );
+}
+
+/// `unshare … sh -c SCRIPT sh PROGRAM`: PROGRAM (and the arguments added to
+/// the command later) run in a private mount namespace where /etc is an
+/// overlay holding `broken` as /etc/chatd/chatd.toml. The machine's /etc is
+/// not touched.
+fn with_system_config(dir: &Path, broken: &str, program: &str) -> Command {
+    std::fs::create_dir_all(dir).expect("mkdir");
+    let file = dir.join("system.toml");
+    std::fs::write(&file, broken).expect("write");
+    let overlay = dir.join("overlay");
+    std::fs::create_dir(&overlay).expect("mkdir");
+    let script = format!(
+        "set -e
+         mount -t tmpfs tmpfs '{o}'
+         mkdir '{o}/upper' '{o}/work'
+         mount -t overlay overlay -o lowerdir=/etc,upperdir='{o}/upper',workdir='{o}/work' /etc
+         mkdir -p /etc/chatd
+         cp '{f}' /etc/chatd/chatd.toml
+         exec \"$@\"",
+        o = overlay.display(),
+        f = file.display(),
+    );
+    let mut cmd = Command::new("unshare");
+    cmd.args([
+        "--mount",
+        "--propagation",
+        "private",
+        "sh",
+        "-c",
+        &script,
+        "sh",
+    ])
+    .arg(program);
+    cmd
+}
+
+#[tokio::test]
+async fn test_daemons_never_read_the_system_config_file() {
+    // The README's install step puts a config at /etc/chatd/chatd.toml, and
+    // chatd reads it when no --config is given. Here that file is broken;
+    // the suite's daemons must not notice.
+    if !can_unshare() {
+        eprintln!("skipped: cannot create a mount namespace here (needs root)");
+        return;
+    }
+    let broken = "[limits]\nmax_line_bytes = \"lots\"\nthis is not TOML\n";
+    let dir = tempfile::tempdir().expect("tempdir");
+
+    // The file is where chatd looks by default: without --no-config, chatd
+    // reads it and refuses to start.
+    let mut cmd = with_system_config(&dir.path().join("a"), broken, chatd_bin());
+    isolate(&mut cmd, dir.path());
+    cmd.arg("--check-config");
+    let out = output_within(cmd);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("this is not TOML"), "{stderr}");
+
+    // --no-config skips it.
+    let mut cmd = with_system_config(&dir.path().join("b"), broken, chatd_bin());
+    isolate(&mut cmd, dir.path());
+    cmd.args(["--no-config", "--check-config"]);
+    let out = output_within(cmd);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert!(stdout.contains("built-in defaults"), "{stdout}");
+
+    // The same machine, the way every test starts chatd.
+    let mut cmd = with_system_config(&dir.path().join("c"), broken, chatd_bin());
+    let env = TestServer::prepare(&mut cmd, None, &[]);
+    let server = TestServer::launch(cmd, env);
+    let (mut alice, a) = server.join().await;
+    let (mut bob, _) = server.join().await;
+    alice.send("hello\n").await;
+    assert_eq!(bob.expect("hello").await, format!("<{a}> hello"));
+    let listening = server.wait_logged("listening").await;
+    assert_eq!(listening["config"], "built-in defaults", "{listening}");
 }

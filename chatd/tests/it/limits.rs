@@ -91,6 +91,23 @@ async fn the_server_refuses_too_many_clients_from_one_address() {
     // Another address is not affected.
     let mut d = connect_from("127.0.0.2", &server).await;
     d.welcome().await;
+
+    // When a client from the address leaves, its slot is free again, and
+    // only that one slot.
+    drop(a);
+    server.wait_logged_times("disconnected", 1).await;
+    let mut e = connect_from("127.0.0.1", &server).await;
+    e.welcome().await;
+    let mut f = connect_from("127.0.0.1", &server).await;
+    assert_eq!(
+        f.line().await,
+        "*** error: too many connections from your address (max 2)"
+    );
+    assert_eq!(f.try_line().await, None);
+    drop(b);
+    server.wait_logged_times("disconnected", 2).await;
+    let mut g = connect_from("127.0.0.1", &server).await;
+    g.welcome().await;
 }
 
 #[tokio::test]
@@ -134,31 +151,57 @@ async fn idle_clients_are_disconnected() {
     assert!(started.elapsed() >= Duration::from_millis(900));
 }
 
+/// The kernel's view of the daemon's end of `client`'s connection, once no
+/// data is in flight: the timer it has armed (`/proc/net/tcp`'s `tr` field:
+/// 0 none, 2 keepalive) and the seconds until it fires.
+async fn server_side_timer(server: &TestServer, client: &Client) -> (u8, f64) {
+    let local = format!(":{:04X}", server.chat.port());
+    let remote = format!(":{:04X}", client.local_addr().port());
+    let ticks = f64::from(rustix::param::clock_ticks_per_second() as u32);
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let table = std::fs::read_to_string("/proc/net/tcp").expect("/proc/net/tcp");
+        // sl local_address rem_address st tx_queue:rx_queue tr:tm->when …
+        let row = table.lines().find_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.len() > 5 && f[1].ends_with(&local) && f[2].ends_with(&remote) && f[3] == "01")
+                .then(|| f[5].to_string())
+        });
+        if let Some((timer, when)) = row.as_deref().and_then(|t| t.split_once(':')) {
+            let timer: u8 = timer.parse().expect("timer kind");
+            let when = u64::from_str_radix(when, 16).expect("hex clock ticks") as f64 / ticks;
+            // 1 is the retransmit timer: the welcome is not acknowledged yet.
+            if timer != 1 {
+                return (timer, when);
+            }
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the daemon's socket for {} never settled: {row:?}",
+            client.local_addr()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 #[tokio::test]
-async fn keepalive_is_enabled_on_client_sockets() {
+async fn keepalive_probes_after_the_configured_idle_time() {
+    // The daemon's end of the connection is in this network namespace, so
+    // the kernel's table shows its keepalive timer counting down from
+    // `limits.keepalive_secs` (the kernel's own default is 7200 s).
     let server = TestServer::with_env(&[("CHATD_LIMITS__KEEPALIVE_SECS", "42")]);
-    let (_alice, _) = server.join().await;
-    // The daemon's side of the connection: /proc/net/tcp shows the timer.
-    let port = format!("{:04X}", server.chat.port());
-    let table = std::fs::read_to_string("/proc/net/tcp").expect("/proc/net/tcp");
-    let ours: Vec<&str> = table
-        .lines()
-        .filter(|l| {
-            l.split_whitespace()
-                .nth(1)
-                .is_some_and(|local| local.ends_with(&port))
-        })
-        .filter(|l| l.split_whitespace().nth(3) == Some("01"))
-        .collect();
-    assert!(!ours.is_empty(), "no established socket on the chat port");
-    // Field 5 is "timer:when"; timer 2 is the keepalive timer.
+    let (alice, _) = server.join().await;
+    let (timer, secs) = server_side_timer(&server, &alice).await;
+    assert_eq!(timer, 2, "no keepalive timer on the daemon's socket");
     assert!(
-        ours.iter().any(|l| l
-            .split_whitespace()
-            .nth(5)
-            .is_some_and(|t| t.starts_with("02:"))),
-        "no keepalive timer: {ours:?}"
+        secs > 42.0 - WAIT.as_secs_f64() && secs <= 42.0,
+        "keepalive fires in {secs} s, not within the configured 42 s"
     );
+
+    let off = TestServer::with_env(&[("CHATD_LIMITS__KEEPALIVE_SECS", "0")]);
+    let (bob, _) = off.join().await;
+    let (timer, _) = server_side_timer(&off, &bob).await;
+    assert_eq!(timer, 0, "keepalive_secs = 0 still arms a timer");
 }
 
 #[tokio::test]
@@ -173,7 +216,10 @@ async fn a_client_that_never_reads_is_cut_off_without_slowing_the_others() {
     // absorbs little on its behalf.
     let socket = TcpSocket::new_v4().expect("socket");
     socket.set_recv_buffer_size(4096).expect("rcvbuf");
-    let stalled = socket.connect(server.chat).await.expect("connect");
+    let stalled = tokio::time::timeout(WAIT, socket.connect(server.chat))
+        .await
+        .expect("connect in time")
+        .expect("connect");
     sender.expect("joined").await;
     sender.expect("joined").await;
     reader.sync().await;
@@ -189,7 +235,12 @@ async fn a_client_that_never_reads_is_cut_off_without_slowing_the_others() {
     let (progress, mut received) = tokio::sync::watch::channel(0usize);
     let read_all = tokio::spawn(async move {
         let mut got = 0;
+        let deadline = std::time::Instant::now() + WAIT;
         while got < LINES {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the reader got {got} of {LINES} lines within {WAIT:?}"
+            );
             let l = reader.line().await;
             if l.starts_with('<') {
                 assert_eq!(l, expected_line);
@@ -226,10 +277,11 @@ async fn a_client_that_never_reads_is_cut_off_without_slowing_the_others() {
     let mut stalled = stalled;
     let mut sink = vec![0u8; 1 << 20];
     let mut total = 0usize;
+    let deadline = tokio::time::Instant::now() + WAIT;
     loop {
-        match tokio::time::timeout(WAIT, stalled.read(&mut sink))
+        match tokio::time::timeout_at(deadline, stalled.read(&mut sink))
             .await
-            .expect("EOF in time")
+            .unwrap_or_else(|_| panic!("no EOF within {WAIT:?}; {total} bytes read"))
         {
             Ok(0) | Err(_) => break,
             Ok(n) => total += n,

@@ -17,42 +17,74 @@ use opentelemetry_proto::tonic::collector::trace::v1::{
 };
 use opentelemetry_proto::tonic::common::v1::any_value::Value;
 use rustix::process::Signal;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncReadExt;
 use tokio::net::{TcpStream, UdpSocket, UnixDatagram};
 
 use crate::support::*;
 
 /// Receives datagrams until one contains `needle` as a line; returns every
-/// line received on the way, that one included.
+/// line received on the way, that one included. Fails after [`WAIT`] even
+/// while other notifications (watchdog pings) keep arriving.
 async fn until_line(socket: &UnixDatagram, needle: &str) -> Vec<String> {
-    let mut seen = Vec::new();
+    until(socket, needle, |l| l == needle).await
+}
+
+/// Like [`until_line`], for the first line that satisfies `found`.
+async fn until(socket: &UnixDatagram, what: &str, found: impl Fn(&str) -> bool) -> Vec<String> {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let mut seen: Vec<String> = Vec::new();
     let mut buf = vec![0u8; 64 * 1024];
     loop {
-        let n = tokio::time::timeout(WAIT, socket.recv(&mut buf))
+        let n = tokio::time::timeout_at(deadline, socket.recv(&mut buf))
             .await
-            .unwrap_or_else(|_| panic!("no {needle:?} in time; saw {seen:?}"))
+            .unwrap_or_else(|_| {
+                panic!(
+                    "no {what:?} within {WAIT:?}; the last of {} lines: {:?}",
+                    seen.len(),
+                    &seen[seen.len().saturating_sub(6)..]
+                )
+            })
             .expect("recv");
         let text = String::from_utf8_lossy(&buf[..n]).into_owned();
-        let found = text.lines().any(|l| l == needle);
+        let hit = text.lines().any(&found);
         seen.extend(text.lines().map(str::to_string));
-        if found {
+        if hit {
             return seen;
+        }
+    }
+}
+
+/// A fake service manager: the socket chatd is told about in
+/// `NOTIFY_SOCKET`, and the variables that point chatd at it.
+struct Manager {
+    socket: UnixDatagram,
+    path: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Manager {
+    fn new() -> Manager {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("notify");
+        let socket = UnixDatagram::bind(&path).expect("bind notify socket");
+        Manager {
+            socket,
+            path: path.to_str().expect("utf-8").to_string(),
+            _dir: dir,
         }
     }
 }
 
 #[tokio::test]
 async fn notify_ready_watchdog_reload_and_stopping_in_order() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let path = dir.path().join("notify");
-    let socket = UnixDatagram::bind(&path).expect("bind notify socket");
-    let notify = path.to_str().expect("utf-8");
+    let manager = Manager::new();
+    let socket = &manager.socket;
     let mut server = TestServer::with_env(&[
-        ("NOTIFY_SOCKET", notify),
+        ("NOTIFY_SOCKET", &manager.path),
         // 200 ms: chatd must ping at least every 100 ms.
         ("WATCHDOG_USEC", "200000"),
     ]);
-    let before = until_line(&socket, "READY=1").await;
+    let before = until_line(socket, "READY=1").await;
     assert!(
         !before
             .iter()
@@ -62,42 +94,88 @@ async fn notify_ready_watchdog_reload_and_stopping_in_order() {
     // READY means served: a client is welcomed straight away.
     let (mut alice, _) = server.join().await;
 
-    // The watchdog keeps being fed while the daemon is healthy, with a
-    // status line naming the clients.
+    // The watchdog keeps being fed while the daemon is healthy, each ping
+    // with a status line read from the hub at that moment.
     let started = Instant::now();
-    let mut pings = 0;
-    let mut status = String::new();
-    while pings < 5 {
-        let lines = until_line(&socket, "WATCHDOG=1").await;
-        pings += 1;
-        if let Some(s) = lines.iter().find_map(|l| l.strip_prefix("STATUS=")) {
-            status = s.to_string();
-        }
+    for _ in 0..5 {
+        let lines = until_line(socket, "WATCHDOG=1").await;
+        assert!(
+            lines.iter().any(|l| l.starts_with("STATUS=")),
+            "a ping without a status: {lines:?}"
+        );
     }
     assert!(started.elapsed() < Duration::from_secs(3), "pings too slow");
-    assert!(status.starts_with("1 client, 1 room, "), "{status:?}");
+    until(socket, "STATUS=1 client", |l| {
+        l.starts_with("STATUS=1 client")
+    })
+    .await;
+    let (_bob, _) = server.join().await;
+    let lines = until(socket, "STATUS=2 clients", |l| {
+        l.starts_with("STATUS=2 clients")
+    })
+    .await;
+    let status = lines.last().expect("the status line");
+    assert!(
+        status.contains(" 1 room") && status.contains(" lines relayed"),
+        "{status:?}"
+    );
 
     server.signal(Signal::HUP);
-    let lines = until_line(&socket, "RELOADING=1").await;
+    let lines = until_line(socket, "RELOADING=1").await;
     assert!(!lines.iter().any(|l| l == "READY=1"), "{lines:?}");
-    let lines = until_line(&socket, "READY=1").await;
+    // systemd (Type=notify-reload) wants the reload's start time in the
+    // same datagram.
+    let usec = lines.iter().find_map(|l| l.strip_prefix("MONOTONIC_USEC="));
+    assert!(
+        usec.is_some_and(|u| u.parse::<u64>().is_ok_and(|u| u > 0)),
+        "{lines:?}"
+    );
+    let lines = until_line(socket, "READY=1").await;
     assert!(!lines.iter().any(|l| l == "STOPPING=1"), "{lines:?}");
     server.wait_logged("configuration reloaded").await;
     alice.send("still here\n").await;
     alice.sync().await;
 
     server.signal(Signal::TERM);
-    until_line(&socket, "STOPPING=1").await;
+    until_line(socket, "STOPPING=1").await;
     assert_eq!(server.wait_exit().await.code(), Some(0));
 }
 
 #[tokio::test]
-async fn without_notify_socket_nothing_is_sent_and_chat_works() {
-    let server = TestServer::with_env(&[("WATCHDOG_USEC", "200000")]);
+async fn without_a_watchdog_for_chatd_only_ready_status_and_stopping_are_sent() {
+    // The watchdog is meant for another process (systemd sets WATCHDOG_PID
+    // to the main pid): chatd must not ping, but still reports its status.
+    let manager = Manager::new();
+    let socket = &manager.socket;
+    let mut server = TestServer::with_env(&[
+        ("NOTIFY_SOCKET", &manager.path),
+        ("WATCHDOG_USEC", "200000"),
+        ("WATCHDOG_PID", "1"),
+        ("CHATD_LOG__LEVEL", "debug"),
+    ]);
+    let mut lines = until_line(socket, "READY=1").await;
+    // The notifier's first round sends at once: with a watchdog it would
+    // be `WATCHDOG=1` with the status.
+    lines.extend(until(socket, "STATUS=", |l| l.starts_with("STATUS=")).await);
+    server.wait_logged("notifying the service manager").await;
+    server.signal(Signal::TERM);
+    lines.extend(until_line(socket, "STOPPING=1").await);
+    assert_eq!(server.wait_exit().await.code(), Some(0));
+    assert!(!lines.iter().any(|l| l == "WATCHDOG=1"), "{lines:?}");
+}
+
+#[tokio::test]
+async fn without_notify_socket_the_notifier_stays_off_and_chat_works() {
+    let server =
+        TestServer::with_env(&[("WATCHDOG_USEC", "200000"), ("CHATD_LOG__LEVEL", "debug")]);
     let (mut alice, a) = server.join().await;
     let (mut bob, _) = server.join().await;
     alice.send("hello\n").await;
     assert_eq!(bob.expect("hello").await, format!("<{a}> hello"));
+    // The notifier logs this when it starts (see the test above), and a
+    // failed notification would be logged too.
+    assert!(server.logged("notifying the service manager").is_empty());
+    assert!(server.logged("cannot notify").is_empty());
 }
 
 /// One native journal record: `KEY=value` lines, or `KEY\n` followed by a
@@ -125,16 +203,6 @@ fn parse_journal(mut data: &[u8]) -> HashMap<String, String> {
     fields
 }
 
-/// Whether this test process may create a mount namespace (root in CI).
-fn can_unshare() -> bool {
-    Command::new("unshare")
-        .args(["--mount", "true"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
-}
-
 #[tokio::test]
 async fn journald_records_carry_priority_message_and_client_fields() {
     // The journal socket path is fixed (/run/systemd/journal/socket), so
@@ -148,12 +216,21 @@ async fn journald_records_carry_priority_message_and_client_fields() {
     let dir = tempfile::tempdir().expect("tempdir");
     let socket = UnixDatagram::bind(dir.path().join("socket")).expect("bind journal socket");
     let script = format!(
-        "mount --bind '{}' /run/systemd/journal && exec '{}'",
+        "mount --bind '{}' /run/systemd/journal && exec '{}' \"$@\"",
         dir.path().display(),
         chatd_bin()
     );
     let mut cmd = Command::new("unshare");
-    cmd.args(["--mount", "--propagation", "private", "sh", "-c", &script]);
+    // `sh -c SCRIPT sh ARGS…`: chatd gets the arguments `prepare` adds.
+    cmd.args([
+        "--mount",
+        "--propagation",
+        "private",
+        "sh",
+        "-c",
+        &script,
+        "sh",
+    ]);
     TestServer::prepare(&mut cmd, None, &[("CHATD_LOG__TARGET", "journald")]);
     cmd.stderr(Stdio::inherit());
     let mut child = cmd.spawn().expect("start chatd");
@@ -161,20 +238,23 @@ async fn journald_records_carry_priority_message_and_client_fields() {
 
     let mut records: Vec<HashMap<String, String>> = Vec::new();
     let mut buf = vec![0u8; 256 * 1024];
-    let mut next = async |records: &mut Vec<HashMap<String, String>>| {
-        let n = tokio::time::timeout(WAIT, socket.recv(&mut buf))
+    // Each wait has its own deadline, however many other records arrive.
+    let mut next = async |records: &mut Vec<HashMap<String, String>>,
+                          deadline: tokio::time::Instant| {
+        let n = tokio::time::timeout_at(deadline, socket.recv(&mut buf))
             .await
-            .expect("a journal record in time")
+            .unwrap_or_else(|_| panic!("the record awaited did not come within {WAIT:?}"))
             .expect("recv");
         if n > 0 {
             records.push(parse_journal(&buf[..n]));
         }
     };
+    let deadline = tokio::time::Instant::now() + WAIT;
     while !records
         .iter()
         .any(|r| r.get("MESSAGE").is_some_and(|m| m == "listening"))
     {
-        next(&mut records).await;
+        next(&mut records, deadline).await;
     }
     let listening = records.last().expect("record").clone();
     assert_eq!(listening["PRIORITY"], "5", "{listening:?}");
@@ -185,6 +265,7 @@ async fn journald_records_carry_priority_message_and_client_fields() {
     alice.welcome().await;
     alice.send("/nick alice\n/join dev\n").await;
     alice.expect("You are now in dev").await;
+    let deadline = tokio::time::Instant::now() + WAIT;
     let joined = loop {
         if let Some(r) = records
             .iter()
@@ -192,7 +273,7 @@ async fn journald_records_carry_priority_message_and_client_fields() {
         {
             break r.clone();
         }
-        next(&mut records).await;
+        next(&mut records, deadline).await;
     };
     assert_eq!(joined["NICK"], "alice", "{joined:?}");
     assert_eq!(joined["ROOM"], "dev", "{joined:?}");
@@ -213,37 +294,6 @@ impl Drop for KillOnDrop {
             let _ = rustix::process::kill_process(pid, Signal::KILL);
         }
     }
-}
-
-async fn scrape(addr: SocketAddr, path: &str) -> (String, String) {
-    let mut stream = TcpStream::connect(addr).await.expect("connect to metrics");
-    stream
-        .write_all(format!("GET {path} HTTP/1.1\r\nHost: test\r\n\r\n").as_bytes())
-        .await
-        .expect("send request");
-    let mut response = String::new();
-    tokio::time::timeout(WAIT, stream.read_to_string(&mut response))
-        .await
-        .expect("response in time")
-        .expect("read response");
-    let (head, body) = response.split_once("\r\n\r\n").expect("head and body");
-    (head.to_string(), body.to_string())
-}
-
-fn sample(body: &str, name: &str) -> f64 {
-    body.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no sample {name} in:\n{body}"))
-}
-
-/// The metrics listener's address, from the "listening" log line.
-async fn metrics_addr(server: &TestServer) -> SocketAddr {
-    let listening = server.wait_logged("listening").await;
-    listening["metrics"]
-        .as_str()
-        .and_then(|s| s.parse().ok())
-        .expect("metrics address in the listening line")
 }
 
 #[tokio::test]

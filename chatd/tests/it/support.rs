@@ -1,14 +1,15 @@
 //! Test helpers: the real daemon on port 0, and a client that talks to it
 //! the way `nc` would.
 
+use std::ffi::OsString;
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader as AsyncBufReader};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader as AsyncBufReader};
 use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 
@@ -17,6 +18,103 @@ pub const WAIT: Duration = Duration::from_secs(10);
 
 pub fn chatd_bin() -> &'static str {
     env!("CARGO_BIN_EXE_chatd")
+}
+
+/// The only variables a test's chatd or chatctl inherits from the test's
+/// own environment. Everything else either binary reads (`CHATD_*`,
+/// `CHATCTL_*`, `OTEL_*`, `NOTIFY_SOCKET`, `WATCHDOG_*`, `JOURNAL_STREAM`,
+/// `RUNTIME_DIRECTORY`, `STATE_DIRECTORY`, `XDG_*`, `HOME`, `RUST_LOG`) is
+/// dropped, so neither a developer's shell nor a CI runner running under
+/// systemd changes what a test sees; tests set what they need explicitly.
+const INHERITED: &[&str] = &["PATH", "RUST_BACKTRACE", "LLVM_PROFILE_FILE"];
+
+/// The inherited variables that are set here.
+fn inherited_env() -> Vec<(&'static str, OsString)> {
+    INHERITED
+        .iter()
+        .filter_map(|&name| std::env::var_os(name).map(|v| (name, v)))
+        .collect()
+}
+
+/// Clears `cmd`'s environment down to [`INHERITED`] and points every
+/// directory chatd and chatctl would look in (runtime, state, home) into
+/// `dir`, never at the machine's real ones.
+pub fn isolate(cmd: &mut Command, dir: &Path) {
+    cmd.env_clear()
+        .envs(inherited_env())
+        .env("RUNTIME_DIRECTORY", dir.join("run"))
+        .env("XDG_RUNTIME_DIR", dir.join("xdg"))
+        .env("HOME", dir.join("home"))
+        // systemd's variable, so that `server.state_dir` keeps its default
+        // ("") and `--print-config` shows the defaults.
+        .env("STATE_DIRECTORY", dir.join("state"));
+}
+
+/// Runs `cmd` to completion, failing the test if it takes longer than
+/// [`WAIT`] (the child is killed then, so a daemon that should have refused
+/// to start cannot hang the suite).
+pub fn output_within(mut cmd: Command) -> Output {
+    let child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    let pid = child.id();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    match rx.recv_timeout(WAIT) {
+        Ok(output) => output.expect("collect the output"),
+        Err(_) => {
+            // The waiting thread still owns the unreaped child: the pid
+            // cannot have been reused.
+            if let Some(pid) = rustix::process::Pid::from_raw(pid as i32) {
+                let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
+            }
+            panic!("{cmd:?} did not finish within {WAIT:?}");
+        }
+    }
+}
+
+/// Whether this test process may create a mount namespace (root in CI).
+pub fn can_unshare() -> bool {
+    Command::new("unshare")
+        .args(["--mount", "true"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// What one short-lived `chatd` run (`--check-config`, a refused start)
+/// printed, and how it exited.
+pub struct Run {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+/// Runs chatd with `args` and `env` in an isolated environment, reading no
+/// config file unless `args` names one (`--no-config` is added otherwise).
+pub fn run_chatd(args: &[&str], env: &[(&str, &str)]) -> Run {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut cmd = Command::new(chatd_bin());
+    isolate(&mut cmd, dir.path());
+    if !args.iter().any(|a| *a == "--config" || *a == "-c") {
+        cmd.arg("--no-config");
+    }
+    cmd.args(args);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = output_within(cmd);
+    Run {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
 }
 
 /// A running `chatd` process, killed on drop.
@@ -52,30 +150,30 @@ impl TestServer {
         Self::launch(cmd, dir)
     }
 
-    /// Sets the environment every test daemon needs; `env` wins. The
-    /// returned directory holds the runtime directory (where the generated
-    /// admin token goes) and the state directory.
+    /// Sets the arguments and environment every test daemon needs; `env`
+    /// wins. Without `config`, chatd gets `--no-config`: a test never reads
+    /// the machine's /etc/chatd/chatd.toml. The returned directory holds the
+    /// runtime directory (where the generated admin token goes) and the
+    /// state directory.
     pub fn prepare(
         cmd: &mut Command,
         config: Option<&Path>,
         env: &[(&str, &str)],
     ) -> tempfile::TempDir {
         let dir = tempfile::tempdir().expect("tempdir");
-        if let Some(path) = config {
-            cmd.arg("--config").arg(path);
-        }
-        cmd.env("RUNTIME_DIRECTORY", dir.path().join("run"))
-            .env("XDG_RUNTIME_DIR", dir.path().join("xdg"))
-            .env("CHATD_SERVER__STATE_DIR", dir.path().join("state"))
-            .env_remove("STATE_DIRECTORY")
+        match config {
+            Some(path) => cmd.arg("--config").arg(path),
+            None => cmd.arg("--no-config"),
+        };
+        isolate(cmd, dir.path());
+        cmd.env("CHATD_SERVER__STATE_DIR", dir.path().join("state"))
             .env("CHATD_CHAT__LISTEN", "127.0.0.1:0")
             .env("CHATD_UDP__LISTEN", "127.0.0.1:0")
             .env("CHATD_ADMIN__LISTEN", "127.0.0.1:0")
             .env("CHATD_LIMITS__MAX_CLIENTS_PER_IP", "1000")
             .env("CHATD_LIMITS__CONNECT_RATE_PER_IP", "0")
             .env("CHATD_LOG__FORMAT", "json")
-            .env("CHATD_LOG__LEVEL", "info")
-            .env_remove("RUST_LOG");
+            .env("CHATD_LOG__LEVEL", "info");
         for (k, v) in env {
             cmd.env(k, v);
         }
@@ -196,6 +294,22 @@ impl TestServer {
         }
     }
 
+    /// Waits until at least `times` log records contain `needle`.
+    pub async fn wait_logged_times(&self, needle: &str, times: usize) {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let seen = self.logged(needle).len();
+            if seen >= times {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{seen} log records containing {needle:?} after {WAIT:?}, wanted {times}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// Resident memory of the daemon, in KiB.
     pub fn rss_kib(&self) -> u64 {
         let status =
@@ -239,7 +353,7 @@ pub async fn connect_from(ip: &str, server: &TestServer) -> Client {
     socket
         .bind(format!("{ip}:0").parse().expect("addr"))
         .expect("bind");
-    Client::from_stream(socket.connect(server.chat).await.expect("connect"))
+    Client::connect_socket(socket, server.chat).await
 }
 
 /// A chat client speaking raw lines, like `nc`.
@@ -257,6 +371,15 @@ impl Client {
         Self::from_stream(stream)
     }
 
+    /// Connects `socket` (bound and tuned by the caller) to `addr`.
+    pub async fn connect_socket(socket: tokio::net::TcpSocket, addr: SocketAddr) -> Client {
+        let stream = tokio::time::timeout(WAIT, socket.connect(addr))
+            .await
+            .expect("connect in time")
+            .expect("connect");
+        Self::from_stream(stream)
+    }
+
     pub fn from_stream(stream: TcpStream) -> Client {
         stream.set_nodelay(true).expect("nodelay");
         let (r, w) = stream.into_split();
@@ -266,13 +389,25 @@ impl Client {
         }
     }
 
+    /// This end's address (the daemon sees it as the peer).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.writer
+            .local_addr()
+            .expect("a connected socket has an address")
+    }
+
     /// Sends `text` as is (add the `\n` yourself).
     pub async fn send(&mut self, text: &str) {
         self.send_raw(text.as_bytes()).await;
     }
 
+    /// Sends `bytes`; fails if the daemon has not taken them within
+    /// [`WAIT`] (a daemon that stopped reading must not hang the test).
     pub async fn send_raw(&mut self, bytes: &[u8]) {
-        self.writer.write_all(bytes).await.expect("send");
+        tokio::time::timeout(WAIT, self.writer.write_all(bytes))
+            .await
+            .unwrap_or_else(|_| panic!("the daemon took no {} bytes within {WAIT:?}", bytes.len()))
+            .expect("send");
     }
 
     /// The next line, without its `\r\n`; `None` at EOF or reset.
@@ -294,10 +429,18 @@ impl Client {
         self.try_line().await.expect("a line, not EOF")
     }
 
-    /// Reads lines until one contains `needle`; returns it.
+    /// Reads lines until one contains `needle`; returns it. Fails after
+    /// [`WAIT`] even if lines keep coming.
     pub async fn expect(&mut self, needle: &str) -> String {
+        let deadline = Instant::now() + WAIT;
         let mut seen = Vec::new();
         loop {
+            assert!(
+                Instant::now() < deadline,
+                "no line containing {needle:?} within {WAIT:?}; saw {} lines, the last {:#?}",
+                seen.len(),
+                &seen[seen.len().saturating_sub(5)..]
+            );
             match self.try_line().await {
                 Some(l) if l.contains(needle) => return l,
                 Some(l) => seen.push(l),
@@ -323,8 +466,14 @@ impl Client {
     /// barrier proving what did (and did not) arrive before it.
     pub async fn sync(&mut self) -> Vec<String> {
         self.send("/who\n").await;
+        let deadline = Instant::now() + WAIT;
         let mut before = Vec::new();
         loop {
+            assert!(
+                Instant::now() < deadline,
+                "no /who answer within {WAIT:?}; {} lines came before",
+                before.len()
+            );
             let l = self.line().await;
             let is_who = l
                 .strip_prefix("*** ")
@@ -339,11 +488,18 @@ impl Client {
         }
     }
 
-    /// Reads until EOF; returns the lines read on the way.
+    /// Reads until EOF; returns the lines read on the way. Fails if the
+    /// stream has not ended after [`WAIT`].
     pub async fn until_eof(&mut self) -> Vec<String> {
+        let deadline = Instant::now() + WAIT;
         let mut lines = Vec::new();
         while let Some(l) = self.try_line().await {
             lines.push(l);
+            assert!(
+                Instant::now() < deadline,
+                "no EOF within {WAIT:?}; {} lines so far",
+                lines.len()
+            );
         }
         lines
     }
@@ -386,11 +542,14 @@ impl Ctl {
 impl TestServer {
     /// `chatctl` set up the way a local operator has it: the endpoint in
     /// `CHATCTL_ENDPOINT`, the token found in the daemon's runtime directory.
+    /// Its environment is cleared as the daemon's is ([`isolate`]): no
+    /// `CHATCTL_TOKEN` from the shell, and the runtime directories it
+    /// searches are the daemon's, not the machine's.
     pub fn chatctl_command(&self, args: &[&str], env: &[(&str, &str)]) -> tokio::process::Command {
         let mut cmd = tokio::process::Command::new(chatctl_bin());
         cmd.args(args)
-            .env_remove("CHATCTL_TOKEN")
-            .env_remove("CHATCTL_TOKEN_FILE")
+            .env_clear()
+            .envs(inherited_env())
             .env(
                 "CHATCTL_ENDPOINT",
                 self.admin
@@ -399,6 +558,7 @@ impl TestServer {
             )
             .env("RUNTIME_DIRECTORY", self.runtime_dir())
             .env("XDG_RUNTIME_DIR", self.dir.path().join("xdg"))
+            .env("HOME", self.dir.path().join("home"))
             .stdin(Stdio::null())
             .kill_on_drop(true);
         for (k, v) in env {
@@ -428,4 +588,40 @@ impl TestServer {
         self.signal(rustix::process::Signal::TERM);
         self.wait_exit().await;
     }
+}
+
+/// One HTTP/1.1 GET of the metrics listener: (head, body).
+pub async fn scrape(addr: SocketAddr, path: &str) -> (String, String) {
+    let mut stream = tokio::time::timeout(WAIT, TcpStream::connect(addr))
+        .await
+        .expect("connect to metrics in time")
+        .expect("connect to metrics");
+    stream
+        .write_all(format!("GET {path} HTTP/1.1\r\nHost: test\r\n\r\n").as_bytes())
+        .await
+        .expect("send request");
+    let mut response = String::new();
+    tokio::time::timeout(WAIT, stream.read_to_string(&mut response))
+        .await
+        .expect("response in time")
+        .expect("read response");
+    let (head, body) = response.split_once("\r\n\r\n").expect("head and body");
+    (head.to_string(), body.to_string())
+}
+
+/// The value of the sample `name` (with its labels, if any) in `body`.
+pub fn sample(body: &str, name: &str) -> f64 {
+    body.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no sample {name} in:\n{body}"))
+}
+
+/// The metrics listener's address, from the "listening" log line.
+pub async fn metrics_addr(server: &TestServer) -> SocketAddr {
+    let listening = server.wait_logged("listening").await;
+    listening["metrics"]
+        .as_str()
+        .and_then(|s| s.parse().ok())
+        .expect("metrics address in the listening line")
 }
