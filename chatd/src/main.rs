@@ -161,6 +161,7 @@ async fn serve(
         .map_or("built-in defaults".to_string(), |p| p.display().to_string());
     let metrics_addr = chatd::metrics::describe(metrics.as_ref());
     let max_clients = config.limits.max_clients;
+    let cluster = config.cluster.clone();
     let daemon = Daemon::new(config, source, Some(telemetry.log_level()))?;
     let files = chatd::server::raise_file_limit();
     let capacity = chatd::server::client_capacity(files);
@@ -177,8 +178,13 @@ async fn serve(
     if let Some(path) = daemon.generated_token_file() {
         info!(path = %path.display(), "no admin token configured: generated one for local use");
     }
-    info!(chat = %chat, tls = %tls, udp = %udp, admin = %admin, admin_socket = %admin_socket, metrics = %metrics_addr, config = %file, "listening");
     let shutdown = CancellationToken::new();
+    // Before "listening": with on_unreachable = "refuse", a node that cannot
+    // reach NATS never serves.
+    if let Some(cluster) = &cluster {
+        chatd::cluster::start(cluster, daemon.hub().clone(), shutdown.clone()).await?;
+    }
+    info!(chat = %chat, tls = %tls, udp = %udp, admin = %admin, admin_socket = %admin_socket, metrics = %metrics_addr, config = %file, "listening");
     tokio::spawn(signals(shutdown.clone(), daemon.reloader()));
     if let Some(listener) = metrics {
         tokio::spawn(chatd::metrics::serve(
