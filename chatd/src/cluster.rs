@@ -385,7 +385,14 @@ async fn listen(
             return;
         }
     };
-    debug!(%subject, "cluster: subscribed");
+    // A round trip: once it returns, NATS holds the subscription, and every
+    // line published from now on reaches this node.
+    tokio::select! {
+        () = stop.cancelled() => return,
+        flushed = client.flush() => if flushed.is_ok() {
+            debug!(%room, "cluster: subscribed");
+        },
+    }
     loop {
         let msg = tokio::select! {
             () = stop.cancelled() => break,
