@@ -108,7 +108,11 @@ impl Link {
             payload: payload.clone(),
             kind,
         };
-        if self.tx.try_send(out).is_err() {
+        if let Err(e) = self.tx.try_send(out) {
+            if matches!(e, mpsc::error::TrySendError::Closed(_)) {
+                // The cluster task has stopped: the node is shutting down.
+                return;
+            }
             let total = self.dropped.fetch_add(1, Relaxed) + 1;
             let now = clock::now_ms();
             let last = self.last_warn_ms.load(Relaxed);
