@@ -39,6 +39,8 @@ fn free_port() -> u16 {
 struct Nats {
     bin: PathBuf,
     port: u16,
+    /// nats-server's monitoring endpoint (`/varz`).
+    monitor: u16,
     store: tempfile::TempDir,
     child: Option<Child>,
 }
@@ -52,6 +54,7 @@ impl Nats {
         let mut nats = Nats {
             bin,
             port,
+            monitor: free_port(),
             store: tempfile::tempdir().expect("tempdir"),
             child: None,
         };
@@ -72,6 +75,8 @@ impl Nats {
                 "127.0.0.1",
                 "-p",
                 &self.port.to_string(),
+                "-m",
+                &self.monitor.to_string(),
                 "-js",
                 "-sd",
             ])
@@ -87,6 +92,26 @@ impl Nats {
             assert!(Instant::now() < deadline, "nats-server did not listen");
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// Messages NATS has received from publishers so far (`/varz` in_msgs).
+    async fn in_msgs(&self) -> u64 {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", self.monitor))
+            .await
+            .expect("connect to the monitoring port");
+        stream
+            .write_all(b"GET /varz HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
+            .await
+            .expect("send");
+        let mut answer = String::new();
+        tokio::time::timeout(WAIT, stream.read_to_string(&mut answer))
+            .await
+            .expect("varz in time")
+            .expect("read varz");
+        let body = answer.split_once("\r\n\r\n").expect("an HTTP answer").1;
+        let varz: serde_json::Value = serde_json::from_str(body).expect("varz is JSON");
+        varz["in_msgs"].as_u64().expect("in_msgs")
     }
 
     /// SIGKILL: NATS vanishes without a goodbye.
@@ -357,4 +382,36 @@ async fn losing_nats_keeps_local_chat_and_tells_users_once_each_way() {
             }
         }
     }
+}
+
+#[tokio::test]
+async fn one_nats_message_per_line_whatever_the_number_of_recipients() {
+    let Some(nats) = Nats::start() else { return };
+    let a = node(&nats.url(), "node-a", &[]);
+    let b = node(&nats.url(), "node-b", &[]);
+    let (mut a1, a1_nick) = a.join().await;
+    let mut readers = Vec::new();
+    let mut nicks = Vec::new();
+    for _ in 0..5 {
+        let (c, nick) = b.join().await;
+        readers.push(c);
+        nicks.push(nick);
+    }
+    wait_subscribed(&a, "lobby").await;
+    wait_subscribed(&b, "lobby").await;
+    // Each node's earlier messages (join notices) are through NATS before
+    // the count starts: a node publishes in order, so a line from each
+    // that arrives on the other proves it.
+    let b_nick = &nicks[1];
+    a1.send("settle a\n").await;
+    readers[0].expect("> settle a").await;
+    readers[1].send("settle b\n").await;
+    a1.expect(&format!("<{b_nick}> settle b")).await;
+    let before = nats.in_msgs().await;
+    a1.send("to everyone\n").await;
+    for r in &mut readers {
+        r.expect(&format!("<{a1_nick}> to everyone")).await;
+    }
+    let after = nats.in_msgs().await;
+    assert_eq!(after - before, 1, "one NATS message for five recipients");
 }
