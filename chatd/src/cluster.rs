@@ -5,7 +5,8 @@
 //! [`Link`], every batch published in a room and every room notice
 //! ([`Link::offer`], a `try_send` on a bounded channel: the hot path never
 //! waits on the network), and says when a room gains its first or loses its
-//! last local member ([`Link::interest_changed`]). One task, [`run`], then:
+//! last local member ([`Link::interest_changed`]). One task, the node's
+//! cluster task, then:
 //!
 //! - publishes each batch once to `NAME.room.ROOM` (one NATS message per
 //!   batch, never per recipient) with this node's id in a header;
@@ -189,6 +190,7 @@ pub async fn start(
     let (state_tx, mut state_rx) = watch::channel(false);
     let state_tx = Arc::new(state_tx);
     let events = state_tx.clone();
+    let slow_warned = Arc::new(AtomicU64::new(0));
     let options = ConnectOptions::new()
         .name(format!("chatd {}", config.node_id))
         .retry_on_initial_connect()
@@ -196,6 +198,7 @@ pub async fn start(
         .subscription_capacity(SUBSCRIPTION_CAPACITY)
         .event_callback(move |event| {
             let events = events.clone();
+            let slow_warned = slow_warned.clone();
             async move {
                 match event {
                     async_nats::Event::Connected => {
@@ -203,6 +206,18 @@ pub async fn start(
                     }
                     async_nats::Event::Disconnected => {
                         events.send_replace(false);
+                    }
+                    async_nats::Event::SlowConsumer(_) => {
+                        // NATS drops what a room's subscription cannot hold.
+                        let now = clock::now_ms().max(1);
+                        let last = slow_warned.load(Relaxed);
+                        if (last == 0 || now.saturating_sub(last) >= WARN_EVERY_MS)
+                            && slow_warned
+                                .compare_exchange(last, now, Relaxed, Relaxed)
+                                .is_ok()
+                        {
+                            warn!("cluster: lines from other nodes arrive faster than this node hands them out; some are dropped");
+                        }
                     }
                     other => debug!(event = %other, "cluster: NATS event"),
                 }
