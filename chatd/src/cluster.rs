@@ -480,6 +480,103 @@ mod tests {
         assert_eq!(well_formed(b"<a> \x1b[2J\r\n"), None, "escape");
     }
 
+    fn hub() -> Hub {
+        Hub::new(
+            crate::config::RawConfig::default()
+                .validate()
+                .expect("defaults"),
+        )
+    }
+
+    fn peer(n: u8) -> std::net::SocketAddr {
+        std::net::SocketAddr::from(([127, 0, 0, n], 40000 + u16::from(n)))
+    }
+
+    fn drain(client: &crate::hub::Client) -> String {
+        let mut q = std::collections::VecDeque::new();
+        client.outbox.take(&mut q);
+        let n: usize = q.iter().map(|b| b.len()).sum();
+        client.outbox.written(n, usize::MAX);
+        q.iter().map(|b| String::from_utf8_lossy(b)).collect()
+    }
+
+    fn link(capacity: usize) -> (Arc<Link>, mpsc::Receiver<Outgoing>) {
+        let (tx, rx) = mpsc::channel(capacity);
+        let link = Link {
+            tx,
+            interest: Notify::new(),
+            tag: node_tag("web1"),
+            dropped: AtomicU64::new(0),
+            last_warn_ms: AtomicU64::new(0),
+        };
+        (Arc::new(link), rx)
+    }
+
+    #[test]
+    fn remote_batches_reach_local_members_and_chat_lines_become_history() {
+        let hub = hub();
+        let a = hub.connect(peer(1)).expect("a");
+        let b = hub.connect(peer(2)).expect("b");
+        hub.join(&a, "lobby");
+        hub.join(&b, "lobby");
+        drain(&a);
+        drain(&b);
+        let chat = Bytes::from_static(b"<x> hi\r\n<x> again\r\n");
+        assert_eq!(hub.deliver_remote("lobby", chat, 2, Kind::Chat), 2);
+        let notice = Bytes::from_static(b"*** y joined lobby (1 user)\r\n");
+        assert_eq!(hub.deliver_remote("lobby", notice, 1, Kind::Notice), 2);
+        assert_eq!(
+            drain(&a),
+            "<x> hi\r\n<x> again\r\n*** y joined lobby (1 user)\r\n"
+        );
+        assert_eq!(drain(&a), "");
+        assert_eq!(
+            hub.deliver_remote("nowhere", Bytes::from_static(b"<x> z\r\n"), 1, Kind::Chat),
+            0
+        );
+        let c = hub.connect(peer(3)).expect("c");
+        hub.join(&c, "lobby");
+        let joined = drain(&c);
+        assert!(joined.contains("<x> hi\r\n<x> again\r\n"), "{joined}");
+        assert!(
+            !joined.contains("y joined"),
+            "notices are not history: {joined}"
+        );
+    }
+
+    #[test]
+    fn the_hub_offers_batches_and_interest_without_waiting() {
+        use futures_util::FutureExt;
+        let hub = hub();
+        let (link, mut rx) = link(2);
+        hub.attach_cluster(link.clone());
+        let a = hub.connect(peer(1)).expect("a");
+        assert_eq!(a.nick().as_ref(), "guest-1-web1");
+        let room = hub.join(&a, "lobby");
+        assert!(
+            link.interest.notified().now_or_never().is_some(),
+            "the first member asks for the room's subject"
+        );
+        assert_eq!(hub.occupied_rooms(), [Arc::from("lobby")]);
+        let joined = rx.try_recv().expect("the join notice");
+        assert_eq!(joined.kind, Kind::Notice);
+        hub.publish(&room, a.id, Bytes::from_static(b"<a> one\r\n"), 1);
+        let out = rx.try_recv().expect("the batch");
+        assert_eq!((&*out.room, out.kind), ("lobby", Kind::Chat));
+        assert_eq!(&out.payload[..], b"<a> one\r\n");
+        // A full queue drops and counts; it never blocks the publisher.
+        for _ in 0..5 {
+            hub.publish(&room, a.id, Bytes::from_static(b"<a> more\r\n"), 1);
+        }
+        assert_eq!(link.dropped(), 3);
+        hub.leave(&a, &crate::hub::Disconnect::Closed);
+        assert!(
+            link.interest.notified().now_or_never().is_some(),
+            "the last member leaving drops it"
+        );
+        assert!(hub.occupied_rooms().is_empty());
+    }
+
     #[test]
     fn node_tags_are_short() {
         assert_eq!(node_tag("web1"), "web1");
