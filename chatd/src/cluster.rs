@@ -52,6 +52,10 @@ const OUTGOING_CAPACITY: usize = 4096;
 const SUBSCRIPTION_CAPACITY: usize = 4096;
 /// How long a start waits for NATS before `cluster.on_unreachable` decides.
 const START_WAIT: Duration = Duration::from_secs(3);
+/// How often the client pings NATS: a connection that went silent (a
+/// partition rather than a closed socket) is noticed after two missed
+/// pongs, so within about twice this.
+const PING_INTERVAL: Duration = Duration::from_secs(10);
 /// At most one warning about dropped batches per this many milliseconds.
 const WARN_EVERY_MS: u64 = 10_000;
 
@@ -195,6 +199,7 @@ pub async fn start(
         .name(format!("chatd {}", config.node_id))
         .retry_on_initial_connect()
         .connection_timeout(START_WAIT)
+        .ping_interval(PING_INTERVAL)
         .subscription_capacity(SUBSCRIPTION_CAPACITY)
         .event_callback(move |event| {
             let events = events.clone();
