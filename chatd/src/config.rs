@@ -87,6 +87,7 @@ pub struct RawConfig {
     pub log: RawLog,
     pub telemetry: RawTelemetry,
     pub metrics: RawMetrics,
+    pub cluster: RawCluster,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -323,6 +324,27 @@ impl Default for RawMetrics {
     }
 }
 
+/// `[cluster]`: several nodes acting as one chat service through NATS.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RawCluster {
+    pub nats_urls: Vec<String>,
+    pub node_id: String,
+    pub name: String,
+    pub on_unreachable: String,
+}
+
+impl Default for RawCluster {
+    fn default() -> Self {
+        Self {
+            nats_urls: Vec::new(),
+            node_id: String::new(),
+            name: "chatd".into(),
+            on_unreachable: "local".into(),
+        }
+    }
+}
+
 /// The validated configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -334,6 +356,8 @@ pub struct Config {
     pub log: LogConfig,
     pub telemetry: TelemetryConfig,
     pub metrics: MetricsConfig,
+    /// `None`: cluster mode off, chatd never touches NATS.
+    pub cluster: Option<ClusterConfig>,
     /// The merged raw layers, kept for `--print-config`.
     pub raw: RawConfig,
 }
@@ -512,6 +536,26 @@ pub struct MetricsConfig {
     pub timeout: Duration,
 }
 
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClusterConfig {
+    /// At least one `nats://HOST:PORT` (several for a NATS cluster).
+    pub nats_urls: Vec<String>,
+    /// This node's name in the cluster: letters, digits, '-' and '_'.
+    pub node_id: String,
+    /// The subject prefix, so that two clusters can share one NATS.
+    pub name: String,
+    pub on_unreachable: OnUnreachable,
+}
+
+/// What a node does when NATS cannot be reached at start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnUnreachable {
+    /// Serve local users alone, and join the cluster once NATS answers.
+    Local,
+    /// Exit with an error.
+    Refuse,
+}
+
 impl Config {
     /// Reads every layer and validates the result.
     pub fn load(source: &Source) -> Result<Config, ConfigError> {
@@ -580,7 +624,8 @@ fn invalid(
 }
 
 /// Keys whose environment variable holds a space-separated list.
-const LIST_KEYS: [&str; 5] = [
+const LIST_KEYS: [&str; 6] = [
+    "cluster.nats_urls",
     "chat.listen",
     "chat.tls_listen",
     "chat.trusted_proxies",
@@ -805,6 +850,87 @@ fn secs(key: &'static str, value: i64, max: i64) -> Result<Option<Duration>, Con
     let v = range(key, value, 0, max, " seconds, 0 turns it off")?;
     // The range check above makes the cast lossless.
     Ok((v > 0).then(|| Duration::from_secs(v as u64)))
+}
+
+/// Letters, digits, '-' and '_': safe in a NATS subject token, a header
+/// and a nick.
+fn is_token(s: &str) -> bool {
+    s.bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+/// `[cluster]`; `None` when `nats_urls` is empty. `host_name` gives the
+/// default `node_id`.
+fn validate_cluster(
+    raw: &RawCluster,
+    host_name: impl FnOnce() -> String,
+) -> Result<Option<ClusterConfig>, ConfigError> {
+    let urls: Vec<String> = raw
+        .nats_urls
+        .iter()
+        .map(|u| u.trim().to_string())
+        .filter(|u| !u.is_empty())
+        .collect();
+    let on_unreachable = match raw.on_unreachable.as_str() {
+        "local" => OnUnreachable::Local,
+        "refuse" => OnUnreachable::Refuse,
+        other => {
+            return Err(invalid(
+                "cluster.on_unreachable",
+                format!("{other:?}"),
+                "\"local\" (serve local users alone) or \"refuse\" (exit)",
+            ));
+        }
+    };
+    if raw.name.is_empty() || raw.name.len() > 32 || !is_token(&raw.name) {
+        return Err(invalid(
+            "cluster.name",
+            format!("{:?}", raw.name),
+            "1 to 32 letters, digits, '-' or '_' (it prefixes NATS subjects)",
+        ));
+    }
+    if urls.is_empty() {
+        return Ok(None);
+    }
+    for url in &urls {
+        let hostport = url
+            .strip_prefix("nats://")
+            .or_else(|| url.strip_prefix("tls://"))
+            .unwrap_or(url);
+        let ok = url.parse::<async_nats::ServerAddr>().is_ok()
+            && !hostport.is_empty()
+            && !url.contains(char::is_whitespace);
+        if !ok {
+            return Err(invalid(
+                "cluster.nats_urls",
+                format!("{url:?}"),
+                "NATS server URLs such as \"nats://127.0.0.1:4222\"; an empty list turns cluster mode off",
+            ));
+        }
+    }
+    let node_id = if raw.node_id.is_empty() {
+        host_name()
+    } else {
+        raw.node_id.clone()
+    };
+    if node_id.is_empty() || node_id.len() > 63 || !is_token(&node_id) {
+        let why = if raw.node_id.is_empty() {
+            " (the host name, as no node_id is set)"
+        } else {
+            ""
+        };
+        return Err(invalid(
+            "cluster.node_id",
+            format!("{node_id:?}{why}"),
+            "1 to 63 letters, digits, '-' or '_', unique in the cluster",
+        ));
+    }
+    Ok(Some(ClusterConfig {
+        nats_urls: urls,
+        node_id,
+        name: raw.name.clone(),
+        on_unreachable,
+    }))
 }
 
 impl RawConfig {
@@ -1100,6 +1226,13 @@ impl RawConfig {
             )? as u64),
         };
 
+        let cluster = validate_cluster(&self.cluster, || {
+            rustix::system::uname()
+                .nodename()
+                .to_string_lossy()
+                .into_owned()
+        })?;
+
         Ok(Config {
             server,
             chat,
@@ -1109,6 +1242,7 @@ impl RawConfig {
             log,
             telemetry,
             metrics,
+            cluster,
             raw: self,
         })
     }
@@ -1137,6 +1271,61 @@ mod tests {
         assert_eq!(c.limits.handshake_timeout, Duration::from_secs(10));
         assert_eq!(c.chat.default_room, "lobby");
         assert!(c.limits.flood.is_some());
+    }
+
+    #[test]
+    fn cluster_is_off_by_default_and_validated() {
+        let c = RawConfig::default().validate().expect("defaults validate");
+        assert!(c.cluster.is_none(), "no nats_urls: cluster mode off");
+        let c = with_env(&[
+            (
+                "CHATD_CLUSTER__NATS_URLS",
+                "nats://127.0.0.1:4222 127.0.0.1:4223",
+            ),
+            ("CHATD_CLUSTER__NODE_ID", "node-a"),
+            ("CHATD_CLUSTER__ON_UNREACHABLE", "refuse"),
+        ])
+        .expect("valid");
+        let cluster = c.cluster.expect("cluster mode on");
+        assert_eq!(cluster.nats_urls.len(), 2);
+        assert_eq!(cluster.node_id, "node-a");
+        assert_eq!(cluster.name, "chatd");
+        assert_eq!(cluster.on_unreachable, OnUnreachable::Refuse);
+
+        let err = with_env(&[
+            ("CHATD_CLUSTER__NATS_URLS", "nats://127.0.0.1:4222"),
+            ("CHATD_CLUSTER__ON_UNREACHABLE", "wait"),
+        ])
+        .expect_err("unknown mode");
+        let text = err.to_string();
+        assert!(
+            text.contains("cluster.on_unreachable")
+                && text.contains("\"wait\"")
+                && text.contains("\"refuse\""),
+            "{text}"
+        );
+        let err = with_env(&[
+            ("CHATD_CLUSTER__NATS_URLS", "nats://127.0.0.1:4222"),
+            ("CHATD_CLUSTER__NODE_ID", "a.b"),
+        ])
+        .expect_err("a dot would split the subject");
+        assert!(err.to_string().contains("cluster.node_id"), "{err}");
+        let err = with_env(&[("CHATD_CLUSTER__NAME", "chat.d")]).expect_err("bad prefix");
+        assert!(err.to_string().contains("cluster.name"), "{err}");
+    }
+
+    #[test]
+    fn cluster_node_id_defaults_to_the_host_name() {
+        let raw = RawCluster {
+            nats_urls: vec!["nats://127.0.0.1:4222".into()],
+            ..RawCluster::default()
+        };
+        let c = validate_cluster(&raw, || "web-1".into())
+            .expect("valid")
+            .expect("on");
+        assert_eq!(c.node_id, "web-1");
+        let err = validate_cluster(&raw, || "web.example.org".into()).expect_err("dots");
+        assert!(err.to_string().contains("the host name"), "{err}");
     }
 
     #[test]

@@ -17,7 +17,7 @@ use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
-use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use arc_swap::ArcSwap;
@@ -26,6 +26,7 @@ use tokio::sync::broadcast;
 
 use crate::bans::{Ban, BanError, Bans};
 use crate::clock;
+use crate::cluster::{Kind, Link};
 use crate::config::{Config, Limits};
 use crate::lock::{lock, read, write};
 use crate::outbox::{Outbox, Push};
@@ -464,6 +465,9 @@ struct Shared {
     /// Rooms holding back notices, summed up by [`Hub::flush_notices`].
     notices_due: Mutex<Vec<Arc<Room>>>,
     connect_rate: Mutex<ConnectRate>,
+    /// The way to other nodes, set once at start in cluster mode; unset,
+    /// the hub is exactly the single-node hub.
+    cluster: OnceLock<Arc<Link>>,
 }
 
 /// The per-address connection rate (`limits.connect_rate_per_ip`): one token
@@ -512,8 +516,20 @@ impl Hub {
                 message_watchers: AtomicU64::new(0),
                 notices_due: Mutex::new(Vec::new()),
                 connect_rate: Mutex::new(ConnectRate::default()),
+                cluster: OnceLock::new(),
             }),
         }
+    }
+
+    /// Puts this hub in cluster mode: room lines and notices also go to
+    /// `link`, and guest nicks carry the node's tag. Call once, before
+    /// serving; a second call is ignored.
+    pub fn attach_cluster(&self, link: Arc<Link>) {
+        let _ = self.shared.cluster.set(link);
+    }
+
+    fn cluster(&self) -> Option<&Arc<Link>> {
+        self.shared.cluster.get()
     }
 
     pub fn config(&self) -> Arc<Config> {
@@ -582,7 +598,12 @@ impl Hub {
         }
         *from_ip += 1;
         let id = self.shared.next_id.fetch_add(1, Relaxed);
-        let mut nick = format!("guest-{id}");
+        // In cluster mode the node's tag keeps guest nicks of different
+        // nodes apart.
+        let mut nick = match self.cluster() {
+            Some(link) => format!("guest-{id}-{}", link.tag()),
+            None => format!("guest-{id}"),
+        };
         // A guest nick can only be taken by another guest with the same id,
         // which cannot exist; the loop is a guard, not a hot path.
         while state.nicks.contains_key(&protocol::fold(&nick)) {
@@ -753,6 +774,11 @@ impl Hub {
             members.push(client.clone());
             count
         };
+        if count == 1
+            && let Some(link) = self.cluster()
+        {
+            link.interest_changed();
+        }
         drop(state);
         if let Some((old, text)) = parted {
             self.room_notice(&old, client.id, NoticeKind::Leave, &text);
@@ -786,6 +812,11 @@ impl Hub {
             }
             members.len()
         };
+        if remaining == 0
+            && let Some(link) = self.cluster()
+        {
+            link.interest_changed();
+        }
         room.clear_congested(client);
         let nick = client.nick();
         let config = self.config();
@@ -836,7 +867,11 @@ impl Hub {
             }
             gate.sent += 1;
         }
-        self.fan_out(room, from, &server_line(text), self.queue_limit());
+        let line = server_line(text);
+        self.fan_out(room, from, &line, self.queue_limit());
+        if let Some(link) = self.cluster() {
+            link.offer(&room.name, &line, Kind::Notice);
+        }
     }
 
     /// Sends each room that held notices back one line summing them up. Run
@@ -877,12 +912,11 @@ impl Hub {
                 room.name,
                 users(members)
             );
-            self.fan_out(
-                &room,
-                0,
-                &server_line(&text),
-                config.limits.outbound_queue_bytes,
-            );
+            let line = server_line(&text);
+            self.fan_out(&room, 0, &line, config.limits.outbound_queue_bytes);
+            if let Some(link) = self.cluster() {
+                link.offer(&room.name, &line, Kind::Notice);
+            }
         }
     }
 
@@ -974,7 +1008,61 @@ impl Hub {
         }
         self.shared.stats.published(lines, fanout.reached);
         self.shared.stats.fan_out_latency.observe(started.elapsed());
+        // Other nodes get the batch once, whatever their number of members;
+        // `offer` never waits.
+        if let Some(link) = self.cluster() {
+            link.offer(&room.name, &batch, Kind::Chat);
+        }
         fanout
+    }
+
+    /// Hands a batch from another node to this node's members of `room`,
+    /// through the same non-blocking fan-out as local lines. Chat lines
+    /// are remembered as history under the member lock, as in
+    /// [`Hub::publish`]. Nobody pauses for a congested member: the sender is
+    /// on another node; a member too far behind is cut as usual. Returns
+    /// how many members it reached.
+    pub fn deliver_remote(&self, room: &str, batch: Bytes, lines: usize, kind: Kind) -> usize {
+        let Some(room) = self.state().rooms.get(room).cloned() else {
+            return 0;
+        };
+        let config = self.shared.config.load();
+        let members = read(&room.members);
+        let fanout = fan_out_to(
+            &members,
+            0,
+            &batch,
+            lines as u64,
+            config.limits.outbound_queue_bytes,
+        );
+        if kind == Kind::Chat {
+            room.remember(&batch, lines, config.chat.history);
+        }
+        fanout.reached
+    }
+
+    /// The rooms with at least one member on this node: those whose lines
+    /// this node must hear from the others.
+    pub fn occupied_rooms(&self) -> Vec<Arc<str>> {
+        let rooms: Vec<Arc<Room>> = self.state().rooms.values().cloned().collect();
+        rooms
+            .into_iter()
+            .filter(|r| !r.is_empty())
+            .map(|r| r.name.clone())
+            .collect()
+    }
+
+    /// Sends a server line to every member of every room on this node (the
+    /// cluster's "other nodes unreachable / back" notices). Returns how
+    /// many clients it reached.
+    pub fn notice_rooms(&self, text: &str) -> usize {
+        let line = server_line(text);
+        let limit = self.queue_limit();
+        let rooms: Vec<Arc<Room>> = self.state().rooms.values().cloned().collect();
+        rooms
+            .iter()
+            .map(|room| self.fan_out(room, 0, &line, limit))
+            .sum()
     }
 
     /// Whether any watcher wants message events.

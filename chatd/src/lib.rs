@@ -14,6 +14,8 @@
 //! - [`hub`]: clients, rooms and every fan-out; the operations the admin API
 //!   exposes.
 //! - [`outbox`]: one client's bounded outgoing queue.
+//! - [`cluster`]: cluster mode; the NATS connection and rooms that span
+//!   nodes (the only code that talks to NATS).
 //! - [`udp_echo`]: the UDP echo port.
 //! - [`admin`]: the gRPC admin API (tokens, service, health, reflection).
 //! - [`bans`]: banned addresses and their file; [`files`]: private files
@@ -30,6 +32,7 @@ pub mod activation;
 pub mod admin;
 pub mod bans;
 pub mod clock;
+pub mod cluster;
 pub mod config;
 pub mod connection;
 pub mod files;

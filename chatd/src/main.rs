@@ -161,6 +161,7 @@ async fn serve(
         Some((_, path)) => path.display().to_string(),
         None => "off".to_string(),
     };
+    let cluster = config.cluster.clone();
     let file = source
         .path()
         .map_or("built-in defaults".to_string(), |p| p.display().to_string());
@@ -183,8 +184,15 @@ async fn serve(
     for path in daemon.generated_token_files() {
         info!(path = %path.display(), "no admin token configured: generated one for local use");
     }
+    // Before "listening": with on_unreachable = "refuse", a node that cannot
+    // reach NATS never serves. The cluster stops once chat has drained.
+    let cluster_stop = CancellationToken::new();
+    if let Some(cluster) = &cluster {
+        chatd::cluster::start(cluster, daemon.hub().clone(), cluster_stop.clone()).await?;
+    }
     info!(chat = %chat, tls = %tls, udp = %udp, admin = %admin, admin_socket = %admin_socket, metrics = %metrics_addr, config = %file, "listening");
     let shutdown = CancellationToken::new();
+    let _cluster_stop = cluster_stop.drop_guard();
     tokio::spawn(signals(shutdown.clone(), daemon.reloader()));
     if let Some(listener) = metrics {
         tokio::spawn(chatd::metrics::serve(

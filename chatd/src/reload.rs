@@ -8,7 +8,8 @@
 //! proxies) apply at once. The TLS certificate and key are read again every
 //! time, even from unchanged paths, and serve new connections; a bad one
 //! refuses the whole reload.
-//! The others (listen addresses, the admin API, log format, shutdown timeout)
+//! The others (listen addresses, the admin API, log format, shutdown timeout,
+//! `[cluster]`)
 //! are reported as needing a restart, and the running values stay in force.
 
 use std::collections::BTreeSet;
@@ -151,6 +152,7 @@ fn keep_running_values(old: &Config, new: Config) -> Config {
     next.admin = old.admin.clone();
     next.log.format = old.log.format;
     next.server.shutdown_timeout = old.server.shutdown_timeout;
+    next.cluster = old.cluster.clone();
     next
 }
 

@@ -4,6 +4,7 @@
 mod abuse;
 mod admin;
 mod chat;
+mod cluster;
 mod frontdoor;
 mod lifecycle;
 mod limits;

@@ -1,0 +1,592 @@
+//! Cluster mode: rooms that span several chatd nodes, through NATS.
+//!
+//! This module owns the NATS connection and is the only code that talks to
+//! NATS. The hub stays the single-node hub; it hands this module, through a
+//! [`Link`], every batch published in a room and every room notice
+//! ([`Link::offer`], a `try_send` on a bounded channel: the hot path never
+//! waits on the network), and says when a room gains its first or loses its
+//! last local member ([`Link::interest_changed`]). One task, the node's
+//! cluster task, then:
+//!
+//! - publishes each batch once to `NAME.room.ROOM` (one NATS message per
+//!   batch, never per recipient) with this node's id in a header;
+//! - keeps one subscription per room that has local members, and hands
+//!   every batch from another node to [`Hub::deliver_remote`], the same
+//!   non-blocking fan-out local lines take; its own batches it ignores;
+//! - watches the connection: when NATS is lost the users in rooms are told
+//!   once, and once again when it is back (the client reconnects by itself,
+//!   with backoff). While it is lost, batches for other nodes are dropped
+//!   and counted, not queued: delivery through NATS core is at most once.
+//!
+//! Not here yet (see docs/OPERATIONS.md): cluster-wide nicks, `/who`,
+//! `/rooms`, history and admin.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::time::Duration;
+
+use async_nats::connection::State;
+use async_nats::{ConnectOptions, HeaderMap};
+use bytes::Bytes;
+use futures_util::StreamExt;
+use tokio::sync::{Notify, mpsc, watch};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::clock;
+use crate::config::{ClusterConfig, OnUnreachable};
+use crate::hub::Hub;
+
+/// The header naming the node a message comes from.
+pub const NODE_HEADER: &str = "Chatd-Node";
+/// The header saying what a message holds: `chat` lines (kept as history)
+/// or a `notice` (join, leave, rename; not kept).
+pub const KIND_HEADER: &str = "Chatd-Kind";
+
+/// Batches waiting for the cluster task. Past it, batches for other nodes
+/// are dropped and counted: local chat never waits for NATS.
+const OUTGOING_CAPACITY: usize = 4096;
+/// Messages NATS may queue for one room's subscription before it drops
+/// them (and reports a slow consumer) instead of growing.
+const SUBSCRIPTION_CAPACITY: usize = 4096;
+/// How long a start waits for NATS before `cluster.on_unreachable` decides.
+const START_WAIT: Duration = Duration::from_secs(3);
+/// How often the client pings NATS: a connection that went silent (a
+/// partition rather than a closed socket) is noticed after two missed
+/// pongs, so within about twice this.
+const PING_INTERVAL: Duration = Duration::from_secs(10);
+/// At most one warning about dropped batches per this many milliseconds.
+const WARN_EVERY_MS: u64 = 10_000;
+
+/// What a cluster message holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// Chat lines, kept as room history on every node.
+    Chat,
+    /// A server line (join, leave, rename), not kept.
+    Notice,
+}
+
+impl Kind {
+    fn as_str(self) -> &'static str {
+        match self {
+            Kind::Chat => "chat",
+            Kind::Notice => "notice",
+        }
+    }
+
+    fn parse(s: &str) -> Option<Kind> {
+        match s {
+            "chat" => Some(Kind::Chat),
+            "notice" => Some(Kind::Notice),
+            _ => None,
+        }
+    }
+}
+
+/// One batch for the other nodes.
+#[derive(Debug)]
+struct Outgoing {
+    room: Arc<str>,
+    payload: Bytes,
+    kind: Kind,
+}
+
+/// The hub's side of the cluster: cheap, synchronous, never blocking.
+#[derive(Debug)]
+pub struct Link {
+    tx: mpsc::Sender<Outgoing>,
+    interest: Notify,
+    tag: String,
+    /// Batches that did not reach NATS (queue full, or NATS unreachable).
+    dropped: AtomicU64,
+    last_warn_ms: AtomicU64,
+}
+
+impl Link {
+    /// Queues a batch for the other nodes, or drops and counts it when the
+    /// queue is full. Never waits.
+    pub fn offer(&self, room: &Arc<str>, payload: &Bytes, kind: Kind) {
+        let out = Outgoing {
+            room: room.clone(),
+            payload: payload.clone(),
+            kind,
+        };
+        if let Err(e) = self.tx.try_send(out) {
+            if matches!(e, mpsc::error::TrySendError::Closed(_)) {
+                // The cluster task has stopped: the node is shutting down.
+                return;
+            }
+            let total = self.dropped.fetch_add(1, Relaxed) + 1;
+            let now = clock::now_ms();
+            let last = self.last_warn_ms.load(Relaxed);
+            if (last == 0 || now.saturating_sub(last) >= WARN_EVERY_MS)
+                && self
+                    .last_warn_ms
+                    .compare_exchange(last, now.max(1), Relaxed, Relaxed)
+                    .is_ok()
+            {
+                warn!(
+                    dropped_total = total,
+                    "cluster: the queue to NATS is full; lines for other nodes are dropped"
+                );
+            }
+        }
+    }
+
+    /// A room gained its first or lost its last local member: the cluster
+    /// task re-reads which rooms to subscribe to.
+    pub fn interest_changed(&self) {
+        self.interest.notify_one();
+    }
+
+    /// The short tag that keeps this node's guest nicks apart from other
+    /// nodes' (`guest-7-TAG`).
+    pub fn tag(&self) -> &str {
+        &self.tag
+    }
+
+    /// Batches that never reached NATS so far.
+    pub fn dropped(&self) -> u64 {
+        self.dropped.load(Relaxed)
+    }
+}
+
+/// The guest-nick tag of `node_id`: itself when at most 6 characters, else
+/// 6 hex digits of its FNV-1a hash (so the nick stays short).
+pub fn node_tag(node_id: &str) -> String {
+    if node_id.len() <= 6 {
+        return node_id.to_string();
+    }
+    let mut h: u32 = 0x811c_9dc5;
+    for b in node_id.bytes() {
+        h ^= u32::from(b);
+        h = h.wrapping_mul(0x0100_0193);
+    }
+    format!("{:06x}", h & 0x00ff_ffff)
+}
+
+/// Why the node does not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    #[error(
+        "cannot reach NATS at {urls} within {secs} s and cluster.on_unreachable = \"refuse\": start nats-server, fix cluster.nats_urls, or set cluster.on_unreachable = \"local\""
+    )]
+    Unreachable { urls: String, secs: u64 },
+    #[error("cannot use cluster.nats_urls {urls}: {source}")]
+    Connect {
+        urls: String,
+        source: async_nats::ConnectError,
+    },
+}
+
+/// Connects to NATS (waiting at most a few seconds), attaches the hub, and
+/// spawns the cluster task, which runs until `shutdown`. When NATS does not
+/// answer in time, `cluster.on_unreachable` decides: an error, or one log
+/// line and local-only service while the client keeps trying.
+pub async fn start(
+    config: &ClusterConfig,
+    hub: Hub,
+    shutdown: CancellationToken,
+) -> Result<(), ClusterError> {
+    let urls = config.nats_urls.join(" ");
+    let (state_tx, mut state_rx) = watch::channel(false);
+    let state_tx = Arc::new(state_tx);
+    let events = state_tx.clone();
+    let slow_warned = Arc::new(AtomicU64::new(0));
+    let options = ConnectOptions::new()
+        .name(format!("chatd {}", config.node_id))
+        .retry_on_initial_connect()
+        .connection_timeout(START_WAIT)
+        .ping_interval(PING_INTERVAL)
+        .subscription_capacity(SUBSCRIPTION_CAPACITY)
+        .event_callback(move |event| {
+            let events = events.clone();
+            let slow_warned = slow_warned.clone();
+            async move {
+                match event {
+                    async_nats::Event::Connected => {
+                        events.send_replace(true);
+                    }
+                    async_nats::Event::Disconnected => {
+                        events.send_replace(false);
+                    }
+                    async_nats::Event::SlowConsumer(_) => {
+                        // NATS drops what a room's subscription cannot hold.
+                        let now = clock::now_ms().max(1);
+                        let last = slow_warned.load(Relaxed);
+                        if (last == 0 || now.saturating_sub(last) >= WARN_EVERY_MS)
+                            && slow_warned
+                                .compare_exchange(last, now, Relaxed, Relaxed)
+                                .is_ok()
+                        {
+                            warn!("cluster: lines from other nodes arrive faster than this node hands them out; some are dropped");
+                        }
+                    }
+                    other => debug!(event = %other, "cluster: NATS event"),
+                }
+            }
+        });
+    let client = options
+        .connect(config.nats_urls.clone())
+        .await
+        .map_err(|source| ClusterError::Connect {
+            urls: urls.clone(),
+            source,
+        })?;
+    let connected = tokio::time::timeout(START_WAIT, state_rx.wait_for(|c| *c))
+        .await
+        .is_ok_and(|r| r.is_ok());
+    if connected {
+        info!(node = %config.node_id, nats = %urls, subjects = %format!("{}.room.*", config.name), "cluster mode: connected to NATS");
+    } else if config.on_unreachable == OnUnreachable::Refuse {
+        return Err(ClusterError::Unreachable {
+            urls,
+            secs: START_WAIT.as_secs(),
+        });
+    } else {
+        warn!(
+            node = %config.node_id,
+            nats = %urls,
+            "cluster mode: NATS unreachable at start; serving this node's users alone \
+             (cluster.on_unreachable = \"local\") and joining the cluster when NATS answers"
+        );
+    }
+    let (tx, rx) = mpsc::channel(OUTGOING_CAPACITY);
+    let link = Arc::new(Link {
+        tx,
+        interest: Notify::new(),
+        tag: node_tag(&config.node_id),
+        dropped: AtomicU64::new(0),
+        last_warn_ms: AtomicU64::new(0),
+    });
+    hub.attach_cluster(link.clone());
+    let node = Node {
+        client,
+        hub,
+        link,
+        node_id: config.node_id.clone().into(),
+        prefix: format!("{}.room.", config.name),
+        rooms: HashMap::new(),
+        shutdown,
+    };
+    tokio::spawn(node.run(rx, state_rx, connected));
+    Ok(())
+}
+
+/// The cluster task's state.
+struct Node {
+    client: async_nats::Client,
+    hub: Hub,
+    link: Arc<Link>,
+    node_id: Arc<str>,
+    /// `NAME.room.`
+    prefix: String,
+    /// One subscription task per room with local members.
+    rooms: HashMap<Arc<str>, CancellationToken>,
+    shutdown: CancellationToken,
+}
+
+impl Node {
+    async fn run(
+        mut self,
+        mut rx: mpsc::Receiver<Outgoing>,
+        mut state: watch::Receiver<bool>,
+        mut connected: bool,
+    ) {
+        // Rooms may have members already (none in practice: start runs
+        // before the listeners serve).
+        self.reconcile();
+        let mut was_connected = connected;
+        let mut dropped_at_loss = 0;
+        loop {
+            tokio::select! {
+                () = self.shutdown.cancelled() => break,
+                out = rx.recv() => match out {
+                    Some(out) => self.publish(out).await,
+                    None => break,
+                },
+                () = self.link.interest.notified() => self.reconcile(),
+                changed = state.changed() => {
+                    if changed.is_err() {
+                        break;
+                    }
+                    let now = *state.borrow_and_update();
+                    if now == connected {
+                        continue;
+                    }
+                    connected = now;
+                    if connected && was_connected {
+                        let lost = self.link.dropped().saturating_sub(dropped_at_loss);
+                        let told = self.hub.notice_rooms("Other chat nodes are reachable again.");
+                        info!(told, dropped_while_away = lost, "cluster: NATS is back; rooms span nodes again");
+                    } else if connected {
+                        was_connected = true;
+                        info!("cluster: connected to NATS; rooms span nodes");
+                    } else {
+                        dropped_at_loss = self.link.dropped();
+                        let told = self.hub.notice_rooms(
+                            "Other chat nodes are unreachable; chat on this node goes on.",
+                        );
+                        warn!(told, "cluster: NATS lost; serving this node's users alone until it is back");
+                    }
+                }
+            }
+        }
+        for (_, token) in self.rooms.drain() {
+            token.cancel();
+        }
+        // Sends what is already queued; a lost NATS does not hold up exit.
+        let _ = tokio::time::timeout(Duration::from_secs(1), self.client.flush()).await;
+    }
+
+    /// Publishes one batch, or drops and counts it while NATS is away:
+    /// lines are not queued for a reconnect that may come much later.
+    async fn publish(&self, out: Outgoing) {
+        if self.client.connection_state() != State::Connected {
+            self.link.dropped.fetch_add(1, Relaxed);
+            return;
+        }
+        let mut headers = HeaderMap::new();
+        headers.insert(NODE_HEADER, &*self.node_id);
+        headers.insert(KIND_HEADER, out.kind.as_str());
+        let subject = format!("{}{}", self.prefix, out.room);
+        if let Err(e) = self
+            .client
+            .publish_with_headers(subject, headers, out.payload)
+            .await
+        {
+            self.link.dropped.fetch_add(1, Relaxed);
+            debug!(error = %e, "cluster: publish failed");
+        }
+    }
+
+    /// Subscribes to every room with local members and drops the
+    /// subscriptions of rooms without any.
+    fn reconcile(&mut self) {
+        let wanted = self.hub.occupied_rooms();
+        self.rooms.retain(|room, token| {
+            let keep = wanted.contains(room);
+            if !keep {
+                token.cancel();
+                debug!(%room, "cluster: unsubscribed");
+            }
+            keep
+        });
+        for room in wanted {
+            if self.rooms.contains_key(&room) {
+                continue;
+            }
+            let token = self.shutdown.child_token();
+            self.rooms.insert(room.clone(), token.clone());
+            tokio::spawn(listen(
+                self.client.clone(),
+                self.hub.clone(),
+                self.node_id.clone(),
+                format!("{}{}", self.prefix, room),
+                room,
+                token,
+            ));
+        }
+    }
+}
+
+/// One room's subscription: hands every batch from another node to the
+/// hub until `stop`. Dropping the subscriber unsubscribes.
+async fn listen(
+    client: async_nats::Client,
+    hub: Hub,
+    node_id: Arc<str>,
+    subject: String,
+    room: Arc<str>,
+    stop: CancellationToken,
+) {
+    let mut sub = match client.subscribe(subject.clone()).await {
+        Ok(sub) => sub,
+        Err(e) => {
+            warn!(%subject, error = %e, "cluster: cannot subscribe; this room hears only this node");
+            return;
+        }
+    };
+    // A round trip: once it returns, NATS holds the subscription, and every
+    // line published from now on reaches this node.
+    tokio::select! {
+        () = stop.cancelled() => return,
+        flushed = client.flush() => if flushed.is_ok() {
+            debug!(%room, "cluster: subscribed");
+        },
+    }
+    loop {
+        let msg = tokio::select! {
+            () = stop.cancelled() => break,
+            msg = sub.next() => match msg {
+                Some(msg) => msg,
+                None => break,
+            },
+        };
+        let Some(headers) = &msg.headers else {
+            continue;
+        };
+        if headers
+            .get(NODE_HEADER)
+            .is_none_or(|from| from.as_str() == &*node_id)
+        {
+            continue;
+        }
+        let Some(kind) = headers
+            .get(KIND_HEADER)
+            .and_then(|k| Kind::parse(k.as_str()))
+        else {
+            continue;
+        };
+        let Some(lines) = well_formed(&msg.payload) else {
+            debug!(%subject, "cluster: ignored a malformed message");
+            continue;
+        };
+        hub.deliver_remote(&room, msg.payload, lines, kind);
+    }
+}
+
+/// The number of lines in `payload` when it is what a chatd node publishes:
+/// whole `\r\n`-ended lines, each starting with a prefix chatd writes
+/// (`<`, `*`, `[`), valid UTF-8 with no other control character. Anything else on the
+/// subject is not passed on to users.
+pub fn well_formed(payload: &[u8]) -> Option<usize> {
+    let body = payload.strip_suffix(b"\n")?;
+    let mut lines = 0;
+    for line in body.split(|&b| b == b'\n') {
+        let text = line.strip_suffix(b"\r")?;
+        let clean = matches!(text.first(), Some(b'<' | b'*' | b'['))
+            && std::str::from_utf8(text).is_ok_and(|t| !t.chars().any(char::is_control));
+        if !clean {
+            return None;
+        }
+        lines += 1;
+    }
+    Some(lines)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_what_chatd_writes_is_well_formed() {
+        assert_eq!(well_formed(b"<a> hi\r\n<b> yo\r\n"), Some(2));
+        assert_eq!(well_formed(b"*** a joined lobby (2 users)\r\n"), Some(1));
+        assert_eq!(well_formed(b"[pm] <a> x\r\n"), Some(1));
+        assert_eq!(well_formed(b""), None);
+        assert_eq!(well_formed(b"<a> no end"), None);
+        assert_eq!(well_formed(b"hello\r\n"), None, "user text starting a line");
+        assert_eq!(well_formed(b"<a> x\r\nfake\r\n"), None);
+        assert_eq!(well_formed(b"<a> x\ny\r\n"), None, "bare LF");
+        assert_eq!(well_formed(b"<a> x\ry\r\n"), None, "bare CR");
+        assert_eq!(well_formed(b"<a> \x1b[2J\r\n"), None, "escape");
+    }
+
+    fn hub() -> Hub {
+        Hub::new(
+            crate::config::RawConfig::default()
+                .validate()
+                .expect("defaults"),
+        )
+    }
+
+    fn peer(n: u8) -> std::net::SocketAddr {
+        std::net::SocketAddr::from(([127, 0, 0, n], 40000 + u16::from(n)))
+    }
+
+    fn drain(client: &crate::hub::Client) -> String {
+        let mut q = std::collections::VecDeque::new();
+        client.outbox.take(&mut q);
+        let n: usize = q.iter().map(|b| b.len()).sum();
+        client.outbox.written(n, usize::MAX);
+        q.iter().map(|b| String::from_utf8_lossy(b)).collect()
+    }
+
+    fn link(capacity: usize) -> (Arc<Link>, mpsc::Receiver<Outgoing>) {
+        let (tx, rx) = mpsc::channel(capacity);
+        let link = Link {
+            tx,
+            interest: Notify::new(),
+            tag: node_tag("web1"),
+            dropped: AtomicU64::new(0),
+            last_warn_ms: AtomicU64::new(0),
+        };
+        (Arc::new(link), rx)
+    }
+
+    #[test]
+    fn remote_batches_reach_local_members_and_chat_lines_become_history() {
+        let hub = hub();
+        let a = hub.connect(peer(1)).expect("a");
+        let b = hub.connect(peer(2)).expect("b");
+        hub.join(&a, "lobby");
+        hub.join(&b, "lobby");
+        drain(&a);
+        drain(&b);
+        let chat = Bytes::from_static(b"<x> hi\r\n<x> again\r\n");
+        assert_eq!(hub.deliver_remote("lobby", chat, 2, Kind::Chat), 2);
+        let notice = Bytes::from_static(b"*** y joined lobby (1 user)\r\n");
+        assert_eq!(hub.deliver_remote("lobby", notice, 1, Kind::Notice), 2);
+        assert_eq!(
+            drain(&a),
+            "<x> hi\r\n<x> again\r\n*** y joined lobby (1 user)\r\n"
+        );
+        assert_eq!(drain(&a), "");
+        assert_eq!(
+            hub.deliver_remote("nowhere", Bytes::from_static(b"<x> z\r\n"), 1, Kind::Chat),
+            0
+        );
+        let c = hub.connect(peer(3)).expect("c");
+        hub.join(&c, "lobby");
+        let joined = drain(&c);
+        assert!(joined.contains("<x> hi\r\n<x> again\r\n"), "{joined}");
+        assert!(
+            !joined.contains("y joined"),
+            "notices are not history: {joined}"
+        );
+    }
+
+    #[test]
+    fn the_hub_offers_batches_and_interest_without_waiting() {
+        use futures_util::FutureExt;
+        let hub = hub();
+        let (link, mut rx) = link(2);
+        hub.attach_cluster(link.clone());
+        let a = hub.connect(peer(1)).expect("a");
+        assert_eq!(a.nick().as_ref(), "guest-1-web1");
+        let room = hub.join(&a, "lobby");
+        assert!(
+            link.interest.notified().now_or_never().is_some(),
+            "the first member asks for the room's subject"
+        );
+        assert_eq!(hub.occupied_rooms(), [Arc::from("lobby")]);
+        let joined = rx.try_recv().expect("the join notice");
+        assert_eq!(joined.kind, Kind::Notice);
+        hub.publish(&room, a.id, Bytes::from_static(b"<a> one\r\n"), 1);
+        let out = rx.try_recv().expect("the batch");
+        assert_eq!((&*out.room, out.kind), ("lobby", Kind::Chat));
+        assert_eq!(&out.payload[..], b"<a> one\r\n");
+        // A full queue drops and counts; it never blocks the publisher.
+        for _ in 0..5 {
+            hub.publish(&room, a.id, Bytes::from_static(b"<a> more\r\n"), 1);
+        }
+        assert_eq!(link.dropped(), 3);
+        hub.leave(&a, &crate::hub::Disconnect::Closed);
+        assert!(
+            link.interest.notified().now_or_never().is_some(),
+            "the last member leaving drops it"
+        );
+        assert!(hub.occupied_rooms().is_empty());
+    }
+
+    #[test]
+    fn node_tags_are_short() {
+        assert_eq!(node_tag("web1"), "web1");
+        let long = node_tag("chatd-node-0123456789");
+        assert_eq!(long.len(), 6);
+        assert_ne!(long, node_tag("chatd-node-0123456788"));
+    }
+}

@@ -1,0 +1,417 @@
+//! Cluster mode against real `nats-server` processes: each test starts its
+//! own on a free loopback port with its own JetStream store, and real chatd
+//! nodes on it.
+//!
+//! Where `nats-server` is missing these tests skip with one line; with
+//! `REQUIRE_TEST_TOOLS=1` (as `.ci/run` sets) they fail instead.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::support::*;
+
+/// `nats-server`, or `None` after one line saying it is missing.
+fn nats_server_bin() -> Option<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    let found = std::env::split_paths(&path)
+        .chain(["/usr/sbin".into(), "/usr/bin".into()])
+        .map(|dir| dir.join("nats-server"))
+        .find(|p| p.is_file());
+    if found.is_none() {
+        let required = std::env::var("REQUIRE_TEST_TOOLS").is_ok_and(|v| v == "1");
+        assert!(!required, "nats-server is missing and REQUIRE_TEST_TOOLS=1");
+        eprintln!("skipped: nats-server is not installed (apt-get install nats-server)");
+    }
+    found
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
+}
+
+/// A real `nats-server` on loopback, killed on drop. It can be killed and
+/// started again on the same port and store.
+struct Nats {
+    bin: PathBuf,
+    port: u16,
+    /// nats-server's monitoring endpoint (`/varz`).
+    monitor: u16,
+    store: tempfile::TempDir,
+    child: Option<Child>,
+}
+
+impl Nats {
+    fn start() -> Option<Nats> {
+        Some(Nats::on_port(nats_server_bin()?, free_port()))
+    }
+
+    fn on_port(bin: PathBuf, port: u16) -> Nats {
+        let mut nats = Nats {
+            bin,
+            port,
+            monitor: free_port(),
+            store: tempfile::tempdir().expect("tempdir"),
+            child: None,
+        };
+        nats.restart();
+        nats
+    }
+
+    fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// Starts the server (again) and waits until it accepts connections.
+    fn restart(&mut self) {
+        assert!(self.child.is_none(), "already running");
+        let child = Command::new(&self.bin)
+            .args([
+                "-a",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-m",
+                &self.monitor.to_string(),
+                "-js",
+                "-sd",
+            ])
+            .arg(self.store.path())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start nats-server");
+        self.child = Some(child);
+        let deadline = Instant::now() + WAIT;
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(Instant::now() < deadline, "nats-server did not listen");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Messages NATS has received from publishers so far (`/varz` in_msgs).
+    async fn in_msgs(&self) -> u64 {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", self.monitor))
+            .await
+            .expect("connect to the monitoring port");
+        stream
+            .write_all(b"GET /varz HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
+            .await
+            .expect("send");
+        let mut answer = String::new();
+        tokio::time::timeout(WAIT, stream.read_to_string(&mut answer))
+            .await
+            .expect("varz in time")
+            .expect("read varz");
+        let body = answer.split_once("\r\n\r\n").expect("an HTTP answer").1;
+        let varz: serde_json::Value = serde_json::from_str(body).expect("varz is JSON");
+        varz["in_msgs"].as_u64().expect("in_msgs")
+    }
+
+    /// SIGKILL: NATS vanishes without a goodbye.
+    fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for Nats {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A chatd node in cluster mode on `url`.
+fn node(url: &str, id: &str, env: &[(&str, &str)]) -> TestServer {
+    let mut all = vec![
+        ("CHATD_CLUSTER__NATS_URLS", url),
+        ("CHATD_CLUSTER__NODE_ID", id),
+        // Subscriptions are logged at debug: tests wait for them.
+        ("CHATD_LOG__LEVEL", "info,chatd::cluster=debug"),
+    ];
+    all.extend_from_slice(env);
+    TestServer::with_env(&all)
+}
+
+/// Waits until `server` holds its NATS subscription to `room`: from then on
+/// every line published in `room` on another node reaches it.
+async fn wait_subscribed(server: &TestServer, room: &str) {
+    let deadline = Instant::now() + WAIT;
+    while !server
+        .logged("cluster: subscribed")
+        .iter()
+        .any(|v| v["room"] == room)
+    {
+        assert!(Instant::now() < deadline, "no subscription to {room}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Reads lines up to and including one containing `needle`.
+async fn read_through(client: &mut Client, needle: &str) -> Vec<String> {
+    let mut lines = Vec::new();
+    loop {
+        let l = client.line().await;
+        let done = l.contains(needle);
+        lines.push(l);
+        if done {
+            return lines;
+        }
+    }
+}
+
+/// Reads until `want` chat lines from each sender in `senders` have come
+/// (and the sender's `end` marker); checks that each sender's lines arrive
+/// in order and once.
+async fn receive_all(client: &mut Client, senders: &[&str], want: usize) {
+    let mut got: HashMap<String, Vec<usize>> = HashMap::new();
+    let mut ended = 0;
+    while ended < senders.len() {
+        let l = client.line().await;
+        let Some((nick, text)) = l
+            .strip_prefix('<')
+            .and_then(|r| r.split_once("> "))
+            .filter(|(nick, _)| senders.contains(nick))
+        else {
+            continue;
+        };
+        if text == "end" {
+            ended += 1;
+            continue;
+        }
+        let n: usize = text
+            .strip_prefix("line ")
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("unexpected line {l:?}"));
+        got.entry(nick.to_string()).or_default().push(n);
+    }
+    for sender in senders {
+        let seen = got.remove(*sender).unwrap_or_default();
+        assert_eq!(
+            seen,
+            (0..want).collect::<Vec<_>>(),
+            "lines from {sender}: every one, once, in order"
+        );
+    }
+}
+
+#[tokio::test]
+async fn clients_on_two_nodes_share_a_room_in_order_and_once() {
+    let Some(nats) = Nats::start() else { return };
+    let quiet = [("CHATD_LIMITS__FLOOD_LINES_PER_SEC", "0")];
+    let a = node(&nats.url(), "node-a", &quiet);
+    let b = node(&nats.url(), "node-b", &quiet);
+    let (mut a1, a1_nick) = a.join().await;
+    let (mut a2, _) = a.join().await;
+    let (mut b1, b1_nick) = b.join().await;
+    let (mut b2, _) = b.join().await;
+    // Guest nicks carry the node's tag, so they cannot collide.
+    assert_eq!(a1_nick, "guest-1-node-a");
+    assert_eq!(b1_nick, "guest-1-node-b");
+    wait_subscribed(&a, "lobby").await;
+    wait_subscribed(&b, "lobby").await;
+
+    const N: usize = 200;
+    let mut from_a = String::new();
+    let mut from_b = String::new();
+    for i in 0..N {
+        from_a.push_str(&format!("line {i}\n"));
+        from_b.push_str(&format!("line {i}\n"));
+    }
+    from_a.push_str("end\n");
+    from_b.push_str("end\n");
+    // Both senders at once, in several writes each.
+    let (wa, wb) = (from_a.as_bytes(), from_b.as_bytes());
+    for (ca, cb) in wa.chunks(700).zip(wb.chunks(700)) {
+        a1.send_raw(ca).await;
+        b1.send_raw(cb).await;
+    }
+
+    let senders = [a1_nick.as_str(), b1_nick.as_str()];
+    // a2 and b2 hear both (one local, one remote sender); a1 and b1 each
+    // hear the other, across nodes.
+    receive_all(&mut a2, &senders, N).await;
+    receive_all(&mut b2, &senders, N).await;
+    receive_all(&mut a1, &[b1_nick.as_str()], N).await;
+    receive_all(&mut b1, &[a1_nick.as_str()], N).await;
+
+    // Join notices travel too: a newcomer on A is announced on B.
+    let (_a3, a3_nick) = a.join().await;
+    b2.expect(&format!("{a3_nick} joined lobby")).await;
+}
+
+#[tokio::test]
+async fn a_room_on_one_node_does_not_leak_to_the_others() {
+    let Some(nats) = Nats::start() else { return };
+    let a = node(&nats.url(), "node-a", &[]);
+    let b = node(&nats.url(), "node-b", &[]);
+    let (mut a1, _) = a.join().await;
+    let (mut a2, _) = a.join().await;
+    let (mut b1, _) = b.join().await;
+    wait_subscribed(&b, "lobby").await;
+    a1.send("/join secret\n").await;
+    a1.expect("You are now in secret").await;
+    a2.send("/join secret\n").await;
+    a2.expect("You are now in secret").await;
+    wait_subscribed(&a, "secret").await;
+    a1.send("hush\n").await;
+    a2.expect("> hush").await;
+    // Nothing of "secret" reaches B, which has no member there.
+    let seen = b1.sync().await;
+    assert!(
+        seen.iter().all(|l| !l.contains("hush")),
+        "a room with no member on B leaked to B: {seen:?}"
+    );
+    assert!(
+        b.logged("cluster: subscribed")
+            .iter()
+            .all(|v| v["room"] != "secret"),
+        "B subscribes only to rooms with members on B"
+    );
+}
+
+#[tokio::test]
+async fn nats_unreachable_at_start_refuses_or_serves_locally_by_config() {
+    let Some(bin) = nats_server_bin() else { return };
+    let port = free_port();
+    let url = format!("nats://127.0.0.1:{port}");
+
+    // "refuse": the node exits with one line saying why and what to do.
+    let mut cmd = Command::new(chatd_bin());
+    let _dir = TestServer::prepare(
+        &mut cmd,
+        None,
+        &[
+            ("CHATD_CLUSTER__NATS_URLS", &url),
+            ("CHATD_CLUSTER__NODE_ID", "node-r"),
+            ("CHATD_CLUSTER__ON_UNREACHABLE", "refuse"),
+        ],
+    );
+    let out = tokio::task::spawn_blocking(move || cmd.output().expect("run chatd"))
+        .await
+        .expect("join");
+    assert!(!out.status.success(), "a refusing node must not start");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let last = stderr.lines().last().unwrap_or_default();
+    assert!(
+        last.contains("cannot reach NATS") && last.contains("on_unreachable = \"refuse\""),
+        "{stderr}"
+    );
+    assert!(
+        !stderr.contains("\"listening\""),
+        "it never served: {stderr}"
+    );
+
+    // "local" (the default): the node says so in one line and serves.
+    let server = node(&url, "node-l", &[]);
+    let said = server.logged("NATS unreachable at start");
+    assert_eq!(said.len(), 1, "one line says which mode");
+    let (mut c1, n1) = server.join().await;
+    let (mut c2, _) = server.join().await;
+    c1.send("still here\n").await;
+    c2.expect(&format!("<{n1}> still here")).await;
+
+    // Once NATS answers, the node joins the cluster by itself.
+    let _nats = Nats::on_port(bin, port);
+    server.wait_logged("cluster: connected to NATS").await;
+    wait_subscribed(&server, "lobby").await;
+}
+
+#[tokio::test]
+async fn losing_nats_keeps_local_chat_and_tells_users_once_each_way() {
+    let Some(mut nats) = Nats::start() else {
+        return;
+    };
+    let a = node(&nats.url(), "node-a", &[]);
+    let b = node(&nats.url(), "node-b", &[]);
+    let (mut a1, a1_nick) = a.join().await;
+    let (mut a2, _) = a.join().await;
+    let (mut b1, _) = b.join().await;
+    wait_subscribed(&a, "lobby").await;
+    wait_subscribed(&b, "lobby").await;
+    a1.send("before\n").await;
+    b1.expect("> before").await;
+
+    nats.kill();
+    for c in [&mut a1, &mut a2, &mut b1] {
+        c.expect("*** Other chat nodes are unreachable").await;
+    }
+    // Local chat goes on; the line for other nodes is dropped, not queued.
+    a1.send("during\n").await;
+    a2.expect(&format!("<{a1_nick}> during")).await;
+
+    nats.restart();
+    let mut seen = Vec::new();
+    for c in [&mut a1, &mut a2, &mut b1] {
+        seen.push(read_through(c, "*** Other chat nodes are reachable again").await);
+    }
+    for lines in &seen {
+        assert!(
+            lines.iter().all(|l| !l.contains("unreachable")),
+            "told once, not on every reconnect attempt: {lines:?}"
+        );
+    }
+    assert!(
+        seen[2].iter().all(|l| !l.contains("during")),
+        "a line from while NATS was away came late: {:?}",
+        seen[2]
+    );
+    let back = a.wait_logged("NATS is back").await;
+    assert!(back["dropped_while_away"].as_u64() >= Some(1), "{back}");
+
+    // Cross-node chat resumes once both nodes have re-subscribed; lines
+    // sent before that may be lost (NATS core delivers at most once).
+    let deadline = Instant::now() + WAIT;
+    let mut i = 0;
+    'resumed: loop {
+        assert!(Instant::now() < deadline, "cross-node chat did not resume");
+        a1.send(&format!("after {i}\n")).await;
+        i += 1;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        for l in b1.sync().await {
+            if l.contains("> after ") {
+                break 'resumed;
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn one_nats_message_per_line_whatever_the_number_of_recipients() {
+    let Some(nats) = Nats::start() else { return };
+    let a = node(&nats.url(), "node-a", &[]);
+    let b = node(&nats.url(), "node-b", &[]);
+    let (mut a1, a1_nick) = a.join().await;
+    let mut readers = Vec::new();
+    let mut nicks = Vec::new();
+    for _ in 0..5 {
+        let (c, nick) = b.join().await;
+        readers.push(c);
+        nicks.push(nick);
+    }
+    wait_subscribed(&a, "lobby").await;
+    wait_subscribed(&b, "lobby").await;
+    // Each node's earlier messages (join notices) are through NATS before
+    // the count starts: a node publishes in order, so a line from each
+    // that arrives on the other proves it.
+    let b_nick = &nicks[1];
+    a1.send("settle a\n").await;
+    readers[0].expect("> settle a").await;
+    readers[1].send("settle b\n").await;
+    a1.expect(&format!("<{b_nick}> settle b")).await;
+    let before = nats.in_msgs().await;
+    a1.send("to everyone\n").await;
+    for r in &mut readers {
+        r.expect(&format!("<{a1_nick}> to everyone")).await;
+    }
+    let after = nats.in_msgs().await;
+    assert_eq!(after - before, 1, "one NATS message for five recipients");
+}
