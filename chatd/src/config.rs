@@ -111,6 +111,7 @@ pub struct RawChat {
     pub default_room: String,
     pub history: i64,
     pub backlog: i64,
+    pub write_coalesce_ms: i64,
 }
 
 impl Default for RawChat {
@@ -120,6 +121,7 @@ impl Default for RawChat {
             default_room: "lobby".into(),
             history: 20,
             backlog: 4096,
+            write_coalesce_ms: 1,
         }
     }
 }
@@ -285,6 +287,9 @@ pub struct ChatConfig {
     pub default_room: String,
     pub history: usize,
     pub backlog: u32,
+    /// Shortest time between two writes to one client while lines keep
+    /// coming; zero writes every line as soon as it is queued.
+    pub write_coalesce: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -703,6 +708,13 @@ impl RawConfig {
             default_room,
             history: range("chat.history", c.history, 0, 1000, " lines")? as usize,
             backlog: range("chat.backlog", c.backlog, 1, 65535, "")? as u32,
+            write_coalesce: Duration::from_millis(range(
+                "chat.write_coalesce_ms",
+                c.write_coalesce_ms,
+                0,
+                100,
+                " milliseconds, 0 turns it off",
+            )? as u64),
         };
 
         let u = &self.udp;

@@ -9,7 +9,10 @@
 //!   the hub hands, as one shared allocation, to every other room member;
 //! - **write**: everything queued for this client is written with one
 //!   vectored `try_write` per wake-up, so a client that fell behind catches
-//!   up in few syscalls.
+//!   up in few syscalls. While lines keep coming, writes to one client are
+//!   at least `chat.write_coalesce_ms` apart: what arrives meanwhile waits
+//!   and leaves in the next write. A line after a quiet spell leaves at once,
+//!   so only a busy client trades that much latency for fewer syscalls.
 //!
 //! Nothing here blocks on another client. A client that stops reading only
 //! stops its own writes; its outbox fills and the hub cuts it off. A client
@@ -98,6 +101,8 @@ pub async fn serve(stream: TcpStream, peer: SocketAddr, hub: Hub) {
             mid_line: false,
             greeted: false,
             pause: None,
+            last_write: None,
+            write_gate: None,
             client,
             span: tracing::Span::current(),
         };
@@ -196,6 +201,11 @@ struct Connection {
     /// While set, this client does not read: a recipient of its lines is
     /// behind (flow control).
     pause: Option<Box<Pause>>,
+    /// When the last write to the socket happened (write coalescing).
+    last_write: Option<tokio::time::Instant>,
+    /// Wakes the task when a held-back write is due; made on first use, so
+    /// a client that is never busy does not carry a timer.
+    write_gate: Option<Pin<Box<tokio::time::Sleep>>>,
     /// The `conn` span, whose `nick` follows the client's.
     span: tracing::Span,
 }
@@ -242,14 +252,21 @@ impl Connection {
     /// directly rather than through `select!`ed futures, so a wake-up costs
     /// no waiter registration and the idle connection's future stays small.
     fn poll_run(&mut self, cx: &mut Context<'_>) -> Poll<Disconnect> {
-        if let Some(reason) = self
-            .client
-            .outbox
-            .take_or_wait(&mut self.pending, cx.waker())
-        {
+        // While a write is held back, the timer wakes the task: lines pushed
+        // meanwhile do not, so a busy client costs one wake-up per write,
+        // not one per line.
+        let hold = self.hold_write(cx);
+        let closed = if hold {
+            self.client.outbox.take(&mut self.pending)
+        } else {
+            self.client
+                .outbox
+                .take_or_wait(&mut self.pending, cx.waker())
+        };
+        if let Some(reason) = closed {
             return Poll::Ready(reason);
         }
-        while !self.pending.is_empty() {
+        while !hold && !self.pending.is_empty() {
             match self.stream.poll_write_ready(cx) {
                 // `flush` stops at `WouldBlock`, which clears the readiness,
                 // so the next round registers for it instead of spinning.
@@ -257,6 +274,7 @@ impl Connection {
                     if self.flush().is_err() {
                         return Poll::Ready(Disconnect::Error);
                     }
+                    self.last_write = Some(tokio::time::Instant::now());
                 }
                 Poll::Ready(Err(_)) => return Poll::Ready(Disconnect::Error),
                 Poll::Pending => break,
@@ -588,6 +606,29 @@ impl Connection {
 
     fn error(&self, text: &str) {
         self.notice(&format!("error: {text}"));
+    }
+
+    /// Whether to hold back queued lines for now: the last write was less
+    /// than `chat.write_coalesce_ms` ago, so lines are coming fast and more
+    /// will join them. Arms the timer that wakes the task when the next
+    /// write is due (and a close request is seen).
+    fn hold_write(&mut self, cx: &mut Context<'_>) -> bool {
+        let Some(last) = self.last_write else {
+            return false;
+        };
+        let window = self.hub.write_coalesce();
+        if window.is_zero() {
+            return false;
+        }
+        let due = last + window;
+        if tokio::time::Instant::now() >= due {
+            return false;
+        }
+        let gate = self
+            .write_gate
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(due)));
+        gate.as_mut().reset(due);
+        gate.as_mut().poll(cx).is_pending()
     }
 
     /// Writes as much of `pending` as the socket takes now, in one vectored
