@@ -979,6 +979,21 @@ mod tests {
         );
     }
 
+    #[test]
+    fn write_coalescing_is_in_milliseconds_and_bounded() {
+        let c = RawConfig::default().validate().expect("defaults validate");
+        assert_eq!(c.chat.write_coalesce, Duration::from_millis(1));
+        let c = with_env(&[("CHATD_CHAT__WRITE_COALESCE_MS", "0")]).expect("0 turns it off");
+        assert!(c.chat.write_coalesce.is_zero());
+        let e = with_env(&[("CHATD_CHAT__WRITE_COALESCE_MS", "101")])
+            .expect_err("rejected")
+            .to_string();
+        assert!(
+            e.contains("chat.write_coalesce_ms") && e.contains("101") && e.contains("0..=100"),
+            "{e}"
+        );
+    }
+
     fn admin(toml_text: &str) -> Result<Config, ConfigError> {
         let raw: RawConfig = toml::from_str(toml_text).expect("valid TOML");
         raw.validate()

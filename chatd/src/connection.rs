@@ -10,9 +10,10 @@
 //! - **write**: everything queued for this client is written with one
 //!   vectored `try_write` per wake-up, so a client that fell behind catches
 //!   up in few syscalls. While lines keep coming, writes to one client are
-//!   at least `chat.write_coalesce_ms` apart: what arrives meanwhile waits
-//!   and leaves in the next write. A line after a quiet spell leaves at once,
-//!   so only a busy client trades that much latency for fewer syscalls.
+//!   at least `chat.write_coalesce_ms` apart unless a write's worth
+//!   (`COALESCE_ENOUGH`) is queued: what arrives meanwhile waits and leaves
+//!   in the next write. A line after a quiet spell leaves at once, so only a
+//!   busy client trades that much latency for fewer syscalls.
 //!
 //! Nothing here blocks on another client. A client that stops reading only
 //! stops its own writes; its outbox fills and the hub cuts it off. A client
@@ -47,6 +48,9 @@ const READ_CHUNK: usize = 16 * 1024;
 const READS_PER_WAKE: usize = 4;
 /// Buffers handed to one vectored write.
 const IOV_MAX: usize = 64;
+/// Queued bytes that make a write worth its syscall: write coalescing
+/// never holds back more.
+const COALESCE_ENOUGH: usize = 4 * 1024;
 /// How long a closing connection may take to flush its last lines when the
 /// client is slow to read them.
 const CLOSE_FLUSH: Duration = Duration::from_secs(5);
@@ -252,20 +256,14 @@ impl Connection {
     /// directly rather than through `select!`ed futures, so a wake-up costs
     /// no waiter registration and the idle connection's future stays small.
     fn poll_run(&mut self, cx: &mut Context<'_>) -> Poll<Disconnect> {
-        // While a write is held back, the timer wakes the task: lines pushed
-        // meanwhile do not, so a busy client costs one wake-up per write,
-        // not one per line.
-        let hold = self.hold_write(cx);
-        let closed = if hold {
-            self.client.outbox.take(&mut self.pending)
-        } else {
-            self.client
-                .outbox
-                .take_or_wait(&mut self.pending, cx.waker())
-        };
-        if let Some(reason) = closed {
+        if let Some(reason) = self
+            .client
+            .outbox
+            .take_or_wait(&mut self.pending, cx.waker())
+        {
             return Poll::Ready(reason);
         }
+        let hold = !self.pending.is_empty() && self.hold_write(cx);
         while !hold && !self.pending.is_empty() {
             match self.stream.poll_write_ready(cx) {
                 // `flush` stops at `WouldBlock`, which clears the readiness,
@@ -608,10 +606,11 @@ impl Connection {
         self.notice(&format!("error: {text}"));
     }
 
-    /// Whether to hold back queued lines for now: the last write was less
-    /// than `chat.write_coalesce_ms` ago, so lines are coming fast and more
-    /// will join them. Arms the timer that wakes the task when the next
-    /// write is due (and a close request is seen).
+    /// Whether to hold back the queued lines for now: the last write was
+    /// less than `chat.write_coalesce_ms` ago, so lines are coming fast and
+    /// more will join them, and what is queued is still too little to be
+    /// worth a syscall of its own. Arms the timer that wakes the task when
+    /// the write is due.
     fn hold_write(&mut self, cx: &mut Context<'_>) -> bool {
         let Some(last) = self.last_write else {
             return false;
@@ -622,6 +621,11 @@ impl Connection {
         }
         let due = last + window;
         if tokio::time::Instant::now() >= due {
+            return false;
+        }
+        // Under saturation the queue already holds enough for an efficient
+        // write: holding it would only add latency.
+        if self.pending.iter().map(Bytes::len).sum::<usize>() >= COALESCE_ENOUGH {
             return false;
         }
         let gate = self
