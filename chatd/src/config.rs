@@ -156,6 +156,7 @@ pub struct RawChat {
     pub default_room: String,
     pub history: i64,
     pub backlog: i64,
+    pub write_coalesce_ms: i64,
 }
 
 impl Default for RawChat {
@@ -169,6 +170,7 @@ impl Default for RawChat {
             default_room: "lobby".into(),
             history: 20,
             backlog: 4096,
+            write_coalesce_ms: 1,
         }
     }
 }
@@ -384,6 +386,9 @@ pub struct ChatConfig {
     pub default_room: String,
     pub history: usize,
     pub backlog: u32,
+    /// Shortest time between two writes to one client while lines keep
+    /// coming; zero writes every line as soon as it is queued.
+    pub write_coalesce: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -996,6 +1001,13 @@ impl RawConfig {
             default_room,
             history: range("chat.history", c.history, 0, 1000, " lines")? as usize,
             backlog: range("chat.backlog", c.backlog, 1, 65535, "")? as u32,
+            write_coalesce: Duration::from_millis(range(
+                "chat.write_coalesce_ms",
+                c.write_coalesce_ms,
+                0,
+                100,
+                " milliseconds, 0 turns it off",
+            )? as u64),
         };
 
         let u = &self.udp;
@@ -1421,6 +1433,21 @@ mod tests {
             .to_string();
         assert!(
             e.contains("limits.handshake_timeout_secs") && e.contains("1..=300"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn write_coalescing_is_in_milliseconds_and_bounded() {
+        let c = RawConfig::default().validate().expect("defaults validate");
+        assert_eq!(c.chat.write_coalesce, Duration::from_millis(1));
+        let c = with_env(&[("CHATD_CHAT__WRITE_COALESCE_MS", "0")]).expect("0 turns it off");
+        assert!(c.chat.write_coalesce.is_zero());
+        let e = with_env(&[("CHATD_CHAT__WRITE_COALESCE_MS", "101")])
+            .expect_err("rejected")
+            .to_string();
+        assert!(
+            e.contains("chat.write_coalesce_ms") && e.contains("101") && e.contains("0..=100"),
             "{e}"
         );
     }

@@ -9,7 +9,11 @@
 //!   the hub hands, as one shared allocation, to every other room member;
 //! - **write**: everything queued for this client is written with one
 //!   vectored `try_write` per wake-up, so a client that fell behind catches
-//!   up in few syscalls.
+//!   up in few syscalls. While lines keep coming, writes to one client are
+//!   at least `chat.write_coalesce_ms` apart unless a write's worth
+//!   (`COALESCE_ENOUGH`) is queued: what arrives meanwhile waits and leaves
+//!   in the next write. A line after a quiet spell leaves at once, so only a
+//!   busy client trades that much latency for fewer syscalls.
 //!
 //! Nothing here blocks on another client. A client that stops reading only
 //! stops its own writes; its outbox fills and the hub cuts it off. A client
@@ -44,6 +48,9 @@ const READ_CHUNK: usize = 16 * 1024;
 const READS_PER_WAKE: usize = 4;
 /// Buffers handed to one vectored write.
 const IOV_MAX: usize = 64;
+/// Queued bytes that make a write worth its syscall: write coalescing
+/// never holds back more.
+const COALESCE_ENOUGH: usize = 4 * 1024;
 /// How long a closing connection may take to flush its last lines when the
 /// client is slow to read them.
 const CLOSE_FLUSH: Duration = Duration::from_secs(5);
@@ -144,6 +151,8 @@ pub async fn serve_on<S: Socket>(stream: S, peer: SocketAddr, tls: bool, hub: Hu
             mid_line: false,
             greeted: false,
             pause: None,
+            last_write: None,
+            write_gate: None,
             client,
             span: tracing::Span::current(),
         };
@@ -242,6 +251,11 @@ struct Connection<S> {
     /// While set, this client does not read: a recipient of its lines is
     /// behind (flow control).
     pause: Option<Box<Pause>>,
+    /// When the last write to the socket happened (write coalescing).
+    last_write: Option<tokio::time::Instant>,
+    /// Wakes the task when a held-back write is due; made on first use, so
+    /// a client that is never busy does not carry a timer.
+    write_gate: Option<Pin<Box<tokio::time::Sleep>>>,
     /// The `conn` span, whose `nick` follows the client's.
     span: tracing::Span,
 }
@@ -295,7 +309,8 @@ impl<S: Socket> Connection<S> {
         {
             return Poll::Ready(reason);
         }
-        while !self.pending.is_empty() {
+        let hold = !self.pending.is_empty() && self.hold_write(cx);
+        while !hold && !self.pending.is_empty() {
             match self.stream.poll_write_ready(cx) {
                 // `flush` stops at `WouldBlock`, which clears the readiness,
                 // so the next round registers for it instead of spinning.
@@ -303,6 +318,7 @@ impl<S: Socket> Connection<S> {
                     if self.flush().is_err() {
                         return Poll::Ready(Disconnect::Error);
                     }
+                    self.last_write = Some(tokio::time::Instant::now());
                 }
                 Poll::Ready(Err(_)) => return Poll::Ready(Disconnect::Error),
                 Poll::Pending => break,
@@ -641,6 +657,35 @@ impl<S: Socket> Connection<S> {
 
     fn error(&self, text: &str) {
         self.notice(&format!("error: {text}"));
+    }
+
+    /// Whether to hold back the queued lines for now: the last write was
+    /// less than `chat.write_coalesce_ms` ago, so lines are coming fast and
+    /// more will join them, and what is queued is still too little to be
+    /// worth a syscall of its own. Arms the timer that wakes the task when
+    /// the write is due.
+    fn hold_write(&mut self, cx: &mut Context<'_>) -> bool {
+        let Some(last) = self.last_write else {
+            return false;
+        };
+        let window = self.hub.write_coalesce();
+        if window.is_zero() {
+            return false;
+        }
+        let due = last + window;
+        if tokio::time::Instant::now() >= due {
+            return false;
+        }
+        // Under saturation the queue already holds enough for an efficient
+        // write: holding it would only add latency.
+        if self.pending.iter().map(Bytes::len).sum::<usize>() >= COALESCE_ENOUGH {
+            return false;
+        }
+        let gate = self
+            .write_gate
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(due)));
+        gate.as_mut().reset(due);
+        gate.as_mut().poll(cx).is_pending()
     }
 
     /// Writes as much of `pending` as the socket takes now, in one vectored

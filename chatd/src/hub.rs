@@ -550,6 +550,11 @@ impl Hub {
         self.shared.config.load().limits.outbound_queue_bytes
     }
 
+    /// `chat.write_coalesce_ms`, read without cloning the config.
+    pub fn write_coalesce(&self) -> Duration {
+        self.shared.config.load().chat.write_coalesce
+    }
+
     pub fn stats(&self) -> &Stats {
         &self.shared.stats
     }

@@ -79,8 +79,10 @@ pub fn encode_payload(out: &mut Vec<u8>, sender: u32, seq: u32, nanos: u64, size
     }
 }
 
-/// Parses a payload written by [`encode_payload`]: `(sender, seq, nanos)`.
-pub fn parse_payload(p: &[u8]) -> Option<(u32, u32, u64)> {
+/// Parses a payload written by [`encode_payload`] with `size`:
+/// `(sender, seq, nanos)`. A payload of any other length, or with anything
+/// but dots after the stamp, is not one the benchmark sent.
+pub fn parse_payload(p: &[u8], size: usize) -> Option<(u32, u32, u64)> {
     let rest = p.strip_prefix(b"b")?;
     let (sender, rest) = parse_number(rest)?;
     let rest = rest.strip_prefix(b":")?;
@@ -88,6 +90,11 @@ pub fn parse_payload(p: &[u8]) -> Option<(u32, u32, u64)> {
     let rest = rest.strip_prefix(b":")?;
     let (nanos, rest) = parse_number(rest)?;
     if !rest.iter().all(|&b| b == b'.') {
+        return None;
+    }
+    // Padding makes every payload exactly `size` long, unless the stamp
+    // alone is longer (then there is no padding at all).
+    if p.len() != size && !(p.len() > size && rest.is_empty()) {
         return None;
     }
     Some((u32::try_from(sender).ok()?, u32::try_from(seq).ok()?, nanos))
@@ -108,8 +115,9 @@ fn parse_number(s: &[u8]) -> Option<(u64, &[u8])> {
 /// What one received line is.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Event<'a> {
-    /// A relayed message; the slice is where a payload should be.
-    Message(&'a [u8]),
+    /// A relayed message: the sender's nick where the dialect names it, and
+    /// where a payload should be.
+    Message(Option<&'a [u8]>, &'a [u8]),
     /// An IRC PING; the slice is its argument, to echo in a PONG.
     Ping(&'a [u8]),
     /// Anything else (notices, numerics, joins).
@@ -124,7 +132,7 @@ pub fn classify(dialect: Dialect, line: &[u8]) -> Event<'_> {
             if line.first() == Some(&b'<')
                 && let Some(i) = memchr::memmem::find(line, b"> ")
             {
-                return Event::Message(&line[i + 2..]);
+                return Event::Message(Some(&line[1..i]), &line[i + 2..]);
             }
             Event::Other
         }
@@ -142,8 +150,10 @@ pub fn classify(dialect: Dialect, line: &[u8]) -> Event<'_> {
             let Some(args) = rest[space + 1..].strip_prefix(b"PRIVMSG ") else {
                 return Event::Other;
             };
+            let source = &rest[..space];
+            let nick = &source[..memchr::memchr(b'!', source).unwrap_or(source.len())];
             match memchr::memmem::find(args, b" :") {
-                Some(i) => Event::Message(&args[i + 2..]),
+                Some(i) => Event::Message(Some(nick), &args[i + 2..]),
                 None => Event::Other,
             }
         }
@@ -151,8 +161,8 @@ pub fn classify(dialect: Dialect, line: &[u8]) -> Event<'_> {
             // `[ip:port] chunk`, possibly glued to unterminated system notices
             // that came before it: the payload follows the last "] ".
             match memchr::memmem::rfind(line, b"] b") {
-                Some(i) => Event::Message(&line[i + 2..]),
-                None if line.first() == Some(&b'b') => Event::Message(line),
+                Some(i) => Event::Message(None, &line[i + 2..]),
+                None if line.first() == Some(&b'b') => Event::Message(None, line),
                 None => Event::Other,
             }
         }
@@ -176,6 +186,14 @@ fn irc_command(line: &[u8]) -> &[u8] {
 pub struct Shared {
     pub senders: usize,
     pub messages: u32,
+    /// Payload bytes per line.
+    pub size: usize,
+    /// Rooms the clients are spread over (client `i` is in room `i % rooms`).
+    pub rooms: usize,
+    /// At most this many lines per sender `write` (as fast as possible).
+    pub lines_per_write: u32,
+    /// `write` calls made by all senders so far.
+    pub writes: AtomicU64,
     /// Unique deliveries so far, for completion.
     pub unique: AtomicU64,
     /// When the last delivery was seen, in [`now_nanos`].
@@ -198,8 +216,8 @@ const SHARDS: usize = 16;
 
 impl Shared {
     pub fn new(
-        senders: usize,
-        messages: u32,
+        (senders, messages, size, rooms): (usize, u32, usize, usize),
+        lines_per_write: u32,
         fanout: f64,
         window: u64,
     ) -> anyhow::Result<Arc<Self>> {
@@ -210,6 +228,10 @@ impl Shared {
         Ok(Arc::new(Shared {
             senders,
             messages,
+            size,
+            rooms: rooms.max(1),
+            lines_per_write: lines_per_write.max(1),
+            writes: AtomicU64::new(0),
             unique: AtomicU64::new(0),
             last_delivery: AtomicU64::new(0),
             latency,
@@ -260,12 +282,23 @@ struct SenderSeen {
 /// What one receiver saw in all.
 #[derive(Default, Debug, Clone)]
 pub struct Tally {
+    /// Message lines received, whatever they were.
     pub delivered: u64,
+    /// Each line of a sender of this room at most once, checked whole.
     pub unique: u64,
+    /// Unique lines that came in their sender's order: what deliveries/s counts.
+    pub good: u64,
     pub duplicated: u64,
+    /// Unique lines that came after a later line of the same sender.
     pub out_of_order: u64,
-    /// Message lines whose payload could not be parsed (or named no sender).
+    /// Message lines that are not a line the benchmark sent: wrong length,
+    /// wrong padding, unparsable stamp, or a nick other than the sender's.
     pub garbled: u64,
+    /// Well-formed lines this client must not get: from a sender of another
+    /// room, or a sequence number never sent.
+    pub extra: u64,
+    /// The client's own lines, sent back to it.
+    pub echoed: u64,
     /// Bytes read after registration.
     pub bytes: u64,
     /// The server closed the connection (EOF).
@@ -276,6 +309,11 @@ pub struct Tally {
 
 struct Receiver {
     dialect: Dialect,
+    /// This client's id and room index.
+    id: usize,
+    room: usize,
+    rooms: usize,
+    size: usize,
     per_sender: Vec<SenderSeen>,
     messages: u32,
     tally: Tally,
@@ -284,9 +322,14 @@ struct Receiver {
 }
 
 impl Receiver {
-    fn new(dialect: Dialect, senders: usize, messages: u32) -> Self {
+    fn new(dialect: Dialect, id: usize, shared: &Shared) -> Self {
+        let (senders, messages) = (shared.senders, shared.messages);
         Receiver {
             dialect,
+            id,
+            room: id % shared.rooms,
+            rooms: shared.rooms,
+            size: shared.size,
             per_sender: (0..senders).map(|_| SenderSeen::default()).collect(),
             messages,
             tally: Tally::default(),
@@ -305,7 +348,7 @@ impl Receiver {
                 line = l;
             }
             match classify(self.dialect, line) {
-                Event::Message(p) => self.message(p, now),
+                Event::Message(nick, p) => self.message(nick, p, now),
                 Event::Ping(arg) => {
                     self.pong.extend_from_slice(b"PONG");
                     self.pong.extend_from_slice(arg);
@@ -317,17 +360,29 @@ impl Receiver {
         start
     }
 
-    fn message(&mut self, p: &[u8], now: u64) {
+    fn message(&mut self, nick: Option<&[u8]>, p: &[u8], now: u64) {
         self.tally.delivered += 1;
-        let Some((sender, seq, sent)) = parse_payload(p) else {
+        let Some((sender, seq, sent)) = parse_payload(p, self.size) else {
             self.tally.garbled += 1;
             return;
         };
+        // Every sender is registered as `b<id>`.
+        if let Some(nick) = nick
+            && (nick.first() != Some(&b'b')
+                || parse_number(&nick[1..]) != Some((u64::from(sender), &[][..])))
+        {
+            self.tally.garbled += 1;
+            return;
+        }
+        if sender as usize == self.id {
+            self.tally.echoed += 1;
+            return;
+        }
         let (Some(s), true) = (
             self.per_sender.get_mut(sender as usize),
-            seq < self.messages,
+            seq < self.messages && sender as usize % self.rooms == self.room,
         ) else {
-            self.tally.garbled += 1;
+            self.tally.extra += 1;
             return;
         };
         if s.seen.is_empty() {
@@ -342,9 +397,12 @@ impl Receiver {
         self.tally.unique += 1;
         match s.max_seq {
             Some(max) if seq < max => self.tally.out_of_order += 1,
-            _ => s.max_seq = Some(seq),
+            _ => {
+                s.max_seq = Some(seq);
+                self.tally.good += 1;
+                self.latencies.push(now.saturating_sub(sent).max(1));
+            }
         }
-        self.latencies.push(now.saturating_sub(sent).max(1));
     }
 }
 
@@ -370,6 +428,7 @@ pub async fn connect(
     room: String,
     small_rcvbuf: bool,
     buf_size: usize,
+    sender: bool,
 ) -> anyhow::Result<Conn> {
     let socket = TcpSocket::new_v4()?;
     if small_rcvbuf {
@@ -387,7 +446,7 @@ pub async fn connect(
         buf: BytesMut::with_capacity(buf_size),
         buf_size,
     };
-    conn.register().await?;
+    conn.register(sender).await?;
     Ok(conn)
 }
 
@@ -422,9 +481,17 @@ impl Conn {
         Ok(())
     }
 
-    async fn register(&mut self) -> anyhow::Result<()> {
+    /// Registers in the room; a `sender` also takes the nick `b<id>` (IRC
+    /// clients always do), which receivers check on every line.
+    async fn register(&mut self, sender: bool) -> anyhow::Result<()> {
         match self.dialect {
-            Dialect::Chatd => self.register_chatd().await,
+            Dialect::Chatd => {
+                self.register_chatd().await?;
+                if sender {
+                    self.nick_chatd().await?;
+                }
+                Ok(())
+            }
             Dialect::Irc => self.register_irc().await,
             // The tutorial server greets every client with a (line-less)
             // notice once it is in the client list.
@@ -451,6 +518,24 @@ impl Conn {
                 .await?;
             wanted = format!("*** You are now in {}", self.room);
             joined_target = true;
+        }
+    }
+
+    async fn nick_chatd(&mut self) -> anyhow::Result<()> {
+        let nick = format!("b{}", self.id);
+        self.write(format!("/nick {nick}\n").as_bytes()).await?;
+        let wanted = format!("*** You are now known as {nick}.");
+        loop {
+            let line = self.next_line().await?;
+            if line.starts_with(b"*** error") || line.starts_with(b"*** Disconnected") {
+                bail!(
+                    "chatd refused nick {nick}: {}",
+                    String::from_utf8_lossy(&line)
+                );
+            }
+            if line == wanted.as_bytes() {
+                return Ok(());
+            }
         }
     }
 
@@ -499,7 +584,9 @@ impl Conn {
         shared: Arc<Shared>,
         hold: Option<(CancellationToken, Duration)>,
     ) -> Tally {
-        let mut rx = Receiver::new(self.dialect, shared.senders, shared.messages);
+        let mut rx = Receiver::new(self.dialect, self.id, &shared);
+        // Unique deliveries already added to `shared.unique`.
+        let mut reported = 0u64;
         let shard = self.id % SHARDS;
         let quiet = match hold {
             Some((release, quiet)) => {
@@ -520,10 +607,10 @@ impl Conn {
             if quiet.is_some() {
                 // The stalled client is not measured: it reads only at the end.
                 rx.latencies.clear();
+                reported = rx.tally.unique;
             }
-            if !rx.latencies.is_empty() {
-                let n = rx.latencies.len() as u64;
-                {
+            if rx.tally.unique > reported {
+                if !rx.latencies.is_empty() {
                     let mut h = shared.latency[shard]
                         .lock()
                         .unwrap_or_else(|e| e.into_inner());
@@ -532,7 +619,10 @@ impl Conn {
                     }
                 }
                 rx.latencies.clear();
-                shared.unique.fetch_add(n, Ordering::Relaxed);
+                shared
+                    .unique
+                    .fetch_add(rx.tally.unique - reported, Ordering::Relaxed);
+                reported = rx.tally.unique;
                 shared
                     .last_delivery
                     .fetch_max(now_nanos(), Ordering::Relaxed);
@@ -599,7 +689,8 @@ pub async fn send_loop(
         w => u32::try_from(w / shared.senders.max(1) as u64 / 2)
             .unwrap_or(u32::MAX)
             .max(1),
-    };
+    }
+    .min(shared.lines_per_write);
     let prefix = dialect.line_prefix(&room);
     let end = dialect.line_end();
     let mut buf = Vec::with_capacity(64 * 1024);
@@ -625,8 +716,9 @@ pub async fn send_loop(
             }
         }
         if writer.lock().await.write_all(&buf).await.is_err() {
-            return seq.saturating_sub(1);
+            return first;
         }
+        shared.writes.fetch_add(1, Ordering::Relaxed);
         shared
             .sent
             .fetch_add(u64::from(seq - first), Ordering::Relaxed);

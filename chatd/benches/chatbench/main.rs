@@ -31,8 +31,9 @@ use crate::server::Target;
     about = "Fan-out benchmark: chatd against ngIRCd and InspIRCd"
 )]
 struct Args {
-    /// Scenarios to run: a, b, c, d, e (e = e-clean and e-stalled), quick.
-    #[arg(long, short, value_delimiter = ',', default_value = "a,b,c,d,e")]
+    /// Scenarios to run: a (= a, a-open, a-line), b (= b, b-open), c, d,
+    /// e (= e-clean, e-stalled), f, quick, or any single name.
+    #[arg(long, short, value_delimiter = ',', default_value = "a,b,c,d,e,f")]
     scenarios: Vec<String>,
     /// Servers to compare: chatd, ngircd, inspircd, python.
     #[arg(
@@ -45,9 +46,14 @@ struct Args {
     /// Runs per scenario and target; the table shows medians.
     #[arg(long, default_value_t = 1)]
     runs: usize,
-    /// A tiny smoke scenario for CI; fails only if chatd lost deliveries.
+    /// A tiny smoke scenario for CI; fails if chatd lost, garbled,
+    /// duplicated, reordered, echoed or added a line, or cut a reader.
     #[arg(long)]
     quick: bool,
+    /// Server on CPU 0, load generator on CPU 1 (taskset); without it both
+    /// share every core.
+    #[arg(long)]
+    pin: bool,
     /// Also run scenario d (10,000 connections) against InspIRCd, which
     /// accepts connections in whole-second steps: expect minutes.
     #[arg(long)]
@@ -95,6 +101,8 @@ impl Args {
             self.scenarios
                 .iter()
                 .flat_map(|s| match s.as_str() {
+                    "a" => vec!["a", "a-open", "a-line"],
+                    "b" => vec!["b", "b-open"],
                     "e" => vec!["e-clean", "e-stalled"],
                     other => vec![other],
                 })
@@ -108,7 +116,10 @@ impl Args {
                 .find(|s| s.name == name)
                 .cloned()
                 .ok_or_else(|| {
-                    anyhow::anyhow!("unknown scenario {name:?} (a, b, c, d, e, quick)")
+                    anyhow::anyhow!(
+                        "unknown scenario {name:?} (a, a-open, a-line, b, b-open, c, d, \
+                         e-clean, e-stalled, f, quick)"
+                    )
                 })?;
             let p = &mut s.params;
             p.clients = self.clients.unwrap_or(p.clients);
@@ -131,6 +142,13 @@ impl Args {
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    if args.pin {
+        // Before the runtime starts, so that its threads inherit the mask.
+        if let Err(e) = server::pin_self() {
+            eprintln!("chatbench: --pin: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    }
     match rlimit::increase_nofile_limit(u64::MAX) {
         Ok(n) if n < 10_500 => {
             eprintln!("chatbench: open-file limit is only {n}; scenario d needs about 10,100")
@@ -164,6 +182,17 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
         connect_concurrency: args.connect_concurrency.max(1),
         idle_timeout: Duration::from_secs(args.idle_timeout.max(1)),
         window: args.window,
+        pin: args.pin,
+    };
+    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let cores = if args.pin {
+        format!(
+            "server pinned to CPU {}, load generator to CPU {}",
+            server::SERVER_CPU,
+            server::LOAD_CPU
+        )
+    } else {
+        format!("server and load generator share all {cpus} CPUs")
     };
     let mut targets = Vec::new();
     for &t in &args.targets {
@@ -180,8 +209,9 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
             "chatbench: python relays raw 1024-byte chunks, not lines: its numbers are indicative"
         );
     }
-    let mut chatd_lost = false;
+    let mut chatd_faults = Vec::new();
     for s in &scenarios {
+        let load_before = loadavg();
         let mut runs: report::Runs = BTreeMap::new();
         for run in 1..=args.runs.max(1) {
             // Targets alternate within each run so drift hits them alike.
@@ -213,9 +243,15 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
                     },
                 };
                 if t == Target::Chatd {
-                    let lost = outcome.values.get(&Metric::Lost).copied();
-                    if lost != Some(0.0) {
-                        chatd_lost = true;
+                    for m in FAULTS {
+                        let v = outcome.values.get(&m).copied();
+                        if v != Some(0.0) {
+                            chatd_faults.push(format!(
+                                "{} run {run}: {m:?} = {}",
+                                s.name,
+                                v.map_or("not measured".to_owned(), |v| v.to_string())
+                            ));
+                        }
                     }
                 }
                 for note in &outcome.notes {
@@ -224,12 +260,39 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
                 runs.entry(t).or_default().push(outcome);
             }
         }
-        let table = report::table(s.name, s.what, &targets, &runs);
+        let conditions = format!(
+            "{cores}; load average (1/5/15 min) {load_before} before, {} after",
+            loadavg()
+        );
+        let table = report::table((s.name, s.what, &conditions), &targets, &runs);
         print!("{table}");
     }
-    if args.quick && targets.contains(&Target::Chatd) && chatd_lost {
-        eprintln!("chatbench: chatd lost deliveries in the quick scenario");
+    if args.quick && targets.contains(&Target::Chatd) && !chatd_faults.is_empty() {
+        for f in &chatd_faults {
+            eprintln!("chatbench: chatd: {f}");
+        }
+        eprintln!("chatbench: chatd failed the quick scenario");
         return Ok(ExitCode::FAILURE);
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// What `--quick` requires to be zero for chatd: every line arrived once,
+/// whole, in order, only where it belongs, and no reader was cut.
+const FAULTS: [Metric; 7] = [
+    Metric::Lost,
+    Metric::Garbled,
+    Metric::Duplicated,
+    Metric::OutOfOrder,
+    Metric::Extra,
+    Metric::Echoed,
+    Metric::ClientsCut,
+];
+
+/// The first three fields of /proc/loadavg, as `uptime` shows them.
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|| "unknown".to_owned())
 }

@@ -18,7 +18,12 @@ pub enum Metric {
     Duplicated,
     OutOfOrder,
     Garbled,
+    Extra,
+    Echoed,
+    ClientsCut,
     DeliveriesPerSec,
+    LinesPerWrite,
+    BytesPerDelivery,
     P50,
     P99,
     P999,
@@ -32,10 +37,11 @@ pub enum Metric {
     RssPeak,
     StalledCut,
     StalledGot,
+    ServerThreads,
 }
 
 impl Metric {
-    const ALL: [Metric; 22] = [
+    const ALL: [Metric; 28] = [
         Metric::Connected,
         Metric::ConnectSecs,
         Metric::Expected,
@@ -44,7 +50,12 @@ impl Metric {
         Metric::Duplicated,
         Metric::OutOfOrder,
         Metric::Garbled,
+        Metric::Extra,
+        Metric::Echoed,
+        Metric::ClientsCut,
         Metric::DeliveriesPerSec,
+        Metric::LinesPerWrite,
+        Metric::BytesPerDelivery,
         Metric::P50,
         Metric::P99,
         Metric::P999,
@@ -58,6 +69,7 @@ impl Metric {
         Metric::RssPeak,
         Metric::StalledCut,
         Metric::StalledGot,
+        Metric::ServerThreads,
     ];
 
     fn label(self) -> &'static str {
@@ -70,7 +82,12 @@ impl Metric {
             Metric::Duplicated => "duplicated",
             Metric::OutOfOrder => "out of order",
             Metric::Garbled => "garbled lines",
-            Metric::DeliveriesPerSec => "deliveries/s",
+            Metric::Extra => "extra lines (other room, never sent)",
+            Metric::Echoed => "echoed to sender",
+            Metric::ClientsCut => "reading clients cut",
+            Metric::DeliveriesPerSec => "deliveries/s (whole, in order)",
+            Metric::LinesPerWrite => "lines per sender write",
+            Metric::BytesPerDelivery => "bytes on the wire per delivery",
             Metric::P50 => "latency p50 (ms)",
             Metric::P99 => "latency p99 (ms)",
             Metric::P999 => "latency p99.9 (ms)",
@@ -84,6 +101,7 @@ impl Metric {
             Metric::RssPeak => "server peak RSS (MiB)",
             Metric::StalledCut => "stalled client cut off (1=yes)",
             Metric::StalledGot => "stalled client got lines",
+            Metric::ServerThreads => "server threads",
         }
     }
 
@@ -99,6 +117,7 @@ impl Metric {
                 | Metric::Max
                 | Metric::CpuSecs
                 | Metric::CpuPerDelivery
+                | Metric::BytesPerDelivery
                 | Metric::RssLoaded
                 | Metric::RssPerConn
                 | Metric::RssPeak
@@ -111,6 +130,7 @@ impl Metric {
                 format!("{v:.3}")
             }
             Metric::ConnectSecs | Metric::CpuSecs => format!("{v:.2}"),
+            Metric::LinesPerWrite | Metric::BytesPerDelivery => format!("{v:.1}"),
             Metric::RssIdle
             | Metric::RssLoaded
             | Metric::RssEnd
@@ -134,7 +154,11 @@ pub fn median(values: &mut [f64]) -> Option<f64> {
 pub type Runs = BTreeMap<Target, Vec<Outcome>>;
 
 /// Renders one scenario's table.
-pub fn table(name: &str, what: &str, targets: &[Target], runs: &Runs) -> String {
+pub fn table(
+    (name, what, conditions): (&str, &str, &str),
+    targets: &[Target],
+    runs: &Runs,
+) -> String {
     let mut medians: BTreeMap<(Target, Metric), f64> = BTreeMap::new();
     let mut counts: BTreeMap<Target, usize> = BTreeMap::new();
     for (&t, outcomes) in runs {
@@ -195,6 +219,7 @@ pub fn table(name: &str, what: &str, targets: &[Target], runs: &Runs) -> String 
         .join(", ");
     let _ = writeln!(s, "\n== {name}: {what}");
     let _ = writeln!(s, "   (median of runs: {runs_note})");
+    let _ = writeln!(s, "   ({conditions})");
     for (i, row) in rows.iter().enumerate() {
         let mut line = String::new();
         for (j, cell) in row.iter().enumerate() {

@@ -31,6 +31,12 @@ pub struct Params {
     pub rooms: usize,
     /// One extra client that registers and then never reads.
     pub stalled: bool,
+    /// As-fast-as-possible senders ignore `--window`: open loop, they write
+    /// as fast as TCP lets them.
+    pub open_loop: bool,
+    /// At most this many lines per sender `write` (as fast as possible);
+    /// `None` batches up to 16 KiB per write.
+    pub lines_per_write: Option<u32>,
 }
 
 /// A named scenario.
@@ -50,6 +56,8 @@ const fn params(clients: usize, senders: usize, messages: u32, size: usize) -> P
         rate: None,
         rooms: 1,
         stalled: false,
+        open_loop: false,
+        lines_per_write: None,
     }
 }
 
@@ -62,9 +70,33 @@ pub fn all() -> Vec<Scenario> {
             params: params(100, 10, 2_000, 64),
         },
         Scenario {
+            name: "a-open",
+            what: "open-loop burst: as a, but the senders write as fast as TCP allows (no window)",
+            params: Params {
+                open_loop: true,
+                ..params(100, 10, 2_000, 64)
+            },
+        },
+        Scenario {
+            name: "a-line",
+            what: "one line per write: as a (closed loop), but each sender writes one line per write",
+            params: Params {
+                lines_per_write: Some(1),
+                ..params(100, 10, 2_000, 64)
+            },
+        },
+        Scenario {
             name: "b",
             what: "wide fan-out: 1,000 clients, 5 senders x 200 lines of 64 B, as fast as possible",
             params: params(1_000, 5, 200, 64),
+        },
+        Scenario {
+            name: "b-open",
+            what: "open-loop burst: as b, but the senders write as fast as TCP allows (no window)",
+            params: Params {
+                open_loop: true,
+                ..params(1_000, 5, 200, 64)
+            },
         },
         Scenario {
             name: "c",
@@ -97,6 +129,15 @@ pub fn all() -> Vec<Scenario> {
             },
         },
         Scenario {
+            name: "f",
+            what: "busy room: 2,000 clients in one room, each sends one line every 2 s for 10 s \
+                   (1,000 lines/s into 2,000 members)",
+            params: Params {
+                rate: Some(0.5),
+                ..params(2_000, 2_000, 5, 64)
+            },
+        },
+        Scenario {
             name: "quick",
             what: "smoke test: 5 clients, 2 senders x 50 lines of 64 B",
             params: params(5, 2, 50, 64),
@@ -114,6 +155,8 @@ pub struct RunOptions {
     /// As-fast-as-possible senders keep at most this many lines in flight in
     /// all (0 = open loop, no limit).
     pub window: u64,
+    /// Server on CPU 0, load generator on CPU 1.
+    pub pin: bool,
 }
 
 /// What one run measured; metrics that could not be measured are absent.
@@ -133,7 +176,8 @@ const MIB: f64 = 1024.0;
 
 /// Runs `params` once against a fresh `target`.
 pub async fn run(target: Target, params: &Params, opts: &RunOptions) -> anyhow::Result<Outcome> {
-    let mut server = tokio::task::spawn_blocking(move || Server::start(target))
+    let pin = opts.pin;
+    let mut server = tokio::task::spawn_blocking(move || Server::start(target, pin))
         .await?
         .with_context(|| format!("starting {}", target.name()))?;
     let mut out = Outcome::default();
@@ -145,12 +189,17 @@ pub async fn run(target: Target, params: &Params, opts: &RunOptions) -> anyhow::
     let expected = expected_deliveries(params);
     let lines = u64::from(params.messages) * params.senders as u64;
     let fanout = expected as f64 / lines.max(1) as f64;
-    let window = if params.rate.is_none() {
+    let window = if params.rate.is_none() && !params.open_loop {
         opts.window
     } else {
         0
     };
-    let shared = Shared::new(params.senders, params.messages, fanout, window)?;
+    let shared = Shared::new(
+        (params.senders, params.messages, params.size, params.rooms),
+        params.lines_per_write.unwrap_or(u32::MAX),
+        fanout,
+        window,
+    )?;
     let buf_size = if params.clients > 2_000 {
         8 * 1024
     } else {
@@ -317,9 +366,13 @@ pub async fn run(target: Target, params: &Params, opts: &RunOptions) -> anyhow::
         let t = r.unwrap_or_default();
         total.delivered += t.delivered;
         total.unique += t.unique;
+        total.good += t.good;
         total.duplicated += t.duplicated;
         total.out_of_order += t.out_of_order;
         total.garbled += t.garbled;
+        total.extra += t.extra;
+        total.echoed += t.echoed;
+        total.bytes += t.bytes;
         cut += usize::from(t.eof || t.error);
     }
     if cut > 0 {
@@ -344,9 +397,27 @@ pub async fn run(target: Target, params: &Params, opts: &RunOptions) -> anyhow::
     out.set(Metric::Duplicated, total.duplicated as f64);
     out.set(Metric::OutOfOrder, total.out_of_order as f64);
     out.set(Metric::Garbled, total.garbled as f64);
-    if span > 0.0 && total.delivered > 0 {
-        out.set(Metric::DeliveriesPerSec, total.delivered as f64 / span);
+    out.set(Metric::Extra, total.extra as f64);
+    out.set(Metric::Echoed, total.echoed as f64);
+    out.set(Metric::ClientsCut, cut as f64);
+    // Only whole, in-order, first-time lines of this room's senders count.
+    if span > 0.0 && total.good > 0 {
+        out.set(Metric::DeliveriesPerSec, total.good as f64 / span);
     }
+    if total.unique > 0 {
+        out.set(
+            Metric::BytesPerDelivery,
+            total.bytes as f64 / total.unique as f64,
+        );
+    }
+    let writes = shared.writes.load(Ordering::Relaxed);
+    if writes > 0 {
+        out.set(
+            Metric::LinesPerWrite,
+            shared.sent.load(Ordering::Relaxed) as f64 / writes as f64,
+        );
+    }
+    out.set(Metric::ServerThreads, after.threads as f64);
     let lat = shared.merged_latency()?;
     if !lat.is_empty() {
         let ms = |q: f64| lat.value_at_quantile(q) as f64 / 1e6;
@@ -416,13 +487,15 @@ async fn connect_all(
         });
     let gate = Arc::new(Semaphore::new(in_flight));
     let mut set = JoinSet::new();
+    let senders = params.senders;
     for id in 0..params.clients {
         let gate = gate.clone();
         let room = dialect.room_name(id % params.rooms, params.rooms);
         let shared = shared.clone();
         set.spawn(async move {
             let _permit = gate.acquire_owned().await?;
-            let conn = client::connect(addr, id, dialect, room, false, buf_size).await?;
+            let sender = id < senders;
+            let conn = client::connect(addr, id, dialect, room, false, buf_size, sender).await?;
             anyhow::Ok(start_reading(conn, &shared, None))
         });
     }
@@ -444,7 +517,7 @@ async fn connect_all(
     }
     if params.stalled && errors.is_empty() {
         let room = dialect.room_name(0, params.rooms);
-        match client::connect(addr, params.clients, dialect, room, true, buf_size).await {
+        match client::connect(addr, params.clients, dialect, room, true, buf_size, false).await {
             Ok(c) => conns.push(start_reading(c, shared, Some(release.clone()))),
             Err(e) => *errors.entry(format!("stalled client: {e:#}")).or_default() += 1,
         }

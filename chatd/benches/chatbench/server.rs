@@ -114,6 +114,9 @@ pub struct Sample {
     pub rss_kib: u64,
     /// VmHWM (peak RSS), in KiB.
     pub hwm_kib: u64,
+    /// Threads of the process (for chatd: the runtime's workers plus a
+    /// few helpers; the C servers are single-threaded event loops).
+    pub threads: u64,
 }
 
 /// A running server; killed on drop.
@@ -126,7 +129,10 @@ pub struct Server {
 
 impl Server {
     /// Starts `target` on a free loopback port and waits until it accepts.
-    pub fn start(target: Target) -> anyhow::Result<Server> {
+    ///
+    /// With `pin`, the server runs on CPU 0 only (`taskset -c 0`), apart from
+    /// the load generator (see `pin_self`).
+    pub fn start(target: Target, pin: bool) -> anyhow::Result<Server> {
         let dir = tempfile::Builder::new()
             .prefix(&format!("chatbench-{}-", target.name()))
             .tempdir()?;
@@ -134,6 +140,17 @@ impl Server {
         let addr = SocketAddr::from(([127, 0, 0, 1], port));
         let log = dir.path().join("server.log");
         let mut cmd = command(target, dir.path(), port)?;
+        if pin {
+            let mut pinned = Command::new(find_program("taskset").context("taskset not found")?);
+            pinned.arg("-c").arg(SERVER_CPU.to_string());
+            pinned.arg(cmd.get_program()).args(cmd.get_args());
+            for (k, v) in cmd.get_envs() {
+                if let Some(v) = v {
+                    pinned.env(k, v);
+                }
+            }
+            cmd = pinned;
+        }
         let out = fs::File::create(&log)?;
         cmd.stdin(Stdio::null())
             .stdout(out.try_clone()?)
@@ -266,6 +283,27 @@ fn extract_tutorial_server(port: u16) -> anyhow::Result<String> {
     Ok(code.replace("PORT = 8080", &format!("PORT = {port}")))
 }
 
+/// The CPU the server gets with `--pin`; the load generator gets
+/// [`LOAD_CPU`].
+pub const SERVER_CPU: usize = 0;
+pub const LOAD_CPU: usize = 1;
+
+/// Pins this process to [`LOAD_CPU`]. Called before any thread starts, so
+/// that every runtime thread inherits it.
+pub fn pin_self() -> anyhow::Result<()> {
+    let status = Command::new(find_program("taskset").context("taskset not found")?)
+        .arg("-p")
+        .arg("-c")
+        .arg(LOAD_CPU.to_string())
+        .arg(std::process::id().to_string())
+        .stdout(Stdio::null())
+        .status()?;
+    if !status.success() {
+        bail!("taskset -p -c {LOAD_CPU} failed: {status}");
+    }
+    Ok(())
+}
+
 fn is_root() -> bool {
     fs::read_to_string("/proc/self/status")
         .ok()
@@ -321,5 +359,6 @@ fn sample(pid: u32) -> anyhow::Result<Sample> {
         cpu_ns,
         rss_kib: kib("VmRSS:"),
         hwm_kib: kib("VmHWM:"),
+        threads: kib("Threads:"),
     })
 }

@@ -286,3 +286,28 @@ async fn counts_of_one_are_singular() {
         "*** error: server is full (1 client), try again later"
     );
 }
+
+/// While lines keep coming, writes to one client are at least
+/// `chat.write_coalesce_ms` apart, and the lines held back meanwhile all
+/// arrive, in order, in the next write.
+#[tokio::test]
+async fn a_busy_client_gets_lines_coalesced_not_dropped() {
+    let server = TestServer::with_env(&[("CHATD_CHAT__WRITE_COALESCE_MS", "100")]);
+    let (mut alice, alice_nick) = server.join().await;
+    let (mut bob, _) = server.join().await;
+    alice.expect("joined").await;
+    alice.send("one\n").await;
+    assert_eq!(bob.expect("one").await, format!("<{alice_nick}> one"));
+    let first = std::time::Instant::now();
+    alice.send("two\n").await;
+    alice.send("three\n").await;
+    assert_eq!(bob.line().await, format!("<{alice_nick}> two"));
+    let held = first.elapsed();
+    assert_eq!(bob.line().await, format!("<{alice_nick}> three"));
+    // The write of "one" happened before bob read it, so "two" left at
+    // least 100 ms after that, less what reading "one" took.
+    assert!(
+        held >= std::time::Duration::from_millis(80),
+        "\"two\" arrived {held:?} after \"one\": not held back"
+    );
+}
