@@ -11,7 +11,7 @@
 //!
 //! - above a quarter of `limit` a client is *congested*. While it is still
 //!   making progress (it read [`PROGRESS_BYTES`] within the last
-//!   [`PROGRESS_WINDOW`], i.e. at least 32 KB/s), a push reports
+//!   [`PROGRESS_WINDOW`], i.e. at least 80 KB/s), a push reports
 //!   [`Push::Congested`]; the sender, and every other sender of its room
 //!   before its next read, pause until this client drains to an eighth of
 //!   `limit`: the burst waits in the senders' kernel buffers, at the pace of
@@ -36,13 +36,15 @@ use bytes::Bytes;
 use crate::hub::Disconnect;
 
 /// How recently a congested client must have written something to count as
-/// still reading. Longer than a scheduling hiccup on a loaded machine, far
-/// shorter than any slow-consumer deadline.
-pub const PROGRESS_WINDOW: Duration = Duration::from_millis(500);
+/// still reading. Short, because it is also how long a client that has just
+/// stopped reading (its kernel buffers just full) can hold its room's
+/// senders back: a reader that keeps up frees buffer space every few
+/// milliseconds.
+pub const PROGRESS_WINDOW: Duration = Duration::from_millis(50);
 /// Bytes a client must read to count as making progress: a trickle (a
 /// byte now and then, as a hostile reader would do) does not hold senders
 /// back.
-pub const PROGRESS_BYTES: usize = 16 * 1024;
+pub const PROGRESS_BYTES: usize = 4 * 1024;
 
 /// The share of the queue limit above which a reading client slows its
 /// senders down (1/4), and below which they resume (1/8).
