@@ -34,6 +34,7 @@ use tracing::{error, info, warn};
 
 pub use auth::{AuthLayer, Caller, Tokens};
 pub use error::AdminError;
+pub use service::answer_remote;
 use service::AdminService;
 
 use crate::config::{AdminConfig, Role, TokenConfig};
