@@ -119,9 +119,9 @@ pub enum Command {
         /// A client id (digits) or a nick.
         id_or_nick: ClientRef,
     },
-    /// Disconnect a client.
+    /// Disconnect a client, on whichever node it is.
     Kick {
-        /// A client id (digits) or a nick.
+        /// A client id (digits), NODE:ID in cluster mode, or a nick.
         id_or_nick: ClientRef,
         /// Shown to the client and its room.
         #[arg(long)]
@@ -164,6 +164,8 @@ pub enum Command {
     },
     /// Make chatd re-read its config file.
     Reload,
+    /// List the cluster's nodes that answer, with their clients and uptime.
+    Nodes,
     /// Check health with the standard gRPC health service; exit 0 when
     /// SERVING, 1 otherwise.
     Health {
@@ -180,6 +182,8 @@ pub enum Command {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ClientRef {
     Id(u64),
+    /// `NODE:ID`: a client of one node of a cluster (ids are per node).
+    NodeId(String, u64),
     Nick(String),
 }
 
@@ -189,6 +193,16 @@ impl std::str::FromStr for ClientRef {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         if s.is_empty() {
             return Err("expected a client id or a nick".into());
+        }
+        if let Some((node, id)) = s.rsplit_once(':')
+            && !node.is_empty()
+            && !id.is_empty()
+            && id.bytes().all(|b| b.is_ascii_digit())
+        {
+            return id
+                .parse()
+                .map(|id| ClientRef::NodeId(node.to_owned(), id))
+                .map_err(|_| format!("client id {id} is out of range"));
         }
         if s.bytes().all(|b| b.is_ascii_digit()) {
             s.parse()

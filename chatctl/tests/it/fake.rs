@@ -144,6 +144,14 @@ impl Admin for Fake {
         Err(Status::not_found("no ban on that target"))
     }
 
+    async fn list_nodes(
+        &self,
+        request: Request<pb::ListNodesRequest>,
+    ) -> Reply<pb::ListNodesResponse> {
+        authorise(&request)?;
+        Ok(Response::new(pb::ListNodesResponse::default()))
+    }
+
     async fn list_bans(
         &self,
         request: Request<pb::ListBansRequest>,
