@@ -550,7 +550,9 @@ impl Bus {
             let result = match headers.get(ERROR_HEADER) {
                 None => Ok(msg.payload),
                 Some(code) => Err((
-                    code.as_str().parse().unwrap_or(tonic::Code::Internal as i32),
+                    code.as_str()
+                        .parse()
+                        .unwrap_or(tonic::Code::Internal as i32),
                     String::from_utf8_lossy(&msg.payload).into_owned(),
                 )),
             };
@@ -596,21 +598,25 @@ async fn serve_admin(
         let Some(reply) = msg.reply.clone() else {
             continue;
         };
-        let Some(op) = msg.subject.strip_prefix(prefix.as_str()).map(str::to_string) else {
+        let Some(op) = msg
+            .subject
+            .strip_prefix(prefix.as_str())
+            .map(str::to_string)
+        else {
             continue;
         };
         let (client, hub, node_id) = (client.clone(), hub.clone(), node_id.clone());
         tokio::spawn(async move {
             let mut headers = HeaderMap::new();
             headers.insert(NODE_HEADER, &*node_id);
-            let payload =
-                match crate::admin::answer_remote(&hub, &node_id, &op, msg.payload).await {
-                    Ok(payload) => payload,
-                    Err(status) => {
-                        headers.insert(ERROR_HEADER, (status.code() as i32).to_string().as_str());
-                        Bytes::from(status.message().to_string())
-                    }
-                };
+            let payload = match crate::admin::answer_remote(&hub, &node_id, &op, msg.payload).await
+            {
+                Ok(payload) => payload,
+                Err(status) => {
+                    headers.insert(ERROR_HEADER, (status.code() as i32).to_string().as_str());
+                    Bytes::from(status.message().to_string())
+                }
+            };
             if let Err(e) = client.publish_with_headers(reply, headers, payload).await {
                 debug!(error = %e, %op, "cluster: cannot answer an admin request");
             }

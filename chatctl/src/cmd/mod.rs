@@ -90,7 +90,10 @@ pub fn note_answered(nodes: &[String]) {
     if nodes.is_empty() {
         return;
     }
-    let names: Vec<String> = nodes.iter().map(|n| crate::format::clean(n).into_owned()).collect();
+    let names: Vec<String> = nodes
+        .iter()
+        .map(|n| crate::format::clean(n).into_owned())
+        .collect();
     eprintln!(
         "note: answered by {} node{}: {} (a node that did not answer in time is left out)",
         names.len(),

@@ -34,8 +34,8 @@ use tracing::{error, info, warn};
 
 pub use auth::{AuthLayer, Caller, Tokens};
 pub use error::AdminError;
-pub use service::answer_remote;
 use service::AdminService;
+pub use service::answer_remote;
 
 use crate::config::{AdminConfig, Role, TokenConfig};
 use crate::files;

@@ -8,8 +8,8 @@ use std::time::{Duration, SystemTime};
 use bytes::Bytes;
 use chatd_proto::admin::v1 as pb;
 use futures_util::Stream;
-use prost::Message;
 use pb::admin_server::Admin;
+use prost::Message;
 use tokio::sync::broadcast::error::RecvError;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
@@ -183,7 +183,11 @@ pub async fn answer_remote(
             info!(ban = %bans::format_target(&net), "admin: unban from another node");
             pb::UnbanResponse::default().encode_to_vec()
         }
-        other => return Err(Status::unimplemented(format!("no admin operation {other:?}"))),
+        other => {
+            return Err(Status::unimplemented(format!(
+                "no admin operation {other:?}"
+            )));
+        }
     };
     Ok(Bytes::from(reply))
 }
@@ -264,7 +268,9 @@ fn split<M: Message + Default>(answers: Vec<Answer>) -> (Vec<(String, M)>, Vec<(
                 Ok(m) => ok.push((a.node, m)),
                 Err(e) => failed.push((a.node, Status::internal(format!("malformed answer: {e}")))),
             },
-            Err((code, message)) => failed.push((a.node, Status::new(tonic::Code::from(code), message))),
+            Err((code, message)) => {
+                failed.push((a.node, Status::new(tonic::Code::from(code), message)))
+            }
         }
     }
     ok.sort_by(|a, b| a.0.cmp(&b.0));
@@ -277,11 +283,17 @@ fn split<M: Message + Default>(answers: Vec<Answer>) -> (Vec<(String, M)>, Vec<(
 fn none_succeeded(failed: Vec<(String, Status)>, what: &str) -> Status {
     let nodes: Vec<&str> = failed.iter().map(|(n, _)| n.as_str()).collect();
     let listed = nodes.join(", ");
-    if let Some((node, status)) = failed.iter().find(|(_, s)| s.code() != tonic::Code::NotFound) {
+    if let Some((node, status)) = failed
+        .iter()
+        .find(|(_, s)| s.code() != tonic::Code::NotFound)
+    {
         return Status::new(status.code(), format!("node {node}: {}", status.message()));
     }
     if failed.is_empty() {
-        return Status::unavailable(format!("no node answered {what} within {} ms", ADMIN_DEADLINE.as_millis()));
+        return Status::unavailable(format!(
+            "no node answered {what} within {} ms",
+            ADMIN_DEADLINE.as_millis()
+        ));
     }
     let message = failed.first().map_or("", |(_, s)| s.message());
     Status::not_found(format!("{message} on the nodes that answered ({listed})"))
@@ -303,7 +315,10 @@ impl AdminService {
         done: impl Fn(&Answer) -> bool,
     ) -> Option<Vec<Answer>> {
         let bus = self.bus()?;
-        match bus.gather(op, Bytes::from(request.encode_to_vec()), done).await {
+        match bus
+            .gather(op, Bytes::from(request.encode_to_vec()), done)
+            .await
+        {
             Ok(answers) => Some(answers),
             Err(e) => {
                 warn!(error = %e, op, "admin: cannot reach the other nodes; answering for this node alone");
@@ -313,7 +328,8 @@ impl AdminService {
     }
 
     fn node_id(&self) -> String {
-        self.bus().map_or_else(String::new, |b| b.node_id().to_string())
+        self.bus()
+            .map_or_else(String::new, |b| b.node_id().to_string())
     }
 
     /// This node's answer to a scattered request, when NATS is away.
@@ -462,9 +478,7 @@ impl Admin for AdminService {
         }
         let answers = self.everywhere(OP_STATS, &pb::GetStatsRequest {}).await;
         let (ok, answered_nodes) = decoded::<pb::GetStatsResponse>(answers);
-        let rooms = self
-            .everywhere(OP_ROOMS, &pb::ListRoomsRequest {})
-            .await;
+        let rooms = self.everywhere(OP_ROOMS, &pb::ListRoomsRequest {}).await;
         let (rooms, _) = decoded::<pb::ListRoomsResponse>(rooms);
         let distinct: std::collections::BTreeSet<String> = rooms
             .into_iter()
@@ -488,6 +502,7 @@ impl Admin for AdminService {
             created_at: now,
             expires_at: expiry(r.expiry, now)?,
         };
+        let expires_at = ban.expires_at;
         let (entry, kicked, answered_nodes) = if self.bus().is_none() {
             let hub = self.hub.clone();
             let (ban, kicked) = blocking(move || hub.ban(ban).map_err(AdminError::from)).await?;
@@ -509,7 +524,7 @@ impl Admin for AdminService {
             by,
             ban = %entry.target,
             reason = %entry.reason,
-            expires = %ban.expires_at.map_or("never".to_string(), |t| humantime::format_rfc3339_seconds(t).to_string()),
+            expires = %expires_at.map_or("never".to_string(), |t| humantime::format_rfc3339_seconds(t).to_string()),
             kicked,
             nodes = ?answered_nodes,
             "admin: ban"

@@ -443,9 +443,14 @@ async fn admin_through_one_node_lists_kicks_and_broadcasts_on_every_node() {
     assert_eq!(seen.len(), 3, "{json}");
     assert!(seen.contains(&("node-a".into(), a1_nick.clone())), "{json}");
     assert!(seen.contains(&("node-b".into(), b1_nick.clone())), "{json}");
-    assert_eq!(json["answered_nodes"], serde_json::json!(["node-a", "node-b"]));
+    assert_eq!(
+        json["answered_nodes"],
+        serde_json::json!(["node-a", "node-b"])
+    );
     assert!(
-        listed.stderr.contains("answered by 2 nodes: node-a, node-b"),
+        listed
+            .stderr
+            .contains("answered by 2 nodes: node-a, node-b"),
         "{listed:#?}"
     );
     let table = a.chatctl(&["list-clients"]).await;
@@ -476,7 +481,12 @@ async fn admin_through_one_node_lists_kicks_and_broadcasts_on_every_node() {
         .as_array()
         .expect("nodes")
         .iter()
-        .map(|n| (n["id"].as_str().expect("id"), n["clients"].as_u64().expect("clients")))
+        .map(|n| {
+            (
+                n["id"].as_str().expect("id"),
+                n["clients"].as_u64().expect("clients"),
+            )
+        })
         .collect();
     assert_eq!(ids, [("node-a", 1), ("node-b", 0)], "{nodes}");
 
@@ -495,10 +505,11 @@ async fn a_ban_through_one_node_applies_on_every_node() {
     let b = node(&nats.url(), "node-b", &[]);
     let mut far = connect_from("127.0.0.9", &b).await;
     far.welcome().await;
-    let banned = a
-        .chatctl(&["ban", "127.0.0.9", "--reason", "spam"])
-        .await;
-    assert!(banned.ok().contains("kicked 1 connected client"), "{banned:#?}");
+    let banned = a.chatctl(&["ban", "127.0.0.9", "--reason", "spam"]).await;
+    assert!(
+        banned.ok().contains("kicked 1 connected client"),
+        "{banned:#?}"
+    );
     assert_eq!(far.until_eof().await, ["*** You are banned: spam"]);
     let mut again = connect_from("127.0.0.9", &b).await;
     assert_eq!(again.until_eof().await, ["*** error: you are banned: spam"]);
@@ -521,7 +532,10 @@ async fn a_killed_node_is_named_missing_not_waited_for() {
     let (_a1, _) = a.join().await;
     let (_b1, _) = b.join().await;
     let both = a.chatctl(&["list-clients", "-o", "json"]).await.json();
-    assert_eq!(both["answered_nodes"], serde_json::json!(["node-a", "node-b"]));
+    assert_eq!(
+        both["answered_nodes"],
+        serde_json::json!(["node-a", "node-b"])
+    );
 
     b.signal(rustix::process::Signal::KILL);
     b.wait_exit().await;
@@ -530,7 +544,11 @@ async fn a_killed_node_is_named_missing_not_waited_for() {
     let took = started.elapsed();
     let json = listed.json();
     assert!(took < Duration::from_secs(3), "took {took:?}");
-    assert_eq!(json["answered_nodes"], serde_json::json!(["node-a"]), "{json}");
+    assert_eq!(
+        json["answered_nodes"],
+        serde_json::json!(["node-a"]),
+        "{json}"
+    );
     assert_eq!(json["clients"].as_array().map(Vec::len), Some(1), "{json}");
     assert!(
         listed.stderr.contains("answered by 1 node: node-a"),
