@@ -213,3 +213,20 @@ impl std::str::FromStr for ClientRef {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::ClientRef;
+
+    #[test]
+    fn a_client_is_an_id_a_node_and_id_or_a_nick() {
+        assert_eq!("7".parse(), Ok(ClientRef::Id(7)));
+        assert_eq!(
+            "node-b:7".parse(),
+            Ok(ClientRef::NodeId("node-b".into(), 7))
+        );
+        assert_eq!("alice".parse(), Ok(ClientRef::Nick("alice".into())));
+        assert_eq!(":7".parse(), Ok(ClientRef::Nick(":7".into())));
+        assert!("n:99999999999999999999".parse::<ClientRef>().is_err());
+    }
+}
