@@ -244,7 +244,7 @@ fn local_kick(hub: &Hub, node: &str, r: &pb::KickClientRequest) -> Result<pb::Cl
 
 /// The answers that are not errors, decoded, with the nodes that gave
 /// them (sorted); a malformed answer counts as no answer.
-fn decoded<M: Message + Default>(answers: Vec<Answer>) -> (Vec<(String, M)>, Vec<String>) {
+fn decoded<M: Message + Default>(answers: Vec<Answer>) -> (ByNode<M>, Vec<String>) {
     let mut ok: Vec<(String, M)> = answers
         .into_iter()
         .filter_map(|a| {
@@ -257,9 +257,12 @@ fn decoded<M: Message + Default>(answers: Vec<Answer>) -> (Vec<(String, M)>, Vec
     (ok, nodes)
 }
 
+/// Values by the node that gave them.
+type ByNode<T> = Vec<(String, T)>;
+
 /// Splits answers into successes and errors (as statuses), each sorted by
 /// node.
-fn split<M: Message + Default>(answers: Vec<Answer>) -> (Vec<(String, M)>, Vec<(String, Status)>) {
+fn split<M: Message + Default>(answers: Vec<Answer>) -> (ByNode<M>, ByNode<Status>) {
     let mut ok = Vec::new();
     let mut failed = Vec::new();
     for a in answers {
