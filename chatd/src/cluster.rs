@@ -71,6 +71,11 @@ pub const ADMIN_DEADLINE: Duration = Duration::from_secs(1);
 /// The header of an admin answer that is an error: the gRPC code (a
 /// number); the payload is then the message.
 pub const ERROR_HEADER: &str = "Chatd-Error";
+/// How often a node says on `NAME.nodes` that it is there.
+const HEARTBEAT: Duration = Duration::from_secs(2);
+/// A node not heard for this long is no longer expected to answer (nor
+/// named missing).
+pub const PRESENCE_TTL: Duration = Duration::from_secs(10);
 
 /// What a cluster message holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -273,6 +278,12 @@ pub async fn start(
              (cluster.on_unreachable = \"local\") and joining the cluster when NATS answers"
         );
     }
+    let bus = Bus {
+        client: client.clone(),
+        node_id: config.node_id.clone().into(),
+        prefix: format!("{}.admin.", config.name),
+        peers: Arc::default(),
+    };
     let (tx, rx) = mpsc::channel(OUTGOING_CAPACITY);
     let link = Arc::new(Link {
         tx,
@@ -280,12 +291,13 @@ pub async fn start(
         tag: node_tag(&config.node_id),
         dropped: AtomicU64::new(0),
         last_warn_ms: AtomicU64::new(0),
-        bus: Some(Bus {
-            client: client.clone(),
-            node_id: config.node_id.clone().into(),
-            prefix: format!("{}.admin.", config.name),
-        }),
+        bus: Some(bus.clone()),
     });
+    tokio::spawn(presence(
+        bus,
+        format!("{}.nodes", config.name),
+        shutdown.clone(),
+    ));
     hub.attach_cluster(link.clone());
     tokio::spawn(serve_admin(
         client.clone(),
@@ -488,6 +500,17 @@ pub struct Bus {
     node_id: Arc<str>,
     /// `NAME.admin.`
     prefix: String,
+    /// When each other node was last heard on `NAME.nodes` (presence).
+    peers: Arc<std::sync::Mutex<HashMap<String, std::time::Instant>>>,
+}
+
+/// What a scattered request brought back.
+#[derive(Debug, Default)]
+pub struct Gathered {
+    pub answers: Vec<Answer>,
+    /// Nodes heard on `NAME.nodes` within [`PRESENCE_TTL`] that did not
+    /// answer in time, sorted.
+    pub missing: Vec<String>,
 }
 
 /// One node's answer to a scattered admin request.
@@ -523,7 +546,7 @@ impl Bus {
         op: &str,
         payload: Bytes,
         done: impl Fn(&Answer) -> bool,
-    ) -> Result<Vec<Answer>, GatherError> {
+    ) -> Result<Gathered, GatherError> {
         if self.client.connection_state() != State::Connected {
             return Err(GatherError::Unreachable);
         }
@@ -539,6 +562,9 @@ impl Bus {
             .await
             .map_err(|e| nats(&e))?;
         let deadline = tokio::time::Instant::now() + ADMIN_DEADLINE;
+        let mut expected = self.live_peers();
+        expected.push(self.node_id.to_string());
+        let mut waiting: std::collections::BTreeSet<String> = expected.into_iter().collect();
         let mut answers = Vec::new();
         while let Ok(Some(msg)) = tokio::time::timeout_at(deadline, replies.next()).await {
             let Some(headers) = &msg.headers else {
@@ -561,12 +587,74 @@ impl Bus {
                 result,
             };
             let enough = done(&answer);
+            waiting.remove(&answer.node);
             answers.push(answer);
-            if enough {
+            // Every node known to be there has answered: no need to wait
+            // out the deadline.
+            if enough || waiting.is_empty() {
                 break;
             }
         }
-        Ok(answers)
+        Ok(Gathered {
+            answers,
+            missing: waiting.into_iter().collect(),
+        })
+    }
+
+    /// Other nodes heard within [`PRESENCE_TTL`].
+    fn live_peers(&self) -> Vec<String> {
+        let now = std::time::Instant::now();
+        let mut peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
+        peers.retain(|_, seen| now.duration_since(*seen) < PRESENCE_TTL);
+        peers.keys().cloned().collect()
+    }
+}
+
+/// Presence: says on `NAME.nodes` that this node is there, at start and
+/// every [`HEARTBEAT`], and records the other nodes heard there; a node
+/// heard for the first time is greeted back at once, so two nodes know of
+/// each other within a round trip of the later one starting.
+async fn presence(bus: Bus, subject: String, stop: CancellationToken) {
+    let mut sub = match bus.client.subscribe(subject.clone()).await {
+        Ok(sub) => sub,
+        Err(e) => {
+            warn!(%subject, error = %e, "cluster: cannot subscribe; admin calls wait out their deadline");
+            return;
+        }
+    };
+    let say = |bus: &Bus| {
+        let client = bus.client.clone();
+        let subject = subject.clone();
+        let payload = Bytes::from(bus.node_id.to_string());
+        async move {
+            if let Err(e) = client.publish(subject, payload).await {
+                debug!(error = %e, "cluster: cannot send presence");
+            }
+        }
+    };
+    let mut tick = tokio::time::interval(HEARTBEAT);
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => break,
+            _ = tick.tick() => say(&bus).await,
+            msg = sub.next() => {
+                let Some(msg) = msg else { break };
+                let Ok(node) = std::str::from_utf8(&msg.payload) else { continue };
+                if node == &*bus.node_id || node.is_empty() {
+                    continue;
+                }
+                let new = bus
+                    .peers
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(node.to_string(), std::time::Instant::now())
+                    .is_none();
+                if new {
+                    debug!(node, "cluster: a node is there");
+                    say(&bus).await;
+                }
+            }
+        }
     }
 }
 

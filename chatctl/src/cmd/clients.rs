@@ -76,6 +76,9 @@ struct ClientList {
     /// In cluster mode, the nodes whose clients are listed.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     answered_nodes: Vec<String>,
+    /// Nodes known to be there that did not answer in time.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    missing_nodes: Vec<String>,
 }
 
 pub async fn list(
@@ -90,11 +93,12 @@ pub async fn list(
     let mut admin = ctx.admin.clone();
     let reply = ctx.call(admin.list_clients(request)).await?;
     let clients: Vec<ClientView> = reply.clients.into_iter().map(ClientView::from).collect();
-    super::note_answered(&reply.answered_nodes);
+    super::note_partial(&reply.answered_nodes, &reply.missing_nodes);
     if ctx.output == Output::Json {
         return ctx.json(&ClientList {
             clients,
             answered_nodes: reply.answered_nodes,
+            missing_nodes: reply.missing_nodes,
         });
     }
     let now = SystemTime::now();

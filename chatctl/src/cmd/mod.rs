@@ -87,17 +87,30 @@ pub fn written(result: std::io::Result<()>) -> Result<(), ChatctlError> {
 /// the operator sees a partial answer for what it is. Silent in
 /// single-node mode (no nodes named).
 pub fn note_answered(nodes: &[String]) {
-    if nodes.is_empty() {
+    note_partial(nodes, &[]);
+}
+
+/// As [`note_answered`], naming also the nodes known to be there that did
+/// not answer in time (`missing`).
+pub fn note_partial(nodes: &[String], missing: &[String]) {
+    if nodes.is_empty() && missing.is_empty() {
         return;
     }
-    let names: Vec<String> = nodes
-        .iter()
-        .map(|n| crate::format::clean(n).into_owned())
-        .collect();
+    let names = |list: &[String]| {
+        list.iter()
+            .map(|n| crate::format::clean(n).into_owned())
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let tail = if missing.is_empty() {
+        "a node that did not answer in time is left out".to_owned()
+    } else {
+        format!("PARTIAL: no answer in time from {}", names(missing))
+    };
     eprintln!(
-        "note: answered by {} node{}: {} (a node that did not answer in time is left out)",
-        names.len(),
-        if names.len() == 1 { "" } else { "s" },
-        names.join(", ")
+        "note: answered by {} node{}: {} ({tail})",
+        nodes.len(),
+        if nodes.len() == 1 { "" } else { "s" },
+        names(nodes),
     );
 }

@@ -26,6 +26,10 @@ pub async fn list(ctx: &mut Ctx<'_>) -> Result<(), ChatctlError> {
     let request = ctx.request(pb::ListNodesRequest {});
     let mut admin = ctx.admin.clone();
     let reply = ctx.call(admin.list_nodes(request)).await?;
+    if !reply.missing_nodes.is_empty() {
+        let answered: Vec<String> = reply.nodes.iter().map(|n| n.id.clone()).collect();
+        super::note_partial(&answered, &reply.missing_nodes);
+    }
     let nodes: Vec<NodeView> = reply
         .nodes
         .into_iter()

@@ -59,7 +59,7 @@ impl Admin for Fake {
         };
         Ok(Response::new(pb::ListClientsResponse {
             clients,
-            answered_nodes: Vec::new(),
+            ..Default::default()
         }))
     }
 

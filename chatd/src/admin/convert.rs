@@ -67,7 +67,7 @@ pub fn stats(s: StatsSnapshot) -> pb::GetStatsResponse {
             udp_datagrams_out: s.udp_out,
             udp_datagrams_dropped: s.udp_dropped,
         }),
-        answered_nodes: Vec::new(),
+        ..Default::default()
     }
 }
 

@@ -19,7 +19,7 @@ use super::auth::Caller;
 use super::convert;
 use super::error::AdminError;
 use crate::bans::{self, Ban};
-use crate::cluster::{ADMIN_DEADLINE, Answer, Bus};
+use crate::cluster::{ADMIN_DEADLINE, Answer, Bus, Gathered};
 use crate::hub::{Hub, HubError, Target};
 use crate::reload::Reloader;
 
@@ -212,14 +212,14 @@ fn local_clients(hub: &Hub, node: &str, r: &pb::ListClientsRequest) -> pb::ListC
         .collect();
     pb::ListClientsResponse {
         clients,
-        answered_nodes: Vec::new(),
+        ..Default::default()
     }
 }
 
 fn local_rooms(hub: &Hub) -> pb::ListRoomsResponse {
     pb::ListRoomsResponse {
         rooms: hub.rooms().into_iter().map(convert::room).collect(),
-        answered_nodes: Vec::new(),
+        ..Default::default()
     }
 }
 
@@ -316,7 +316,7 @@ impl AdminService {
         op: &str,
         request: &impl Message,
         done: impl Fn(&Answer) -> bool,
-    ) -> Option<Vec<Answer>> {
+    ) -> Option<Gathered> {
         let bus = self.bus()?;
         match bus
             .gather(op, Bytes::from(request.encode_to_vec()), done)
@@ -336,15 +336,18 @@ impl AdminService {
     }
 
     /// This node's answer to a scattered request, when NATS is away.
-    async fn alone(&self, op: &str, request: &impl Message) -> Vec<Answer> {
+    async fn alone(&self, op: &str, request: &impl Message) -> Gathered {
         let node = self.node_id();
         let result = answer_remote(&self.hub, &node, op, Bytes::from(request.encode_to_vec()))
             .await
             .map_err(|s| (s.code() as i32, s.message().to_string()));
-        vec![Answer { node, result }]
+        Gathered {
+            answers: vec![Answer { node, result }],
+            missing: Vec::new(),
+        }
     }
 
-    async fn everywhere(&self, op: &str, request: &impl Message) -> Vec<Answer> {
+    async fn everywhere(&self, op: &str, request: &impl Message) -> Gathered {
         match self.gather(op, request, |_| false).await {
             Some(answers) => answers,
             None => self.alone(op, request).await,
@@ -362,12 +365,13 @@ impl Admin for AdminService {
         if self.bus().is_none() {
             return Ok(Response::new(local_clients(&self.hub, "", &r)));
         }
-        let answers = self.everywhere(OP_LIST_CLIENTS, &r).await;
-        let (ok, answered_nodes) = decoded::<pb::ListClientsResponse>(answers);
+        let gathered = self.everywhere(OP_LIST_CLIENTS, &r).await;
+        let (ok, answered_nodes) = decoded::<pb::ListClientsResponse>(gathered.answers);
         let clients = ok.into_iter().flat_map(|(_, l)| l.clients).collect();
         Ok(Response::new(pb::ListClientsResponse {
             clients,
             answered_nodes,
+            missing_nodes: gathered.missing,
         }))
     }
 
@@ -401,8 +405,8 @@ impl Admin for AdminService {
             local_kick(&self.hub, &self.node_id(), &r)?
         } else {
             let answers = match self.gather(OP_KICK, &r, |a| a.result.is_ok()).await {
-                Some(answers) => answers,
-                None => self.alone(OP_KICK, &r).await,
+                Some(gathered) => gathered.answers,
+                None => self.alone(OP_KICK, &r).await.answers,
             };
             let (ok, failed) = split::<pb::KickClientResponse>(answers);
             match ok.into_iter().find_map(|(_, k)| k.client) {
@@ -430,7 +434,7 @@ impl Admin for AdminService {
                 .map_err(AdminError::from)?;
             (delivered as u64, Vec::new())
         } else {
-            let answers = self.everywhere(OP_BROADCAST, &r).await;
+            let answers = self.everywhere(OP_BROADCAST, &r).await.answers;
             let (ok, failed) = split::<pb::BroadcastResponse>(answers);
             if ok.is_empty() {
                 return Err(none_succeeded(failed, "the broadcast"));
@@ -452,8 +456,8 @@ impl Admin for AdminService {
         if self.bus().is_none() {
             return Ok(Response::new(local_rooms(&self.hub)));
         }
-        let answers = self.everywhere(OP_ROOMS, &pb::ListRoomsRequest {}).await;
-        let (ok, answered_nodes) = decoded::<pb::ListRoomsResponse>(answers);
+        let gathered = self.everywhere(OP_ROOMS, &pb::ListRoomsRequest {}).await;
+        let (ok, answered_nodes) = decoded::<pb::ListRoomsResponse>(gathered.answers);
         let mut rooms: std::collections::BTreeMap<String, pb::Room> = Default::default();
         for room in ok.into_iter().flat_map(|(_, l)| l.rooms) {
             let entry = rooms.entry(room.name.clone()).or_insert(pb::Room {
@@ -469,6 +473,7 @@ impl Admin for AdminService {
         Ok(Response::new(pb::ListRoomsResponse {
             rooms: rooms.into_values().collect(),
             answered_nodes,
+            missing_nodes: gathered.missing,
         }))
     }
 
@@ -479,19 +484,22 @@ impl Admin for AdminService {
         if self.bus().is_none() {
             return Ok(Response::new(convert::stats(self.hub.snapshot())));
         }
-        let answers = self.everywhere(OP_STATS, &pb::GetStatsRequest {}).await;
-        let (ok, answered_nodes) = decoded::<pb::GetStatsResponse>(answers);
+        let gathered = self.everywhere(OP_STATS, &pb::GetStatsRequest {}).await;
+        let (ok, answered_nodes) = decoded::<pb::GetStatsResponse>(gathered.answers);
         let rooms = self.everywhere(OP_ROOMS, &pb::ListRoomsRequest {}).await;
-        let (rooms, _) = decoded::<pb::ListRoomsResponse>(rooms);
+        let (rooms, _) = decoded::<pb::ListRoomsResponse>(rooms.answers);
         let distinct: std::collections::BTreeSet<String> = rooms
             .into_iter()
             .flat_map(|(_, l)| l.rooms.into_iter().map(|r| r.name))
             .collect();
-        Ok(Response::new(convert::sum_stats(
-            ok.into_iter().map(|(_, s)| s).collect(),
-            distinct.len() as u64,
-            answered_nodes,
-        )))
+        Ok(Response::new(pb::GetStatsResponse {
+            missing_nodes: gathered.missing,
+            ..convert::sum_stats(
+                ok.into_iter().map(|(_, s)| s).collect(),
+                distinct.len() as u64,
+                answered_nodes,
+            )
+        }))
     }
 
     async fn ban(&self, request: Request<pb::BanRequest>) -> Reply<pb::BanResponse> {
@@ -512,7 +520,7 @@ impl Admin for AdminService {
             (convert::ban(&ban), kicked as u64, Vec::new())
         } else {
             // Every node applies it and keeps it in its own bans file.
-            let answers = self.everywhere(OP_BAN, &convert::ban(&ban)).await;
+            let answers = self.everywhere(OP_BAN, &convert::ban(&ban)).await.answers;
             let (ok, failed) = split::<pb::BanResponse>(answers);
             let Some(entry) = ok.iter().find_map(|(_, b)| b.ban.clone()) else {
                 return Err(none_succeeded(failed, "the ban"));
@@ -548,7 +556,7 @@ impl Admin for AdminService {
             blocking(move || hub.unban(net).map_err(AdminError::from)).await?;
             Vec::new()
         } else {
-            let answers = self.everywhere(OP_UNBAN, &r).await;
+            let answers = self.everywhere(OP_UNBAN, &r).await.answers;
             let (ok, failed) = split::<pb::UnbanResponse>(answers);
             if ok.is_empty() {
                 return Err(none_succeeded(failed, "the unban"));
@@ -566,12 +574,14 @@ impl Admin for AdminService {
         if self.bus().is_none() {
             return Ok(Response::new(pb::ListNodesResponse {
                 nodes: vec![local_node(&self.hub, "")],
+                missing_nodes: Vec::new(),
             }));
         }
-        let answers = self.everywhere(OP_NODES, &pb::ListNodesRequest {}).await;
-        let (ok, _) = decoded::<pb::Node>(answers);
+        let gathered = self.everywhere(OP_NODES, &pb::ListNodesRequest {}).await;
+        let (ok, _) = decoded::<pb::Node>(gathered.answers);
         Ok(Response::new(pb::ListNodesResponse {
             nodes: ok.into_iter().map(|(_, n)| n).collect(),
+            missing_nodes: gathered.missing,
         }))
     }
 

@@ -551,7 +551,9 @@ async fn a_killed_node_is_named_missing_not_waited_for() {
     );
     assert_eq!(json["clients"].as_array().map(Vec::len), Some(1), "{json}");
     assert!(
-        listed.stderr.contains("answered by 1 node: node-a"),
+        listed
+            .stderr
+            .contains("answered by 1 node: node-a (PARTIAL: no answer in time from node-b)"),
         "{listed:#?}"
     );
     let nodes = a.chatctl(&["nodes", "-o", "json"]).await.json();
