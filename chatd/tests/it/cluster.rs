@@ -407,13 +407,22 @@ async fn one_nats_message_per_line_whatever_the_number_of_recipients() {
     readers[0].expect("> settle a").await;
     readers[1].send("settle b\n").await;
     a1.expect(&format!("<{b_nick}> settle b")).await;
-    let before = nats.in_msgs().await;
-    a1.send("to everyone\n").await;
-    for r in &mut readers {
-        r.expect(&format!("<{a1_nick}> to everyone")).await;
+    // Presence heartbeats (one per node every 2 s) may fall into a window:
+    // the fewest messages over a few windows is what one line costs.
+    let mut fewest = u64::MAX;
+    for i in 0..4 {
+        let before = nats.in_msgs().await;
+        a1.send(&format!("to everyone {i}\n")).await;
+        for r in &mut readers {
+            r.expect(&format!("<{a1_nick}> to everyone {i}")).await;
+        }
+        let after = nats.in_msgs().await;
+        fewest = fewest.min(after - before);
+        if fewest == 1 {
+            break;
+        }
     }
-    let after = nats.in_msgs().await;
-    assert_eq!(after - before, 1, "one NATS message for five recipients");
+    assert_eq!(fewest, 1, "one NATS message for five recipients");
 }
 
 #[tokio::test]
