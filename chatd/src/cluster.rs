@@ -22,7 +22,9 @@
 //! `NAME.admin.OP` (see [`crate::admin::answer_remote`]), and the node an
 //! operator talks to scatters a request there and gathers the answers until
 //! a deadline ([`ADMIN_DEADLINE`]), so a dead node makes a call slower, never
-//! hang, and the reply names the nodes that answered.
+//! hang, and the reply names the nodes that answered. Nodes say they are
+//! there on `NAME.nodes` (presence), so a gather can stop once every live
+//! node answered and name the live ones that did not.
 //!
 //! Not here yet (see docs/OPERATIONS.md): cluster-wide nicks, `/who`,
 //! `/rooms` and history.
