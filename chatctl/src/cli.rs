@@ -119,9 +119,9 @@ pub enum Command {
         /// A client id (digits) or a nick.
         id_or_nick: ClientRef,
     },
-    /// Disconnect a client.
+    /// Disconnect a client, on whichever node it is.
     Kick {
-        /// A client id (digits) or a nick.
+        /// A client id (digits), NODE:ID in cluster mode, or a nick.
         id_or_nick: ClientRef,
         /// Shown to the client and its room.
         #[arg(long)]
@@ -164,6 +164,8 @@ pub enum Command {
     },
     /// Make chatd re-read its config file.
     Reload,
+    /// List the cluster's nodes that answer, with their clients and uptime.
+    Nodes,
     /// Check health with the standard gRPC health service; exit 0 when
     /// SERVING, 1 otherwise.
     Health {
@@ -180,6 +182,8 @@ pub enum Command {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ClientRef {
     Id(u64),
+    /// `NODE:ID`: a client of one node of a cluster (ids are per node).
+    NodeId(String, u64),
     Nick(String),
 }
 
@@ -190,6 +194,16 @@ impl std::str::FromStr for ClientRef {
         if s.is_empty() {
             return Err("expected a client id or a nick".into());
         }
+        if let Some((node, id)) = s.rsplit_once(':')
+            && !node.is_empty()
+            && !id.is_empty()
+            && id.bytes().all(|b| b.is_ascii_digit())
+        {
+            return id
+                .parse()
+                .map(|id| ClientRef::NodeId(node.to_owned(), id))
+                .map_err(|_| format!("client id {id} is out of range"));
+        }
         if s.bytes().all(|b| b.is_ascii_digit()) {
             s.parse()
                 .map(ClientRef::Id)
@@ -197,5 +211,22 @@ impl std::str::FromStr for ClientRef {
         } else {
             Ok(ClientRef::Nick(s.to_owned()))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ClientRef;
+
+    #[test]
+    fn a_client_is_an_id_a_node_and_id_or_a_nick() {
+        assert_eq!("7".parse(), Ok(ClientRef::Id(7)));
+        assert_eq!(
+            "node-b:7".parse(),
+            Ok(ClientRef::NodeId("node-b".into(), 7))
+        );
+        assert_eq!("alice".parse(), Ok(ClientRef::Nick("alice".into())));
+        assert_eq!(":7".parse(), Ok(ClientRef::Nick(":7".into())));
+        assert!("n:99999999999999999999".parse::<ClientRef>().is_err());
     }
 }

@@ -18,8 +18,16 @@
 //!   with backoff). While it is lost, batches for other nodes are dropped
 //!   and counted, not queued: delivery through NATS core is at most once.
 //!
+//! Admin is cluster-wide through [`Bus`]: every node answers requests on
+//! `NAME.admin.OP` (see [`crate::admin::answer_remote`]), and the node an
+//! operator talks to scatters a request there and gathers the answers until
+//! a deadline ([`ADMIN_DEADLINE`]), so a dead node makes a call slower, never
+//! hang, and the reply names the nodes that answered. Nodes say they are
+//! there on `NAME.nodes` (presence), so a gather can stop once every live
+//! node answered and name the live ones that did not.
+//!
 //! Not here yet (see docs/OPERATIONS.md): cluster-wide nicks, `/who`,
-//! `/rooms`, history and admin.
+//! `/rooms` and history.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -58,6 +66,18 @@ const START_WAIT: Duration = Duration::from_secs(3);
 const PING_INTERVAL: Duration = Duration::from_secs(10);
 /// At most one warning about dropped batches per this many milliseconds.
 const WARN_EVERY_MS: u64 = 10_000;
+/// How long a cluster-wide admin call waits for the other nodes' answers.
+/// Every live node answers in milliseconds; a node that is down or cut off
+/// costs the caller this long, and is then named as missing.
+pub const ADMIN_DEADLINE: Duration = Duration::from_secs(1);
+/// The header of an admin answer that is an error: the gRPC code (a
+/// number); the payload is then the message.
+pub const ERROR_HEADER: &str = "Chatd-Error";
+/// How often a node says on `NAME.nodes` that it is there.
+const HEARTBEAT: Duration = Duration::from_secs(2);
+/// A node not heard for this long is no longer expected to answer (nor
+/// named missing).
+pub const PRESENCE_TTL: Duration = Duration::from_secs(10);
 
 /// What a cluster message holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -102,9 +122,16 @@ pub struct Link {
     /// Batches that did not reach NATS (queue full, or NATS unreachable).
     dropped: AtomicU64,
     last_warn_ms: AtomicU64,
+    /// Cluster-wide admin; `None` only in unit tests without NATS.
+    bus: Option<Bus>,
 }
 
 impl Link {
+    /// The way to the other nodes' admin, in cluster mode.
+    pub fn bus(&self) -> Option<&Bus> {
+        self.bus.as_ref()
+    }
+
     /// Queues a batch for the other nodes, or drops and counts it when the
     /// queue is full. Never waits.
     pub fn offer(&self, room: &Arc<str>, payload: &Bytes, kind: Kind) {
@@ -253,6 +280,12 @@ pub async fn start(
              (cluster.on_unreachable = \"local\") and joining the cluster when NATS answers"
         );
     }
+    let bus = Bus {
+        client: client.clone(),
+        node_id: config.node_id.clone().into(),
+        prefix: format!("{}.admin.", config.name),
+        peers: Arc::default(),
+    };
     let (tx, rx) = mpsc::channel(OUTGOING_CAPACITY);
     let link = Arc::new(Link {
         tx,
@@ -260,8 +293,21 @@ pub async fn start(
         tag: node_tag(&config.node_id),
         dropped: AtomicU64::new(0),
         last_warn_ms: AtomicU64::new(0),
+        bus: Some(bus.clone()),
     });
+    tokio::spawn(presence(
+        bus,
+        format!("{}.nodes", config.name),
+        shutdown.clone(),
+    ));
     hub.attach_cluster(link.clone());
+    tokio::spawn(serve_admin(
+        client.clone(),
+        hub.clone(),
+        config.node_id.clone().into(),
+        format!("{}.admin.", config.name),
+        shutdown.clone(),
+    ));
     let node = Node {
         client,
         hub,
@@ -448,6 +494,226 @@ async fn listen(
     }
 }
 
+/// Cluster-wide admin: scatters a request to every node's
+/// `NAME.admin.OP` and gathers the answers.
+#[derive(Debug, Clone)]
+pub struct Bus {
+    client: async_nats::Client,
+    node_id: Arc<str>,
+    /// `NAME.admin.`
+    prefix: String,
+    /// When each other node was last heard on `NAME.nodes` (presence).
+    peers: Arc<std::sync::Mutex<HashMap<String, std::time::Instant>>>,
+}
+
+/// What a scattered request brought back.
+#[derive(Debug, Default)]
+pub struct Gathered {
+    pub answers: Vec<Answer>,
+    /// Nodes heard on `NAME.nodes` within [`PRESENCE_TTL`] that did not
+    /// answer in time, sorted.
+    pub missing: Vec<String>,
+}
+
+/// One node's answer to a scattered admin request.
+#[derive(Debug)]
+pub struct Answer {
+    pub node: String,
+    /// The answer (an encoded admin response), or the error's gRPC code and
+    /// message.
+    pub result: Result<Bytes, (i32, String)>,
+}
+
+/// Why a request could not be scattered at all.
+#[derive(Debug, thiserror::Error)]
+pub enum GatherError {
+    #[error("NATS is unreachable")]
+    Unreachable,
+    #[error("cannot ask the other nodes: {0}")]
+    Nats(String),
+}
+
+impl Bus {
+    /// This node's id.
+    pub fn node_id(&self) -> &str {
+        &self.node_id
+    }
+
+    /// Sends `payload` to every node's `NAME.admin.OP` (this one included)
+    /// and gathers answers until [`ADMIN_DEADLINE`], or sooner once `done`
+    /// says the answers so far settle the request (a kick found its
+    /// client). Never waits longer than the deadline.
+    pub async fn gather(
+        &self,
+        op: &str,
+        payload: Bytes,
+        done: impl Fn(&Answer) -> bool,
+    ) -> Result<Gathered, GatherError> {
+        if self.client.connection_state() != State::Connected {
+            return Err(GatherError::Unreachable);
+        }
+        let nats = |e: &dyn std::fmt::Display| GatherError::Nats(e.to_string());
+        let inbox = self.client.new_inbox();
+        let mut replies = self
+            .client
+            .subscribe(inbox.clone())
+            .await
+            .map_err(|e| nats(&e))?;
+        self.client
+            .publish_with_reply(format!("{}{op}", self.prefix), inbox, payload)
+            .await
+            .map_err(|e| nats(&e))?;
+        let deadline = tokio::time::Instant::now() + ADMIN_DEADLINE;
+        let mut expected = self.live_peers();
+        expected.push(self.node_id.to_string());
+        let mut waiting: std::collections::BTreeSet<String> = expected.into_iter().collect();
+        let mut answers = Vec::new();
+        while let Ok(Some(msg)) = tokio::time::timeout_at(deadline, replies.next()).await {
+            let Some(headers) = &msg.headers else {
+                continue;
+            };
+            let Some(node) = headers.get(NODE_HEADER) else {
+                continue;
+            };
+            let result = match headers.get(ERROR_HEADER) {
+                None => Ok(msg.payload),
+                Some(code) => Err((
+                    code.as_str()
+                        .parse()
+                        .unwrap_or(tonic::Code::Internal as i32),
+                    String::from_utf8_lossy(&msg.payload).into_owned(),
+                )),
+            };
+            let answer = Answer {
+                node: node.as_str().to_string(),
+                result,
+            };
+            let enough = done(&answer);
+            waiting.remove(&answer.node);
+            answers.push(answer);
+            // Every node known to be there has answered: no need to wait
+            // out the deadline.
+            if enough || waiting.is_empty() {
+                break;
+            }
+        }
+        Ok(Gathered {
+            answers,
+            missing: waiting.into_iter().collect(),
+        })
+    }
+
+    /// Other nodes heard within [`PRESENCE_TTL`].
+    fn live_peers(&self) -> Vec<String> {
+        let now = std::time::Instant::now();
+        let mut peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
+        peers.retain(|_, seen| now.duration_since(*seen) < PRESENCE_TTL);
+        peers.keys().cloned().collect()
+    }
+}
+
+/// Presence: says on `NAME.nodes` that this node is there, at start and
+/// every [`HEARTBEAT`], and records the other nodes heard there; a node
+/// heard for the first time is greeted back at once, so two nodes know of
+/// each other within a round trip of the later one starting.
+async fn presence(bus: Bus, subject: String, stop: CancellationToken) {
+    let mut sub = match bus.client.subscribe(subject.clone()).await {
+        Ok(sub) => sub,
+        Err(e) => {
+            warn!(%subject, error = %e, "cluster: cannot subscribe; admin calls wait out their deadline");
+            return;
+        }
+    };
+    let say = |bus: &Bus| {
+        let client = bus.client.clone();
+        let subject = subject.clone();
+        let payload = Bytes::from(bus.node_id.to_string());
+        async move {
+            if let Err(e) = client.publish(subject, payload).await {
+                debug!(error = %e, "cluster: cannot send presence");
+            }
+        }
+    };
+    let mut tick = tokio::time::interval(HEARTBEAT);
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => break,
+            _ = tick.tick() => say(&bus).await,
+            msg = sub.next() => {
+                let Some(msg) = msg else { break };
+                let Ok(node) = std::str::from_utf8(&msg.payload) else { continue };
+                if node == &*bus.node_id || node.is_empty() {
+                    continue;
+                }
+                let new = bus
+                    .peers
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(node.to_string(), std::time::Instant::now())
+                    .is_none();
+                if new {
+                    debug!(node, "cluster: a node is there");
+                    say(&bus).await;
+                }
+            }
+        }
+    }
+}
+
+/// Answers every admin request on `NAME.admin.*` from this node's hub until
+/// `stop`; each in its own task, as a ban writes a file.
+async fn serve_admin(
+    client: async_nats::Client,
+    hub: Hub,
+    node_id: Arc<str>,
+    prefix: String,
+    stop: CancellationToken,
+) {
+    let subject = format!("{prefix}*");
+    let mut sub = match client.subscribe(subject.clone()).await {
+        Ok(sub) => sub,
+        Err(e) => {
+            warn!(%subject, error = %e, "cluster: cannot subscribe; admin calls through other nodes will miss this node");
+            return;
+        }
+    };
+    loop {
+        let msg = tokio::select! {
+            () = stop.cancelled() => break,
+            msg = sub.next() => match msg {
+                Some(msg) => msg,
+                None => break,
+            },
+        };
+        let Some(reply) = msg.reply.clone() else {
+            continue;
+        };
+        let Some(op) = msg
+            .subject
+            .strip_prefix(prefix.as_str())
+            .map(str::to_string)
+        else {
+            continue;
+        };
+        let (client, hub, node_id) = (client.clone(), hub.clone(), node_id.clone());
+        tokio::spawn(async move {
+            let mut headers = HeaderMap::new();
+            headers.insert(NODE_HEADER, &*node_id);
+            let payload = match crate::admin::answer_remote(&hub, &node_id, &op, msg.payload).await
+            {
+                Ok(payload) => payload,
+                Err(status) => {
+                    headers.insert(ERROR_HEADER, (status.code() as i32).to_string().as_str());
+                    Bytes::from(status.message().to_string())
+                }
+            };
+            if let Err(e) = client.publish_with_headers(reply, headers, payload).await {
+                debug!(error = %e, %op, "cluster: cannot answer an admin request");
+            }
+        });
+    }
+}
+
 /// The number of lines in `payload` when it is what a chatd node publishes:
 /// whole `\r\n`-ended lines, each starting with a prefix chatd writes
 /// (`<`, `*`, `[`), valid UTF-8 with no other control character. Anything else on the
@@ -513,6 +779,7 @@ mod tests {
             tag: node_tag("web1"),
             dropped: AtomicU64::new(0),
             last_warn_ms: AtomicU64::new(0),
+            bus: None,
         };
         (Arc::new(link), rx)
     }

@@ -528,7 +528,9 @@ impl Hub {
         let _ = self.shared.cluster.set(link);
     }
 
-    fn cluster(&self) -> Option<&Arc<Link>> {
+    /// The link to the other nodes, in cluster mode (the admin service
+    /// gathers through it).
+    pub fn cluster(&self) -> Option<&Arc<Link>> {
         self.shared.cluster.get()
     }
 

@@ -73,6 +73,7 @@ pub async fn ban(
     });
     let mut admin = ctx.admin.clone();
     let reply = ctx.call(admin.ban(request)).await?;
+    super::note_answered(&reply.answered_nodes);
     let banned = Banned {
         ban: reply.ban.unwrap_or_default().into(),
         kicked: reply.kicked,
@@ -107,7 +108,8 @@ pub async fn unban(ctx: &mut Ctx<'_>, target: String) -> Result<(), ChatctlError
         target: target.clone(),
     });
     let mut admin = ctx.admin.clone();
-    ctx.call(admin.unban(request)).await?;
+    let reply = ctx.call(admin.unban(request)).await?;
+    super::note_answered(&reply.answered_nodes);
     if ctx.output == Output::Json {
         return ctx.json(&Unbanned { unbanned: target });
     }

@@ -24,6 +24,7 @@ pub async fn run(
     });
     let mut admin = ctx.admin.clone();
     let reply = ctx.call(admin.broadcast(request)).await?;
+    super::note_answered(&reply.answered_nodes);
     if ctx.output == Output::Json {
         return ctx.json(&Delivered {
             delivered: reply.delivered,

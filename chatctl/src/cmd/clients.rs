@@ -14,6 +14,8 @@ use crate::format::{self, Align, Table, clean};
 #[derive(Debug, Serialize)]
 pub struct ClientView {
     pub id: u64,
+    /// The node the client is on; empty in single-node mode.
+    pub node: String,
     pub nick: String,
     pub addr: String,
     /// Whether the client came through the TLS chat listener.
@@ -38,6 +40,7 @@ impl From<pb::Client> for ClientView {
         let last_active = format::system_time(c.last_active_at.as_ref());
         Self {
             id: c.id,
+            node: c.node,
             nick: c.nick,
             addr: c.peer_addr,
             tls: c.tls,
@@ -58,7 +61,7 @@ impl From<pb::Client> for ClientView {
 impl From<ClientRef> for pb::ClientSelector {
     fn from(client: ClientRef) -> Self {
         let selector = match client {
-            ClientRef::Id(id) => pb::client_selector::Selector::Id(id),
+            ClientRef::Id(id) | ClientRef::NodeId(_, id) => pb::client_selector::Selector::Id(id),
             ClientRef::Nick(nick) => pb::client_selector::Selector::Nick(nick),
         };
         Self {
@@ -70,6 +73,12 @@ impl From<ClientRef> for pb::ClientSelector {
 #[derive(Serialize)]
 struct ClientList {
     clients: Vec<ClientView>,
+    /// In cluster mode, the nodes whose clients are listed.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    answered_nodes: Vec<String>,
+    /// Nodes known to be there that did not answer in time.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    missing_nodes: Vec<String>,
 }
 
 pub async fn list(
@@ -84,11 +93,22 @@ pub async fn list(
     let mut admin = ctx.admin.clone();
     let reply = ctx.call(admin.list_clients(request)).await?;
     let clients: Vec<ClientView> = reply.clients.into_iter().map(ClientView::from).collect();
+    super::note_partial(&reply.answered_nodes, &reply.missing_nodes);
     if ctx.output == Output::Json {
-        return ctx.json(&ClientList { clients });
+        return ctx.json(&ClientList {
+            clients,
+            answered_nodes: reply.answered_nodes,
+            missing_nodes: reply.missing_nodes,
+        });
     }
     let now = SystemTime::now();
-    let mut table = Table::new(&[
+    // The NODE column only in cluster mode, where ids are per node.
+    let with_node = clients.iter().any(|c| !c.node.is_empty());
+    let mut columns = Vec::new();
+    if with_node {
+        columns.push(("NODE", Align::Left));
+    }
+    columns.extend_from_slice(&[
         ("ID", Align::Right),
         ("NICK", Align::Left),
         ("ADDRESS", Align::Left),
@@ -102,8 +122,13 @@ pub async fn list(
         ("BYTES OUT", Align::Right),
         ("QUEUE", Align::Right),
     ]);
+    let mut table = Table::new(&columns);
     for c in &clients {
-        table.row(vec![
+        let mut row = Vec::new();
+        if with_node {
+            row.push(clean(&c.node).into_owned());
+        }
+        row.extend([
             c.id.to_string(),
             clean(&c.nick).into_owned(),
             clean(&c.addr).into_owned(),
@@ -117,6 +142,7 @@ pub async fn list(
             format::bytes(c.bytes_out),
             format::bytes(c.queue_bytes),
         ]);
+        table.row(row);
     }
     written(table.write(ctx.out))
 }
@@ -144,9 +170,14 @@ pub async fn kick(
     client: ClientRef,
     reason: Option<String>,
 ) -> Result<(), ChatctlError> {
+    let node = match &client {
+        ClientRef::NodeId(node, _) => node.clone(),
+        _ => String::new(),
+    };
     let request = ctx.request(pb::KickClientRequest {
         client: Some(client.into()),
         reason: reason.unwrap_or_default(),
+        node,
     });
     let mut admin = ctx.admin.clone();
     let reply = ctx.call(admin.kick_client(request)).await?;
@@ -154,9 +185,14 @@ pub async fn kick(
     if ctx.output == Output::Json {
         return ctx.json(&Kicked { kicked });
     }
+    let node = if kicked.node.is_empty() {
+        String::new()
+    } else {
+        format!(" on node {}", clean(&kicked.node))
+    };
     written(writeln!(
         ctx.out,
-        "kicked {} (id {}, {})",
+        "kicked {} (id {}, {}){node}",
         clean(&kicked.nick),
         kicked.id,
         clean(&kicked.addr)

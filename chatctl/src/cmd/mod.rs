@@ -6,6 +6,7 @@ pub mod bans;
 pub mod broadcast;
 pub mod clients;
 pub mod health;
+pub mod nodes;
 pub mod reload;
 pub mod rooms;
 pub mod stats;
@@ -79,4 +80,37 @@ impl Ctx<'_> {
 /// Maps a write error of the table printers.
 pub fn written(result: std::io::Result<()>) -> Result<(), ChatctlError> {
     result.map_err(ChatctlError::Output)
+}
+
+/// In cluster mode, one line on stderr naming the nodes whose data a reply
+/// holds: a node that did not answer in time is simply not among them, so
+/// the operator sees a partial answer for what it is. Silent in
+/// single-node mode (no nodes named).
+pub fn note_answered(nodes: &[String]) {
+    note_partial(nodes, &[]);
+}
+
+/// As [`note_answered`], naming also the nodes known to be there that did
+/// not answer in time (`missing`).
+pub fn note_partial(nodes: &[String], missing: &[String]) {
+    if nodes.is_empty() && missing.is_empty() {
+        return;
+    }
+    let names = |list: &[String]| {
+        list.iter()
+            .map(|n| crate::format::clean(n).into_owned())
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let tail = if missing.is_empty() {
+        "a node that did not answer in time is left out".to_owned()
+    } else {
+        format!("PARTIAL: no answer in time from {}", names(missing))
+    };
+    eprintln!(
+        "note: answered by {} node{}: {} ({tail})",
+        nodes.len(),
+        if nodes.len() == 1 { "" } else { "s" },
+        names(nodes),
+    );
 }

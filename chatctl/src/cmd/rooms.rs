@@ -24,6 +24,7 @@ pub async fn list(ctx: &mut Ctx<'_>) -> Result<(), ChatctlError> {
     let request = ctx.request(pb::ListRoomsRequest {});
     let mut admin = ctx.admin.clone();
     let reply = ctx.call(admin.list_rooms(request)).await?;
+    super::note_partial(&reply.answered_nodes, &reply.missing_nodes);
     let rooms: Vec<RoomView> = reply
         .rooms
         .into_iter()

@@ -58,6 +58,7 @@ pub async fn show(ctx: &mut Ctx<'_>) -> Result<(), ChatctlError> {
     let request = ctx.request(pb::GetStatsRequest {});
     let mut admin = ctx.admin.clone();
     let reply = ctx.call(admin.get_stats(request)).await?;
+    super::note_partial(&reply.answered_nodes, &reply.missing_nodes);
     let uptime = reply
         .uptime
         .and_then(|d| Duration::try_from(d).ok())

@@ -40,6 +40,7 @@ fn alice() -> pb::Client {
         bytes_out: 2150,
         queue_bytes: 0,
         tls: false,
+        node: String::new(),
     }
 }
 
@@ -56,7 +57,10 @@ impl Admin for Fake {
             "" | "lobby" => vec![alice()],
             _ => vec![],
         };
-        Ok(Response::new(pb::ListClientsResponse { clients }))
+        Ok(Response::new(pb::ListClientsResponse {
+            clients,
+            ..Default::default()
+        }))
     }
 
     async fn get_client(
@@ -89,7 +93,10 @@ impl Admin for Fake {
         request: Request<pb::BroadcastRequest>,
     ) -> Reply<pb::BroadcastResponse> {
         authorise(&request)?;
-        Ok(Response::new(pb::BroadcastResponse { delivered: 1 }))
+        Ok(Response::new(pb::BroadcastResponse {
+            delivered: 1,
+            answered_nodes: Vec::new(),
+        }))
     }
 
     async fn list_rooms(
@@ -136,12 +143,21 @@ impl Admin for Fake {
                 expires_at,
             }),
             kicked: 2,
+            answered_nodes: Vec::new(),
         }))
     }
 
     async fn unban(&self, request: Request<pb::UnbanRequest>) -> Reply<pb::UnbanResponse> {
         authorise(&request)?;
         Err(Status::not_found("no ban on that target"))
+    }
+
+    async fn list_nodes(
+        &self,
+        request: Request<pb::ListNodesRequest>,
+    ) -> Reply<pb::ListNodesResponse> {
+        authorise(&request)?;
+        Ok(Response::new(pb::ListNodesResponse::default()))
     }
 
     async fn list_bans(

@@ -47,6 +47,7 @@ const READ_METHODS: &[&str] = &[
     "GetStats",
     "ListBans",
     "WatchEvents",
+    "ListNodes",
 ];
 
 /// The role a call to `path` needs; `None`: no token needed.

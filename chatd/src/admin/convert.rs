@@ -31,6 +31,7 @@ pub fn client(c: ClientInfo) -> pb::Client {
         bytes_out: c.bytes_out,
         queue_bytes: c.queued_bytes,
         tls: c.tls,
+        node: String::new(),
     }
 }
 
@@ -66,6 +67,7 @@ pub fn stats(s: StatsSnapshot) -> pb::GetStatsResponse {
             udp_datagrams_out: s.udp_out,
             udp_datagrams_dropped: s.udp_dropped,
         }),
+        ..Default::default()
     }
 }
 
@@ -179,4 +181,47 @@ pub fn lagged(missed: u64) -> pb::Event {
         at: Some(timestamp(SystemTime::now())),
         kind: Some(Kind::Lagged(pb::Lagged { missed })),
     }
+}
+
+/// Several nodes' figures as one: counts and totals summed, `rooms` the
+/// distinct rooms, start and uptime the longest-running node's.
+pub fn sum_stats(
+    nodes: Vec<pb::GetStatsResponse>,
+    rooms: u64,
+    answered_nodes: Vec<String>,
+) -> pb::GetStatsResponse {
+    let mut sum = pb::GetStatsResponse {
+        version: env!("CARGO_PKG_VERSION").to_string(),
+        rooms,
+        totals: Some(pb::Totals::default()),
+        answered_nodes,
+        ..Default::default()
+    };
+    for s in nodes {
+        sum.clients += s.clients;
+        sum.peak_clients += s.peak_clients;
+        let longer = match (&sum.uptime, &s.uptime) {
+            (None, _) => true,
+            (Some(a), Some(b)) => (b.seconds, b.nanos) > (a.seconds, a.nanos),
+            (Some(_), None) => false,
+        };
+        if longer {
+            sum.uptime = s.uptime;
+            sum.started_at = s.started_at;
+        }
+        if let (Some(t), Some(n)) = (sum.totals.as_mut(), s.totals) {
+            t.connections += n.connections;
+            t.lines_in += n.lines_in;
+            t.lines_out += n.lines_out;
+            t.bytes_in += n.bytes_in;
+            t.bytes_out += n.bytes_out;
+            t.kicks += n.kicks;
+            t.slow_consumer_disconnects += n.slow_consumer_disconnects;
+            t.flood_disconnects += n.flood_disconnects;
+            t.udp_datagrams_in += n.udp_datagrams_in;
+            t.udp_datagrams_out += n.udp_datagrams_out;
+            t.udp_datagrams_dropped += n.udp_datagrams_dropped;
+        }
+    }
+    sum
 }

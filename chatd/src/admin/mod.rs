@@ -35,6 +35,7 @@ use tracing::{error, info, warn};
 pub use auth::{AuthLayer, Caller, Tokens};
 pub use error::AdminError;
 use service::AdminService;
+pub use service::answer_remote;
 
 use crate::config::{AdminConfig, Role, TokenConfig};
 use crate::files;

@@ -99,6 +99,7 @@ const KNOWN: &[(&str, &[&str])] = &[
             "ListBans",
             "WatchEvents",
             "Reload",
+            "ListNodes",
         ],
     ),
     ("grpc.health.v1.Health", &["Check", "Watch"]),

@@ -5,19 +5,22 @@
 use std::pin::Pin;
 use std::time::{Duration, SystemTime};
 
+use bytes::Bytes;
 use chatd_proto::admin::v1 as pb;
 use futures_util::Stream;
 use pb::admin_server::Admin;
+use prost::Message;
 use tokio::sync::broadcast::error::RecvError;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
-use tracing::info;
+use tracing::{info, warn};
 
 use super::auth::Caller;
 use super::convert;
 use super::error::AdminError;
 use crate::bans::{self, Ban};
-use crate::hub::{Hub, Target};
+use crate::cluster::{ADMIN_DEADLINE, Answer, Bus, Gathered};
+use crate::hub::{Hub, HubError, Target};
 use crate::reload::Reloader;
 
 pub struct AdminService {
@@ -112,6 +115,246 @@ fn expiry(
     }
 }
 
+/// Runs one admin request from another node (`NAME.admin.OP`) on this
+/// node alone and encodes the answer. Never scatters again, so a request
+/// cannot loop.
+pub async fn answer_remote(
+    hub: &Hub,
+    node: &str,
+    op: &str,
+    payload: Bytes,
+) -> Result<Bytes, Status> {
+    fn decode<M: Message + Default>(payload: Bytes) -> Result<M, Status> {
+        M::decode(payload).map_err(|e| Status::invalid_argument(format!("malformed request: {e}")))
+    }
+    let reply = match op {
+        OP_LIST_CLIENTS => local_clients(hub, node, &decode(payload)?).encode_to_vec(),
+        OP_ROOMS => local_rooms(hub).encode_to_vec(),
+        OP_STATS => convert::stats(hub.snapshot()).encode_to_vec(),
+        OP_NODES => local_node(hub, node).encode_to_vec(),
+        OP_KICK => {
+            let r: pb::KickClientRequest = decode(payload)?;
+            if !r.node.is_empty() && r.node != node {
+                return Err(AdminError::Hub(HubError::NoSuchClient(target(r.client)?)).into());
+            }
+            let client = local_kick(hub, node, &r)?;
+            pb::KickClientResponse {
+                client: Some(client),
+            }
+            .encode_to_vec()
+        }
+        OP_BROADCAST => {
+            let r: pb::BroadcastRequest = decode(payload)?;
+            let delivered = hub
+                .broadcast(non_empty(&r.room), &r.text)
+                .map_err(AdminError::from)?;
+            pb::BroadcastResponse {
+                delivered: delivered as u64,
+                answered_nodes: Vec::new(),
+            }
+            .encode_to_vec()
+        }
+        OP_BAN => {
+            let entry: pb::BanEntry = decode(payload)?;
+            let ban = Ban {
+                net: bans::parse_target(&entry.target).map_err(AdminError::from)?,
+                reason: crate::sanitize::clean(&entry.reason),
+                created_at: entry
+                    .created_at
+                    .and_then(|t| SystemTime::try_from(t).ok())
+                    .unwrap_or_else(SystemTime::now),
+                expires_at: entry.expires_at.and_then(|t| SystemTime::try_from(t).ok()),
+            };
+            let hub = hub.clone();
+            let (ban, kicked) = blocking(move || hub.ban(ban).map_err(AdminError::from)).await?;
+            info!(ban = %ban.target(), kicked, "admin: ban from another node");
+            pb::BanResponse {
+                ban: Some(convert::ban(&ban)),
+                kicked: kicked as u64,
+                answered_nodes: Vec::new(),
+            }
+            .encode_to_vec()
+        }
+        OP_UNBAN => {
+            let r: pb::UnbanRequest = decode(payload)?;
+            let net = bans::parse_target(&r.target).map_err(AdminError::from)?;
+            let hub = hub.clone();
+            blocking(move || hub.unban(net).map_err(AdminError::from)).await?;
+            info!(ban = %bans::format_target(&net), "admin: unban from another node");
+            pb::UnbanResponse::default().encode_to_vec()
+        }
+        other => {
+            return Err(Status::unimplemented(format!(
+                "no admin operation {other:?}"
+            )));
+        }
+    };
+    Ok(Bytes::from(reply))
+}
+
+const OP_LIST_CLIENTS: &str = "list-clients";
+const OP_ROOMS: &str = "rooms";
+const OP_STATS: &str = "stats";
+const OP_NODES: &str = "nodes";
+const OP_KICK: &str = "kick";
+const OP_BROADCAST: &str = "broadcast";
+const OP_BAN: &str = "ban";
+const OP_UNBAN: &str = "unban";
+
+fn local_clients(hub: &Hub, node: &str, r: &pb::ListClientsRequest) -> pb::ListClientsResponse {
+    let clients = hub
+        .clients(non_empty(&r.room), non_empty(&r.filter))
+        .into_iter()
+        .map(|c| pb::Client {
+            node: node.to_string(),
+            ..convert::client(c)
+        })
+        .collect();
+    pb::ListClientsResponse {
+        clients,
+        ..Default::default()
+    }
+}
+
+fn local_rooms(hub: &Hub) -> pb::ListRoomsResponse {
+    pb::ListRoomsResponse {
+        rooms: hub.rooms().into_iter().map(convert::room).collect(),
+        ..Default::default()
+    }
+}
+
+fn local_node(hub: &Hub, node: &str) -> pb::Node {
+    let s = hub.snapshot();
+    pb::Node {
+        id: node.to_string(),
+        clients: s.clients,
+        uptime: prost_types::Duration::try_from(s.uptime).ok(),
+        version: env!("CARGO_PKG_VERSION").to_string(),
+    }
+}
+
+fn local_kick(hub: &Hub, node: &str, r: &pb::KickClientRequest) -> Result<pb::Client, AdminError> {
+    let target = target(r.client.clone())?;
+    let client = hub.kick(&target, &r.reason)?;
+    Ok(pb::Client {
+        node: node.to_string(),
+        ..convert::client(client)
+    })
+}
+
+/// The answers that are not errors, decoded, with the nodes that gave
+/// them (sorted); a malformed answer counts as no answer.
+fn decoded<M: Message + Default>(answers: Vec<Answer>) -> (ByNode<M>, Vec<String>) {
+    let mut ok: Vec<(String, M)> = answers
+        .into_iter()
+        .filter_map(|a| {
+            let payload = a.result.ok()?;
+            Some((a.node, M::decode(payload).ok()?))
+        })
+        .collect();
+    ok.sort_by(|a, b| a.0.cmp(&b.0));
+    let nodes = ok.iter().map(|(n, _)| n.clone()).collect();
+    (ok, nodes)
+}
+
+/// Values by the node that gave them.
+type ByNode<T> = Vec<(String, T)>;
+
+/// Splits answers into successes and errors (as statuses), each sorted by
+/// node.
+fn split<M: Message + Default>(answers: Vec<Answer>) -> (ByNode<M>, ByNode<Status>) {
+    let mut ok = Vec::new();
+    let mut failed = Vec::new();
+    for a in answers {
+        match a.result {
+            Ok(payload) => match M::decode(payload) {
+                Ok(m) => ok.push((a.node, m)),
+                Err(e) => failed.push((a.node, Status::internal(format!("malformed answer: {e}")))),
+            },
+            Err((code, message)) => {
+                failed.push((a.node, Status::new(tonic::Code::from(code), message)))
+            }
+        }
+    }
+    ok.sort_by(|a, b| a.0.cmp(&b.0));
+    failed.sort_by(|a, b| a.0.cmp(&b.0));
+    (ok, failed)
+}
+
+/// The status when no node succeeded: a not-found names the nodes that
+/// answered; any other error wins over not-found.
+fn none_succeeded(failed: Vec<(String, Status)>, what: &str) -> Status {
+    let nodes: Vec<&str> = failed.iter().map(|(n, _)| n.as_str()).collect();
+    let listed = nodes.join(", ");
+    if let Some((node, status)) = failed
+        .iter()
+        .find(|(_, s)| s.code() != tonic::Code::NotFound)
+    {
+        return Status::new(status.code(), format!("node {node}: {}", status.message()));
+    }
+    if failed.is_empty() {
+        return Status::unavailable(format!(
+            "no node answered {what} within {} ms",
+            ADMIN_DEADLINE.as_millis()
+        ));
+    }
+    let message = failed.first().map_or("", |(_, s)| s.message());
+    Status::not_found(format!("{message} on the nodes that answered ({listed})"))
+}
+
+impl AdminService {
+    /// The way to the other nodes, in cluster mode.
+    fn bus(&self) -> Option<&Bus> {
+        self.hub.cluster().and_then(|link| link.bus())
+    }
+
+    /// Scatters `request` to every node and gathers the answers; `None`
+    /// when NATS is unreachable (the caller answers for this node alone,
+    /// and says so through the answered nodes).
+    async fn gather(
+        &self,
+        op: &str,
+        request: &impl Message,
+        done: impl Fn(&Answer) -> bool,
+    ) -> Option<Gathered> {
+        let bus = self.bus()?;
+        match bus
+            .gather(op, Bytes::from(request.encode_to_vec()), done)
+            .await
+        {
+            Ok(answers) => Some(answers),
+            Err(e) => {
+                warn!(error = %e, op, "admin: cannot reach the other nodes; answering for this node alone");
+                None
+            }
+        }
+    }
+
+    fn node_id(&self) -> String {
+        self.bus()
+            .map_or_else(String::new, |b| b.node_id().to_string())
+    }
+
+    /// This node's answer to a scattered request, when NATS is away.
+    async fn alone(&self, op: &str, request: &impl Message) -> Gathered {
+        let node = self.node_id();
+        let result = answer_remote(&self.hub, &node, op, Bytes::from(request.encode_to_vec()))
+            .await
+            .map_err(|s| (s.code() as i32, s.message().to_string()));
+        Gathered {
+            answers: vec![Answer { node, result }],
+            missing: Vec::new(),
+        }
+    }
+
+    async fn everywhere(&self, op: &str, request: &impl Message) -> Gathered {
+        match self.gather(op, request, |_| false).await {
+            Some(answers) => answers,
+            None => self.alone(op, request).await,
+        }
+    }
+}
+
 #[tonic::async_trait]
 impl Admin for AdminService {
     async fn list_clients(
@@ -119,13 +362,17 @@ impl Admin for AdminService {
         request: Request<pb::ListClientsRequest>,
     ) -> Reply<pb::ListClientsResponse> {
         let r = request.into_inner();
-        let clients = self
-            .hub
-            .clients(non_empty(&r.room), non_empty(&r.filter))
-            .into_iter()
-            .map(convert::client)
-            .collect();
-        Ok(Response::new(pb::ListClientsResponse { clients }))
+        if self.bus().is_none() {
+            return Ok(Response::new(local_clients(&self.hub, "", &r)));
+        }
+        let gathered = self.everywhere(OP_LIST_CLIENTS, &r).await;
+        let (ok, answered_nodes) = decoded::<pb::ListClientsResponse>(gathered.answers);
+        let clients = ok.into_iter().flat_map(|(_, l)| l.clients).collect();
+        Ok(Response::new(pb::ListClientsResponse {
+            clients,
+            answered_nodes,
+            missing_nodes: gathered.missing,
+        }))
     }
 
     async fn get_client(
@@ -135,7 +382,10 @@ impl Admin for AdminService {
         let target = target(request.into_inner().client)?;
         let client = self.hub.client(&target).map_err(AdminError::from)?;
         Ok(Response::new(pb::GetClientResponse {
-            client: Some(convert::client(client)),
+            client: Some(pb::Client {
+                node: self.node_id(),
+                ..convert::client(client)
+            }),
         }))
     }
 
@@ -145,15 +395,28 @@ impl Admin for AdminService {
     ) -> Reply<pb::KickClientResponse> {
         let by = who(&request);
         let r = request.into_inner();
-        let target = target(r.client)?;
         at_most("reason", &r.reason, super::MAX_REASON_BYTES)?;
-        let client = self
-            .hub
-            .kick(&target, &r.reason)
-            .map_err(AdminError::from)?;
-        info!(by, client = client.id, nick = %client.nick, reason = %logged(&r.reason), "admin: kick");
+        let by_id_here = matches!(
+            r.client.as_ref().and_then(|c| c.selector.as_ref()),
+            Some(pb::client_selector::Selector::Id(_))
+        ) && r.node.is_empty();
+        // An id without a node is this node's client: ids are per node.
+        let client = if self.bus().is_none() || by_id_here {
+            local_kick(&self.hub, &self.node_id(), &r)?
+        } else {
+            let answers = match self.gather(OP_KICK, &r, |a| a.result.is_ok()).await {
+                Some(gathered) => gathered.answers,
+                None => self.alone(OP_KICK, &r).await.answers,
+            };
+            let (ok, failed) = split::<pb::KickClientResponse>(answers);
+            match ok.into_iter().find_map(|(_, k)| k.client) {
+                Some(client) => client,
+                None => return Err(none_succeeded(failed, "the kick")),
+            }
+        };
+        info!(by, client = client.id, node = %client.node, nick = %client.nick, reason = %logged(&r.reason), "admin: kick");
         Ok(Response::new(pb::KickClientResponse {
-            client: Some(convert::client(client)),
+            client: Some(client),
         }))
     }
 
@@ -164,13 +427,25 @@ impl Admin for AdminService {
         let by = who(&request);
         let r = request.into_inner();
         at_most("broadcast text", &r.text, super::MAX_BROADCAST_BYTES)?;
-        let delivered = self
-            .hub
-            .broadcast(non_empty(&r.room), &r.text)
-            .map_err(AdminError::from)?;
-        info!(by, room = %logged(&r.room), text = %logged(&r.text), delivered, "admin: broadcast");
+        let (delivered, answered_nodes) = if self.bus().is_none() {
+            let delivered = self
+                .hub
+                .broadcast(non_empty(&r.room), &r.text)
+                .map_err(AdminError::from)?;
+            (delivered as u64, Vec::new())
+        } else {
+            let answers = self.everywhere(OP_BROADCAST, &r).await.answers;
+            let (ok, failed) = split::<pb::BroadcastResponse>(answers);
+            if ok.is_empty() {
+                return Err(none_succeeded(failed, "the broadcast"));
+            }
+            let delivered = ok.iter().map(|(_, b)| b.delivered).sum();
+            (delivered, ok.into_iter().map(|(n, _)| n).collect())
+        };
+        info!(by, room = %logged(&r.room), text = %logged(&r.text), delivered, nodes = ?answered_nodes, "admin: broadcast");
         Ok(Response::new(pb::BroadcastResponse {
-            delivered: delivered as u64,
+            delivered,
+            answered_nodes,
         }))
     }
 
@@ -178,15 +453,53 @@ impl Admin for AdminService {
         &self,
         _request: Request<pb::ListRoomsRequest>,
     ) -> Reply<pb::ListRoomsResponse> {
-        let rooms = self.hub.rooms().into_iter().map(convert::room).collect();
-        Ok(Response::new(pb::ListRoomsResponse { rooms }))
+        if self.bus().is_none() {
+            return Ok(Response::new(local_rooms(&self.hub)));
+        }
+        let gathered = self.everywhere(OP_ROOMS, &pb::ListRoomsRequest {}).await;
+        let (ok, answered_nodes) = decoded::<pb::ListRoomsResponse>(gathered.answers);
+        let mut rooms: std::collections::BTreeMap<String, pb::Room> = Default::default();
+        for room in ok.into_iter().flat_map(|(_, l)| l.rooms) {
+            let entry = rooms.entry(room.name.clone()).or_insert(pb::Room {
+                name: room.name.clone(),
+                members: 0,
+                messages: 0,
+            });
+            // Members are each node's own; every node sees every line of a
+            // room it is in, so the busiest node's count is the room's.
+            entry.members += room.members;
+            entry.messages = entry.messages.max(room.messages);
+        }
+        Ok(Response::new(pb::ListRoomsResponse {
+            rooms: rooms.into_values().collect(),
+            answered_nodes,
+            missing_nodes: gathered.missing,
+        }))
     }
 
     async fn get_stats(
         &self,
         _request: Request<pb::GetStatsRequest>,
     ) -> Reply<pb::GetStatsResponse> {
-        Ok(Response::new(convert::stats(self.hub.snapshot())))
+        if self.bus().is_none() {
+            return Ok(Response::new(convert::stats(self.hub.snapshot())));
+        }
+        let gathered = self.everywhere(OP_STATS, &pb::GetStatsRequest {}).await;
+        let (ok, answered_nodes) = decoded::<pb::GetStatsResponse>(gathered.answers);
+        let rooms = self.everywhere(OP_ROOMS, &pb::ListRoomsRequest {}).await;
+        let (rooms, _) = decoded::<pb::ListRoomsResponse>(rooms.answers);
+        let distinct: std::collections::BTreeSet<String> = rooms
+            .into_iter()
+            .flat_map(|(_, l)| l.rooms.into_iter().map(|r| r.name))
+            .collect();
+        Ok(Response::new(pb::GetStatsResponse {
+            missing_nodes: gathered.missing,
+            ..convert::sum_stats(
+                ok.into_iter().map(|(_, s)| s).collect(),
+                distinct.len() as u64,
+                answered_nodes,
+            )
+        }))
     }
 
     async fn ban(&self, request: Request<pb::BanRequest>) -> Reply<pb::BanResponse> {
@@ -200,29 +513,76 @@ impl Admin for AdminService {
             created_at: now,
             expires_at: expiry(r.expiry, now)?,
         };
-        let hub = self.hub.clone();
-        let (ban, kicked) = blocking(move || hub.ban(ban).map_err(AdminError::from)).await?;
+        let expires_at = ban.expires_at;
+        let (entry, kicked, answered_nodes) = if self.bus().is_none() {
+            let hub = self.hub.clone();
+            let (ban, kicked) = blocking(move || hub.ban(ban).map_err(AdminError::from)).await?;
+            (convert::ban(&ban), kicked as u64, Vec::new())
+        } else {
+            // Every node applies it and keeps it in its own bans file.
+            let answers = self.everywhere(OP_BAN, &convert::ban(&ban)).await.answers;
+            let (ok, failed) = split::<pb::BanResponse>(answers);
+            let Some(entry) = ok.iter().find_map(|(_, b)| b.ban.clone()) else {
+                return Err(none_succeeded(failed, "the ban"));
+            };
+            for (node, status) in &failed {
+                warn!(node, error = %status.message(), "admin: a node could not apply the ban");
+            }
+            let kicked = ok.iter().map(|(_, b)| b.kicked).sum();
+            (entry, kicked, ok.into_iter().map(|(n, _)| n).collect())
+        };
         info!(
             by,
-            ban = %ban.target(),
-            reason = %ban.reason,
-            expires = %ban.expires_at.map_or("never".to_string(), |t| humantime::format_rfc3339_seconds(t).to_string()),
+            ban = %entry.target,
+            reason = %entry.reason,
+            expires = %expires_at.map_or("never".to_string(), |t| humantime::format_rfc3339_seconds(t).to_string()),
             kicked,
+            nodes = ?answered_nodes,
             "admin: ban"
         );
         Ok(Response::new(pb::BanResponse {
-            ban: Some(convert::ban(&ban)),
-            kicked: kicked as u64,
+            ban: Some(entry),
+            kicked,
+            answered_nodes,
         }))
     }
 
     async fn unban(&self, request: Request<pb::UnbanRequest>) -> Reply<pb::UnbanResponse> {
         let by = who(&request);
-        let net = bans::parse_target(&request.into_inner().target).map_err(AdminError::from)?;
-        let hub = self.hub.clone();
-        blocking(move || hub.unban(net).map_err(AdminError::from)).await?;
-        info!(by, ban = %bans::format_target(&net), "admin: unban");
-        Ok(Response::new(pb::UnbanResponse {}))
+        let r = request.into_inner();
+        let net = bans::parse_target(&r.target).map_err(AdminError::from)?;
+        let answered_nodes = if self.bus().is_none() {
+            let hub = self.hub.clone();
+            blocking(move || hub.unban(net).map_err(AdminError::from)).await?;
+            Vec::new()
+        } else {
+            let answers = self.everywhere(OP_UNBAN, &r).await.answers;
+            let (ok, failed) = split::<pb::UnbanResponse>(answers);
+            if ok.is_empty() {
+                return Err(none_succeeded(failed, "the unban"));
+            }
+            ok.into_iter().map(|(n, _)| n).collect()
+        };
+        info!(by, ban = %bans::format_target(&net), nodes = ?answered_nodes, "admin: unban");
+        Ok(Response::new(pb::UnbanResponse { answered_nodes }))
+    }
+
+    async fn list_nodes(
+        &self,
+        _request: Request<pb::ListNodesRequest>,
+    ) -> Reply<pb::ListNodesResponse> {
+        if self.bus().is_none() {
+            return Ok(Response::new(pb::ListNodesResponse {
+                nodes: vec![local_node(&self.hub, "")],
+                missing_nodes: Vec::new(),
+            }));
+        }
+        let gathered = self.everywhere(OP_NODES, &pb::ListNodesRequest {}).await;
+        let (ok, _) = decoded::<pb::Node>(gathered.answers);
+        Ok(Response::new(pb::ListNodesResponse {
+            nodes: ok.into_iter().map(|(_, n)| n).collect(),
+            missing_nodes: gathered.missing,
+        }))
     }
 
     async fn list_bans(
