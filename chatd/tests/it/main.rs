@@ -2,6 +2,7 @@
 //! sockets the way `nc` would.
 
 mod abuse;
+mod abuse_admin;
 mod admin;
 mod chat;
 mod lifecycle;
