@@ -19,11 +19,11 @@ mkdir -p "corpus/$target"
 # has no unsafe, and the build is much faster without one.
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
+status=0
 nice -n 10 cargo +nightly fuzz run --sanitizer none "$target" \
     "corpus/$target" "seeds/$target" -- \
-    -max_total_time="$seconds" -rss_limit_mb=1024 -print_final_stats=1 2>&1 | tee "$log" |
-    grep -E 'INFO: Loaded|DONE|Done [0-9]+ runs|ERROR|panicked|SUMMARY|stat::' || true
-status=${PIPESTATUS[0]}
+    -max_total_time="$seconds" -rss_limit_mb=1024 -print_final_stats=1 >"$log" 2>&1 || status=$?
+grep -E -A3 'DONE|Done [0-9]+ runs|ERROR|panicked|SUMMARY|stat::|Test unit written' "$log" || true
 runs=$(grep -oE 'stat::number_of_executed_units: *[0-9]+' "$log" | grep -oE '[0-9]+$' || echo '?')
 cov=$(grep -oE 'cov: [0-9]+ ft: [0-9]+' "$log" | tail -1 || echo 'cov: ?')
 echo "fuzz $target: ${seconds}s, $runs executions, $cov, exit $status"

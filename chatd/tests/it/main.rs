@@ -5,6 +5,7 @@ mod abuse;
 mod abuse_admin;
 mod admin;
 mod chat;
+mod crash;
 mod lifecycle;
 mod limits;
 mod safety;
