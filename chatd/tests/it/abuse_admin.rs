@@ -230,7 +230,7 @@ async fn a_huge_broadcast_is_refused_with_a_clear_error() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs the admin hardening: hangs today with 50 unread watch streams"]
+#[ignore = "needs the admin hardening: today the room stops answering with 50 unread watch streams"]
 async fn many_watch_streams_that_never_read_do_not_slow_chat() {
     tokio::time::timeout(WAIT * 6, watchers_that_never_read())
         .await
