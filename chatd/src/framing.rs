@@ -72,6 +72,12 @@ pub struct LineFramer {
     /// The last option request refused (verb, option), so that a request
     /// repeated in a row is answered once, not once per copy.
     refused: Option<(u8, u8)>,
+    /// Where in the data of the read being framed an interrupt (`IP`, `BRK`,
+    /// `EL`) came. [`feed`](Self::feed) frames the data before each one
+    /// before it drops the typed line, so a line is reported over-long the
+    /// same however its bytes were split. Empty, and holding no allocation,
+    /// between reads.
+    interrupts: Vec<usize>,
 }
 
 impl LineFramer {
@@ -110,7 +116,7 @@ impl LineFramer {
                 (Telnet::Iac, WILL..=DONT) => Telnet::Option(b),
                 (Telnet::Iac, SB) => Telnet::Sub(0),
                 (Telnet::Iac, IP | BRK | EL) => {
-                    out = self.discard_typed(&buf[..out]);
+                    self.interrupts.push(out);
                     Telnet::Data
                 }
                 // NOP, DM, AO, AYT, EC, GA and a stray SE.
@@ -172,25 +178,28 @@ impl LineFramer {
         replies.put_slice(&[IAC, reply, option]);
     }
 
-    /// Interrupt: drops the line being typed. Whole lines before it in this
-    /// read stay; returns the new length of the data in this read.
-    fn discard_typed(&mut self, data: &[u8]) -> usize {
-        match memchr::memrchr(b'\n', data) {
-            // The first of those lines completes what is buffered, so the
-            // buffer stays; only the tail after the last newline goes.
-            Some(pos) => pos + 1,
-            None => {
-                self.release();
-                self.discarding = false;
-                0
-            }
-        }
+    /// Interrupt: drops the line being typed (the whole lines before it
+    /// were framed already).
+    fn interrupt(&mut self) {
+        self.release();
+        self.discarding = false;
     }
 
     /// Feeds `chunk` (what [`strip_telnet`](Self::strip_telnet) left of a
     /// read, which must be fed before the next read is stripped) and calls
     /// `on_frame` for each complete line or over-long line, in order.
     pub fn feed(&mut self, chunk: &[u8], max_line: usize, mut on_frame: impl FnMut(Frame<'_>)) {
+        let interrupts = std::mem::take(&mut self.interrupts);
+        let mut start = 0;
+        for at in interrupts {
+            self.frame(&chunk[start..at], max_line, &mut on_frame);
+            self.interrupt();
+            start = at;
+        }
+        self.frame(&chunk[start..], max_line, &mut on_frame);
+    }
+
+    fn frame(&mut self, chunk: &[u8], max_line: usize, on_frame: &mut impl FnMut(Frame<'_>)) {
         let mut rest = chunk;
         while !rest.is_empty() {
             match memchr::memchr(b'\n', rest) {
@@ -382,6 +391,14 @@ mod tests {
         let mut f = LineFramer::default();
         let (framed, _) = run(&mut f, &[&[b'x'; 30], b"\xff\xf8ok\n"], 10);
         assert_eq!(framed, vec![Err(()), Ok(b"ok".to_vec())]);
+    }
+
+    #[test]
+    fn an_interrupted_over_long_line_is_reported_however_it_was_split() {
+        // Found by fuzzing: when the line and the interrupt came in one read,
+        // the interrupt dropped the line before it was seen as over-long.
+        let (framed, _) = assert_split_invariant(b"0123456789abcdef\xff\xf4next\n", 10);
+        assert_eq!(framed, vec![Err(()), Ok(b"next".to_vec())]);
     }
 
     #[test]

@@ -11,6 +11,11 @@
 //! included — keeps its connection open however quiet it is: the
 //! [`BusyLayer`] counts calls per connection until their response body ends.
 //! When the deadline passes, a read fails and hyper closes the connection.
+//!
+//! A full listener does not lock its operator out: a new connection evicts
+//! the connection that has been quiet longest with no call in progress (a
+//! `watch` is never evicted), so idle connections, however many an
+//! attacker opens, cost the operator at most one reconnect.
 
 use std::future::Future;
 use std::io;
@@ -45,6 +50,11 @@ pub struct Activity {
     called: AtomicBool,
     last_io: std::sync::Mutex<Instant>,
     accepted: Instant,
+    /// Set to make room for a new connection; the connection's next read
+    /// fails.
+    evicted: AtomicBool,
+    /// The connection's task, to wake it when evicted.
+    waker: std::sync::Mutex<Option<std::task::Waker>>,
 }
 
 impl Activity {
@@ -55,7 +65,17 @@ impl Activity {
             called: AtomicBool::new(false),
             last_io: std::sync::Mutex::new(now),
             accepted: now,
+            evicted: AtomicBool::new(false),
+            waker: std::sync::Mutex::new(None),
         })
+    }
+
+    /// Closes this connection (at its next poll) to make room.
+    fn evict(&self) {
+        self.evicted.store(true, Relaxed);
+        if let Some(waker) = lock(&self.waker).take() {
+            waker.wake();
+        }
     }
 
     fn touch(&self) {
@@ -119,6 +139,13 @@ impl<IO> Limited<IO> {
     /// woken at the deadline (or, during a call, one idle period later to
     /// look again).
     fn poll_deadline(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        *lock(&self.activity.waker) = Some(cx.waker().clone());
+        if self.activity.evicted.load(Relaxed) {
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::ConnectionAborted,
+                "admin connection closed to make room for a new one",
+            )));
+        }
         loop {
             let next = match self.activity.deadline(&self.limits) {
                 Some(deadline) if deadline <= Instant::now() => {
@@ -243,9 +270,10 @@ pub fn incoming<L: Accept>(
 ) -> impl Stream<Item = io::Result<Limited<L::Io>>> + Send + 'static {
     let slots = Arc::new(Semaphore::new(limits.max_connections));
     let refused = crate::admin::RateLimitedLog::new(Duration::from_secs(60));
+    let open: Vec<std::sync::Weak<Activity>> = Vec::new();
     futures_util::stream::unfold(
-        (listener, slots, refused),
-        move |(listener, slots, refused)| async move {
+        (listener, slots, refused, open),
+        move |(listener, slots, refused, mut open)| async move {
             loop {
                 let io = match listener.accept().await {
                     Ok(io) => io,
@@ -256,12 +284,23 @@ pub fn incoming<L: Accept>(
                         continue;
                     }
                 };
-                match slots.clone().try_acquire_owned() {
-                    Ok(slot) => {
+                let mut slot = slots.clone().try_acquire_owned().ok();
+                if slot.is_none() && evict_quietest(&mut open) {
+                    // The evicted connection gives its slot back as soon as
+                    // its task notices.
+                    slot = tokio::time::timeout(EVICTION_WAIT, slots.clone().acquire_owned())
+                        .await
+                        .ok()
+                        .and_then(Result::ok);
+                }
+                match slot {
+                    Some(slot) => {
                         let next = Limited::new(io, limits, slot);
-                        return Some((Ok(next), (listener, slots, refused)));
+                        open.retain(|a| a.strong_count() > 0);
+                        open.push(Arc::downgrade(&next.activity));
+                        return Some((Ok(next), (listener, slots, refused, open)));
                     }
-                    Err(_) => {
+                    None => {
                         if let Some(suppressed) = refused.allow() {
                             tracing::warn!(
                                 limit = limits.max_connections,
@@ -275,6 +314,27 @@ pub fn incoming<L: Accept>(
             }
         },
     )
+}
+
+/// How long a new connection waits for the slot of the one it evicted.
+const EVICTION_WAIT: Duration = Duration::from_secs(1);
+
+/// Evicts the open connection quiet for longest with no call in progress;
+/// returns whether there was one.
+fn evict_quietest(open: &mut Vec<std::sync::Weak<Activity>>) -> bool {
+    open.retain(|a| a.strong_count() > 0);
+    let quietest = open
+        .iter()
+        .filter_map(std::sync::Weak::upgrade)
+        .filter(|a| a.calls.load(Relaxed) == 0 && !a.evicted.load(Relaxed))
+        .min_by_key(|a| *lock(&a.last_io));
+    match quietest {
+        Some(activity) => {
+            activity.evict();
+            true
+        }
+        None => false,
+    }
 }
 
 /// Counts each call as in progress on its connection until its response

@@ -3,6 +3,8 @@
 //! the attacker gets one clear line or a cut — never the honest ones.
 
 use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
 use tokio::net::TcpSocket;
@@ -520,4 +522,511 @@ async fn joining_while_a_room_is_busy_delivers_each_line_once_in_order() {
         last = Some(n);
     }
     let _ = flood.await.expect("flood");
+}
+
+// ---------------------------------------------------------------------------
+// Attacks measured while an honest pair talks: each test below prints its
+// figures (docs/RELIABILITY.md collects them) and asserts that the honest
+// listener got every probe line, in order, with a bounded delay.
+
+/// Nick of the probe's speaker.
+const SPEAKER: &str = "probespk";
+
+/// The longest a probe line may take to reach the listener during an
+/// attack, on a shared two-core machine.
+const PROBE_BOUND: Duration = Duration::from_secs(2);
+
+/// The fewest probe lines a measurement takes.
+const MIN_PROBES: usize = 10;
+
+/// An honest pair in the lobby: a speaker sending a numbered line every
+/// 150 ms (under the flood limit) and a listener timing each one's arrival.
+/// The listener reads everything sent to the room, so it also checks that
+/// every line it gets is UTF-8 ending in CRLF (`Client::try_line`).
+pub struct Probe {
+    stop: Arc<AtomicBool>,
+    sent: Arc<std::sync::Mutex<Vec<Instant>>>,
+    sender: tokio::task::JoinHandle<u32>,
+    reader: tokio::task::JoinHandle<(Vec<Duration>, Vec<String>, Client)>,
+}
+
+/// What the probe measured.
+pub struct Figures {
+    pub lines: usize,
+    pub p99: Duration,
+    pub max: Duration,
+}
+
+impl std::fmt::Display for Figures {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "honest p99 {:?}, max {:?} over {} lines",
+            self.p99, self.max, self.lines
+        )
+    }
+}
+
+impl Probe {
+    pub async fn start(server: &TestServer) -> Probe {
+        let (mut listener, _) = server.join().await;
+        listener.sync().await;
+        let stream = tokio::net::TcpStream::connect(server.chat)
+            .await
+            .expect("connect");
+        let (mut r, mut w) = stream.into_split();
+        tokio::spawn(async move {
+            let mut sink = vec![0u8; 16 * 1024];
+            while tokio::io::AsyncReadExt::read(&mut r, &mut sink)
+                .await
+                .is_ok_and(|n| n > 0)
+            {}
+        });
+        use tokio::io::AsyncWriteExt;
+        w.write_all(format!("/nick {SPEAKER}\n").as_bytes())
+            .await
+            .expect("nick");
+        // The listener sees the rename: the speaker is in the room under its
+        // name before the first probe line.
+        listener.expect(SPEAKER).await;
+        let sent: Arc<std::sync::Mutex<Vec<Instant>>> = Arc::default();
+        let stop = Arc::new(AtomicBool::new(false));
+        let sender = {
+            let (sent, stop) = (sent.clone(), stop.clone());
+            tokio::spawn(async move {
+                let mut seq = 0u32;
+                let mut tick = tokio::time::interval(Duration::from_millis(150));
+                while !stop.load(Relaxed) {
+                    tick.tick().await;
+                    sent.lock().expect("lock").push(Instant::now());
+                    w.write_all(format!("{seq} probe\n").as_bytes())
+                        .await
+                        .expect("the speaker can always send");
+                    seq += 1;
+                }
+                w.write_all(format!("{seq} end\n").as_bytes())
+                    .await
+                    .expect("send");
+                // Keep the connection open until the listener has it all.
+                tokio::time::sleep(WAIT).await;
+                drop(w);
+                seq
+            })
+        };
+        let reader = tokio::spawn({
+            let sent = sent.clone();
+            async move {
+                let prefix = format!("<{SPEAKER}> ");
+                let mut latencies = Vec::new();
+                let mut others = Vec::new();
+                loop {
+                    let line = listener
+                        .try_line()
+                        .await
+                        .expect("the honest listener is never cut");
+                    let Some(text) = line.strip_prefix(&prefix) else {
+                        others.push(line);
+                        continue;
+                    };
+                    let (n, what) = text.split_once(' ').expect("numbered");
+                    let n: usize = n.parse().expect("numbered");
+                    assert_eq!(n, latencies.len(), "probe lines lost or reordered");
+                    if what == "end" {
+                        return (latencies, others, listener);
+                    }
+                    let at = sent.lock().expect("lock")[n];
+                    latencies.push(at.elapsed());
+                }
+            }
+        });
+        Probe {
+            stop,
+            sent,
+            sender,
+            reader,
+        }
+    }
+
+    /// Stops the speaker, waits for the listener to get every line, and
+    /// asserts the delay bound. Returns the figures, the other lines the
+    /// listener saw, and the listener.
+    pub async fn finish(self) -> (Figures, Vec<String>, Client) {
+        // At least ten lines (1.5 s), so that a short attack and the
+        // recovery after it are both measured.
+        let deadline = Instant::now() + WAIT;
+        while self.sent.lock().expect("lock").len() < MIN_PROBES && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        self.stop.store(true, Relaxed);
+        let (mut latencies, others, listener) = tokio::time::timeout(WAIT * 2, self.reader)
+            .await
+            .expect("the listener got the last probe line in time")
+            .expect("listener");
+        self.sender.abort();
+        latencies.sort();
+        assert!(!latencies.is_empty(), "no probe line went through");
+        let p99 = latencies[(latencies.len() * 99).div_ceil(100) - 1];
+        let figures = Figures {
+            lines: latencies.len(),
+            p99,
+            max: *latencies.last().expect("not empty"),
+        };
+        assert!(
+            figures.p99 <= PROBE_BOUND,
+            "honest delay over {PROBE_BOUND:?}: {figures}"
+        );
+        (figures, others, listener)
+    }
+}
+
+/// Open file descriptors of a process.
+pub fn fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .expect("proc fd")
+        .count()
+}
+
+/// Waits until the daemon's descriptors are back to at most `baseline`.
+pub async fn fds_return_to(server: &TestServer, baseline: usize) -> usize {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let now = fds(server.pid());
+        if now <= baseline || Instant::now() > deadline {
+            return now;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Reads a refused connection to its end: the bytes sent before the close.
+async fn read_to_end(stream: &mut tokio::net::TcpStream) -> Vec<u8> {
+    let mut got = Vec::new();
+    let _ = tokio::time::timeout(WAIT, tokio::io::AsyncReadExt::read_to_end(stream, &mut got))
+        .await
+        .expect("the refusal ends in time");
+    got
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_storm_past_the_global_and_per_address_limits_leaks_no_fd() {
+    let server = TestServer::with_env(&[
+        ("CHATD_LIMITS__MAX_CLIENTS", "100"),
+        ("CHATD_LIMITS__MAX_CLIENTS_PER_IP", "32"),
+    ]);
+    let probe = Probe::start(&server).await;
+    let fds_before = fds(server.pid());
+    let rss_before = server.rss_kib();
+    // Five addresses × 40 connections: 200 against 32 per address and 100
+    // in all (2 taken by the probe).
+    let started = Instant::now();
+    let mut held = Vec::new();
+    let mut refused = Vec::new();
+    for ip in 2..7 {
+        for _ in 0..40 {
+            let socket = TcpSocket::new_v4().expect("socket");
+            socket
+                .bind(format!("127.0.0.{ip}:0").parse().expect("addr"))
+                .expect("bind");
+            let t = Instant::now();
+            let mut stream = socket.connect(server.chat).await.expect("connect");
+            let mut first = [0u8; 64];
+            let n =
+                tokio::time::timeout(WAIT, tokio::io::AsyncReadExt::read(&mut stream, &mut first))
+                    .await
+                    .expect("a first line in time")
+                    .unwrap_or(0);
+            let text = String::from_utf8_lossy(&first[..n]).to_string();
+            if text.starts_with("*** Welcome") {
+                held.push(stream);
+            } else {
+                let rest = read_to_end(&mut stream).await;
+                refused.push((
+                    t.elapsed(),
+                    format!("{text}{}", String::from_utf8_lossy(&rest)),
+                ));
+            }
+        }
+    }
+    let storm = started.elapsed();
+    let fds_peak = fds(server.pid());
+    assert_eq!(
+        held.len(),
+        98,
+        "the global limit holds, with 2 probe clients"
+    );
+    assert_eq!(refused.len(), 102);
+    assert!(
+        refused.iter().all(|(_, t)| t.starts_with("*** ")),
+        "every refused connection gets one server line: {:?}",
+        refused.iter().find(|(_, t)| !t.starts_with("*** "))
+    );
+    let mut times: Vec<Duration> = refused.iter().map(|(t, _)| *t).collect();
+    times.sort();
+    let refuse_p99 = times[times.len() * 99 / 100 - 1];
+    drop(held);
+    let fds_after = fds_return_to(&server, fds_before).await;
+    let (figures, _, _listener) = probe.finish().await;
+    println!(
+        "storm: 200 connections in {storm:?}, 98 held, 102 refused (p99 time to refuse {refuse_p99:?}); \
+         fds {fds_before} → {fds_peak} → {fds_after}; RSS {rss_before} → {} KiB; {figures}",
+        server.rss_kib()
+    );
+    assert!(
+        fds_after <= fds_before,
+        "descriptors leaked: {fds_before} → {fds_after}"
+    );
+    // Recovered: a new client from a storming address is served.
+    let mut again = connect_from("127.0.0.2", &server).await;
+    again.welcome().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_line_flood_is_dropped_then_cut_and_the_room_never_sees_it() {
+    let server = defaults();
+    let probe = Probe::start(&server).await;
+    let rss_before = server.rss_kib();
+    // Ten flooders from ten addresses, one after another, each sending
+    // 10,000 lines in one write: far past the burst and the dropped-line
+    // allowance.
+    let flood: String = (0..10_000).map(|i| format!("{i} flood\n")).collect();
+    let mut nicks = Vec::new();
+    let mut cut_after = Vec::new();
+    for ip in 2..12 {
+        let mut flooder = connect_from(&format!("127.0.0.{ip}"), &server).await;
+        nicks.push(flooder.welcome().await);
+        let started = Instant::now();
+        flooder.send(&flood).await;
+        let seen = flooder.until_eof().await;
+        cut_after.push(started.elapsed());
+        assert!(
+            seen.iter().any(|l| l.contains("flood")),
+            "the flooder is told why: {seen:?}"
+        );
+    }
+    cut_after.sort();
+    let (figures, others, _listener) = probe.finish().await;
+    let relayed = others
+        .iter()
+        .filter(|l| nicks.iter().any(|n| l.starts_with(&format!("<{n}> "))))
+        .count();
+    println!(
+        "line flood: 10 × 10000 lines, {relayed} relayed, each flooder cut within {:?}; \
+         RSS {rss_before} → {} KiB; {figures}",
+        cut_after.last().expect("ten"),
+        server.rss_kib()
+    );
+    assert!(relayed <= 10 * 40, "{relayed} flood lines reached the room");
+}
+
+/// Every line a listener got from `nick` is that nick's prefix and clean
+/// text: no control character, no escape, no invisible mark, no second
+/// line; and no server line was forged.
+fn assert_clean(lines: &[String], nick: &str) {
+    for line in lines {
+        assert!(
+            !line.chars().any(|c| c.is_control()
+                || ('\u{200b}'..='\u{200f}').contains(&c)
+                || ('\u{202a}'..='\u{202e}').contains(&c)),
+            "unclean line relayed: {line:?}"
+        );
+        assert!(
+            !(line.starts_with("*** ") && line.contains("FORGED")),
+            "a forged server line got through: {line:?}"
+        );
+        if !line.starts_with("*** ") {
+            assert!(
+                line.starts_with(&format!("<{nick}> ")) || line.starts_with(&format!("* {nick} ")),
+                "a line that is neither the attacker's nor the server's: {line:?}"
+            );
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_escapes_and_forged_lines_reach_the_room_clean() {
+    let server = defaults();
+    let probe = Probe::start(&server).await;
+    let rss_before = server.rss_kib();
+    let mut attacker = connect_from("127.0.0.2", &server).await;
+    let nick = attacker.welcome().await;
+    let started = Instant::now();
+    // Binary garbage (a fixed pseudo-random stream, newlines included),
+    // NULs, invalid UTF-8, escapes, forged prefixes, direction marks.
+    let mut garbage = Vec::new();
+    let mut x: u32 = 0x9e37_79b9;
+    for _ in 0..4000 {
+        x ^= x << 13;
+        x ^= x >> 17;
+        x ^= x << 5;
+        garbage.push(x as u8);
+    }
+    garbage.push(b'\n');
+    // In 20-line bursts a second apart: within the flood limit.
+    let lines: Vec<Vec<u8>> = garbage
+        .split(|&b| b == b'\n')
+        .map(|l| l.to_vec())
+        .chain([
+            b"nul\0in\0the\0middle".to_vec(),
+            b"\xff\xfe\xc3\x28 invalid \xe2\x82".to_vec(),
+            b"\x1b[2J\x1b[H\x1b]0;FORGED title\x07clear screen".to_vec(),
+            b"\r*** FORGED alice has left".to_vec(),
+            b"ok\r\n*** FORGED server line".to_vec(),
+            "text \u{202e}desrever\u{202c} \u{200b}hidden"
+                .as_bytes()
+                .to_vec(),
+            format!("padding{}*** FORGED wrapped", " ".repeat(200)).into_bytes(),
+        ])
+        .collect();
+    for chunk in lines.chunks(15) {
+        let mut burst = Vec::new();
+        for l in chunk {
+            burst.extend_from_slice(l);
+            burst.push(b'\n');
+        }
+        attacker.send_raw(&burst).await;
+        attacker.sync().await;
+        tokio::time::sleep(Duration::from_millis(1600)).await;
+    }
+    // One megabyte without a newline: one over-long line, nothing buffered.
+    let rss_mid = server.rss_kib();
+    attacker.send_raw(&vec![b'A'; 1 << 20]).await;
+    attacker.send("\nafter the megabyte\n").await;
+    attacker.expect("too long").await;
+    // Telnet: Ctrl-C (interrupt + timing mark) drops the typed line.
+    attacker
+        .send_raw(b"typed but interrupted\xff\xf4\xff\xfd\x06\nafter ctrl-c\n")
+        .await;
+    let elapsed = started.elapsed();
+    let (figures, others, mut listener) = probe.finish().await;
+    let from_attacker: Vec<String> = others
+        .iter()
+        .filter(|l| l.contains(&nick) || l.contains("FORGED"))
+        .cloned()
+        .collect();
+    assert_clean(&from_attacker, &nick);
+    assert!(others.iter().any(|l| l.ends_with("after the megabyte")));
+    assert!(!others.iter().any(|l| l.contains("interrupted")));
+    // The listener's stream stayed in step: it still answers.
+    let tail = listener.sync().await;
+    assert_clean(
+        &tail
+            .iter()
+            .filter(|l| l.contains(&nick))
+            .cloned()
+            .collect::<Vec<_>>(),
+        &nick,
+    );
+    let rss_after = server.rss_kib();
+    println!(
+        "garbage: {} lines of garbage, escapes and forgeries + 1 MiB without newline + Ctrl-C in {elapsed:?}, \
+         {} relayed clean; RSS {rss_before} → {rss_mid} → {rss_after} KiB; {figures}",
+        lines.len(),
+        from_attacker.len()
+    );
+    assert!(
+        rss_after < rss_mid + 4096,
+        "a megabyte without newline was buffered: {rss_mid} → {rss_after} KiB"
+    );
+}
+
+#[tokio::test]
+async fn look_alike_nicks_are_refused() {
+    let server = TestServer::start();
+    let mut honest = server.connect().await;
+    honest.welcome().await;
+    honest.send("/nick alice\n").await;
+    honest.expect("alice").await;
+    let mut attacker = connect_from("127.0.0.2", &server).await;
+    attacker.welcome().await;
+    for fake in [
+        "Alice",
+        "ALICE",
+        "a1ice",
+        "aIice",
+        "alicе",
+        "alice\u{200b}",
+        "al\u{200d}ice",
+        "*alice",
+        "alice ",
+        "ａlice",
+    ] {
+        attacker.send(&format!("/nick {fake}\n")).await;
+        let answer = attacker.line().await;
+        assert!(
+            answer.starts_with("*** error:"),
+            "{fake:?} was accepted: {answer}"
+        );
+    }
+    let who = attacker.sync().await;
+    assert!(who.is_empty(), "{who:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_udp_flood_is_rate_limited_and_replies_are_never_larger_than_requests() {
+    let server = TestServer::start();
+    let probe = Probe::start(&server).await;
+    let udp = server.udp.expect("udp enabled");
+    let flooder = tokio::net::UdpSocket::bind("127.0.0.2:0")
+        .await
+        .expect("bind");
+    flooder.connect(udp).await.expect("connect");
+    let rss_before = server.rss_kib();
+    // Sizes: empty, small, at the limit, just over it, and huge.
+    let sizes = [0usize, 1, 100, 1024, 1025, 8192, 65_000];
+    let mut sent = 0usize;
+    let mut sent_bytes = 0usize;
+    let started = Instant::now();
+    for i in 0..5000 {
+        let size = sizes[i % sizes.len()];
+        let mut d = vec![b'u'; size];
+        if size >= 4 {
+            d[..4].copy_from_slice(&(i as u32).to_be_bytes());
+        }
+        if flooder.send(&d).await.is_ok() {
+            sent += 1;
+            sent_bytes += size;
+        }
+    }
+    let mut replies = Vec::new();
+    let mut buf = vec![0u8; 70_000];
+    while let Ok(Ok(n)) =
+        tokio::time::timeout(Duration::from_millis(500), flooder.recv(&mut buf)).await
+    {
+        replies.push(buf[..n].to_vec());
+    }
+    let flood_time = started.elapsed();
+    let reply_bytes: usize = replies.iter().map(Vec::len).sum();
+    // Every reply is a request sent back unchanged; oversized ones get none.
+    assert!(
+        replies.iter().all(|r| r.len() <= 1024
+            && sizes.contains(&r.len())
+            && r.iter().skip(4).all(|&b| b == b'u')),
+        "a reply that is no request, or larger than the datagram limit"
+    );
+    assert!(reply_bytes <= sent_bytes, "more bytes out than in");
+    // Rate limited: the burst (20) plus the rate for the time it took.
+    let allowed = 20 + 10 * (flood_time.as_secs() as usize + 1);
+    assert!(
+        replies.len() <= allowed,
+        "{} replies, at most {allowed} allowed",
+        replies.len()
+    );
+    // Another address is still served during and after the flood.
+    let other = tokio::net::UdpSocket::bind("127.0.0.3:0")
+        .await
+        .expect("bind");
+    other.connect(udp).await.expect("connect");
+    other.send(b"still here").await.expect("send");
+    let n = tokio::time::timeout(WAIT, other.recv(&mut buf))
+        .await
+        .expect("an echo for another address")
+        .expect("recv");
+    assert_eq!(&buf[..n], b"still here");
+    let (figures, _, _listener) = probe.finish().await;
+    println!(
+        "udp flood: {sent} datagrams ({sent_bytes} bytes) in {flood_time:?}, {} replies ({reply_bytes} bytes); \
+         RSS {rss_before} → {} KiB; {figures}",
+        replies.len(),
+        server.rss_kib()
+    );
 }

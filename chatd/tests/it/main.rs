@@ -2,9 +2,11 @@
 //! sockets the way `nc` would.
 
 mod abuse;
+mod abuse_admin;
 mod admin;
 mod chat;
 mod cluster;
+mod crash;
 mod frontdoor;
 mod lifecycle;
 mod limits;

@@ -410,6 +410,11 @@ impl Client {
             .expect("send");
     }
 
+    /// Sends `bytes`; false when the connection is gone.
+    pub async fn try_send(&mut self, bytes: &[u8]) -> bool {
+        self.writer.write_all(bytes).await.is_ok()
+    }
+
     /// The next line, without its `\r\n`; `None` at EOF or reset.
     pub async fn try_line(&mut self) -> Option<String> {
         let mut buf = Vec::new();
