@@ -463,14 +463,7 @@ async fn listen(
             debug!(%room, "cluster: subscribed");
         },
     }
-    loop {
-        let msg = tokio::select! {
-            () = stop.cancelled() => break,
-            msg = sub.next() => match msg {
-                Some(msg) => msg,
-                None => break,
-            },
-        };
+    while let Some(msg) = next_or_stop(&mut sub, &stop).await {
         let Some(headers) = &msg.headers else {
             continue;
         };
@@ -491,6 +484,18 @@ async fn listen(
             continue;
         };
         hub.deliver_remote(&room, msg.payload, lines, kind);
+    }
+}
+
+/// The subscription's next message, or `None` once it ends or `stop` is
+/// cancelled.
+async fn next_or_stop(
+    sub: &mut async_nats::Subscriber,
+    stop: &CancellationToken,
+) -> Option<async_nats::Message> {
+    tokio::select! {
+        () = stop.cancelled() => None,
+        msg = sub.next() => msg,
     }
 }
 
@@ -677,14 +682,7 @@ async fn serve_admin(
             return;
         }
     };
-    loop {
-        let msg = tokio::select! {
-            () = stop.cancelled() => break,
-            msg = sub.next() => match msg {
-                Some(msg) => msg,
-                None => break,
-            },
-        };
+    while let Some(msg) = next_or_stop(&mut sub, &stop).await {
         let Some(reply) = msg.reply.clone() else {
             continue;
         };
