@@ -45,6 +45,7 @@ use tracing::{debug, info, warn};
 use crate::clock;
 use crate::config::{ClusterConfig, OnUnreachable};
 use crate::hub::Hub;
+use crate::nats_options;
 
 /// The header naming the node a message comes from.
 pub const NODE_HEADER: &str = "Chatd-Node";
@@ -201,6 +202,14 @@ pub enum ClusterError {
         "cannot reach NATS at {urls} within {secs} s and cluster.on_unreachable = \"refuse\": start nats-server, fix cluster.nats_urls, or set cluster.on_unreachable = \"local\""
     )]
     Unreachable { urls: String, secs: u64 },
+    #[error("NATS at {urls} refused this node ({source}): check {keys}")]
+    Refused {
+        urls: String,
+        keys: &'static str,
+        source: async_nats::ConnectError,
+    },
+    #[error(transparent)]
+    Creds(#[from] nats_options::CredsError),
     #[error("cannot use cluster.nats_urls {urls}: {source}")]
     Connect {
         urls: String,
@@ -220,51 +229,41 @@ pub async fn start(
     let urls = config.nats_urls.join(" ");
     let (state_tx, mut state_rx) = watch::channel(false);
     let state_tx = Arc::new(state_tx);
-    let events = state_tx.clone();
     let slow_warned = Arc::new(AtomicU64::new(0));
-    let options = ConnectOptions::new()
-        .name(format!("chatd {}", config.node_id))
-        .retry_on_initial_connect()
-        .connection_timeout(START_WAIT)
-        .ping_interval(PING_INTERVAL)
-        .subscription_capacity(SUBSCRIPTION_CAPACITY)
-        .event_callback(move |event| {
-            let events = events.clone();
-            let slow_warned = slow_warned.clone();
-            async move {
-                match event {
-                    async_nats::Event::Connected => {
-                        events.send_replace(true);
-                    }
-                    async_nats::Event::Disconnected => {
-                        events.send_replace(false);
-                    }
-                    async_nats::Event::SlowConsumer(_) => {
-                        // NATS drops what a room's subscription cannot hold.
-                        let now = clock::now_ms().max(1);
-                        let last = slow_warned.load(Relaxed);
-                        if (last == 0 || now.saturating_sub(last) >= WARN_EVERY_MS)
-                            && slow_warned
-                                .compare_exchange(last, now, Relaxed, Relaxed)
-                                .is_ok()
-                        {
-                            warn!("cluster: lines from other nodes arrive faster than this node hands them out; some are dropped");
-                        }
-                    }
-                    other => debug!(event = %other, "cluster: NATS event"),
-                }
-            }
-        });
-    let client = options
-        .connect(config.nats_urls.clone())
-        .await
-        .map_err(|source| ClusterError::Connect {
-            urls: urls.clone(),
-            source,
-        })?;
-    let connected = tokio::time::timeout(START_WAIT, state_rx.wait_for(|c| *c))
-        .await
-        .is_ok_and(|r| r.is_ok());
+    let options = || async {
+        let options = connect_options(config, state_tx.clone(), slow_warned.clone());
+        nats_options::secure(options, config).await
+    };
+    // One attempt first, to tell a refusal (credentials, TLS: fail closed)
+    // from a NATS that is not there (`on_unreachable` decides).
+    let first = tokio::time::timeout(
+        START_WAIT,
+        options().await?.connect(config.nats_urls.clone()),
+    )
+    .await;
+    let (client, connected) = match first {
+        Ok(Ok(client)) => (client, true),
+        Ok(Err(source)) if nats_options::refusal(&source).is_some() => {
+            let keys = nats_options::refusal(&source).map_or("", |r| r.keys(config));
+            return Err(ClusterError::Refused { urls, keys, source });
+        }
+        Ok(Err(_)) | Err(_) => {
+            let client = options()
+                .await?
+                .retry_on_initial_connect()
+                .connect(config.nats_urls.clone())
+                .await
+                .map_err(|source| ClusterError::Connect {
+                    urls: urls.clone(),
+                    source,
+                })?;
+            // The retrying client may have got through in the meantime.
+            let connected = tokio::time::timeout(START_WAIT, state_rx.wait_for(|c| *c))
+                .await
+                .is_ok_and(|r| r.is_ok());
+            (client, connected)
+        }
+    };
     if connected {
         info!(node = %config.node_id, nats = %urls, subjects = %format!("{}.room.*", config.name), "cluster mode: connected to NATS");
     } else if config.on_unreachable == OnUnreachable::Refuse {
@@ -319,6 +318,60 @@ pub async fn start(
     };
     tokio::spawn(node.run(rx, state_rx, connected));
     Ok(())
+}
+
+/// The connection's options, credentials and TLS aside: its name, timeouts,
+/// and the events that drive `state` (connected or not) and warnings.
+fn connect_options(
+    config: &ClusterConfig,
+    events: Arc<watch::Sender<bool>>,
+    slow_warned: Arc<AtomicU64>,
+) -> ConnectOptions {
+    let refused_warned = Arc::new(AtomicU64::new(0));
+    ConnectOptions::new()
+        .name(format!("chatd {}", config.node_id))
+        .connection_timeout(START_WAIT)
+        .ping_interval(PING_INTERVAL)
+        .subscription_capacity(SUBSCRIPTION_CAPACITY)
+        .event_callback(move |event| {
+            let events = events.clone();
+            let slow_warned = slow_warned.clone();
+            let refused_warned = refused_warned.clone();
+            async move {
+                match event {
+                    async_nats::Event::Connected => {
+                        events.send_replace(true);
+                    }
+                    async_nats::Event::Disconnected => {
+                        events.send_replace(false);
+                    }
+                    async_nats::Event::SlowConsumer(_) => {
+                        // NATS drops what a room's subscription cannot hold.
+                        if warn_due(&slow_warned) {
+                            warn!("cluster: lines from other nodes arrive faster than this node hands them out; some are dropped");
+                        }
+                    }
+                    async_nats::Event::ServerError(async_nats::ServerError::AuthorizationViolation) => {
+                        // Only after a start that found NATS away: a start
+                        // that reached it stops on a refusal instead.
+                        if warn_due(&refused_warned) {
+                            warn!("cluster: NATS refuses this node's credentials (cluster.creds_file, cluster.user/password, cluster.token); still serving this node's users alone");
+                        }
+                    }
+                    other => debug!(event = %other, "cluster: NATS event"),
+                }
+            }
+        })
+}
+
+/// True at most once per [`WARN_EVERY_MS`] for the same `last` stamp.
+fn warn_due(last_ms: &AtomicU64) -> bool {
+    let now = clock::now_ms().max(1);
+    let last = last_ms.load(Relaxed);
+    (last == 0 || now.saturating_sub(last) >= WARN_EVERY_MS)
+        && last_ms
+            .compare_exchange(last, now, Relaxed, Relaxed)
+            .is_ok()
 }
 
 /// The cluster task's state.

@@ -42,6 +42,8 @@ struct Nats {
     /// nats-server's monitoring endpoint (`/varz`).
     monitor: u16,
     store: tempfile::TempDir,
+    /// More arguments: credentials, TLS, routes.
+    extra: Vec<String>,
     child: Option<Child>,
 }
 
@@ -50,16 +52,29 @@ impl Nats {
         Some(Nats::on_port(nats_server_bin()?, free_port()))
     }
 
+    /// A server started with `extra` arguments as well.
+    fn start_with(extra: &[&str]) -> Option<Nats> {
+        let mut nats = Nats::new(nats_server_bin()?, free_port());
+        nats.extra = extra.iter().map(|a| a.to_string()).collect();
+        nats.restart();
+        Some(nats)
+    }
+
     fn on_port(bin: PathBuf, port: u16) -> Nats {
-        let mut nats = Nats {
+        let mut nats = Nats::new(bin, port);
+        nats.restart();
+        nats
+    }
+
+    fn new(bin: PathBuf, port: u16) -> Nats {
+        Nats {
             bin,
             port,
             monitor: free_port(),
             store: tempfile::tempdir().expect("tempdir"),
+            extra: Vec::new(),
             child: None,
-        };
-        nats.restart();
-        nats
+        }
     }
 
     fn url(&self) -> String {
@@ -81,6 +96,7 @@ impl Nats {
                 "-sd",
             ])
             .arg(self.store.path())
+            .args(&self.extra)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -567,4 +583,162 @@ async fn a_killed_node_is_named_missing_not_waited_for() {
     );
     let nodes = a.chatctl(&["nodes", "-o", "json"]).await.json();
     assert_eq!(nodes["nodes"].as_array().map(Vec::len), Some(1), "{nodes}");
+}
+
+/// Runs a node that must not start, and returns its last log line.
+async fn refused_start(env: &[(&str, &str)]) -> String {
+    let mut cmd = Command::new(chatd_bin());
+    let _dir = TestServer::prepare(&mut cmd, None, env);
+    let out = tokio::task::spawn_blocking(move || cmd.output().expect("run chatd"))
+        .await
+        .expect("join");
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success(), "the node must not start: {stderr}");
+    assert!(
+        !stderr.contains("\"listening\""),
+        "it never served: {stderr}"
+    );
+    stderr.lines().last().unwrap_or_default().to_string()
+}
+
+/// Two nodes with `env` chat across NATS: a line from one reaches the
+/// other.
+async fn two_nodes_chat(url: &str, env: &[(&str, &str)]) {
+    let a = node(url, "node-a", env);
+    let b = node(url, "node-b", env);
+    a.wait_logged("cluster mode: connected to NATS").await;
+    let (mut a1, a1_nick) = a.join().await;
+    let (mut b1, _) = b.join().await;
+    wait_subscribed(&a, "lobby").await;
+    wait_subscribed(&b, "lobby").await;
+    a1.send("across\n").await;
+    b1.expect(&format!("<{a1_nick}> across")).await;
+}
+
+#[tokio::test]
+async fn nats_credentials_are_sent_and_a_refusal_stops_the_start() {
+    let Some(nats) = Nats::start_with(&["--user", "chatd", "--pass", "s3cret"]) else {
+        return;
+    };
+    let url = nats.url();
+    two_nodes_chat(
+        &url,
+        &[
+            ("CHATD_CLUSTER__USER", "chatd"),
+            ("CHATD_CLUSTER__PASSWORD", "s3cret"),
+        ],
+    )
+    .await;
+    // A wrong password is not "unreachable": even with the default
+    // on_unreachable = "local" the node stops, naming the keys to fix.
+    let last = refused_start(&[
+        ("CHATD_CLUSTER__NATS_URLS", &url),
+        ("CHATD_CLUSTER__NODE_ID", "node-x"),
+        ("CHATD_CLUSTER__USER", "chatd"),
+        ("CHATD_CLUSTER__PASSWORD", "wrong"),
+    ])
+    .await;
+    assert!(
+        last.contains("refused this node") && last.contains("cluster.user and cluster.password"),
+        "{last}"
+    );
+    assert!(
+        !last.contains("wrong"),
+        "the password is not logged: {last}"
+    );
+    let last = refused_start(&[
+        ("CHATD_CLUSTER__NATS_URLS", &url),
+        ("CHATD_CLUSTER__NODE_ID", "node-y"),
+    ])
+    .await;
+    assert!(last.contains("the server wants credentials"), "{last}");
+
+    // A token, NATS's other simple way.
+    let Some(nats) = Nats::start_with(&["--auth", "t0ken"]) else {
+        return;
+    };
+    let server = node(&nats.url(), "node-t", &[("CHATD_CLUSTER__TOKEN", "t0ken")]);
+    server.wait_logged("cluster mode: connected to NATS").await;
+    let last = refused_start(&[
+        ("CHATD_CLUSTER__NATS_URLS", &nats.url()),
+        ("CHATD_CLUSTER__NODE_ID", "node-u"),
+        ("CHATD_CLUSTER__TOKEN", "other"),
+    ])
+    .await;
+    assert!(last.contains("check cluster.token"), "{last}");
+}
+
+/// A CA, a server certificate for 127.0.0.1 and a client certificate, as
+/// PEM files in `dir`: `ca.pem`, `server.pem`/`server.key`,
+/// `client.pem`/`client.key`.
+fn certificates(dir: &std::path::Path) {
+    use rcgen::{
+        BasicConstraints, CertificateParams, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    };
+    let ca_key = KeyPair::generate().expect("key");
+    let mut ca = CertificateParams::new(Vec::<String>::new()).expect("params");
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca_cert = ca.self_signed(&ca_key).expect("CA");
+    std::fs::write(dir.join("ca.pem"), ca_cert.pem()).expect("write");
+    let issuer = Issuer::new(ca, ca_key);
+    for (name, usage) in [
+        ("server", ExtendedKeyUsagePurpose::ServerAuth),
+        ("client", ExtendedKeyUsagePurpose::ClientAuth),
+    ] {
+        let key = KeyPair::generate().expect("key");
+        let mut params = CertificateParams::new(vec!["127.0.0.1".to_string()]).expect("params");
+        params.extended_key_usages = vec![usage];
+        let cert = params.signed_by(&key, &issuer).expect("sign");
+        std::fs::write(dir.join(format!("{name}.pem")), cert.pem()).expect("write");
+        std::fs::write(dir.join(format!("{name}.key")), key.serialize_pem()).expect("write");
+    }
+}
+
+#[tokio::test]
+async fn nats_over_tls_verifies_both_ends_and_a_failure_stops_the_start() {
+    let certs = tempfile::tempdir().expect("tempdir");
+    certificates(certs.path());
+    let file = |name: &str| certs.path().join(name).display().to_string();
+    let (ca, server_cert, server_key) = (file("ca.pem"), file("server.pem"), file("server.key"));
+    let (client_cert, client_key) = (file("client.pem"), file("client.key"));
+    let Some(nats) = Nats::start_with(&[
+        "--tls",
+        "--tlscert",
+        &server_cert,
+        "--tlskey",
+        &server_key,
+        "--tlsverify",
+        "--tlscacert",
+        &ca,
+    ]) else {
+        return;
+    };
+    let url = nats.url();
+    let tls = [
+        ("CHATD_CLUSTER__TLS_CA_FILE", ca.as_str()),
+        ("CHATD_CLUSTER__TLS_CERT_FILE", client_cert.as_str()),
+        ("CHATD_CLUSTER__TLS_KEY_FILE", client_key.as_str()),
+        ("CHATD_CLUSTER__TLS_REQUIRED", "true"),
+    ];
+    two_nodes_chat(&url, &tls).await;
+    // A node that does not trust the server's CA stops, whatever
+    // on_unreachable says, and names the TLS keys.
+    let last = refused_start(&[
+        ("CHATD_CLUSTER__NATS_URLS", &url),
+        ("CHATD_CLUSTER__NODE_ID", "node-x"),
+    ])
+    .await;
+    assert!(
+        last.contains("refused this node") && last.contains("cluster.tls_ca_file"),
+        "{last}"
+    );
+    // TLS required, and a server without it: refused too.
+    let Some(plain) = Nats::start() else { return };
+    let last = refused_start(&[
+        ("CHATD_CLUSTER__NATS_URLS", &plain.url()),
+        ("CHATD_CLUSTER__NODE_ID", "node-y"),
+        ("CHATD_CLUSTER__TLS_REQUIRED", "true"),
+    ])
+    .await;
+    assert!(last.contains("cluster.tls_required"), "{last}");
 }
