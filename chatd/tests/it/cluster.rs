@@ -112,22 +112,36 @@ impl Nats {
 
     /// Messages NATS has received from publishers so far (`/varz` in_msgs).
     async fn in_msgs(&self) -> u64 {
+        let varz = self.monitoring("/varz").await;
+        varz["in_msgs"].as_u64().expect("in_msgs")
+    }
+
+    /// A page of nats-server's monitoring endpoint, as JSON.
+    async fn monitoring(&self, path: &str) -> serde_json::Value {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", self.monitor))
             .await
             .expect("connect to the monitoring port");
         stream
-            .write_all(b"GET /varz HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
+            .write_all(format!("GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").as_bytes())
             .await
             .expect("send");
         let mut answer = String::new();
         tokio::time::timeout(WAIT, stream.read_to_string(&mut answer))
             .await
-            .expect("varz in time")
-            .expect("read varz");
+            .expect("monitoring answer in time")
+            .expect("read the monitoring answer");
         let body = answer.split_once("\r\n\r\n").expect("an HTTP answer").1;
-        let varz: serde_json::Value = serde_json::from_str(body).expect("varz is JSON");
-        varz["in_msgs"].as_u64().expect("in_msgs")
+        serde_json::from_str(body).expect("monitoring pages are JSON")
+    }
+
+    /// Whether the chatd node `node_id` is connected to this server.
+    async fn serves(&self, node_id: &str) -> bool {
+        let connz = self.monitoring("/connz").await;
+        let name = format!("chatd {node_id}");
+        connz["connections"]
+            .as_array()
+            .is_some_and(|cs| cs.iter().any(|c| c["name"] == name.as_str()))
     }
 
     /// SIGKILL: NATS vanishes without a goodbye.
@@ -741,4 +755,147 @@ async fn nats_over_tls_verifies_both_ends_and_a_failure_stops_the_start() {
     ])
     .await;
     assert!(last.contains("cluster.tls_required"), "{last}");
+}
+
+/// Three `nats-server` processes routed into one NATS cluster, each with its
+/// own ports and JetStream store.
+fn nats_cluster() -> Option<Vec<Nats>> {
+    let bin = nats_server_bin()?;
+    let routes: Vec<u16> = (0..3).map(|_| free_port()).collect();
+    let all = routes
+        .iter()
+        .map(|p| format!("nats://127.0.0.1:{p}"))
+        .collect::<Vec<_>>()
+        .join(",");
+    let servers: Vec<Nats> = routes
+        .iter()
+        .enumerate()
+        .map(|(i, route)| {
+            let mut nats = Nats::new(bin.clone(), free_port());
+            nats.extra = [
+                "--name".to_string(),
+                format!("nats-{i}"),
+                "--cluster_name".into(),
+                "chatd-test".into(),
+                "--cluster".into(),
+                format!("nats://127.0.0.1:{route}"),
+                "--routes".into(),
+                all.clone(),
+            ]
+            .into();
+            nats.restart();
+            nats
+        })
+        .collect();
+    Some(servers)
+}
+
+#[tokio::test]
+async fn killing_one_nats_server_of_three_loses_no_line() {
+    let Some(mut servers) = nats_cluster() else {
+        return;
+    };
+    // Every server sees the other two before any node connects.
+    let deadline = Instant::now() + WAIT;
+    for s in &servers {
+        while s.monitoring("/routez").await["num_routes"].as_u64() < Some(2) {
+            assert!(Instant::now() < deadline, "the NATS cluster did not form");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    let urls = servers.iter().map(Nats::url).collect::<Vec<_>>().join(" ");
+    let quiet = [("CHATD_LIMITS__FLOOD_LINES_PER_SEC", "0")];
+    let nodes = [
+        node(&urls, "node-a", &quiet),
+        node(&urls, "node-b", &quiet),
+        node(&urls, "node-c", &quiet),
+    ];
+    let mut senders = Vec::new();
+    let mut readers = Vec::new();
+    let mut probes = Vec::new();
+    for n in &nodes {
+        senders.push(n.join().await);
+        readers.push(n.join().await.0);
+        probes.push(n.join().await);
+    }
+    for n in &nodes {
+        wait_subscribed(n, "lobby").await;
+    }
+    // Interest crosses NATS routes on its own time: each node's probe is
+    // heard on both others before the stream starts.
+    for (i, (probe, nick)) in probes.iter_mut().enumerate() {
+        let deadline = Instant::now() + WAIT;
+        let mut heard = [false; 3];
+        heard[i] = true;
+        while !heard.iter().all(|h| *h) {
+            assert!(Instant::now() < deadline, "{nick} is not heard everywhere");
+            probe.send("probe\n").await;
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            for (j, reader) in readers.iter_mut().enumerate() {
+                if !heard[j] {
+                    heard[j] = reader
+                        .sync()
+                        .await
+                        .iter()
+                        .any(|l| l == &format!("<{nick}> probe"));
+                }
+            }
+        }
+    }
+    // The server node-a is on goes down while everyone streams.
+    let mut victim = None;
+    for (i, s) in servers.iter().enumerate() {
+        if s.serves("node-a").await {
+            victim = Some(i);
+        }
+    }
+    let victim = victim.expect("node-a is on one of the servers");
+
+    const N: usize = 600;
+    let script: Vec<u8> = (0..N)
+        .map(|i| format!("line {i}\n"))
+        .chain(["end\n".to_string()])
+        .collect::<String>()
+        .into_bytes();
+    let (kill_tx, kill_rx) = tokio::sync::oneshot::channel();
+    let mut kill_tx = Some(kill_tx);
+    let nicks: Vec<String> = senders.iter().map(|(_, n)| n.clone()).collect();
+    let mut streams = Vec::new();
+    for (k, (mut client, _)) in senders.into_iter().enumerate() {
+        let script = script.clone();
+        let trigger = if k == 0 { kill_tx.take() } else { None };
+        streams.push(async move {
+            let mut trigger = trigger;
+            for (c, chunk) in script.chunks(80).enumerate() {
+                client.send_raw(chunk).await;
+                // Pacing, so that the stream spans the failover.
+                tokio::time::sleep(Duration::from_millis(2)).await;
+                if c == 20
+                    && let Some(t) = trigger.take()
+                {
+                    let _ = t.send(());
+                }
+            }
+            client
+        });
+    }
+    let killer = async {
+        let _ = kill_rx.await;
+        servers[victim].kill();
+    };
+    let (_, _senders) = tokio::join!(killer, futures_util::future::join_all(streams));
+
+    let all: Vec<&str> = nicks.iter().map(String::as_str).collect();
+    for reader in &mut readers {
+        receive_all(reader, &all, N).await;
+    }
+    // The failover was quiet: held, not announced.
+    let a = &nodes[0];
+    a.wait_logged("reconnected to NATS within the hold").await;
+    for n in &nodes {
+        assert!(
+            n.logged("NATS lost").is_empty(),
+            "a failover within the hold is not an outage"
+        );
+    }
 }
