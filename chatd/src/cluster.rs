@@ -15,10 +15,10 @@
 //!   non-blocking fan-out local lines take; its own batches it ignores;
 //! - watches the connection: when NATS is lost the users in rooms are told
 //!   once, and once again when it is back (the client reconnects by itself,
-//!   with backoff). A reconnect within [`HOLD`] (another server of a NATS
+//!   with backoff). A reconnect within `HOLD` (2 s; another server of a NATS
 //!   cluster) loses nothing: batches carry positions ([`cluster_seq`]),
 //!   the node publishes again what its server had not confirmed, and a node
-//!   that missed some asks their sender for them. Past [`HOLD`], batches
+//!   that missed some asks their sender for them. Past `HOLD`, batches
 //!   for other nodes are dropped and counted, not queued.
 //!
 //! Admin is cluster-wide through [`Bus`]: every node answers requests on
