@@ -899,3 +899,116 @@ async fn killing_one_nats_server_of_three_loses_no_line() {
         );
     }
 }
+
+/// `haproxy`, or `None` after one line saying it is missing.
+fn haproxy_bin() -> Option<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    let found = std::env::split_paths(&path)
+        .chain(["/usr/sbin".into(), "/usr/bin".into()])
+        .map(|dir| dir.join("haproxy"))
+        .find(|p| p.is_file());
+    if found.is_none() {
+        let required = std::env::var("REQUIRE_TEST_TOOLS").is_ok_and(|v| v == "1");
+        assert!(!required, "haproxy is missing and REQUIRE_TEST_TOOLS=1");
+        eprintln!("skipped: haproxy is not installed (apt-get install haproxy)");
+    }
+    found
+}
+
+/// A chat connection from the loopback address `source` to `to`.
+async fn connect_via(source: &str, to: std::net::SocketAddr) -> Client {
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket
+        .bind(format!("{source}:0").parse().expect("addr"))
+        .expect("bind the source address");
+    Client::connect_socket(socket, to).await
+}
+
+#[tokio::test]
+async fn the_example_haproxy_config_spreads_clients_over_nodes_with_real_addresses() {
+    let Some(haproxy) = haproxy_bin() else { return };
+    let Some(nats) = Nats::start() else { return };
+    let trust = [("CHATD_CHAT__TRUSTED_PROXIES", "127.0.0.1/32")];
+    let nodes = [
+        node(&nats.url(), "chatd-1", &trust),
+        node(&nats.url(), "chatd-2", &trust),
+        node(&nats.url(), "chatd-3", &trust),
+    ];
+    // deploy/haproxy/chatd-cluster.cfg as shipped, on loopback ports.
+    let example = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../deploy/haproxy/chatd-cluster.cfg"
+    );
+    let mut config = std::fs::read_to_string(example).expect("read the example");
+    let front = free_port();
+    config = config.replace("bind :8080", &format!("bind 127.0.0.1:{front}"));
+    for (i, n) in nodes.iter().enumerate() {
+        let shipped = format!("10.0.0.1{}:8080", i + 1);
+        assert!(config.contains(&shipped), "the example names {shipped}");
+        config = config.replace(&shipped, &n.chat.to_string());
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cfg = dir.path().join("haproxy.cfg");
+    std::fs::write(&cfg, config).expect("write haproxy.cfg");
+    let mut proxy = Command::new(haproxy)
+        .arg("-db")
+        .arg("-f")
+        .arg(&cfg)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start haproxy");
+    struct KillOnDrop<'a>(&'a mut Child);
+    impl Drop for KillOnDrop<'_> {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _proxy = KillOnDrop(&mut proxy);
+    let front = std::net::SocketAddr::from(([127, 0, 0, 1], front));
+    let deadline = Instant::now() + WAIT;
+    while std::net::TcpStream::connect(front).is_err() {
+        assert!(Instant::now() < deadline, "haproxy did not start");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    let mut alice = connect_via("127.0.0.2", front).await;
+    let a = alice.welcome().await;
+    let mut bob = connect_via("127.0.0.3", front).await;
+    let b = bob.welcome().await;
+    // Any node lists both, each on its own node with its real address.
+    let listed = nodes[0]
+        .chatctl(&["list-clients", "-o", "json"])
+        .await
+        .json();
+    let find = |nick: &str| {
+        listed["clients"]
+            .as_array()
+            .expect("clients")
+            .iter()
+            .find(|c| c["nick"] == nick)
+            .map(|c| {
+                (
+                    c["node"].as_str().expect("node").to_string(),
+                    c["addr"].as_str().expect("addr").to_string(),
+                )
+            })
+            .unwrap_or_else(|| panic!("{nick} is not listed: {listed}"))
+    };
+    let (a_node, a_addr) = find(&a);
+    let (b_node, b_addr) = find(&b);
+    assert_eq!(a_addr, alice.local_addr().to_string(), "{listed}");
+    assert_eq!(b_addr, bob.local_addr().to_string(), "{listed}");
+    assert_ne!(a_node, b_node, "leastconn spreads them: {listed}");
+    for (i, n) in nodes.iter().enumerate() {
+        let id = format!("chatd-{}", i + 1);
+        if id == a_node || id == b_node {
+            wait_subscribed(n, "lobby").await;
+        }
+    }
+    alice.send("hello through the balancer\n").await;
+    bob.expect(&format!("<{a}> hello through the balancer"))
+        .await;
+}
