@@ -15,8 +15,11 @@
 //!   non-blocking fan-out local lines take; its own batches it ignores;
 //! - watches the connection: when NATS is lost the users in rooms are told
 //!   once, and once again when it is back (the client reconnects by itself,
-//!   with backoff). While it is lost, batches for other nodes are dropped
-//!   and counted, not queued: delivery through NATS core is at most once.
+//!   with backoff). A reconnect within `HOLD` (2 s; another server of a NATS
+//!   cluster) loses nothing: batches carry positions ([`cluster_seq`]),
+//!   the node publishes again what its server had not confirmed, and a node
+//!   that missed some asks their sender for them. Past `HOLD`, batches
+//!   for other nodes are dropped and counted, not queued.
 //!
 //! Admin is cluster-wide through [`Bus`]: every node answers requests on
 //! `NAME.admin.OP` (see [`crate::admin::answer_remote`]), and the node an
@@ -43,8 +46,10 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::clock;
+use crate::cluster_seq::{self, Backlog, Position, SEQ_HEADER, Seen, Verdict};
 use crate::config::{ClusterConfig, OnUnreachable};
 use crate::hub::Hub;
+use crate::nats_options;
 
 /// The header naming the node a message comes from.
 pub const NODE_HEADER: &str = "Chatd-Node";
@@ -55,6 +60,24 @@ pub const KIND_HEADER: &str = "Chatd-Kind";
 /// Batches waiting for the cluster task. Past it, batches for other nodes
 /// are dropped and counted: local chat never waits for NATS.
 const OUTGOING_CAPACITY: usize = 4096;
+/// Published batches kept to publish again after a reconnect and to replay
+/// to a node that missed some ([`cluster_seq`]).
+const BACKLOG_CAPACITY: usize = 4096;
+/// How long a lost connection may take to come back (to another server of
+/// a NATS cluster, usually within milliseconds) before users are told that
+/// other nodes are unreachable. Until then batches are held and published
+/// once it is back; after it they are dropped, so nothing comes late.
+const HOLD: Duration = Duration::from_secs(2);
+/// How long a node waits for another to replay what it missed.
+const REPLAY_DEADLINE: Duration = Duration::from_secs(1);
+/// The most payload one replay answer carries (NATS's default maximum
+/// message is 1 MiB).
+const REPLAY_MAX_BYTES: usize = 512 * 1024;
+/// How long after a batch is published the node asks its server to
+/// confirm it (one marker message covers every batch before it). Longer
+/// costs more batches published again after a reconnect (receivers drop
+/// them); shorter costs NATS messages: at most one per this per node.
+const MARK_AFTER: Duration = Duration::from_secs(1);
 /// Messages NATS may queue for one room's subscription before it drops
 /// them (and reports a slow consumer) instead of growing.
 const SUBSCRIPTION_CAPACITY: usize = 4096;
@@ -100,6 +123,22 @@ impl Kind {
         match s {
             "chat" => Some(Kind::Chat),
             "notice" => Some(Kind::Notice),
+            _ => None,
+        }
+    }
+
+    /// As kept in the backlog and sent in a replay.
+    fn as_byte(self) -> u8 {
+        match self {
+            Kind::Chat => 0,
+            Kind::Notice => 1,
+        }
+    }
+
+    fn from_byte(b: u8) -> Option<Kind> {
+        match b {
+            0 => Some(Kind::Chat),
+            1 => Some(Kind::Notice),
             _ => None,
         }
     }
@@ -201,6 +240,14 @@ pub enum ClusterError {
         "cannot reach NATS at {urls} within {secs} s and cluster.on_unreachable = \"refuse\": start nats-server, fix cluster.nats_urls, or set cluster.on_unreachable = \"local\""
     )]
     Unreachable { urls: String, secs: u64 },
+    #[error("NATS at {urls} refused this node ({source}): check {keys}")]
+    Refused {
+        urls: String,
+        keys: &'static str,
+        source: async_nats::ConnectError,
+    },
+    #[error(transparent)]
+    Creds(#[from] nats_options::CredsError),
     #[error("cannot use cluster.nats_urls {urls}: {source}")]
     Connect {
         urls: String,
@@ -220,51 +267,41 @@ pub async fn start(
     let urls = config.nats_urls.join(" ");
     let (state_tx, mut state_rx) = watch::channel(false);
     let state_tx = Arc::new(state_tx);
-    let events = state_tx.clone();
     let slow_warned = Arc::new(AtomicU64::new(0));
-    let options = ConnectOptions::new()
-        .name(format!("chatd {}", config.node_id))
-        .retry_on_initial_connect()
-        .connection_timeout(START_WAIT)
-        .ping_interval(PING_INTERVAL)
-        .subscription_capacity(SUBSCRIPTION_CAPACITY)
-        .event_callback(move |event| {
-            let events = events.clone();
-            let slow_warned = slow_warned.clone();
-            async move {
-                match event {
-                    async_nats::Event::Connected => {
-                        events.send_replace(true);
-                    }
-                    async_nats::Event::Disconnected => {
-                        events.send_replace(false);
-                    }
-                    async_nats::Event::SlowConsumer(_) => {
-                        // NATS drops what a room's subscription cannot hold.
-                        let now = clock::now_ms().max(1);
-                        let last = slow_warned.load(Relaxed);
-                        if (last == 0 || now.saturating_sub(last) >= WARN_EVERY_MS)
-                            && slow_warned
-                                .compare_exchange(last, now, Relaxed, Relaxed)
-                                .is_ok()
-                        {
-                            warn!("cluster: lines from other nodes arrive faster than this node hands them out; some are dropped");
-                        }
-                    }
-                    other => debug!(event = %other, "cluster: NATS event"),
-                }
-            }
-        });
-    let client = options
-        .connect(config.nats_urls.clone())
-        .await
-        .map_err(|source| ClusterError::Connect {
-            urls: urls.clone(),
-            source,
-        })?;
-    let connected = tokio::time::timeout(START_WAIT, state_rx.wait_for(|c| *c))
-        .await
-        .is_ok_and(|r| r.is_ok());
+    let options = || async {
+        let options = connect_options(config, state_tx.clone(), slow_warned.clone());
+        nats_options::secure(options, config).await
+    };
+    // One attempt first, to tell a refusal (credentials, TLS: fail closed)
+    // from a NATS that is not there (`on_unreachable` decides).
+    let first = tokio::time::timeout(
+        START_WAIT,
+        options().await?.connect(config.nats_urls.clone()),
+    )
+    .await;
+    let (client, connected) = match first {
+        Ok(Ok(client)) => (client, true),
+        Ok(Err(source)) if nats_options::refusal(&source).is_some() => {
+            let keys = nats_options::refusal(&source).map_or("", |r| r.keys(config));
+            return Err(ClusterError::Refused { urls, keys, source });
+        }
+        Ok(Err(_)) | Err(_) => {
+            let client = options()
+                .await?
+                .retry_on_initial_connect()
+                .connect(config.nats_urls.clone())
+                .await
+                .map_err(|source| ClusterError::Connect {
+                    urls: urls.clone(),
+                    source,
+                })?;
+            // The retrying client may have got through in the meantime.
+            let connected = tokio::time::timeout(START_WAIT, state_rx.wait_for(|c| *c))
+                .await
+                .is_ok_and(|r| r.is_ok());
+            (client, connected)
+        }
+    };
     if connected {
         info!(node = %config.node_id, nats = %urls, subjects = %format!("{}.room.*", config.name), "cluster mode: connected to NATS");
     } else if config.on_unreachable == OnUnreachable::Refuse {
@@ -308,17 +345,96 @@ pub async fn start(
         format!("{}.admin.", config.name),
         shutdown.clone(),
     ));
+    let mut epoch = [0u8; 8];
+    // A clock-based epoch only if the system has no randomness at all: two
+    // starts of a node within a nanosecond are not a concern.
+    let epoch = match getrandom::fill(&mut epoch) {
+        Ok(()) => u64::from_le_bytes(epoch),
+        Err(_) => std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(1, |d| d.as_nanos() as u64),
+    };
+    let backlog = Arc::new(std::sync::Mutex::new(Backlog::new(epoch, BACKLOG_CAPACITY)));
+    tokio::spawn(serve_replay(
+        client.clone(),
+        backlog.clone(),
+        format!("{}.replay.{}", config.name, config.node_id),
+        shutdown.clone(),
+    ));
     let node = Node {
         client,
         hub,
         link,
         node_id: config.node_id.clone().into(),
         prefix: format!("{}.room.", config.name),
+        replay_prefix: format!("{}.replay.", config.name),
         rooms: HashMap::new(),
+        backlog,
+        away: if connected {
+            Away::Online
+        } else {
+            Away::Abandoned { told: false }
+        },
+        marked: 0,
+        mark_at: None,
         shutdown,
     };
-    tokio::spawn(node.run(rx, state_rx, connected));
+    tokio::spawn(node.run(rx, state_rx));
     Ok(())
+}
+
+/// The connection's options, credentials and TLS aside: its name, timeouts,
+/// and the events that drive `state` (connected or not) and warnings.
+fn connect_options(
+    config: &ClusterConfig,
+    events: Arc<watch::Sender<bool>>,
+    slow_warned: Arc<AtomicU64>,
+) -> ConnectOptions {
+    let refused_warned = Arc::new(AtomicU64::new(0));
+    ConnectOptions::new()
+        .name(format!("chatd {}", config.node_id))
+        .connection_timeout(START_WAIT)
+        .ping_interval(PING_INTERVAL)
+        .subscription_capacity(SUBSCRIPTION_CAPACITY)
+        .event_callback(move |event| {
+            let events = events.clone();
+            let slow_warned = slow_warned.clone();
+            let refused_warned = refused_warned.clone();
+            async move {
+                match event {
+                    async_nats::Event::Connected => {
+                        events.send_replace(true);
+                    }
+                    async_nats::Event::Disconnected => {
+                        events.send_replace(false);
+                    }
+                    async_nats::Event::SlowConsumer(_) => {
+                        // NATS drops what a room's subscription cannot hold.
+                        if warn_due(&slow_warned) {
+                            warn!("cluster: lines from other nodes arrive faster than this node hands them out; some are dropped");
+                        }
+                    }
+                    async_nats::Event::ServerError(async_nats::ServerError::AuthorizationViolation) => {
+                        // Only after a start that found NATS away: a start
+                        // that reached it stops on a refusal instead.
+                        if warn_due(&refused_warned) {
+                            warn!("cluster: NATS refuses this node's credentials (cluster.creds_file, cluster.user/password, cluster.token); still serving this node's users alone");
+                        }
+                    }
+                    other => debug!(event = %other, "cluster: NATS event"),
+                }
+            }
+        })
+}
+
+/// True at most once per [`WARN_EVERY_MS`] for the same `last` stamp.
+fn warn_due(last_ms: &AtomicU64) -> bool {
+    let now = clock::now_ms().max(1);
+    let last = last_ms.load(Relaxed);
+    (last == 0 || now.saturating_sub(last) >= WARN_EVERY_MS)
+        && last_ms
+            .compare_exchange(last, now, Relaxed, Relaxed)
+            .is_ok()
 }
 
 /// The cluster task's state.
@@ -329,31 +445,77 @@ struct Node {
     node_id: Arc<str>,
     /// `NAME.room.`
     prefix: String,
+    /// `NAME.replay.`
+    replay_prefix: String,
     /// One subscription task per room with local members.
     rooms: HashMap<Arc<str>, CancellationToken>,
+    /// What this node published lately; shared with [`serve_replay`].
+    backlog: Arc<std::sync::Mutex<Backlog>>,
+    away: Away,
+    /// The last sequence a confirmation marker was sent for.
+    marked: u64,
+    /// When to send the next marker: set by a publish, cleared by a marker.
+    mark_at: Option<tokio::time::Instant>,
     shutdown: CancellationToken,
 }
 
+/// The cluster task's view of the connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Away {
+    /// Batches are published as they come.
+    Online,
+    /// Lost since `since`: batches are held for [`HOLD`], to be published
+    /// when it is back.
+    Reconnecting { since: tokio::time::Instant },
+    /// Lost for longer (or never reached): batches are dropped. `told`:
+    /// users were told, and are told again when it is back.
+    Abandoned { told: bool },
+}
+
 impl Node {
-    async fn run(
-        mut self,
-        mut rx: mpsc::Receiver<Outgoing>,
-        mut state: watch::Receiver<bool>,
-        mut connected: bool,
-    ) {
+    async fn run(mut self, mut rx: mpsc::Receiver<Outgoing>, mut state: watch::Receiver<bool>) {
         // Rooms may have members already (none in practice: start runs
         // before the listeners serve).
         self.reconcile();
-        let mut was_connected = connected;
+        let mut connected = self.away == Away::Online;
         let mut dropped_at_loss = 0;
+        // Markers come back through this node's own subscription: once
+        // one has, the server has every batch published before it.
+        let marks = self.client.new_inbox();
+        let mut confirms = match self.client.subscribe(marks.clone()).await {
+            Ok(sub) => Some(sub),
+            Err(e) => {
+                warn!(error = %e, "cluster: cannot subscribe to confirmations; batches are published again after every reconnect");
+                None
+            }
+        };
         loop {
+            let hold_until = match self.away {
+                Away::Reconnecting { since } => Some(since + HOLD),
+                _ => None,
+            };
             tokio::select! {
                 () = self.shutdown.cancelled() => break,
                 out = rx.recv() => match out {
                     Some(out) => self.publish(out).await,
                     None => break,
                 },
+                Some(msg) = next_confirm(confirms.as_mut()) => {
+                    if let Some(seq) = std::str::from_utf8(&msg.payload).ok().and_then(|s| s.parse().ok()) {
+                        self.lock_backlog().confirm(seq);
+                    }
+                }
                 () = self.link.interest.notified() => self.reconcile(),
+                () = sleep_until(self.mark_at) => self.mark(&marks).await,
+                () = sleep_until(hold_until) => {
+                    let given_up = self.lock_backlog().abandon() as u64;
+                    self.link.dropped.fetch_add(given_up, Relaxed);
+                    self.away = Away::Abandoned { told: true };
+                    let told = self.hub.notice_rooms(
+                        "Other chat nodes are unreachable; chat on this node goes on.",
+                    );
+                    warn!(told, "cluster: NATS lost; serving this node's users alone until it is back");
+                }
                 changed = state.changed() => {
                     if changed.is_err() {
                         break;
@@ -363,19 +525,12 @@ impl Node {
                         continue;
                     }
                     connected = now;
-                    if connected && was_connected {
-                        let lost = self.link.dropped().saturating_sub(dropped_at_loss);
-                        let told = self.hub.notice_rooms("Other chat nodes are reachable again.");
-                        info!(told, dropped_while_away = lost, "cluster: NATS is back; rooms span nodes again");
-                    } else if connected {
-                        was_connected = true;
-                        info!("cluster: connected to NATS; rooms span nodes");
-                    } else {
+                    if connected {
+                        self.back(&marks, dropped_at_loss).await;
+                    } else if self.away == Away::Online {
                         dropped_at_loss = self.link.dropped();
-                        let told = self.hub.notice_rooms(
-                            "Other chat nodes are unreachable; chat on this node goes on.",
-                        );
-                        warn!(told, "cluster: NATS lost; serving this node's users alone until it is back");
+                        self.away = Away::Reconnecting { since: tokio::time::Instant::now() };
+                        debug!("cluster: NATS connection lost; holding batches while reconnecting");
                     }
                 }
             }
@@ -387,23 +542,103 @@ impl Node {
         let _ = tokio::time::timeout(Duration::from_secs(1), self.client.flush()).await;
     }
 
-    /// Publishes one batch, or drops and counts it while NATS is away:
+    /// NATS is (back) there: publishes what the old server had not
+    /// confirmed and what was held meanwhile, in order (receivers drop what
+    /// they already have), and says so as the outage deserves.
+    async fn back(&mut self, marks: &str, dropped_at_loss: u64) {
+        let was = std::mem::replace(&mut self.away, Away::Online);
+        let again = self.lock_backlog().unconfirmed();
+        let republished = again.len();
+        for (pos, entry) in again {
+            let kind = Kind::from_byte(entry.kind).unwrap_or(Kind::Notice);
+            self.send(&entry.room, pos, kind, entry.payload).await;
+        }
+        self.mark(marks).await;
+        match was {
+            Away::Abandoned { told: true } => {
+                let lost = self.link.dropped().saturating_sub(dropped_at_loss);
+                let told = self
+                    .hub
+                    .notice_rooms("Other chat nodes are reachable again.");
+                info!(
+                    told,
+                    dropped_while_away = lost,
+                    "cluster: NATS is back; rooms span nodes again"
+                );
+            }
+            Away::Abandoned { told: false } => {
+                info!("cluster: connected to NATS; rooms span nodes");
+            }
+            Away::Reconnecting { since } => {
+                let took_ms = u64::try_from(since.elapsed().as_millis()).unwrap_or(u64::MAX);
+                info!(
+                    republished,
+                    took_ms, "cluster: reconnected to NATS within the hold; nothing dropped"
+                );
+            }
+            Away::Online => {}
+        }
+    }
+
+    fn lock_backlog(&self) -> std::sync::MutexGuard<'_, Backlog> {
+        self.backlog.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Asks the server to send back the last sequence given out: when it
+    /// comes back, the server has every batch published before it.
+    async fn mark(&mut self, inbox: &str) {
+        self.mark_at = None;
+        let last = self.lock_backlog().last();
+        if last <= self.marked || self.away != Away::Online {
+            return;
+        }
+        self.marked = last;
+        if let Err(e) = self
+            .client
+            .publish(inbox.to_string(), Bytes::from(last.to_string()))
+            .await
+        {
+            debug!(error = %e, "cluster: cannot send a confirmation marker");
+        }
+    }
+
+    /// Gives a batch its position and publishes it; while NATS is
+    /// reconnecting it is only kept (published when it is back), and once
+    /// NATS has been away longer than [`HOLD`] it is dropped and counted:
     /// lines are not queued for a reconnect that may come much later.
-    async fn publish(&self, out: Outgoing) {
-        if self.client.connection_state() != State::Connected {
+    async fn publish(&mut self, out: Outgoing) {
+        if matches!(self.away, Away::Abandoned { .. }) {
             self.link.dropped.fetch_add(1, Relaxed);
             return;
         }
+        let (pos, evicted) =
+            self.lock_backlog()
+                .push(&out.room, out.kind.as_byte(), out.payload.clone());
+        if self.away == Away::Online {
+            // An unconfirmed batch pushed out of a full backlog was
+            // published: it only loses its second chance.
+            self.send(&out.room, pos, out.kind, out.payload).await;
+            self.mark_at
+                .get_or_insert_with(|| tokio::time::Instant::now() + MARK_AFTER);
+        } else if evicted {
+            // Held too many while reconnecting: the oldest never went out.
+            self.link.dropped.fetch_add(1, Relaxed);
+        }
+    }
+
+    /// Publishes one batch. A failure leaves it unconfirmed in the backlog,
+    /// so it goes again after the reconnect.
+    async fn send(&self, room: &str, pos: Position, kind: Kind, payload: Bytes) {
         let mut headers = HeaderMap::new();
         headers.insert(NODE_HEADER, &*self.node_id);
-        headers.insert(KIND_HEADER, out.kind.as_str());
-        let subject = format!("{}{}", self.prefix, out.room);
+        headers.insert(KIND_HEADER, kind.as_str());
+        headers.insert(SEQ_HEADER, pos.header().as_str());
+        let subject = format!("{}{}", self.prefix, room);
         if let Err(e) = self
             .client
-            .publish_with_headers(subject, headers, out.payload)
+            .publish_with_headers(subject, headers, payload)
             .await
         {
-            self.link.dropped.fetch_add(1, Relaxed);
             debug!(error = %e, "cluster: publish failed");
         }
     }
@@ -412,14 +647,17 @@ impl Node {
     /// subscriptions of rooms without any.
     fn reconcile(&mut self) {
         let wanted = self.hub.occupied_rooms();
+        let mut backlog = self.backlog.lock().unwrap_or_else(|p| p.into_inner());
         self.rooms.retain(|room, token| {
             let keep = wanted.contains(room);
             if !keep {
                 token.cancel();
+                backlog.forget_room(room);
                 debug!(%room, "cluster: unsubscribed");
             }
             keep
         });
+        drop(backlog);
         for room in wanted {
             if self.rooms.contains_key(&room) {
                 continue;
@@ -431,6 +669,7 @@ impl Node {
                 self.hub.clone(),
                 self.node_id.clone(),
                 format!("{}{}", self.prefix, room),
+                self.replay_prefix.clone(),
                 room,
                 token,
             ));
@@ -445,6 +684,7 @@ async fn listen(
     hub: Hub,
     node_id: Arc<str>,
     subject: String,
+    replay_prefix: String,
     room: Arc<str>,
     stop: CancellationToken,
 ) {
@@ -463,14 +703,15 @@ async fn listen(
             debug!(%room, "cluster: subscribed");
         },
     }
+    let mut seen = Seen::default();
     while let Some(msg) = next_or_stop(&mut sub, &stop).await {
         let Some(headers) = &msg.headers else {
             continue;
         };
-        if headers
-            .get(NODE_HEADER)
-            .is_none_or(|from| from.as_str() == &*node_id)
-        {
+        let Some(from) = headers.get(NODE_HEADER).map(|f| f.as_str().to_string()) else {
+            continue;
+        };
+        if from == *node_id {
             continue;
         }
         let Some(kind) = headers
@@ -483,7 +724,110 @@ async fn listen(
             debug!(%subject, "cluster: ignored a malformed message");
             continue;
         };
+        // A message without a position (none that chatd sends) is handed
+        // on as it is.
+        let pos = headers
+            .get(SEQ_HEADER)
+            .and_then(|p| Position::parse(p.as_str()));
+        if let Some(pos) = pos {
+            match seen.check(&from, pos) {
+                Verdict::Duplicate => continue,
+                Verdict::Deliver => {}
+                Verdict::Gap { after } => {
+                    let subject = format!("{replay_prefix}{from}");
+                    let missed = tokio::select! {
+                        () = stop.cancelled() => return,
+                        missed = replay(&client, subject, &room, after, pos.seq) => missed,
+                    };
+                    let got = missed.len();
+                    for (kind, batch) in missed {
+                        if let Some(lines) = well_formed(&batch) {
+                            hub.deliver_remote(&room, batch, lines, kind);
+                        }
+                    }
+                    debug!(%room, node = %from, after, got, "cluster: replayed missed batches");
+                }
+            }
+            seen.record(&from, pos);
+        }
         hub.deliver_remote(&room, msg.payload, lines, kind);
+    }
+}
+
+/// Asks `subject` (a node's replay service) for the batches of `room`
+/// after `after` and before `before`, in order; nothing when it does not
+/// answer within [`REPLAY_DEADLINE`] (it may be gone with them).
+async fn replay(
+    client: &async_nats::Client,
+    subject: String,
+    room: &str,
+    after: u64,
+    before: u64,
+) -> Vec<(Kind, Bytes)> {
+    let asked = client.request(subject, cluster_seq::replay_request(room, after));
+    let answer = match tokio::time::timeout(REPLAY_DEADLINE, asked).await {
+        Ok(Ok(answer)) => answer,
+        Ok(Err(e)) => {
+            debug!(error = %e, %room, "cluster: no replay");
+            return Vec::new();
+        }
+        Err(_) => {
+            debug!(%room, "cluster: no replay in time");
+            return Vec::new();
+        }
+    };
+    cluster_seq::decode_replay(answer.payload)
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|(_, seq, _)| *seq < before)
+        .filter_map(|(kind, _, batch)| Some((Kind::from_byte(kind)?, batch)))
+        .collect()
+}
+
+/// Answers other nodes' replay requests on `NAME.replay.NODE` from this
+/// node's backlog until `stop`.
+async fn serve_replay(
+    client: async_nats::Client,
+    backlog: Arc<std::sync::Mutex<Backlog>>,
+    subject: String,
+    stop: CancellationToken,
+) {
+    let mut sub = match client.subscribe(subject.clone()).await {
+        Ok(sub) => sub,
+        Err(e) => {
+            warn!(%subject, error = %e, "cluster: cannot subscribe; other nodes cannot recover lines they miss from this one");
+            return;
+        }
+    };
+    while let Some(msg) = next_or_stop(&mut sub, &stop).await {
+        let Some(reply) = msg.reply else { continue };
+        let Some((room, after)) = cluster_seq::parse_replay_request(&msg.payload) else {
+            continue;
+        };
+        let answer =
+            backlog
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .replay(room, after, REPLAY_MAX_BYTES);
+        if let Err(e) = client.publish(reply, answer).await {
+            debug!(error = %e, "cluster: cannot answer a replay request");
+        }
+    }
+}
+
+/// The next confirmation marker, or never when there is no subscription.
+async fn next_confirm(sub: Option<&mut async_nats::Subscriber>) -> Option<async_nats::Message> {
+    match sub {
+        Some(sub) => sub.next().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Sleeps until `at`, or forever when there is none.
+async fn sleep_until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
     }
 }
 

@@ -32,6 +32,12 @@ pub enum ConfigError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("cannot read `{key}` {path}: {source}")]
+    File {
+        key: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("invalid configuration: {0}")]
     Parse(String),
     #[error(
@@ -334,6 +340,14 @@ pub struct RawCluster {
     pub node_id: String,
     pub name: String,
     pub on_unreachable: String,
+    pub creds_file: String,
+    pub user: String,
+    pub password: String,
+    pub token: String,
+    pub tls_ca_file: String,
+    pub tls_cert_file: String,
+    pub tls_key_file: String,
+    pub tls_required: bool,
 }
 
 impl Default for RawCluster {
@@ -343,6 +357,14 @@ impl Default for RawCluster {
             node_id: String::new(),
             name: "chatd".into(),
             on_unreachable: "local".into(),
+            creds_file: String::new(),
+            user: String::new(),
+            password: String::new(),
+            token: String::new(),
+            tls_ca_file: String::new(),
+            tls_cert_file: String::new(),
+            tls_key_file: String::new(),
+            tls_required: false,
         }
     }
 }
@@ -550,6 +572,46 @@ pub struct ClusterConfig {
     /// The subject prefix, so that two clusters can share one NATS.
     pub name: String,
     pub on_unreachable: OnUnreachable,
+    /// How this node proves who it is to NATS.
+    pub auth: NatsAuth,
+    pub tls: NatsTls,
+}
+
+/// One of NATS's ways to authenticate a client (`[cluster]` allows one).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NatsAuth {
+    None,
+    /// A `.creds` file (JWT and NKey seed), as `nsc` writes it.
+    Creds(PathBuf),
+    UserPassword {
+        user: String,
+        password: Secret,
+    },
+    Token(Secret),
+}
+
+/// TLS to NATS.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct NatsTls {
+    /// Trust these CAs (PEM) for the servers' certificates, besides the
+    /// system's roots.
+    pub ca_file: Option<PathBuf>,
+    /// A client certificate and its key (PEM), for servers that verify
+    /// clients.
+    pub client: Option<(PathBuf, PathBuf)>,
+    /// Refuse a server that does not speak TLS (also when a URL is
+    /// `tls://` or a file above is set).
+    pub required: bool,
+}
+
+/// A password or token: never printed, even in debug output.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(pub String);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
+    }
 }
 
 /// What a node does when NATS cannot be reached at start.
@@ -611,6 +673,11 @@ impl Config {
         let mut raw = self.raw.clone();
         for token in &mut raw.admin.tokens {
             token.token = "<redacted>".into();
+        }
+        for secret in [&mut raw.cluster.password, &mut raw.cluster.token] {
+            if !secret.is_empty() {
+                *secret = "<redacted>".into();
+            }
         }
         toml::to_string_pretty(&raw).unwrap_or_else(|e| format!("# cannot print: {e}\n"))
     }
@@ -930,12 +997,95 @@ fn validate_cluster(
             "1 to 63 letters, digits, '-' or '_', unique in the cluster",
         ));
     }
+    let (auth, tls) = validate_nats_security(raw)?;
     Ok(Some(ClusterConfig {
         nats_urls: urls,
         node_id,
         name: raw.name.clone(),
         on_unreachable,
+        auth,
+        tls,
     }))
+}
+
+/// `cluster.creds_file`, `user`/`password`, `token` and `tls_*`. Every file
+/// named must be readable now, so that a typo stops the start with the key's
+/// name rather than surfacing as a failed connection later.
+fn validate_nats_security(raw: &RawCluster) -> Result<(NatsAuth, NatsTls), ConfigError> {
+    let file = |key: &'static str, value: &str| -> Result<Option<PathBuf>, ConfigError> {
+        if value.is_empty() {
+            return Ok(None);
+        }
+        let path = PathBuf::from(value);
+        std::fs::File::open(&path).map_err(|source| ConfigError::File {
+            key,
+            path: path.clone(),
+            source,
+        })?;
+        Ok(Some(path))
+    };
+    let one_way = "one of cluster.creds_file, cluster.user with cluster.password, or cluster.token";
+    let ways = [
+        !raw.creds_file.is_empty(),
+        !raw.user.is_empty() || !raw.password.is_empty(),
+        !raw.token.is_empty(),
+    ];
+    if ways.iter().filter(|set| **set).count() > 1 {
+        return Err(invalid(
+            "cluster.token",
+            "several ways to authenticate set",
+            one_way,
+        ));
+    }
+    let auth = if let Some(path) = file("cluster.creds_file", &raw.creds_file)? {
+        NatsAuth::Creds(path)
+    } else if !raw.token.is_empty() {
+        NatsAuth::Token(Secret(raw.token.clone()))
+    } else if raw.user.is_empty() != raw.password.is_empty() {
+        let key = if raw.user.is_empty() {
+            "cluster.user"
+        } else {
+            "cluster.password"
+        };
+        return Err(invalid(
+            key,
+            "\"\"",
+            "set together with the other, or neither",
+        ));
+    } else if !raw.user.is_empty() {
+        NatsAuth::UserPassword {
+            user: raw.user.clone(),
+            password: Secret(raw.password.clone()),
+        }
+    } else {
+        NatsAuth::None
+    };
+    let cert = file("cluster.tls_cert_file", &raw.tls_cert_file)?;
+    let key = file("cluster.tls_key_file", &raw.tls_key_file)?;
+    let client = match (cert, key) {
+        (Some(cert), Some(key)) => Some((cert, key)),
+        (None, None) => None,
+        (None, Some(_)) => {
+            return Err(invalid(
+                "cluster.tls_cert_file",
+                "\"\"",
+                "set together with cluster.tls_key_file, or neither",
+            ));
+        }
+        (Some(_), None) => {
+            return Err(invalid(
+                "cluster.tls_key_file",
+                "\"\"",
+                "set together with cluster.tls_cert_file, or neither",
+            ));
+        }
+    };
+    let tls = NatsTls {
+        ca_file: file("cluster.tls_ca_file", &raw.tls_ca_file)?,
+        client,
+        required: raw.tls_required,
+    };
+    Ok((auth, tls))
 }
 
 impl RawConfig {
@@ -1338,6 +1488,94 @@ mod tests {
         assert_eq!(c.node_id, "web-1");
         let err = validate_cluster(&raw, || "web.example.org".into()).expect_err("dots");
         assert!(err.to_string().contains("the host name"), "{err}");
+    }
+
+    #[test]
+    fn nats_credentials_and_tls_are_checked_at_start() {
+        let on = |raw: RawCluster| {
+            validate_cluster(
+                &RawCluster {
+                    nats_urls: vec!["nats://127.0.0.1:4222".into()],
+                    ..raw
+                },
+                || "web-1".into(),
+            )
+        };
+        let c = on(RawCluster::default()).expect("valid").expect("on");
+        assert_eq!((c.auth, c.tls), (NatsAuth::None, NatsTls::default()));
+        let c = on(RawCluster {
+            user: "chatd".into(),
+            password: "s3cret".into(),
+            ..RawCluster::default()
+        })
+        .expect("valid")
+        .expect("on");
+        assert!(matches!(c.auth, NatsAuth::UserPassword { ref user, .. } if user == "chatd"));
+        assert!(
+            !format!("{c:?}").contains("s3cret"),
+            "debug output hides it"
+        );
+        let err = on(RawCluster {
+            user: "chatd".into(),
+            ..RawCluster::default()
+        })
+        .expect_err("a user alone");
+        assert!(err.to_string().contains("cluster.password"), "{err}");
+        let err = on(RawCluster {
+            user: "chatd".into(),
+            password: "p".into(),
+            token: "t".into(),
+            ..RawCluster::default()
+        })
+        .expect_err("two ways");
+        assert!(
+            err.to_string().contains("one of cluster.creds_file"),
+            "{err}"
+        );
+        // A file that cannot be read stops the start, naming its key.
+        for key in ["creds_file", "tls_ca_file", "tls_cert_file"] {
+            let mut raw = RawCluster::default();
+            let missing = "/nonexistent/chatd-test.pem".to_string();
+            match key {
+                "creds_file" => raw.creds_file = missing,
+                "tls_ca_file" => raw.tls_ca_file = missing,
+                _ => {
+                    raw.tls_cert_file = missing.clone();
+                    raw.tls_key_file = missing;
+                }
+            }
+            let err = on(raw).expect_err("missing file");
+            assert!(
+                err.to_string()
+                    .starts_with(&format!("cannot read `cluster.{key}`")),
+                "{err}"
+            );
+        }
+        let dir = tempfile::tempdir().expect("tempdir");
+        let pem = dir.path().join("cert.pem");
+        std::fs::write(&pem, "").expect("write");
+        let err = on(RawCluster {
+            tls_cert_file: pem.display().to_string(),
+            ..RawCluster::default()
+        })
+        .expect_err("a certificate without its key");
+        assert!(err.to_string().contains("cluster.tls_key_file"), "{err}");
+    }
+
+    #[test]
+    fn printed_config_hides_nats_secrets() {
+        let c = with_env(&[
+            ("CHATD_CLUSTER__NATS_URLS", "nats://127.0.0.1:4222"),
+            ("CHATD_CLUSTER__TOKEN", "t0ps3cret"),
+        ])
+        .expect("valid");
+        assert_eq!(
+            c.cluster.as_ref().map(|c| &c.auth),
+            Some(&NatsAuth::Token(Secret("t0ps3cret".into())))
+        );
+        let printed = c.to_toml();
+        assert!(!printed.contains("t0ps3cret"), "{printed}");
+        assert!(printed.contains("token = \"<redacted>\""), "{printed}");
     }
 
     #[test]

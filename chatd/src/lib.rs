@@ -15,7 +15,9 @@
 //!   exposes.
 //! - [`outbox`]: one client's bounded outgoing queue.
 //! - [`cluster`]: cluster mode; the NATS connection and rooms that span
-//!   nodes (the only code that talks to NATS).
+//!   nodes (the only code that talks to NATS); [`nats_options`]: its
+//!   credentials and TLS; [`cluster_seq`]: stream positions, so a failover
+//!   loses no line.
 //! - [`udp_echo`]: the UDP echo port.
 //! - [`admin`]: the gRPC admin API (tokens, service, health, reflection).
 //! - [`bans`]: banned addresses and their file; [`files`]: private files
@@ -33,6 +35,7 @@ pub mod admin;
 pub mod bans;
 pub mod clock;
 pub mod cluster;
+pub mod cluster_seq;
 pub mod config;
 pub mod connection;
 pub mod files;
@@ -43,6 +46,7 @@ pub mod journal;
 mod lock;
 pub mod log_fields;
 pub mod metrics;
+pub mod nats_options;
 pub mod notify;
 pub mod outbox;
 pub mod protocol;

@@ -11,6 +11,7 @@
 //! scenarios and one run), `report` (metrics and the table).
 
 mod client;
+mod cluster;
 mod report;
 mod scenario;
 mod server;
@@ -88,6 +89,16 @@ struct Args {
     /// Override the scenarios' room count.
     #[arg(long)]
     rooms: Option<usize>,
+    /// Instead of the scenarios above: the cluster scenarios (a and c on
+    /// one node and over three nodes on a nats-server, then the storm).
+    #[arg(long)]
+    cluster: bool,
+    /// Clients of the cluster storm, spread over three nodes (0: no storm).
+    #[arg(long, default_value_t = 30_000)]
+    storm_clients: usize,
+    /// Internal: one load process of the cluster storm (ADDR/COUNT).
+    #[arg(long, hide = true)]
+    storm_worker: Option<String>,
     /// Passed by `cargo bench`; ignored.
     #[arg(long, hide = true)]
     bench: bool,
@@ -177,6 +188,14 @@ fn main() -> ExitCode {
 
 async fn run(args: Args) -> anyhow::Result<ExitCode> {
     client::init_epoch();
+    if let Some(spec) = &args.storm_worker {
+        cluster::storm_worker(spec).await?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    if args.cluster {
+        cluster::run(args.storm_clients).await?;
+        return Ok(ExitCode::SUCCESS);
+    }
     let scenarios = args.scenarios()?;
     let opts = RunOptions {
         connect_concurrency: args.connect_concurrency.max(1),

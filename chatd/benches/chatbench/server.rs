@@ -315,7 +315,7 @@ fn is_root() -> bool {
         .unwrap_or(false)
 }
 
-fn free_port() -> anyhow::Result<u16> {
+pub fn free_port() -> anyhow::Result<u16> {
     let listener = TcpListener::bind("127.0.0.1:0")?;
     Ok(listener.local_addr()?.port())
 }
@@ -335,7 +335,7 @@ fn clock_ticks() -> u64 {
     })
 }
 
-fn sample(pid: u32) -> anyhow::Result<Sample> {
+pub fn sample(pid: u32) -> anyhow::Result<Sample> {
     let stat = fs::read_to_string(format!("/proc/{pid}/stat"))?;
     // Fields after the command name, which is in parentheses and may contain
     // spaces: state is field 3, utime 14 and stime 15.

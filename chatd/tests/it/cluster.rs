@@ -42,6 +42,8 @@ struct Nats {
     /// nats-server's monitoring endpoint (`/varz`).
     monitor: u16,
     store: tempfile::TempDir,
+    /// More arguments: credentials, TLS, routes.
+    extra: Vec<String>,
     child: Option<Child>,
 }
 
@@ -50,16 +52,29 @@ impl Nats {
         Some(Nats::on_port(nats_server_bin()?, free_port()))
     }
 
+    /// A server started with `extra` arguments as well.
+    fn start_with(extra: &[&str]) -> Option<Nats> {
+        let mut nats = Nats::new(nats_server_bin()?, free_port());
+        nats.extra = extra.iter().map(|a| a.to_string()).collect();
+        nats.restart();
+        Some(nats)
+    }
+
     fn on_port(bin: PathBuf, port: u16) -> Nats {
-        let mut nats = Nats {
+        let mut nats = Nats::new(bin, port);
+        nats.restart();
+        nats
+    }
+
+    fn new(bin: PathBuf, port: u16) -> Nats {
+        Nats {
             bin,
             port,
             monitor: free_port(),
             store: tempfile::tempdir().expect("tempdir"),
+            extra: Vec::new(),
             child: None,
-        };
-        nats.restart();
-        nats
+        }
     }
 
     fn url(&self) -> String {
@@ -81,6 +96,7 @@ impl Nats {
                 "-sd",
             ])
             .arg(self.store.path())
+            .args(&self.extra)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -96,22 +112,36 @@ impl Nats {
 
     /// Messages NATS has received from publishers so far (`/varz` in_msgs).
     async fn in_msgs(&self) -> u64 {
+        let varz = self.monitoring("/varz").await;
+        varz["in_msgs"].as_u64().expect("in_msgs")
+    }
+
+    /// A page of nats-server's monitoring endpoint, as JSON.
+    async fn monitoring(&self, path: &str) -> serde_json::Value {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", self.monitor))
             .await
             .expect("connect to the monitoring port");
         stream
-            .write_all(b"GET /varz HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
+            .write_all(format!("GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").as_bytes())
             .await
             .expect("send");
         let mut answer = String::new();
         tokio::time::timeout(WAIT, stream.read_to_string(&mut answer))
             .await
-            .expect("varz in time")
-            .expect("read varz");
+            .expect("monitoring answer in time")
+            .expect("read the monitoring answer");
         let body = answer.split_once("\r\n\r\n").expect("an HTTP answer").1;
-        let varz: serde_json::Value = serde_json::from_str(body).expect("varz is JSON");
-        varz["in_msgs"].as_u64().expect("in_msgs")
+        serde_json::from_str(body).expect("monitoring pages are JSON")
+    }
+
+    /// Whether the chatd node `node_id` is connected to this server.
+    async fn serves(&self, node_id: &str) -> bool {
+        let connz = self.monitoring("/connz").await;
+        let name = format!("chatd {node_id}");
+        connz["connections"]
+            .as_array()
+            .is_some_and(|cs| cs.iter().any(|c| c["name"] == name.as_str()))
     }
 
     /// SIGKILL: NATS vanishes without a goodbye.
@@ -567,4 +597,418 @@ async fn a_killed_node_is_named_missing_not_waited_for() {
     );
     let nodes = a.chatctl(&["nodes", "-o", "json"]).await.json();
     assert_eq!(nodes["nodes"].as_array().map(Vec::len), Some(1), "{nodes}");
+}
+
+/// Runs a node that must not start, and returns its last log line.
+async fn refused_start(env: &[(&str, &str)]) -> String {
+    let mut cmd = Command::new(chatd_bin());
+    let _dir = TestServer::prepare(&mut cmd, None, env);
+    let out = tokio::task::spawn_blocking(move || cmd.output().expect("run chatd"))
+        .await
+        .expect("join");
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success(), "the node must not start: {stderr}");
+    assert!(
+        !stderr.contains("\"listening\""),
+        "it never served: {stderr}"
+    );
+    stderr.lines().last().unwrap_or_default().to_string()
+}
+
+/// Two nodes with `env` chat across NATS: a line from one reaches the
+/// other.
+async fn two_nodes_chat(url: &str, env: &[(&str, &str)]) {
+    let a = node(url, "node-a", env);
+    let b = node(url, "node-b", env);
+    a.wait_logged("cluster mode: connected to NATS").await;
+    let (mut a1, a1_nick) = a.join().await;
+    let (mut b1, _) = b.join().await;
+    wait_subscribed(&a, "lobby").await;
+    wait_subscribed(&b, "lobby").await;
+    a1.send("across\n").await;
+    b1.expect(&format!("<{a1_nick}> across")).await;
+}
+
+#[tokio::test]
+async fn nats_credentials_are_sent_and_a_refusal_stops_the_start() {
+    let Some(nats) = Nats::start_with(&["--user", "chatd", "--pass", "s3cret"]) else {
+        return;
+    };
+    let url = nats.url();
+    two_nodes_chat(
+        &url,
+        &[
+            ("CHATD_CLUSTER__USER", "chatd"),
+            ("CHATD_CLUSTER__PASSWORD", "s3cret"),
+        ],
+    )
+    .await;
+    // A wrong password is not "unreachable": even with the default
+    // on_unreachable = "local" the node stops, naming the keys to fix.
+    let last = refused_start(&[
+        ("CHATD_CLUSTER__NATS_URLS", &url),
+        ("CHATD_CLUSTER__NODE_ID", "node-x"),
+        ("CHATD_CLUSTER__USER", "chatd"),
+        ("CHATD_CLUSTER__PASSWORD", "wrong"),
+    ])
+    .await;
+    assert!(
+        last.contains("refused this node") && last.contains("cluster.user and cluster.password"),
+        "{last}"
+    );
+    assert!(
+        !last.contains("wrong"),
+        "the password is not logged: {last}"
+    );
+    let last = refused_start(&[
+        ("CHATD_CLUSTER__NATS_URLS", &url),
+        ("CHATD_CLUSTER__NODE_ID", "node-y"),
+    ])
+    .await;
+    assert!(last.contains("the server wants credentials"), "{last}");
+
+    // A token, NATS's other simple way.
+    let Some(nats) = Nats::start_with(&["--auth", "t0ken"]) else {
+        return;
+    };
+    let server = node(&nats.url(), "node-t", &[("CHATD_CLUSTER__TOKEN", "t0ken")]);
+    server.wait_logged("cluster mode: connected to NATS").await;
+    let last = refused_start(&[
+        ("CHATD_CLUSTER__NATS_URLS", &nats.url()),
+        ("CHATD_CLUSTER__NODE_ID", "node-u"),
+        ("CHATD_CLUSTER__TOKEN", "other"),
+    ])
+    .await;
+    assert!(last.contains("check cluster.token"), "{last}");
+}
+
+/// A CA, a server certificate for 127.0.0.1 and a client certificate, as
+/// PEM files in `dir`: `ca.pem`, `server.pem`/`server.key`,
+/// `client.pem`/`client.key`.
+fn certificates(dir: &std::path::Path) {
+    use rcgen::{
+        BasicConstraints, CertificateParams, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    };
+    let ca_key = KeyPair::generate().expect("key");
+    let mut ca = CertificateParams::new(Vec::<String>::new()).expect("params");
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca_cert = ca.self_signed(&ca_key).expect("CA");
+    std::fs::write(dir.join("ca.pem"), ca_cert.pem()).expect("write");
+    let issuer = Issuer::new(ca, ca_key);
+    for (name, usage) in [
+        ("server", ExtendedKeyUsagePurpose::ServerAuth),
+        ("client", ExtendedKeyUsagePurpose::ClientAuth),
+    ] {
+        let key = KeyPair::generate().expect("key");
+        let mut params = CertificateParams::new(vec!["127.0.0.1".to_string()]).expect("params");
+        params.extended_key_usages = vec![usage];
+        let cert = params.signed_by(&key, &issuer).expect("sign");
+        std::fs::write(dir.join(format!("{name}.pem")), cert.pem()).expect("write");
+        std::fs::write(dir.join(format!("{name}.key")), key.serialize_pem()).expect("write");
+    }
+}
+
+#[tokio::test]
+async fn nats_over_tls_verifies_both_ends_and_a_failure_stops_the_start() {
+    let certs = tempfile::tempdir().expect("tempdir");
+    certificates(certs.path());
+    let file = |name: &str| certs.path().join(name).display().to_string();
+    let (ca, server_cert, server_key) = (file("ca.pem"), file("server.pem"), file("server.key"));
+    let (client_cert, client_key) = (file("client.pem"), file("client.key"));
+    let Some(nats) = Nats::start_with(&[
+        "--tls",
+        "--tlscert",
+        &server_cert,
+        "--tlskey",
+        &server_key,
+        "--tlsverify",
+        "--tlscacert",
+        &ca,
+    ]) else {
+        return;
+    };
+    let url = nats.url();
+    let tls = [
+        ("CHATD_CLUSTER__TLS_CA_FILE", ca.as_str()),
+        ("CHATD_CLUSTER__TLS_CERT_FILE", client_cert.as_str()),
+        ("CHATD_CLUSTER__TLS_KEY_FILE", client_key.as_str()),
+        ("CHATD_CLUSTER__TLS_REQUIRED", "true"),
+    ];
+    two_nodes_chat(&url, &tls).await;
+    // A node that does not trust the server's CA stops, whatever
+    // on_unreachable says, and names the TLS keys.
+    let last = refused_start(&[
+        ("CHATD_CLUSTER__NATS_URLS", &url),
+        ("CHATD_CLUSTER__NODE_ID", "node-x"),
+    ])
+    .await;
+    assert!(
+        last.contains("refused this node") && last.contains("cluster.tls_ca_file"),
+        "{last}"
+    );
+    // TLS required, and a server without it: refused too.
+    let Some(plain) = Nats::start() else { return };
+    let last = refused_start(&[
+        ("CHATD_CLUSTER__NATS_URLS", &plain.url()),
+        ("CHATD_CLUSTER__NODE_ID", "node-y"),
+        ("CHATD_CLUSTER__TLS_REQUIRED", "true"),
+    ])
+    .await;
+    assert!(last.contains("cluster.tls_required"), "{last}");
+}
+
+/// Three `nats-server` processes routed into one NATS cluster, each with its
+/// own ports and JetStream store.
+fn nats_cluster() -> Option<Vec<Nats>> {
+    let bin = nats_server_bin()?;
+    let routes: Vec<u16> = (0..3).map(|_| free_port()).collect();
+    let all = routes
+        .iter()
+        .map(|p| format!("nats://127.0.0.1:{p}"))
+        .collect::<Vec<_>>()
+        .join(",");
+    let servers: Vec<Nats> = routes
+        .iter()
+        .enumerate()
+        .map(|(i, route)| {
+            let mut nats = Nats::new(bin.clone(), free_port());
+            nats.extra = [
+                "--name".to_string(),
+                format!("nats-{i}"),
+                "--cluster_name".into(),
+                "chatd-test".into(),
+                "--cluster".into(),
+                format!("nats://127.0.0.1:{route}"),
+                "--routes".into(),
+                all.clone(),
+            ]
+            .into();
+            nats.restart();
+            nats
+        })
+        .collect();
+    Some(servers)
+}
+
+#[tokio::test]
+async fn killing_one_nats_server_of_three_loses_no_line() {
+    let Some(mut servers) = nats_cluster() else {
+        return;
+    };
+    // Every server sees the other two before any node connects.
+    let deadline = Instant::now() + WAIT;
+    for s in &servers {
+        while s.monitoring("/routez").await["num_routes"].as_u64() < Some(2) {
+            assert!(Instant::now() < deadline, "the NATS cluster did not form");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    let urls = servers.iter().map(Nats::url).collect::<Vec<_>>().join(" ");
+    let quiet = [("CHATD_LIMITS__FLOOD_LINES_PER_SEC", "0")];
+    let nodes = [
+        node(&urls, "node-a", &quiet),
+        node(&urls, "node-b", &quiet),
+        node(&urls, "node-c", &quiet),
+    ];
+    let mut senders = Vec::new();
+    let mut readers = Vec::new();
+    let mut probes = Vec::new();
+    for n in &nodes {
+        senders.push(n.join().await);
+        readers.push(n.join().await.0);
+        probes.push(n.join().await);
+    }
+    for n in &nodes {
+        wait_subscribed(n, "lobby").await;
+    }
+    // Interest crosses NATS routes on its own time: each node's probe is
+    // heard on both others before the stream starts.
+    for (i, (probe, nick)) in probes.iter_mut().enumerate() {
+        let deadline = Instant::now() + WAIT;
+        let mut heard = [false; 3];
+        heard[i] = true;
+        while !heard.iter().all(|h| *h) {
+            assert!(Instant::now() < deadline, "{nick} is not heard everywhere");
+            probe.send("probe\n").await;
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            for (j, reader) in readers.iter_mut().enumerate() {
+                if !heard[j] {
+                    heard[j] = reader
+                        .sync()
+                        .await
+                        .iter()
+                        .any(|l| l == &format!("<{nick}> probe"));
+                }
+            }
+        }
+    }
+    // The server node-a is on goes down while everyone streams.
+    let mut victim = None;
+    for (i, s) in servers.iter().enumerate() {
+        if s.serves("node-a").await {
+            victim = Some(i);
+        }
+    }
+    let victim = victim.expect("node-a is on one of the servers");
+
+    const N: usize = 600;
+    let script: Vec<u8> = (0..N)
+        .map(|i| format!("line {i}\n"))
+        .chain(["end\n".to_string()])
+        .collect::<String>()
+        .into_bytes();
+    let (kill_tx, kill_rx) = tokio::sync::oneshot::channel();
+    let mut kill_tx = Some(kill_tx);
+    let nicks: Vec<String> = senders.iter().map(|(_, n)| n.clone()).collect();
+    let mut streams = Vec::new();
+    for (k, (mut client, _)) in senders.into_iter().enumerate() {
+        let script = script.clone();
+        let trigger = if k == 0 { kill_tx.take() } else { None };
+        streams.push(async move {
+            let mut trigger = trigger;
+            for (c, chunk) in script.chunks(80).enumerate() {
+                client.send_raw(chunk).await;
+                // Pacing, so that the stream spans the failover.
+                tokio::time::sleep(Duration::from_millis(2)).await;
+                if c == 20
+                    && let Some(t) = trigger.take()
+                {
+                    let _ = t.send(());
+                }
+            }
+            client
+        });
+    }
+    let killer = async {
+        let _ = kill_rx.await;
+        servers[victim].kill();
+    };
+    let (_, _senders) = tokio::join!(killer, futures_util::future::join_all(streams));
+
+    let all: Vec<&str> = nicks.iter().map(String::as_str).collect();
+    for reader in &mut readers {
+        receive_all(reader, &all, N).await;
+    }
+    // The failover was quiet: held, not announced.
+    let a = &nodes[0];
+    a.wait_logged("reconnected to NATS within the hold").await;
+    for n in &nodes {
+        assert!(
+            n.logged("NATS lost").is_empty(),
+            "a failover within the hold is not an outage"
+        );
+    }
+}
+
+/// `haproxy`, or `None` after one line saying it is missing.
+fn haproxy_bin() -> Option<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    let found = std::env::split_paths(&path)
+        .chain(["/usr/sbin".into(), "/usr/bin".into()])
+        .map(|dir| dir.join("haproxy"))
+        .find(|p| p.is_file());
+    if found.is_none() {
+        let required = std::env::var("REQUIRE_TEST_TOOLS").is_ok_and(|v| v == "1");
+        assert!(!required, "haproxy is missing and REQUIRE_TEST_TOOLS=1");
+        eprintln!("skipped: haproxy is not installed (apt-get install haproxy)");
+    }
+    found
+}
+
+/// A chat connection from the loopback address `source` to `to`.
+async fn connect_via(source: &str, to: std::net::SocketAddr) -> Client {
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket
+        .bind(format!("{source}:0").parse().expect("addr"))
+        .expect("bind the source address");
+    Client::connect_socket(socket, to).await
+}
+
+#[tokio::test]
+async fn the_example_haproxy_config_spreads_clients_over_nodes_with_real_addresses() {
+    let Some(haproxy) = haproxy_bin() else { return };
+    let Some(nats) = Nats::start() else { return };
+    let trust = [("CHATD_CHAT__TRUSTED_PROXIES", "127.0.0.1/32")];
+    let nodes = [
+        node(&nats.url(), "chatd-1", &trust),
+        node(&nats.url(), "chatd-2", &trust),
+        node(&nats.url(), "chatd-3", &trust),
+    ];
+    // deploy/haproxy/chatd-cluster.cfg as shipped, on loopback ports.
+    let example = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../deploy/haproxy/chatd-cluster.cfg"
+    );
+    let mut config = std::fs::read_to_string(example).expect("read the example");
+    let front = free_port();
+    config = config.replace("bind :8080", &format!("bind 127.0.0.1:{front}"));
+    for (i, n) in nodes.iter().enumerate() {
+        let shipped = format!("10.0.0.1{}:8080", i + 1);
+        assert!(config.contains(&shipped), "the example names {shipped}");
+        config = config.replace(&shipped, &n.chat.to_string());
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cfg = dir.path().join("haproxy.cfg");
+    std::fs::write(&cfg, config).expect("write haproxy.cfg");
+    let mut proxy = Command::new(haproxy)
+        .arg("-db")
+        .arg("-f")
+        .arg(&cfg)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start haproxy");
+    struct KillOnDrop<'a>(&'a mut Child);
+    impl Drop for KillOnDrop<'_> {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _proxy = KillOnDrop(&mut proxy);
+    let front = std::net::SocketAddr::from(([127, 0, 0, 1], front));
+    let deadline = Instant::now() + WAIT;
+    while std::net::TcpStream::connect(front).is_err() {
+        assert!(Instant::now() < deadline, "haproxy did not start");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    let mut alice = connect_via("127.0.0.2", front).await;
+    let a = alice.welcome().await;
+    let mut bob = connect_via("127.0.0.3", front).await;
+    let b = bob.welcome().await;
+    // Any node lists both, each on its own node with its real address.
+    let listed = nodes[0]
+        .chatctl(&["list-clients", "-o", "json"])
+        .await
+        .json();
+    let find = |nick: &str| {
+        listed["clients"]
+            .as_array()
+            .expect("clients")
+            .iter()
+            .find(|c| c["nick"] == nick)
+            .map(|c| {
+                (
+                    c["node"].as_str().expect("node").to_string(),
+                    c["addr"].as_str().expect("addr").to_string(),
+                )
+            })
+            .unwrap_or_else(|| panic!("{nick} is not listed: {listed}"))
+    };
+    let (a_node, a_addr) = find(&a);
+    let (b_node, b_addr) = find(&b);
+    assert_eq!(a_addr, alice.local_addr().to_string(), "{listed}");
+    assert_eq!(b_addr, bob.local_addr().to_string(), "{listed}");
+    assert_ne!(a_node, b_node, "leastconn spreads them: {listed}");
+    for (i, n) in nodes.iter().enumerate() {
+        let id = format!("chatd-{}", i + 1);
+        if id == a_node || id == b_node {
+            wait_subscribed(n, "lobby").await;
+        }
+    }
+    alice.send("hello through the balancer\n").await;
+    bob.expect(&format!("<{a}> hello through the balancer"))
+        .await;
 }

@@ -1,0 +1,458 @@
+//! Cluster scenarios (`--cluster`): the same room load on one chatd node and
+//! spread over three nodes of a cluster on a real `nats-server`, and a storm
+//! of 30,000 clients over three nodes in one room, then one line that must
+//! reach all of them.
+//!
+//! Per node: CPU per delivery (the node's CPU time over the deliveries its
+//! own clients got) and RSS; for NATS: messages published per chat line
+//! (`in_msgs` from the monitoring endpoint's `/varz`, which also counts the
+//! nodes' presence heartbeats and confirmation markers).
+//!
+//! The storm needs more sockets than one process may open (the hard limit
+//! here is 20,000), so its clients live in worker processes: this binary
+//! again, with `--storm-worker ADDR:COUNT`, one per node.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, bail};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::task::JoinSet;
+
+use crate::client::{self, Dialect, SendPlan, Shared};
+use crate::server::{Sample, free_port, sample};
+
+/// The line every storm client waits for.
+const STORM_LINE: &str = "storm line for everyone";
+
+/// A nats-server and `n` chatd nodes on loopback; killed on drop.
+struct Cluster {
+    nats: Option<(Child, u16)>,
+    nodes: Vec<(Child, SocketAddr)>,
+    _dir: tempfile::TempDir,
+}
+
+impl Cluster {
+    /// `n` nodes; with `n == 1`, a single node in plain mode (no NATS), the
+    /// baseline.
+    fn start(n: usize) -> anyhow::Result<Cluster> {
+        let dir = tempfile::Builder::new()
+            .prefix("chatbench-cluster-")
+            .tempdir()?;
+        let nats = if n > 1 {
+            let (port, monitor) = (free_port()?, free_port()?);
+            let bin = ["/usr/sbin/nats-server", "/usr/bin/nats-server"]
+                .into_iter()
+                .find(|p| Path::new(p).is_file())
+                .context("nats-server not installed (apt-get install nats-server)")?;
+            let child = Command::new(bin)
+                .args(["-a", "127.0.0.1", "-p", &port.to_string()])
+                .args(["-m", &monitor.to_string()])
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .context("starting nats-server")?;
+            wait_accepting(SocketAddr::from(([127, 0, 0, 1], port)))?;
+            Some((child, port, monitor))
+        } else {
+            None
+        };
+        let mut nodes = Vec::new();
+        for i in 0..n {
+            let port = free_port()?;
+            let addr = SocketAddr::from(([127, 0, 0, 1], port));
+            let log = std::fs::File::create(dir.path().join(format!("node-{i}.log")))?;
+            let config = Path::new(env!("CARGO_MANIFEST_DIR")).join("../config/bench.toml");
+            let mut cmd = Command::new(env!("CARGO_BIN_EXE_chatd"));
+            cmd.arg("--config")
+                .arg(config)
+                .env("CHATD_CHAT__LISTEN", addr.to_string())
+                .env("CHATD_UDP__LISTEN", "127.0.0.1:0")
+                .env("CHATD_ADMIN__LISTEN", "127.0.0.1:0")
+                .env(
+                    "CHATD_SERVER__STATE_DIR",
+                    dir.path().join(format!("state-{i}")),
+                )
+                .env("RUNTIME_DIRECTORY", dir.path().join(format!("run-{i}")));
+            if let Some((_, port, _)) = &nats {
+                cmd.env(
+                    "CHATD_CLUSTER__NATS_URLS",
+                    format!("nats://127.0.0.1:{port}"),
+                )
+                .env("CHATD_CLUSTER__NODE_ID", format!("n{i}"))
+                .env("CHATD_CLUSTER__ON_UNREACHABLE", "refuse");
+            }
+            let child = cmd
+                .stdin(Stdio::null())
+                .stdout(log.try_clone()?)
+                .stderr(log)
+                .spawn()
+                .context("starting chatd")?;
+            nodes.push((child, addr));
+            wait_accepting(addr)?;
+        }
+        Ok(Cluster {
+            nats: nats.map(|(c, _, m)| (c, m)),
+            nodes,
+            _dir: dir,
+        })
+    }
+
+    fn samples(&self) -> anyhow::Result<Vec<Sample>> {
+        self.nodes.iter().map(|(c, _)| sample(c.id())).collect()
+    }
+
+    /// Messages NATS received from publishers so far (0 without NATS).
+    async fn in_msgs(&self) -> anyhow::Result<u64> {
+        let Some((_, monitor)) = &self.nats else {
+            return Ok(0);
+        };
+        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", *monitor)).await?;
+        s.write_all(b"GET /varz HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
+            .await?;
+        let mut text = String::new();
+        s.read_to_string(&mut text).await?;
+        let body = text.split_once("\r\n\r\n").context("no HTTP body")?.1;
+        let varz: serde_json::Value = serde_json::from_str(body)?;
+        varz["in_msgs"].as_u64().context("no in_msgs in /varz")
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for (c, _) in &mut self.nodes {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        if let Some((c, _)) = &mut self.nats {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn wait_accepting(addr: SocketAddr) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err() {
+        if Instant::now() > deadline {
+            bail!("{addr} did not accept within 20 s");
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    Ok(())
+}
+
+/// One room load (`clients` clients, `senders` of them sending `messages`
+/// lines of 64 B, at `rate` lines/s each or as fast as the window allows)
+/// on `nodes` nodes; clients go to the nodes in turn. Prints one block.
+async fn room_load(
+    name: &str,
+    nodes: usize,
+    (clients, senders, messages, rate): (usize, usize, u32, Option<f64>),
+) -> anyhow::Result<()> {
+    let cluster = tokio::task::spawn_blocking(move || Cluster::start(nodes)).await??;
+    let size = 64;
+    let lines = u64::from(messages) * senders as u64;
+    let expected = lines * (clients as u64 - 1);
+    let window = if rate.is_none() { 1000 } else { 0 };
+    let shared = Shared::new(
+        (senders, messages, size, 1),
+        u32::MAX,
+        (clients - 1) as f64,
+        window,
+    )?;
+    let mut conns = Vec::new();
+    for id in 0..clients {
+        let addr = cluster.nodes[id % nodes].1;
+        let room = Dialect::Chatd.room_name(0, 1);
+        conns.push(
+            client::connect(
+                addr,
+                id,
+                Dialect::Chatd,
+                room,
+                false,
+                64 * 1024,
+                id < senders,
+            )
+            .await?,
+        );
+    }
+    let mut writers = Vec::new();
+    let mut readers = JoinSet::new();
+    for c in conns {
+        if c.id < senders {
+            writers.push((c.id, c.writer.clone(), c.room.clone()));
+        }
+        let node = c.id % nodes;
+        let shared = shared.clone();
+        readers.spawn(async move { (node, c.read_loop(shared, None).await) });
+    }
+    // Every node holds its room subscription well before this.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let before = cluster.samples()?;
+    let msgs_before = cluster.in_msgs().await?;
+    let start = Instant::now() + Duration::from_millis(50);
+    let send_started = client::now_nanos() + 50_000_000;
+    let mut sending = JoinSet::new();
+    for (id, writer, room) in writers {
+        let plan = SendPlan {
+            sender: id as u32,
+            messages,
+            size,
+            rate,
+            start: start
+                + rate
+                    .map(|r| Duration::from_secs_f64(id as f64 / (r * senders as f64)))
+                    .unwrap_or_default(),
+        };
+        sending.spawn(client::send_loop(
+            writer,
+            Dialect::Chatd,
+            room,
+            plan,
+            shared.clone(),
+        ));
+    }
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut last = (0, Instant::now());
+    loop {
+        let unique = shared.unique.load(Ordering::Relaxed);
+        if unique >= expected || Instant::now() > deadline {
+            break;
+        }
+        if unique != last.0 {
+            last = (unique, Instant::now());
+        } else if last.1.elapsed() > Duration::from_secs(5) && sending.is_empty() {
+            break;
+        }
+        while sending.try_join_next().is_some() {}
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let after = cluster.samples()?;
+    let msgs_after = cluster.in_msgs().await?;
+    shared.stop.cancel();
+    let mut per_node = vec![0u64; nodes];
+    let (mut unique, mut good, mut bad) = (0, 0, 0);
+    while let Some(r) = readers.join_next().await {
+        let (node, t) = r?;
+        per_node[node] += t.unique;
+        unique += t.unique;
+        good += t.good;
+        bad += t.duplicated + t.out_of_order + t.garbled + t.extra + t.echoed;
+    }
+    let span = shared
+        .last_delivery
+        .load(Ordering::Relaxed)
+        .saturating_sub(send_started) as f64
+        / 1e9;
+    let lat = shared.merged_latency()?;
+    let ms = |q: f64| lat.value_at_quantile(q) as f64 / 1e6;
+    println!(
+        "\n## {name}: {clients} clients on {nodes} node(s), {senders} senders x {messages} lines of {size} B, {}",
+        rate.map_or("as fast as possible (window 1000)".to_owned(), |r| format!(
+            "{r} lines/s each"
+        ))
+    );
+    println!(
+        "deliveries {unique}/{expected} (lost {}, faults {bad}); {:.0} deliveries/s; p50 {:.2} ms, p99 {:.2} ms, p99.9 {:.2} ms",
+        expected.saturating_sub(unique),
+        good as f64 / span.max(1e-9),
+        ms(0.5),
+        ms(0.99),
+        ms(0.999)
+    );
+    for i in 0..nodes {
+        let cpu = after[i].cpu_ns.saturating_sub(before[i].cpu_ns);
+        println!(
+            "node {i}: CPU {:.2} s, {:.0} ns per delivery to its {} deliveries; RSS {:.1} MiB",
+            cpu as f64 / 1e9,
+            cpu as f64 / per_node[i].max(1) as f64,
+            per_node[i],
+            after[i].rss_kib as f64 / 1024.0
+        );
+    }
+    if nodes > 1 {
+        println!(
+            "NATS: {} messages in for {lines} chat lines ({:.3} per line; includes presence and confirmation markers)",
+            msgs_after - msgs_before,
+            (msgs_after - msgs_before) as f64 / lines as f64
+        );
+    }
+    Ok(())
+}
+
+/// The storm: `per_node` clients on each of three nodes in one room (one of
+/// node 0's is the sender, here), then one line to all of them.
+async fn storm(per_node: usize) -> anyhow::Result<()> {
+    let cluster = tokio::task::spawn_blocking(|| Cluster::start(3)).await??;
+    let me = std::env::current_exe()?;
+    let started = Instant::now();
+    let mut workers = Vec::new();
+    for (i, (_, addr)) in cluster.nodes.iter().enumerate() {
+        let count = if i == 0 { per_node - 1 } else { per_node };
+        let mut child = tokio::process::Command::new(&me)
+            .arg("--storm-worker")
+            .arg(format!("{addr}/{count}"))
+            // Closed when the figures are taken: until then the worker
+            // keeps its clients, so that no leave is measured.
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()?;
+        let out = BufReader::new(child.stdout.take().context("worker stdout")?).lines();
+        workers.push((child, out));
+    }
+    let sender = client::connect(
+        cluster.nodes[0].1,
+        0,
+        Dialect::Chatd,
+        Dialect::Chatd.room_name(0, 1),
+        false,
+        8 * 1024,
+        true,
+    )
+    .await?;
+    for (_, out) in &mut workers {
+        let line = tokio::time::timeout(Duration::from_secs(300), out.next_line())
+            .await
+            .context("a worker did not register its clients within 300 s")??
+            .context("a worker ended")?;
+        if !line.starts_with("registered") {
+            bail!("worker: {line}");
+        }
+    }
+    let registered = started.elapsed().as_secs_f64();
+    // What NATS carries with nobody talking (presence, markers), over 2 s.
+    let idle_from = cluster.in_msgs().await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let idle = cluster.in_msgs().await? - idle_from;
+    let before = cluster.samples()?;
+    let msgs_before = cluster.in_msgs().await?;
+    let sent_at = SystemTime::now().duration_since(UNIX_EPOCH)?.as_nanos() as u64;
+    sender
+        .writer
+        .lock()
+        .await
+        .write_all(format!("{STORM_LINE}\n").as_bytes())
+        .await?;
+    let mut last = 0u64;
+    let mut got = 0u64;
+    for (_, out) in &mut workers {
+        let line = tokio::time::timeout(Duration::from_secs(120), out.next_line())
+            .await
+            .context("a worker's clients did not all get the line within 120 s")??
+            .context("a worker ended")?;
+        let mut parts = line.split_whitespace().skip(1);
+        let n: u64 = parts.next().context("count")?.parse()?;
+        let at: u64 = parts.next().context("time")?.parse()?;
+        got += n;
+        last = last.max(at);
+    }
+    let after = cluster.samples()?;
+    let msgs_after = cluster.in_msgs().await?;
+    drop(workers);
+    let total = per_node * 3;
+    println!(
+        "\n## storm: {total} clients over 3 nodes ({per_node} each) in one room, then one line"
+    );
+    println!(
+        "registered in {registered:.1} s; the line reached {got}/{} others in {:.0} ms; NATS messages meanwhile: {} (with nobody talking: {idle} in 2 s)",
+        total - 1,
+        last.saturating_sub(sent_at) as f64 / 1e6,
+        msgs_after - msgs_before
+    );
+    for i in 0..3 {
+        println!(
+            "node {i}: CPU for the line {:.1} ms; RSS {:.1} MiB ({:.1} KiB per client)",
+            after[i].cpu_ns.saturating_sub(before[i].cpu_ns) as f64 / 1e6,
+            after[i].rss_kib as f64 / 1024.0,
+            after[i].rss_kib as f64 / per_node as f64
+        );
+    }
+    Ok(())
+}
+
+/// A storm worker: `ADDR/COUNT` clients on one node; prints `registered N`
+/// once all are in the room, then `received N NANOS` (the wall clock at the
+/// last arrival) once all got [`STORM_LINE`], and keeps its clients until
+/// its stdin closes.
+pub async fn storm_worker(spec: &str) -> anyhow::Result<()> {
+    let (addr, count) = spec.split_once('/').context("ADDR/COUNT")?;
+    let addr: SocketAddr = addr.parse()?;
+    let count: usize = count.parse()?;
+    let gate = Arc::new(tokio::sync::Semaphore::new(128));
+    let mut set = JoinSet::new();
+    let (ready_tx, mut ready_rx) = tokio::sync::mpsc::channel::<()>(count.max(1));
+    for _ in 0..count {
+        let gate = gate.clone();
+        let ready = ready_tx.clone();
+        set.spawn(async move {
+            let permit = gate.acquire_owned().await?;
+            let stream = tokio::net::TcpStream::connect(addr).await?;
+            let mut lines = BufReader::with_capacity(1024, stream).lines();
+            loop {
+                let l = lines.next_line().await?.context("closed while joining")?;
+                if l.starts_with("*** You are now in") {
+                    break;
+                }
+                if l.starts_with("*** error") {
+                    bail!("{l}");
+                }
+            }
+            drop(permit);
+            let _ = ready.send(()).await;
+            loop {
+                let l = lines.next_line().await?.context("closed before the line")?;
+                if l.ends_with(STORM_LINE) {
+                    let at = SystemTime::now().duration_since(UNIX_EPOCH)?.as_nanos() as u64;
+                    // The connection stays open: returned, not dropped.
+                    return anyhow::Ok((at, lines));
+                }
+            }
+        });
+    }
+    drop(ready_tx);
+    for _ in 0..count {
+        ready_rx
+            .recv()
+            .await
+            .context("a client failed to register")?;
+    }
+    println!("registered {count}");
+    let mut last = 0;
+    let mut n = 0;
+    let mut open = Vec::with_capacity(count);
+    while let Some(r) = set.join_next().await {
+        let (at, conn) = r??;
+        last = last.max(at);
+        open.push(conn);
+        n += 1;
+    }
+    println!("received {n} {last}");
+    // Keeps the clients until the coordinator has taken its figures.
+    let mut rest = Vec::new();
+    let _ = tokio::io::stdin().read_to_end(&mut rest).await;
+    Ok(())
+}
+
+/// Runs every cluster scenario: a and c on one node and on three, then the
+/// storm of `storm_clients` (30,000) over three nodes.
+pub async fn run(storm_clients: usize) -> anyhow::Result<()> {
+    println!("# cluster scenarios (chatbench --cluster)");
+    for nodes in [1, 3] {
+        room_load("a", nodes, (100, 10, 2_000, None)).await?;
+    }
+    for nodes in [1, 3] {
+        room_load("c", nodes, (100, 10, 2_000, Some(500.0))).await?;
+    }
+    if storm_clients > 0 {
+        storm(storm_clients / 3).await?;
+    }
+    Ok(())
+}
