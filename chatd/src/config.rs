@@ -170,7 +170,7 @@ impl Default for RawChat {
             default_room: "lobby".into(),
             history: 20,
             backlog: 4096,
-            write_coalesce_ms: 1,
+            write_coalesce_ms: 5,
         }
     }
 }
@@ -1440,7 +1440,7 @@ mod tests {
     #[test]
     fn write_coalescing_is_in_milliseconds_and_bounded() {
         let c = RawConfig::default().validate().expect("defaults validate");
-        assert_eq!(c.chat.write_coalesce, Duration::from_millis(1));
+        assert_eq!(c.chat.write_coalesce, Duration::from_millis(5));
         let c = with_env(&[("CHATD_CHAT__WRITE_COALESCE_MS", "0")]).expect("0 turns it off");
         assert!(c.chat.write_coalesce.is_zero());
         let e = with_env(&[("CHATD_CHAT__WRITE_COALESCE_MS", "101")])

@@ -51,6 +51,11 @@ const IOV_MAX: usize = 64;
 /// Queued bytes that make a write worth its syscall: write coalescing
 /// never holds back more.
 const COALESCE_ENOUGH: usize = 4 * 1024;
+/// Lines per second into one client at and above which write coalescing
+/// holds writes for the whole `chat.write_coalesce_ms`; below, the window
+/// shrinks in proportion, so a client that gets a line now and then (whose
+/// writes would gather little) gets it at once.
+const COALESCE_FULL_RATE: f32 = 1000.0;
 /// How long a closing connection may take to flush its last lines when the
 /// client is slow to read them.
 const CLOSE_FLUSH: Duration = Duration::from_secs(5);
@@ -152,6 +157,8 @@ pub async fn serve_on<S: Socket>(stream: S, peer: SocketAddr, tls: bool, hub: Hu
             greeted: false,
             pause: None,
             last_write: None,
+            arrivals: 0.0,
+            lines_seen: 0,
             write_gate: None,
             client,
             span: tracing::Span::current(),
@@ -253,6 +260,11 @@ struct Connection<S> {
     pause: Option<Box<Pause>>,
     /// When the last write to the socket happened (write coalescing).
     last_write: Option<tokio::time::Instant>,
+    /// Recent lines per second queued for this client, measured at each
+    /// write: how long write coalescing may hold a write (see `hold_write`).
+    arrivals: f32,
+    /// Lines queued for this client in all, at the last write.
+    lines_seen: u64,
     /// Wakes the task when a held-back write is due; made on first use, so
     /// a client that is never busy does not carry a timer.
     write_gate: Option<Pin<Box<tokio::time::Sleep>>>,
@@ -310,6 +322,9 @@ impl<S: Socket> Connection<S> {
             return Poll::Ready(reason);
         }
         let hold = !self.pending.is_empty() && self.hold_write(cx);
+        if !hold && !self.pending.is_empty() {
+            self.measure_arrivals();
+        }
         while !hold && !self.pending.is_empty() {
             match self.stream.poll_write_ready(cx) {
                 // `flush` stops at `WouldBlock`, which clears the readiness,
@@ -659,33 +674,59 @@ impl<S: Socket> Connection<S> {
         self.notice(&format!("error: {text}"));
     }
 
-    /// Whether to hold back the queued lines for now: the last write was
-    /// less than `chat.write_coalesce_ms` ago, so lines are coming fast and
-    /// more will join them, and what is queued is still too little to be
-    /// worth a syscall of its own. Arms the timer that wakes the task when
-    /// the write is due.
+    /// Whether to hold back the queued lines for now: lines are coming fast
+    /// (the window, up to `chat.write_coalesce_ms`, grows with their rate
+    /// and has not passed since the last write), so more will join them,
+    /// and what is queued is still too little to be worth a syscall of its
+    /// own. Arms the timer that wakes the task when the write is due; until
+    /// then, lines pushed meanwhile do not wake the task.
     fn hold_write(&mut self, cx: &mut Context<'_>) -> bool {
         let Some(last) = self.last_write else {
             return false;
         };
-        let window = self.hub.write_coalesce();
-        if window.is_zero() {
+        let budget = self.hub.write_coalesce();
+        if budget.is_zero() {
             return false;
         }
+        let window = budget.mul_f32((self.arrivals / COALESCE_FULL_RATE).min(1.0));
         let due = last + window;
         if tokio::time::Instant::now() >= due {
             return false;
         }
         // Under saturation the queue already holds enough for an efficient
         // write: holding it would only add latency.
-        if self.pending.iter().map(Bytes::len).sum::<usize>() >= COALESCE_ENOUGH {
+        let held: usize = self.pending.iter().map(Bytes::len).sum();
+        if held >= COALESCE_ENOUGH {
             return false;
         }
         let gate = self
             .write_gate
             .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(due)));
-        gate.as_mut().reset(due);
-        gate.as_mut().poll(cx).is_pending()
+        if gate.deadline() != due {
+            gate.as_mut().reset(due);
+        }
+        if gate.as_mut().poll(cx).is_ready() {
+            return false;
+        }
+        // Until the write is due, lines joining it need not wake the task:
+        // the timer will. Only enough to be worth a write of its own does.
+        self.client.outbox.wake_only_at(COALESCE_ENOUGH - held);
+        true
+    }
+
+    /// Updates the arrival rate with what gathered since the last write.
+    fn measure_arrivals(&mut self) {
+        let now = tokio::time::Instant::now();
+        let (total, _) = self.client.outbox.totals();
+        let lines = total.saturating_sub(std::mem::replace(&mut self.lines_seen, total));
+        let rate = match self.last_write {
+            Some(last) => {
+                let secs = now.duration_since(last).as_secs_f32().max(1e-4);
+                lines as f32 / secs
+            }
+            None => 0.0,
+        };
+        self.arrivals = (self.arrivals + rate) / 2.0;
     }
 
     /// Writes as much of `pending` as the socket takes now, in one vectored
