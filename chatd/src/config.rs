@@ -97,6 +97,7 @@ pub struct RawServer {
     pub motd: String,
     pub shutdown_timeout_secs: i64,
     pub state_dir: String,
+    pub worker_threads: i64,
 }
 
 impl Default for RawServer {
@@ -106,6 +107,7 @@ impl Default for RawServer {
             motd: String::new(),
             shutdown_timeout_secs: 10,
             state_dir: String::new(),
+            worker_threads: 0,
         }
     }
 }
@@ -371,6 +373,8 @@ pub struct ServerConfig {
     pub shutdown_timeout: Duration,
     /// Where bans are kept; see [`default_state_dir`].
     pub state_dir: PathBuf,
+    /// Runtime worker threads; `None`: one per CPU chatd may use.
+    pub worker_threads: Option<usize>,
 }
 
 #[derive(Debug, Clone)]
@@ -966,6 +970,16 @@ impl RawConfig {
             } else {
                 PathBuf::from(&s.state_dir)
             },
+            worker_threads: match range(
+                "server.worker_threads",
+                s.worker_threads,
+                0,
+                1024,
+                ", 0 for one per CPU",
+            )? {
+                0 => None,
+                n => Some(n as usize),
+            },
         };
 
         let c = &self.chat;
@@ -1433,6 +1447,21 @@ mod tests {
             .to_string();
         assert!(
             e.contains("limits.handshake_timeout_secs") && e.contains("1..=300"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn worker_threads_default_to_one_per_cpu_and_are_bounded() {
+        let c = RawConfig::default().validate().expect("defaults validate");
+        assert_eq!(c.server.worker_threads, None);
+        let c = with_env(&[("CHATD_SERVER__WORKER_THREADS", "1")]).expect("1 is fine");
+        assert_eq!(c.server.worker_threads, Some(1));
+        let e = with_env(&[("CHATD_SERVER__WORKER_THREADS", "-1")])
+            .expect_err("rejected")
+            .to_string();
+        assert!(
+            e.contains("server.worker_threads") && e.contains("-1") && e.contains("0..=1024"),
             "{e}"
         );
     }

@@ -31,7 +31,7 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
-use tokio::io::{AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncWrite, AsyncWriteExt, Interest};
 use tokio::net::{TcpStream, UnixStream};
 use tracing::{Instrument, debug, info, info_span};
 
@@ -87,6 +87,11 @@ const HELP: &[&str] = &[
 /// TLS clients, whose other end the TLS pump serves (see [`crate::tls`]).
 pub trait Socket: AsyncWrite + Unpin + Send + Sync + 'static {
     fn try_read(&self, buf: &mut [u8]) -> io::Result<usize>;
+    /// Like `try_read`; a read shorter than `buf` emptied the socket, so
+    /// it also clears the read readiness, as a `WouldBlock` would: the
+    /// syscall that would only say `WouldBlock` is saved. The readiness is
+    /// sampled before the read, so data arriving after it is never missed.
+    fn try_read_draining(&self, buf: &mut [u8]) -> io::Result<usize>;
     fn try_write_vectored(&self, bufs: &[IoSlice<'_>]) -> io::Result<usize>;
     fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>>;
     fn poll_write_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>>;
@@ -99,6 +104,23 @@ macro_rules! socket {
         impl Socket for $t {
             fn try_read(&self, buf: &mut [u8]) -> io::Result<usize> {
                 <$t>::try_read(self, buf)
+            }
+            fn try_read_draining(&self, buf: &mut [u8]) -> io::Result<usize> {
+                let len = buf.len();
+                let mut short = None;
+                let read = <$t>::try_io(self, Interest::READABLE, || {
+                    match <$t>::try_read(self, buf)? {
+                        n if n > 0 && n < len => {
+                            short = Some(n);
+                            Err(io::ErrorKind::WouldBlock.into())
+                        }
+                        n => Ok(n),
+                    }
+                });
+                match (read, short) {
+                    (_, Some(n)) => Ok(n),
+                    (read, None) => read,
+                }
             }
             fn try_write_vectored(&self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
                 <$t>::try_write_vectored(self, bufs)
@@ -410,7 +432,7 @@ impl<S: Socket> Connection<S> {
             if room == 0 {
                 break;
             }
-            let n = match self.stream.try_read(&mut buf[..room]) {
+            let n = match self.stream.try_read_draining(&mut buf[..room]) {
                 Ok(0) => {
                     outcome = Some(Disconnect::Closed);
                     break;
