@@ -347,6 +347,7 @@ impl<S: Socket> Connection<S> {
         if !hold && !self.pending.is_empty() {
             self.measure_arrivals();
         }
+        let mut wrote = false;
         while !hold && !self.pending.is_empty() {
             match self.stream.poll_write_ready(cx) {
                 // `flush` stops at `WouldBlock`, which clears the readiness,
@@ -356,10 +357,17 @@ impl<S: Socket> Connection<S> {
                         return Poll::Ready(Disconnect::Error);
                     }
                     self.last_write = Some(tokio::time::Instant::now());
+                    wrote = true;
                 }
                 Poll::Ready(Err(_)) => return Poll::Ready(Disconnect::Error),
                 Poll::Pending => break,
             }
+        }
+        if wrote && self.pending.is_empty() {
+            // Lines keep coming: the next write is held anyway, so the next
+            // line need not wake the task either, only the timer (the
+            // window is zero, and nothing is armed, when they do not).
+            self.hold_write(cx);
         }
         // Flow control: before reading, wait for any member of the room
         // that is behind but reading. Checked again after each pause, so
