@@ -10,10 +10,12 @@
 //! - **write**: everything queued for this client is written with one
 //!   vectored `try_write` per wake-up, so a client that fell behind catches
 //!   up in few syscalls. While lines keep coming, writes to one client are
-//!   at least `chat.write_coalesce_ms` apart unless a write's worth
-//!   (`COALESCE_ENOUGH`) is queued: what arrives meanwhile waits and leaves
-//!   in the next write. A line after a quiet spell leaves at once, so only a
-//!   busy client trades that much latency for fewer syscalls.
+//!   a window apart unless a write's worth (`COALESCE_ENOUGH`) is queued:
+//!   what arrives meanwhile waits, without waking the task, and leaves in
+//!   the next write. The window grows with the client's line rate, up to
+//!   `chat.write_coalesce_ms` at `COALESCE_FULL_RATE`, so a line after a
+//!   quiet spell leaves at once and only a busy client trades a few
+//!   milliseconds for fewer wake-ups and syscalls.
 //!
 //! Nothing here blocks on another client. A client that stops reading only
 //! stops its own writes; its outbox fills and the hub cuts it off. A client

@@ -24,7 +24,10 @@
 //! The same lock holds the reason the client must go (kicked, slow consumer,
 //! shutdown…), the connection task's waker and the wakers of paused senders,
 //! so one lock round-trip both delivers lines and close requests and arms the
-//! next wake-up.
+//! next wake-up. While the connection holds a write back to gather lines
+//! (write coalescing), it asks to be woken only by a write's worth of bytes
+//! or a close ([`Outbox::wake_only_at`]): lines arriving meanwhile cost no
+//! wake-up each.
 
 use std::collections::VecDeque;
 use std::sync::Mutex;
