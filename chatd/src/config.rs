@@ -103,6 +103,7 @@ pub struct RawServer {
     pub motd: String,
     pub shutdown_timeout_secs: i64,
     pub state_dir: String,
+    pub worker_threads: i64,
 }
 
 impl Default for RawServer {
@@ -112,6 +113,7 @@ impl Default for RawServer {
             motd: String::new(),
             shutdown_timeout_secs: 10,
             state_dir: String::new(),
+            worker_threads: 0,
         }
     }
 }
@@ -176,7 +178,7 @@ impl Default for RawChat {
             default_room: "lobby".into(),
             history: 20,
             backlog: 4096,
-            write_coalesce_ms: 1,
+            write_coalesce_ms: 5,
         }
     }
 }
@@ -393,6 +395,8 @@ pub struct ServerConfig {
     pub shutdown_timeout: Duration,
     /// Where bans are kept; see [`default_state_dir`].
     pub state_dir: PathBuf,
+    /// Runtime worker threads; `None`: one per CPU chatd may use.
+    pub worker_threads: Option<usize>,
 }
 
 #[derive(Debug, Clone)]
@@ -1116,6 +1120,16 @@ impl RawConfig {
             } else {
                 PathBuf::from(&s.state_dir)
             },
+            worker_threads: match range(
+                "server.worker_threads",
+                s.worker_threads,
+                0,
+                1024,
+                ", 0 for one per CPU",
+            )? {
+                0 => None,
+                n => Some(n as usize),
+            },
         };
 
         let c = &self.chat;
@@ -1676,9 +1690,24 @@ mod tests {
     }
 
     #[test]
+    fn worker_threads_default_to_one_per_cpu_and_are_bounded() {
+        let c = RawConfig::default().validate().expect("defaults validate");
+        assert_eq!(c.server.worker_threads, None);
+        let c = with_env(&[("CHATD_SERVER__WORKER_THREADS", "1")]).expect("1 is fine");
+        assert_eq!(c.server.worker_threads, Some(1));
+        let e = with_env(&[("CHATD_SERVER__WORKER_THREADS", "-1")])
+            .expect_err("rejected")
+            .to_string();
+        assert!(
+            e.contains("server.worker_threads") && e.contains("-1") && e.contains("0..=1024"),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn write_coalescing_is_in_milliseconds_and_bounded() {
         let c = RawConfig::default().validate().expect("defaults validate");
-        assert_eq!(c.chat.write_coalesce, Duration::from_millis(1));
+        assert_eq!(c.chat.write_coalesce, Duration::from_millis(5));
         let c = with_env(&[("CHATD_CHAT__WRITE_COALESCE_MS", "0")]).expect("0 turns it off");
         assert!(c.chat.write_coalesce.is_zero());
         let e = with_env(&[("CHATD_CHAT__WRITE_COALESCE_MS", "101")])

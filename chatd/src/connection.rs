@@ -10,10 +10,12 @@
 //! - **write**: everything queued for this client is written with one
 //!   vectored `try_write` per wake-up, so a client that fell behind catches
 //!   up in few syscalls. While lines keep coming, writes to one client are
-//!   at least `chat.write_coalesce_ms` apart unless a write's worth
-//!   (`COALESCE_ENOUGH`) is queued: what arrives meanwhile waits and leaves
-//!   in the next write. A line after a quiet spell leaves at once, so only a
-//!   busy client trades that much latency for fewer syscalls.
+//!   a window apart unless a write's worth (`COALESCE_ENOUGH`) is queued:
+//!   what arrives meanwhile waits, without waking the task, and leaves in
+//!   the next write. The window grows with the client's line rate, up to
+//!   `chat.write_coalesce_ms` at `COALESCE_FULL_RATE`, so a line after a
+//!   quiet spell leaves at once and only a busy client trades a few
+//!   milliseconds for fewer wake-ups and syscalls.
 //!
 //! Nothing here blocks on another client. A client that stops reading only
 //! stops its own writes; its outbox fills and the hub cuts it off. A client
@@ -31,7 +33,7 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
-use tokio::io::{AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncWrite, AsyncWriteExt, Interest};
 use tokio::net::{TcpStream, UnixStream};
 use tracing::{Instrument, debug, info, info_span};
 
@@ -51,6 +53,11 @@ const IOV_MAX: usize = 64;
 /// Queued bytes that make a write worth its syscall: write coalescing
 /// never holds back more.
 const COALESCE_ENOUGH: usize = 4 * 1024;
+/// Lines per second into one client at and above which write coalescing
+/// holds writes for the whole `chat.write_coalesce_ms`; below, the window
+/// shrinks in proportion, so a client that gets a line now and then (whose
+/// writes would gather little) gets it at once.
+const COALESCE_FULL_RATE: f32 = 1000.0;
 /// How long a closing connection may take to flush its last lines when the
 /// client is slow to read them.
 const CLOSE_FLUSH: Duration = Duration::from_secs(5);
@@ -82,6 +89,11 @@ const HELP: &[&str] = &[
 /// TLS clients, whose other end the TLS pump serves (see [`crate::tls`]).
 pub trait Socket: AsyncWrite + Unpin + Send + Sync + 'static {
     fn try_read(&self, buf: &mut [u8]) -> io::Result<usize>;
+    /// Like `try_read`; a read shorter than `buf` emptied the socket, so
+    /// it also clears the read readiness, as a `WouldBlock` would: the
+    /// syscall that would only say `WouldBlock` is saved. The readiness is
+    /// sampled before the read, so data arriving after it is never missed.
+    fn try_read_draining(&self, buf: &mut [u8]) -> io::Result<usize>;
     fn try_write_vectored(&self, bufs: &[IoSlice<'_>]) -> io::Result<usize>;
     fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>>;
     fn poll_write_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>>;
@@ -94,6 +106,23 @@ macro_rules! socket {
         impl Socket for $t {
             fn try_read(&self, buf: &mut [u8]) -> io::Result<usize> {
                 <$t>::try_read(self, buf)
+            }
+            fn try_read_draining(&self, buf: &mut [u8]) -> io::Result<usize> {
+                let len = buf.len();
+                let mut short = None;
+                let read = <$t>::try_io(self, Interest::READABLE, || {
+                    match <$t>::try_read(self, buf)? {
+                        n if n > 0 && n < len => {
+                            short = Some(n);
+                            Err(io::ErrorKind::WouldBlock.into())
+                        }
+                        n => Ok(n),
+                    }
+                });
+                match (read, short) {
+                    (_, Some(n)) => Ok(n),
+                    (read, None) => read,
+                }
             }
             fn try_write_vectored(&self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
                 <$t>::try_write_vectored(self, bufs)
@@ -152,6 +181,8 @@ pub async fn serve_on<S: Socket>(stream: S, peer: SocketAddr, tls: bool, hub: Hu
             greeted: false,
             pause: None,
             last_write: None,
+            arrivals: 0.0,
+            lines_seen: 0,
             write_gate: None,
             client,
             span: tracing::Span::current(),
@@ -253,6 +284,11 @@ struct Connection<S> {
     pause: Option<Box<Pause>>,
     /// When the last write to the socket happened (write coalescing).
     last_write: Option<tokio::time::Instant>,
+    /// Recent lines per second queued for this client, measured at each
+    /// write: how long write coalescing may hold a write (see `hold_write`).
+    arrivals: f32,
+    /// Lines queued for this client in all, at the last write.
+    lines_seen: u64,
     /// Wakes the task when a held-back write is due; made on first use, so
     /// a client that is never busy does not carry a timer.
     write_gate: Option<Pin<Box<tokio::time::Sleep>>>,
@@ -310,6 +346,10 @@ impl<S: Socket> Connection<S> {
             return Poll::Ready(reason);
         }
         let hold = !self.pending.is_empty() && self.hold_write(cx);
+        if !hold && !self.pending.is_empty() {
+            self.measure_arrivals();
+        }
+        let mut wrote = false;
         while !hold && !self.pending.is_empty() {
             match self.stream.poll_write_ready(cx) {
                 // `flush` stops at `WouldBlock`, which clears the readiness,
@@ -319,10 +359,17 @@ impl<S: Socket> Connection<S> {
                         return Poll::Ready(Disconnect::Error);
                     }
                     self.last_write = Some(tokio::time::Instant::now());
+                    wrote = true;
                 }
                 Poll::Ready(Err(_)) => return Poll::Ready(Disconnect::Error),
                 Poll::Pending => break,
             }
+        }
+        if wrote && self.pending.is_empty() {
+            // Lines keep coming: the next write is held anyway, so the next
+            // line need not wake the task either, only the timer (the
+            // window is zero, and nothing is armed, when they do not).
+            self.hold_write(cx);
         }
         // Flow control: before reading, wait for any member of the room
         // that is behind but reading. Checked again after each pause, so
@@ -395,7 +442,7 @@ impl<S: Socket> Connection<S> {
             if room == 0 {
                 break;
             }
-            let n = match self.stream.try_read(&mut buf[..room]) {
+            let n = match self.stream.try_read_draining(&mut buf[..room]) {
                 Ok(0) => {
                     outcome = Some(Disconnect::Closed);
                     break;
@@ -659,33 +706,59 @@ impl<S: Socket> Connection<S> {
         self.notice(&format!("error: {text}"));
     }
 
-    /// Whether to hold back the queued lines for now: the last write was
-    /// less than `chat.write_coalesce_ms` ago, so lines are coming fast and
-    /// more will join them, and what is queued is still too little to be
-    /// worth a syscall of its own. Arms the timer that wakes the task when
-    /// the write is due.
+    /// Whether to hold back the queued lines for now: lines are coming fast
+    /// (the window, up to `chat.write_coalesce_ms`, grows with their rate
+    /// and has not passed since the last write), so more will join them,
+    /// and what is queued is still too little to be worth a syscall of its
+    /// own. Arms the timer that wakes the task when the write is due; until
+    /// then, lines pushed meanwhile do not wake the task.
     fn hold_write(&mut self, cx: &mut Context<'_>) -> bool {
         let Some(last) = self.last_write else {
             return false;
         };
-        let window = self.hub.write_coalesce();
-        if window.is_zero() {
+        let budget = self.hub.write_coalesce();
+        if budget.is_zero() {
             return false;
         }
+        let window = budget.mul_f32((self.arrivals / COALESCE_FULL_RATE).min(1.0));
         let due = last + window;
         if tokio::time::Instant::now() >= due {
             return false;
         }
         // Under saturation the queue already holds enough for an efficient
         // write: holding it would only add latency.
-        if self.pending.iter().map(Bytes::len).sum::<usize>() >= COALESCE_ENOUGH {
+        let held: usize = self.pending.iter().map(Bytes::len).sum();
+        if held >= COALESCE_ENOUGH {
             return false;
         }
         let gate = self
             .write_gate
             .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(due)));
-        gate.as_mut().reset(due);
-        gate.as_mut().poll(cx).is_pending()
+        if gate.deadline() != due {
+            gate.as_mut().reset(due);
+        }
+        if gate.as_mut().poll(cx).is_ready() {
+            return false;
+        }
+        // Until the write is due, lines joining it need not wake the task:
+        // the timer will. Only enough to be worth a write of its own does.
+        self.client.outbox.wake_only_at(COALESCE_ENOUGH - held);
+        true
+    }
+
+    /// Updates the arrival rate with what gathered since the last write.
+    fn measure_arrivals(&mut self) {
+        let now = tokio::time::Instant::now();
+        let (total, _) = self.client.outbox.totals();
+        let lines = total.saturating_sub(std::mem::replace(&mut self.lines_seen, total));
+        let rate = match self.last_write {
+            Some(last) => {
+                let secs = now.duration_since(last).as_secs_f32().max(1e-4);
+                lines as f32 / secs
+            }
+            None => 0.0,
+        };
+        self.arrivals = (self.arrivals + rate) / 2.0;
     }
 
     /// Writes as much of `pending` as the socket takes now, in one vectored

@@ -24,7 +24,10 @@
 //! The same lock holds the reason the client must go (kicked, slow consumer,
 //! shutdown…), the connection task's waker and the wakers of paused senders,
 //! so one lock round-trip both delivers lines and close requests and arms the
-//! next wake-up.
+//! next wake-up. While the connection holds a write back to gather lines
+//! (write coalescing), it asks to be woken only by a write's worth of bytes
+//! or a close ([`Outbox::wake_only_at`]): lines arriving meanwhile cost no
+//! wake-up each.
 
 use std::collections::VecDeque;
 use std::sync::Mutex;
@@ -69,6 +72,13 @@ struct State {
     /// The connection task, parked until something is pushed or a close is
     /// requested.
     waker: Option<Waker>,
+    /// Bytes in `queue` (pushed, not yet taken by the connection).
+    queued: usize,
+    /// A push wakes the parked connection only once `queued` reaches this
+    /// (0: any push). Set while the connection holds a write back to gather
+    /// more lines (write coalescing): it wakes at its own deadline, so a
+    /// line arriving meanwhile costs no wake-up of its own.
+    wake_at: usize,
     /// Senders paused until this client drains.
     drain_waiters: Vec<Waker>,
     /// When the client last read [`PROGRESS_BYTES`], caught up, or started
@@ -130,11 +140,14 @@ impl Outbox {
             s.since_progress = 0;
         }
         s.owed += bytes.len();
+        s.queued += bytes.len();
         s.lines_out += lines;
         s.queue.push_back(bytes);
         let congested = s.owed > limit / CONGESTED_DIVISOR
             && s.progress.is_some_and(|t| t.elapsed() < PROGRESS_WINDOW);
-        wake(s);
+        if s.queued >= s.wake_at {
+            wake(s);
+        }
         if congested {
             Push::Congested
         } else {
@@ -191,7 +204,20 @@ impl Outbox {
         if !s.waker.as_ref().is_some_and(|w| w.will_wake(waker)) {
             s.waker = Some(waker.clone());
         }
+        s.wake_at = 0;
         Self::take_locked(&mut s, into)
+    }
+
+    /// For a connection holding back a write after [`Outbox::take_or_wait`]:
+    /// until its next take, only a push that brings the queue to `bytes`,
+    /// or a close, wakes it. If a push or close came in since that take, the
+    /// wake-up has already been spent (the task will be polled again) and
+    /// nothing changes.
+    pub fn wake_only_at(&self, bytes: usize) {
+        let mut s = self.lock();
+        if s.waker.is_some() && s.closed.is_none() && s.queued < bytes {
+            s.wake_at = bytes;
+        }
     }
 
     /// Moves everything queued to `into` (the connection's write queue) and
@@ -201,6 +227,7 @@ impl Outbox {
     }
 
     fn take_locked(s: &mut State, into: &mut VecDeque<Bytes>) -> Option<Disconnect> {
+        s.queued = 0;
         if into.is_empty() {
             std::mem::swap(into, &mut s.queue);
         } else {
@@ -257,6 +284,7 @@ impl Outbox {
 /// task must not find the lock still held.
 fn wake(mut s: std::sync::MutexGuard<'_, State>) {
     let waker = s.waker.take();
+    s.wake_at = 0;
     drop(s);
     if let Some(w) = waker {
         w.wake();
@@ -307,6 +335,37 @@ mod tests {
         fn wake(self: std::sync::Arc<Self>) {
             self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         }
+    }
+
+    #[test]
+    fn a_held_write_wakes_only_when_enough_is_queued_or_on_close() {
+        let o = Outbox::new();
+        let count = std::sync::Arc::new(Count(0.into()));
+        let waker = Waker::from(count.clone());
+        let woken = || count.0.load(std::sync::atomic::Ordering::SeqCst);
+        let line = Bytes::from(vec![b'x'; 100]);
+        let mut q = VecDeque::new();
+        assert_eq!(o.take_or_wait(&mut q, &waker), None);
+        o.wake_only_at(250);
+        // 100 and 200 bytes queued: below the mark, no wake-up.
+        o.push(line.clone(), 1 << 20);
+        o.push(line.clone(), 1 << 20);
+        assert_eq!(woken(), 0);
+        // 300: the mark is reached.
+        o.push(line.clone(), 1 << 20);
+        assert_eq!(woken(), 1);
+        // Taking again forgets the mark: the next push wakes at once.
+        assert_eq!(o.take_or_wait(&mut q, &waker), None);
+        assert_eq!(q.len(), 3);
+        o.push(line.clone(), 1 << 20);
+        assert_eq!(woken(), 2);
+        // A close always wakes a held connection.
+        assert_eq!(o.take_or_wait(&mut q, &waker), None);
+        o.wake_only_at(1 << 20);
+        o.push(line, 1 << 20);
+        assert_eq!(woken(), 2);
+        o.close(Disconnect::Shutdown);
+        assert_eq!(woken(), 3);
     }
 
     #[test]

@@ -126,6 +126,7 @@ fn reloadable(key: &str) -> bool {
                 | "server.state_dir"
                 | "chat.default_room"
                 | "chat.history"
+                | "chat.write_coalesce_ms"
                 | "chat.trusted_proxies"
                 | "chat.tls_cert"
                 | "chat.tls_key"
@@ -152,6 +153,7 @@ fn keep_running_values(old: &Config, new: Config) -> Config {
     next.admin = old.admin.clone();
     next.log.format = old.log.format;
     next.server.shutdown_timeout = old.server.shutdown_timeout;
+    next.server.worker_threads = old.server.worker_threads;
     next.cluster = old.cluster.clone();
     next
 }

@@ -287,27 +287,42 @@ async fn counts_of_one_are_singular() {
     );
 }
 
-/// While lines keep coming, writes to one client are at least
+/// While lines keep coming fast, writes to one client are at least
 /// `chat.write_coalesce_ms` apart, and the lines held back meanwhile all
-/// arrive, in order, in the next write.
+/// arrive, in order, in the next write; a line after a quiet spell leaves at
+/// once.
 #[tokio::test]
 async fn a_busy_client_gets_lines_coalesced_not_dropped() {
-    let server = TestServer::with_env(&[("CHATD_CHAT__WRITE_COALESCE_MS", "100")]);
+    let server = TestServer::with_env(&[
+        ("CHATD_CHAT__WRITE_COALESCE_MS", "100"),
+        ("CHATD_LIMITS__FLOOD_LINES_PER_SEC", "0"),
+    ]);
     let (mut alice, alice_nick) = server.join().await;
     let (mut bob, _) = server.join().await;
     alice.expect("joined").await;
+    // Quiet until now: the first line is not held back.
+    let first = std::time::Instant::now();
     alice.send("one\n").await;
     assert_eq!(bob.expect("one").await, format!("<{alice_nick}> one"));
-    let first = std::time::Instant::now();
+    assert!(
+        first.elapsed() < std::time::Duration::from_millis(80),
+        "a line after a quiet spell was held back"
+    );
+    // A burst makes bob a busy client: 400 lines in a moment.
+    alice.send(&"x\n".repeat(400)).await;
+    for _ in 0..400 {
+        assert_eq!(bob.line().await, format!("<{alice_nick}> x"));
+    }
+    let burst = std::time::Instant::now();
     alice.send("two\n").await;
     alice.send("three\n").await;
     assert_eq!(bob.line().await, format!("<{alice_nick}> two"));
-    let held = first.elapsed();
+    let held = burst.elapsed();
     assert_eq!(bob.line().await, format!("<{alice_nick}> three"));
-    // The write of "one" happened before bob read it, so "two" left at
-    // least 100 ms after that, less what reading "one" took.
+    // The burst's last write happened before bob read it, so "two" left at
+    // least 100 ms after that, less what reading the burst took.
     assert!(
         held >= std::time::Duration::from_millis(80),
-        "\"two\" arrived {held:?} after \"one\": not held back"
+        "\"two\" arrived {held:?} after the burst: not held back"
     );
 }
