@@ -233,7 +233,11 @@ fn command(target: Target, dir: &Path, port: u16) -> anyhow::Result<Command> {
                 .arg(config)
                 .env("CHATD_CHAT__LISTEN", format!("127.0.0.1:{port}"))
                 .env("CHATD_UDP__LISTEN", "127.0.0.1:0")
-                .env("CHATD_ADMIN__LISTEN", "127.0.0.1:0");
+                .env("CHATD_ADMIN__LISTEN", "127.0.0.1:0")
+                // Its generated admin token goes to the run's own directory,
+                // never to the host's /run/chatd where a later chatd on the
+                // same port would be taken for it.
+                .env("RUNTIME_DIRECTORY", dir);
             cmd
         }
         Target::Ngircd => {

@@ -48,6 +48,10 @@ pub struct ConnLimits {
 pub struct Activity {
     calls: AtomicUsize,
     called: AtomicBool,
+    /// When the peer last sent bytes or a call last ended. What the server
+    /// writes on its own (hyper's SETTINGS and pings) does not count: an
+    /// idle peer stays idle, and eviction picks the connection whose *peer*
+    /// has been quiet longest, whatever order their tasks first ran in.
     last_io: std::sync::Mutex<Instant>,
     accepted: Instant,
     /// Set to make room for a new connection; the connection's next read
@@ -197,12 +201,7 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for Limited<IO> {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        let this = self.get_mut();
-        let written = Pin::new(&mut this.io).poll_write(cx, buf);
-        if matches!(written, Poll::Ready(Ok(n)) if n > 0) {
-            this.activity.touch();
-        }
-        written
+        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
     }
 
     fn poll_write_vectored(
@@ -210,12 +209,7 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for Limited<IO> {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        let this = self.get_mut();
-        let written = Pin::new(&mut this.io).poll_write_vectored(cx, bufs);
-        if matches!(written, Poll::Ready(Ok(n)) if n > 0) {
-            this.activity.touch();
-        }
-        written
+        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
     }
 
     fn is_write_vectored(&self) -> bool {
