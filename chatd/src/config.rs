@@ -97,6 +97,7 @@ pub struct RawServer {
     pub motd: String,
     pub shutdown_timeout_secs: i64,
     pub state_dir: String,
+    pub upgrade_notice: String,
 }
 
 impl Default for RawServer {
@@ -106,6 +107,7 @@ impl Default for RawServer {
             motd: String::new(),
             shutdown_timeout_secs: 10,
             state_dir: String::new(),
+            upgrade_notice: String::new(),
         }
     }
 }
@@ -371,6 +373,9 @@ pub struct ServerConfig {
     pub shutdown_timeout: Duration,
     /// Where bans are kept; see [`default_state_dir`].
     pub state_dir: PathBuf,
+    /// The one line (after `*** `) a client handed over by a seamless
+    /// upgrade reads; empty: none.
+    pub upgrade_notice: String,
 }
 
 #[derive(Debug, Clone)]
@@ -965,6 +970,17 @@ impl RawConfig {
                 default_state_dir(|name| std::env::var_os(name), is_root())
             } else {
                 PathBuf::from(&s.state_dir)
+            },
+            upgrade_notice: if s.upgrade_notice.len() > 400
+                || s.upgrade_notice.chars().any(char::is_control)
+            {
+                return Err(invalid(
+                    "server.upgrade_notice",
+                    format!("{:?}", s.upgrade_notice),
+                    "at most 400 bytes on one line, no control characters",
+                ));
+            } else {
+                s.upgrade_notice.clone()
             },
         };
 

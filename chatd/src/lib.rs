@@ -38,6 +38,7 @@ pub mod connection;
 pub mod files;
 pub mod framing;
 pub mod front;
+pub mod handoff;
 pub mod hub;
 pub mod journal;
 mod lock;
