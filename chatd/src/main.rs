@@ -164,6 +164,7 @@ async fn serve(
     let cluster_stop = CancellationToken::new();
     // Everything that can fail before serving; a successor that fails here
     // tells the old process why, and the old one serves on.
+    let handed = incoming.as_ref().map_or(0, |i| i.clients.len());
     let prepared = prepare(
         config,
         source,

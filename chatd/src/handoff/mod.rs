@@ -13,7 +13,7 @@
 //!   process's side.
 //!
 //! The exchange, on a private UNIX socket whose path the new process gets in
-//! `CHATD_HANDOFF` (and whose peer must be the process just started):
+//! `HANDOFF_FROM_CHATD` (and whose peer must be the process just started):
 //!
 //! ```text
 //! old                                   new (same binary path, args, env)
@@ -56,8 +56,8 @@ pub use gate::{Gate, Outcome};
 pub use state::{ClientState, ListenerKind, State};
 
 /// The variable that tells a starting chatd to take over from a running
-/// one, and where to ask.
-pub const HANDOFF_ENV: &str = "CHATD_HANDOFF";
+/// one, and where to ask. Not `CHATD_…`: those are config keys.
+pub const HANDOFF_ENV: &str = "HANDOFF_FROM_CHATD";
 /// How long connections have to park.
 const FREEZE_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long the new process has, from its start, to say it is ready.
