@@ -164,6 +164,10 @@ pub enum Command {
     },
     /// Make chatd re-read its config file.
     Reload,
+    /// Replace the running chatd with the binary now at its path, handing
+    /// over every connection: nobody is disconnected. On failure the
+    /// running chatd serves on, and the new process's error is shown.
+    Upgrade,
     /// List the cluster's nodes that answer, with their clients and uptime.
     Nodes,
     /// Check health with the standard gRPC health service; exit 0 when

@@ -188,7 +188,7 @@ async fn serve(
         tokio::task::block_in_place(|| incoming.ready())?;
         chatd::notify::main_pid(std::process::id());
         info!(
-            clients = incoming.clients.len(),
+            clients = handed,
             "upgrade: took over from the previous process"
         );
     }
