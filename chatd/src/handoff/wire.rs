@@ -153,20 +153,24 @@ mod tests {
     #[test]
     fn messages_carry_their_descriptors_in_order() {
         let (a, b) = UnixStream::pair().expect("pair");
-        let files: Vec<std::fs::File> = (0..450).map(|_| tempfile_like()).collect();
+        // More than one frame's worth, each told apart by its inode.
+        let files: Vec<std::fs::File> = (0..450)
+            .map(|_| tempfile::tempfile().expect("a temporary file"))
+            .collect();
         let fds: Vec<BorrowedFd<'_>> = files.iter().map(|f| f.as_fd()).collect();
-        let sender = std::thread::spawn(move || {
-            send(&a, &(fds.len(), "hello".to_string()), &fds).expect("send");
+        let ((n, text), got) = std::thread::scope(|scope| {
+            scope.spawn(|| send(&a, &(fds.len(), "hello".to_string()), &fds).expect("send"));
+            recv::<(usize, String)>(&b, |m| m.0).expect("recv")
         });
-        let ((n, text), got): ((usize, String), _) =
-            recv(&b, |m: &(usize, String)| m.0).expect("recv");
-        sender.join().expect("sender");
-        assert_eq!(n, 450);
-        assert_eq!(text, "hello");
-        assert_eq!(got.len(), 450);
-    }
-
-    fn tempfile_like() -> std::fs::File {
-        std::fs::File::open("/dev/null").expect("open /dev/null")
+        assert_eq!((n, text.as_str()), (450, "hello"));
+        let inode =
+            |f: &std::fs::File| std::os::unix::fs::MetadataExt::ino(&f.metadata().expect("stat"));
+        let sent: Vec<u64> = files.iter().map(inode).collect();
+        let received: Vec<u64> = got
+            .into_iter()
+            .map(std::fs::File::from)
+            .map(|f| inode(&f))
+            .collect();
+        assert_eq!(received, sent);
     }
 }
