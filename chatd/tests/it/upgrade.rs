@@ -348,7 +348,7 @@ async fn two_hundred_clients_chatting_through_an_upgrade_lose_nothing() {
         .chatctl(&["-o", "json", "list-clients", "--room", "side"])
         .await
         .json();
-    let mut side_nicks: Vec<&str> = side_who
+    let mut side_nicks: Vec<&str> = side_who["clients"]
         .as_array()
         .expect("a list")
         .iter()
@@ -357,15 +357,25 @@ async fn two_hundred_clients_chatting_through_an_upgrade_lose_nothing() {
     side_nicks.sort();
     assert_eq!(side_nicks, ["side0", "side1"]);
     let all = server.chatctl(&["-o", "json", "list-clients"]).await.json();
-    assert_eq!(all.as_array().expect("a list").len(), 200);
+    assert_eq!(all["clients"].as_array().expect("a list").len(), 200);
     assert!(server.chatctl(&["bans"]).await.ok().contains("192.0.2.7"));
     let (mut late, _) = server.join().await;
-    let history = late.expect("<").await;
+    // The room's history came along: its last lines are from the end of
+    // the test.
+    let mut history = Vec::new();
+    loop {
+        let line = late.line().await;
+        if line.contains("End of history") {
+            break;
+        }
+        history.push(line);
+    }
     assert!(
-        history.contains("-end-") || history.contains("half a line"),
-        "{history}"
+        history
+            .iter()
+            .any(|l| l.contains("-end-") || l.contains("half a line")),
+        "{history:#?}"
     );
-    late.expect("End of history").await;
     // A nick is still taken.
     late.send("/nick s1\n").await;
     late.expect("is taken").await;
@@ -383,4 +393,121 @@ async fn two_hundred_clients_chatting_through_an_upgrade_lose_nothing() {
         .expect("echo");
     assert_eq!(&buf[..n], b"ping");
     drop((writers, writers_of, typing));
+}
+
+/// Two clients talking, one of them halfway through a line.
+async fn pair(server: &TestServer) -> (Client, Client) {
+    let (mut a, _) = server.join().await;
+    let (mut b, _) = server.join().await;
+    a.send("/nick anna\n").await;
+    a.expect("You are now known as anna").await;
+    b.send("/nick ben\n").await;
+    b.expect("You are now known as ben").await;
+    a.sync().await;
+    b.sync().await;
+    a.send_raw(b"half a li").await;
+    (a, b)
+}
+
+/// After a failed upgrade the same process serves both clients exactly
+/// where they were: the half line completes, nobody left or rejoined.
+async fn still_served(server: &TestServer, pid: u32, a: &mut Client, b: &mut Client) {
+    assert_eq!(server.pid(), pid, "no other process took over");
+    a.send("ne\n").await;
+    assert_eq!(b.line().await, "<anna> half a line");
+    b.send("and on\n").await;
+    assert_eq!(a.line().await, "<ben> and on");
+    let before = a.sync().await;
+    assert!(before.is_empty(), "nothing else reached anna: {before:?}");
+}
+
+#[tokio::test]
+async fn a_missing_binary_leaves_everyone_with_the_old_process_and_a_retry_works() {
+    let binary = Binary::copy();
+    let server = TestServer::spawn_binary(&binary.path, None, BUSY);
+    let pid = server.pid();
+    let (mut a, mut b) = pair(&server).await;
+    std::fs::remove_file(&binary.path).expect("remove the binary");
+    let failed = server.chatctl(&["upgrade"]).await;
+    assert_eq!(failed.code, 1, "{failed:#?}");
+    assert!(failed.stderr.contains("cannot start"), "{failed:#?}");
+    assert!(failed.stderr.contains("No such file"), "{failed:#?}");
+    still_served(&server, pid, &mut a, &mut b).await;
+
+    // The file is back: the next upgrade goes through.
+    std::fs::copy(chatd_bin(), &binary.path).expect("copy chatd back");
+    let done = server.chatctl(&["-o", "json", "upgrade"]).await.json();
+    assert_eq!(done["clients"], 2);
+    assert_ne!(done["new_pid"].as_u64(), Some(u64::from(pid)));
+    a.send("after\n").await;
+    assert_eq!(b.line().await, "<anna> after");
+}
+
+#[tokio::test]
+async fn a_binary_that_fails_reports_its_error_and_changes_nothing() {
+    let binary = Binary::copy();
+    let server = TestServer::spawn_binary(&binary.path, None, BUSY);
+    let pid = server.pid();
+    let (mut a, mut b) = pair(&server).await;
+    binary.replace_with_script("#!/bin/sh\necho 'chatd: this build is broken' >&2\nexit 1\n");
+    let failed = server.chatctl(&["upgrade"]).await;
+    assert_eq!(failed.code, 1, "{failed:#?}");
+    assert!(
+        failed
+            .stderr
+            .contains("the new process failed: chatd: this build is broken"),
+        "{failed:#?}"
+    );
+    still_served(&server, pid, &mut a, &mut b).await;
+}
+
+#[tokio::test]
+async fn a_bad_config_keeps_the_old_process_serving() {
+    let binary = Binary::copy();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("chatd.toml");
+    std::fs::write(&config, "[server]\nname = \"chatd\"\n").expect("config");
+    let server = TestServer::spawn_binary(&binary.path, Some(&config), BUSY);
+    let pid = server.pid();
+    let (mut a, mut b) = pair(&server).await;
+    std::fs::write(&config, "[limits]\nmax_clients = 0\n").expect("break the config");
+    let failed = server.chatctl(&["upgrade"]).await;
+    assert_eq!(failed.code, 1, "{failed:#?}");
+    assert!(failed.stderr.contains("limits.max_clients"), "{failed:#?}");
+    still_served(&server, pid, &mut a, &mut b).await;
+}
+
+#[tokio::test]
+async fn two_upgrades_in_a_row_by_sigusr2_are_invisible() {
+    let binary = Binary::copy();
+    let server = TestServer::spawn_binary(&binary.path, None, BUSY);
+    let first = server.pid();
+    let (mut a, mut b) = pair(&server).await;
+    server.signal(rustix::process::Signal::USR2);
+    server.wait_logged_times("upgrade: took over", 1).await;
+    let second = server.pid();
+    // A newly built binary replaces the file between the two.
+    binary.replace(Path::new(chatd_bin()));
+    a.send("ne\n").await;
+    assert_eq!(b.line().await, "<anna> half a line");
+    b.send_raw(b"typed across ").await;
+    server.signal(rustix::process::Signal::USR2);
+    server.wait_logged_times("upgrade: took over", 2).await;
+    let third = server.pid();
+    assert!(first != second && second != third && first != third);
+    b.send("two upgrades\n").await;
+    assert_eq!(a.line().await, "<ben> typed across two upgrades");
+    // No notice (none configured), no leave or join: the next lines are
+    // the answers to these syncs.
+    assert!(a.sync().await.is_empty());
+    assert!(b.sync().await.is_empty());
+    let who = server.chatctl(&["-o", "json", "list-clients"]).await.json();
+    let mut nicks: Vec<&str> = who["clients"]
+        .as_array()
+        .expect("a list")
+        .iter()
+        .filter_map(|c| c["nick"].as_str())
+        .collect();
+    nicks.sort();
+    assert_eq!(nicks, ["anna", "ben"]);
 }
