@@ -273,8 +273,8 @@ async fn two_hundred_clients_chatting_through_an_upgrade_lose_nothing() {
 
     // Ten senders at a steady rate, before, during and after the upgrade.
     let mut senders = Vec::new();
-    for k in 0..SENDERS {
-        let mut writer = writers_of[k].take().expect("a sender");
+    for (k, writer) in writers_of.iter_mut().enumerate().take(SENDERS) {
+        let mut writer = writer.take().expect("a sender");
         senders.push(tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_millis(30));
             for i in 0..LINES {
