@@ -25,6 +25,8 @@
 //!   [`clock`]: what they say.
 //! - [`notify`], [`journal`], [`metrics`]: running under systemd and being
 //!   watched (sd_notify, the journal, Prometheus).
+//! - [`handoff`]: seamless upgrade, handing every socket and client state to
+//!   a new process.
 //!
 //! See `ARCHITECTURE.md` at the repository root for the path of a message.
 

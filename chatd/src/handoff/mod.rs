@@ -112,6 +112,11 @@ pub enum UpgradeError {
     Busy,
     #[error("upgrades are not available in this process")]
     Unavailable,
+    #[error(
+        "chatd is process 1 (a container's init): its exit after the handoff would stop the \
+         container and the new process with it; replace the container instead"
+    )]
+    Pid1,
     #[error("connections did not stop within {0:?}; nothing was handed over")]
     Freeze(Duration),
     #[error("cannot prepare the handoff socket {}: {source}", path.display())]
