@@ -150,9 +150,13 @@ impl Hub {
         state.nicks.insert(protocol::fold(&c.nick), c.id);
         *state.per_ip.entry(c.peer.ip()).or_default() += 1;
         state.clients.insert(c.id, client.clone());
-        write(&room.members).push(client.clone());
+        let first = {
+            let mut members = write(&room.members);
+            members.push(client.clone());
+            members.len() == 1
+        };
         drop(state);
-        if let Some(link) = self.cluster() {
+        if first && let Some(link) = self.cluster() {
             link.interest_changed();
         }
         (client, room)
