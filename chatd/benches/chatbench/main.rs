@@ -14,6 +14,7 @@ mod client;
 mod report;
 mod scenario;
 mod server;
+mod upgrade;
 
 use std::collections::BTreeMap;
 use std::process::ExitCode;
@@ -88,6 +89,11 @@ struct Args {
     /// Override the scenarios' room count.
     #[arg(long)]
     rooms: Option<usize>,
+    /// Instead of the scenarios: the longest delivery pause during a
+    /// seamless upgrade (SIGUSR2) under steady load, with --clients
+    /// (default 10000) and --rate lines/s per room of 100 (default 5).
+    #[arg(long)]
+    upgrade: bool,
     /// Passed by `cargo bench`; ignored.
     #[arg(long, hide = true)]
     bench: bool,
@@ -176,6 +182,10 @@ fn main() -> ExitCode {
 }
 
 async fn run(args: Args) -> anyhow::Result<ExitCode> {
+    if args.upgrade {
+        let rate = args.rate.filter(|r| *r > 0.0).unwrap_or(5.0);
+        return upgrade::run(args.clients.unwrap_or(10_000).max(2 * 100), rate).await;
+    }
     client::init_epoch();
     let scenarios = args.scenarios()?;
     let opts = RunOptions {
