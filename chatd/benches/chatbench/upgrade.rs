@@ -48,7 +48,13 @@ pub async fn run(clients: usize, rate: f64) -> anyhow::Result<ExitCode> {
     let (tx, rx) = std::sync::mpsc::channel::<serde_json::Value>();
     let stderr = child.stderr.take().context("stderr")?;
     std::thread::spawn(move || {
+        let mut keep =
+            std::env::var_os("CHATBENCH_UPGRADE_LOG").and_then(|p| std::fs::File::create(p).ok());
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if let Some(f) = keep.as_mut() {
+                use std::io::Write;
+                let _ = writeln!(f, "{line}");
+            }
             if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line)
                 && v["message"]
                     .as_str()
@@ -96,6 +102,7 @@ async fn measure(
     // (send time, latency) of every delivery, in µs, per reader.
     let mut readers = Vec::new();
     let mut writers = Vec::new();
+    let mut quiet = Vec::new();
     let connect = Arc::new(tokio::sync::Semaphore::new(128));
     let mut joined = Vec::new();
     for i in 0..clients {
@@ -128,7 +135,9 @@ async fn measure(
             writers.push(w);
             continue;
         }
-        drop(w);
+        // Kept open: dropping a write half sends FIN, which chatd takes
+        // for the client leaving.
+        quiet.push(w);
         let received = received.clone();
         let cut = cut.clone();
         readers.push(tokio::spawn(async move {
@@ -179,13 +188,36 @@ async fn measure(
             w
         }));
     }
+    let load_start = now_us(epoch);
     tokio::time::sleep(STEADY).await;
     let upgrade_at = now_us(epoch);
     let signalled = Instant::now();
     let pid = rustix::process::Pid::from_raw(pid as i32).context("pid")?;
     rustix::process::kill_process(pid, rustix::process::Signal::USR2)?;
-    let handed = tokio::task::block_in_place(|| log.recv_timeout(Duration::from_secs(60)))
-        .context("chatd did not log the handoff")?;
+    let handed = tokio::task::block_in_place(|| {
+        loop {
+            // The new process's own "listening" comes first.
+            match log.recv_timeout(Duration::from_secs(60)) {
+                Ok(v) if v["message"] == "listening" => continue,
+                Ok(v)
+                    if v["message"]
+                        .as_str()
+                        .is_some_and(|m| m.contains("upgrade failed")) =>
+                {
+                    break Err(anyhow::anyhow!("the upgrade failed: {}", v["error"]));
+                }
+                Ok(v)
+                    if !v["message"]
+                        .as_str()
+                        .is_some_and(|m| m.starts_with("upgrade: handed")) =>
+                {
+                    continue;
+                }
+                Ok(v) => break Ok(v),
+                Err(e) => break Err(anyhow::anyhow!("chatd did not log the handoff: {e}")),
+            }
+        }
+    })?;
     let observed = signalled.elapsed();
     *successor = handed["pid"].as_u64().map(|p| p as u32);
     let duration_ms = handed["duration_ms"].as_u64().unwrap_or(0);
@@ -211,24 +243,29 @@ async fn measure(
     for w in &mut writers {
         let _ = w.write_all(b"end\n").await;
     }
-    // Steady state: from 1 s after the start to the signal; the upgrade
-    // window: lines sent from the signal until the new process serves.
+    // Steady state: from 1 s after the load starts until 1 s before the
+    // signal; the upgrade window: lines sent from 1 s before the signal to
+    // 1 s after the new process serves.
     let mut steady = Histogram::<u64>::new(3)?;
     let mut around = Histogram::<u64>::new(3)?;
-    let warm = 1_000_000;
+    let warm = load_start + 1_000_000;
+    let (from, to) = (
+        upgrade_at.saturating_sub(1_000_000),
+        upgrade_end + 1_000_000,
+    );
     for r in readers {
         let seen = tokio::time::timeout(Duration::from_secs(30), r)
             .await
             .context("a reader did not finish")??;
         for (stamp, latency) in seen {
-            if stamp >= upgrade_at && stamp <= upgrade_end {
+            if stamp >= from && stamp <= to {
                 around.record(latency)?;
-            } else if stamp >= warm && stamp < upgrade_at {
+            } else if stamp >= warm && stamp < from {
                 steady.record(latency)?;
             }
         }
     }
-    drop(writers);
+    drop((writers, quiet));
     let ms = |us: u64| us as f64 / 1000.0;
     let delivered = received.load(Relaxed);
     let cut = cut.load(Relaxed);

@@ -127,6 +127,11 @@ pub enum UpgradeError {
     NewProcess(String),
     #[error("the new process did not become ready within {0:?}{1}")]
     Timeout(Duration, String),
+    #[error(
+        "not enough file descriptors for the handoff: {open} open, {needed} more needed \
+         (a copy of each client's socket), limit {limit}; raise LimitNOFILE / ulimit -n"
+    )]
+    Descriptors { open: u64, needed: u64, limit: u64 },
     #[error("handoff failed: {0}")]
     Io(#[from] io::Error),
 }
@@ -214,6 +219,10 @@ impl Upgrader {
     /// new process said.
     pub async fn upgrade(&self, hub: &Hub) -> Result<Upgraded, UpgradeError> {
         let _busy = self.inner.busy.try_lock().map_err(|_| UpgradeError::Busy)?;
+        if std::process::id() == 1 {
+            return Err(UpgradeError::Pid1);
+        }
+        check_descriptors(hub.client_count())?;
         let started = Instant::now();
         let gate = hub.handoff();
         info!(exe = %self.inner.exe.display(), "upgrade: stopping connections");
@@ -405,6 +414,27 @@ impl Upgrader {
             dropped_tls,
         })
     }
+}
+
+/// Each client's socket is copied while it is handed over: fail before
+/// freezing anyone when the descriptors would run out halfway.
+fn check_descriptors(clients: usize) -> Result<(), UpgradeError> {
+    let limit = rustix::process::getrlimit(rustix::process::Resource::Nofile)
+        .current
+        .unwrap_or(u64::MAX);
+    let Ok(open) = std::fs::read_dir("/proc/self/fd").map(|d| d.count() as u64) else {
+        return Ok(());
+    };
+    // The copies, the handoff socket, the new process's stderr pipe.
+    let needed = clients as u64 + 16;
+    if open.saturating_add(needed) > limit {
+        return Err(UpgradeError::Descriptors {
+            open,
+            needed,
+            limit,
+        });
+    }
+    Ok(())
 }
 
 /// Copies the new process's stderr to ours until it takes ours over, and
