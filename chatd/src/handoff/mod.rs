@@ -536,7 +536,38 @@ pub fn receive(path: &Path) -> Result<Incoming, ReceiveError> {
         // Our stderr was a pipe to the old process, which is about to go.
         rustix::stdio::dup2_stderr(stderr).map_err(io::Error::from)?;
     }
-    let (msg, fds) = wire::recv::<ToNew>(&sock, |m| match m {
+    // From here the old process hears why this one cannot take over.
+    match take_over(&sock) {
+        Ok((state, listeners, metrics, clients)) => Ok(Incoming {
+            sock,
+            state,
+            listeners,
+            metrics,
+            clients,
+        }),
+        Err(e) => {
+            let _ = wire::send(
+                &sock,
+                &ToOld::Failed {
+                    error: e.to_string(),
+                },
+                &[],
+            );
+            Err(e)
+        }
+    }
+}
+
+type TakenOver = (
+    State,
+    Listeners,
+    Option<tokio::net::TcpListener>,
+    Vec<(ClientState, tokio::net::TcpStream)>,
+);
+
+/// Reads the state and makes the descriptors sockets again.
+fn take_over(sock: &UnixStream) -> Result<TakenOver, ReceiveError> {
+    let (msg, fds) = wire::recv::<ToNew>(sock, |m| match m {
         ToNew::State { fds, .. } => *fds,
         _ => 0,
     })?;
@@ -586,13 +617,7 @@ pub fn receive(path: &Path) -> Result<Incoming, ReceiveError> {
         s.set_nonblocking(true)?;
         clients.push((client.clone(), tokio::net::TcpStream::from_std(s)?));
     }
-    Ok(Incoming {
-        sock,
-        state,
-        listeners,
-        metrics,
-        clients,
-    })
+    Ok((state, listeners, metrics, clients))
 }
 
 impl Incoming {
