@@ -165,12 +165,15 @@ async fn serve(
     // Everything that can fail before serving; a successor that fails here
     // tells the old process why, and the old one serves on.
     let handed = incoming.as_ref().map_or(0, |i| i.clients.len());
+    // Kept for the next upgrade, which hands these to its successor.
+    let copies = chatd::handoff::Upgrader::listener_copies(&listeners, metrics.as_ref())
+        .context("copying the listeners for upgrades")?;
     let prepared = prepare(
         config,
         source,
         &telemetry,
         &listeners,
-        metrics.as_ref(),
+        copies.len(),
         incoming.as_mut(),
         &cluster_stop,
     )
@@ -196,8 +199,7 @@ async fn serve(
         restart.exe,
         restart.args,
         state_dir,
-        chatd::handoff::Upgrader::listener_copies(&listeners, metrics.as_ref())
-            .context("copying the listeners for upgrades")?,
+        copies,
         daemon.generated_admin_token(),
         shutdown.clone(),
     );
@@ -246,7 +248,7 @@ async fn prepare(
     source: Source,
     telemetry: &Telemetry,
     listeners: &chatd::Listeners,
-    _metrics: Option<&tokio::net::TcpListener>,
+    listener_copies: usize,
     incoming: Option<&mut chatd::handoff::Incoming>,
     cluster_stop: &CancellationToken,
 ) -> anyhow::Result<Daemon> {
@@ -261,7 +263,8 @@ async fn prepare(
         token,
     )?;
     let files = chatd::server::raise_file_limit();
-    let capacity = chatd::server::client_capacity(files);
+    // The listener copies kept for upgrades are descriptors like any other.
+    let capacity = chatd::server::client_capacity(files).saturating_sub(listener_copies);
     if capacity < max_clients {
         warn!(
             open_files = files,
