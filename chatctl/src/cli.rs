@@ -164,6 +164,13 @@ pub enum Command {
     },
     /// Make chatd re-read its config file.
     Reload,
+    /// Replace chatd by the binary now at its path, keeping every connection
+    ///
+    /// The running chatd starts the binary at its own path with the same
+    /// arguments and hands it every listener and every client with its
+    /// state: nobody is disconnected. If the new process fails before it
+    /// serves, the running chatd serves on and its error is shown (exit 1).
+    Upgrade,
     /// List the cluster's nodes that answer, with their clients and uptime.
     Nodes,
     /// Check health with the standard gRPC health service; exit 0 when

@@ -108,6 +108,7 @@ async fn execute(cli: Cli, out: &mut dyn Write) -> Result<(), ChatctlError> {
         Command::Bans => cmd::bans::list(ctx).await,
         Command::Watch { messages } => cmd::watch::run(ctx, messages).await,
         Command::Reload => cmd::reload::run(ctx).await,
+        Command::Upgrade => cmd::upgrade::run(ctx).await,
         Command::Nodes => cmd::nodes::list(ctx).await,
         Command::Health { service } => cmd::health::check(ctx, channel, auth, service).await,
         Command::Completions { .. } => Ok(()),

@@ -104,6 +104,7 @@ pub struct RawServer {
     pub shutdown_timeout_secs: i64,
     pub state_dir: String,
     pub worker_threads: i64,
+    pub upgrade_notice: String,
 }
 
 impl Default for RawServer {
@@ -114,6 +115,7 @@ impl Default for RawServer {
             shutdown_timeout_secs: 10,
             state_dir: String::new(),
             worker_threads: 0,
+            upgrade_notice: String::new(),
         }
     }
 }
@@ -397,6 +399,9 @@ pub struct ServerConfig {
     pub state_dir: PathBuf,
     /// Runtime worker threads; `None`: one per CPU chatd may use.
     pub worker_threads: Option<usize>,
+    /// The one line (after `*** `) a client handed over by a seamless
+    /// upgrade reads; empty: none.
+    pub upgrade_notice: String,
 }
 
 #[derive(Debug, Clone)]
@@ -1129,6 +1134,17 @@ impl RawConfig {
             )? {
                 0 => None,
                 n => Some(n as usize),
+            },
+            upgrade_notice: if s.upgrade_notice.len() > 400
+                || s.upgrade_notice.chars().any(char::is_control)
+            {
+                return Err(invalid(
+                    "server.upgrade_notice",
+                    format!("{:?}", s.upgrade_notice),
+                    "at most 400 bytes on one line, no control characters",
+                ));
+            } else {
+                s.upgrade_notice.clone()
             },
         };
 

@@ -50,7 +50,8 @@ const TIMING_MARK: u8 = 6;
 pub const MAX_SUB: u8 = 64;
 
 /// Telnet negotiation state, kept across reads since a sequence may be split.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 enum Telnet {
     #[default]
     Data,
@@ -262,6 +263,39 @@ impl LineFramer {
 
     fn release(&mut self) {
         self.partial = BytesMut::new();
+    }
+}
+
+/// A framer's state between reads, for handing a connection to another
+/// process: the unfinished line and the telnet negotiation in progress.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct FramerState {
+    pub partial: Vec<u8>,
+    pub discarding: bool,
+    telnet: Telnet,
+    refused: Option<(u8, u8)>,
+}
+
+impl LineFramer {
+    /// The state to carry over; between reads, `interrupts` is empty.
+    pub fn export(&self) -> FramerState {
+        FramerState {
+            partial: self.partial.to_vec(),
+            discarding: self.discarding,
+            telnet: self.telnet,
+            refused: self.refused,
+        }
+    }
+
+    /// A framer that continues where [`LineFramer::export`] left off.
+    pub fn import(state: &FramerState) -> LineFramer {
+        LineFramer {
+            partial: BytesMut::from(&state.partial[..]),
+            discarding: state.discarding,
+            telnet: state.telnet,
+            refused: state.refused,
+            interrupts: Vec::new(),
+        }
     }
 }
 
@@ -494,5 +528,19 @@ mod tests {
             prop_assert_eq!(framed, expected);
             prop_assert!(replies.is_empty());
         }
+    }
+
+    #[test]
+    fn an_exported_framer_continues_the_line() {
+        let mut f = LineFramer::default();
+        f.feed(b"half a li", 100, |_| panic!("no line yet"));
+        let mut g = LineFramer::import(&f.export());
+        let mut lines = Vec::new();
+        g.feed(b"ne\r\n", 100, |frame| {
+            if let Frame::Line(l) = frame {
+                lines.push(l.to_vec());
+            }
+        });
+        assert_eq!(lines, vec![b"half a line".to_vec()]);
     }
 }

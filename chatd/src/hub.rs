@@ -52,6 +52,8 @@ pub enum Disconnect {
     WrongProtocol,
     Shutdown,
     Banned(String),
+    /// Handed to a new chatd process (seamless upgrade): not a leave.
+    Handoff,
 }
 
 impl fmt::Display for Disconnect {
@@ -70,6 +72,7 @@ impl fmt::Display for Disconnect {
             Disconnect::OverlongLines => f.write_str("too many over-long lines"),
             Disconnect::Shutdown => f.write_str("server shutting down"),
             Disconnect::Banned(r) => write!(f, "banned: {r}"),
+            Disconnect::Handoff => f.write_str("handed to a new process"),
         }
     }
 }
@@ -468,6 +471,8 @@ struct Shared {
     /// The way to other nodes, set once at start in cluster mode; unset,
     /// the hub is exactly the single-node hub.
     cluster: OnceLock<Arc<Link>>,
+    /// The freeze of a seamless upgrade (see [`crate::handoff`]).
+    handoff: crate::handoff::Gate,
 }
 
 /// The per-address connection rate (`limits.connect_rate_per_ip`): one token
@@ -517,6 +522,7 @@ impl Hub {
                 notices_due: Mutex::new(Vec::new()),
                 connect_rate: Mutex::new(ConnectRate::default()),
                 cluster: OnceLock::new(),
+                handoff: crate::handoff::Gate::default(),
             }),
         }
     }
@@ -1478,6 +1484,9 @@ pub fn unix_ms(t: SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
 }
+
+#[path = "hub_handoff.rs"]
+mod handoff;
 
 #[cfg(test)]
 #[path = "hub_tests.rs"]

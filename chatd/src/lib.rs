@@ -27,6 +27,8 @@
 //!   [`clock`]: what they say.
 //! - [`notify`], [`journal`], [`metrics`]: running under systemd and being
 //!   watched (sd_notify, the journal, Prometheus).
+//! - [`handoff`]: seamless upgrade, handing every socket and client state to
+//!   a new process.
 //!
 //! See `ARCHITECTURE.md` at the repository root for the path of a message.
 
@@ -41,6 +43,7 @@ pub mod connection;
 pub mod files;
 pub mod framing;
 pub mod front;
+pub mod handoff;
 pub mod hub;
 pub mod journal;
 mod lock;

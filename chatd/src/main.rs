@@ -37,6 +37,13 @@ struct Args {
 }
 
 fn main() -> ExitCode {
+    // Resolved now, so that an upgrade starts whatever file is at this path
+    // then (a package upgrade replaces it), with the same arguments.
+    let restart = Restart {
+        exe: std::env::current_exe().unwrap_or_else(|_| PathBuf::from("/proc/self/exe")),
+        args: std::env::args_os().skip(1).collect(),
+        handoff: chatd::handoff::take_path(),
+    };
     let args = Args::parse();
     let source = match args.config {
         Some(path) => Source::Explicit(path),
@@ -88,7 +95,7 @@ fn main() -> ExitCode {
     std::panic::set_hook(Box::new(|info| {
         error!(panic = %info, "internal error; please report it");
     }));
-    match runtime.block_on(serve(config, source, telemetry, activated)) {
+    match runtime.block_on(serve(config, source, telemetry, activated, restart)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("chatd: {}", one_line(&e));
@@ -111,67 +118,154 @@ fn one_line(e: &anyhow::Error) -> String {
     text
 }
 
+/// How this process was started, for starting its successor (seamless
+/// upgrade), and whether it is itself one.
+struct Restart {
+    exe: PathBuf,
+    args: Vec<std::ffi::OsString>,
+    /// Set when this process takes over from a running chatd.
+    handoff: Option<PathBuf>,
+}
+
 async fn serve(
     config: Config,
     source: Source,
     telemetry: Telemetry,
     activated: Activated,
+    restart: Restart,
 ) -> anyhow::Result<()> {
     let from_systemd = [
         ("chat", !activated.chat.is_empty()),
         ("tls", !activated.tls.is_empty()),
         ("udp", !activated.udp.is_empty()),
     ];
-    let listeners = chatd::bind(&config, activated)?;
-    let metrics = chatd::metrics::bind(&config)?;
-    // Space-separated addresses, "off" for none.
-    let list = |addrs: Vec<std::io::Result<std::net::SocketAddr>>, what: &'static str| {
-        let addrs = addrs
-            .into_iter()
-            .map(|a| a.map(|a| a.to_string()))
-            .collect::<Result<Vec<_>, _>>()
-            .context(what)?;
-        anyhow::Ok(if addrs.is_empty() {
-            "off".to_string()
-        } else {
-            addrs.join(" ")
-        })
+    // Taking over from a running chatd: its sockets instead of binding.
+    let mut incoming = match &restart.handoff {
+        Some(path) => Some(tokio::task::block_in_place(|| {
+            chatd::handoff::receive(path)
+        })?),
+        None => None,
     };
-    let chat = list(
-        listeners.chat.iter().map(|l| l.local_addr()).collect(),
-        "chat listener",
-    )?;
-    let tls = list(
-        listeners.tls.iter().map(|l| l.local_addr()).collect(),
-        "TLS chat listener",
-    )?;
-    let udp = list(
-        listeners.udp.iter().map(|s| s.local_addr()).collect(),
-        "udp socket",
-    )?;
-    let admin = list(
-        listeners.admin.tcp.iter().map(|l| l.local_addr()).collect(),
-        "admin listener",
-    )?;
+    let (listeners, metrics) = match incoming.as_mut() {
+        Some(incoming) => (
+            std::mem::replace(&mut incoming.listeners, chatd::Listeners::empty()),
+            incoming.metrics.take(),
+        ),
+        None => (
+            chatd::bind(&config, activated)?,
+            chatd::metrics::bind(&config)?,
+        ),
+    };
+    let metrics_config = config.metrics.clone();
+    let file = source
+        .path()
+        .map_or("built-in defaults".to_string(), |p| p.display().to_string());
+    let state_dir = config.server.state_dir.clone();
+    let shutdown = CancellationToken::new();
+    let cluster_stop = CancellationToken::new();
+    // Everything that can fail before serving; a successor that fails here
+    // tells the old process why, and the old one serves on.
+    let handed = incoming.as_ref().map_or(0, |i| i.clients.len());
+    // Kept for the next upgrade, which hands these to its successor.
+    let copies = chatd::handoff::Upgrader::listener_copies(&listeners, metrics.as_ref())
+        .context("copying the listeners for upgrades")?;
+    let prepared = prepare(
+        config,
+        source,
+        &telemetry,
+        &listeners,
+        copies.len(),
+        incoming.as_mut(),
+        &cluster_stop,
+    )
+    .await;
+    let daemon = match (prepared, &incoming) {
+        (Ok(daemon), _) => daemon,
+        (Err(e), Some(incoming)) => {
+            incoming.fail(&one_line(&e));
+            return Err(e);
+        }
+        (Err(e), None) => return Err(e),
+    };
+    if let Some(incoming) = &incoming {
+        // Until the old process commits, this one touches no socket.
+        tokio::task::block_in_place(|| incoming.ready())?;
+        chatd::notify::main_pid(std::process::id());
+        info!(
+            clients = handed,
+            "upgrade: took over from the previous process"
+        );
+    }
+    let upgrader = chatd::handoff::Upgrader::new(
+        restart.exe,
+        restart.args,
+        state_dir,
+        copies,
+        daemon.generated_admin_token(),
+        shutdown.clone(),
+    );
+    daemon.hub().handoff().set_upgrader(upgrader);
+    let addrs = describe(&listeners, metrics.as_ref())?;
     for (what, given) in from_systemd {
         if given {
             info!(listener = what, "using the sockets systemd passed");
         }
     }
-    let admin_socket = match &listeners.admin.unix {
-        Some((_, path)) => path.display().to_string(),
-        None => "off".to_string(),
-    };
+    info!(chat = %addrs.chat, tls = %addrs.tls, udp = %addrs.udp, admin = %addrs.admin, admin_socket = %addrs.admin_socket, metrics = %addrs.metrics, config = %file, "listening");
+    let _cluster_stop = cluster_stop.drop_guard();
+    tokio::spawn(signals(
+        shutdown.clone(),
+        daemon.reloader(),
+        daemon.hub().clone(),
+    ));
+    if let Some(listener) = metrics {
+        tokio::spawn(chatd::metrics::serve(
+            listener,
+            daemon.hub().clone(),
+            metrics_config,
+            shutdown.clone(),
+        ));
+    }
+    // Every listener is bound: connections queue in the backlog from here.
+    chatd::notify::ready();
+    let notifier = tokio::spawn(chatd::notify::run(daemon.hub().clone(), shutdown.clone()));
+    let hub = daemon.hub().clone();
+    daemon.run(listeners, shutdown).await;
+    let _ = notifier.await;
+    telemetry.shutdown().await;
+    if hub.handoff().committed() {
+        info!("stopped: the new process serves everyone");
+    } else {
+        info!("stopped");
+    }
+    Ok(())
+}
+
+/// Prepares the daemon on `listeners`: bans, admin tokens, the file limit,
+/// cluster mode, and, after an upgrade, the clients of the previous process.
+#[allow(clippy::too_many_arguments)]
+async fn prepare(
+    config: Config,
+    source: Source,
+    telemetry: &Telemetry,
+    listeners: &chatd::Listeners,
+    listener_copies: usize,
+    incoming: Option<&mut chatd::handoff::Incoming>,
+    cluster_stop: &CancellationToken,
+) -> anyhow::Result<Daemon> {
     let cluster = config.cluster.clone();
-    let file = source
-        .path()
-        .map_or("built-in defaults".to_string(), |p| p.display().to_string());
-    let metrics_addr = chatd::metrics::describe(metrics.as_ref());
     let max_clients = config.limits.max_clients;
-    let metrics_config = config.metrics.clone();
-    let daemon = Daemon::new(config, source, Some(telemetry.log_level()), &listeners)?;
+    let token = incoming.as_ref().and_then(|i| i.state.admin_token.clone());
+    let mut daemon = Daemon::with_admin_token(
+        config,
+        source,
+        Some(telemetry.log_level()),
+        listeners,
+        token,
+    )?;
     let files = chatd::server::raise_file_limit();
-    let capacity = chatd::server::client_capacity(files);
+    // The listener copies kept for upgrades are descriptors like any other.
+    let capacity = chatd::server::client_capacity(files).saturating_sub(listener_copies);
     if capacity < max_clients {
         warn!(
             open_files = files,
@@ -185,42 +279,78 @@ async fn serve(
     for path in daemon.generated_token_files() {
         info!(path = %path.display(), "no admin token configured: generated one for local use");
     }
+    if let Some(incoming) = incoming {
+        let clients = std::mem::take(&mut incoming.clients);
+        daemon.adopt(&incoming.state, clients);
+    }
     // Before "listening": with on_unreachable = "refuse", a node that cannot
     // reach NATS never serves. The cluster stops once chat has drained.
-    let cluster_stop = CancellationToken::new();
     if let Some(cluster) = &cluster {
         chatd::cluster::start(cluster, daemon.hub().clone(), cluster_stop.clone()).await?;
     }
-    info!(chat = %chat, tls = %tls, udp = %udp, admin = %admin, admin_socket = %admin_socket, metrics = %metrics_addr, config = %file, "listening");
-    let shutdown = CancellationToken::new();
-    let _cluster_stop = cluster_stop.drop_guard();
-    tokio::spawn(signals(shutdown.clone(), daemon.reloader()));
-    if let Some(listener) = metrics {
-        tokio::spawn(chatd::metrics::serve(
-            listener,
-            daemon.hub().clone(),
-            metrics_config,
-            shutdown.clone(),
-        ));
-    }
-    // Every listener is bound: connections queue in the backlog from here.
-    chatd::notify::ready();
-    let notifier = tokio::spawn(chatd::notify::run(daemon.hub().clone(), shutdown.clone()));
-    daemon.run(listeners, shutdown).await;
-    let _ = notifier.await;
-    telemetry.shutdown().await;
-    info!("stopped");
-    Ok(())
+    Ok(daemon)
+}
+
+/// Every listener's addresses, space-separated, "off" for none.
+struct Addrs {
+    chat: String,
+    tls: String,
+    udp: String,
+    admin: String,
+    admin_socket: String,
+    metrics: String,
+}
+
+fn describe(
+    listeners: &chatd::Listeners,
+    metrics: Option<&tokio::net::TcpListener>,
+) -> anyhow::Result<Addrs> {
+    let list = |addrs: Vec<std::io::Result<std::net::SocketAddr>>, what: &'static str| {
+        let addrs = addrs
+            .into_iter()
+            .map(|a| a.map(|a| a.to_string()))
+            .collect::<Result<Vec<_>, _>>()
+            .context(what)?;
+        anyhow::Ok(if addrs.is_empty() {
+            "off".to_string()
+        } else {
+            addrs.join(" ")
+        })
+    };
+    Ok(Addrs {
+        chat: list(
+            listeners.chat.iter().map(|l| l.local_addr()).collect(),
+            "chat listener",
+        )?,
+        tls: list(
+            listeners.tls.iter().map(|l| l.local_addr()).collect(),
+            "TLS chat listener",
+        )?,
+        udp: list(
+            listeners.udp.iter().map(|s| s.local_addr()).collect(),
+            "udp socket",
+        )?,
+        admin: list(
+            listeners.admin.tcp.iter().map(|l| l.local_addr()).collect(),
+            "admin listener",
+        )?,
+        admin_socket: match &listeners.admin.unix {
+            Some((_, path)) => path.display().to_string(),
+            None => "off".to_string(),
+        },
+        metrics: chatd::metrics::describe(metrics),
+    })
 }
 
 /// SIGINT or SIGTERM starts a graceful shutdown; a second one exits at once.
-/// SIGHUP reloads the configuration.
-async fn signals(shutdown: CancellationToken, reloader: Reloader) {
+/// SIGHUP reloads the configuration; SIGUSR2 upgrades (`chatd::handoff`).
+async fn signals(shutdown: CancellationToken, reloader: Reloader, hub: chatd::hub::Hub) {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut int), Ok(mut term), Ok(mut hup)) = (
+    let (Ok(mut int), Ok(mut term), Ok(mut hup), Ok(mut usr2)) = (
         signal(SignalKind::interrupt()),
         signal(SignalKind::terminate()),
         signal(SignalKind::hangup()),
+        signal(SignalKind::user_defined2()),
     ) else {
         warn!("cannot install signal handlers; stop chatd with SIGKILL");
         return;
@@ -230,6 +360,10 @@ async fn signals(shutdown: CancellationToken, reloader: Reloader) {
             _ = int.recv() => break,
             _ = term.recv() => break,
             _ = hup.recv() => reload(&reloader).await,
+            _ = usr2.recv() => {
+                tokio::spawn(upgrade(hub.clone()));
+            }
+            () = shutdown.cancelled() => return,
         }
     }
     info!("signal received: shutting down (send it again to exit at once)");
@@ -240,6 +374,17 @@ async fn signals(shutdown: CancellationToken, reloader: Reloader) {
     }
     warn!("second signal: exiting now");
     std::process::exit(130);
+}
+
+/// SIGUSR2: the same as the admin API's `Upgrade`; the outcome is logged.
+async fn upgrade(hub: chatd::hub::Hub) {
+    let Some(upgrader) = hub.handoff().upgrader().cloned() else {
+        return;
+    };
+    info!("SIGUSR2: upgrading");
+    if let Err(e) = upgrader.upgrade(&hub).await {
+        error!(error = %e, "SIGUSR2: upgrade failed; this process serves on");
+    }
 }
 
 /// SIGHUP: the same as the admin API's `Reload`; the outcome is logged, and

@@ -108,5 +108,15 @@ pub async fn run(hub: Hub, shutdown: CancellationToken) {
             () = tokio::time::sleep(every) => {}
         }
     }
-    stopping();
+    // After a seamless upgrade the new process is the service: saying
+    // STOPPING now would stop it.
+    if !hub.handoff().committed() {
+        stopping();
+    }
+}
+
+/// The service's main process is now `pid` (a seamless upgrade handed over
+/// to it): systemd follows that process from here.
+pub fn main_pid(pid: u32) {
+    send("main pid", &[NotifyState::MainPid(pid)]);
 }

@@ -275,6 +275,19 @@ impl Outbox {
         self.lock().owed
     }
 
+    /// Wakes the connection task without queueing anything, so that it
+    /// looks at the upgrade gate (see [`crate::handoff`]).
+    pub fn wake_task(&self) {
+        wake(self.lock());
+    }
+
+    /// Continues the totals of a client handed over by another process.
+    pub fn restore_totals(&self, lines_out: u64, bytes_out: u64) {
+        let mut s = self.lock();
+        s.lines_out = lines_out;
+        s.bytes_out = bytes_out;
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         crate::lock::lock(&self.state)
     }

@@ -44,6 +44,20 @@ impl TokenBucket {
         self.refill(rate, burst, now);
         self.tokens >= f64::from(burst)
     }
+
+    /// The tokens left and how long ago the bucket was last refilled: what
+    /// another process needs to continue it ([`TokenBucket::resume`]).
+    pub fn export(&self, now: Instant) -> (f64, std::time::Duration) {
+        (self.tokens, now.saturating_duration_since(self.last))
+    }
+
+    /// A bucket continuing one exported `age` ago.
+    pub fn resume(tokens: f64, age: std::time::Duration, now: Instant) -> Self {
+        Self {
+            tokens,
+            last: now.checked_sub(age).unwrap_or(now),
+        }
+    }
 }
 
 #[cfg(test)]

@@ -123,6 +123,7 @@ fn reloadable(key: &str) -> bool {
             key,
             "server.name"
                 | "server.motd"
+                | "server.upgrade_notice"
                 | "server.state_dir"
                 | "chat.default_room"
                 | "chat.history"

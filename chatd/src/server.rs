@@ -37,6 +37,21 @@ pub struct Listeners {
     pub admin: AdminListeners,
 }
 
+impl Listeners {
+    /// No socket at all.
+    pub fn empty() -> Listeners {
+        Listeners {
+            chat: Vec::new(),
+            tls: Vec::new(),
+            udp: Vec::new(),
+            admin: AdminListeners {
+                tcp: Vec::new(),
+                unix: None,
+            },
+        }
+    }
+}
+
 /// Why a listener could not be opened; names the config key to change.
 #[derive(Debug, thiserror::Error)]
 #[error("cannot listen on {addr} (`{key}`): {source}")]
@@ -257,6 +272,17 @@ pub struct Daemon {
     admin: Option<AdminSetup>,
     certs: Certs,
     grace: Duration,
+    /// Clients handed over by the previous process, served from the start.
+    adopted: Vec<Adopted>,
+}
+
+/// A client taken over from the previous process (seamless upgrade).
+#[derive(Debug)]
+struct Adopted {
+    stream: TcpStream,
+    client: std::sync::Arc<crate::hub::Client>,
+    room: std::sync::Arc<crate::hub::Room>,
+    state: crate::handoff::ClientState,
 }
 
 /// How long the admin API may take to finish its last calls at exit.
@@ -272,11 +298,23 @@ impl Daemon {
         log: Option<LogLevel>,
         listeners: &Listeners,
     ) -> Result<Daemon, StartError> {
+        Daemon::with_admin_token(config, source, log, listeners, None)
+    }
+
+    /// [`Daemon::new`], keeping `token` as the generated admin token when
+    /// none is configured (the previous process's, after an upgrade).
+    pub fn with_admin_token(
+        config: Config,
+        source: Source,
+        log: Option<LogLevel>,
+        listeners: &Listeners,
+        token: Option<String>,
+    ) -> Result<Daemon, StartError> {
         let bans = Bans::load(&config.server.state_dir)?;
         let admin = config
             .admin
             .as_ref()
-            .map(|c| AdminSetup::prepare(c, &listeners.admin.addrs()))
+            .map(|c| AdminSetup::prepare_with(c, &listeners.admin.addrs(), token.clone()))
             .transpose()?;
         let certs = Certs::default();
         if let Some(files) = &config.chat.tls {
@@ -291,7 +329,39 @@ impl Daemon {
             admin,
             certs,
             grace,
+            adopted: Vec::new(),
         })
+    }
+
+    /// The generated admin token, when none is configured: handed to the
+    /// next process at an upgrade so that it stays valid.
+    pub fn generated_admin_token(&self) -> Option<String> {
+        self.admin.as_ref().and_then(AdminSetup::generated_secret)
+    }
+
+    /// Takes over clients from the previous process: rooms and history
+    /// first, then each client with what it was owed and, when
+    /// `server.upgrade_notice` is set, that one line. Nothing is read or
+    /// written until [`Daemon::run`].
+    pub fn adopt(
+        &mut self,
+        state: &crate::handoff::State,
+        clients: Vec<(crate::handoff::ClientState, TcpStream)>,
+    ) {
+        self.hub.restore(state);
+        let notice = self.hub.config().server.upgrade_notice.clone();
+        for (state, stream) in clients {
+            let (client, room) = self.hub.adopt(&state);
+            if !notice.is_empty() {
+                client.notice(&notice, usize::MAX);
+            }
+            self.adopted.push(Adopted {
+                stream,
+                client,
+                room,
+                state,
+            });
+        }
     }
 
     pub fn hub(&self) -> &Hub {
@@ -334,7 +404,20 @@ impl Daemon {
             },
             ..listeners
         };
+        let tracker_adopted = TaskTracker::new();
+        for a in self.adopted {
+            tracker_adopted.spawn(crate::connection::resume(
+                a.stream,
+                a.client,
+                a.room,
+                a.state,
+                self.hub.clone(),
+            ));
+        }
+        tracker_adopted.close();
         serve(chat, self.hub, self.certs, shutdown, self.grace).await;
+        // `serve` closed the hub: adopted clients are leaving like the others.
+        let _ = tokio::time::timeout(self.grace, tracker_adopted.wait()).await;
         admin_stop.cancel();
         tracker.close();
         if tokio::time::timeout(ADMIN_STOP, tracker.wait())
@@ -398,6 +481,12 @@ async fn accept_loop(
     loop {
         let accepted = tokio::select! {
             () = shutdown.cancelled() => return,
+            // A seamless upgrade: new connections wait in the backlog for
+            // whichever process serves next.
+            () = hub.handoff().frozen() => match hub.handoff().settled().await {
+                crate::handoff::Outcome::Resumed => continue,
+                crate::handoff::Outcome::Committed => return,
+            },
             accepted = listener.accept() => accepted,
         };
         match accepted {

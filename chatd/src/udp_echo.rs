@@ -31,6 +31,12 @@ pub async fn run(socket: UdpSocket, hub: Hub, shutdown: CancellationToken) {
     loop {
         let (n, from) = tokio::select! {
             () = shutdown.cancelled() => return,
+            // A seamless upgrade: datagrams wait in the socket for
+            // whichever process serves next.
+            () = hub.handoff().frozen() => match hub.handoff().settled().await {
+                crate::handoff::Outcome::Resumed => continue,
+                crate::handoff::Outcome::Committed => return,
+            },
             r = socket.recv_from(&mut buf) => match r {
                 Ok(got) => got,
                 // ICMP errors from earlier sends surface here; they concern

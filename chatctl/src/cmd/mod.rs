@@ -10,6 +10,7 @@ pub mod nodes;
 pub mod reload;
 pub mod rooms;
 pub mod stats;
+pub mod upgrade;
 pub mod watch;
 
 use std::future::Future;

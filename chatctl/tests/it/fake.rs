@@ -199,6 +199,13 @@ impl Admin for Fake {
             "limits.max_clients: must be at least 1, got 0",
         ))
     }
+
+    async fn upgrade(&self, request: Request<pb::UpgradeRequest>) -> Reply<pb::UpgradeResponse> {
+        authorise(&request)?;
+        Err(Status::failed_precondition(
+            "the new process failed: chatd: invalid configuration",
+        ))
+    }
 }
 
 /// Serves the stand-in on a fresh port; returns its endpoint.

@@ -15,6 +15,7 @@ mod cluster;
 mod report;
 mod scenario;
 mod server;
+mod upgrade;
 
 use std::collections::BTreeMap;
 use std::process::ExitCode;
@@ -99,6 +100,11 @@ struct Args {
     /// Internal: one load process of the cluster storm (ADDR/COUNT).
     #[arg(long, hide = true)]
     storm_worker: Option<String>,
+    /// Instead of the scenarios: the longest delivery pause during a
+    /// seamless upgrade (SIGUSR2) under steady load, with --clients
+    /// (default 10000) and --rate lines/s per room of 100 (default 5).
+    #[arg(long)]
+    upgrade: bool,
     /// Passed by `cargo bench`; ignored.
     #[arg(long, hide = true)]
     bench: bool,
@@ -187,6 +193,10 @@ fn main() -> ExitCode {
 }
 
 async fn run(args: Args) -> anyhow::Result<ExitCode> {
+    if args.upgrade {
+        let rate = args.rate.filter(|r| *r > 0.0).unwrap_or(5.0);
+        return upgrade::run(args.clients.unwrap_or(10_000).max(2 * 100), rate).await;
+    }
     client::init_epoch();
     if let Some(spec) = &args.storm_worker {
         cluster::storm_worker(spec).await?;

@@ -88,6 +88,7 @@ fn reason(d: &Disconnect) -> (pb::DisconnectReason, String) {
         Disconnect::Error => (R::Closed, d.to_string()),
         Disconnect::Kicked(why) => (R::Kicked, why.clone()),
         Disconnect::Banned(why) => (R::Banned, why.clone()),
+        Disconnect::Handoff => (R::Closed, d.to_string()),
         Disconnect::SlowConsumer => (R::SlowConsumer, String::new()),
         Disconnect::Flood => (R::Flood, String::new()),
         Disconnect::Idle => (R::Idle, String::new()),

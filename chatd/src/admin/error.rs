@@ -14,6 +14,8 @@ pub enum AdminError {
     Ban(#[from] BanError),
     #[error(transparent)]
     Reload(#[from] ReloadError),
+    #[error(transparent)]
+    Upgrade(#[from] crate::handoff::UpgradeError),
     /// The request itself is malformed.
     #[error("{0}")]
     BadRequest(String),
@@ -39,6 +41,8 @@ impl From<AdminError> for Status {
                 | BanError::UnsafeDir { .. },
             )
             | AdminError::Internal(_) => Status::internal(message),
+            AdminError::Upgrade(crate::handoff::UpgradeError::Busy) => Status::aborted(message),
+            AdminError::Upgrade(_) => Status::failed_precondition(message),
         }
     }
 }

@@ -102,6 +102,7 @@ pub struct AdminSetup {
     tcp_server: Server,
     limits: conn::ConnLimits,
     generated: Vec<PathBuf>,
+    generated_secret: Option<String>,
 }
 
 impl std::fmt::Debug for AdminSetup {
@@ -127,11 +128,26 @@ impl AdminSetup {
         config: &AdminConfig,
         addrs: &[chatd_proto::AdminAddr],
     ) -> Result<AdminSetup, SetupError> {
+        Self::prepare_with(config, addrs, None)
+    }
+
+    /// [`AdminSetup::prepare`], with `given` as the generated token instead
+    /// of a new one (a seamless upgrade keeps the previous process's).
+    pub fn prepare_with(
+        config: &AdminConfig,
+        addrs: &[chatd_proto::AdminAddr],
+        given: Option<String>,
+    ) -> Result<AdminSetup, SetupError> {
         let mut tokens = config.tokens.clone();
         let mut generated = Vec::new();
+        let mut generated_secret = None;
         if tokens.is_empty() {
             let dir = chatd_proto::default_token_write_dir();
-            let secret = generate_token()?;
+            let secret = match given {
+                Some(secret) => secret,
+                None => generate_token()?,
+            };
+            generated_secret = Some(secret.clone());
             for addr in addrs {
                 let path = dir.join(addr.file_name());
                 write_token(&path, &chatd_proto::token::token_file_text(&secret, addr)).map_err(
@@ -179,7 +195,13 @@ impl AdminSetup {
                 idle_timeout: config.idle_timeout,
             },
             generated,
+            generated_secret,
         })
+    }
+
+    /// The generated token's secret, when none is configured.
+    pub fn generated_secret(&self) -> Option<String> {
+        self.generated_secret.clone()
     }
 
     /// Where the generated token was written (once per admin address), when
@@ -276,6 +298,7 @@ pub async fn serve(
         .build_v1alpha()
         .inspect_err(|e| error!(error = %e, "server reflection (v1alpha) is off"))
         .ok();
+    let hub_for_socket = hub.clone();
     let admin = AdminServer::new(AdminService::new(hub, reloader, shutdown.clone()));
     let limits = setup.limits;
     let router = |server: Server| {
@@ -307,6 +330,10 @@ pub async fn serve(
             .await;
         if let Err(e) = result {
             error!(error = %error_chain(&e), "admin API (UNIX socket) failed");
+        }
+        // After a seamless upgrade the new process serves this socket.
+        if hub_for_socket.handoff().committed() {
+            return;
         }
         if let Err(e) = std::fs::remove_file(&path) {
             warn!(path = %path.display(), error = %e, "cannot remove the admin socket");

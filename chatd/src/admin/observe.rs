@@ -100,6 +100,7 @@ const KNOWN: &[(&str, &[&str])] = &[
             "WatchEvents",
             "Reload",
             "ListNodes",
+            "Upgrade",
         ],
     ),
     ("grpc.health.v1.Health", &["Check", "Watch"]),

@@ -650,6 +650,29 @@ impl Admin for AdminService {
             restart_required: report.restart_required,
         }))
     }
+
+    async fn upgrade(&self, request: Request<pb::UpgradeRequest>) -> Reply<pb::UpgradeResponse> {
+        let by = who(&request);
+        let upgrader = self
+            .hub
+            .handoff()
+            .upgrader()
+            .cloned()
+            .ok_or(AdminError::Upgrade(
+                crate::handoff::UpgradeError::Unavailable,
+            ))?;
+        info!(by, "admin: upgrade");
+        let done = upgrader
+            .upgrade(&self.hub)
+            .await
+            .map_err(AdminError::from)?;
+        Ok(Response::new(pb::UpgradeResponse {
+            new_pid: done.pid,
+            duration_ms: done.duration.as_millis() as u64,
+            clients: done.clients as u64,
+            tls_clients_closed: done.dropped_tls as u64,
+        }))
+    }
 }
 
 #[cfg(test)]

@@ -14,3 +14,4 @@ mod safety;
 mod service;
 mod support;
 mod udp;
+mod upgrade;

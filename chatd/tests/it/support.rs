@@ -253,8 +253,28 @@ impl TestServer {
         )
     }
 
+    /// The process serving now: the one started, or the last one a
+    /// seamless upgrade handed over to (it logs to the same stderr).
     pub fn pid(&self) -> u32 {
-        self.child.id()
+        self.successors().last().copied().unwrap_or(self.child.id())
+    }
+
+    /// Processes that took over from this one by seamless upgrades, oldest
+    /// first.
+    pub fn successors(&self) -> Vec<u32> {
+        self.logged("upgrade: handed over to the new process")
+            .iter()
+            .filter_map(|v| v["pid"].as_u64())
+            .map(|p| p as u32)
+            .collect()
+    }
+
+    /// Starts the daemon from `binary` (a copy that a test may replace, as
+    /// a package upgrade would) instead of the built one.
+    pub fn spawn_binary(binary: &Path, config: Option<&Path>, env: &[(&str, &str)]) -> TestServer {
+        let mut cmd = Command::new(binary);
+        let dir = Self::prepare(&mut cmd, config, env);
+        Self::launch(cmd, dir)
     }
 
     pub async fn connect(&self) -> Client {
@@ -343,6 +363,12 @@ impl Drop for TestServer {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        // Successors are not our children: stop them by pid.
+        for pid in self.successors() {
+            if let Some(pid) = rustix::process::Pid::from_raw(pid as i32) {
+                let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
+            }
+        }
     }
 }
 
@@ -387,6 +413,12 @@ impl Client {
             reader: AsyncBufReader::new(r),
             writer: w,
         }
+    }
+
+    /// The reading and writing halves, for a client that reads and writes
+    /// at once.
+    pub fn into_parts(self) -> (AsyncBufReader<OwnedReadHalf>, OwnedWriteHalf) {
+        (self.reader, self.writer)
     }
 
     /// This end's address (the daemon sees it as the peer).

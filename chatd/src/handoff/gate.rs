@@ -1,0 +1,185 @@
+//! The old process's side of the freeze: how every task that touches a
+//! socket (accept loops, UDP echo, each connection) learns that a handoff
+//! has begun, stops at a clean point, and learns how it ended.
+//!
+//! Steps, driven by [`crate::handoff::Upgrader`]: **freeze** (accept loops
+//! and UDP stop waiting on their sockets; each connection stops before its
+//! next read and parks), **collect** (every parked connection, once all of
+//! them are parked so that no more lines are published, moves its outbox
+//! into its state and hands it over), then **resume** (the new process
+//! failed: everyone continues exactly where it stopped) or **commit** (the
+//! new process serves: everyone drops its copy of its socket, closing
+//! nothing).
+
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+use tokio::sync::{Notify, mpsc, watch};
+
+use super::Export;
+
+/// Where the handoff stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Step {
+    Running,
+    Frozen,
+    Collect,
+    Committed,
+}
+
+/// How a freeze ended, for the tasks that waited it out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Carry on serving.
+    Resumed,
+    /// The new process has everything: stop without closing anything.
+    Committed,
+}
+
+#[derive(Debug)]
+pub struct Gate {
+    /// The hot path's cheap look: set from freeze to resume.
+    frozen: AtomicBool,
+    step: watch::Sender<Step>,
+    parked: AtomicUsize,
+    parked_changed: Notify,
+    exports: Mutex<Option<mpsc::UnboundedSender<Export>>>,
+    /// How this process upgrades itself, when it can (set by `main`).
+    upgrader: std::sync::OnceLock<super::Upgrader>,
+}
+
+impl Default for Gate {
+    fn default() -> Self {
+        Gate {
+            frozen: AtomicBool::new(false),
+            step: watch::Sender::new(Step::Running),
+            parked: AtomicUsize::new(0),
+            parked_changed: Notify::new(),
+            exports: Mutex::new(None),
+            upgrader: std::sync::OnceLock::new(),
+        }
+    }
+}
+
+impl Gate {
+    /// Makes upgrades available (SIGUSR2, the admin API's `Upgrade`).
+    pub fn set_upgrader(&self, upgrader: super::Upgrader) {
+        let _ = self.upgrader.set(upgrader);
+    }
+
+    pub fn upgrader(&self) -> Option<&super::Upgrader> {
+        self.upgrader.get()
+    }
+
+    /// Whether a connection must stop before its next read.
+    pub fn is_frozen(&self) -> bool {
+        self.frozen.load(Ordering::Acquire)
+    }
+
+    /// Resolves once a freeze begins (at once if one is on). For the
+    /// `select!` of tasks that wait on a socket.
+    pub async fn frozen(&self) {
+        let mut rx = self.step.subscribe();
+        let _ = rx.wait_for(|s| *s != Step::Running).await;
+    }
+
+    /// Waits out a freeze.
+    pub async fn settled(&self) -> Outcome {
+        let mut rx = self.step.subscribe();
+        let mut outcome = Outcome::Resumed;
+        let _ = rx
+            .wait_for(|s| match s {
+                Step::Running => true,
+                Step::Committed => {
+                    outcome = Outcome::Committed;
+                    true
+                }
+                _ => false,
+            })
+            .await;
+        outcome
+    }
+
+    /// A connection's part: parks, hands over `export()` when asked (once
+    /// every connection is parked), and returns how the handoff ended.
+    /// `export` also runs when the handoff is abandoned before collecting;
+    /// it must leave the connection able to continue.
+    pub async fn park(&self, export: impl FnOnce() -> Export) -> Outcome {
+        let mut rx = self.step.subscribe();
+        self.parked.fetch_add(1, Ordering::AcqRel);
+        self.parked_changed.notify_waiters();
+        let mut export = Some(export);
+        let outcome = loop {
+            let step = *rx.borrow_and_update();
+            match step {
+                Step::Running => break Outcome::Resumed,
+                Step::Committed => break Outcome::Committed,
+                Step::Collect => {
+                    if let Some(export) = export.take() {
+                        let sender = crate::lock::lock(&self.exports).clone();
+                        if let Some(sender) = sender {
+                            let _ = sender.send(export());
+                        }
+                    }
+                }
+                Step::Frozen => {}
+            }
+            if rx.changed().await.is_err() {
+                break Outcome::Resumed;
+            }
+        };
+        self.parked.fetch_sub(1, Ordering::AcqRel);
+        self.parked_changed.notify_waiters();
+        outcome
+    }
+
+    /// Connections parked now.
+    pub fn parked(&self) -> usize {
+        self.parked.load(Ordering::Acquire)
+    }
+
+    /// Waits until `enough()` holds, re-checking at every park and unpark.
+    pub async fn wait_parked(&self, enough: impl Fn(usize) -> bool) {
+        loop {
+            let changed = self.parked_changed.notified();
+            if enough(self.parked()) {
+                return;
+            }
+            // A timer as well: connections can also leave the hub without
+            // parking (they were already closing).
+            tokio::select! {
+                () = changed => {}
+                () = tokio::time::sleep(std::time::Duration::from_millis(20)) => {}
+            }
+        }
+    }
+
+    pub(super) fn freeze(&self) {
+        self.frozen.store(true, Ordering::Release);
+        self.step.send_replace(Step::Frozen);
+    }
+
+    pub(super) fn collect(&self) -> mpsc::UnboundedReceiver<Export> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        *crate::lock::lock(&self.exports) = Some(tx);
+        self.step.send_replace(Step::Collect);
+        rx
+    }
+
+    pub(super) fn resume(&self) {
+        *crate::lock::lock(&self.exports) = None;
+        self.frozen.store(false, Ordering::Release);
+        self.step.send_replace(Step::Running);
+    }
+
+    pub(super) fn commit(&self) {
+        *crate::lock::lock(&self.exports) = None;
+        self.step.send_replace(Step::Committed);
+    }
+
+    /// Whether this process has handed everything to a new one: it must
+    /// then remove nothing the new one uses (the admin socket file).
+    pub fn committed(&self) -> bool {
+        *self.step.borrow() == Step::Committed
+    }
+}

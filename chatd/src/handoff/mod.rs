@@ -1,0 +1,651 @@
+//! Seamless upgrade: this process hands its listeners, every client socket
+//! and every client's state to a new chatd process, which carries on where
+//! it stopped. Nobody is disconnected; nothing a client sent or is owed is
+//! lost or repeated.
+//!
+//! - [`gate`]: the freeze inside the old process (accept loops, UDP, every
+//!   connection stop at a clean point and wait for the outcome);
+//! - [`state`]: the versioned state document;
+//! - [`wire`]: JSON frames with descriptors (`SCM_RIGHTS`) over a UNIX
+//!   socket;
+//! - [`Upgrader`] (here): the old process's side, from starting the new
+//!   binary to commit or rollback; [`receive`] and [`Incoming`]: the new
+//!   process's side.
+//!
+//! The exchange, on a private UNIX socket whose path the new process gets in
+//! `HANDOFF_FROM_CHATD` (and whose peer must be the process just started):
+//!
+//! ```text
+//! old                                   new (same binary path, args, env)
+//!  freeze, collect                       load config (an error: exit 1)
+//!  ── Hello + old stderr ─────────────▶  log to the old process's stderr
+//!  ── State + listeners + clients ────▶  rebuild hub, rooms, history;
+//!                                        prepare admin, cluster
+//!  ◀──────────────────── Ready / Failed
+//!  MAINPID=new
+//!  ── Commit ─────────────────────────▶  MAINPID=self, READY=1; serve
+//!  drop its copies, exit                 
+//! ```
+//!
+//! Until `Commit`, the new process touches no socket, so when it fails
+//! (exits, says `Failed`, or stays silent past [`READY_TIMEOUT`]) the old
+//! one resumes every connection exactly where it parked.
+
+pub mod gate;
+pub mod state;
+pub mod wire;
+
+use std::ffi::OsString;
+use std::io;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::process::Command;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::admin::AdminListeners;
+use crate::hub::Hub;
+use crate::server::Listeners;
+pub use gate::{Gate, Outcome};
+pub use state::{ClientState, ListenerKind, State};
+
+/// The variable that tells a starting chatd to take over from a running
+/// one, and where to ask. Not `CHATD_…`: those are config keys.
+pub const HANDOFF_ENV: &str = "HANDOFF_FROM_CHATD";
+/// How long connections have to park.
+const FREEZE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long the new process has, from its start, to say it is ready.
+pub const READY_TIMEOUT: Duration = Duration::from_secs(30);
+/// How much of the new process's stderr is kept for the error message.
+const STDERR_TAIL: usize = 4096;
+
+/// One parked connection's contribution: its state and, for a plain TCP
+/// client, a copy of its socket. A TLS client has none: its session keys
+/// live in this process's rustls state and cannot be exported, so it is
+/// told to reconnect at commit.
+#[derive(Debug)]
+pub struct Export {
+    pub state: ClientState,
+    pub fd: Option<OwnedFd>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+enum ToNew {
+    /// Carries the old process's stderr.
+    Hello,
+    /// The state document (any version) and its descriptors.
+    State {
+        fds: usize,
+        state: serde_json::Value,
+    },
+    Commit,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+enum ToOld {
+    Ready { pid: u32 },
+    Failed { error: String },
+}
+
+/// A finished upgrade.
+#[derive(Debug, Clone)]
+pub struct Upgraded {
+    pub pid: u32,
+    pub duration: Duration,
+    /// Clients handed over.
+    pub clients: usize,
+    /// TLS clients, which cannot be handed over and were asked to
+    /// reconnect.
+    pub dropped_tls: usize,
+}
+
+/// Why an upgrade did not happen; the old process serves on in every case.
+#[derive(Debug, thiserror::Error)]
+pub enum UpgradeError {
+    #[error("an upgrade is already in progress")]
+    Busy,
+    #[error("upgrades are not available in this process")]
+    Unavailable,
+    #[error(
+        "chatd is process 1 (a container's init): its exit after the handoff would stop the \
+         container and the new process with it; replace the container instead"
+    )]
+    Pid1,
+    #[error("connections did not stop within {0:?}; nothing was handed over")]
+    Freeze(Duration),
+    #[error("cannot prepare the handoff socket {}: {source}", path.display())]
+    Channel { path: PathBuf, source: io::Error },
+    #[error("cannot start {}: {source}", exe.display())]
+    Spawn { exe: PathBuf, source: io::Error },
+    #[error("the new process failed: {0}")]
+    NewProcess(String),
+    #[error("the new process did not become ready within {0:?}{1}")]
+    Timeout(Duration, String),
+    #[error(
+        "not enough file descriptors for the handoff: {open} open, {needed} more needed \
+         (a copy of each client's socket), limit {limit}; raise LimitNOFILE / ulimit -n"
+    )]
+    Descriptors { open: u64, needed: u64, limit: u64 },
+    #[error("handoff failed: {0}")]
+    Io(#[from] io::Error),
+}
+
+/// The old process's side: everything needed to start a successor and hand
+/// it this process's sockets. Made once at start; cheap to clone.
+#[derive(Clone, Debug)]
+pub struct Upgrader {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    exe: PathBuf,
+    args: Vec<OsString>,
+    runtime_dir: PathBuf,
+    listeners: Vec<(ListenerKind, OwnedFd)>,
+    admin_token: Option<String>,
+    /// Cancelled at commit: this process then stops as after a signal,
+    /// having nobody left to serve.
+    shutdown: CancellationToken,
+    busy: tokio::sync::Mutex<()>,
+}
+
+impl Upgrader {
+    /// `exe` and `args` as resolved at start (so a package upgrade that
+    /// replaced the file is what starts); `runtime_dir` a private directory
+    /// for the handoff socket; `listeners` copies of every listening socket
+    /// with what it serves.
+    pub fn new(
+        exe: PathBuf,
+        args: Vec<OsString>,
+        runtime_dir: PathBuf,
+        listeners: Vec<(ListenerKind, OwnedFd)>,
+        admin_token: Option<String>,
+        shutdown: CancellationToken,
+    ) -> Upgrader {
+        Upgrader {
+            inner: Arc::new(Inner {
+                exe,
+                args,
+                runtime_dir,
+                listeners,
+                admin_token,
+                shutdown,
+                busy: tokio::sync::Mutex::new(()),
+            }),
+        }
+    }
+
+    /// Copies of `listeners`' sockets, tagged, for [`Upgrader::new`].
+    pub fn listener_copies(
+        listeners: &Listeners,
+        metrics: Option<&tokio::net::TcpListener>,
+    ) -> io::Result<Vec<(ListenerKind, OwnedFd)>> {
+        let mut out = Vec::new();
+        let mut add = |kind, fd: BorrowedFd<'_>| -> io::Result<()> {
+            out.push((kind, fd.try_clone_to_owned()?));
+            Ok(())
+        };
+        for l in &listeners.chat {
+            add(ListenerKind::Chat, l.as_fd())?;
+        }
+        for l in &listeners.tls {
+            add(ListenerKind::Tls, l.as_fd())?;
+        }
+        for s in &listeners.udp {
+            add(ListenerKind::Udp, s.as_fd())?;
+        }
+        for l in &listeners.admin.tcp {
+            add(ListenerKind::Admin, l.as_fd())?;
+        }
+        if let Some((l, path)) = &listeners.admin.unix {
+            add(ListenerKind::AdminUnix(path.clone()), l.as_fd())?;
+        }
+        if let Some(l) = metrics {
+            add(ListenerKind::Metrics, l.as_fd())?;
+        }
+        Ok(out)
+    }
+
+    /// Starts the binary at this process's path and hands everything over;
+    /// on success this process is about to exit. On failure every
+    /// connection resumes where it stopped, and the error carries what the
+    /// new process said.
+    pub async fn upgrade(&self, hub: &Hub) -> Result<Upgraded, UpgradeError> {
+        let _busy = self.inner.busy.try_lock().map_err(|_| UpgradeError::Busy)?;
+        if std::process::id() == 1 {
+            return Err(UpgradeError::Pid1);
+        }
+        check_descriptors(hub.client_count())?;
+        let started = Instant::now();
+        let gate = hub.handoff();
+        info!(exe = %self.inner.exe.display(), "upgrade: stopping connections");
+        gate.freeze();
+        hub.wake_connections();
+        let result = self.hand_over(hub, started).await;
+        match &result {
+            Ok(done) => {
+                gate.commit();
+                info!(
+                    pid = done.pid,
+                    clients = done.clients,
+                    tls_clients_closed = done.dropped_tls,
+                    duration_ms = done.duration.as_millis() as u64,
+                    "upgrade: handed over to the new process; exiting"
+                );
+                self.inner.shutdown.cancel();
+            }
+            Err(e) => {
+                gate.resume();
+                warn!(error = %e, "upgrade failed; serving on");
+                // The next upgrade starts from a clean gate.
+                let _ = tokio::time::timeout(FREEZE_TIMEOUT, gate.wait_parked(|n| n == 0)).await;
+            }
+        }
+        result
+    }
+
+    async fn hand_over(&self, hub: &Hub, started: Instant) -> Result<Upgraded, UpgradeError> {
+        let gate = hub.handoff();
+        let all_parked = gate.wait_parked(|n| n >= hub.client_count());
+        if tokio::time::timeout(FREEZE_TIMEOUT, all_parked)
+            .await
+            .is_err()
+        {
+            return Err(UpgradeError::Freeze(FREEZE_TIMEOUT));
+        }
+        let mut exports_rx = gate.collect();
+        let mut exports = Vec::new();
+        let deadline = tokio::time::Instant::now() + FREEZE_TIMEOUT;
+        while exports.len() < hub.client_count() {
+            match tokio::time::timeout_at(deadline, exports_rx.recv()).await {
+                Ok(Some(export)) => exports.push(export),
+                Ok(None) | Err(_) => return Err(UpgradeError::Freeze(FREEZE_TIMEOUT)),
+            }
+        }
+        let (clients, fds): (Vec<ClientState>, Vec<OwnedFd>) = exports
+            .into_iter()
+            .filter_map(|e| e.fd.map(|fd| (e.state, fd)))
+            .unzip();
+        let dropped_tls = hub.client_count().saturating_sub(clients.len());
+        let state = State {
+            version: state::CURRENT,
+            listeners: self
+                .inner
+                .listeners
+                .iter()
+                .map(|(k, _)| k.clone())
+                .collect(),
+            next_id: hub.next_client_id(),
+            rooms: hub.export_rooms(),
+            clients,
+            admin_token: self.inner.admin_token.clone(),
+        };
+        let handed = state.clients.len();
+        let state = serde_json::to_value(&state).map_err(io::Error::other)?;
+
+        // A private socket, in a 0700 directory, for this one exchange.
+        let path = self
+            .inner
+            .runtime_dir
+            .join(format!("handoff-{}.sock", std::process::id()));
+        let channel = (|| {
+            crate::files::create_private_dir(&self.inner.runtime_dir)?;
+            let _ = std::fs::remove_file(&path);
+            let listener = std::os::unix::net::UnixListener::bind(&path)?;
+            listener.set_nonblocking(true)?;
+            tokio::net::UnixListener::from_std(listener)
+        })()
+        .map_err(|source| UpgradeError::Channel {
+            path: path.clone(),
+            source,
+        })?;
+        let _remove = RemoveOnDrop(path.clone());
+
+        let mut child = Command::new(&self.inner.exe)
+            .args(&self.inner.args)
+            .env(HANDOFF_ENV, &path)
+            .stdin(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .kill_on_drop(false)
+            .spawn()
+            .map_err(|source| UpgradeError::Spawn {
+                exe: self.inner.exe.clone(),
+                source,
+            })?;
+        let pid = child.id().unwrap_or(0);
+        let tail = Arc::new(Mutex::new(Vec::new()));
+        let forward = child
+            .stderr
+            .take()
+            .map(|e| tokio::spawn(forward_stderr(e, tail.clone())));
+        let failed = |why: Option<String>| {
+            let tail = tail.clone();
+            async move {
+                if let Some(f) = forward {
+                    let _ = tokio::time::timeout(Duration::from_secs(1), f).await;
+                }
+                let said = String::from_utf8_lossy(&crate::lock::lock(&tail))
+                    .trim()
+                    .to_string();
+                // The last line is the error; earlier ones are logs.
+                let last = said.lines().last().unwrap_or_default().to_string();
+                match why {
+                    Some(why) => why,
+                    None if last.is_empty() => "it exited before it was ready".to_string(),
+                    None => last,
+                }
+            }
+        };
+
+        let listener_fds: Vec<&OwnedFd> = self.inner.listeners.iter().map(|(_, fd)| fd).collect();
+        let exchange = async {
+            let (sock, _) = channel.accept().await?;
+            let sock = sock.into_std()?;
+            check_peer(&sock, pid)?;
+            sock.set_nonblocking(false)?;
+            sock.set_read_timeout(Some(READY_TIMEOUT))?;
+            sock.set_write_timeout(Some(READY_TIMEOUT))?;
+            let mut all: Vec<BorrowedFd<'_>> = listener_fds.iter().map(|f| f.as_fd()).collect();
+            all.extend(fds.iter().map(|f| f.as_fd()));
+            let stderr = io::stderr();
+            // Blocking writes of a few megabytes at most, answered by a
+            // process that reads them at once.
+            tokio::task::block_in_place(|| {
+                wire::send(&sock, &ToNew::Hello, &[stderr.as_fd()])?;
+                wire::send(
+                    &sock,
+                    &ToNew::State {
+                        fds: all.len(),
+                        state,
+                    },
+                    &all,
+                )?;
+                let (reply, _) = wire::recv::<ToOld>(&sock, |_| 0)?;
+                io::Result::Ok((sock, reply))
+            })
+        };
+        let outcome = tokio::select! {
+            r = tokio::time::timeout(READY_TIMEOUT, exchange) => r,
+            status = child.wait() => {
+                let status = status.map(|s| s.to_string()).unwrap_or_default();
+                let why = failed(None).await;
+                return Err(UpgradeError::NewProcess(if why.is_empty() { status } else { why }));
+            }
+        };
+        let (sock, reply) = match outcome {
+            Err(_) => {
+                let _ = child.start_kill();
+                let _ = child.wait().await;
+                let said = failed(None).await;
+                return Err(UpgradeError::Timeout(READY_TIMEOUT, format!(": {said}")));
+            }
+            Ok(Err(e)) => {
+                let _ = child.start_kill();
+                let _ = child.wait().await;
+                let said = failed(None).await;
+                return Err(UpgradeError::NewProcess(format!("{said} ({e})")));
+            }
+            Ok(Ok(done)) => done,
+        };
+        let new_pid = match reply {
+            ToOld::Ready { pid } => pid,
+            ToOld::Failed { error } => {
+                let _ = tokio::time::timeout(READY_TIMEOUT, child.wait()).await;
+                let _ = child.start_kill();
+                return Err(UpgradeError::NewProcess(failed(Some(error)).await));
+            }
+        };
+        // systemd follows the new process from here.
+        crate::notify::main_pid(new_pid);
+        tokio::task::block_in_place(|| wire::send(&sock, &ToNew::Commit, &[]))?;
+        // The new process lives on after this one: nothing waits for it.
+        drop(child);
+        Ok(Upgraded {
+            pid: new_pid,
+            duration: started.elapsed(),
+            clients: handed,
+            dropped_tls,
+        })
+    }
+}
+
+/// Each client's socket is copied while it is handed over: fail before
+/// freezing anyone when the descriptors would run out halfway.
+fn check_descriptors(clients: usize) -> Result<(), UpgradeError> {
+    let limit = rustix::process::getrlimit(rustix::process::Resource::Nofile)
+        .current
+        .unwrap_or(u64::MAX);
+    let Ok(open) = std::fs::read_dir("/proc/self/fd").map(|d| d.count() as u64) else {
+        return Ok(());
+    };
+    // The copies, the handoff socket, the new process's stderr pipe.
+    let needed = clients as u64 + 16;
+    if open.saturating_add(needed) > limit {
+        return Err(UpgradeError::Descriptors {
+            open,
+            needed,
+            limit,
+        });
+    }
+    Ok(())
+}
+
+/// Copies the new process's stderr to ours until it takes ours over, and
+/// keeps the tail for an error message.
+async fn forward_stderr(mut from: tokio::process::ChildStderr, tail: Arc<Mutex<Vec<u8>>>) {
+    let mut buf = [0u8; 4096];
+    let mut out = tokio::io::stderr();
+    loop {
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        let _ = out.write_all(&buf[..n]).await;
+        let mut t = crate::lock::lock(&tail);
+        t.extend_from_slice(&buf[..n]);
+        let excess = t.len().saturating_sub(STDERR_TAIL);
+        t.drain(..excess);
+    }
+}
+
+/// Only the process this one started may take its sockets.
+fn check_peer(sock: &UnixStream, pid: u32) -> io::Result<()> {
+    let cred = rustix::net::sockopt::socket_peercred(sock)?;
+    if cred.pid.as_raw_nonzero().get() as u32 != pid {
+        return Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            format!(
+                "the handoff socket was reached by pid {}, not the new process {pid}",
+                cred.pid.as_raw_nonzero()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+struct RemoveOnDrop(PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// Why the new process cannot take over; it exits with this, and the old
+/// process shows it to the operator.
+#[derive(Debug, thiserror::Error)]
+pub enum ReceiveError {
+    #[error("handoff: cannot reach the running chatd at {}: {source}", path.display())]
+    Connect { path: PathBuf, source: io::Error },
+    #[error("handoff: {0}")]
+    Io(#[from] io::Error),
+    #[error(transparent)]
+    State(#[from] state::DecodeError),
+    #[error("handoff: unexpected message from the running chatd")]
+    Protocol,
+    #[error("handoff: the running chatd kept serving (no commit): {0}")]
+    NoCommit(io::Error),
+}
+
+/// The path in [`HANDOFF_ENV`]: set when this process was started to take
+/// over from a running one.
+pub fn take_path() -> Option<PathBuf> {
+    // Left in the environment (removing it is `unsafe` in this edition):
+    // [`Upgrader`] sets its own value for each process it starts.
+    std::env::var_os(HANDOFF_ENV).map(PathBuf::from)
+}
+
+/// What the new process received, not yet serving.
+pub struct Incoming {
+    sock: UnixStream,
+    pub state: State,
+    pub listeners: Listeners,
+    pub metrics: Option<tokio::net::TcpListener>,
+    pub clients: Vec<(ClientState, tokio::net::TcpStream)>,
+}
+
+impl std::fmt::Debug for Incoming {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Incoming")
+            .field("clients", &self.clients.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// The new process's side, up to holding everything: connects to the old
+/// process, logs from now on where it logs, and takes the state and the
+/// sockets. Must run inside the runtime (tokio adopts the sockets).
+pub fn receive(path: &Path) -> Result<Incoming, ReceiveError> {
+    let sock = UnixStream::connect(path).map_err(|source| ReceiveError::Connect {
+        path: path.to_owned(),
+        source,
+    })?;
+    sock.set_read_timeout(Some(READY_TIMEOUT))?;
+    let (hello, stderr) = wire::recv::<ToNew>(&sock, |m| usize::from(matches!(m, ToNew::Hello)))?;
+    if !matches!(hello, ToNew::Hello) {
+        return Err(ReceiveError::Protocol);
+    }
+    if let Some(stderr) = stderr.first() {
+        // Our stderr was a pipe to the old process, which is about to go.
+        rustix::stdio::dup2_stderr(stderr).map_err(io::Error::from)?;
+    }
+    // From here the old process hears why this one cannot take over.
+    match take_over(&sock) {
+        Ok((state, listeners, metrics, clients)) => Ok(Incoming {
+            sock,
+            state,
+            listeners,
+            metrics,
+            clients,
+        }),
+        Err(e) => {
+            let _ = wire::send(
+                &sock,
+                &ToOld::Failed {
+                    error: e.to_string(),
+                },
+                &[],
+            );
+            Err(e)
+        }
+    }
+}
+
+type TakenOver = (
+    State,
+    Listeners,
+    Option<tokio::net::TcpListener>,
+    Vec<(ClientState, tokio::net::TcpStream)>,
+);
+
+/// Reads the state and makes the descriptors sockets again.
+fn take_over(sock: &UnixStream) -> Result<TakenOver, ReceiveError> {
+    let (msg, fds) = wire::recv::<ToNew>(sock, |m| match m {
+        ToNew::State { fds, .. } => *fds,
+        _ => 0,
+    })?;
+    let ToNew::State { state, .. } = msg else {
+        return Err(ReceiveError::Protocol);
+    };
+    let state = state::decode_value(state)?;
+    let mut fds = fds.into_iter();
+    let mut listeners = Listeners {
+        chat: Vec::new(),
+        tls: Vec::new(),
+        udp: Vec::new(),
+        admin: AdminListeners {
+            tcp: Vec::new(),
+            unix: None,
+        },
+    };
+    let mut metrics = None;
+    let tcp = |fd: OwnedFd| {
+        let l = std::net::TcpListener::from(fd);
+        l.set_nonblocking(true)?;
+        tokio::net::TcpListener::from_std(l)
+    };
+    for kind in &state.listeners {
+        let fd = fds.next().ok_or(ReceiveError::Protocol)?;
+        match kind {
+            ListenerKind::Chat => listeners.chat.push(tcp(fd)?),
+            ListenerKind::Tls => listeners.tls.push(tcp(fd)?),
+            ListenerKind::Admin => listeners.admin.tcp.push(tcp(fd)?),
+            ListenerKind::Metrics => metrics = Some(tcp(fd)?),
+            ListenerKind::Udp => {
+                let s = std::net::UdpSocket::from(fd);
+                s.set_nonblocking(true)?;
+                listeners.udp.push(tokio::net::UdpSocket::from_std(s)?);
+            }
+            ListenerKind::AdminUnix(path) => {
+                let l = std::os::unix::net::UnixListener::from(fd);
+                l.set_nonblocking(true)?;
+                listeners.admin.unix = Some((tokio::net::UnixListener::from_std(l)?, path.clone()));
+            }
+        }
+    }
+    let mut clients = Vec::with_capacity(state.clients.len());
+    for client in &state.clients {
+        let fd = fds.next().ok_or(ReceiveError::Protocol)?;
+        let s = std::net::TcpStream::from(fd);
+        s.set_nonblocking(true)?;
+        clients.push((client.clone(), tokio::net::TcpStream::from_std(s)?));
+    }
+    Ok((state, listeners, metrics, clients))
+}
+
+impl Incoming {
+    /// Tells the old process this one is ready and waits for its commit;
+    /// after `Ok` this process owns every socket. Blocking.
+    pub fn ready(&self) -> Result<(), ReceiveError> {
+        wire::send(
+            &self.sock,
+            &ToOld::Ready {
+                pid: std::process::id(),
+            },
+            &[],
+        )?;
+        match wire::recv::<ToNew>(&self.sock, |_| 0) {
+            Ok((ToNew::Commit, _)) => Ok(()),
+            Ok(_) => Err(ReceiveError::Protocol),
+            Err(e) => Err(ReceiveError::NoCommit(e)),
+        }
+    }
+
+    /// Tells the old process why this one cannot take over; it serves on.
+    pub fn fail(&self, error: &str) {
+        let _ = wire::send(
+            &self.sock,
+            &ToOld::Failed {
+                error: error.to_string(),
+            },
+            &[],
+        );
+    }
+}

@@ -1,0 +1,153 @@
+//! What the old process tells the new one, besides descriptors: a versioned
+//! JSON document.
+//!
+//! [`CURRENT`] is the version this binary writes. [`decode`] reads every
+//! version it knows and converts it to today's structs, so a new binary can
+//! take over from the previous release; a newer version than it knows is
+//! refused with a message the old process shows the operator, who then
+//! keeps the old process (rollback). `tests/fixtures/handoff-state-v1.json`
+//! is a version 1 document: it must keep decoding in every later version.
+
+use std::net::SocketAddr;
+
+use serde::{Deserialize, Serialize};
+
+/// The state version this binary writes.
+pub const CURRENT: u32 = 1;
+
+/// The old process's state, in the order its descriptors follow.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct State {
+    pub version: u32,
+    /// The descriptors, in order: one listener per entry, then one socket
+    /// per client in `clients`.
+    pub listeners: Vec<ListenerKind>,
+    /// The next client id to hand out: ids stay unique across processes.
+    pub next_id: u64,
+    pub rooms: Vec<RoomState>,
+    pub clients: Vec<ClientState>,
+    /// The generated admin token, when none is configured: it stays valid.
+    #[serde(default)]
+    pub admin_token: Option<String>,
+}
+
+/// What a handed-over listener serves.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ListenerKind {
+    Chat,
+    Tls,
+    Udp,
+    Admin,
+    /// The admin UNIX socket, with its path (removed at exit by whoever
+    /// serves it last).
+    AdminUnix(std::path::PathBuf),
+    Metrics,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RoomState {
+    pub name: String,
+    pub messages: u64,
+    /// The remembered lines, oldest first, each with its `\r\n`.
+    pub history: Vec<Vec<u8>>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ClientState {
+    pub id: u64,
+    pub nick: String,
+    pub room: String,
+    pub peer: SocketAddr,
+    pub connected_at_unix_ms: u64,
+    pub lines_in: u64,
+    pub bytes_in: u64,
+    pub lines_out: u64,
+    pub bytes_out: u64,
+    /// Milliseconds since the last complete line (the idle deadline's
+    /// clock).
+    pub idle_ms: u64,
+    /// Milliseconds the client has been in the middle of a line, if it is.
+    pub partial_ms: Option<u64>,
+    pub framer: crate::framing::FramerState,
+    pub flood: FloodState,
+    pub overlong: u32,
+    pub greeted: bool,
+    /// Bytes owed to the client: taken from the outbox or queued, not yet
+    /// written. The new process writes them first.
+    pub unsent: Vec<u8>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FloodState {
+    pub tokens: f64,
+    /// Milliseconds since the bucket was last refilled.
+    pub age_ms: u64,
+    pub dropped: u32,
+    pub warned: bool,
+}
+
+/// Why a state document cannot be read.
+#[derive(Debug, thiserror::Error)]
+pub enum DecodeError {
+    #[error("the handoff state is not valid JSON: {0}")]
+    Json(#[from] serde_json::Error),
+    #[error("the handoff state has no version")]
+    NoVersion,
+    #[error(
+        "the handoff state is version {0}, newer than this chatd reads (up to {CURRENT}); \
+         upgrade to a release that reads it, or restart instead"
+    )]
+    TooNew(u64),
+}
+
+/// Reads a state document of any known version.
+pub fn decode(bytes: &[u8]) -> Result<State, DecodeError> {
+    decode_value(serde_json::from_slice(bytes)?)
+}
+
+/// [`decode`], from parsed JSON.
+pub fn decode_value(value: serde_json::Value) -> Result<State, DecodeError> {
+    match value.get("version").and_then(serde_json::Value::as_u64) {
+        None => Err(DecodeError::NoVersion),
+        // Version 1 is today's layout. When the layout changes, keep the
+        // version 1 structs here and convert them.
+        Some(1) => Ok(serde_json::from_value(value)?),
+        Some(v) => Err(DecodeError::TooNew(v)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const V1: &str = include_str!("../../tests/fixtures/handoff-state-v1.json");
+
+    #[test]
+    fn reads_a_version_1_document() {
+        let state = decode(V1.as_bytes()).expect("version 1 decodes");
+        assert_eq!(state.version, 1);
+        assert_eq!(state.listeners[0], ListenerKind::Chat);
+        assert_eq!(state.clients.len(), 1);
+        let c = &state.clients[0];
+        assert_eq!(c.nick, "alice");
+        assert_eq!(c.room, "lobby");
+        assert_eq!(c.framer.partial, b"half a li".to_vec());
+        assert_eq!(c.unsent, b"<bob> hi\r\n".to_vec());
+        assert_eq!(state.rooms[0].history, vec![b"<bob> hi\r\n".to_vec()]);
+    }
+
+    #[test]
+    fn refuses_a_newer_version_with_a_message() {
+        let e = decode(br#"{"version": 7}"#).expect_err("too new");
+        assert!(e.to_string().contains("version 7"), "{e}");
+        assert!(matches!(decode(b"{}"), Err(DecodeError::NoVersion)));
+    }
+
+    #[test]
+    fn what_this_version_writes_it_reads() {
+        let state = decode(V1.as_bytes()).expect("decodes");
+        let again = serde_json::to_vec(&state).expect("encodes");
+        assert_eq!(decode(&again).expect("decodes again"), state);
+    }
+}

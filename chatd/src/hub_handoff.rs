@@ -1,0 +1,164 @@
+//! The hub's part in a seamless upgrade (see [`crate::handoff`]): what it
+//! exports (rooms, history, the next id, each client's counters) and how a
+//! new process rebuilds it, without a single join, leave or history replay
+//! reaching anyone.
+
+use std::sync::atomic::AtomicU64;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, UNIX_EPOCH};
+
+use bytes::Bytes;
+
+use super::{Client, Hub, Names, Room};
+use crate::clock;
+use crate::handoff::state::{ClientState, RoomState};
+use crate::handoff::{Gate, State};
+use crate::lock::{lock, write};
+use crate::outbox::Outbox;
+use crate::protocol;
+
+/// A client's fields the hub keeps, for its exported state.
+#[derive(Debug, Clone, Copy)]
+pub struct Counters {
+    pub connected_at_unix_ms: u64,
+    pub lines_in: u64,
+    pub bytes_in: u64,
+    pub lines_out: u64,
+    pub bytes_out: u64,
+    pub idle_ms: u64,
+    pub partial_ms: Option<u64>,
+}
+
+impl Client {
+    /// What the hub knows of this client, for the handoff.
+    pub fn counters(&self) -> Counters {
+        let now = clock::now_ms();
+        let (lines_out, bytes_out) = self.outbox.totals();
+        let partial = self.partial_since_ms.load(Relaxed);
+        Counters {
+            connected_at_unix_ms: super::unix_ms(self.connected_at),
+            lines_in: self.lines_in.load(Relaxed),
+            bytes_in: self.bytes_in.load(Relaxed),
+            lines_out,
+            bytes_out,
+            idle_ms: now.saturating_sub(self.last_line_ms.load(Relaxed)),
+            partial_ms: (partial != 0).then(|| now.saturating_sub(partial)),
+        }
+    }
+}
+
+impl Hub {
+    /// The upgrade's freeze, which every socket-owning task checks.
+    pub fn handoff(&self) -> &Gate {
+        &self.shared.handoff
+    }
+
+    /// Clients registered now.
+    pub fn client_count(&self) -> usize {
+        self.state().clients.len()
+    }
+
+    /// The id the next client would get.
+    pub fn next_client_id(&self) -> u64 {
+        self.shared.next_id.load(Relaxed)
+    }
+
+    /// Wakes every connection task, so that each sees a freeze at once
+    /// rather than at its client's next byte.
+    pub fn wake_connections(&self) {
+        let clients: Vec<Arc<Client>> = self.state().clients.values().cloned().collect();
+        for c in clients {
+            c.outbox.wake_task();
+        }
+    }
+
+    /// Every room with its history and message count.
+    pub fn export_rooms(&self) -> Vec<RoomState> {
+        let rooms: Vec<Arc<Room>> = self.state().rooms.values().cloned().collect();
+        rooms
+            .iter()
+            .map(|r| RoomState {
+                name: r.name.to_string(),
+                messages: r.messages.load(Relaxed),
+                history: lock(&r.history).iter().map(|l| l.to_vec()).collect(),
+            })
+            .collect()
+    }
+
+    /// Rebuilds rooms, history and the id counter from a handed-over state,
+    /// before any client is adopted.
+    pub fn restore(&self, state: &State) {
+        let next = state
+            .clients
+            .iter()
+            .map(|c| c.id + 1)
+            .max()
+            .unwrap_or(1)
+            .max(state.next_id);
+        self.shared.next_id.fetch_max(next, Relaxed);
+        let mut s = self.state();
+        for r in &state.rooms {
+            let room = s
+                .rooms
+                .entry(r.name.as_str().into())
+                .or_insert_with(|| Arc::new(Room::new(&r.name)))
+                .clone();
+            room.messages.store(r.messages, Relaxed);
+            let mut history = lock(&room.history);
+            history.clear();
+            history.extend(r.history.iter().map(|l| Bytes::copy_from_slice(l)));
+        }
+    }
+
+    /// Registers a handed-over client with its id, nick, room and counters,
+    /// and queues the bytes it was still owed: no notice to anyone, no
+    /// history replay. Limits are not applied: the client was admitted
+    /// already.
+    pub fn adopt(&self, c: &ClientState) -> (Arc<Client>, Arc<Room>) {
+        let now = clock::now_ms();
+        let mut state = self.state();
+        let room = state
+            .rooms
+            .entry(c.room.as_str().into())
+            .or_insert_with(|| Arc::new(Room::new(&c.room)))
+            .clone();
+        let client = Arc::new(Client {
+            id: c.id,
+            peer: c.peer,
+            tls: false,
+            connected_at: UNIX_EPOCH + Duration::from_millis(c.connected_at_unix_ms),
+            outbox: Outbox::new(),
+            names: Mutex::new(Names {
+                nick: c.nick.as_str().into(),
+                room: Some(room.clone()),
+            }),
+            lines_in: AtomicU64::new(c.lines_in),
+            bytes_in: AtomicU64::new(c.bytes_in),
+            last_line_ms: AtomicU64::new(now.saturating_sub(c.idle_ms).max(1)),
+            partial_since_ms: AtomicU64::new(
+                c.partial_ms.map_or(0, |ago| now.saturating_sub(ago).max(1)),
+            ),
+        });
+        client.outbox.restore_totals(c.lines_out, c.bytes_out);
+        if !c.unsent.is_empty() {
+            // Owed before the handoff: queued whatever the limit, first.
+            client
+                .outbox
+                .push_lines(Bytes::copy_from_slice(&c.unsent), 0, usize::MAX);
+        }
+        state.nicks.insert(protocol::fold(&c.nick), c.id);
+        *state.per_ip.entry(c.peer.ip()).or_default() += 1;
+        state.clients.insert(c.id, client.clone());
+        let first = {
+            let mut members = write(&room.members);
+            members.push(client.clone());
+            members.len() == 1
+        };
+        drop(state);
+        if first && let Some(link) = self.cluster() {
+            link.interest_changed();
+        }
+        (client, room)
+    }
+}

@@ -1,0 +1,513 @@
+//! Seamless upgrades: the running daemon hands its listeners, every client
+//! socket and every client's state to the binary now at its path
+//! (`chatctl upgrade`, SIGUSR2). The daemon runs from a copy in a directory
+//! of the test's own, which a test replaces the way a package upgrade
+//! would: with a good build, a missing file, or a script that fails.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+use tokio::net::tcp::OwnedReadHalf;
+
+use crate::support::{Client, TestServer, WAIT, chatd_bin};
+
+/// Lifts the limits a busy test would meet: flood control (the senders
+/// talk fast), the notice budget (200 joins) and the stall deadline (one
+/// client stops reading on purpose).
+const BUSY: &[(&str, &str)] = &[
+    ("CHATD_LIMITS__FLOOD_LINES_PER_SEC", "10000"),
+    ("CHATD_LIMITS__FLOOD_BURST", "10000"),
+    ("CHATD_LIMITS__ROOM_NOTICES_PER_SEC", "10000"),
+    ("CHATD_LIMITS__SLOW_CONSUMER_SECS", "600"),
+];
+
+/// The chatd binary, copied where the test may replace it.
+struct Binary {
+    _dir: tempfile::TempDir,
+    path: PathBuf,
+}
+
+impl Binary {
+    fn copy() -> Binary {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("chatd");
+        std::fs::copy(chatd_bin(), &path).expect("copy chatd");
+        Binary { _dir: dir, path }
+    }
+
+    /// Replaces the file (a new inode, as a package manager does: the
+    /// running process keeps its own).
+    fn replace(&self, from: &Path) {
+        std::fs::remove_file(&self.path).expect("remove the binary");
+        std::fs::copy(from, &self.path).expect("copy the new binary");
+    }
+
+    fn replace_with_script(&self, script: &str) {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::remove_file(&self.path).expect("remove the binary");
+        std::fs::write(&self.path, script).expect("write the script");
+        std::fs::set_permissions(&self.path, std::fs::Permissions::from_mode(0o755))
+            .expect("make it executable");
+    }
+}
+
+/// Reads lines until every sender in `senders` has sent its last line
+/// (`K-end-N`); fails on EOF or after `deadline`.
+async fn read_until_ends(
+    reader: &mut tokio::io::BufReader<OwnedReadHalf>,
+    senders: usize,
+    deadline: Duration,
+) -> Vec<String> {
+    let until = Instant::now() + deadline;
+    let mut lines = Vec::new();
+    let mut ends = 0;
+    while ends < senders {
+        let mut buf = Vec::new();
+        let left = until.saturating_duration_since(Instant::now());
+        let n = tokio::time::timeout(left, reader.read_until(b'\n', &mut buf))
+            .await
+            .unwrap_or_else(|_| {
+                panic!(
+                    "{ends} of {senders} senders finished within {deadline:?}; last lines {:#?}",
+                    &lines[lines.len().saturating_sub(5)..]
+                )
+            })
+            .expect("read");
+        assert!(
+            n > 0,
+            "connection closed; last lines {:#?}",
+            &lines[lines.len().saturating_sub(5)..]
+        );
+        let line = String::from_utf8(buf).expect("UTF-8");
+        let line = line.trim_end_matches("\r\n").to_string();
+        if line.contains("-end-") {
+            ends += 1;
+        }
+        lines.push(line);
+    }
+    lines
+}
+
+/// Checks that `lines` hold every line of each sender exactly once and in
+/// order, `K-I` for I from 0 to its end line's count; returns the lines
+/// that are not such chat lines.
+fn check_order(lines: &[String], totals: &HashMap<usize, usize>, me: Option<usize>) -> Vec<String> {
+    let mut next: HashMap<usize, usize> = HashMap::new();
+    let mut other = Vec::new();
+    for line in lines {
+        let Some(text) = line.split_once("> ").map(|(_, t)| t) else {
+            other.push(line.clone());
+            continue;
+        };
+        let mut parts = text.split(['-', ' ']);
+        let (Some(k), Some(i)) = (parts.next(), parts.next()) else {
+            other.push(line.clone());
+            continue;
+        };
+        let (Ok(k), i) = (k.parse::<usize>(), i) else {
+            other.push(line.clone());
+            continue;
+        };
+        let seen = next.entry(k).or_default();
+        if i == "end" {
+            assert_eq!(
+                *seen, totals[&k],
+                "sender {k}: lines missing before its end"
+            );
+            continue;
+        }
+        let i: usize = i
+            .parse()
+            .unwrap_or_else(|_| panic!("not a sequence number: {line:?}"));
+        assert_eq!(
+            i, *seen,
+            "sender {k}: line {i} where {} was due ({line:?})",
+            *seen
+        );
+        *seen += 1;
+    }
+    for (&k, &total) in totals {
+        if Some(k) != me {
+            assert_eq!(
+                next.get(&k).copied().unwrap_or(0),
+                total,
+                "sender {k}: lines lost"
+            );
+        }
+    }
+    other
+}
+
+const SENDERS: usize = 10;
+const LINES: usize = 100;
+/// The sender number of the client that fills the backed-up client's
+/// queue before the upgrade.
+const BLASTER: usize = SENDERS;
+const NOTICE: &str = "Server upgraded, carry on.";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_hundred_clients_chatting_through_an_upgrade_lose_nothing() {
+    let _ = rlimit::increase_nofile_limit(4096);
+    let binary = Binary::copy();
+    let mut env = BUSY.to_vec();
+    env.push(("CHATD_SERVER__UPGRADE_NOTICE", NOTICE));
+    let mut server = TestServer::spawn_binary(&binary.path, None, &env);
+    let old_pid = server.pid();
+
+    // 200 clients: senders 0-9 and the blaster (10), a typist, one whose
+    // output backs up (a tiny receive buffer, and it stops reading), two in
+    // room "side", and listeners.
+    let typist = 11;
+    let backed = 12;
+    let side = [13, 14];
+    let mut clients = Vec::new();
+    for i in 0..200 {
+        let mut c = if i == backed {
+            let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+            socket.set_recv_buffer_size(2048).expect("small buffer");
+            Client::connect_socket(socket, server.chat).await
+        } else {
+            server.connect().await
+        };
+        c.welcome().await;
+        clients.push(c);
+    }
+    let nick = |i: usize| match i {
+        i if i <= BLASTER => format!("s{i}"),
+        11 => "typist".to_string(),
+        12 => "backed".to_string(),
+        13 => "side0".to_string(),
+        14 => "side1".to_string(),
+        i => format!("l{i}"),
+    };
+    for (i, c) in clients.iter_mut().enumerate() {
+        c.send(&format!("/nick {}\n", nick(i))).await;
+        c.expect(&format!("You are now known as {}", nick(i))).await;
+    }
+    for &i in &side {
+        clients[i].send("/join side\n").await;
+        clients[i].expect("You are now in side").await;
+    }
+    // Every notice so far is read: from here, any `***` line but the
+    // upgrade notice is a failure.
+    for c in clients.iter_mut() {
+        c.sync().await;
+    }
+    let banned = server
+        .chatctl(&["ban", "192.0.2.7", "--reason", "spam"])
+        .await;
+    banned.ok();
+    let s0_before = server.chatctl(&["-o", "json", "client", "s0"]).await.json();
+
+    let (mut readers_of, mut writers_of): (Vec<_>, Vec<_>) = clients
+        .into_iter()
+        .map(|c| {
+            let (r, w) = c.into_parts();
+            (Some(r), Some(w))
+        })
+        .unzip();
+    let lobby: Vec<usize> = (0..200).filter(|i| !side.contains(i)).collect();
+
+    // Fill the backed-up client's queue: the blaster talks until chatd
+    // holds bytes for it that its socket would not take.
+    let pad = "x".repeat(400);
+    let mut blasted = 0;
+    let mut readers = HashMap::new();
+    // Everyone in the lobby but the backed-up client reads from now on.
+    let (go_backed, backed_go) = tokio::sync::oneshot::channel::<()>();
+    let mut backed_go = Some(backed_go);
+    for &i in &lobby {
+        let mut reader = readers_of[i].take().expect("a reader");
+        let me = (i <= BLASTER).then_some(i);
+        let senders = if me.is_some() { SENDERS } else { SENDERS + 1 };
+        let wait = if i == backed { backed_go.take() } else { None };
+        readers.insert(
+            i,
+            tokio::spawn(async move {
+                if let Some(wait) = wait {
+                    let _ = wait.await;
+                }
+                let lines = read_until_ends(&mut reader, senders, Duration::from_secs(90)).await;
+                (lines, reader)
+            }),
+        );
+    }
+    let deadline = Instant::now() + WAIT * 3;
+    loop {
+        for _ in 0..20 {
+            let line = format!("{BLASTER}-{blasted} {pad}\n");
+            writers_of[BLASTER]
+                .as_mut()
+                .expect("the blaster")
+                .write_all(line.as_bytes())
+                .await
+                .expect("blast");
+            blasted += 1;
+        }
+        let queued = server
+            .chatctl(&["-o", "json", "client", "backed"])
+            .await
+            .json()["queue_bytes"]
+            .as_u64()
+            .unwrap_or(0);
+        if queued > 16 * 1024 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the backed-up client's queue never filled"
+        );
+    }
+    writers_of[BLASTER]
+        .as_mut()
+        .expect("the blaster")
+        .write_all(format!("{BLASTER}-end-{blasted}\n").as_bytes())
+        .await
+        .expect("blast end");
+
+    // Half a line typed before the upgrade.
+    let mut typing = writers_of[typist].take().expect("the typist");
+    typing.write_all(b"half a li").await.expect("type");
+
+    // Ten senders at a steady rate, before, during and after the upgrade.
+    let mut senders = Vec::new();
+    for (k, writer) in writers_of.iter_mut().enumerate().take(SENDERS) {
+        let mut writer = writer.take().expect("a sender");
+        senders.push(tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(30));
+            for i in 0..LINES {
+                tick.tick().await;
+                writer
+                    .write_all(format!("{k}-{i}\n").as_bytes())
+                    .await
+                    .expect("send");
+            }
+            writer
+                .write_all(format!("{k}-end-{LINES}\n").as_bytes())
+                .await
+                .expect("send");
+            writer
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let upgraded = server.chatctl(&["upgrade"]).await;
+    let said = upgraded.ok().to_string();
+    assert!(said.contains("upgraded in"), "{said}");
+    assert!(said.contains("serves 200 clients"), "{said}");
+    typing.write_all(b"ne\n").await.expect("finish the line");
+    let _ = go_backed.send(());
+
+    let mut writers = Vec::new();
+    for s in senders {
+        writers.push(s.await.expect("sender"));
+    }
+    let mut totals: HashMap<usize, usize> = (0..SENDERS).map(|k| (k, LINES)).collect();
+    totals.insert(BLASTER, blasted);
+    for (i, reader) in readers {
+        let (lines, mut reader) = reader.await.expect("reader");
+        let me = (i <= BLASTER).then_some(i);
+        let other = check_order(&lines, &totals, me);
+        let notices: Vec<&String> = other.iter().filter(|l| l.starts_with("*** ")).collect();
+        assert_eq!(
+            notices,
+            vec![&format!("*** {NOTICE}")],
+            "client {i}: the upgrade notice once, no other server line"
+        );
+        let typed: Vec<&String> = other.iter().filter(|l| l.contains("half a line")).collect();
+        if i != typist {
+            // It may come after this client's last end line; read on.
+            if typed.is_empty() {
+                let mut line = String::new();
+                tokio::time::timeout(WAIT, reader.read_line(&mut line))
+                    .await
+                    .expect("the typist's line in time")
+                    .expect("read");
+                assert_eq!(line, "<typist> half a line\r\n", "client {i}");
+            } else {
+                assert_eq!(typed, vec!["<typist> half a line"], "client {i}");
+            }
+        }
+    }
+
+    // The new process serves; the old one is gone.
+    let new_pid = server.pid();
+    assert_ne!(new_pid, old_pid);
+    assert!(
+        server.wait_exit().await.success(),
+        "the old process exits cleanly"
+    );
+    // Same client, same id, counters carried on.
+    let s0_after = server.chatctl(&["-o", "json", "client", "s0"]).await.json();
+    assert_eq!(s0_after["id"], s0_before["id"]);
+    assert_eq!(s0_after["room"], "lobby");
+    assert!(s0_after["lines_in"].as_u64() > s0_before["lines_in"].as_u64());
+    // Rooms, nicks, bans, history.
+    let side_who = server
+        .chatctl(&["-o", "json", "list-clients", "--room", "side"])
+        .await
+        .json();
+    let mut side_nicks: Vec<&str> = side_who["clients"]
+        .as_array()
+        .expect("a list")
+        .iter()
+        .filter_map(|c| c["nick"].as_str())
+        .collect();
+    side_nicks.sort();
+    assert_eq!(side_nicks, ["side0", "side1"]);
+    let all = server.chatctl(&["-o", "json", "list-clients"]).await.json();
+    assert_eq!(all["clients"].as_array().expect("a list").len(), 200);
+    assert!(server.chatctl(&["bans"]).await.ok().contains("192.0.2.7"));
+    let (mut late, _) = server.join().await;
+    // The room's history came along: its last lines are from the end of
+    // the test.
+    let mut history = Vec::new();
+    loop {
+        let line = late.line().await;
+        if line.contains("End of history") {
+            break;
+        }
+        history.push(line);
+    }
+    assert!(
+        history
+            .iter()
+            .any(|l| l.contains("-end-") || l.contains("half a line")),
+        "{history:#?}"
+    );
+    // A nick is still taken.
+    late.send("/nick s1\n").await;
+    late.expect("is taken").await;
+    // UDP echo.
+    let udp = tokio::net::UdpSocket::bind("127.0.0.1:0")
+        .await
+        .expect("udp");
+    udp.send_to(b"ping", server.udp.expect("udp address"))
+        .await
+        .expect("send");
+    let mut buf = [0u8; 16];
+    let (n, _) = tokio::time::timeout(WAIT, udp.recv_from(&mut buf))
+        .await
+        .expect("an echo in time")
+        .expect("echo");
+    assert_eq!(&buf[..n], b"ping");
+    drop((writers, writers_of, typing));
+}
+
+/// Two clients talking, one of them halfway through a line.
+async fn pair(server: &TestServer) -> (Client, Client) {
+    let (mut a, _) = server.join().await;
+    let (mut b, _) = server.join().await;
+    a.send("/nick anna\n").await;
+    a.expect("You are now known as anna").await;
+    b.send("/nick ben\n").await;
+    b.expect("You are now known as ben").await;
+    a.sync().await;
+    b.sync().await;
+    a.send_raw(b"half a li").await;
+    (a, b)
+}
+
+/// After a failed upgrade the same process serves both clients exactly
+/// where they were: the half line completes, nobody left or rejoined.
+async fn still_served(server: &TestServer, pid: u32, a: &mut Client, b: &mut Client) {
+    assert_eq!(server.pid(), pid, "no other process took over");
+    a.send("ne\n").await;
+    assert_eq!(b.line().await, "<anna> half a line");
+    b.send("and on\n").await;
+    assert_eq!(a.line().await, "<ben> and on");
+    let before = a.sync().await;
+    assert!(before.is_empty(), "nothing else reached anna: {before:?}");
+}
+
+#[tokio::test]
+async fn a_missing_binary_leaves_everyone_with_the_old_process_and_a_retry_works() {
+    let binary = Binary::copy();
+    let server = TestServer::spawn_binary(&binary.path, None, BUSY);
+    let pid = server.pid();
+    let (mut a, mut b) = pair(&server).await;
+    std::fs::remove_file(&binary.path).expect("remove the binary");
+    let failed = server.chatctl(&["upgrade"]).await;
+    assert_eq!(failed.code, 1, "{failed:#?}");
+    assert!(failed.stderr.contains("cannot start"), "{failed:#?}");
+    assert!(failed.stderr.contains("No such file"), "{failed:#?}");
+    still_served(&server, pid, &mut a, &mut b).await;
+
+    // The file is back: the next upgrade goes through.
+    std::fs::copy(chatd_bin(), &binary.path).expect("copy chatd back");
+    let done = server.chatctl(&["-o", "json", "upgrade"]).await.json();
+    assert_eq!(done["clients"], 2);
+    assert_ne!(done["new_pid"].as_u64(), Some(u64::from(pid)));
+    a.send("after\n").await;
+    assert_eq!(b.line().await, "<anna> after");
+}
+
+#[tokio::test]
+async fn a_binary_that_fails_reports_its_error_and_changes_nothing() {
+    let binary = Binary::copy();
+    let server = TestServer::spawn_binary(&binary.path, None, BUSY);
+    let pid = server.pid();
+    let (mut a, mut b) = pair(&server).await;
+    binary.replace_with_script("#!/bin/sh\necho 'chatd: this build is broken' >&2\nexit 1\n");
+    let failed = server.chatctl(&["upgrade"]).await;
+    assert_eq!(failed.code, 1, "{failed:#?}");
+    assert!(
+        failed
+            .stderr
+            .contains("the new process failed: chatd: this build is broken"),
+        "{failed:#?}"
+    );
+    still_served(&server, pid, &mut a, &mut b).await;
+}
+
+#[tokio::test]
+async fn a_bad_config_keeps_the_old_process_serving() {
+    let binary = Binary::copy();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("chatd.toml");
+    std::fs::write(&config, "[server]\nname = \"chatd\"\n").expect("config");
+    let server = TestServer::spawn_binary(&binary.path, Some(&config), BUSY);
+    let pid = server.pid();
+    let (mut a, mut b) = pair(&server).await;
+    std::fs::write(&config, "[limits]\nmax_clients = 0\n").expect("break the config");
+    let failed = server.chatctl(&["upgrade"]).await;
+    assert_eq!(failed.code, 1, "{failed:#?}");
+    assert!(failed.stderr.contains("limits.max_clients"), "{failed:#?}");
+    still_served(&server, pid, &mut a, &mut b).await;
+}
+
+#[tokio::test]
+async fn two_upgrades_in_a_row_by_sigusr2_are_invisible() {
+    let binary = Binary::copy();
+    let server = TestServer::spawn_binary(&binary.path, None, BUSY);
+    let first = server.pid();
+    let (mut a, mut b) = pair(&server).await;
+    server.signal(rustix::process::Signal::USR2);
+    server.wait_logged_times("upgrade: took over", 1).await;
+    let second = server.pid();
+    // A newly built binary replaces the file between the two.
+    binary.replace(Path::new(chatd_bin()));
+    a.send("ne\n").await;
+    assert_eq!(b.line().await, "<anna> half a line");
+    b.send_raw(b"typed across ").await;
+    server.signal(rustix::process::Signal::USR2);
+    server.wait_logged_times("upgrade: took over", 2).await;
+    let third = server.pid();
+    assert!(first != second && second != third && first != third);
+    b.send("two upgrades\n").await;
+    assert_eq!(a.line().await, "<ben> typed across two upgrades");
+    // No notice (none configured), no leave or join: the next lines are
+    // the answers to these syncs.
+    assert!(a.sync().await.is_empty());
+    assert!(b.sync().await.is_empty());
+    let who = server.chatctl(&["-o", "json", "list-clients"]).await.json();
+    let mut nicks: Vec<&str> = who["clients"]
+        .as_array()
+        .expect("a list")
+        .iter()
+        .filter_map(|c| c["nick"].as_str())
+        .collect();
+    nicks.sort();
+    assert_eq!(nicks, ["anna", "ben"]);
+}
