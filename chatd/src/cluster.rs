@@ -26,8 +26,15 @@
 //! there on `NAME.nodes` (presence), so a gather can stop once every live
 //! node answered and name the live ones that did not.
 //!
-//! Not here yet (see docs/OPERATIONS.md): cluster-wide nicks, `/who`,
-//! `/rooms` and history.
+//! Nicks are unique cluster-wide through a JetStream key-value bucket
+//! ([`nicks`]): `/nick` asks the nick task through [`Link::claim_nick`] and
+//! the client's connection waits for the answer without blocking anything
+//! else.
+//!
+//! Not here yet (see docs/OPERATIONS.md): cluster-wide `/who`, `/rooms` and
+//! history.
+
+pub mod nicks;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -124,6 +131,11 @@ pub struct Link {
     last_warn_ms: AtomicU64,
     /// Cluster-wide admin; `None` only in unit tests without NATS.
     bus: Option<Bus>,
+    /// The nick task ([`nicks`]); `None` only in unit tests without NATS.
+    /// Unbounded, yet bounded in practice: a connection has at most one
+    /// claim queued (it reads nothing more until it is answered), and a
+    /// release follows a nick change or a disconnect.
+    nicks: Option<mpsc::UnboundedSender<nicks::Request>>,
 }
 
 impl Link {
@@ -172,6 +184,37 @@ impl Link {
     /// nodes' (`guest-7-TAG`).
     pub fn tag(&self) -> &str {
         &self.tag
+    }
+
+    /// Asks the cluster for `nick` (its fold is `key`) for `client`; the
+    /// answer comes on the returned channel. `None` when there is no nick
+    /// task (unit tests): the nick is then decided on this node alone.
+    pub fn claim_nick(
+        &self,
+        key: String,
+        nick: &str,
+        client: crate::hub::ClientId,
+    ) -> Option<tokio::sync::oneshot::Receiver<nicks::Claim>> {
+        let tx = self.nicks.as_ref()?;
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let sent = tx.send(nicks::Request::Claim {
+            key,
+            nick: nick.into(),
+            client,
+            reply,
+        });
+        // A closed task (shutdown) drops `reply`: the claim reads as
+        // unavailable.
+        drop(sent);
+        Some(answer)
+    }
+
+    /// Frees `client`'s cluster-wide claim on the nick folded to `key`, if
+    /// it holds one. Never waits.
+    pub fn release_nick(&self, key: String, client: crate::hub::ClientId) {
+        if let Some(tx) = &self.nicks {
+            let _ = tx.send(nicks::Request::Release { key, client });
+        }
     }
 
     /// Batches that never reached NATS so far.
@@ -287,6 +330,7 @@ pub async fn start(
         peers: Arc::default(),
     };
     let (tx, rx) = mpsc::channel(OUTGOING_CAPACITY);
+    let (nicks_tx, nicks_rx) = mpsc::unbounded_channel();
     let link = Arc::new(Link {
         tx,
         interest: Notify::new(),
@@ -294,7 +338,15 @@ pub async fn start(
         dropped: AtomicU64::new(0),
         last_warn_ms: AtomicU64::new(0),
         bus: Some(bus.clone()),
+        nicks: Some(nicks_tx),
     });
+    let nick_task = nicks::Nicks::new(
+        client.clone(),
+        hub.clone(),
+        config.node_id.clone().into(),
+        format!("{}_nicks", config.name),
+    );
+    tokio::spawn(nick_task.run(nicks_rx, state_rx.clone(), shutdown.clone()));
     tokio::spawn(presence(
         bus,
         format!("{}.nodes", config.name),
@@ -778,6 +830,7 @@ mod tests {
             dropped: AtomicU64::new(0),
             last_warn_ms: AtomicU64::new(0),
             bus: None,
+            nicks: None,
         };
         (Arc::new(link), rx)
     }

@@ -35,8 +35,9 @@ use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpStream, UnixStream};
 use tracing::{Instrument, debug, info, info_span};
 
+use crate::cluster::nicks::Claim;
 use crate::framing::{Frame, LineFramer};
-use crate::hub::{Client, Disconnect, Hub, PrivateError, Refusal, Room, server_line};
+use crate::hub::{Client, Disconnect, Hub, NickRequest, PrivateError, Refusal, Room, server_line};
 use crate::protocol::{self, Command};
 use crate::rate::TokenBucket;
 use crate::sanitize;
@@ -151,6 +152,7 @@ pub async fn serve_on<S: Socket>(stream: S, peer: SocketAddr, tls: bool, hub: Hu
             mid_line: false,
             greeted: false,
             pause: None,
+            waiting: None,
             last_write: None,
             write_gate: None,
             client,
@@ -251,6 +253,10 @@ struct Connection<S> {
     /// While set, this client does not read: a recipient of its lines is
     /// behind (flow control).
     pause: Option<Box<Pause>>,
+    /// While set, a command waits for the cluster's answer (cluster mode):
+    /// this client's later lines wait too, unread or held, so that they are
+    /// handled after it, in order; writes go on.
+    waiting: Option<Box<Waiting>>,
     /// When the last write to the socket happened (write coalescing).
     last_write: Option<tokio::time::Instant>,
     /// Wakes the task when a held-back write is due; made on first use, so
@@ -265,6 +271,21 @@ struct Connection<S> {
 struct Pause {
     on: Arc<Client>,
     until: Pin<Box<tokio::time::Sleep>>,
+}
+
+/// A command waiting for the cluster, and the lines read after it.
+struct Waiting {
+    /// The nick asked for (the only command that waits so far).
+    nick: Arc<str>,
+    answer: tokio::sync::oneshot::Receiver<Claim>,
+    /// Lines read after the command, in order, handled once it is answered.
+    held: VecDeque<Held>,
+}
+
+/// A frame read while a command waits.
+enum Held {
+    Line(Bytes),
+    TooLong,
 }
 
 struct Flood {
@@ -355,6 +376,18 @@ impl<S: Socket> Connection<S> {
             }
             return Poll::Pending;
         }
+        if self.waiting.is_some() {
+            match self.poll_waiting(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Some(reason)) => return Poll::Ready(reason),
+                // Answered: what it queued for us is written on the next
+                // turn, before anything more is read.
+                Poll::Ready(None) => {
+                    cx.waker().wake_by_ref();
+                    return Poll::Pending;
+                }
+            }
+        }
         match self.stream.poll_read_ready(cx) {
             Poll::Ready(Ok(())) => match self.on_readable() {
                 Ok(None) => {
@@ -374,8 +407,93 @@ impl<S: Socket> Connection<S> {
         }
     }
 
+    /// Waits for the cluster's answer to the waiting command, then handles
+    /// the lines held behind it (which may start another wait). `None` once
+    /// nothing waits any more.
+    fn poll_waiting(&mut self, cx: &mut Context<'_>) -> Poll<Option<Disconnect>> {
+        while let Some(waiting) = &mut self.waiting {
+            let answer = match Pin::new(&mut waiting.answer).poll(cx) {
+                Poll::Ready(answer) => answer.ok(),
+                Poll::Pending => return Poll::Pending,
+            };
+            let Some(waiting) = self.waiting.take() else {
+                break;
+            };
+            let Waiting { nick, held, .. } = *waiting;
+            self.nick_answered(&nick, answer);
+            if let Some(reason) = self.replay(held) {
+                return Poll::Ready(Some(reason));
+            }
+        }
+        Poll::Ready(None)
+    }
+
+    /// Handles lines held while a command waited, in order, until one
+    /// waits again (the rest stay held behind it).
+    fn replay(&mut self, mut held: VecDeque<Held>) -> Option<Disconnect> {
+        let config = self.hub.config();
+        let now = Instant::now();
+        let mut batch = Batch {
+            buf: BytesMut::new(),
+            lines: 0,
+        };
+        let mut outcome = None;
+        while let Some(frame) = held.pop_front() {
+            if let Some(waiting) = &mut self.waiting {
+                waiting.held.push_back(frame);
+                waiting.held.extend(held.drain(..));
+                break;
+            }
+            let frame = match &frame {
+                Held::Line(line) => Frame::Line(line),
+                Held::TooLong => Frame::TooLong,
+            };
+            outcome = self.on_frame(frame, &mut batch, &config, now);
+            if outcome.is_some() {
+                break;
+            }
+        }
+        self.publish(&mut batch);
+        outcome
+    }
+
+    /// The cluster answered a `/nick`.
+    fn nick_answered(&mut self, wanted: &str, answer: Option<Claim>) {
+        match answer {
+            Some(Claim::Granted) => match self.hub.rename(&self.client, wanted) {
+                Ok(new) => self.renamed(new),
+                Err(why) => {
+                    self.hub.release_nick(&self.client, wanted);
+                    self.error(&why);
+                }
+            },
+            Some(Claim::Taken) => self.error(&format!("nick \"{wanted}\" is taken")),
+            Some(Claim::Unavailable(why)) => self.error(&why),
+            None => self.error("the server is shutting down"),
+        }
+    }
+
+    fn renamed(&mut self, new: Arc<str>) {
+        self.span.record("nick", tracing::field::display(&new));
+        info!(old = %self.nick, new = %new, "nick changed");
+        self.nick = new;
+        self.notice(&format!("You are now known as {}.", self.nick));
+    }
+
+    /// Re-reads the nick when the hub changed it (cluster mode: another
+    /// node holds it).
+    fn follow_nick(&mut self) {
+        if self.client.take_renamed() {
+            let new = self.client.nick();
+            self.span.record("nick", tracing::field::display(&new));
+            info!(old = %self.nick, new = %new, "nick changed by the cluster");
+            self.nick = new;
+        }
+    }
+
     /// Reads what is available and handles every complete line.
     fn on_readable(&mut self) -> io::Result<Option<Disconnect>> {
+        self.follow_nick();
         let config = self.hub.config();
         let max_line = config.limits.max_line_bytes;
         let mut buf = [0u8; READ_CHUNK];
@@ -421,9 +539,16 @@ impl<S: Socket> Connection<S> {
             }
             let mut framer = std::mem::take(&mut self.framer);
             framer.feed(&buf[..kept], max_line, |frame| {
-                if outcome.is_none() {
-                    lines += u64::from(matches!(frame, Frame::Line(_)));
-                    outcome = self.on_frame(frame, &mut batch, &config, now);
+                if outcome.is_some() {
+                    return;
+                }
+                lines += u64::from(matches!(frame, Frame::Line(_)));
+                match &mut self.waiting {
+                    Some(waiting) => waiting.held.push_back(match frame {
+                        Frame::Line(line) => Held::Line(Bytes::copy_from_slice(line)),
+                        Frame::TooLong => Held::TooLong,
+                    }),
+                    None => outcome = self.on_frame(frame, &mut batch, &config, now),
                 }
             });
             self.framer = framer;
@@ -435,7 +560,7 @@ impl<S: Socket> Connection<S> {
                     .outbox
                     .push(telnet_replies.split().freeze(), limit);
             }
-            if outcome.is_some() || n < room {
+            if outcome.is_some() || n < room || self.waiting.is_some() {
                 break;
             }
         }
@@ -600,14 +725,16 @@ impl<S: Socket> Connection<S> {
             Command::Nick(wanted) if wanted == &*self.nick => {
                 self.notice(&format!("You are already known as {wanted}."));
             }
-            Command::Nick(wanted) => match self.hub.rename(&self.client, wanted) {
-                Ok(new) => {
-                    self.span.record("nick", tracing::field::display(&new));
-                    info!(old = %self.nick, new = %new, "nick changed");
-                    self.nick = new;
-                    self.notice(&format!("You are now known as {}.", self.nick));
+            Command::Nick(wanted) => match self.hub.request_nick(&self.client, wanted) {
+                NickRequest::Done(Ok(new)) => self.renamed(new),
+                NickRequest::Done(Err(why)) => self.error(&why),
+                NickRequest::Wait(answer) => {
+                    self.waiting = Some(Box::new(Waiting {
+                        nick: wanted.into(),
+                        answer,
+                        held: VecDeque::new(),
+                    }));
                 }
-                Err(why) => self.error(&why),
             },
             Command::Join(room) => match protocol::normalize_room(room) {
                 Ok(room) => {
@@ -727,6 +854,10 @@ impl<S: Socket> Connection<S> {
     /// Leaves the hub, then tells the client why it is being closed (after
     /// what it is still owed) and closes gracefully.
     async fn finish(mut self, reason: Disconnect) {
+        if let Some(waiting) = self.waiting.take() {
+            // Queued after the claim: frees the nick if it was granted.
+            self.hub.release_nick(&self.client, &waiting.nick);
+        }
         self.hub.leave(&self.client, &reason);
         info!(%reason, "disconnected");
         let last = match &reason {

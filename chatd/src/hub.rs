@@ -218,6 +218,10 @@ pub struct Client {
     /// ([`clock::now_ms`]), 0 when it is not: a partial line has its own
     /// deadline, so a byte a minute cannot hold a connection forever.
     partial_since_ms: AtomicU64,
+    /// Set when the hub renamed the client behind its connection's back
+    /// (cluster mode: its nick was held by another node); the connection
+    /// then re-reads its nick.
+    renamed: AtomicBool,
 }
 
 #[derive(Debug)]
@@ -233,6 +237,12 @@ impl Client {
 
     pub fn room(&self) -> Option<Arc<Room>> {
         lock(&self.names).room.clone()
+    }
+
+    /// Whether the hub renamed this client since the last call; the
+    /// connection then re-reads [`Client::nick`].
+    pub fn take_renamed(&self) -> bool {
+        self.renamed.load(Relaxed) && self.renamed.swap(false, Relaxed)
     }
 
     /// Records input: called once per read, not per line. Only complete
@@ -631,6 +641,7 @@ impl Hub {
             bytes_in: AtomicU64::new(0),
             last_line_ms: AtomicU64::new(clock::now_ms()),
             partial_since_ms: AtomicU64::new(0),
+            renamed: AtomicBool::new(false),
         });
         state.nicks.insert(protocol::fold(&nick), id);
         state.clients.insert(id, client.clone());
@@ -939,6 +950,7 @@ impl Hub {
             room.and_then(|room| self.part_locked(&mut state, client, &room, Some(reason)));
         let nick = client.nick();
         state.nicks.remove(&protocol::fold(&nick));
+        self.release_nick(client, &nick);
         if let Some(n) = state.per_ip.get_mut(&client.peer.ip()) {
             *n -= 1;
             if *n == 0 {
@@ -957,6 +969,91 @@ impl Hub {
         });
     }
 
+    /// Starts a nick change: on one node it is decided at once (as by
+    /// [`Hub::rename`]); in cluster mode, once the nick passes this node's
+    /// checks, the cluster is asked and the caller waits for the answer,
+    /// then calls [`Hub::rename`] (or [`Hub::release_nick`] when it no
+    /// longer wants it).
+    pub fn request_nick(&self, client: &Arc<Client>, wanted: &str) -> NickRequest {
+        let Some(link) = self.cluster() else {
+            return NickRequest::Done(self.rename(client, wanted));
+        };
+        if let Err(why) = self.check_nick(client, wanted) {
+            return NickRequest::Done(Err(why));
+        }
+        match link.claim_nick(protocol::fold(wanted), wanted, client.id) {
+            Some(answer) => NickRequest::Wait(answer),
+            None => NickRequest::Done(self.rename(client, wanted)),
+        }
+    }
+
+    /// Whether `client` may take `wanted` as far as this node knows.
+    fn check_nick(&self, client: &Client, wanted: &str) -> Result<(), String> {
+        protocol::validate_nick(wanted).map_err(|e| e.describe("nick", wanted))?;
+        let taken = self
+            .state()
+            .nicks
+            .get(&protocol::fold(wanted))
+            .is_some_and(|&owner| owner != client.id);
+        if taken {
+            return Err(format!("nick \"{wanted}\" is taken"));
+        }
+        Ok(())
+    }
+
+    /// Frees `client`'s cluster-wide claim on `nick`, if any (cluster mode;
+    /// guest nicks are never claimed). Never waits.
+    pub fn release_nick(&self, client: &Client, nick: &str) {
+        if let Some(link) = self.cluster()
+            && !nick.starts_with(protocol::GUEST_PREFIX)
+        {
+            link.release_nick(protocol::fold(nick), client.id);
+        }
+    }
+
+    /// Cluster mode: another node holds the nick folded to `key`, which
+    /// this node's client `id` had taken while NATS was away. The client
+    /// goes back to its guest nick and is told why; its room hears the
+    /// change as any other.
+    pub fn nick_lost(&self, id: ClientId, key: &str) {
+        let mut state = self.state();
+        let Some(client) = state.clients.get(&id).cloned() else {
+            return;
+        };
+        let old = client.nick();
+        if protocol::fold(&old) != key {
+            return;
+        }
+        let mut guest = match self.cluster() {
+            Some(link) => format!("{}{id}-{}", protocol::GUEST_PREFIX, link.tag()),
+            None => format!("{}{id}", protocol::GUEST_PREFIX),
+        };
+        while state.nicks.contains_key(&protocol::fold(&guest)) {
+            guest.push('_');
+        }
+        state.nicks.remove(key);
+        state.nicks.insert(protocol::fold(&guest), id);
+        let new: Arc<str> = guest.into();
+        let room = {
+            let mut names = lock(&client.names);
+            names.nick = new.clone();
+            names.room.clone()
+        };
+        client.renamed.store(true, Relaxed);
+        drop(state);
+        client.notice(
+            &format!(
+                "Your nick {old} was taken on another chat node while this one was cut off; you are now {new}."
+            ),
+            self.queue_limit(),
+        );
+        if let Some(room) = room {
+            let text = format!("{old} is now known as {new}");
+            self.room_notice(&room, client.id, NoticeKind::Rename, &text);
+        }
+        self.emit(Event::Nick { id, old, new });
+    }
+
     /// Changes a nick, or says why not (the text follows `*** error: `).
     pub fn rename(&self, client: &Arc<Client>, wanted: &str) -> Result<Arc<str>, String> {
         protocol::validate_nick(wanted).map_err(|e| e.describe("nick", wanted))?;
@@ -971,6 +1068,9 @@ impl Hub {
             return Err(format!("nick \"{wanted}\" is taken"));
         }
         state.nicks.remove(&protocol::fold(&old));
+        if protocol::fold(&old) != folded {
+            self.release_nick(client, &old);
+        }
         state.nicks.insert(folded, client.id);
         let new: Arc<str> = wanted.into();
         let room = {
@@ -1377,6 +1477,15 @@ impl Drop for MessageWatch {
     fn drop(&mut self) {
         self.hub.shared.message_watchers.fetch_sub(1, Relaxed);
     }
+}
+
+/// How a nick change goes on: decided, or waiting for the cluster.
+#[derive(Debug)]
+pub enum NickRequest {
+    /// The new nick, or why not (the text follows `*** error: `).
+    Done(Result<Arc<str>, String>),
+    /// The cluster decides; then call [`Hub::rename`] if granted.
+    Wait(tokio::sync::oneshot::Receiver<crate::cluster::nicks::Claim>),
 }
 
 /// Why a private message was not delivered.

@@ -568,3 +568,133 @@ async fn a_killed_node_is_named_missing_not_waited_for() {
     let nodes = a.chatctl(&["nodes", "-o", "json"]).await.json();
     assert_eq!(nodes["nodes"].as_array().map(Vec::len), Some(1), "{nodes}");
 }
+
+/// Reads until the answer to a `/nick`: `Ok(())` when granted, `Err(line)`
+/// when refused.
+async fn nick_answer(client: &mut Client) -> Result<(), String> {
+    loop {
+        let l = client.line().await;
+        if l.starts_with("*** You are now known as ") {
+            return Ok(());
+        }
+        if l.starts_with("*** error: ") {
+            return Err(l);
+        }
+    }
+}
+
+#[tokio::test]
+async fn the_same_nick_asked_on_two_nodes_at_once_goes_to_exactly_one() {
+    let Some(nats) = Nats::start() else { return };
+    let quiet = [("CHATD_LIMITS__FLOOD_LINES_PER_SEC", "0")];
+    let a = node(&nats.url(), "node-a", &quiet);
+    let b = node(&nats.url(), "node-b", &quiet);
+    let (mut a1, _) = a.join().await;
+    let (mut b1, _) = b.join().await;
+    // Warm up: the first claim of a node opens the bucket.
+    a1.send("/nick warmA\n").await;
+    nick_answer(&mut a1).await.expect("warm-up on A");
+    b1.send("/nick warmB\n").await;
+    nick_answer(&mut b1).await.expect("warm-up on B");
+    let (mut wins_a, mut wins_b) = (0, 0);
+    for round in 0..30 {
+        // Other case on each node: nicks are one key whatever their case.
+        let (on_a, on_b) = (format!("Racer{round}"), format!("rACER{round}"));
+        let (sa, sb) = (format!("/nick {on_a}\n"), format!("/nick {on_b}\n"));
+        tokio::join!(a1.send(&sa), b1.send(&sb));
+        let (ra, rb) = tokio::join!(nick_answer(&mut a1), nick_answer(&mut b1));
+        match (&ra, &rb) {
+            (Ok(()), Err(why)) => {
+                assert_eq!(why, &format!("*** error: nick \"{on_b}\" is taken"));
+                wins_a += 1;
+            }
+            (Err(why), Ok(())) => {
+                assert_eq!(why, &format!("*** error: nick \"{on_a}\" is taken"));
+                wins_b += 1;
+            }
+            _ => panic!("round {round}: exactly one winner, got {ra:?} and {rb:?}"),
+        }
+    }
+    eprintln!("wins: node-a {wins_a}, node-b {wins_b}");
+}
+
+#[tokio::test]
+async fn a_nick_waits_for_the_cluster_without_reordering_its_lines() {
+    let Some(nats) = Nats::start() else { return };
+    let a = node(&nats.url(), "node-a", &[]);
+    let b = node(&nats.url(), "node-b", &[]);
+    let (mut a1, _) = a.join().await;
+    let (mut b1, _) = b.join().await;
+    let (mut b2, _) = b.join().await;
+    wait_subscribed(&a, "lobby").await;
+    wait_subscribed(&b, "lobby").await;
+    // The lines after a /nick, in the same write, wait for its answer and
+    // then go out under the new nick, in order.
+    b1.send("/nick Alice\nfirst\n/nick Bob\nsecond\n/nick alice\nthird\n")
+        .await;
+    let lines = read_through(&mut a1, "> third").await;
+    let said: Vec<&String> = lines.iter().filter(|l| l.starts_with('<')).collect();
+    assert_eq!(
+        said,
+        ["<Alice> first", "<Bob> second", "<alice> third"],
+        "{lines:?}"
+    );
+    let own = read_through(&mut b1, "You are now known as alice").await;
+    let answers: Vec<&String> = own.iter().filter(|l| l.contains("known as")).collect();
+    assert_eq!(answers.len(), 3, "{own:?}");
+
+    // Taken on B: refused on A, in any case; free again once its holder
+    // takes another nick.
+    a1.send("/nick ALICE\n").await;
+    assert_eq!(
+        nick_answer(&mut a1).await,
+        Err("*** error: nick \"ALICE\" is taken".to_string())
+    );
+    b1.send("/nick carol\n").await;
+    nick_answer(&mut b1).await.expect("carol");
+    a1.send("/nick ALICE\n").await;
+    nick_answer(&mut a1).await.expect("alice was released");
+    // A holder that quits frees its nick too.
+    b2.send("/nick dave\n").await;
+    nick_answer(&mut b2).await.expect("dave");
+    b2.send("/quit\n").await;
+    b2.until_eof().await;
+    let deadline = Instant::now() + WAIT;
+    loop {
+        a1.send("/nick Dave\n").await;
+        match nick_answer(&mut a1).await {
+            Ok(()) => break,
+            Err(_) => assert!(Instant::now() < deadline, "dave never freed"),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_killed_nodes_nicks_are_free_within_30_s() {
+    let Some(nats) = Nats::start() else { return };
+    let a = node(&nats.url(), "node-a", &[]);
+    let mut b = node(&nats.url(), "node-b", &[]);
+    let (mut a1, _) = a.join().await;
+    let (mut b1, _) = b.join().await;
+    b1.send("/nick zoe\n").await;
+    nick_answer(&mut b1).await.expect("zoe");
+    a1.send("/nick zoe\n").await;
+    assert!(nick_answer(&mut a1).await.is_err(), "held by B");
+
+    b.signal(rustix::process::Signal::KILL);
+    b.wait_exit().await;
+    let killed = Instant::now();
+    loop {
+        a1.send("/nick Zoe\n").await;
+        if nick_answer(&mut a1).await.is_ok() {
+            break;
+        }
+        assert!(
+            killed.elapsed() < Duration::from_secs(30),
+            "zoe still taken 30 s after its node died"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    eprintln!("zoe free {:?} after the kill", killed.elapsed());
+}
