@@ -31,9 +31,12 @@
 //! the client's connection waits for the answer without blocking anything
 //! else.
 //!
-//! Not here yet (see docs/OPERATIONS.md): cluster-wide `/who`, `/rooms` and
-//! history.
+//! Who is where on the other nodes ([`members`]) makes `/who`, `/rooms`,
+//! the counts in room notices and `/msg` cluster-wide.
+//!
+//! Not here yet (see docs/OPERATIONS.md): cluster-wide history.
 
+pub mod members;
 pub mod nicks;
 
 use std::collections::HashMap;
@@ -85,6 +88,12 @@ const HEARTBEAT: Duration = Duration::from_secs(2);
 /// A node not heard for this long is no longer expected to answer (nor
 /// named missing).
 pub const PRESENCE_TTL: Duration = Duration::from_secs(10);
+/// A node not heard for this long (three heartbeats) no longer counts in
+/// `/who`, `/rooms` and room counts: a dead node's members are gone within
+/// it, well inside 10 s. Shorter than [`PRESENCE_TTL`], because a member
+/// list that is briefly short costs less than an admin call that misses a
+/// node.
+pub const MEMBER_TTL: Duration = Duration::from_secs(6);
 
 /// What a cluster message holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -112,12 +121,17 @@ impl Kind {
     }
 }
 
-/// One batch for the other nodes.
+/// One message for the other nodes.
 #[derive(Debug)]
-struct Outgoing {
-    room: Arc<str>,
-    payload: Bytes,
-    kind: Kind,
+enum Outgoing {
+    /// A batch for a room's subject.
+    Room {
+        room: Arc<str>,
+        payload: Bytes,
+        kind: Kind,
+    },
+    /// A membership change or a private message, for `subject`.
+    Direct { subject: String, payload: Bytes },
 }
 
 /// The hub's side of the cluster: cheap, synchronous, never blocking.
@@ -136,6 +150,13 @@ pub struct Link {
     /// claim queued (it reads nothing more until it is answered), and a
     /// release follows a nick change or a disconnect.
     nicks: Option<mpsc::UnboundedSender<nicks::Request>>,
+    /// Other nodes' clients.
+    members: members::Members,
+    /// The number of this node's last membership change.
+    member_seq: AtomicU64,
+    /// `NAME.`; `None` only in unit tests, which publish no membership.
+    prefix: Option<String>,
+    node_id: Arc<str>,
 }
 
 impl Link {
@@ -147,11 +168,15 @@ impl Link {
     /// Queues a batch for the other nodes, or drops and counts it when the
     /// queue is full. Never waits.
     pub fn offer(&self, room: &Arc<str>, payload: &Bytes, kind: Kind) {
-        let out = Outgoing {
+        self.queue(Outgoing::Room {
             room: room.clone(),
             payload: payload.clone(),
             kind,
-        };
+        });
+    }
+
+    /// Queues a message for NATS, or drops and counts it. Never waits.
+    fn queue(&self, out: Outgoing) {
         if let Err(e) = self.tx.try_send(out) {
             if matches!(e, mpsc::error::TrySendError::Closed(_)) {
                 // The cluster task has stopped: the node is shutting down.
@@ -172,6 +197,78 @@ impl Link {
                 );
             }
         }
+    }
+
+    /// This node's client `id` is now `nick` in `room`. Numbered and
+    /// queued for the other nodes' tables ([`members`]); call under the
+    /// hub's `state` lock, so that numbers follow the order of changes and
+    /// a snapshot ([`Hub::member_snapshot`]) holds exactly the changes up
+    /// to its number. Never waits; a change dropped on a full queue makes
+    /// the others ask for a snapshot.
+    pub fn member_set(&self, id: crate::hub::ClientId, nick: &str, room: &str) {
+        self.member_change(vec![(id, nick.to_string(), room.to_string())], Vec::new());
+    }
+
+    /// This node's client `id` is gone; as [`Link::member_set`].
+    pub fn member_gone(&self, id: crate::hub::ClientId) {
+        self.member_change(Vec::new(), vec![id]);
+    }
+
+    fn member_change(&self, set: Vec<(u64, String, String)>, gone: Vec<u64>) {
+        let Some(prefix) = &self.prefix else {
+            return;
+        };
+        let seq = self.member_seq.fetch_add(1, Relaxed) + 1;
+        let msg = members::MemberMsg {
+            node: self.node_id.to_string(),
+            seq,
+            snapshot: false,
+            set,
+            gone,
+        };
+        if let Ok(payload) = serde_json::to_vec(&msg) {
+            self.queue(Outgoing::Direct {
+                subject: format!("{prefix}members"),
+                payload: payload.into(),
+            });
+        }
+    }
+
+    /// The number of this node's last membership change; read under the
+    /// hub's `state` lock for a snapshot.
+    pub fn member_seq(&self) -> u64 {
+        self.member_seq.load(Relaxed)
+    }
+
+    /// Other nodes' clients.
+    pub fn members(&self) -> &members::Members {
+        &self.members
+    }
+
+    /// The other nodes whose members count (heard within [`MEMBER_TTL`]);
+    /// `None` without presence (unit tests): every node counts.
+    pub fn live_nodes(&self) -> Option<std::collections::HashSet<String>> {
+        self.bus
+            .as_ref()
+            .map(|bus| bus.peers_within(MEMBER_TTL).into_iter().collect())
+    }
+
+    /// Sends a private message to `node`'s client; one NATS message.
+    pub fn send_private(&self, node: &str, pm: &members::PmMsg) {
+        let Some(prefix) = &self.prefix else {
+            return;
+        };
+        if let Ok(payload) = serde_json::to_vec(pm) {
+            self.queue(Outgoing::Direct {
+                subject: format!("{prefix}pm.{node}"),
+                payload: payload.into(),
+            });
+        }
+    }
+
+    /// This node's id.
+    pub fn node_id(&self) -> &str {
+        &self.node_id
     }
 
     /// A room gained its first or lost its last local member: the cluster
@@ -339,6 +436,10 @@ pub async fn start(
         last_warn_ms: AtomicU64::new(0),
         bus: Some(bus.clone()),
         nicks: Some(nicks_tx),
+        members: members::Members::default(),
+        member_seq: AtomicU64::new(0),
+        prefix: Some(format!("{}.", config.name)),
+        node_id: config.node_id.clone().into(),
     });
     let nick_task = nicks::Nicks::new(
         client.clone(),
@@ -347,12 +448,20 @@ pub async fn start(
         format!("{}_nicks", config.name),
     );
     tokio::spawn(nick_task.run(nicks_rx, state_rx.clone(), shutdown.clone()));
+    hub.attach_cluster(link.clone());
+    tokio::spawn(members::run(
+        client.clone(),
+        hub.clone(),
+        config.node_id.clone().into(),
+        config.name.clone(),
+        state_rx.clone(),
+        shutdown.clone(),
+    ));
     tokio::spawn(presence(
         bus,
         format!("{}.nodes", config.name),
         shutdown.clone(),
     ));
-    hub.attach_cluster(link.clone());
     tokio::spawn(serve_admin(
         client.clone(),
         hub.clone(),
@@ -446,15 +555,23 @@ impl Node {
             self.link.dropped.fetch_add(1, Relaxed);
             return;
         }
-        let mut headers = HeaderMap::new();
-        headers.insert(NODE_HEADER, &*self.node_id);
-        headers.insert(KIND_HEADER, out.kind.as_str());
-        let subject = format!("{}{}", self.prefix, out.room);
-        if let Err(e) = self
-            .client
-            .publish_with_headers(subject, headers, out.payload)
-            .await
-        {
+        let sent = match out {
+            Outgoing::Room {
+                room,
+                payload,
+                kind,
+            } => {
+                let mut headers = HeaderMap::new();
+                headers.insert(NODE_HEADER, &*self.node_id);
+                headers.insert(KIND_HEADER, kind.as_str());
+                let subject = format!("{}{}", self.prefix, room);
+                self.client
+                    .publish_with_headers(subject, headers, payload)
+                    .await
+            }
+            Outgoing::Direct { subject, payload } => self.client.publish(subject, payload).await,
+        };
+        if let Err(e) = sent {
             self.link.dropped.fetch_add(1, Relaxed);
             debug!(error = %e, "cluster: publish failed");
         }
@@ -660,8 +777,19 @@ impl Bus {
         })
     }
 
+    /// Other nodes heard within `ttl` (at most [`PRESENCE_TTL`]).
+    pub fn peers_within(&self, ttl: Duration) -> Vec<String> {
+        let now = std::time::Instant::now();
+        let peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
+        peers
+            .iter()
+            .filter(|(_, seen)| now.duration_since(**seen) < ttl)
+            .map(|(node, _)| node.clone())
+            .collect()
+    }
+
     /// Other nodes heard within [`PRESENCE_TTL`].
-    fn live_peers(&self) -> Vec<String> {
+    pub fn live_peers(&self) -> Vec<String> {
         let now = std::time::Instant::now();
         let mut peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
         peers.retain(|_, seen| now.duration_since(*seen) < PRESENCE_TTL);
@@ -831,6 +959,10 @@ mod tests {
             last_warn_ms: AtomicU64::new(0),
             bus: None,
             nicks: None,
+            members: members::Members::default(),
+            member_seq: AtomicU64::new(0),
+            prefix: None,
+            node_id: "web1".into(),
         };
         (Arc::new(link), rx)
     }
@@ -881,12 +1013,21 @@ mod tests {
             "the first member asks for the room's subject"
         );
         assert_eq!(hub.occupied_rooms(), [Arc::from("lobby")]);
-        let joined = rx.try_recv().expect("the join notice");
-        assert_eq!(joined.kind, Kind::Notice);
+        let Outgoing::Room { kind, .. } = rx.try_recv().expect("the join notice") else {
+            panic!("a room message");
+        };
+        assert_eq!(kind, Kind::Notice);
         hub.publish(&room, a.id, Bytes::from_static(b"<a> one\r\n"), 1);
-        let out = rx.try_recv().expect("the batch");
-        assert_eq!((&*out.room, out.kind), ("lobby", Kind::Chat));
-        assert_eq!(&out.payload[..], b"<a> one\r\n");
+        let Outgoing::Room {
+            room: name,
+            payload,
+            kind,
+        } = rx.try_recv().expect("the batch")
+        else {
+            panic!("a room message");
+        };
+        assert_eq!((&*name, kind), ("lobby", Kind::Chat));
+        assert_eq!(&payload[..], b"<a> one\r\n");
         // A full queue drops and counts; it never blocks the publisher.
         for _ in 0..5 {
             hub.publish(&room, a.id, Bytes::from_static(b"<a> more\r\n"), 1);

@@ -744,7 +744,7 @@ impl<S: Socket> Connection<S> {
                 Err(e) => self.error(&e.describe("room", room)),
             },
             Command::Rooms => {
-                let rooms = self.hub.rooms();
+                let rooms = self.hub.all_rooms();
                 self.notice(&format!(
                     "{}:",
                     protocol::count(rooms.len() as u64, "room", "rooms")

@@ -761,6 +761,8 @@ impl Hub {
     pub fn join(&self, client: &Arc<Client>, room: &str) -> Arc<Room> {
         let config = self.config();
         let limit = config.limits.outbound_queue_bytes;
+        // Members on other nodes (cluster mode), counted in the notices.
+        let remote = self.remote_count(room);
         let mut state = self.state();
         let old = lock(&client.names).room.clone();
         let mut parted = None;
@@ -784,7 +786,7 @@ impl Hub {
         };
         let count = {
             let mut members = write(&target.members);
-            let count = members.len() + 1;
+            let count = members.len() + 1 + remote;
             client.notice(&format!("You are now in {room} ({}).", users(count)), limit);
             if let Some(block) = history_block(&lock(&target.history), room, limit) {
                 client.outbox.push(block, limit);
@@ -792,10 +794,11 @@ impl Hub {
             members.push(client.clone());
             count
         };
-        if count == 1
-            && let Some(link) = self.cluster()
-        {
-            link.interest_changed();
+        if let Some(link) = self.cluster() {
+            if target.len() == 1 {
+                link.interest_changed();
+            }
+            link.member_set(client.id, &nick, room);
         }
         drop(state);
         if let Some((old, text)) = parted {
@@ -838,6 +841,7 @@ impl Hub {
         room.clear_congested(client);
         let nick = client.nick();
         let config = self.config();
+        let total = remaining + self.remote_count(&room.name);
         if remaining == 0 && *room.name != *config.chat.default_room {
             state.rooms.remove(&room.name);
         }
@@ -847,15 +851,16 @@ impl Hub {
             room: room.name.clone(),
         });
         // At shutdown everyone leaves at once: notices would be O(n²) noise.
-        if remaining >= config.limits.room_notice_max
-            || remaining == 0
+        // With members left on other nodes only, the notice is for them.
+        if total >= config.limits.room_notice_max
+            || total == 0
             || reason == Some(&Disconnect::Shutdown)
         {
             return None;
         }
         let text = match reason {
-            Some(r) => format!("{nick} left {} ({}): {r}", room.name, users(remaining)),
-            None => format!("{nick} left {} ({})", room.name, users(remaining)),
+            Some(r) => format!("{nick} left {} ({}): {r}", room.name, users(total)),
+            None => format!("{nick} left {} ({})", room.name, users(total)),
         };
         Some((room.clone(), text))
     }
@@ -951,6 +956,9 @@ impl Hub {
         let nick = client.nick();
         state.nicks.remove(&protocol::fold(&nick));
         self.release_nick(client, &nick);
+        if let Some(link) = self.cluster() {
+            link.member_gone(client.id);
+        }
         if let Some(n) = state.per_ip.get_mut(&client.peer.ip()) {
             *n -= 1;
             if *n == 0 {
@@ -1040,6 +1048,9 @@ impl Hub {
             names.room.clone()
         };
         client.renamed.store(true, Relaxed);
+        if let (Some(link), Some(room)) = (self.cluster(), &room) {
+            link.member_set(id, &new, &room.name);
+        }
         drop(state);
         client.notice(
             &format!(
@@ -1078,6 +1089,9 @@ impl Hub {
             names.nick = new.clone();
             names.room.clone()
         };
+        if let (Some(link), Some(room)) = (self.cluster(), &room) {
+            link.member_set(client.id, &new, &room.name);
+        }
         drop(state);
         if let Some(room) = room {
             let text = format!("{old} is now known as {new}");
@@ -1172,6 +1186,77 @@ impl Hub {
             .sum()
     }
 
+    /// Members of `room` on the other live nodes; 0 on one node.
+    fn remote_count(&self, room: &str) -> usize {
+        self.cluster().map_or(0, |link| {
+            link.members().count(link.live_nodes().as_ref(), room)
+        })
+    }
+
+    /// Every client of this node in a room, with the number of the last
+    /// membership change they include (cluster mode; see
+    /// [`Link::member_set`]).
+    pub fn member_snapshot(&self) -> (u64, Vec<(ClientId, String, String)>) {
+        let state = self.state();
+        let seq = self.cluster().map_or(0, |link| link.member_seq());
+        let set = state
+            .clients
+            .values()
+            .filter_map(|c| {
+                let names = lock(&c.names);
+                let room = names.room.as_ref()?;
+                Some((c.id, names.nick.to_string(), room.name.to_string()))
+            })
+            .collect();
+        (seq, set)
+    }
+
+    /// Queues a server line for client `id` of this node, if it is still
+    /// there (an error coming back from another node).
+    pub fn notify_client(&self, id: ClientId, text: &str) {
+        let client = self.state().clients.get(&id).cloned();
+        if let Some(client) = client {
+            client.notice(text, self.queue_limit());
+        }
+    }
+
+    /// Hands a private message from `from` on another node to this node's
+    /// client called `to`; or says why not (sent back to the sender).
+    pub fn deliver_private(&self, from: &str, to: &str, text: &str) -> Result<(), String> {
+        let limit = self.queue_limit();
+        let target = {
+            let state = self.state();
+            state
+                .nicks
+                .get(&protocol::fold(to))
+                .and_then(|id| state.clients.get(id))
+                .cloned()
+        };
+        let Some(target) = target else {
+            return Err(format!("no such nick \"{}\"", sanitize::clean(to)));
+        };
+        let mut line = BytesMut::with_capacity(from.len() + text.len() + 12);
+        line.extend_from_slice(b"[pm] <");
+        line.extend_from_slice(from.as_bytes());
+        line.extend_from_slice(b"> ");
+        sanitize::clean_into(&mut line, text.as_bytes());
+        line.extend_from_slice(b"\r\n");
+        match target.outbox.push(line.freeze(), limit) {
+            Push::Queued | Push::Congested => {
+                self.shared.stats.published(1, 1);
+                Ok(())
+            }
+            Push::Overflow => Err(format!(
+                "{} is not reading; message not delivered",
+                target.nick()
+            )),
+            Push::Closed => Err(format!(
+                "{} is leaving; message not delivered",
+                target.nick()
+            )),
+        }
+    }
+
     /// Whether any watcher wants message events.
     pub fn watching_messages(&self) -> bool {
         self.shared.message_watchers.load(Relaxed) > 0
@@ -1227,10 +1312,7 @@ impl Hub {
                 .cloned()
         };
         let Some(target) = target else {
-            return Err(PrivateError::Failed(format!(
-                "no such nick \"{}\"",
-                sanitize::clean(to)
-            )));
+            return self.private_remote(from, to, text);
         };
         // A reader behind on its queue gets no more private lines until it
         // catches up: the sender is told and pauses, where a burst of
@@ -1284,12 +1366,67 @@ impl Hub {
         Ok(congested)
     }
 
-    /// `/who`: the nicks in `room`, sorted, at most [`WHO_MAX`] of them.
+    /// `/msg` to a nick not on this node: in cluster mode, to its node (one
+    /// NATS message); the sender's echo is queued at once, and an error
+    /// comes back only if it cannot be delivered there.
+    fn private_remote(
+        &self,
+        from: &Client,
+        to: &str,
+        text: &str,
+    ) -> Result<Option<Arc<Client>>, PrivateError> {
+        let no_such = || PrivateError::Failed(format!("no such nick \"{}\"", sanitize::clean(to)));
+        let link = self.cluster().ok_or_else(no_such)?;
+        let (node, nick) = link
+            .members()
+            .find(link.live_nodes().as_ref(), to)
+            .ok_or_else(no_such)?;
+        let from_nick = from.nick();
+        let text = sanitize::clean(text);
+        link.send_private(
+            &node,
+            &crate::cluster::members::PmMsg {
+                from_node: link.node_id().to_string(),
+                from_id: from.id,
+                from_nick: from_nick.to_string(),
+                to: nick.to_string(),
+                text: text.clone(),
+                error: None,
+            },
+        );
+        from.outbox.push(
+            server_free_line(&format!("[pm -> {nick}] {text}")),
+            self.queue_limit(),
+        );
+        if self.watching_messages() {
+            self.emit(Event::Message {
+                id: from.id,
+                nick: from_nick,
+                room: None,
+                to: Some(nick),
+                text,
+                action: false,
+            });
+        }
+        Ok(None)
+    }
+
+    /// `/who`: the nicks in `room` (on every node, in cluster mode), sorted,
+    /// at most [`WHO_MAX`] of them.
     pub fn who(&self, room: &Room) -> String {
         let members = read(&room.members);
-        let total = members.len();
+        let mut total = members.len();
         let mut nicks: Vec<Arc<str>> = members.iter().take(WHO_MAX).map(|m| m.nick()).collect();
         drop(members);
+        if let Some(link) = self.cluster() {
+            let room_name: &str = &room.name;
+            let max = WHO_MAX.saturating_sub(nicks.len());
+            let (remote, count) = link
+                .members()
+                .nicks(link.live_nodes().as_ref(), room_name, max);
+            nicks.extend(remote);
+            total += count;
+        }
         nicks.sort();
         let mut text = format!("{} ({}): {}", room.name, users(total), nicks.join(", "));
         if total > WHO_MAX {
@@ -1298,9 +1435,30 @@ impl Hub {
         text
     }
 
+    /// The rooms of this node (admin), with this node's members.
     pub fn rooms(&self) -> Vec<RoomInfo> {
         let rooms: Vec<Arc<Room>> = self.state().rooms.values().cloned().collect();
         let mut infos: Vec<RoomInfo> = rooms.iter().map(|r| r.info()).collect();
+        infos.sort_by(|a, b| a.name.cmp(&b.name));
+        infos
+    }
+
+    /// `/rooms`: the rooms with their members on every node (cluster mode;
+    /// on one node, [`Hub::rooms`]).
+    pub fn all_rooms(&self) -> Vec<RoomInfo> {
+        let mut infos = self.rooms();
+        let Some(link) = self.cluster() else {
+            return infos;
+        };
+        let mut remote = link.members().rooms(link.live_nodes().as_ref());
+        for info in &mut infos {
+            info.members += remote.remove(info.name.as_str()).unwrap_or(0);
+        }
+        infos.extend(remote.into_iter().map(|(name, members)| RoomInfo {
+            name: name.to_string(),
+            members,
+            messages: 0,
+        }));
         infos.sort_by(|a, b| a.name.cmp(&b.name));
         infos
     }
@@ -1568,6 +1726,14 @@ fn history_block(history: &VecDeque<Bytes>, room: &str, limit: usize) -> Option<
     }
     push_server_line(&mut block, "End of history.");
     Some(block.freeze())
+}
+
+/// `text\r\n`, for a line that starts with a prefix chatd wrote.
+fn server_free_line(text: &str) -> Bytes {
+    let mut b = BytesMut::with_capacity(text.len() + 2);
+    b.extend_from_slice(text.as_bytes());
+    b.extend_from_slice(b"\r\n");
+    b.freeze()
 }
 
 /// `*** text\r\n`, the form of every server line.

@@ -698,3 +698,100 @@ async fn a_killed_nodes_nicks_are_free_within_30_s() {
     }
     eprintln!("zoe free {:?} after the kill", killed.elapsed());
 }
+
+/// The answer to `/who` (its one line).
+async fn who(client: &mut Client) -> String {
+    client.send("/who\n").await;
+    loop {
+        let l = client.line().await;
+        if l.starts_with("*** ") && l.contains(" user") && l.contains("): ") {
+            return l;
+        }
+    }
+}
+
+/// Sends `/who` until its answer satisfies `ok`; returns it.
+async fn who_until(client: &mut Client, ok: impl Fn(&str) -> bool, within: Duration) -> String {
+    let deadline = Instant::now() + within;
+    loop {
+        let l = who(client).await;
+        if ok(&l) {
+            return l;
+        }
+        assert!(Instant::now() < deadline, "last /who: {l}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
+async fn who_rooms_counts_and_msg_span_the_nodes() {
+    let Some(nats) = Nats::start() else { return };
+    let a = node(&nats.url(), "node-a", &[]);
+    let b = node(&nats.url(), "node-b", &[]);
+    let (mut a1, _) = a.join().await;
+    a1.send("/nick ann\n").await;
+    nick_answer(&mut a1).await.expect("ann");
+    let (mut b1, _) = b.join().await;
+    b1.send("/nick bob\n").await;
+    nick_answer(&mut b1).await.expect("bob");
+    let (mut a2, _) = a.join().await;
+    a2.send("/join dev\n").await;
+    a2.expect("You are now in dev").await;
+
+    let seen = who_until(&mut b1, |l| l == "*** lobby (2 users): ann, bob", WAIT).await;
+    assert_eq!(seen, "*** lobby (2 users): ann, bob");
+    // /rooms on B lists the room that has members on A only.
+    b1.send("/rooms\n").await;
+    b1.expect("2 rooms:").await;
+    assert_eq!(b1.line().await, "***   dev (1 user)");
+    assert_eq!(b1.line().await, "***   lobby (2 users)");
+
+    // Counts in notices are cluster-wide.
+    wait_subscribed(&b, "lobby").await;
+    let (_a3, a3_nick) = a.join().await;
+    b1.expect(&format!("{a3_nick} joined lobby (3 users)"))
+        .await;
+
+    // /msg reaches a nick on the other node, in any case, one way and back.
+    b1.send("/msg ANN hello from b\n").await;
+    b1.expect("[pm -> ann] hello from b").await;
+    a1.expect("[pm] <bob> hello from b").await;
+    a1.send("/msg bob and back\n").await;
+    b1.expect("[pm] <ann> and back").await;
+    a1.send("/msg nobody hi\n").await;
+    a1.expect("error: no such nick \"nobody\"").await;
+}
+
+#[tokio::test]
+async fn a_killed_node_leaves_who_and_counts_within_10_s_and_nobody_else_is_cut() {
+    let Some(nats) = Nats::start() else { return };
+    let a = node(&nats.url(), "node-a", &[]);
+    let mut b = node(&nats.url(), "node-b", &[]);
+    let (mut a1, a1_nick) = a.join().await;
+    let (mut a2, _) = a.join().await;
+    let (_b1, b1_nick) = b.join().await;
+    let (_b2, _) = b.join().await;
+    who_until(&mut a1, |l| l.contains("(4 users)"), WAIT).await;
+
+    b.signal(rustix::process::Signal::KILL);
+    b.wait_exit().await;
+    let killed = Instant::now();
+    let after = who_until(
+        &mut a1,
+        |l| l.contains("(2 users)"),
+        Duration::from_secs(10),
+    )
+    .await;
+    assert!(!after.contains(&b1_nick), "{after}");
+    assert!(
+        killed.elapsed() < Duration::from_secs(10),
+        "B's members still listed {:?} after the kill",
+        killed.elapsed()
+    );
+    eprintln!("B's members gone {:?} after the kill", killed.elapsed());
+    // Nobody on A was cut: they still chat.
+    a1.send("still here\n").await;
+    a2.expect(&format!("<{a1_nick}> still here")).await;
+    a2.send("/rooms\n").await;
+    a2.expect("lobby (2 users)").await;
+}
