@@ -795,3 +795,72 @@ async fn a_killed_node_leaves_who_and_counts_within_10_s_and_nobody_else_is_cut(
     a2.send("/rooms\n").await;
     a2.expect("lobby (2 users)").await;
 }
+
+#[tokio::test]
+async fn a_nick_taken_on_two_nodes_while_nats_was_away_is_settled_and_the_loser_told() {
+    let Some(mut nats) = Nats::start() else {
+        return;
+    };
+    let a = node(&nats.url(), "node-a", &[]);
+    let b = node(&nats.url(), "node-b", &[]);
+    let (mut a1, _) = a.join().await;
+    let (mut b1, _) = b.join().await;
+    let (mut b2, _) = b.join().await;
+    // The bucket exists before NATS goes.
+    a1.send("/nick early\n").await;
+    nick_answer(&mut a1).await.expect("early");
+    b2.send("/nick held\n").await;
+    nick_answer(&mut b2).await.expect("held");
+
+    nats.kill();
+    for c in [&mut a1, &mut b1] {
+        c.expect("*** Other chat nodes are unreachable").await;
+    }
+    // Each node alone grants the same nick, and B's client takes the one
+    // A's client let go: both are settled once NATS is back.
+    a1.send("/nick Neo\n").await;
+    nick_answer(&mut a1).await.expect("granted on A alone");
+    b1.send("/nick neo\n").await;
+    nick_answer(&mut b1).await.expect("granted on B alone");
+    nats.restart();
+
+    // Exactly one of them is renamed, and told why.
+    let told = "was taken on another chat node while this one was cut off";
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let (mut lost_a, mut lost_b) = (false, false);
+    while !(lost_a || lost_b) {
+        assert!(Instant::now() < deadline, "nobody was told");
+        for l in a1.sync().await {
+            lost_a |= l.contains(told);
+        }
+        for l in b1.sync().await {
+            lost_b |= l.contains(told);
+        }
+    }
+    // Settling is done on both sides once each refreshed after the return.
+    tokio::time::sleep(nicks_refresh()).await;
+    for l in a1.sync().await {
+        lost_a |= l.contains(told);
+    }
+    for l in b1.sync().await {
+        lost_b |= l.contains(told);
+    }
+    assert!(lost_a ^ lost_b, "exactly one loser: A {lost_a}, B {lost_b}");
+    let (winner, loser) = if lost_a {
+        (&mut b1, &mut a1)
+    } else {
+        (&mut a1, &mut b1)
+    };
+    // The loser chats under its guest nick; the winner keeps neo.
+    loser.send("/msg neo hi\n").await;
+    loser.expect("[pm -> ").await;
+    winner.expect("[pm] <guest-").await;
+    // And what was held before the outage stays held.
+    a1.send("/nick HELD\n").await;
+    assert!(nick_answer(&mut a1).await.is_err());
+}
+
+/// A little more than the nick refresh period.
+fn nicks_refresh() -> Duration {
+    Duration::from_secs(6)
+}
