@@ -34,8 +34,11 @@
 //! Who is where on the other nodes ([`members`]) makes `/who`, `/rooms`,
 //! the counts in room notices and `/msg` cluster-wide.
 //!
-//! Not here yet (see docs/OPERATIONS.md): cluster-wide history.
+//! Room history is cluster-wide too: a JetStream stream keeps each room's
+//! last batches ([`history`]), loaded when a room gains its first member on
+//! a node.
 
+pub mod history;
 pub mod members;
 pub mod nicks;
 
@@ -157,6 +160,9 @@ pub struct Link {
     /// `NAME.`; `None` only in unit tests, which publish no membership.
     prefix: Option<String>,
     node_id: Arc<str>,
+    /// Requests to load a room's history, for the cluster task; `None`
+    /// when `chat.history` is 0 (and in unit tests).
+    loads: Option<mpsc::UnboundedSender<(Arc<str>, tokio::sync::oneshot::Sender<()>)>>,
 }
 
 impl Link {
@@ -269,6 +275,22 @@ impl Link {
     /// This node's id.
     pub fn node_id(&self) -> &str {
         &self.node_id
+    }
+
+    /// Whether rooms' history is cluster-wide (`chat.history` > 0).
+    pub fn keeps_history(&self) -> bool {
+        self.loads.is_some()
+    }
+
+    /// Asks for `room`'s cluster-wide history to be loaded into the room
+    /// on this node; the returned channel says when it is there (or gives
+    /// up: a dropped sender). `None` without cluster history. Unbounded,
+    /// yet bounded in practice: a joining client waits for its one request.
+    pub fn load_history(&self, room: &str) -> Option<tokio::sync::oneshot::Receiver<()>> {
+        let tx = self.loads.as_ref()?;
+        let (reply, done) = tokio::sync::oneshot::channel();
+        let _ = tx.send((room.into(), reply));
+        Some(done)
     }
 
     /// A room gained its first or lost its last local member: the cluster
@@ -428,6 +450,8 @@ pub async fn start(
     };
     let (tx, rx) = mpsc::channel(OUTGOING_CAPACITY);
     let (nicks_tx, nicks_rx) = mpsc::unbounded_channel();
+    let per_room = hub.config().chat.history;
+    let (loads_tx, loads_rx) = mpsc::unbounded_channel();
     let link = Arc::new(Link {
         tx,
         interest: Notify::new(),
@@ -440,6 +464,7 @@ pub async fn start(
         member_seq: AtomicU64::new(0),
         prefix: Some(format!("{}.", config.name)),
         node_id: config.node_id.clone().into(),
+        loads: (per_room > 0).then_some(loads_tx),
     });
     let nick_task = nicks::Nicks::new(
         client.clone(),
@@ -475,10 +500,15 @@ pub async fn start(
         link,
         node_id: config.node_id.clone().into(),
         prefix: format!("{}.room.", config.name),
+        name: config.name.clone(),
         rooms: HashMap::new(),
+        history: None,
+        per_room,
+        history_tried: None,
+        next_id: 0,
         shutdown,
     };
-    tokio::spawn(node.run(rx, state_rx, connected));
+    tokio::spawn(node.run(rx, loads_rx, state_rx, connected));
     Ok(())
 }
 
@@ -490,18 +520,40 @@ struct Node {
     node_id: Arc<str>,
     /// `NAME.room.`
     prefix: String,
+    /// `cluster.name`.
+    name: String,
     /// One subscription task per room with local members.
-    rooms: HashMap<Arc<str>, CancellationToken>,
+    rooms: HashMap<Arc<str>, RoomSub>,
+    /// The history stream, once opened (`chat.history` > 0 and JetStream
+    /// there).
+    history: Option<async_nats::jetstream::stream::Stream>,
+    /// `chat.history`: the batches the stream keeps per room.
+    per_room: usize,
+    /// When opening the stream was last tried.
+    history_tried: Option<std::time::Instant>,
+    /// The number of this node's last chat batch (its `Chatd-Id`).
+    next_id: u64,
     shutdown: CancellationToken,
+}
+
+/// A room's subscription task, and the way to ask it for the room's
+/// history.
+struct RoomSub {
+    stop: CancellationToken,
+    loads: mpsc::UnboundedSender<tokio::sync::oneshot::Sender<()>>,
 }
 
 impl Node {
     async fn run(
         mut self,
         mut rx: mpsc::Receiver<Outgoing>,
+        mut loads: mpsc::UnboundedReceiver<(Arc<str>, tokio::sync::oneshot::Sender<()>)>,
         mut state: watch::Receiver<bool>,
         mut connected: bool,
     ) {
+        if connected {
+            self.open_history().await;
+        }
         // Rooms may have members already (none in practice: start runs
         // before the listeners serve).
         self.reconcile();
@@ -515,6 +567,31 @@ impl Node {
                     None => break,
                 },
                 () = self.link.interest.notified() => self.reconcile(),
+                // Disabled once no sender is left (`chat.history` = 0).
+                Some((room, reply)) = loads.recv() => {
+                    if self.history.is_none() && connected {
+                        self.open_history().await;
+                    }
+                    // Without NATS or the stream, the room's history is this
+                    // node's: the joining client goes on at once.
+                    if self.history.is_none() || !connected {
+                        let _ = reply.send(());
+                        continue;
+                    }
+                    // The room is wanted now (a client waits to join it):
+                    // its subscription exists after this.
+                    self.reconcile();
+                    match self.rooms.get(&room) {
+                        Some(sub) => {
+                            if let Err(e) = sub.loads.send(reply) {
+                                let _ = e.0.send(());
+                            }
+                        }
+                        None => {
+                            let _ = reply.send(());
+                        }
+                    }
+                }
                 changed = state.changed() => {
                     if changed.is_err() {
                         break;
@@ -531,6 +608,7 @@ impl Node {
                     } else if connected {
                         was_connected = true;
                         info!("cluster: connected to NATS; rooms span nodes");
+                        self.open_history().await;
                     } else {
                         dropped_at_loss = self.link.dropped();
                         let told = self.hub.notice_rooms(
@@ -541,8 +619,8 @@ impl Node {
                 }
             }
         }
-        for (_, token) in self.rooms.drain() {
-            token.cancel();
+        for (_, sub) in self.rooms.drain() {
+            sub.stop.cancel();
         }
         // Sends what is already queued; a lost NATS does not hold up exit.
         let _ = tokio::time::timeout(Duration::from_secs(1), self.client.flush()).await;
@@ -550,7 +628,25 @@ impl Node {
 
     /// Publishes one batch, or drops and counts it while NATS is away:
     /// lines are not queued for a reconnect that may come much later.
-    async fn publish(&self, out: Outgoing) {
+    /// Opens the history stream, once, when `chat.history` > 0.
+    async fn open_history(&mut self) {
+        if self.per_room == 0 || self.history.is_some() {
+            return;
+        }
+        // Not more often than this: where JetStream is off, every join
+        // would otherwise hold up this task.
+        if self
+            .history_tried
+            .is_some_and(|t| t.elapsed() < Duration::from_secs(30))
+        {
+            return;
+        }
+        self.history_tried = Some(std::time::Instant::now());
+        let js = async_nats::jetstream::new(self.client.clone());
+        self.history = history::open_stream(&js, &self.name, self.per_room).await;
+    }
+
+    async fn publish(&mut self, out: Outgoing) {
         if self.client.connection_state() != State::Connected {
             self.link.dropped.fetch_add(1, Relaxed);
             return;
@@ -564,7 +660,12 @@ impl Node {
                 let mut headers = HeaderMap::new();
                 headers.insert(NODE_HEADER, &*self.node_id);
                 headers.insert(KIND_HEADER, kind.as_str());
-                let subject = format!("{}{}", self.prefix, room);
+                if kind == Kind::Chat {
+                    self.next_id += 1;
+                    let id = format!("{}-{}", self.node_id, self.next_id);
+                    headers.insert(history::ID_HEADER, id.as_str());
+                }
+                let subject = format!("{}{}.{}", self.prefix, room, kind.as_str());
                 self.client
                     .publish_with_headers(subject, headers, payload)
                     .await
@@ -581,10 +682,10 @@ impl Node {
     /// subscriptions of rooms without any.
     fn reconcile(&mut self) {
         let wanted = self.hub.occupied_rooms();
-        self.rooms.retain(|room, token| {
+        self.rooms.retain(|room, sub| {
             let keep = wanted.contains(room);
             if !keep {
-                token.cancel();
+                sub.stop.cancel();
                 debug!(%room, "cluster: unsubscribed");
             }
             keep
@@ -594,30 +695,62 @@ impl Node {
                 continue;
             }
             let token = self.shutdown.child_token();
-            self.rooms.insert(room.clone(), token.clone());
+            let (loads_tx, loads) = mpsc::unbounded_channel();
+            self.rooms.insert(
+                room.clone(),
+                RoomSub {
+                    stop: token.clone(),
+                    loads: loads_tx,
+                },
+            );
             tokio::spawn(listen(
-                self.client.clone(),
-                self.hub.clone(),
-                self.node_id.clone(),
-                format!("{}{}", self.prefix, room),
-                room,
+                Listener {
+                    client: self.client.clone(),
+                    hub: self.hub.clone(),
+                    node_id: self.node_id.clone(),
+                    subject: format!("{}{}", self.prefix, room),
+                    room,
+                    history: self.history.clone(),
+                    per_room: self.per_room,
+                },
+                loads,
                 token,
             ));
         }
     }
 }
 
-/// One room's subscription: hands every batch from another node to the
-/// hub until `stop`. Dropping the subscriber unsubscribes.
-async fn listen(
+/// What a room's subscription task needs.
+struct Listener {
     client: async_nats::Client,
     hub: Hub,
     node_id: Arc<str>,
+    /// `NAME.room.ROOM`; chat batches on `.chat`, notices on `.notice`.
     subject: String,
     room: Arc<str>,
+    history: Option<async_nats::jetstream::stream::Stream>,
+    per_room: usize,
+}
+
+/// One room's subscription: hands every batch from another node to the
+/// hub until `stop`, and loads the room's history from the stream when a
+/// joining client asks (see [`history`]). Dropping the subscriber
+/// unsubscribes.
+async fn listen(
+    l: Listener,
+    mut loads: mpsc::UnboundedReceiver<tokio::sync::oneshot::Sender<()>>,
     stop: CancellationToken,
 ) {
-    let mut sub = match client.subscribe(subject.clone()).await {
+    let Listener {
+        client,
+        hub,
+        node_id,
+        subject,
+        room,
+        history,
+        per_room,
+    } = l;
+    let mut sub = match client.subscribe(format!("{subject}.*")).await {
         Ok(sub) => sub,
         Err(e) => {
             warn!(%subject, error = %e, "cluster: cannot subscribe; this room hears only this node");
@@ -625,14 +758,36 @@ async fn listen(
         }
     };
     // A round trip: once it returns, NATS holds the subscription, and every
-    // line published from now on reaches this node.
+    // line published from now on reaches this node. Bounded, so that a
+    // client waiting for the room's history never waits on a lost NATS.
     tokio::select! {
         () = stop.cancelled() => return,
-        flushed = client.flush() => if flushed.is_ok() {
+        flushed = tokio::time::timeout(START_WAIT, client.flush()) => if matches!(flushed, Ok(Ok(()))) {
             debug!(%room, "cluster: subscribed");
         },
     }
-    while let Some(msg) = next_or_stop(&mut sub, &stop).await {
+    let chat_subject = format!("{subject}.chat");
+    // Ids of the batches the last history load read: the same batches may
+    // be waiting in the subscription, and are not handed on twice.
+    let mut loaded: std::collections::HashSet<String> = std::collections::HashSet::new();
+    loop {
+        let msg = tokio::select! {
+            () = stop.cancelled() => break,
+            Some(reply) = loads.recv() => {
+                if let Some(stream) = &history {
+                    let (batches, ids) = history::fetch(stream, &chat_subject, per_room).await;
+                    debug!(%room, batches = batches.len(), "cluster: room history loaded");
+                    hub.replace_history(&room, &batches);
+                    loaded = ids;
+                }
+                let _ = reply.send(());
+                continue;
+            }
+            msg = sub.next() => match msg {
+                Some(msg) => msg,
+                None => break,
+            },
+        };
         let Some(headers) = &msg.headers else {
             continue;
         };
@@ -642,12 +797,18 @@ async fn listen(
         {
             continue;
         }
-        let Some(kind) = headers
-            .get(KIND_HEADER)
-            .and_then(|k| Kind::parse(k.as_str()))
-        else {
+        let Some(kind) = msg.subject.rsplit('.').next().and_then(Kind::parse) else {
             continue;
         };
+        if kind == Kind::Chat
+            && !loaded.is_empty()
+            && headers
+                .get(history::ID_HEADER)
+                .is_some_and(|id| loaded.remove(id.as_str()))
+        {
+            // Already in the history the room holds.
+            continue;
+        }
         let Some(lines) = well_formed(&msg.payload) else {
             debug!(%subject, "cluster: ignored a malformed message");
             continue;
@@ -963,6 +1124,7 @@ mod tests {
             member_seq: AtomicU64::new(0),
             prefix: None,
             node_id: "web1".into(),
+            loads: None,
         };
         (Arc::new(link), rx)
     }

@@ -37,7 +37,9 @@ use tracing::{Instrument, debug, info, info_span};
 
 use crate::cluster::nicks::Claim;
 use crate::framing::{Frame, LineFramer};
-use crate::hub::{Client, Disconnect, Hub, NickRequest, PrivateError, Refusal, Room, server_line};
+use crate::hub::{
+    Client, Disconnect, Hub, JoinRequest, NickRequest, PrivateError, Refusal, Room, server_line,
+};
 use crate::protocol::{self, Command};
 use crate::rate::TokenBucket;
 use crate::sanitize;
@@ -139,7 +141,16 @@ pub async fn serve_on<S: Socket>(stream: S, peer: SocketAddr, tls: bool, hub: Hu
     async move {
         info!("connected");
         let nick = client.nick();
-        let room = welcome(&hub, &client, &nick);
+        let room = match welcome(&hub, &client, &nick) {
+            JoinRequest::Done(room) => room,
+            // Cluster mode, the default room's first member here: its
+            // history is loaded first. Nothing was read yet, so nothing
+            // waits behind this.
+            JoinRequest::Wait { room, done } => {
+                let _ = done.await;
+                hub.finish_join(&client, &room)
+            }
+        };
         let mut conn = Connection {
             stream,
             hub,
@@ -166,7 +177,7 @@ pub async fn serve_on<S: Socket>(stream: S, peer: SocketAddr, tls: bool, hub: Hu
 }
 
 /// Greets a new client and puts it in the default room.
-fn welcome(hub: &Hub, client: &Arc<Client>, nick: &str) -> Arc<Room> {
+fn welcome(hub: &Hub, client: &Arc<Client>, nick: &str) -> JoinRequest {
     let config = hub.config();
     let limit = config.limits.outbound_queue_bytes;
     client.notice(
@@ -179,7 +190,7 @@ fn welcome(hub: &Hub, client: &Arc<Client>, nick: &str) -> Arc<Room> {
     for line in config.server.motd.lines() {
         client.notice(&sanitize::clean(line), limit);
     }
-    hub.join(client, &config.chat.default_room)
+    hub.request_join(client, &config.chat.default_room)
 }
 
 /// Tells a refused client why, in one line, and closes.
@@ -275,11 +286,23 @@ struct Pause {
 
 /// A command waiting for the cluster, and the lines read after it.
 struct Waiting {
-    /// The nick asked for (the only command that waits so far).
-    nick: Arc<str>,
-    answer: tokio::sync::oneshot::Receiver<Claim>,
+    command: Pending,
     /// Lines read after the command, in order, handled once it is answered.
     held: VecDeque<Held>,
+}
+
+/// The commands that may wait for the cluster.
+enum Pending {
+    /// `/nick`: whether the nick is free cluster-wide.
+    Nick {
+        nick: Arc<str>,
+        answer: tokio::sync::oneshot::Receiver<Claim>,
+    },
+    /// `/join`: the room's cluster-wide history, loaded into the room.
+    Join {
+        room: Arc<Room>,
+        done: tokio::sync::oneshot::Receiver<()>,
+    },
 }
 
 /// A frame read while a command waits.
@@ -412,15 +435,29 @@ impl<S: Socket> Connection<S> {
     /// nothing waits any more.
     fn poll_waiting(&mut self, cx: &mut Context<'_>) -> Poll<Option<Disconnect>> {
         while let Some(waiting) = &mut self.waiting {
-            let answer = match Pin::new(&mut waiting.answer).poll(cx) {
-                Poll::Ready(answer) => answer.ok(),
-                Poll::Pending => return Poll::Pending,
+            let answer = match &mut waiting.command {
+                Pending::Nick { answer, .. } => match Pin::new(answer).poll(cx) {
+                    Poll::Ready(answer) => Some(answer.ok()),
+                    Poll::Pending => return Poll::Pending,
+                },
+                // Loaded, or given up: either way the client joins now.
+                Pending::Join { done, .. } => match Pin::new(done).poll(cx) {
+                    Poll::Ready(_) => None,
+                    Poll::Pending => return Poll::Pending,
+                },
             };
             let Some(waiting) = self.waiting.take() else {
                 break;
             };
-            let Waiting { nick, held, .. } = *waiting;
-            self.nick_answered(&nick, answer);
+            let Waiting { command, held } = *waiting;
+            match (command, answer) {
+                (Pending::Nick { nick, .. }, Some(answer)) => self.nick_answered(&nick, answer),
+                (Pending::Join { room, .. }, _) => {
+                    self.room = self.hub.finish_join(&self.client, &room);
+                    info!(room = %self.room.name, "joined");
+                }
+                (Pending::Nick { .. }, None) => {}
+            }
             if let Some(reason) = self.replay(held) {
                 return Poll::Ready(Some(reason));
             }
@@ -431,6 +468,7 @@ impl<S: Socket> Connection<S> {
     /// Handles lines held while a command waited, in order, until one
     /// waits again (the rest stay held behind it).
     fn replay(&mut self, mut held: VecDeque<Held>) -> Option<Disconnect> {
+        self.follow_nick();
         let config = self.hub.config();
         let now = Instant::now();
         let mut batch = Batch {
@@ -730,17 +768,27 @@ impl<S: Socket> Connection<S> {
                 NickRequest::Done(Err(why)) => self.error(&why),
                 NickRequest::Wait(answer) => {
                     self.waiting = Some(Box::new(Waiting {
-                        nick: wanted.into(),
-                        answer,
+                        command: Pending::Nick {
+                            nick: wanted.into(),
+                            answer,
+                        },
                         held: VecDeque::new(),
                     }));
                 }
             },
             Command::Join(room) => match protocol::normalize_room(room) {
-                Ok(room) => {
-                    self.room = self.hub.join(&self.client, &room);
-                    info!(room = %self.room.name, "joined");
-                }
+                Ok(room) => match self.hub.request_join(&self.client, &room) {
+                    JoinRequest::Done(room) => {
+                        self.room = room;
+                        info!(room = %self.room.name, "joined");
+                    }
+                    JoinRequest::Wait { room, done } => {
+                        self.waiting = Some(Box::new(Waiting {
+                            command: Pending::Join { room, done },
+                            held: VecDeque::new(),
+                        }));
+                    }
+                },
                 Err(e) => self.error(&e.describe("room", room)),
             },
             Command::Rooms => {
@@ -855,8 +903,11 @@ impl<S: Socket> Connection<S> {
     /// what it is still owed) and closes gracefully.
     async fn finish(mut self, reason: Disconnect) {
         if let Some(waiting) = self.waiting.take() {
-            // Queued after the claim: frees the nick if it was granted.
-            self.hub.release_nick(&self.client, &waiting.nick);
+            match &waiting.command {
+                // Queued after the claim: frees the nick if it was granted.
+                Pending::Nick { nick, .. } => self.hub.release_nick(&self.client, nick),
+                Pending::Join { room, .. } => self.hub.cancel_join(room),
+            }
         }
         self.hub.leave(&self.client, &reason);
         info!(%reason, "disconnected");

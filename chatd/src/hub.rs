@@ -16,7 +16,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -330,6 +330,12 @@ pub struct Room {
     /// with one batch each. `has_congested` is the hot path's cheap look.
     congested: Mutex<Option<Arc<Client>>>,
     has_congested: AtomicBool,
+    /// Cluster mode: whether the room's cluster-wide history has been
+    /// loaded since the room last had no member here.
+    loaded: AtomicBool,
+    /// Cluster mode: clients waiting for that load to join the room; while
+    /// there are some, the room is kept and subscribed.
+    waiting: AtomicUsize,
 }
 
 /// A room's budget of join/leave/rename notices: at most
@@ -365,6 +371,8 @@ impl Room {
             messages: AtomicU64::new(0),
             congested: Mutex::new(None),
             has_congested: AtomicBool::new(false),
+            loaded: AtomicBool::new(false),
+            waiting: AtomicUsize::new(0),
             notices: Mutex::new(NoticeGate {
                 window: Instant::now(),
                 sent: 0,
@@ -423,6 +431,12 @@ impl Room {
     /// large batch in memory.
     fn remember(&self, batch: &Bytes, lines: usize, keep: usize) {
         self.messages.fetch_add(lines as u64, Relaxed);
+        self.keep(batch, lines, keep);
+    }
+
+    /// Keeps the last `keep` lines of `batch` as history, as `remember`
+    /// does, without counting them as messages.
+    fn keep(&self, batch: &Bytes, lines: usize, keep: usize) {
         if keep == 0 {
             return;
         }
@@ -816,6 +830,87 @@ impl Hub {
         target
     }
 
+    /// Starts moving `client` into `room`: at once (as [`Hub::join`]) on one
+    /// node or when the room's history is here already; in cluster mode,
+    /// when the room has no member on this node yet, once its cluster-wide
+    /// history is loaded: the caller waits for `done`, then calls
+    /// [`Hub::finish_join`] (or [`Hub::cancel_join`] if it goes away).
+    pub fn request_join(&self, client: &Arc<Client>, room: &str) -> JoinRequest {
+        let Some(link) = self.cluster().filter(|l| l.keeps_history()) else {
+            return JoinRequest::Done(self.join(client, room));
+        };
+        let waiting = {
+            let mut state = self.state();
+            let here = lock(&client.names)
+                .room
+                .as_ref()
+                .is_some_and(|r| *r.name == *room);
+            let target = state
+                .rooms
+                .entry(room.into())
+                .or_insert_with(|| Arc::new(Room::new(room)))
+                .clone();
+            if here || target.loaded.load(Relaxed) {
+                None
+            } else {
+                target.waiting.fetch_add(1, Relaxed);
+                Some(target)
+            }
+        };
+        let Some(target) = waiting else {
+            return JoinRequest::Done(self.join(client, room));
+        };
+        match link.load_history(room) {
+            Some(done) => JoinRequest::Wait { room: target, done },
+            None => JoinRequest::Done(self.finish_join(client, &target)),
+        }
+    }
+
+    /// Joins the room [`Hub::request_join`] waited for.
+    pub fn finish_join(&self, client: &Arc<Client>, room: &Arc<Room>) -> Arc<Room> {
+        let joined = self.join(client, &room.name);
+        room.waiting.fetch_sub(1, Relaxed);
+        joined
+    }
+
+    /// A client waiting to join `room` went away.
+    pub fn cancel_join(&self, room: &Arc<Room>) {
+        let mut state = self.state();
+        if room.waiting.fetch_sub(1, Relaxed) == 1
+            && room.is_empty()
+            && *room.name != *self.config().chat.default_room
+            && state
+                .rooms
+                .get(&room.name)
+                .is_some_and(|r| Arc::ptr_eq(r, room))
+        {
+            state.rooms.remove(&room.name);
+            drop(state);
+            if let Some(link) = self.cluster() {
+                link.interest_changed();
+            }
+        }
+    }
+
+    /// Cluster mode: `batches` (whole lines, oldest first) are `room`'s
+    /// cluster-wide history; they replace what this node kept. Under the
+    /// room's member lock, as a join's snapshot: a joiner sees either the
+    /// old history or this one.
+    pub fn replace_history(&self, room: &str, batches: &[Bytes]) {
+        let Some(room) = self.state().rooms.get(room).cloned() else {
+            return;
+        };
+        let keep = self.config().chat.history;
+        let _members = write(&room.members);
+        lock(&room.history).clear();
+        for batch in batches {
+            if let Some(lines) = crate::cluster::well_formed(batch) {
+                room.keep(batch, lines, keep);
+            }
+        }
+        room.loaded.store(true, Relaxed);
+    }
+
     /// Removes `client` from `room` under the state lock, and drops the room
     /// when it empties (except the default room). Returns the leave notice
     /// to send once the lock is released, if one is due.
@@ -833,6 +928,11 @@ impl Hub {
             }
             members.len()
         };
+        if remaining == 0 {
+            // Unsubscribed from now on (cluster mode): its history goes
+            // stale, and is loaded again for the next member.
+            room.loaded.store(false, Relaxed);
+        }
         if remaining == 0
             && let Some(link) = self.cluster()
         {
@@ -842,7 +942,10 @@ impl Hub {
         let nick = client.nick();
         let config = self.config();
         let total = remaining + self.remote_count(&room.name);
-        if remaining == 0 && *room.name != *config.chat.default_room {
+        if remaining == 0
+            && room.waiting.load(Relaxed) == 0
+            && *room.name != *config.chat.default_room
+        {
             state.rooms.remove(&room.name);
         }
         self.emit(Event::Part {
@@ -1168,7 +1271,7 @@ impl Hub {
         let rooms: Vec<Arc<Room>> = self.state().rooms.values().cloned().collect();
         rooms
             .into_iter()
-            .filter(|r| !r.is_empty())
+            .filter(|r| !r.is_empty() || r.waiting.load(Relaxed) > 0)
             .map(|r| r.name.clone())
             .collect()
     }
@@ -1635,6 +1738,17 @@ impl Drop for MessageWatch {
     fn drop(&mut self) {
         self.hub.shared.message_watchers.fetch_sub(1, Relaxed);
     }
+}
+
+/// How a join goes on: done, or waiting for the room's history.
+#[derive(Debug)]
+pub enum JoinRequest {
+    Done(Arc<Room>),
+    /// Call [`Hub::finish_join`] once `done` resolves (or fails).
+    Wait {
+        room: Arc<Room>,
+        done: tokio::sync::oneshot::Receiver<()>,
+    },
 }
 
 /// How a nick change goes on: decided, or waiting for the cluster.

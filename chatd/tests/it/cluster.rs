@@ -864,3 +864,86 @@ async fn a_nick_taken_on_two_nodes_while_nats_was_away_is_settled_and_the_loser_
 fn nicks_refresh() -> Duration {
     Duration::from_secs(6)
 }
+
+/// The numbers of `<nick> n N` lines in `lines`.
+fn numbered(lines: &[String], nick: &str) -> Vec<u64> {
+    let prefix = format!("<{nick}> n ");
+    lines
+        .iter()
+        .filter_map(|l| l.strip_prefix(&prefix)?.parse().ok())
+        .collect()
+}
+
+#[tokio::test]
+async fn history_is_cluster_wide_never_doubled_with_live_lines_and_outlives_every_node() {
+    let Some(nats) = Nats::start() else { return };
+    let quiet = [("CHATD_LIMITS__FLOOD_LINES_PER_SEC", "0")];
+    let mut a = node(&nats.url(), "node-a", &quiet);
+    let mut b = node(&nats.url(), "node-b", &quiet);
+    let (mut a1, a1_nick) = a.join().await;
+    a1.send("/join dev\n").await;
+    a1.expect("You are now in dev").await;
+    a1.send("said on a\n").await;
+    let (mut a2, _) = a.join().await;
+    a2.send("/join dev\n").await;
+    a2.expect(&format!("<{a1_nick}> said on a")).await;
+
+    // B has nobody in dev: its first member there reads dev's history.
+    let (mut b1, _) = b.join().await;
+    b1.send("/join dev\n").await;
+    b1.expect("You are now in dev").await;
+    b1.expect("Last 1 message in dev:").await;
+    assert_eq!(b1.line().await, format!("<{a1_nick}> said on a"));
+    b1.expect("End of history.").await;
+
+    // While a1 keeps talking, clients join dev on B (each time as its
+    // first member there): each reads every line once, in order, history
+    // then live, with no gap between them.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let talker = {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let mut n = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                a1.send(&format!("n {n}\n")).await;
+                n += 1;
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            a1.send("done\n").await;
+            a1
+        })
+    };
+    b1.send("/join elsewhere\n").await;
+    b1.expect("You are now in elsewhere").await;
+    for round in 0..5 {
+        // b1 leaves dev empty on B, then comes back.
+        let (mut c, _) = b.join().await;
+        c.send("/join dev\n").await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        c.send("/join lobby\n").await;
+        let lines = read_through(&mut c, "You are now in lobby").await;
+        let seen = numbered(&lines, &a1_nick);
+        assert!(seen.len() > 5, "round {round}: {lines:?}");
+        let expected: Vec<u64> = (seen[0]..seen[0] + seen.len() as u64).collect();
+        assert_eq!(seen, expected, "round {round}: once each, in order, no gap");
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let _a1 = talker.await.expect("talker");
+    let mut lines = read_through(&mut a2, "> done").await;
+    lines.retain(|l| l.contains("> n "));
+    let last: u64 = numbered(&lines, &a1_nick).last().copied().expect("a line");
+
+    // Every node restarts: the history is still there, from NATS.
+    drop(b1);
+    a.stop().await;
+    b.stop().await;
+    let c = node(&nats.url(), "node-c", &[]);
+    let (mut c1, _) = c.join().await;
+    c1.send("/join dev\n").await;
+    let lines = read_through(&mut c1, "End of history.").await;
+    assert!(
+        lines.iter().any(|l| l == &format!("<{a1_nick}> n {last}")),
+        "{lines:?}"
+    );
+    assert!(lines.iter().any(|l| l.ends_with("> done")), "{lines:?}");
+}
