@@ -101,6 +101,11 @@ pub struct Nicks {
     bucket: String,
     store: Option<kv::Store>,
     held: HashMap<String, Held>,
+    /// Keys released while NATS was away, with the revision this node
+    /// wrote and when: deleted once it is back. Only those younger than
+    /// [`NICK_TTL`] are kept (older ones have expired by themselves), so
+    /// this stays as small as the releases of that long.
+    released: Vec<(String, u64, std::time::Instant)>,
 }
 
 impl Nicks {
@@ -112,6 +117,7 @@ impl Nicks {
             bucket,
             store: None,
             held: HashMap::new(),
+            released: Vec::new(),
         }
     }
 
@@ -203,9 +209,17 @@ impl Nicks {
                 let Some(held) = self.held.remove(&key) else {
                     return;
                 };
-                if let (Some(rev), true) = (held.revision, self.connected())
-                    && let Some(store) = self.store().await
-                {
+                let Some(rev) = held.revision else {
+                    return;
+                };
+                if !self.connected() {
+                    let now = std::time::Instant::now();
+                    self.released
+                        .retain(|(_, _, at)| now.duration_since(*at) < NICK_TTL);
+                    self.released.push((key, rev, now));
+                    return;
+                }
+                if let Some(store) = self.store().await {
                     let deleted = tokio::time::timeout(
                         OP_TIMEOUT,
                         store.delete_expect_revision(&key, Some(rev)),
@@ -272,12 +286,21 @@ impl Nicks {
     /// while NATS was away); renames the holders of the keys another node
     /// holds now.
     async fn refresh(&mut self) {
-        if self.held.is_empty() || !self.connected() {
+        if !self.connected() || (self.held.is_empty() && self.released.is_empty()) {
             return;
         }
         let Some(store) = self.store().await else {
             return;
         };
+        // What was let go while NATS was away, unless someone else wrote it
+        // since (then the revision differs and nothing is deleted).
+        for (key, rev, at) in std::mem::take(&mut self.released) {
+            if at.elapsed() < NICK_TTL {
+                let _ =
+                    tokio::time::timeout(OP_TIMEOUT, store.delete_expect_revision(&key, Some(rev)))
+                        .await;
+            }
+        }
         let keys: Vec<String> = self.held.keys().cloned().collect();
         let mut lost = Vec::new();
         for key in keys {

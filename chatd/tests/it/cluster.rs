@@ -726,8 +726,9 @@ async fn who_until(client: &mut Client, ok: impl Fn(&str) -> bool, within: Durat
 #[tokio::test]
 async fn who_rooms_counts_and_msg_span_the_nodes() {
     let Some(nats) = Nats::start() else { return };
-    let a = node(&nats.url(), "node-a", &[]);
-    let b = node(&nats.url(), "node-b", &[]);
+    let quiet = [("CHATD_LIMITS__FLOOD_LINES_PER_SEC", "0")];
+    let a = node(&nats.url(), "node-a", &quiet);
+    let b = node(&nats.url(), "node-b", &quiet);
     let (mut a1, _) = a.join().await;
     a1.send("/nick ann\n").await;
     nick_answer(&mut a1).await.expect("ann");
@@ -765,8 +766,9 @@ async fn who_rooms_counts_and_msg_span_the_nodes() {
 #[tokio::test]
 async fn a_killed_node_leaves_who_and_counts_within_10_s_and_nobody_else_is_cut() {
     let Some(nats) = Nats::start() else { return };
-    let a = node(&nats.url(), "node-a", &[]);
-    let mut b = node(&nats.url(), "node-b", &[]);
+    let quiet = [("CHATD_LIMITS__FLOOD_LINES_PER_SEC", "0")];
+    let a = node(&nats.url(), "node-a", &quiet);
+    let mut b = node(&nats.url(), "node-b", &quiet);
     let (mut a1, a1_nick) = a.join().await;
     let (mut a2, _) = a.join().await;
     let (_b1, b1_nick) = b.join().await;
@@ -801,8 +803,9 @@ async fn a_nick_taken_on_two_nodes_while_nats_was_away_is_settled_and_the_loser_
     let Some(mut nats) = Nats::start() else {
         return;
     };
-    let a = node(&nats.url(), "node-a", &[]);
-    let b = node(&nats.url(), "node-b", &[]);
+    let quiet = [("CHATD_LIMITS__FLOOD_LINES_PER_SEC", "0")];
+    let a = node(&nats.url(), "node-a", &quiet);
+    let b = node(&nats.url(), "node-b", &quiet);
     let (mut a1, _) = a.join().await;
     let (mut b1, _) = b.join().await;
     let (mut b2, _) = b.join().await;
@@ -822,7 +825,13 @@ async fn a_nick_taken_on_two_nodes_while_nats_was_away_is_settled_and_the_loser_
     nick_answer(&mut a1).await.expect("granted on A alone");
     b1.send("/nick neo\n").await;
     nick_answer(&mut b1).await.expect("granted on B alone");
+    // Members come and go on B meanwhile: A learns once NATS is back.
+    b2.send("/quit\n").await;
+    b2.until_eof().await;
+    let (_b3, b3_nick) = b.join().await;
     nats.restart();
+    let now = who_until(&mut a1, |l| l.contains(&b3_nick), WAIT).await;
+    assert!(!now.contains("held"), "{now}");
 
     // Exactly one of them is renamed, and told why.
     let told = "was taken on another chat node while this one was cut off";
@@ -855,9 +864,14 @@ async fn a_nick_taken_on_two_nodes_while_nats_was_away_is_settled_and_the_loser_
     loser.send("/msg neo hi\n").await;
     loser.expect("[pm -> ").await;
     winner.expect("[pm] <guest-").await;
-    // And what was held before the outage stays held.
+    // The nick of the client that quit during the outage is free.
     a1.send("/nick HELD\n").await;
-    assert!(nick_answer(&mut a1).await.is_err());
+    let deadline = Instant::now() + Duration::from_secs(25);
+    while nick_answer(&mut a1).await.is_err() {
+        assert!(Instant::now() < deadline, "held never freed");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        a1.send("/nick HELD\n").await;
+    }
 }
 
 /// A little more than the nick refresh period.
