@@ -38,6 +38,7 @@
 //! last batches ([`history`]), loaded when a room gains its first member on
 //! a node.
 
+pub mod bans;
 pub mod history;
 pub mod members;
 pub mod nicks;
@@ -474,6 +475,13 @@ pub async fn start(
     );
     tokio::spawn(nick_task.run(nicks_rx, state_rx.clone(), shutdown.clone()));
     hub.attach_cluster(link.clone());
+    tokio::spawn(bans::run(
+        client.clone(),
+        hub.clone(),
+        config.name.clone(),
+        state_rx.clone(),
+        shutdown.clone(),
+    ));
     tokio::spawn(members::run(
         client.clone(),
         hub.clone(),

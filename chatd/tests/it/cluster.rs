@@ -961,3 +961,55 @@ async fn history_is_cluster_wide_never_doubled_with_live_lines_and_outlives_ever
     );
     assert!(lines.iter().any(|l| l.ends_with("> done")), "{lines:?}");
 }
+
+/// Connects from `ip` until `ok` says the first line is what it should be.
+async fn until_first_line(
+    server: &TestServer,
+    ip: &str,
+    ok: impl Fn(&str) -> bool,
+    within: Duration,
+) {
+    let deadline = Instant::now() + within;
+    loop {
+        let mut c = connect_from(ip, server).await;
+        let first = c.line().await;
+        if ok(&first) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "from {ip}, still: {first}");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
+#[tokio::test]
+async fn bans_and_unbans_made_while_nats_was_away_reach_every_node_once_it_is_back() {
+    let Some(mut nats) = Nats::start() else {
+        return;
+    };
+    let a = node(&nats.url(), "node-a", &[]);
+    let b = node(&nats.url(), "node-b", &[]);
+    let banned = a.chatctl(&["ban", "127.0.0.8", "--reason", "before"]).await;
+    banned.ok();
+    let banned = |l: &str| l.starts_with("*** error: you are banned");
+    let welcome = |l: &str| l.starts_with("*** Welcome");
+    until_first_line(&b, "127.0.0.8", banned, WAIT).await;
+
+    nats.kill();
+    a.wait_logged("NATS lost").await;
+    b.wait_logged("NATS lost").await;
+    // Each node alone: A bans, B lifts the ban made before.
+    a.chatctl(&["ban", "127.0.0.9", "--reason", "during"])
+        .await
+        .ok();
+    b.chatctl(&["unban", "127.0.0.8"]).await.ok();
+    until_first_line(&b, "127.0.0.9", welcome, WAIT).await;
+    until_first_line(&a, "127.0.0.8", banned, WAIT).await;
+
+    nats.restart();
+    until_first_line(&b, "127.0.0.9", banned, Duration::from_secs(20)).await;
+    until_first_line(&a, "127.0.0.8", welcome, Duration::from_secs(20)).await;
+    // A node started later has them too.
+    let c = node(&nats.url(), "node-c", &[]);
+    until_first_line(&c, "127.0.0.9", banned, WAIT).await;
+    until_first_line(&c, "127.0.0.8", welcome, WAIT).await;
+}
