@@ -63,6 +63,9 @@ const CLOSE_LINGER: Duration = Duration::from_secs(2);
 /// How often a paused sender checks that the recipient it waits for is
 /// still reading (a drain wakes it at once; this is for one that stops).
 const RECHECK: Duration = crate::outbox::PROGRESS_WINDOW;
+/// The longest a new client waits for the default room's cluster-wide
+/// history before joining with this node's.
+const WELCOME_WAIT: Duration = Duration::from_secs(5);
 /// What this port says to a client speaking another protocol.
 const WRONG_PROTOCOL: &str = "This is a chatd chat port: plain text lines for nc or telnet, \
      not HTTP, gRPC or TLS. The admin API (chatctl) listens on its own port.";
@@ -147,7 +150,9 @@ pub async fn serve_on<S: Socket>(stream: S, peer: SocketAddr, tls: bool, hub: Hu
             // history is loaded first. Nothing was read yet, so nothing
             // waits behind this.
             JoinRequest::Wait { room, done } => {
-                let _ = done.await;
+                // Bounded even if the cluster task is held up: the client
+                // then joins with this node's history.
+                let _ = tokio::time::timeout(WELCOME_WAIT, done).await;
                 hub.finish_join(&client, &room)
             }
         };
