@@ -830,8 +830,6 @@ async fn a_nick_taken_on_two_nodes_while_nats_was_away_is_settled_and_the_loser_
     b2.until_eof().await;
     let (_b3, b3_nick) = b.join().await;
     nats.restart();
-    let now = who_until(&mut a1, |l| l.contains(&b3_nick), WAIT).await;
-    assert!(!now.contains("held"), "{now}");
 
     // Exactly one of them is renamed, and told why.
     let told = "was taken on another chat node while this one was cut off";
@@ -855,6 +853,8 @@ async fn a_nick_taken_on_two_nodes_while_nats_was_away_is_settled_and_the_loser_
         lost_b |= l.contains(told);
     }
     assert!(lost_a ^ lost_b, "exactly one loser: A {lost_a}, B {lost_b}");
+    let now = who_until(&mut a1, |l| l.contains(&b3_nick), WAIT).await;
+    assert!(!now.contains("held"), "{now}");
     let (winner, loser) = if lost_a {
         (&mut b1, &mut a1)
     } else {
