@@ -7,6 +7,12 @@
 //! rooms, stats, bans) are methods here too, so they are tested without
 //! gRPC. The hub enforces bans at connect; [`crate::bans`] keeps the list.
 //!
+//! In cluster mode two operations may need an answer from NATS: a nick
+//! change ([`Hub::request_nick`]) and a join of a room that has no member on
+//! this node yet ([`Hub::request_join`], which loads the room's history).
+//! They return a channel to wait on instead of blocking; the connection
+//! waits without reading further lines. On one node they decide at once.
+//!
 //! Locking: the control plane (connect, join, nick, leave) takes the `state`
 //! mutex and then, when needed, one room's member lock. The hot path
 //! ([`Hub::publish`]) takes only the room's read lock and each recipient's
