@@ -84,6 +84,9 @@ const BACKLOG_CAPACITY: usize = 4096;
 /// other nodes are unreachable. Until then batches are held and published
 /// once it is back; after it they are dropped, so nothing comes late.
 const HOLD: Duration = Duration::from_secs(2);
+/// How long making a replicated stream waits for a JetStream that is still
+/// electing its leader; within the callers' own 2 s limits.
+const REPLICAS_WAIT: Duration = Duration::from_millis(1500);
 /// How long a node waits for another to replay what it missed.
 const REPLAY_DEADLINE: Duration = Duration::from_secs(1);
 /// The most payload one replay answer carries (NATS's default maximum
@@ -511,6 +514,7 @@ pub async fn start(
         hub.clone(),
         config.node_id.clone().into(),
         format!("{}_nicks", config.name),
+        replicas(config),
     );
     tokio::spawn(nick_task.run(nicks_rx, state_rx.clone(), shutdown.clone()));
     hub.attach_cluster(link.clone());
@@ -518,6 +522,7 @@ pub async fn start(
         client.clone(),
         hub.clone(),
         config.name.clone(),
+        replicas(config),
         state_rx.clone(),
         shutdown.clone(),
     ));
@@ -577,10 +582,73 @@ pub async fn start(
         history: None,
         per_room,
         history_tried: None,
+        replicas: replicas(config),
         shutdown,
     };
     tokio::spawn(node.run(rx, loads_rx, state_rx));
     Ok(())
+}
+
+/// Replicas for the history stream and the nick and ban buckets: 3 when
+/// the node is given three NATS servers or more (a NATS cluster, whose
+/// JetStream then keeps nicks, history and bans through the loss of one
+/// server), else 1. A node given one URL for a cluster gets one replica
+/// (raise it with the `nats` CLI, docs/OPERATIONS.md).
+pub fn replicas(config: &ClusterConfig) -> usize {
+    if config.nats_urls.len() >= 3 { 3 } else { 1 }
+}
+
+/// Creates a JetStream stream. With more than one replica asked, a
+/// JetStream still electing its leader (a NATS cluster just started) is
+/// asked again for up to [`REPLICAS_WAIT`], and one that cannot place them
+/// (not clustered, too few servers with JetStream) gets the stream with
+/// one replica, so that nicks, history and bans work on any JetStream.
+pub async fn create_stream(
+    js: &async_nats::jetstream::Context,
+    config: async_nats::jetstream::stream::Config,
+) -> Result<async_nats::jetstream::stream::Stream, async_nats::jetstream::context::CreateStreamError>
+{
+    use async_nats::jetstream::ErrorCode;
+    use async_nats::jetstream::context::CreateStreamErrorKind as K;
+    let replicas = config.num_replicas;
+    let deadline = tokio::time::Instant::now() + REPLICAS_WAIT;
+    loop {
+        let e = match js.create_stream(config.clone()).await {
+            Err(e) if replicas > 1 => e,
+            made => return made,
+        };
+        let code = match e.kind() {
+            K::JetStream(err) => Some(err.error_code()),
+            _ => None,
+        };
+        let cannot = code.is_some_and(|c| {
+            c == ErrorCode::STREAM_REPLICAS_NOT_SUPPORTED || c == ErrorCode::INSUFFICIENT_RESOURCES
+        });
+        let not_ready = matches!(e.kind(), K::JetStreamUnavailable | K::TimedOut)
+            || code.is_some_and(|c| {
+                [
+                    ErrorCode::CLUSTER_NOT_AVAILABLE,
+                    ErrorCode::CLUSTER_NOT_ACTIVE,
+                    ErrorCode::CLUSTER_NOT_LEADER,
+                    ErrorCode::CLUSTER_NOT_ASSIGNED,
+                ]
+                .contains(&c)
+            });
+        if cannot {
+            debug!(error = %e, stream = %config.name, replicas, "cluster: JetStream cannot place the stream's replicas; making it with one");
+            return js
+                .create_stream(async_nats::jetstream::stream::Config {
+                    num_replicas: 1,
+                    ..config
+                })
+                .await;
+        }
+        if !not_ready || tokio::time::Instant::now() >= deadline {
+            return Err(e);
+        }
+        debug!(error = %e, stream = %config.name, "cluster: JetStream not ready; asking again");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 /// The connection's options, credentials and TLS aside: its name, timeouts,
@@ -665,6 +733,8 @@ struct Node {
     per_room: usize,
     /// When opening the stream was last tried.
     history_tried: Option<std::time::Instant>,
+    /// Replicas for the history stream ([`replicas`]).
+    replicas: usize,
     shutdown: CancellationToken,
 }
 
@@ -911,7 +981,7 @@ impl Node {
         }
         self.history_tried = Some(std::time::Instant::now());
         let js = async_nats::jetstream::new(self.client.clone());
-        self.history = history::open_stream(&js, &self.name, self.per_room).await;
+        self.history = history::open_stream(&js, &self.name, self.per_room, self.replicas).await;
     }
 
     /// Publishes one batch on `NAME.room.ROOM.KIND`. A failure leaves it

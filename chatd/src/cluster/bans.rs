@@ -95,6 +95,7 @@ pub async fn run(
     client: async_nats::Client,
     hub: Hub,
     name: String,
+    replicas: usize,
     mut state: watch::Receiver<bool>,
     stop: CancellationToken,
 ) {
@@ -125,7 +126,7 @@ pub async fn run(
                 }
             }
             if store.is_none() {
-                store = open(&client, &bucket).await;
+                store = open(&client, &bucket, replicas).await;
             }
             if let Some(store) = &store {
                 settle(&client, &hub, store, &bucket, &mut pending_unbans).await;
@@ -172,7 +173,7 @@ pub async fn run(
                 let written = match (&store, client.connection_state() == State::Connected) {
                     (Some(store), true) => write(store, &target, &entry).await,
                     (None, true) => {
-                        store = open(&client, &bucket).await;
+                        store = open(&client, &bucket, replicas).await;
                         match &store {
                             Some(store) => write(store, &target, &entry).await,
                             None => false,
@@ -193,11 +194,11 @@ pub async fn run(
     }
 }
 
-async fn open(client: &async_nats::Client, bucket: &str) -> Option<kv::Store> {
+async fn open(client: &async_nats::Client, bucket: &str, replicas: usize) -> Option<kv::Store> {
     let js = jetstream::new(client.clone());
     match tokio::time::timeout(
         OP_TIMEOUT,
-        super::nicks::open_bucket(&js, bucket, Duration::ZERO),
+        super::nicks::open_bucket(&js, bucket, Duration::ZERO, replicas),
     )
     .await
     {

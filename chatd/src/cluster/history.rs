@@ -39,11 +39,13 @@ pub const LOAD_TIMEOUT: Duration = Duration::from_secs(2);
 const OP_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Makes (or opens, and brings to `per_room` batches a room) the history
-/// stream `NAME_history` over `NAME.room.*.chat`.
+/// stream `NAME_history` over `NAME.room.*.chat`, with `replicas` (one
+/// where JetStream cannot place more).
 pub async fn open_stream(
     js: &jetstream::Context,
     name: &str,
     per_room: usize,
+    replicas: usize,
 ) -> Option<stream::Stream> {
     let config = stream::Config {
         name: format!("{name}_history"),
@@ -51,15 +53,25 @@ pub async fn open_stream(
         max_messages_per_subject: i64::try_from(per_room).unwrap_or(i64::MAX),
         discard: stream::DiscardPolicy::Old,
         allow_direct: true,
-        num_replicas: 1,
+        num_replicas: replicas,
         ..Default::default()
     };
-    let made = tokio::time::timeout(OP_TIMEOUT, js.create_stream(config.clone())).await;
+    let made = tokio::time::timeout(OP_TIMEOUT, super::create_stream(js, config.clone())).await;
     let stream = match made {
         Ok(Ok(stream)) => Some(stream),
         Ok(Err(e)) => {
             debug!(error = %e, "cluster: cannot create the history stream; updating it");
-            match tokio::time::timeout(OP_TIMEOUT, js.update_stream(config.clone())).await {
+            let mut updated =
+                tokio::time::timeout(OP_TIMEOUT, js.update_stream(config.clone())).await;
+            if matches!(updated, Ok(Err(_))) && config.num_replicas > 1 {
+                // Kept with the replicas it has where they cannot change.
+                let one = stream::Config {
+                    num_replicas: 1,
+                    ..config.clone()
+                };
+                updated = tokio::time::timeout(OP_TIMEOUT, js.update_stream(one)).await;
+            }
+            match updated {
                 Ok(Ok(_)) => tokio::time::timeout(OP_TIMEOUT, js.get_stream(&config.name))
                     .await
                     .ok()

@@ -99,6 +99,8 @@ pub struct Nicks {
     node_id: Arc<str>,
     /// `NAME_nicks`.
     bucket: String,
+    /// Replicas for the bucket's stream ([`super::replicas`]).
+    replicas: usize,
     store: Option<kv::Store>,
     held: HashMap<String, Held>,
     /// Keys released while NATS was away, with the revision this node
@@ -109,12 +111,19 @@ pub struct Nicks {
 }
 
 impl Nicks {
-    pub fn new(client: async_nats::Client, hub: Hub, node_id: Arc<str>, bucket: String) -> Self {
+    pub fn new(
+        client: async_nats::Client,
+        hub: Hub,
+        node_id: Arc<str>,
+        bucket: String,
+        replicas: usize,
+    ) -> Self {
         Self {
             client,
             hub,
             node_id,
             bucket,
+            replicas,
             store: None,
             held: HashMap::new(),
             released: Vec::new(),
@@ -169,9 +178,12 @@ impl Nicks {
     async fn store(&mut self) -> Option<kv::Store> {
         if self.store.is_none() {
             let js = jetstream::new(self.client.clone());
-            let made = tokio::time::timeout(OP_TIMEOUT, open_bucket(&js, &self.bucket, NICK_TTL))
-                .await
-                .unwrap_or_else(|_| Err("timed out".into()));
+            let made = tokio::time::timeout(
+                OP_TIMEOUT,
+                open_bucket(&js, &self.bucket, NICK_TTL, self.replicas),
+            )
+            .await
+            .unwrap_or_else(|_| Err("timed out".into()));
             let made = match made {
                 Ok(store) => Some(store),
                 Err(e) => {
@@ -334,10 +346,13 @@ impl Nicks {
 /// `max_age` after their last write. The stream is made here, as
 /// `create_key_value` would make it, because that call first reads the
 /// account's JetStream info in a form nats-server 2.9 does not send.
+/// With `replicas` > 1 and a JetStream that cannot place them (not
+/// clustered), it is made with one.
 pub async fn open_bucket(
     js: &jetstream::Context,
     bucket: &str,
     max_age: Duration,
+    replicas: usize,
 ) -> Result<kv::Store, String> {
     let stream = jetstream::stream::Config {
         name: format!("KV_{bucket}"),
@@ -348,10 +363,10 @@ pub async fn open_bucket(
         deny_delete: true,
         allow_direct: true,
         discard: jetstream::stream::DiscardPolicy::New,
-        num_replicas: 1,
+        num_replicas: replicas,
         ..Default::default()
     };
-    if let Err(e) = js.create_stream(stream).await {
+    if let Err(e) = super::create_stream(js, stream).await {
         // Made already by another node, perhaps with other settings: it is
         // opened as it is.
         debug!(error = %e, bucket, "cluster: cannot create the bucket's stream");

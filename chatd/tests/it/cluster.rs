@@ -803,6 +803,17 @@ async fn killing_one_nats_server_of_three_loses_no_line() {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
+    // And their JetStream has elected its leader, as a NATS cluster that
+    // has been running would have.
+    for s in &servers {
+        while s.monitoring("/jsz").await["meta_cluster"]["leader"]
+            .as_str()
+            .is_none_or(str::is_empty)
+        {
+            assert!(Instant::now() < deadline, "JetStream elected no leader");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
     let urls = servers.iter().map(Nats::url).collect::<Vec<_>>().join(" ");
     let quiet = [("CHATD_LIMITS__FLOOD_LINES_PER_SEC", "0")];
     let nodes = [
@@ -842,6 +853,12 @@ async fn killing_one_nats_server_of_three_loses_no_line() {
             }
         }
     }
+    // The nick bucket is there before the loss (the first claim makes it).
+    let (mut claimer, _) = nodes[1].join().await;
+    claimer.send("/nick before\n").await;
+    nick_answer(&mut claimer)
+        .await
+        .expect("a nick before the loss");
     // The server node-a is on goes down while everyone streams.
     let mut victim = None;
     for (i, s) in servers.iter().enumerate() {
@@ -898,6 +915,54 @@ async fn killing_one_nats_server_of_three_loses_no_line() {
             "a failover within the hold is not an outage"
         );
     }
+    // Nicks, history and bans outlive the server too: given three NATS
+    // servers, nodes make their streams with three replicas.
+    let survivor = servers
+        .iter()
+        .enumerate()
+        .find_map(|(i, s)| (i != victim).then_some(s))
+        .expect("two servers are left");
+    let wanted = ["KV_chatd_nicks", "KV_chatd_bans", "chatd_history"];
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let jsz = survivor
+            .monitoring("/jsz?accounts=true&streams=true&config=true")
+            .await;
+        let replicas: Vec<(String, u64)> = jsz["account_details"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .flat_map(|a| a["stream_detail"].as_array().cloned().unwrap_or_default())
+            .filter_map(|s| {
+                Some((
+                    s["config"]["name"].as_str()?.to_string(),
+                    s["config"]["num_replicas"].as_u64()?,
+                ))
+            })
+            .collect();
+        if wanted
+            .iter()
+            .all(|w| replicas.iter().any(|(n, r)| n == w && *r == 3))
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "streams and their replicas: {replicas:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // And nicks are still decided by the cluster.
+    claimer.send("/nick after\n").await;
+    nick_answer(&mut claimer)
+        .await
+        .expect("a nick after the loss");
+    let (mut rival, _) = nodes[2].join().await;
+    rival.send("/nick AFTER\n").await;
+    assert!(
+        nick_answer(&mut rival).await.is_err(),
+        "the nick is taken on another node"
+    );
 }
 
 /// `haproxy`, or `None` after one line saying it is missing.
