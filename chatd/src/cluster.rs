@@ -8,9 +8,11 @@
 //! last local member ([`Link::interest_changed`]). One task, the node's
 //! cluster task, then:
 //!
-//! - publishes each batch once to `NAME.room.ROOM` (one NATS message per
-//!   batch, never per recipient) with this node's id in a header;
-//! - keeps one subscription per room that has local members, and hands
+//! - publishes each batch once to `NAME.room.ROOM.chat` (a room notice to
+//!   `NAME.room.ROOM.notice`; one NATS message per batch, never per
+//!   recipient) with this node's id and the batch's position in headers;
+//! - keeps one subscription per room that has local members
+//!   (`NAME.room.ROOM.*`), and hands
 //!   every batch from another node to [`Hub::deliver_remote`], the same
 //!   non-blocking fan-out local lines take; its own batches it ignores;
 //! - watches the connection: when NATS is lost the users in rooms are told
@@ -29,8 +31,22 @@
 //! there on `NAME.nodes` (presence), so a gather can stop once every live
 //! node answered and name the live ones that did not.
 //!
-//! Not here yet (see docs/OPERATIONS.md): cluster-wide nicks, `/who`,
-//! `/rooms` and history.
+//! Nicks are unique cluster-wide through a JetStream key-value bucket
+//! ([`nicks`]): `/nick` asks the nick task through [`Link::claim_nick`] and
+//! the client's connection waits for the answer without blocking anything
+//! else.
+//!
+//! Who is where on the other nodes ([`members`]) makes `/who`, `/rooms`,
+//! the counts in room notices and `/msg` cluster-wide.
+//!
+//! Room history is cluster-wide too: a JetStream stream keeps each room's
+//! last batches ([`history`]), loaded when a room gains its first member on
+//! a node.
+
+pub mod bans;
+pub mod history;
+pub mod members;
+pub mod nicks;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -68,6 +84,9 @@ const BACKLOG_CAPACITY: usize = 4096;
 /// other nodes are unreachable. Until then batches are held and published
 /// once it is back; after it they are dropped, so nothing comes late.
 const HOLD: Duration = Duration::from_secs(2);
+/// How long making a replicated stream waits for a JetStream that is still
+/// electing its leader; within the callers' own 2 s limits.
+const REPLICAS_WAIT: Duration = Duration::from_millis(1500);
 /// How long a node waits for another to replay what it missed.
 const REPLAY_DEADLINE: Duration = Duration::from_secs(1);
 /// The most payload one replay answer carries (NATS's default maximum
@@ -101,6 +120,12 @@ const HEARTBEAT: Duration = Duration::from_secs(2);
 /// A node not heard for this long is no longer expected to answer (nor
 /// named missing).
 pub const PRESENCE_TTL: Duration = Duration::from_secs(10);
+/// A node not heard for this long (three heartbeats) no longer counts in
+/// `/who`, `/rooms` and room counts: a dead node's members are gone within
+/// it, well inside 10 s. Shorter than [`PRESENCE_TTL`], because a member
+/// list that is briefly short costs less than an admin call that misses a
+/// node.
+pub const MEMBER_TTL: Duration = Duration::from_secs(6);
 
 /// What a cluster message holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -144,12 +169,17 @@ impl Kind {
     }
 }
 
-/// One batch for the other nodes.
+/// One message for the other nodes.
 #[derive(Debug)]
-struct Outgoing {
-    room: Arc<str>,
-    payload: Bytes,
-    kind: Kind,
+enum Outgoing {
+    /// A batch for a room's subject.
+    Room {
+        room: Arc<str>,
+        payload: Bytes,
+        kind: Kind,
+    },
+    /// A membership change or a private message, for `subject`.
+    Direct { subject: String, payload: Bytes },
 }
 
 /// The hub's side of the cluster: cheap, synchronous, never blocking.
@@ -163,6 +193,21 @@ pub struct Link {
     last_warn_ms: AtomicU64,
     /// Cluster-wide admin; `None` only in unit tests without NATS.
     bus: Option<Bus>,
+    /// The nick task ([`nicks`]); `None` only in unit tests without NATS.
+    /// Unbounded, yet bounded in practice: a connection has at most one
+    /// claim queued (it reads nothing more until it is answered), and a
+    /// release follows a nick change or a disconnect.
+    nicks: Option<mpsc::UnboundedSender<nicks::Request>>,
+    /// Other nodes' clients.
+    members: members::Members,
+    /// The number of this node's last membership change.
+    member_seq: AtomicU64,
+    /// `NAME.`; `None` only in unit tests, which publish no membership.
+    prefix: Option<String>,
+    node_id: Arc<str>,
+    /// Requests to load a room's history, for the cluster task; `None`
+    /// when `chat.history` is 0 (and in unit tests).
+    loads: Option<mpsc::UnboundedSender<(Arc<str>, tokio::sync::oneshot::Sender<()>)>>,
 }
 
 impl Link {
@@ -174,11 +219,15 @@ impl Link {
     /// Queues a batch for the other nodes, or drops and counts it when the
     /// queue is full. Never waits.
     pub fn offer(&self, room: &Arc<str>, payload: &Bytes, kind: Kind) {
-        let out = Outgoing {
+        self.queue(Outgoing::Room {
             room: room.clone(),
             payload: payload.clone(),
             kind,
-        };
+        });
+    }
+
+    /// Queues a message for NATS, or drops and counts it. Never waits.
+    fn queue(&self, out: Outgoing) {
         if let Err(e) = self.tx.try_send(out) {
             if matches!(e, mpsc::error::TrySendError::Closed(_)) {
                 // The cluster task has stopped: the node is shutting down.
@@ -201,6 +250,94 @@ impl Link {
         }
     }
 
+    /// This node's client `id` is now `nick` in `room`. Numbered and
+    /// queued for the other nodes' tables ([`members`]); call under the
+    /// hub's `state` lock, so that numbers follow the order of changes and
+    /// a snapshot ([`Hub::member_snapshot`]) holds exactly the changes up
+    /// to its number. Never waits; a change dropped on a full queue makes
+    /// the others ask for a snapshot.
+    pub fn member_set(&self, id: crate::hub::ClientId, nick: &str, room: &str) {
+        self.member_change(vec![(id, nick.to_string(), room.to_string())], Vec::new());
+    }
+
+    /// This node's client `id` is gone; as [`Link::member_set`].
+    pub fn member_gone(&self, id: crate::hub::ClientId) {
+        self.member_change(Vec::new(), vec![id]);
+    }
+
+    fn member_change(&self, set: Vec<(u64, String, String)>, gone: Vec<u64>) {
+        let Some(prefix) = &self.prefix else {
+            return;
+        };
+        let seq = self.member_seq.fetch_add(1, Relaxed) + 1;
+        let msg = members::MemberMsg {
+            node: self.node_id.to_string(),
+            seq,
+            snapshot: false,
+            set,
+            gone,
+        };
+        if let Ok(payload) = serde_json::to_vec(&msg) {
+            self.queue(Outgoing::Direct {
+                subject: format!("{prefix}members"),
+                payload: payload.into(),
+            });
+        }
+    }
+
+    /// The number of this node's last membership change; read under the
+    /// hub's `state` lock for a snapshot.
+    pub fn member_seq(&self) -> u64 {
+        self.member_seq.load(Relaxed)
+    }
+
+    /// Other nodes' clients.
+    pub fn members(&self) -> &members::Members {
+        &self.members
+    }
+
+    /// The other nodes whose members count (heard within [`MEMBER_TTL`]);
+    /// `None` without presence (unit tests): every node counts.
+    pub fn live_nodes(&self) -> Option<std::collections::HashSet<String>> {
+        self.bus
+            .as_ref()
+            .map(|bus| bus.peers_within(MEMBER_TTL).into_iter().collect())
+    }
+
+    /// Sends a private message to `node`'s client; one NATS message.
+    pub fn send_private(&self, node: &str, pm: &members::PmMsg) {
+        let Some(prefix) = &self.prefix else {
+            return;
+        };
+        if let Ok(payload) = serde_json::to_vec(pm) {
+            self.queue(Outgoing::Direct {
+                subject: format!("{prefix}pm.{node}"),
+                payload: payload.into(),
+            });
+        }
+    }
+
+    /// This node's id.
+    pub fn node_id(&self) -> &str {
+        &self.node_id
+    }
+
+    /// Whether rooms' history is cluster-wide (`chat.history` > 0).
+    pub fn keeps_history(&self) -> bool {
+        self.loads.is_some()
+    }
+
+    /// Asks for `room`'s cluster-wide history to be loaded into the room
+    /// on this node; the returned channel says when it is there (or gives
+    /// up: a dropped sender). `None` without cluster history. Unbounded,
+    /// yet bounded in practice: a joining client waits for its one request.
+    pub fn load_history(&self, room: &str) -> Option<tokio::sync::oneshot::Receiver<()>> {
+        let tx = self.loads.as_ref()?;
+        let (reply, done) = tokio::sync::oneshot::channel();
+        let _ = tx.send((room.into(), reply));
+        Some(done)
+    }
+
     /// A room gained its first or lost its last local member: the cluster
     /// task re-reads which rooms to subscribe to.
     pub fn interest_changed(&self) {
@@ -211,6 +348,51 @@ impl Link {
     /// nodes' (`guest-7-TAG`).
     pub fn tag(&self) -> &str {
         &self.tag
+    }
+
+    /// Asks the cluster for `nick` (its fold is `key`) for `client`; the
+    /// answer comes on the returned channel. `None` when there is no nick
+    /// task (unit tests): the nick is then decided on this node alone.
+    pub fn claim_nick(
+        &self,
+        key: String,
+        nick: &str,
+        client: crate::hub::ClientId,
+    ) -> Option<tokio::sync::oneshot::Receiver<nicks::Claim>> {
+        let tx = self.nicks.as_ref()?;
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let sent = tx.send(nicks::Request::Claim {
+            key,
+            nick: nick.into(),
+            client,
+            reply,
+        });
+        // A closed task (shutdown) drops `reply`: the claim reads as
+        // unavailable.
+        drop(sent);
+        Some(answer)
+    }
+
+    /// Keeps holding, for `client` taken over from the previous process of
+    /// this node, the nick folded to `key` that process held: the next
+    /// refresh finds the bucket's value already ours and keeps it. Never
+    /// waits.
+    pub fn hold_nick(&self, key: String, nick: &str, client: crate::hub::ClientId) {
+        if let Some(tx) = &self.nicks {
+            let _ = tx.send(nicks::Request::Hold {
+                key,
+                nick: nick.into(),
+                client,
+            });
+        }
+    }
+
+    /// Frees `client`'s cluster-wide claim on the nick folded to `key`, if
+    /// it holds one. Never waits.
+    pub fn release_nick(&self, key: String, client: crate::hub::ClientId) {
+        if let Some(tx) = &self.nicks {
+            let _ = tx.send(nicks::Request::Release { key, client });
+        }
     }
 
     /// Batches that never reached NATS so far.
@@ -303,7 +485,7 @@ pub async fn start(
         }
     };
     if connected {
-        info!(node = %config.node_id, nats = %urls, subjects = %format!("{}.room.*", config.name), "cluster mode: connected to NATS");
+        info!(node = %config.node_id, nats = %urls, subjects = %format!("{}.room.*.*", config.name), "cluster mode: connected to NATS");
     } else if config.on_unreachable == OnUnreachable::Refuse {
         return Err(ClusterError::Unreachable {
             urls,
@@ -324,6 +506,9 @@ pub async fn start(
         peers: Arc::default(),
     };
     let (tx, rx) = mpsc::channel(OUTGOING_CAPACITY);
+    let (nicks_tx, nicks_rx) = mpsc::unbounded_channel();
+    let per_room = hub.config().chat.history;
+    let (loads_tx, loads_rx) = mpsc::unbounded_channel();
     let link = Arc::new(Link {
         tx,
         interest: Notify::new(),
@@ -331,13 +516,52 @@ pub async fn start(
         dropped: AtomicU64::new(0),
         last_warn_ms: AtomicU64::new(0),
         bus: Some(bus.clone()),
+        nicks: Some(nicks_tx),
+        members: members::Members::default(),
+        member_seq: AtomicU64::new(0),
+        prefix: Some(format!("{}.", config.name)),
+        node_id: config.node_id.clone().into(),
+        loads: (per_room > 0).then_some(loads_tx),
     });
+    let nick_task = nicks::Nicks::new(
+        client.clone(),
+        hub.clone(),
+        config.node_id.clone().into(),
+        format!("{}_nicks", config.name),
+        replicas(config),
+    );
+    tokio::spawn(nick_task.run(nicks_rx, state_rx.clone(), shutdown.clone()));
+    hub.attach_cluster(link.clone());
+    // Clients taken over by a seamless upgrade: the previous process of
+    // this node held their nicks in the bucket under the same node and
+    // client ids, so the new one keeps holding them and no other node can
+    // take one across the handoff.
+    for c in hub.clients(None, None) {
+        if !c.nick.starts_with(crate::protocol::GUEST_PREFIX) {
+            link.hold_nick(crate::protocol::fold(&c.nick), &c.nick, c.id);
+        }
+    }
+    tokio::spawn(bans::run(
+        client.clone(),
+        hub.clone(),
+        config.name.clone(),
+        replicas(config),
+        state_rx.clone(),
+        shutdown.clone(),
+    ));
+    tokio::spawn(members::run(
+        client.clone(),
+        hub.clone(),
+        config.node_id.clone().into(),
+        config.name.clone(),
+        state_rx.clone(),
+        shutdown.clone(),
+    ));
     tokio::spawn(presence(
         bus,
         format!("{}.nodes", config.name),
         shutdown.clone(),
     ));
-    hub.attach_cluster(link.clone());
     tokio::spawn(serve_admin(
         client.clone(),
         hub.clone(),
@@ -368,6 +592,7 @@ pub async fn start(
         node_id: config.node_id.clone().into(),
         prefix: format!("{}.room.", config.name),
         replay_prefix: format!("{}.replay.", config.name),
+        name: config.name.clone(),
         rooms: HashMap::new(),
         backlog,
         away: if connected {
@@ -377,10 +602,76 @@ pub async fn start(
         },
         marked: 0,
         mark_at: None,
+        history: None,
+        per_room,
+        history_tried: None,
+        replicas: replicas(config),
         shutdown,
     };
-    tokio::spawn(node.run(rx, state_rx));
+    tokio::spawn(node.run(rx, loads_rx, state_rx));
     Ok(())
+}
+
+/// Replicas for the history stream and the nick and ban buckets: 3 when
+/// the node is given three NATS servers or more (a NATS cluster, whose
+/// JetStream then keeps nicks, history and bans through the loss of one
+/// server), else 1. A node given one URL for a cluster gets one replica
+/// (raise it with the `nats` CLI, docs/OPERATIONS.md).
+pub fn replicas(config: &ClusterConfig) -> usize {
+    if config.nats_urls.len() >= 3 { 3 } else { 1 }
+}
+
+/// Creates a JetStream stream. With more than one replica asked, a
+/// JetStream still electing its leader (a NATS cluster just started) is
+/// asked again for up to [`REPLICAS_WAIT`], and one that cannot place them
+/// (not clustered, too few servers with JetStream) gets the stream with
+/// one replica, so that nicks, history and bans work on any JetStream.
+pub async fn create_stream(
+    js: &async_nats::jetstream::Context,
+    config: async_nats::jetstream::stream::Config,
+) -> Result<async_nats::jetstream::stream::Stream, async_nats::jetstream::context::CreateStreamError>
+{
+    use async_nats::jetstream::ErrorCode;
+    use async_nats::jetstream::context::CreateStreamErrorKind as K;
+    let replicas = config.num_replicas;
+    let deadline = tokio::time::Instant::now() + REPLICAS_WAIT;
+    loop {
+        let e = match js.create_stream(config.clone()).await {
+            Err(e) if replicas > 1 => e,
+            made => return made,
+        };
+        let code = match e.kind() {
+            K::JetStream(err) => Some(err.error_code()),
+            _ => None,
+        };
+        let cannot = code.is_some_and(|c| {
+            c == ErrorCode::STREAM_REPLICAS_NOT_SUPPORTED || c == ErrorCode::INSUFFICIENT_RESOURCES
+        });
+        let not_ready = matches!(e.kind(), K::JetStreamUnavailable | K::TimedOut)
+            || code.is_some_and(|c| {
+                [
+                    ErrorCode::CLUSTER_NOT_AVAILABLE,
+                    ErrorCode::CLUSTER_NOT_ACTIVE,
+                    ErrorCode::CLUSTER_NOT_LEADER,
+                    ErrorCode::CLUSTER_NOT_ASSIGNED,
+                ]
+                .contains(&c)
+            });
+        if cannot {
+            debug!(error = %e, stream = %config.name, replicas, "cluster: JetStream cannot place the stream's replicas; making it with one");
+            return js
+                .create_stream(async_nats::jetstream::stream::Config {
+                    num_replicas: 1,
+                    ..config
+                })
+                .await;
+        }
+        if !not_ready || tokio::time::Instant::now() >= deadline {
+            return Err(e);
+        }
+        debug!(error = %e, stream = %config.name, "cluster: JetStream not ready; asking again");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 /// The connection's options, credentials and TLS aside: its name, timeouts,
@@ -447,8 +738,10 @@ struct Node {
     prefix: String,
     /// `NAME.replay.`
     replay_prefix: String,
+    /// `cluster.name`.
+    name: String,
     /// One subscription task per room with local members.
-    rooms: HashMap<Arc<str>, CancellationToken>,
+    rooms: HashMap<Arc<str>, RoomSub>,
     /// What this node published lately; shared with [`serve_replay`].
     backlog: Arc<std::sync::Mutex<Backlog>>,
     away: Away,
@@ -456,6 +749,15 @@ struct Node {
     marked: u64,
     /// When to send the next marker: set by a publish, cleared by a marker.
     mark_at: Option<tokio::time::Instant>,
+    /// The history stream, once opened (`chat.history` > 0 and JetStream
+    /// there).
+    history: Option<async_nats::jetstream::stream::Stream>,
+    /// `chat.history`: the batches the stream keeps per room.
+    per_room: usize,
+    /// When opening the stream was last tried.
+    history_tried: Option<std::time::Instant>,
+    /// Replicas for the history stream ([`replicas`]).
+    replicas: usize,
     shutdown: CancellationToken,
 }
 
@@ -472,8 +774,23 @@ enum Away {
     Abandoned { told: bool },
 }
 
+/// A room's subscription task, and the way to ask it for the room's
+/// history.
+struct RoomSub {
+    stop: CancellationToken,
+    loads: mpsc::UnboundedSender<tokio::sync::oneshot::Sender<()>>,
+}
+
 impl Node {
-    async fn run(mut self, mut rx: mpsc::Receiver<Outgoing>, mut state: watch::Receiver<bool>) {
+    async fn run(
+        mut self,
+        mut rx: mpsc::Receiver<Outgoing>,
+        mut loads: mpsc::UnboundedReceiver<(Arc<str>, tokio::sync::oneshot::Sender<()>)>,
+        mut state: watch::Receiver<bool>,
+    ) {
+        if self.away == Away::Online {
+            self.open_history().await;
+        }
         // Rooms may have members already (none in practice: start runs
         // before the listeners serve).
         self.reconcile();
@@ -516,6 +833,31 @@ impl Node {
                     );
                     warn!(told, "cluster: NATS lost; serving this node's users alone until it is back");
                 }
+                // Disabled once no sender is left (`chat.history` = 0).
+                Some((room, reply)) = loads.recv() => {
+                    if self.history.is_none() && connected {
+                        self.open_history().await;
+                    }
+                    // Without NATS or the stream, the room's history is this
+                    // node's: the joining client goes on at once.
+                    if self.history.is_none() || !connected {
+                        let _ = reply.send(());
+                        continue;
+                    }
+                    // The room is wanted now (a client waits to join it):
+                    // its subscription exists after this.
+                    self.reconcile();
+                    match self.rooms.get(&room) {
+                        Some(sub) => {
+                            if let Err(e) = sub.loads.send(reply) {
+                                let _ = e.0.send(());
+                            }
+                        }
+                        None => {
+                            let _ = reply.send(());
+                        }
+                    }
+                }
                 changed = state.changed() => {
                     if changed.is_err() {
                         break;
@@ -527,6 +869,7 @@ impl Node {
                     connected = now;
                     if connected {
                         self.back(&marks, dropped_at_loss).await;
+                        self.open_history().await;
                     } else if self.away == Away::Online {
                         dropped_at_loss = self.link.dropped();
                         self.away = Away::Reconnecting { since: tokio::time::Instant::now() };
@@ -535,8 +878,8 @@ impl Node {
                 }
             }
         }
-        for (_, token) in self.rooms.drain() {
-            token.cancel();
+        for (_, sub) in self.rooms.drain() {
+            sub.stop.cancel();
         }
         // Sends what is already queued; a lost NATS does not hold up exit.
         let _ = tokio::time::timeout(Duration::from_secs(1), self.client.flush()).await;
@@ -607,17 +950,37 @@ impl Node {
     /// NATS has been away longer than [`HOLD`] it is dropped and counted:
     /// lines are not queued for a reconnect that may come much later.
     async fn publish(&mut self, out: Outgoing) {
+        let (room, payload, kind) = match out {
+            Outgoing::Room {
+                room,
+                payload,
+                kind,
+            } => (room, payload, kind),
+            Outgoing::Direct { subject, payload } => {
+                // Membership changes and private messages are not held: a
+                // node that misses a change asks for a snapshot.
+                if self.away != Away::Online || self.client.connection_state() != State::Connected {
+                    self.link.dropped.fetch_add(1, Relaxed);
+                    return;
+                }
+                if let Err(e) = self.client.publish(subject, payload).await {
+                    self.link.dropped.fetch_add(1, Relaxed);
+                    debug!(error = %e, "cluster: publish failed");
+                }
+                return;
+            }
+        };
         if matches!(self.away, Away::Abandoned { .. }) {
             self.link.dropped.fetch_add(1, Relaxed);
             return;
         }
-        let (pos, evicted) =
-            self.lock_backlog()
-                .push(&out.room, out.kind.as_byte(), out.payload.clone());
+        let (pos, evicted) = self
+            .lock_backlog()
+            .push(&room, kind.as_byte(), payload.clone());
         if self.away == Away::Online {
             // An unconfirmed batch pushed out of a full backlog was
             // published: it only loses its second chance.
-            self.send(&out.room, pos, out.kind, out.payload).await;
+            self.send(&room, pos, kind, payload).await;
             self.mark_at
                 .get_or_insert_with(|| tokio::time::Instant::now() + MARK_AFTER);
         } else if evicted {
@@ -626,14 +989,41 @@ impl Node {
         }
     }
 
-    /// Publishes one batch. A failure leaves it unconfirmed in the backlog,
-    /// so it goes again after the reconnect.
+    /// Opens the history stream, once, when `chat.history` > 0.
+    async fn open_history(&mut self) {
+        if self.per_room == 0 || self.history.is_some() {
+            return;
+        }
+        // Not more often than this: where JetStream is off, every join
+        // would otherwise hold up this task.
+        if self
+            .history_tried
+            .is_some_and(|t| t.elapsed() < Duration::from_secs(30))
+        {
+            return;
+        }
+        self.history_tried = Some(std::time::Instant::now());
+        let js = async_nats::jetstream::new(self.client.clone());
+        self.history = history::open_stream(&js, &self.name, self.per_room, self.replicas).await;
+    }
+
+    /// Publishes one batch on `NAME.room.ROOM.KIND`. A failure leaves it
+    /// unconfirmed in the backlog, so it goes again after the reconnect.
+    /// A chat batch's id ([`history::ID_HEADER`]) is its position: the
+    /// same when it is published again or replayed, so that the history
+    /// stream stores it once (`Nats-Msg-Id`) and a room that loaded it
+    /// from the stream does not hand it on again.
     async fn send(&self, room: &str, pos: Position, kind: Kind, payload: Bytes) {
         let mut headers = HeaderMap::new();
         headers.insert(NODE_HEADER, &*self.node_id);
         headers.insert(KIND_HEADER, kind.as_str());
         headers.insert(SEQ_HEADER, pos.header().as_str());
-        let subject = format!("{}{}", self.prefix, room);
+        if kind == Kind::Chat {
+            let id = history::batch_id(&self.node_id, pos.epoch, pos.seq);
+            headers.insert(history::ID_HEADER, id.as_str());
+            headers.insert(async_nats::header::NATS_MESSAGE_ID, id.as_str());
+        }
+        let subject = format!("{}{}.{}", self.prefix, room, kind.as_str());
         if let Err(e) = self
             .client
             .publish_with_headers(subject, headers, payload)
@@ -648,10 +1038,10 @@ impl Node {
     fn reconcile(&mut self) {
         let wanted = self.hub.occupied_rooms();
         let mut backlog = self.backlog.lock().unwrap_or_else(|p| p.into_inner());
-        self.rooms.retain(|room, token| {
+        self.rooms.retain(|room, sub| {
             let keep = wanted.contains(room);
             if !keep {
-                token.cancel();
+                sub.stop.cancel();
                 backlog.forget_room(room);
                 debug!(%room, "cluster: unsubscribed");
             }
@@ -663,32 +1053,65 @@ impl Node {
                 continue;
             }
             let token = self.shutdown.child_token();
-            self.rooms.insert(room.clone(), token.clone());
+            let (loads_tx, loads) = mpsc::unbounded_channel();
+            self.rooms.insert(
+                room.clone(),
+                RoomSub {
+                    stop: token.clone(),
+                    loads: loads_tx,
+                },
+            );
             tokio::spawn(listen(
-                self.client.clone(),
-                self.hub.clone(),
-                self.node_id.clone(),
-                format!("{}{}", self.prefix, room),
-                self.replay_prefix.clone(),
-                room,
+                Listener {
+                    client: self.client.clone(),
+                    hub: self.hub.clone(),
+                    node_id: self.node_id.clone(),
+                    subject: format!("{}{}", self.prefix, room),
+                    replay_prefix: self.replay_prefix.clone(),
+                    room,
+                    history: self.history.clone(),
+                    per_room: self.per_room,
+                },
+                loads,
                 token,
             ));
         }
     }
 }
 
-/// One room's subscription: hands every batch from another node to the
-/// hub until `stop`. Dropping the subscriber unsubscribes.
-async fn listen(
+/// What a room's subscription task needs.
+struct Listener {
     client: async_nats::Client,
     hub: Hub,
     node_id: Arc<str>,
+    /// `NAME.room.ROOM`; chat batches on `.chat`, notices on `.notice`.
     subject: String,
     replay_prefix: String,
     room: Arc<str>,
+    history: Option<async_nats::jetstream::stream::Stream>,
+    per_room: usize,
+}
+
+/// One room's subscription: hands every batch from another node to the
+/// hub until `stop`, and loads the room's history from the stream when a
+/// joining client asks (see [`history`]). Dropping the subscriber
+/// unsubscribes.
+async fn listen(
+    l: Listener,
+    mut loads: mpsc::UnboundedReceiver<tokio::sync::oneshot::Sender<()>>,
     stop: CancellationToken,
 ) {
-    let mut sub = match client.subscribe(subject.clone()).await {
+    let Listener {
+        client,
+        hub,
+        node_id,
+        subject,
+        replay_prefix,
+        room,
+        history,
+        per_room,
+    } = l;
+    let mut sub = match client.subscribe(format!("{subject}.*")).await {
         Ok(sub) => sub,
         Err(e) => {
             warn!(%subject, error = %e, "cluster: cannot subscribe; this room hears only this node");
@@ -696,15 +1119,40 @@ async fn listen(
         }
     };
     // A round trip: once it returns, NATS holds the subscription, and every
-    // line published from now on reaches this node.
+    // line published from now on reaches this node. Bounded, so that a
+    // client waiting for the room's history never waits on a lost NATS.
     tokio::select! {
         () = stop.cancelled() => return,
-        flushed = client.flush() => if flushed.is_ok() {
+        flushed = tokio::time::timeout(START_WAIT, client.flush()) => if matches!(flushed, Ok(Ok(()))) {
             debug!(%room, "cluster: subscribed");
         },
     }
+    let chat_subject = format!("{subject}.chat");
+    // The last position handed on per sender ([`cluster_seq`]).
     let mut seen = Seen::default();
-    while let Some(msg) = next_or_stop(&mut sub, &stop).await {
+    // Ids of the batches the last history load read: the same batches may
+    // be waiting in the subscription (or come in a replay), and are not
+    // handed on twice. An id is its batch's position, so a batch the
+    // stream held counts as handed on for [`Seen`] too.
+    let mut loaded: std::collections::HashSet<String> = std::collections::HashSet::new();
+    loop {
+        let msg = tokio::select! {
+            () = stop.cancelled() => break,
+            Some(reply) = loads.recv() => {
+                if let Some(stream) = &history {
+                    let (batches, ids) = history::fetch(stream, &chat_subject, per_room).await;
+                    debug!(%room, batches = batches.len(), "cluster: room history loaded");
+                    hub.replace_history(&room, &batches);
+                    loaded = ids;
+                }
+                let _ = reply.send(());
+                continue;
+            }
+            msg = sub.next() => match msg {
+                Some(msg) => msg,
+                None => break,
+            },
+        };
         let Some(headers) = &msg.headers else {
             continue;
         };
@@ -714,10 +1162,8 @@ async fn listen(
         if from == *node_id {
             continue;
         }
-        let Some(kind) = headers
-            .get(KIND_HEADER)
-            .and_then(|k| Kind::parse(k.as_str()))
-        else {
+        // `NAME.room.ROOM.chat` or `.notice`.
+        let Some(kind) = msg.subject.rsplit('.').next().and_then(Kind::parse) else {
             continue;
         };
         let Some(lines) = well_formed(&msg.payload) else {
@@ -740,7 +1186,12 @@ async fn listen(
                         missed = replay(&client, subject, &room, after, pos.seq) => missed,
                     };
                     let got = missed.len();
-                    for (kind, batch) in missed {
+                    for (kind, seq, batch) in missed {
+                        if kind == Kind::Chat
+                            && loaded.remove(&history::batch_id(&from, pos.epoch, seq))
+                        {
+                            continue;
+                        }
                         if let Some(lines) = well_formed(&batch) {
                             hub.deliver_remote(&room, batch, lines, kind);
                         }
@@ -750,12 +1201,22 @@ async fn listen(
             }
             seen.record(&from, pos);
         }
+        if kind == Kind::Chat
+            && !loaded.is_empty()
+            && headers
+                .get(history::ID_HEADER)
+                .is_some_and(|id| loaded.remove(id.as_str()))
+        {
+            // Already in the history the room holds.
+            continue;
+        }
         hub.deliver_remote(&room, msg.payload, lines, kind);
     }
 }
 
 /// Asks `subject` (a node's replay service) for the batches of `room`
-/// after `after` and before `before`, in order; nothing when it does not
+/// after `after` and before `before`, in order, with their sequences;
+/// nothing when it does not
 /// answer within [`REPLAY_DEADLINE`] (it may be gone with them).
 async fn replay(
     client: &async_nats::Client,
@@ -763,7 +1224,7 @@ async fn replay(
     room: &str,
     after: u64,
     before: u64,
-) -> Vec<(Kind, Bytes)> {
+) -> Vec<(Kind, u64, Bytes)> {
     let asked = client.request(subject, cluster_seq::replay_request(room, after));
     let answer = match tokio::time::timeout(REPLAY_DEADLINE, asked).await {
         Ok(Ok(answer)) => answer,
@@ -780,7 +1241,7 @@ async fn replay(
         .unwrap_or_default()
         .into_iter()
         .filter(|(_, seq, _)| *seq < before)
-        .filter_map(|(kind, _, batch)| Some((Kind::from_byte(kind)?, batch)))
+        .filter_map(|(kind, seq, batch)| Some((Kind::from_byte(kind)?, seq, batch)))
         .collect()
 }
 
@@ -952,8 +1413,19 @@ impl Bus {
         })
     }
 
+    /// Other nodes heard within `ttl` (at most [`PRESENCE_TTL`]).
+    pub fn peers_within(&self, ttl: Duration) -> Vec<String> {
+        let now = std::time::Instant::now();
+        let peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
+        peers
+            .iter()
+            .filter(|(_, seen)| now.duration_since(**seen) < ttl)
+            .map(|(node, _)| node.clone())
+            .collect()
+    }
+
     /// Other nodes heard within [`PRESENCE_TTL`].
-    fn live_peers(&self) -> Vec<String> {
+    pub fn live_peers(&self) -> Vec<String> {
         let now = std::time::Instant::now();
         let mut peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
         peers.retain(|_, seen| now.duration_since(*seen) < PRESENCE_TTL);
@@ -1122,6 +1594,12 @@ mod tests {
             dropped: AtomicU64::new(0),
             last_warn_ms: AtomicU64::new(0),
             bus: None,
+            nicks: None,
+            members: members::Members::default(),
+            member_seq: AtomicU64::new(0),
+            prefix: None,
+            node_id: "web1".into(),
+            loads: None,
         };
         (Arc::new(link), rx)
     }
@@ -1172,12 +1650,21 @@ mod tests {
             "the first member asks for the room's subject"
         );
         assert_eq!(hub.occupied_rooms(), [Arc::from("lobby")]);
-        let joined = rx.try_recv().expect("the join notice");
-        assert_eq!(joined.kind, Kind::Notice);
+        let Outgoing::Room { kind, .. } = rx.try_recv().expect("the join notice") else {
+            panic!("a room message");
+        };
+        assert_eq!(kind, Kind::Notice);
         hub.publish(&room, a.id, Bytes::from_static(b"<a> one\r\n"), 1);
-        let out = rx.try_recv().expect("the batch");
-        assert_eq!((&*out.room, out.kind), ("lobby", Kind::Chat));
-        assert_eq!(&out.payload[..], b"<a> one\r\n");
+        let Outgoing::Room {
+            room: name,
+            payload,
+            kind,
+        } = rx.try_recv().expect("the batch")
+        else {
+            panic!("a room message");
+        };
+        assert_eq!((&*name, kind), ("lobby", Kind::Chat));
+        assert_eq!(&payload[..], b"<a> one\r\n");
         // A full queue drops and counts; it never blocks the publisher.
         for _ in 0..5 {
             hub.publish(&room, a.id, Bytes::from_static(b"<a> more\r\n"), 1);

@@ -37,8 +37,11 @@ use tokio::io::{AsyncWrite, AsyncWriteExt, Interest};
 use tokio::net::{TcpStream, UnixStream};
 use tracing::{Instrument, debug, info, info_span};
 
+use crate::cluster::nicks::Claim;
 use crate::framing::{Frame, LineFramer};
-use crate::hub::{Client, Disconnect, Hub, PrivateError, Refusal, Room, server_line};
+use crate::hub::{
+    Client, Disconnect, Hub, JoinRequest, NickRequest, PrivateError, Refusal, Room, server_line,
+};
 use crate::protocol::{self, Command};
 use crate::rate::TokenBucket;
 use crate::sanitize;
@@ -67,6 +70,9 @@ const CLOSE_LINGER: Duration = Duration::from_secs(2);
 /// How often a paused sender checks that the recipient it waits for is
 /// still reading (a drain wakes it at once; this is for one that stops).
 const RECHECK: Duration = crate::outbox::PROGRESS_WINDOW;
+/// The longest a new client waits for the default room's cluster-wide
+/// history before joining with this node's.
+const WELCOME_WAIT: Duration = Duration::from_secs(5);
 /// What this port says to a client speaking another protocol.
 const WRONG_PROTOCOL: &str = "This is a chatd chat port: plain text lines for nc or telnet, \
      not HTTP, gRPC or TLS. The admin API (chatctl) listens on its own port.";
@@ -191,7 +197,18 @@ pub async fn serve_on<S: Socket>(stream: S, peer: SocketAddr, tls: bool, hub: Hu
     async move {
         info!("connected");
         let nick = client.nick();
-        let room = welcome(&hub, &client, &nick);
+        let room = match welcome(&hub, &client, &nick) {
+            JoinRequest::Done(room) => room,
+            // Cluster mode, the default room's first member here: its
+            // history is loaded first. Nothing was read yet, so nothing
+            // waits behind this.
+            JoinRequest::Wait { room, done } => {
+                // Bounded even if the cluster task is held up: the client
+                // then joins with this node's history.
+                let _ = tokio::time::timeout(WELCOME_WAIT, done).await;
+                hub.finish_join(&client, &room)
+            }
+        };
         let conn = Connection {
             stream,
             hub,
@@ -204,6 +221,7 @@ pub async fn serve_on<S: Socket>(stream: S, peer: SocketAddr, tls: bool, hub: Hu
             mid_line: false,
             greeted: false,
             pause: None,
+            waiting: None,
             last_write: None,
             arrivals: 0.0,
             lines_seen: 0,
@@ -218,7 +236,7 @@ pub async fn serve_on<S: Socket>(stream: S, peer: SocketAddr, tls: bool, hub: Hu
 }
 
 /// Greets a new client and puts it in the default room.
-fn welcome(hub: &Hub, client: &Arc<Client>, nick: &str) -> Arc<Room> {
+fn welcome(hub: &Hub, client: &Arc<Client>, nick: &str) -> JoinRequest {
     let config = hub.config();
     let limit = config.limits.outbound_queue_bytes;
     client.notice(
@@ -231,7 +249,7 @@ fn welcome(hub: &Hub, client: &Arc<Client>, nick: &str) -> Arc<Room> {
     for line in config.server.motd.lines() {
         client.notice(&sanitize::clean(line), limit);
     }
-    hub.join(client, &config.chat.default_room)
+    hub.request_join(client, &config.chat.default_room)
 }
 
 /// Tells a refused client why, in one line, and closes.
@@ -305,6 +323,10 @@ struct Connection<S> {
     /// While set, this client does not read: a recipient of its lines is
     /// behind (flow control).
     pause: Option<Box<Pause>>,
+    /// While set, a command waits for the cluster's answer (cluster mode):
+    /// this client's later lines wait too, unread or held, so that they are
+    /// handled after it, in order; writes go on.
+    waiting: Option<Box<Waiting>>,
     /// When the last write to the socket happened (write coalescing).
     last_write: Option<tokio::time::Instant>,
     /// Recent lines per second queued for this client, measured at each
@@ -324,6 +346,33 @@ struct Connection<S> {
 struct Pause {
     on: Arc<Client>,
     until: Pin<Box<tokio::time::Sleep>>,
+}
+
+/// A command waiting for the cluster, and the lines read after it.
+struct Waiting {
+    command: Pending,
+    /// Lines read after the command, in order, handled once it is answered.
+    held: VecDeque<Held>,
+}
+
+/// The commands that may wait for the cluster.
+enum Pending {
+    /// `/nick`: whether the nick is free cluster-wide.
+    Nick {
+        nick: Arc<str>,
+        answer: tokio::sync::oneshot::Receiver<Claim>,
+    },
+    /// `/join`: the room's cluster-wide history, loaded into the room.
+    Join {
+        room: Arc<Room>,
+        done: tokio::sync::oneshot::Receiver<()>,
+    },
+}
+
+/// A frame read while a command waits.
+enum Held {
+    Line(Bytes),
+    TooLong,
 }
 
 struct Flood {
@@ -380,7 +429,11 @@ impl<S: Socket> Connection<S> {
     fn poll_run(&mut self, cx: &mut Context<'_>) -> Poll<Disconnect> {
         // A seamless upgrade: stop here, between reads, with nothing half
         // done (see `crate::handoff`).
-        if self.hub.handoff().is_frozen() {
+        // A command waiting for the cluster finishes first (its held lines
+        // then reach outboxes that are exported only once everyone has
+        // parked); one that takes too long makes the upgrade time out and
+        // roll back, never lose those lines.
+        if self.hub.handoff().is_frozen() && self.waiting.is_none() {
             return Poll::Ready(Disconnect::Handoff);
         }
         if let Some(reason) = self
@@ -447,6 +500,18 @@ impl<S: Socket> Connection<S> {
             }
             return Poll::Pending;
         }
+        if self.waiting.is_some() {
+            match self.poll_waiting(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Some(reason)) => return Poll::Ready(reason),
+                // Answered: what it queued for us is written on the next
+                // turn, before anything more is read.
+                Poll::Ready(None) => {
+                    cx.waker().wake_by_ref();
+                    return Poll::Pending;
+                }
+            }
+        }
         match self.stream.poll_read_ready(cx) {
             Poll::Ready(Ok(())) => match self.on_readable() {
                 Ok(None) => {
@@ -466,8 +531,108 @@ impl<S: Socket> Connection<S> {
         }
     }
 
+    /// Waits for the cluster's answer to the waiting command, then handles
+    /// the lines held behind it (which may start another wait). `None` once
+    /// nothing waits any more.
+    fn poll_waiting(&mut self, cx: &mut Context<'_>) -> Poll<Option<Disconnect>> {
+        while let Some(waiting) = &mut self.waiting {
+            let answer = match &mut waiting.command {
+                Pending::Nick { answer, .. } => match Pin::new(answer).poll(cx) {
+                    Poll::Ready(answer) => Some(answer.ok()),
+                    Poll::Pending => return Poll::Pending,
+                },
+                // Loaded, or given up: either way the client joins now.
+                Pending::Join { done, .. } => match Pin::new(done).poll(cx) {
+                    Poll::Ready(_) => None,
+                    Poll::Pending => return Poll::Pending,
+                },
+            };
+            let Some(waiting) = self.waiting.take() else {
+                break;
+            };
+            let Waiting { command, held } = *waiting;
+            match (command, answer) {
+                (Pending::Nick { nick, .. }, Some(answer)) => self.nick_answered(&nick, answer),
+                (Pending::Join { room, .. }, _) => {
+                    self.room = self.hub.finish_join(&self.client, &room);
+                    info!(room = %self.room.name, "joined");
+                }
+                (Pending::Nick { .. }, None) => {}
+            }
+            if let Some(reason) = self.replay(held) {
+                return Poll::Ready(Some(reason));
+            }
+        }
+        Poll::Ready(None)
+    }
+
+    /// Handles lines held while a command waited, in order, until one
+    /// waits again (the rest stay held behind it).
+    fn replay(&mut self, mut held: VecDeque<Held>) -> Option<Disconnect> {
+        self.follow_nick();
+        let config = self.hub.config();
+        let now = Instant::now();
+        let mut batch = Batch {
+            buf: BytesMut::new(),
+            lines: 0,
+        };
+        let mut outcome = None;
+        while let Some(frame) = held.pop_front() {
+            if let Some(waiting) = &mut self.waiting {
+                waiting.held.push_back(frame);
+                waiting.held.extend(held.drain(..));
+                break;
+            }
+            let frame = match &frame {
+                Held::Line(line) => Frame::Line(line),
+                Held::TooLong => Frame::TooLong,
+            };
+            outcome = self.on_frame(frame, &mut batch, &config, now);
+            if outcome.is_some() {
+                break;
+            }
+        }
+        self.publish(&mut batch);
+        outcome
+    }
+
+    /// The cluster answered a `/nick`.
+    fn nick_answered(&mut self, wanted: &str, answer: Option<Claim>) {
+        match answer {
+            Some(Claim::Granted) => match self.hub.rename(&self.client, wanted) {
+                Ok(new) => self.renamed(new),
+                Err(why) => {
+                    self.hub.release_nick(&self.client, wanted);
+                    self.error(&why);
+                }
+            },
+            Some(Claim::Taken) => self.error(&format!("nick \"{wanted}\" is taken")),
+            Some(Claim::Unavailable(why)) => self.error(&why),
+            None => self.error("the server is shutting down"),
+        }
+    }
+
+    fn renamed(&mut self, new: Arc<str>) {
+        self.span.record("nick", tracing::field::display(&new));
+        info!(old = %self.nick, new = %new, "nick changed");
+        self.nick = new;
+        self.notice(&format!("You are now known as {}.", self.nick));
+    }
+
+    /// Re-reads the nick when the hub changed it (cluster mode: another
+    /// node holds it).
+    fn follow_nick(&mut self) {
+        if self.client.take_renamed() {
+            let new = self.client.nick();
+            self.span.record("nick", tracing::field::display(&new));
+            info!(old = %self.nick, new = %new, "nick changed by the cluster");
+            self.nick = new;
+        }
+    }
+
     /// Reads what is available and handles every complete line.
     fn on_readable(&mut self) -> io::Result<Option<Disconnect>> {
+        self.follow_nick();
         let config = self.hub.config();
         let max_line = config.limits.max_line_bytes;
         let mut buf = [0u8; READ_CHUNK];
@@ -513,9 +678,16 @@ impl<S: Socket> Connection<S> {
             }
             let mut framer = std::mem::take(&mut self.framer);
             framer.feed(&buf[..kept], max_line, |frame| {
-                if outcome.is_none() {
-                    lines += u64::from(matches!(frame, Frame::Line(_)));
-                    outcome = self.on_frame(frame, &mut batch, &config, now);
+                if outcome.is_some() {
+                    return;
+                }
+                lines += u64::from(matches!(frame, Frame::Line(_)));
+                match &mut self.waiting {
+                    Some(waiting) => waiting.held.push_back(match frame {
+                        Frame::Line(line) => Held::Line(Bytes::copy_from_slice(line)),
+                        Frame::TooLong => Held::TooLong,
+                    }),
+                    None => outcome = self.on_frame(frame, &mut batch, &config, now),
                 }
             });
             self.framer = framer;
@@ -527,7 +699,7 @@ impl<S: Socket> Connection<S> {
                     .outbox
                     .push(telnet_replies.split().freeze(), limit);
             }
-            if outcome.is_some() || n < room {
+            if outcome.is_some() || n < room || self.waiting.is_some() {
                 break;
             }
         }
@@ -692,24 +864,36 @@ impl<S: Socket> Connection<S> {
             Command::Nick(wanted) if wanted == &*self.nick => {
                 self.notice(&format!("You are already known as {wanted}."));
             }
-            Command::Nick(wanted) => match self.hub.rename(&self.client, wanted) {
-                Ok(new) => {
-                    self.span.record("nick", tracing::field::display(&new));
-                    info!(old = %self.nick, new = %new, "nick changed");
-                    self.nick = new;
-                    self.notice(&format!("You are now known as {}.", self.nick));
+            Command::Nick(wanted) => match self.hub.request_nick(&self.client, wanted) {
+                NickRequest::Done(Ok(new)) => self.renamed(new),
+                NickRequest::Done(Err(why)) => self.error(&why),
+                NickRequest::Wait(answer) => {
+                    self.waiting = Some(Box::new(Waiting {
+                        command: Pending::Nick {
+                            nick: wanted.into(),
+                            answer,
+                        },
+                        held: VecDeque::new(),
+                    }));
                 }
-                Err(why) => self.error(&why),
             },
             Command::Join(room) => match protocol::normalize_room(room) {
-                Ok(room) => {
-                    self.room = self.hub.join(&self.client, &room);
-                    info!(room = %self.room.name, "joined");
-                }
+                Ok(room) => match self.hub.request_join(&self.client, &room) {
+                    JoinRequest::Done(room) => {
+                        self.room = room;
+                        info!(room = %self.room.name, "joined");
+                    }
+                    JoinRequest::Wait { room, done } => {
+                        self.waiting = Some(Box::new(Waiting {
+                            command: Pending::Join { room, done },
+                            held: VecDeque::new(),
+                        }));
+                    }
+                },
                 Err(e) => self.error(&e.describe("room", room)),
             },
             Command::Rooms => {
-                let rooms = self.hub.rooms();
+                let rooms = self.hub.all_rooms();
                 self.notice(&format!(
                     "{}:",
                     protocol::count(rooms.len() as u64, "room", "rooms")
@@ -845,6 +1029,13 @@ impl<S: Socket> Connection<S> {
     /// Leaves the hub, then tells the client why it is being closed (after
     /// what it is still owed) and closes gracefully.
     async fn finish(mut self, reason: Disconnect) {
+        if let Some(waiting) = self.waiting.take() {
+            match &waiting.command {
+                // Queued after the claim: frees the nick if it was granted.
+                Pending::Nick { nick, .. } => self.hub.release_nick(&self.client, nick),
+                Pending::Join { room, .. } => self.hub.cancel_join(room),
+            }
+        }
         self.hub.leave(&self.client, &reason);
         info!(%reason, "disconnected");
         let last = match &reason {
@@ -914,6 +1105,7 @@ pub async fn resume(
             overlong: state.overlong,
             greeted: state.greeted,
             pause: None,
+            waiting: None,
             last_write: None,
             arrivals: 0.0,
             // The restored totals are history, not lines arriving now.

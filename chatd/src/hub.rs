@@ -7,6 +7,12 @@
 //! rooms, stats, bans) are methods here too, so they are tested without
 //! gRPC. The hub enforces bans at connect; [`crate::bans`] keeps the list.
 //!
+//! In cluster mode two operations may need an answer from NATS: a nick
+//! change ([`Hub::request_nick`]) and a join of a room that has no member on
+//! this node yet ([`Hub::request_join`], which loads the room's history).
+//! They return a channel to wait on instead of blocking; the connection
+//! waits without reading further lines. On one node they decide at once.
+//!
 //! Locking: the control plane (connect, join, nick, leave) takes the `state`
 //! mutex and then, when needed, one room's member lock. The hot path
 //! ([`Hub::publish`]) takes only the room's read lock and each recipient's
@@ -16,7 +22,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -221,6 +227,10 @@ pub struct Client {
     /// ([`clock::now_ms`]), 0 when it is not: a partial line has its own
     /// deadline, so a byte a minute cannot hold a connection forever.
     partial_since_ms: AtomicU64,
+    /// Set when the hub renamed the client behind its connection's back
+    /// (cluster mode: its nick was held by another node); the connection
+    /// then re-reads its nick.
+    renamed: AtomicBool,
 }
 
 #[derive(Debug)]
@@ -236,6 +246,12 @@ impl Client {
 
     pub fn room(&self) -> Option<Arc<Room>> {
         lock(&self.names).room.clone()
+    }
+
+    /// Whether the hub renamed this client since the last call; the
+    /// connection then re-reads [`Client::nick`].
+    pub fn take_renamed(&self) -> bool {
+        self.renamed.load(Relaxed) && self.renamed.swap(false, Relaxed)
     }
 
     /// Records input: called once per read, not per line. Only complete
@@ -323,6 +339,12 @@ pub struct Room {
     /// with one batch each. `has_congested` is the hot path's cheap look.
     congested: Mutex<Option<Arc<Client>>>,
     has_congested: AtomicBool,
+    /// Cluster mode: whether the room's cluster-wide history has been
+    /// loaded since the room last had no member here.
+    loaded: AtomicBool,
+    /// Cluster mode: clients waiting for that load to join the room; while
+    /// there are some, the room is kept and subscribed.
+    waiting: AtomicUsize,
 }
 
 /// A room's budget of join/leave/rename notices: at most
@@ -358,6 +380,8 @@ impl Room {
             messages: AtomicU64::new(0),
             congested: Mutex::new(None),
             has_congested: AtomicBool::new(false),
+            loaded: AtomicBool::new(false),
+            waiting: AtomicUsize::new(0),
             notices: Mutex::new(NoticeGate {
                 window: Instant::now(),
                 sent: 0,
@@ -416,6 +440,12 @@ impl Room {
     /// large batch in memory.
     fn remember(&self, batch: &Bytes, lines: usize, keep: usize) {
         self.messages.fetch_add(lines as u64, Relaxed);
+        self.keep(batch, lines, keep);
+    }
+
+    /// Keeps the last `keep` lines of `batch` as history, as `remember`
+    /// does, without counting them as messages.
+    fn keep(&self, batch: &Bytes, lines: usize, keep: usize) {
         if keep == 0 {
             return;
         }
@@ -637,6 +667,7 @@ impl Hub {
             bytes_in: AtomicU64::new(0),
             last_line_ms: AtomicU64::new(clock::now_ms()),
             partial_since_ms: AtomicU64::new(0),
+            renamed: AtomicBool::new(false),
         });
         state.nicks.insert(protocol::fold(&nick), id);
         state.clients.insert(id, client.clone());
@@ -756,6 +787,8 @@ impl Hub {
     pub fn join(&self, client: &Arc<Client>, room: &str) -> Arc<Room> {
         let config = self.config();
         let limit = config.limits.outbound_queue_bytes;
+        // Members on other nodes (cluster mode), counted in the notices.
+        let remote = self.remote_count(room);
         let mut state = self.state();
         let old = lock(&client.names).room.clone();
         let mut parted = None;
@@ -779,7 +812,7 @@ impl Hub {
         };
         let count = {
             let mut members = write(&target.members);
-            let count = members.len() + 1;
+            let count = members.len() + 1 + remote;
             client.notice(&format!("You are now in {room} ({}).", users(count)), limit);
             if let Some(block) = history_block(&lock(&target.history), room, limit) {
                 client.outbox.push(block, limit);
@@ -787,10 +820,11 @@ impl Hub {
             members.push(client.clone());
             count
         };
-        if count == 1
-            && let Some(link) = self.cluster()
-        {
-            link.interest_changed();
+        if let Some(link) = self.cluster() {
+            if target.len() == 1 {
+                link.interest_changed();
+            }
+            link.member_set(client.id, &nick, room);
         }
         drop(state);
         if let Some((old, text)) = parted {
@@ -806,6 +840,87 @@ impl Hub {
             room: target.name.clone(),
         });
         target
+    }
+
+    /// Starts moving `client` into `room`: at once (as [`Hub::join`]) on one
+    /// node or when the room's history is here already; in cluster mode,
+    /// when the room has no member on this node yet, once its cluster-wide
+    /// history is loaded: the caller waits for `done`, then calls
+    /// [`Hub::finish_join`] (or [`Hub::cancel_join`] if it goes away).
+    pub fn request_join(&self, client: &Arc<Client>, room: &str) -> JoinRequest {
+        let Some(link) = self.cluster().filter(|l| l.keeps_history()) else {
+            return JoinRequest::Done(self.join(client, room));
+        };
+        let waiting = {
+            let mut state = self.state();
+            let here = lock(&client.names)
+                .room
+                .as_ref()
+                .is_some_and(|r| *r.name == *room);
+            let target = state
+                .rooms
+                .entry(room.into())
+                .or_insert_with(|| Arc::new(Room::new(room)))
+                .clone();
+            if here || target.loaded.load(Relaxed) {
+                None
+            } else {
+                target.waiting.fetch_add(1, Relaxed);
+                Some(target)
+            }
+        };
+        let Some(target) = waiting else {
+            return JoinRequest::Done(self.join(client, room));
+        };
+        match link.load_history(room) {
+            Some(done) => JoinRequest::Wait { room: target, done },
+            None => JoinRequest::Done(self.finish_join(client, &target)),
+        }
+    }
+
+    /// Joins the room [`Hub::request_join`] waited for.
+    pub fn finish_join(&self, client: &Arc<Client>, room: &Arc<Room>) -> Arc<Room> {
+        let joined = self.join(client, &room.name);
+        room.waiting.fetch_sub(1, Relaxed);
+        joined
+    }
+
+    /// A client waiting to join `room` went away.
+    pub fn cancel_join(&self, room: &Arc<Room>) {
+        let mut state = self.state();
+        if room.waiting.fetch_sub(1, Relaxed) == 1
+            && room.is_empty()
+            && *room.name != *self.config().chat.default_room
+            && state
+                .rooms
+                .get(&room.name)
+                .is_some_and(|r| Arc::ptr_eq(r, room))
+        {
+            state.rooms.remove(&room.name);
+            drop(state);
+            if let Some(link) = self.cluster() {
+                link.interest_changed();
+            }
+        }
+    }
+
+    /// Cluster mode: `batches` (whole lines, oldest first) are `room`'s
+    /// cluster-wide history; they replace what this node kept. Under the
+    /// room's member lock, as a join's snapshot: a joiner sees either the
+    /// old history or this one.
+    pub fn replace_history(&self, room: &str, batches: &[Bytes]) {
+        let Some(room) = self.state().rooms.get(room).cloned() else {
+            return;
+        };
+        let keep = self.config().chat.history;
+        let _members = write(&room.members);
+        lock(&room.history).clear();
+        for batch in batches {
+            if let Some(lines) = crate::cluster::well_formed(batch) {
+                room.keep(batch, lines, keep);
+            }
+        }
+        room.loaded.store(true, Relaxed);
     }
 
     /// Removes `client` from `room` under the state lock, and drops the room
@@ -825,6 +940,11 @@ impl Hub {
             }
             members.len()
         };
+        if remaining == 0 {
+            // Unsubscribed from now on (cluster mode): its history goes
+            // stale, and is loaded again for the next member.
+            room.loaded.store(false, Relaxed);
+        }
         if remaining == 0
             && let Some(link) = self.cluster()
         {
@@ -833,7 +953,11 @@ impl Hub {
         room.clear_congested(client);
         let nick = client.nick();
         let config = self.config();
-        if remaining == 0 && *room.name != *config.chat.default_room {
+        let total = remaining + self.remote_count(&room.name);
+        if remaining == 0
+            && room.waiting.load(Relaxed) == 0
+            && *room.name != *config.chat.default_room
+        {
             state.rooms.remove(&room.name);
         }
         self.emit(Event::Part {
@@ -842,15 +966,16 @@ impl Hub {
             room: room.name.clone(),
         });
         // At shutdown everyone leaves at once: notices would be O(n²) noise.
-        if remaining >= config.limits.room_notice_max
-            || remaining == 0
+        // With members left on other nodes only, the notice is for them.
+        if total >= config.limits.room_notice_max
+            || total == 0
             || reason == Some(&Disconnect::Shutdown)
         {
             return None;
         }
         let text = match reason {
-            Some(r) => format!("{nick} left {} ({}): {r}", room.name, users(remaining)),
-            None => format!("{nick} left {} ({})", room.name, users(remaining)),
+            Some(r) => format!("{nick} left {} ({}): {r}", room.name, users(total)),
+            None => format!("{nick} left {} ({})", room.name, users(total)),
         };
         Some((room.clone(), text))
     }
@@ -945,6 +1070,10 @@ impl Hub {
             room.and_then(|room| self.part_locked(&mut state, client, &room, Some(reason)));
         let nick = client.nick();
         state.nicks.remove(&protocol::fold(&nick));
+        self.release_nick(client, &nick);
+        if let Some(link) = self.cluster() {
+            link.member_gone(client.id);
+        }
         if let Some(n) = state.per_ip.get_mut(&client.peer.ip()) {
             *n -= 1;
             if *n == 0 {
@@ -963,6 +1092,94 @@ impl Hub {
         });
     }
 
+    /// Starts a nick change: on one node it is decided at once (as by
+    /// [`Hub::rename`]); in cluster mode, once the nick passes this node's
+    /// checks, the cluster is asked and the caller waits for the answer,
+    /// then calls [`Hub::rename`] (or [`Hub::release_nick`] when it no
+    /// longer wants it).
+    pub fn request_nick(&self, client: &Arc<Client>, wanted: &str) -> NickRequest {
+        let Some(link) = self.cluster() else {
+            return NickRequest::Done(self.rename(client, wanted));
+        };
+        if let Err(why) = self.check_nick(client, wanted) {
+            return NickRequest::Done(Err(why));
+        }
+        match link.claim_nick(protocol::fold(wanted), wanted, client.id) {
+            Some(answer) => NickRequest::Wait(answer),
+            None => NickRequest::Done(self.rename(client, wanted)),
+        }
+    }
+
+    /// Whether `client` may take `wanted` as far as this node knows.
+    fn check_nick(&self, client: &Client, wanted: &str) -> Result<(), String> {
+        protocol::validate_nick(wanted).map_err(|e| e.describe("nick", wanted))?;
+        let taken = self
+            .state()
+            .nicks
+            .get(&protocol::fold(wanted))
+            .is_some_and(|&owner| owner != client.id);
+        if taken {
+            return Err(format!("nick \"{wanted}\" is taken"));
+        }
+        Ok(())
+    }
+
+    /// Frees `client`'s cluster-wide claim on `nick`, if any (cluster mode;
+    /// guest nicks are never claimed). Never waits.
+    pub fn release_nick(&self, client: &Client, nick: &str) {
+        if let Some(link) = self.cluster()
+            && !nick.starts_with(protocol::GUEST_PREFIX)
+        {
+            link.release_nick(protocol::fold(nick), client.id);
+        }
+    }
+
+    /// Cluster mode: another node holds the nick folded to `key`, which
+    /// this node's client `id` had taken while NATS was away. The client
+    /// goes back to its guest nick and is told why; its room hears the
+    /// change as any other.
+    pub fn nick_lost(&self, id: ClientId, key: &str) {
+        let mut state = self.state();
+        let Some(client) = state.clients.get(&id).cloned() else {
+            return;
+        };
+        let old = client.nick();
+        if protocol::fold(&old) != key {
+            return;
+        }
+        let mut guest = match self.cluster() {
+            Some(link) => format!("{}{id}-{}", protocol::GUEST_PREFIX, link.tag()),
+            None => format!("{}{id}", protocol::GUEST_PREFIX),
+        };
+        while state.nicks.contains_key(&protocol::fold(&guest)) {
+            guest.push('_');
+        }
+        state.nicks.remove(key);
+        state.nicks.insert(protocol::fold(&guest), id);
+        let new: Arc<str> = guest.into();
+        let room = {
+            let mut names = lock(&client.names);
+            names.nick = new.clone();
+            names.room.clone()
+        };
+        client.renamed.store(true, Relaxed);
+        if let (Some(link), Some(room)) = (self.cluster(), &room) {
+            link.member_set(id, &new, &room.name);
+        }
+        drop(state);
+        client.notice(
+            &format!(
+                "Your nick {old} was taken on another chat node while this one was cut off; you are now {new}."
+            ),
+            self.queue_limit(),
+        );
+        if let Some(room) = room {
+            let text = format!("{old} is now known as {new}");
+            self.room_notice(&room, client.id, NoticeKind::Rename, &text);
+        }
+        self.emit(Event::Nick { id, old, new });
+    }
+
     /// Changes a nick, or says why not (the text follows `*** error: `).
     pub fn rename(&self, client: &Arc<Client>, wanted: &str) -> Result<Arc<str>, String> {
         protocol::validate_nick(wanted).map_err(|e| e.describe("nick", wanted))?;
@@ -977,6 +1194,9 @@ impl Hub {
             return Err(format!("nick \"{wanted}\" is taken"));
         }
         state.nicks.remove(&protocol::fold(&old));
+        if protocol::fold(&old) != folded {
+            self.release_nick(client, &old);
+        }
         state.nicks.insert(folded, client.id);
         let new: Arc<str> = wanted.into();
         let room = {
@@ -984,6 +1204,9 @@ impl Hub {
             names.nick = new.clone();
             names.room.clone()
         };
+        if let (Some(link), Some(room)) = (self.cluster(), &room) {
+            link.member_set(client.id, &new, &room.name);
+        }
         drop(state);
         if let Some(room) = room {
             let text = format!("{old} is now known as {new}");
@@ -1060,7 +1283,7 @@ impl Hub {
         let rooms: Vec<Arc<Room>> = self.state().rooms.values().cloned().collect();
         rooms
             .into_iter()
-            .filter(|r| !r.is_empty())
+            .filter(|r| !r.is_empty() || r.waiting.load(Relaxed) > 0)
             .map(|r| r.name.clone())
             .collect()
     }
@@ -1076,6 +1299,77 @@ impl Hub {
             .iter()
             .map(|room| self.fan_out(room, 0, &line, limit))
             .sum()
+    }
+
+    /// Members of `room` on the other live nodes; 0 on one node.
+    fn remote_count(&self, room: &str) -> usize {
+        self.cluster().map_or(0, |link| {
+            link.members().count(link.live_nodes().as_ref(), room)
+        })
+    }
+
+    /// Every client of this node in a room, with the number of the last
+    /// membership change they include (cluster mode; see
+    /// [`Link::member_set`]).
+    pub fn member_snapshot(&self) -> (u64, Vec<(ClientId, String, String)>) {
+        let state = self.state();
+        let seq = self.cluster().map_or(0, |link| link.member_seq());
+        let set = state
+            .clients
+            .values()
+            .filter_map(|c| {
+                let names = lock(&c.names);
+                let room = names.room.as_ref()?;
+                Some((c.id, names.nick.to_string(), room.name.to_string()))
+            })
+            .collect();
+        (seq, set)
+    }
+
+    /// Queues a server line for client `id` of this node, if it is still
+    /// there (an error coming back from another node).
+    pub fn notify_client(&self, id: ClientId, text: &str) {
+        let client = self.state().clients.get(&id).cloned();
+        if let Some(client) = client {
+            client.notice(text, self.queue_limit());
+        }
+    }
+
+    /// Hands a private message from `from` on another node to this node's
+    /// client called `to`; or says why not (sent back to the sender).
+    pub fn deliver_private(&self, from: &str, to: &str, text: &str) -> Result<(), String> {
+        let limit = self.queue_limit();
+        let target = {
+            let state = self.state();
+            state
+                .nicks
+                .get(&protocol::fold(to))
+                .and_then(|id| state.clients.get(id))
+                .cloned()
+        };
+        let Some(target) = target else {
+            return Err(format!("no such nick \"{}\"", sanitize::clean(to)));
+        };
+        let mut line = BytesMut::with_capacity(from.len() + text.len() + 12);
+        line.extend_from_slice(b"[pm] <");
+        line.extend_from_slice(from.as_bytes());
+        line.extend_from_slice(b"> ");
+        sanitize::clean_into(&mut line, text.as_bytes());
+        line.extend_from_slice(b"\r\n");
+        match target.outbox.push(line.freeze(), limit) {
+            Push::Queued | Push::Congested => {
+                self.shared.stats.published(1, 1);
+                Ok(())
+            }
+            Push::Overflow => Err(format!(
+                "{} is not reading; message not delivered",
+                target.nick()
+            )),
+            Push::Closed => Err(format!(
+                "{} is leaving; message not delivered",
+                target.nick()
+            )),
+        }
     }
 
     /// Whether any watcher wants message events.
@@ -1133,10 +1427,7 @@ impl Hub {
                 .cloned()
         };
         let Some(target) = target else {
-            return Err(PrivateError::Failed(format!(
-                "no such nick \"{}\"",
-                sanitize::clean(to)
-            )));
+            return self.private_remote(from, to, text);
         };
         // A reader behind on its queue gets no more private lines until it
         // catches up: the sender is told and pauses, where a burst of
@@ -1190,12 +1481,67 @@ impl Hub {
         Ok(congested)
     }
 
-    /// `/who`: the nicks in `room`, sorted, at most [`WHO_MAX`] of them.
+    /// `/msg` to a nick not on this node: in cluster mode, to its node (one
+    /// NATS message); the sender's echo is queued at once, and an error
+    /// comes back only if it cannot be delivered there.
+    fn private_remote(
+        &self,
+        from: &Client,
+        to: &str,
+        text: &str,
+    ) -> Result<Option<Arc<Client>>, PrivateError> {
+        let no_such = || PrivateError::Failed(format!("no such nick \"{}\"", sanitize::clean(to)));
+        let link = self.cluster().ok_or_else(no_such)?;
+        let (node, nick) = link
+            .members()
+            .find(link.live_nodes().as_ref(), to)
+            .ok_or_else(no_such)?;
+        let from_nick = from.nick();
+        let text = sanitize::clean(text);
+        link.send_private(
+            &node,
+            &crate::cluster::members::PmMsg {
+                from_node: link.node_id().to_string(),
+                from_id: from.id,
+                from_nick: from_nick.to_string(),
+                to: nick.to_string(),
+                text: text.clone(),
+                error: None,
+            },
+        );
+        from.outbox.push(
+            server_free_line(&format!("[pm -> {nick}] {text}")),
+            self.queue_limit(),
+        );
+        if self.watching_messages() {
+            self.emit(Event::Message {
+                id: from.id,
+                nick: from_nick,
+                room: None,
+                to: Some(nick),
+                text,
+                action: false,
+            });
+        }
+        Ok(None)
+    }
+
+    /// `/who`: the nicks in `room` (on every node, in cluster mode), sorted,
+    /// at most [`WHO_MAX`] of them.
     pub fn who(&self, room: &Room) -> String {
         let members = read(&room.members);
-        let total = members.len();
+        let mut total = members.len();
         let mut nicks: Vec<Arc<str>> = members.iter().take(WHO_MAX).map(|m| m.nick()).collect();
         drop(members);
+        if let Some(link) = self.cluster() {
+            let room_name: &str = &room.name;
+            let max = WHO_MAX.saturating_sub(nicks.len());
+            let (remote, count) = link
+                .members()
+                .nicks(link.live_nodes().as_ref(), room_name, max);
+            nicks.extend(remote);
+            total += count;
+        }
         nicks.sort();
         let mut text = format!("{} ({}): {}", room.name, users(total), nicks.join(", "));
         if total > WHO_MAX {
@@ -1204,9 +1550,30 @@ impl Hub {
         text
     }
 
+    /// The rooms of this node (admin), with this node's members.
     pub fn rooms(&self) -> Vec<RoomInfo> {
         let rooms: Vec<Arc<Room>> = self.state().rooms.values().cloned().collect();
         let mut infos: Vec<RoomInfo> = rooms.iter().map(|r| r.info()).collect();
+        infos.sort_by(|a, b| a.name.cmp(&b.name));
+        infos
+    }
+
+    /// `/rooms`: the rooms with their members on every node (cluster mode;
+    /// on one node, [`Hub::rooms`]).
+    pub fn all_rooms(&self) -> Vec<RoomInfo> {
+        let mut infos = self.rooms();
+        let Some(link) = self.cluster() else {
+            return infos;
+        };
+        let mut remote = link.members().rooms(link.live_nodes().as_ref());
+        for info in &mut infos {
+            info.members += remote.remove(info.name.as_str()).unwrap_or(0);
+        }
+        infos.extend(remote.into_iter().map(|(name, members)| RoomInfo {
+            name: name.to_string(),
+            members,
+            messages: 0,
+        }));
         infos.sort_by(|a, b| a.name.cmp(&b.name));
         infos
     }
@@ -1385,6 +1752,26 @@ impl Drop for MessageWatch {
     }
 }
 
+/// How a join goes on: done, or waiting for the room's history.
+#[derive(Debug)]
+pub enum JoinRequest {
+    Done(Arc<Room>),
+    /// Call [`Hub::finish_join`] once `done` resolves (or fails).
+    Wait {
+        room: Arc<Room>,
+        done: tokio::sync::oneshot::Receiver<()>,
+    },
+}
+
+/// How a nick change goes on: decided, or waiting for the cluster.
+#[derive(Debug)]
+pub enum NickRequest {
+    /// The new nick, or why not (the text follows `*** error: `).
+    Done(Result<Arc<str>, String>),
+    /// The cluster decides; then call [`Hub::rename`] if granted.
+    Wait(tokio::sync::oneshot::Receiver<crate::cluster::nicks::Claim>),
+}
+
 /// Why a private message was not delivered.
 #[derive(Debug)]
 pub enum PrivateError {
@@ -1465,6 +1852,14 @@ fn history_block(history: &VecDeque<Bytes>, room: &str, limit: usize) -> Option<
     }
     push_server_line(&mut block, "End of history.");
     Some(block.freeze())
+}
+
+/// `text\r\n`, for a line that starts with a prefix chatd wrote.
+fn server_free_line(text: &str) -> Bytes {
+    let mut b = BytesMut::with_capacity(text.len() + 2);
+    b.extend_from_slice(text.as_bytes());
+    b.extend_from_slice(b"\r\n");
+    b.freeze()
 }
 
 /// `*** text\r\n`, the form of every server line.

@@ -3,8 +3,8 @@
 //! new process rebuilds it, without a single join, leave or history replay
 //! reaching anyone.
 
-use std::sync::atomic::AtomicU64;
 use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, UNIX_EPOCH};
 
@@ -139,6 +139,7 @@ impl Hub {
             partial_since_ms: AtomicU64::new(
                 c.partial_ms.map_or(0, |ago| now.saturating_sub(ago).max(1)),
             ),
+            renamed: AtomicBool::new(false),
         });
         client.outbox.restore_totals(c.lines_out, c.bytes_out);
         if !c.unsent.is_empty() {

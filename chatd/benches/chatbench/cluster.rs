@@ -52,6 +52,10 @@ impl Cluster {
             let child = Command::new(bin)
                 .args(["-a", "127.0.0.1", "-p", &port.to_string()])
                 .args(["-m", &monitor.to_string()])
+                // JetStream: cluster-wide nicks, history and bans live there.
+                .arg("-js")
+                .arg("-sd")
+                .arg(dir.path().join("nats"))
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())

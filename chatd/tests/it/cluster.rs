@@ -803,8 +803,23 @@ async fn killing_one_nats_server_of_three_loses_no_line() {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
+    // And their JetStream has elected its leader, as a NATS cluster that
+    // has been running would have.
+    for s in &servers {
+        while s.monitoring("/jsz").await["meta_cluster"]["leader"]
+            .as_str()
+            .is_none_or(str::is_empty)
+        {
+            assert!(Instant::now() < deadline, "JetStream elected no leader");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
     let urls = servers.iter().map(Nats::url).collect::<Vec<_>>().join(" ");
-    let quiet = [("CHATD_LIMITS__FLOOD_LINES_PER_SEC", "0")];
+    let quiet = [
+        ("CHATD_LIMITS__FLOOD_LINES_PER_SEC", "0"),
+        // Every line of the test is kept (batches of several lines each).
+        ("CHATD_CHAT__HISTORY", "1000"),
+    ];
     let nodes = [
         node(&urls, "node-a", &quiet),
         node(&urls, "node-b", &quiet),
@@ -842,6 +857,12 @@ async fn killing_one_nats_server_of_three_loses_no_line() {
             }
         }
     }
+    // The nick bucket is there before the loss (the first claim makes it).
+    let (mut claimer, _) = nodes[1].join().await;
+    claimer.send("/nick before\n").await;
+    nick_answer(&mut claimer)
+        .await
+        .expect("a nick before the loss");
     // The server node-a is on goes down while everyone streams.
     let mut victim = None;
     for (i, s) in servers.iter().enumerate() {
@@ -898,6 +919,106 @@ async fn killing_one_nats_server_of_three_loses_no_line() {
             "a failover within the hold is not an outage"
         );
     }
+    // Nicks, history and bans outlive the server too: given three NATS
+    // servers, nodes make their streams with three replicas.
+    let survivor = servers
+        .iter()
+        .enumerate()
+        .find_map(|(i, s)| (i != victim).then_some(s))
+        .expect("two servers are left");
+    let wanted = ["KV_chatd_nicks", "KV_chatd_bans", "chatd_history"];
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let jsz = survivor
+            .monitoring("/jsz?accounts=true&streams=true&config=true")
+            .await;
+        let replicas: Vec<(String, u64)> = jsz["account_details"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .flat_map(|a| a["stream_detail"].as_array().cloned().unwrap_or_default())
+            .filter_map(|s| {
+                Some((
+                    s["config"]["name"].as_str()?.to_string(),
+                    s["config"]["num_replicas"].as_u64()?,
+                ))
+            })
+            .collect();
+        if wanted
+            .iter()
+            .all(|w| replicas.iter().any(|(n, r)| n == w && *r == 3))
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "streams and their replicas: {replicas:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // And nicks are still decided by the cluster, once JetStream has moved
+    // the bucket's leader off the lost server (claims meanwhile say "try
+    // again", docs/OPERATIONS.md).
+    async fn claim(client: &mut Client, nick: &str) -> Result<(), String> {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            client.send(&format!("/nick {nick}\n")).await;
+            match nick_answer(client).await {
+                Err(e) if e.contains("try again") && Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                answer => return answer,
+            }
+        }
+    }
+    claim(&mut claimer, "after")
+        .await
+        .expect("a nick after the loss");
+    let (mut rival, _) = nodes[2].join().await;
+    let refused = claim(&mut rival, "AFTER").await;
+    assert!(
+        refused.as_ref().is_err_and(|e| e.contains("is taken")),
+        "the nick is taken on another node: {refused:?}"
+    );
+    // node-a published again what its server had not confirmed; the
+    // history stream stored each batch once all the same (`Nats-Msg-Id`).
+    let nc = async_nats::connect(survivor.url())
+        .await
+        .expect("connect to NATS");
+    let mut js = async_nats::jetstream::new(nc);
+    js.set_timeout(Duration::from_secs(1));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let stream = loop {
+        match js.get_stream("chatd_history").await {
+            Ok(stream) => break stream,
+            // JetStream may still be electing leaders after the loss (some
+            // seconds).
+            Err(e) => assert!(Instant::now() < deadline, "the history stream: {e}"),
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let mut ids = std::collections::HashSet::new();
+    let mut stored: HashMap<String, usize> = HashMap::new();
+    let mut next = 1;
+    while let Ok(Ok(msg)) = tokio::time::timeout(
+        WAIT,
+        stream.direct_get_next_for_subject("chatd.room.lobby.chat", Some(next)),
+    )
+    .await
+    {
+        next = msg.sequence + 1;
+        let id = msg.headers.get("Chatd-Id").map(|v| v.as_str().to_string());
+        assert!(ids.insert(id.clone()), "batch {id:?} stored twice");
+        for line in String::from_utf8_lossy(&msg.payload).split("\r\n") {
+            *stored.entry(line.to_string()).or_default() += 1;
+        }
+    }
+    let of_a = (0..N)
+        .map(|i| stored.get(&format!("<{}> line {i}", nicks[0])))
+        .inspect(|n| assert!(n.is_none_or(|n| *n == 1), "a line of node-a stored twice"))
+        .filter(Option::is_some)
+        .count();
+    assert!(of_a > 0, "node-a's lines are in the history stream");
 }
 
 /// `haproxy`, or `None` after one line saying it is missing.
@@ -1011,4 +1132,449 @@ async fn the_example_haproxy_config_spreads_clients_over_nodes_with_real_address
     alice.send("hello through the balancer\n").await;
     bob.expect(&format!("<{a}> hello through the balancer"))
         .await;
+}
+
+/// Reads until the answer to a `/nick`: `Ok(())` when granted, `Err(line)`
+/// when refused.
+async fn nick_answer(client: &mut Client) -> Result<(), String> {
+    loop {
+        let l = client.line().await;
+        if l.starts_with("*** You are now known as ") {
+            return Ok(());
+        }
+        if l.starts_with("*** error: ") {
+            return Err(l);
+        }
+    }
+}
+
+#[tokio::test]
+async fn the_same_nick_asked_on_two_nodes_at_once_goes_to_exactly_one() {
+    let Some(nats) = Nats::start() else { return };
+    let quiet = [("CHATD_LIMITS__FLOOD_LINES_PER_SEC", "0")];
+    let a = node(&nats.url(), "node-a", &quiet);
+    let b = node(&nats.url(), "node-b", &quiet);
+    let (mut a1, _) = a.join().await;
+    let (mut b1, _) = b.join().await;
+    // Warm up: the first claim of a node opens the bucket.
+    a1.send("/nick warmA\n").await;
+    nick_answer(&mut a1).await.expect("warm-up on A");
+    b1.send("/nick warmB\n").await;
+    nick_answer(&mut b1).await.expect("warm-up on B");
+    let (mut wins_a, mut wins_b) = (0, 0);
+    for round in 0..30 {
+        // Other case on each node: nicks are one key whatever their case.
+        let (on_a, on_b) = (format!("Racer{round}"), format!("rACER{round}"));
+        let (sa, sb) = (format!("/nick {on_a}\n"), format!("/nick {on_b}\n"));
+        tokio::join!(a1.send(&sa), b1.send(&sb));
+        let (ra, rb) = tokio::join!(nick_answer(&mut a1), nick_answer(&mut b1));
+        match (&ra, &rb) {
+            (Ok(()), Err(why)) => {
+                assert_eq!(why, &format!("*** error: nick \"{on_b}\" is taken"));
+                wins_a += 1;
+            }
+            (Err(why), Ok(())) => {
+                assert_eq!(why, &format!("*** error: nick \"{on_a}\" is taken"));
+                wins_b += 1;
+            }
+            _ => panic!("round {round}: exactly one winner, got {ra:?} and {rb:?}"),
+        }
+    }
+    eprintln!("wins: node-a {wins_a}, node-b {wins_b}");
+}
+
+#[tokio::test]
+async fn a_nick_waits_for_the_cluster_without_reordering_its_lines() {
+    let Some(nats) = Nats::start() else { return };
+    let a = node(&nats.url(), "node-a", &[]);
+    let b = node(&nats.url(), "node-b", &[]);
+    let (mut a1, _) = a.join().await;
+    let (mut b1, _) = b.join().await;
+    let (mut b2, _) = b.join().await;
+    wait_subscribed(&a, "lobby").await;
+    wait_subscribed(&b, "lobby").await;
+    // The lines after a /nick, in the same write, wait for its answer and
+    // then go out under the new nick, in order.
+    b1.send("/nick Alice\nfirst\n/nick Bob\nsecond\n/nick alice\nthird\n")
+        .await;
+    let lines = read_through(&mut a1, "> third").await;
+    let said: Vec<&String> = lines.iter().filter(|l| l.starts_with('<')).collect();
+    assert_eq!(
+        said,
+        ["<Alice> first", "<Bob> second", "<alice> third"],
+        "{lines:?}"
+    );
+    let own = read_through(&mut b1, "You are now known as alice").await;
+    let answers: Vec<&String> = own.iter().filter(|l| l.contains("known as")).collect();
+    assert_eq!(answers.len(), 3, "{own:?}");
+
+    // Taken on B: refused on A, in any case; free again once its holder
+    // takes another nick.
+    a1.send("/nick ALICE\n").await;
+    assert_eq!(
+        nick_answer(&mut a1).await,
+        Err("*** error: nick \"ALICE\" is taken".to_string())
+    );
+    b1.send("/nick carol\n").await;
+    nick_answer(&mut b1).await.expect("carol");
+    a1.send("/nick ALICE\n").await;
+    nick_answer(&mut a1).await.expect("alice was released");
+    // A holder that quits frees its nick too.
+    b2.send("/nick dave\n").await;
+    nick_answer(&mut b2).await.expect("dave");
+    b2.send("/quit\n").await;
+    b2.until_eof().await;
+    let deadline = Instant::now() + WAIT;
+    loop {
+        a1.send("/nick Dave\n").await;
+        match nick_answer(&mut a1).await {
+            Ok(()) => break,
+            Err(_) => assert!(Instant::now() < deadline, "dave never freed"),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_killed_nodes_nicks_are_free_within_30_s() {
+    let Some(nats) = Nats::start() else { return };
+    let a = node(&nats.url(), "node-a", &[]);
+    let mut b = node(&nats.url(), "node-b", &[]);
+    let (mut a1, _) = a.join().await;
+    let (mut b1, _) = b.join().await;
+    b1.send("/nick zoe\n").await;
+    nick_answer(&mut b1).await.expect("zoe");
+    a1.send("/nick zoe\n").await;
+    assert!(nick_answer(&mut a1).await.is_err(), "held by B");
+
+    b.signal(rustix::process::Signal::KILL);
+    b.wait_exit().await;
+    let killed = Instant::now();
+    loop {
+        a1.send("/nick Zoe\n").await;
+        if nick_answer(&mut a1).await.is_ok() {
+            break;
+        }
+        assert!(
+            killed.elapsed() < Duration::from_secs(30),
+            "zoe still taken 30 s after its node died"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    eprintln!("zoe free {:?} after the kill", killed.elapsed());
+}
+
+/// The answer to `/who` (its one line).
+async fn who(client: &mut Client) -> String {
+    client.send("/who\n").await;
+    loop {
+        let l = client.line().await;
+        if l.starts_with("*** ") && l.contains(" user") && l.contains("): ") {
+            return l;
+        }
+    }
+}
+
+/// Sends `/who` until its answer satisfies `ok`; returns it.
+async fn who_until(client: &mut Client, ok: impl Fn(&str) -> bool, within: Duration) -> String {
+    let deadline = Instant::now() + within;
+    loop {
+        let l = who(client).await;
+        if ok(&l) {
+            return l;
+        }
+        assert!(Instant::now() < deadline, "last /who: {l}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
+async fn who_rooms_counts_and_msg_span_the_nodes() {
+    let Some(nats) = Nats::start() else { return };
+    let quiet = [("CHATD_LIMITS__FLOOD_LINES_PER_SEC", "0")];
+    let a = node(&nats.url(), "node-a", &quiet);
+    let b = node(&nats.url(), "node-b", &quiet);
+    let (mut a1, _) = a.join().await;
+    a1.send("/nick ann\n").await;
+    nick_answer(&mut a1).await.expect("ann");
+    let (mut b1, _) = b.join().await;
+    b1.send("/nick bob\n").await;
+    nick_answer(&mut b1).await.expect("bob");
+    let (mut a2, _) = a.join().await;
+    a2.send("/join dev\n").await;
+    a2.expect("You are now in dev").await;
+
+    let seen = who_until(&mut b1, |l| l == "*** lobby (2 users): ann, bob", WAIT).await;
+    assert_eq!(seen, "*** lobby (2 users): ann, bob");
+    // /rooms on B lists the room that has members on A only.
+    b1.send("/rooms\n").await;
+    b1.expect("2 rooms:").await;
+    assert_eq!(b1.line().await, "***   dev (1 user)");
+    assert_eq!(b1.line().await, "***   lobby (2 users)");
+
+    // Counts in notices are cluster-wide.
+    wait_subscribed(&b, "lobby").await;
+    let (_a3, a3_nick) = a.join().await;
+    b1.expect(&format!("{a3_nick} joined lobby (3 users)"))
+        .await;
+
+    // /msg reaches a nick on the other node, in any case, one way and back.
+    b1.send("/msg ANN hello from b\n").await;
+    b1.expect("[pm -> ann] hello from b").await;
+    a1.expect("[pm] <bob> hello from b").await;
+    a1.send("/msg bob and back\n").await;
+    b1.expect("[pm] <ann> and back").await;
+    a1.send("/msg nobody hi\n").await;
+    a1.expect("error: no such nick \"nobody\"").await;
+}
+
+#[tokio::test]
+async fn a_killed_node_leaves_who_and_counts_within_10_s_and_nobody_else_is_cut() {
+    let Some(nats) = Nats::start() else { return };
+    let quiet = [("CHATD_LIMITS__FLOOD_LINES_PER_SEC", "0")];
+    let a = node(&nats.url(), "node-a", &quiet);
+    let mut b = node(&nats.url(), "node-b", &quiet);
+    let (mut a1, a1_nick) = a.join().await;
+    let (mut a2, _) = a.join().await;
+    let (_b1, b1_nick) = b.join().await;
+    let (_b2, _) = b.join().await;
+    who_until(&mut a1, |l| l.contains("(4 users)"), WAIT).await;
+
+    b.signal(rustix::process::Signal::KILL);
+    b.wait_exit().await;
+    let killed = Instant::now();
+    let after = who_until(
+        &mut a1,
+        |l| l.contains("(2 users)"),
+        Duration::from_secs(10),
+    )
+    .await;
+    assert!(!after.contains(&b1_nick), "{after}");
+    assert!(
+        killed.elapsed() < Duration::from_secs(10),
+        "B's members still listed {:?} after the kill",
+        killed.elapsed()
+    );
+    eprintln!("B's members gone {:?} after the kill", killed.elapsed());
+    // Nobody on A was cut: they still chat.
+    a1.send("still here\n").await;
+    a2.expect(&format!("<{a1_nick}> still here")).await;
+    a2.send("/rooms\n").await;
+    a2.expect("lobby (2 users)").await;
+}
+
+#[tokio::test]
+async fn a_nick_taken_on_two_nodes_while_nats_was_away_is_settled_and_the_loser_told() {
+    let Some(mut nats) = Nats::start() else {
+        return;
+    };
+    let quiet = [("CHATD_LIMITS__FLOOD_LINES_PER_SEC", "0")];
+    let a = node(&nats.url(), "node-a", &quiet);
+    let b = node(&nats.url(), "node-b", &quiet);
+    let (mut a1, _) = a.join().await;
+    let (mut b1, _) = b.join().await;
+    let (mut b2, _) = b.join().await;
+    // The bucket exists before NATS goes.
+    a1.send("/nick early\n").await;
+    nick_answer(&mut a1).await.expect("early");
+    b2.send("/nick held\n").await;
+    nick_answer(&mut b2).await.expect("held");
+
+    nats.kill();
+    for c in [&mut a1, &mut b1] {
+        c.expect("*** Other chat nodes are unreachable").await;
+    }
+    // Each node alone grants the same nick, and B's client takes the one
+    // A's client let go: both are settled once NATS is back.
+    a1.send("/nick Neo\n").await;
+    nick_answer(&mut a1).await.expect("granted on A alone");
+    b1.send("/nick neo\n").await;
+    nick_answer(&mut b1).await.expect("granted on B alone");
+    // Members come and go on B meanwhile: A learns once NATS is back.
+    b2.send("/quit\n").await;
+    b2.until_eof().await;
+    let (_b3, b3_nick) = b.join().await;
+    nats.restart();
+
+    // Exactly one of them is renamed, and told why.
+    let told = "was taken on another chat node while this one was cut off";
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let (mut lost_a, mut lost_b) = (false, false);
+    while !(lost_a || lost_b) {
+        assert!(Instant::now() < deadline, "nobody was told");
+        for l in a1.sync().await {
+            lost_a |= l.contains(told);
+        }
+        for l in b1.sync().await {
+            lost_b |= l.contains(told);
+        }
+    }
+    // Settling is done on both sides once each refreshed after the return.
+    tokio::time::sleep(nicks_refresh()).await;
+    for l in a1.sync().await {
+        lost_a |= l.contains(told);
+    }
+    for l in b1.sync().await {
+        lost_b |= l.contains(told);
+    }
+    assert!(lost_a ^ lost_b, "exactly one loser: A {lost_a}, B {lost_b}");
+    let now = who_until(&mut a1, |l| l.contains(&b3_nick), WAIT).await;
+    assert!(!now.contains("held"), "{now}");
+    let (winner, loser) = if lost_a {
+        (&mut b1, &mut a1)
+    } else {
+        (&mut a1, &mut b1)
+    };
+    // The loser chats under its guest nick; the winner keeps neo.
+    loser.send("/msg neo hi\n").await;
+    loser.expect("[pm -> ").await;
+    winner.expect("[pm] <guest-").await;
+    // The nick of the client that quit during the outage is free.
+    a1.send("/nick HELD\n").await;
+    let deadline = Instant::now() + Duration::from_secs(25);
+    while nick_answer(&mut a1).await.is_err() {
+        assert!(Instant::now() < deadline, "held never freed");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        a1.send("/nick HELD\n").await;
+    }
+}
+
+/// A little more than the nick refresh period.
+fn nicks_refresh() -> Duration {
+    Duration::from_secs(6)
+}
+
+/// The numbers of `<nick> n N` lines in `lines`.
+fn numbered(lines: &[String], nick: &str) -> Vec<u64> {
+    let prefix = format!("<{nick}> n ");
+    lines
+        .iter()
+        .filter_map(|l| l.strip_prefix(&prefix)?.parse().ok())
+        .collect()
+}
+
+#[tokio::test]
+async fn history_is_cluster_wide_never_doubled_with_live_lines_and_outlives_every_node() {
+    let Some(nats) = Nats::start() else { return };
+    let quiet = [("CHATD_LIMITS__FLOOD_LINES_PER_SEC", "0")];
+    let mut a = node(&nats.url(), "node-a", &quiet);
+    let mut b = node(&nats.url(), "node-b", &quiet);
+    let (mut a1, a1_nick) = a.join().await;
+    a1.send("/join dev\n").await;
+    a1.expect("You are now in dev").await;
+    a1.send("said on a\n").await;
+    let (mut a2, _) = a.join().await;
+    a2.send("/join dev\n").await;
+    a2.expect(&format!("<{a1_nick}> said on a")).await;
+
+    // B has nobody in dev: its first member there reads dev's history.
+    let (mut b1, _) = b.join().await;
+    b1.send("/join dev\n").await;
+    b1.expect("You are now in dev").await;
+    b1.expect("Last 1 message in dev:").await;
+    assert_eq!(b1.line().await, format!("<{a1_nick}> said on a"));
+    b1.expect("End of history.").await;
+
+    // While a1 keeps talking, clients join dev on B (each time as its
+    // first member there): each reads every line once, in order, history
+    // then live, with no gap between them.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let talker = {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let mut n = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                a1.send(&format!("n {n}\n")).await;
+                n += 1;
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            a1.send("done\n").await;
+            a1
+        })
+    };
+    b1.send("/join elsewhere\n").await;
+    b1.expect("You are now in elsewhere").await;
+    for round in 0..5 {
+        // b1 leaves dev empty on B, then comes back.
+        let (mut c, _) = b.join().await;
+        c.send("/join dev\n").await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        c.send("/join lobby\n").await;
+        let lines = read_through(&mut c, "You are now in lobby").await;
+        let seen = numbered(&lines, &a1_nick);
+        assert!(seen.len() > 5, "round {round}: {lines:?}");
+        let expected: Vec<u64> = (seen[0]..seen[0] + seen.len() as u64).collect();
+        assert_eq!(seen, expected, "round {round}: once each, in order, no gap");
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let _a1 = talker.await.expect("talker");
+    let mut lines = read_through(&mut a2, "> done").await;
+    lines.retain(|l| l.contains("> n "));
+    let last: u64 = numbered(&lines, &a1_nick).last().copied().expect("a line");
+
+    // Every node restarts: the history is still there, from NATS.
+    drop(b1);
+    a.stop().await;
+    b.stop().await;
+    let c = node(&nats.url(), "node-c", &[]);
+    let (mut c1, _) = c.join().await;
+    c1.send("/join dev\n").await;
+    let lines = read_through(&mut c1, "End of history.").await;
+    assert!(
+        lines.iter().any(|l| l == &format!("<{a1_nick}> n {last}")),
+        "{lines:?}"
+    );
+    assert!(lines.iter().any(|l| l.ends_with("> done")), "{lines:?}");
+}
+
+/// Connects from `ip` until `ok` says the first line is what it should be.
+async fn until_first_line(
+    server: &TestServer,
+    ip: &str,
+    ok: impl Fn(&str) -> bool,
+    within: Duration,
+) {
+    let deadline = Instant::now() + within;
+    loop {
+        let mut c = connect_from(ip, server).await;
+        let first = c.line().await;
+        if ok(&first) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "from {ip}, still: {first}");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
+#[tokio::test]
+async fn bans_and_unbans_made_while_nats_was_away_reach_every_node_once_it_is_back() {
+    let Some(mut nats) = Nats::start() else {
+        return;
+    };
+    let a = node(&nats.url(), "node-a", &[]);
+    let b = node(&nats.url(), "node-b", &[]);
+    let banned = a.chatctl(&["ban", "127.0.0.8", "--reason", "before"]).await;
+    banned.ok();
+    let banned = |l: &str| l.starts_with("*** error: you are banned");
+    let welcome = |l: &str| l.starts_with("*** Welcome");
+    until_first_line(&b, "127.0.0.8", banned, WAIT).await;
+
+    nats.kill();
+    a.wait_logged("NATS lost").await;
+    b.wait_logged("NATS lost").await;
+    // Each node alone: A bans, B lifts the ban made before.
+    a.chatctl(&["ban", "127.0.0.9", "--reason", "during"])
+        .await
+        .ok();
+    b.chatctl(&["unban", "127.0.0.8"]).await.ok();
+    until_first_line(&b, "127.0.0.9", welcome, WAIT).await;
+    until_first_line(&a, "127.0.0.8", banned, WAIT).await;
+
+    nats.restart();
+    until_first_line(&b, "127.0.0.9", banned, Duration::from_secs(20)).await;
+    until_first_line(&a, "127.0.0.8", welcome, Duration::from_secs(20)).await;
+    // A node started later has them too.
+    let c = node(&nats.url(), "node-c", &[]);
+    until_first_line(&c, "127.0.0.9", banned, WAIT).await;
+    until_first_line(&c, "127.0.0.8", welcome, WAIT).await;
 }
