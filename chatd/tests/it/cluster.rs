@@ -1578,3 +1578,56 @@ async fn bans_and_unbans_made_while_nats_was_away_reach_every_node_once_it_is_ba
     until_first_line(&c, "127.0.0.9", banned, WAIT).await;
     until_first_line(&c, "127.0.0.8", welcome, WAIT).await;
 }
+
+#[tokio::test]
+async fn a_node_upgraded_in_place_keeps_its_nicks_and_members_for_the_others() {
+    let Some(nats) = Nats::start() else { return };
+    let url = nats.url();
+    let a = TestServer::spawn_binary(
+        std::path::Path::new(chatd_bin()),
+        None,
+        &[
+            ("CHATD_CLUSTER__NATS_URLS", &url),
+            ("CHATD_CLUSTER__NODE_ID", "node-a"),
+        ],
+    );
+    let b = node(&url, "node-b", &[]);
+    let (mut a1, _) = a.join().await;
+    let (mut b1, _) = b.join().await;
+    a1.send("/nick zoe\n").await;
+    nick_answer(&mut a1).await.expect("zoe is free");
+    read_through(&mut b1, "is now known as zoe").await;
+    who_until(&mut b1, |w| w.contains("zoe"), Duration::from_secs(10)).await;
+
+    a.signal(rustix::process::Signal::USR2);
+    a.wait_logged_times("upgrade: took over", 1).await;
+    // Past the old process's exit and past the bucket's expiry: zoe stays
+    // held by node A all along, so B is refused every time.
+    let upgraded = Instant::now();
+    let mut seen = Vec::new();
+    while upgraded.elapsed() < Duration::from_secs(25) {
+        b1.send("/nick zoe\n").await;
+        loop {
+            let l = b1.line().await;
+            if l.starts_with("*** You are now known as ") {
+                panic!("zoe was free {:?} after A's upgrade", upgraded.elapsed());
+            }
+            let refused = l.starts_with("*** error: ");
+            seen.push(l);
+            if refused {
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_secs(3)).await;
+    }
+    // Nobody on B saw zoe leave or come back, and she still talks to them.
+    a1.send("still here\n").await;
+    seen.extend(read_through(&mut b1, "<zoe> still here").await);
+    let notices: Vec<_> = seen
+        .iter()
+        .filter(|l| l.starts_with("*** ") && !l.starts_with("*** error: "))
+        .collect();
+    assert!(notices.is_empty(), "B heard: {notices:?}");
+    let w = who(&mut b1).await;
+    assert!(w.contains("zoe"), "zoe is gone from B's /who: {w}");
+}
