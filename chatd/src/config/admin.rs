@@ -8,7 +8,8 @@ use super::error::{ConfigError, invalid, range};
 use super::listen::{TlsFiles, addrs, tls_files};
 use super::raw::RawAdmin;
 
-/// The admin API. `None` in [`Config::admin`](super::Config::admin) when `admin.enabled` is false.
+/// The admin API. `None` in [`Config::admin`](super::Config::admin) when
+/// `admin.enabled` is false.
 #[derive(Debug, Clone)]
 pub struct AdminConfig {
     /// Empty: no TCP listener (`admin.listen = ""`), only the socket.
