@@ -1,7 +1,7 @@
 //! Configuration: raw layers → one validated [`Config`].
 //!
 //! The layers are, lowest first: the built-in defaults (the `Default` impls
-//! in [`raw`]), a TOML file, and `CHATD_<SECTION>__<KEY>` environment variables.
+//! in `raw.rs`), a TOML file, and `CHATD_<SECTION>__<KEY>` environment variables.
 //! The `config` crate merges them into [`RawConfig`], which mirrors the file
 //! format exactly (unknown keys are rejected there). [`RawConfig::validate`]
 //! then turns it into the typed [`Config`] the rest of the daemon trusts, and
