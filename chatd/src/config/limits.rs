@@ -1,0 +1,162 @@
+//! `[limits]`: per-connection and server-wide limits.
+
+use std::time::Duration;
+
+use super::error::{ConfigError, range, secs};
+use super::raw::RawLimits;
+
+/// Per-connection and server-wide limits. All of them can be changed at run
+/// time, which is why connections read them from the hub on each use.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub max_clients: usize,
+    pub max_clients_per_ip: usize,
+    pub max_line_bytes: usize,
+    pub max_overlong_lines: u32,
+    /// `None` turns flood control off.
+    pub flood: Option<FloodLimits>,
+    /// No complete line for this long: disconnected.
+    pub idle_timeout: Option<Duration>,
+    /// In the middle of a line for this long: disconnected.
+    pub partial_line_timeout: Option<Duration>,
+    pub keepalive: Option<Duration>,
+    /// The most a client may owe; see [`crate::outbox`] for the flow
+    /// control below it.
+    pub outbound_queue_bytes: usize,
+    /// Owing bytes and reading none for this long: cut as a slow consumer.
+    pub slow_consumer_timeout: Option<Duration>,
+    pub room_notice_max: usize,
+    /// How long a new connection may take to send its PROXY header and
+    /// finish the TLS handshake.
+    pub handshake_timeout: Duration,
+    pub room_notices_per_sec: u32,
+    /// New connections per second from one address; `None`: no limit.
+    pub connect_rate: Option<ConnectRate>,
+}
+
+/// The per-address connection rate: a token bucket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConnectRate {
+    pub per_sec: u32,
+    pub burst: u32,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct FloodLimits {
+    pub lines_per_sec: u32,
+    pub burst: u32,
+    /// 0: never disconnect, only drop.
+    pub max_dropped: u32,
+}
+
+pub(super) fn validate_limits(l: &RawLimits) -> Result<Limits, ConfigError> {
+    let flood_rate = range(
+        "limits.flood_lines_per_sec",
+        l.flood_lines_per_sec,
+        0,
+        1_000_000,
+        " lines per second, 0 turns flood control off",
+    )? as u32;
+    let flood_burst = range("limits.flood_burst", l.flood_burst, 1, 1_000_000, " lines")? as u32;
+    let flood_max_dropped = range(
+        "limits.flood_max_dropped",
+        l.flood_max_dropped,
+        0,
+        1_000_000,
+        " lines, 0 never disconnects",
+    )? as u32;
+    let connect_rate = range(
+        "limits.connect_rate_per_ip",
+        l.connect_rate_per_ip,
+        0,
+        1_000_000,
+        " connections per second per address, 0 turns the limit off",
+    )? as u32;
+    let connect_burst = range(
+        "limits.connect_burst_per_ip",
+        l.connect_burst_per_ip,
+        1,
+        1_000_000,
+        " connections",
+    )? as u32;
+    let limits = Limits {
+        max_clients: range(
+            "limits.max_clients",
+            l.max_clients,
+            1,
+            1_000_000,
+            " clients",
+        )? as usize,
+        max_clients_per_ip: range(
+            "limits.max_clients_per_ip",
+            l.max_clients_per_ip,
+            1,
+            1_000_000,
+            " clients",
+        )? as usize,
+        max_line_bytes: range(
+            "limits.max_line_bytes",
+            l.max_line_bytes,
+            64,
+            65536,
+            " bytes",
+        )? as usize,
+        max_overlong_lines: range(
+            "limits.max_overlong_lines",
+            l.max_overlong_lines,
+            1,
+            1_000_000,
+            " lines",
+        )? as u32,
+        flood: (flood_rate > 0).then_some(FloodLimits {
+            lines_per_sec: flood_rate,
+            burst: flood_burst,
+            max_dropped: flood_max_dropped,
+        }),
+        idle_timeout: secs(
+            "limits.idle_timeout_secs",
+            l.idle_timeout_secs,
+            30 * 24 * 3600,
+        )?,
+        partial_line_timeout: secs(
+            "limits.partial_line_timeout_secs",
+            l.partial_line_timeout_secs,
+            24 * 3600,
+        )?,
+        keepalive: secs("limits.keepalive_secs", l.keepalive_secs, 24 * 3600)?,
+        slow_consumer_timeout: secs("limits.slow_consumer_secs", l.slow_consumer_secs, 24 * 3600)?,
+        room_notices_per_sec: range(
+            "limits.room_notices_per_sec",
+            l.room_notices_per_sec,
+            1,
+            1_000_000,
+            " notices per second per room",
+        )? as u32,
+        connect_rate: (connect_rate > 0).then_some(ConnectRate {
+            per_sec: connect_rate,
+            burst: connect_burst,
+        }),
+        outbound_queue_bytes: range(
+            "limits.outbound_queue_bytes",
+            l.outbound_queue_bytes,
+            4096,
+            1 << 30,
+            " bytes",
+        )? as usize,
+        room_notice_max: range(
+            "limits.room_notice_max",
+            l.room_notice_max,
+            0,
+            10_000_000,
+            " members, 0 never sends join/leave notices",
+        )? as usize,
+        handshake_timeout: Duration::from_secs(range(
+            "limits.handshake_timeout_secs",
+            l.handshake_timeout_secs,
+            1,
+            300,
+            " seconds",
+        )? as u64),
+    };
+    Ok(limits)
+}
