@@ -38,10 +38,9 @@ use tokio::net::{TcpStream, UnixStream};
 use tracing::{Instrument, debug, info, info_span};
 
 use crate::cluster::nicks::Claim;
+use crate::disconnect::Disconnect;
 use crate::framing::{Frame, LineFramer};
-use crate::hub::{
-    Client, Disconnect, Hub, JoinRequest, NickRequest, PrivateError, Refusal, Room, server_line,
-};
+use crate::hub::{Client, Hub, JoinRequest, NickRequest, PrivateError, Refusal, Room, server_line};
 use crate::protocol::{self, Command};
 use crate::rate::TokenBucket;
 use crate::sanitize;

@@ -34,6 +34,7 @@ use crate::bans::{Ban, BanError, Bans};
 use crate::clock;
 use crate::cluster::{Kind, Link};
 use crate::config::{Config, Limits};
+use crate::disconnect::Disconnect;
 use crate::lock::{lock, read, write};
 use crate::outbox::{Outbox, Push};
 use crate::protocol::{self, users};
@@ -42,46 +43,6 @@ use crate::sanitize;
 use crate::stats::{Stats, StatsSnapshot};
 
 pub type ClientId = u64;
-
-/// Why a client leaves. Its `Display` is the reason others see.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Disconnect {
-    Quit(Option<String>),
-    Closed,
-    Error,
-    Kicked(String),
-    SlowConsumer,
-    Flood,
-    Idle,
-    PartialLine,
-    OverlongLines,
-    WrongProtocol,
-    Shutdown,
-    Banned(String),
-    /// Handed to a new chatd process (seamless upgrade): not a leave.
-    Handoff,
-}
-
-impl fmt::Display for Disconnect {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Disconnect::Quit(None) => f.write_str("quit"),
-            Disconnect::Quit(Some(r)) => write!(f, "quit: {r}"),
-            Disconnect::Closed => f.write_str("connection closed"),
-            Disconnect::Error => f.write_str("connection error"),
-            Disconnect::Kicked(r) => write!(f, "kicked: {r}"),
-            Disconnect::SlowConsumer => f.write_str("too slow to read (slow consumer)"),
-            Disconnect::Flood => f.write_str("flooding"),
-            Disconnect::Idle => f.write_str("idle timeout"),
-            Disconnect::PartialLine => f.write_str("line not finished in time"),
-            Disconnect::WrongProtocol => f.write_str("not a chat client"),
-            Disconnect::OverlongLines => f.write_str("too many over-long lines"),
-            Disconnect::Shutdown => f.write_str("server shutting down"),
-            Disconnect::Banned(r) => write!(f, "banned: {r}"),
-            Disconnect::Handoff => f.write_str("handed to a new process"),
-        }
-    }
-}
 
 /// What one pass of [`Hub::reap`] closed.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
