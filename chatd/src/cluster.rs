@@ -1670,7 +1670,7 @@ mod tests {
             hub.publish(&room, a.id, Bytes::from_static(b"<a> more\r\n"), 1);
         }
         assert_eq!(link.dropped(), 3);
-        hub.leave(&a, &crate::hub::Disconnect::Closed);
+        hub.leave(&a, &crate::disconnect::Disconnect::Closed);
         assert!(
             link.interest.notified().now_or_never().is_some(),
             "the last member leaving drops it"

@@ -3,6 +3,7 @@
 //! # Layout
 //!
 //! - [`server`]: binds sockets, runs the accept loop and the shutdown;
+//!   [`listen`]: opening a TCP listener, shared with admin and metrics;
 //!   [`activation`]: the sockets systemd passes instead.
 //! - [`front`]: between accept and chat: the real address ([`proxy`], PROXY
 //!   protocol from trusted load balancers) and TLS ([`tls`]).
@@ -13,7 +14,8 @@
 //! - [`sanitize`]: cleaning user text for other people's terminals.
 //! - [`hub`]: clients, rooms and every fan-out; the operations the admin API
 //!   exposes.
-//! - [`outbox`]: one client's bounded outgoing queue.
+//! - [`outbox`]: one client's bounded outgoing queue; [`disconnect`]: why a
+//!   client leaves.
 //! - [`cluster`]: cluster mode; the NATS connection and rooms that span
 //!   nodes (the only code that talks to NATS); [`nats_options`]: its
 //!   credentials and TLS; [`cluster_seq`]: stream positions, so a failover
@@ -40,12 +42,14 @@ pub mod cluster;
 pub mod cluster_seq;
 pub mod config;
 pub mod connection;
+pub mod disconnect;
 pub mod files;
 pub mod framing;
 pub mod front;
 pub mod handoff;
 pub mod hub;
 pub mod journal;
+pub mod listen;
 mod lock;
 pub mod log_fields;
 pub mod metrics;

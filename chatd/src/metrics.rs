@@ -31,7 +31,7 @@ use tracing::{debug, warn};
 
 use crate::config::{Config, MetricsConfig};
 use crate::hub::Hub;
-use crate::server::{BindError, bind_tcp};
+use crate::listen::{BindError, bind_tcp};
 
 /// Longest request head read.
 const MAX_REQUEST: usize = 8 * 1024;

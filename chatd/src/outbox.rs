@@ -36,7 +36,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
-use crate::hub::Disconnect;
+use crate::disconnect::Disconnect;
 
 /// How recently a congested client must have written something to count as
 /// still reading. Short, because it is also how long a client that has just

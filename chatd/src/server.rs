@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use socket2::{SockRef, TcpKeepalive};
-use tokio::net::{TcpListener, TcpSocket, TcpStream, UdpSocket, UnixListener};
+use tokio::net::{TcpListener, TcpStream, UdpSocket, UnixListener};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
@@ -21,6 +21,7 @@ use crate::bans::{BanError, Bans};
 use crate::config::{Config, Source};
 use crate::front::{self, Door};
 use crate::hub::{Hub, Refusal};
+use crate::listen::{BindError, bind_tcp};
 use crate::reload::Reloader;
 use crate::telemetry::LogLevel;
 use crate::tls::{self, Certs, TlsError};
@@ -50,16 +51,6 @@ impl Listeners {
             },
         }
     }
-}
-
-/// Why a listener could not be opened; names the config key to change.
-#[derive(Debug, thiserror::Error)]
-#[error("cannot listen on {addr} (`{key}`): {source}")]
-pub struct BindError {
-    pub key: &'static str,
-    /// An address, or a socket path.
-    pub addr: String,
-    pub source: io::Error,
 }
 
 /// Binds every listener the configuration asks for, except those systemd
@@ -196,24 +187,6 @@ pub fn bind_unix(path: &Path) -> io::Result<UnixListener> {
     let listener = listener?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
     Ok(listener)
-}
-
-/// A TCP listener with address reuse (so a restart does not wait out
-/// TIME_WAIT) and a configurable backlog (so a connection storm is queued by
-/// the kernel instead of refused). IPv6 listeners are IPv6-only.
-pub fn bind_tcp(addr: SocketAddr, backlog: u32) -> io::Result<TcpListener> {
-    let socket = if addr.is_ipv4() {
-        TcpSocket::new_v4()?
-    } else {
-        let socket = TcpSocket::new_v6()?;
-        // IPv6-only, so that `0.0.0.0:P` and `[::]:P` can both be listed
-        // whatever the system's `bindv6only` default.
-        SockRef::from(&socket).set_only_v6(true)?;
-        socket
-    };
-    socket.set_reuseaddr(true)?;
-    socket.bind(addr)?;
-    socket.listen(backlog)
 }
 
 /// Raises the soft limit on open files to the hard limit, as far as the

@@ -6,7 +6,7 @@
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
-use crate::hub::Disconnect;
+use crate::disconnect::Disconnect;
 
 #[derive(Debug, Default)]
 pub struct Stats {

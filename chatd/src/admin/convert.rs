@@ -6,7 +6,8 @@ use chatd_proto::admin::v1 as pb;
 use pb::event::Kind;
 
 use crate::bans::Ban;
-use crate::hub::{ClientInfo, Disconnect, Event, RoomInfo};
+use crate::disconnect::Disconnect;
+use crate::hub::{ClientInfo, Event, RoomInfo};
 use crate::stats::StatsSnapshot;
 
 pub fn timestamp(t: SystemTime) -> prost_types::Timestamp {

@@ -1,0 +1,126 @@
+//! Seamless upgrade: a connection's state for the new process, and serving
+//! a client handed over by the old one.
+
+use super::*;
+
+/// What a TLS client reads when the process serving it hands over to a new
+/// one: its session cannot follow (the keys live in this process's rustls
+/// state), so it must reconnect.
+pub(super) const TLS_NOT_HANDED: &str =
+    "Server upgrade: TLS sessions cannot be carried over. Please reconnect.";
+
+/// Continues serving a client handed over by the previous chatd process,
+/// exactly where it stopped: the unfinished line, the flood bucket and the
+/// counters carry on, and the hub has already queued what it was owed.
+pub async fn resume(
+    stream: TcpStream,
+    client: Arc<Client>,
+    room: Arc<Room>,
+    state: crate::handoff::ClientState,
+    hub: Hub,
+) {
+    let span = info_span!("conn", client = client.id, peer = %client.peer, tls = false, nick = %client.nick());
+    async move {
+        debug!("taken over from the previous process");
+        let framer = LineFramer::import(&state.framer);
+        let f = &state.flood;
+        let flood = Flood {
+            bucket: TokenBucket::resume(f.tokens, Duration::from_millis(f.age_ms), Instant::now()),
+            dropped: f.dropped,
+            warned: f.warned,
+        };
+        let conn = Connection {
+            stream,
+            hub,
+            room,
+            nick: client.nick(),
+            mid_line: framer.mid_line(),
+            framer,
+            pending: VecDeque::new(),
+            flood,
+            overlong: state.overlong,
+            greeted: state.greeted,
+            pause: None,
+            waiting: None,
+            last_write: None,
+            arrivals: 0.0,
+            // The restored totals are history, not lines arriving now.
+            lines_seen: client.outbox.totals().0,
+            write_gate: None,
+            client,
+            span: tracing::Span::current(),
+        };
+        conn.serve().await;
+    }
+    .instrument(span)
+    .await
+}
+
+impl<S: Socket> Connection<S> {
+    /// This connection's state for the new process, taken while parked: the
+    /// outbox joins what was taken but not yet written, and stays there if
+    /// the upgrade is abandoned, so serving on loses nothing either.
+    pub(super) fn export(&mut self) -> crate::handoff::Export {
+        use crate::handoff::state::{ClientState, FloodState};
+        let _ = self.client.outbox.take(&mut self.pending);
+        let mut unsent = Vec::with_capacity(self.pending.iter().map(Bytes::len).sum());
+        for bytes in &self.pending {
+            unsent.extend_from_slice(bytes);
+        }
+        let (tokens, age) = self.flood.bucket.export(Instant::now());
+        let c = self.client.counters();
+        let state = ClientState {
+            id: self.client.id,
+            nick: self.nick.to_string(),
+            room: self.room.name.to_string(),
+            peer: self.client.peer,
+            connected_at_unix_ms: c.connected_at_unix_ms,
+            lines_in: c.lines_in,
+            bytes_in: c.bytes_in,
+            lines_out: c.lines_out,
+            bytes_out: c.bytes_out,
+            idle_ms: c.idle_ms,
+            partial_ms: c.partial_ms,
+            framer: self.framer.export(),
+            flood: FloodState {
+                tokens,
+                age_ms: age.as_millis() as u64,
+                dropped: self.flood.dropped,
+                warned: self.flood.warned,
+            },
+            overlong: self.overlong,
+            greeted: self.greeted,
+            unsent,
+        };
+        let fd = if self.client.tls {
+            None
+        } else {
+            self.stream.handoff_fd()
+        };
+        crate::handoff::Export { state, fd }
+    }
+
+    /// The new process serves this client now: drop this process's copy of
+    /// the socket, which closes nothing (no FIN, no reset: the new process
+    /// holds the same socket), and say nothing. A TLS client, which could
+    /// not be handed over, is told to reconnect.
+    pub(super) async fn handed_over(mut self) {
+        if !self.client.tls {
+            return;
+        }
+        info!("TLS client not handed over: asked to reconnect");
+        self.client.outbox.take(&mut self.pending);
+        self.pending.push_back(server_line(TLS_NOT_HANDED));
+        let flushed = tokio::time::timeout(CLOSE_FLUSH, async {
+            while !self.pending.is_empty() {
+                self.stream.writable().await?;
+                self.flush()?;
+            }
+            io::Result::Ok(())
+        })
+        .await;
+        if matches!(flushed, Ok(Ok(()))) {
+            linger(self.stream).await;
+        }
+    }
+}

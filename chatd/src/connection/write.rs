@@ -1,0 +1,96 @@
+//! Writing: the outbox to the socket, coalesced while lines keep coming.
+
+use super::*;
+
+impl<S: Socket> Connection<S> {
+    /// Whether to hold back the queued lines for now: lines are coming fast
+    /// (the window, up to `chat.write_coalesce_ms`, grows with their rate
+    /// and has not passed since the last write), so more will join them,
+    /// and what is queued is still too little to be worth a syscall of its
+    /// own. Arms the timer that wakes the task when the write is due; until
+    /// then, lines pushed meanwhile do not wake the task.
+    pub(super) fn hold_write(&mut self, cx: &mut Context<'_>) -> bool {
+        let Some(last) = self.last_write else {
+            return false;
+        };
+        let budget = self.hub.write_coalesce();
+        if budget.is_zero() {
+            return false;
+        }
+        let window = budget.mul_f32((self.arrivals / COALESCE_FULL_RATE).min(1.0));
+        let due = last + window;
+        if tokio::time::Instant::now() >= due {
+            return false;
+        }
+        // Under saturation the queue already holds enough for an efficient
+        // write: holding it would only add latency.
+        let held: usize = self.pending.iter().map(Bytes::len).sum();
+        if held >= COALESCE_ENOUGH {
+            return false;
+        }
+        let gate = self
+            .write_gate
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(due)));
+        if gate.deadline() != due {
+            gate.as_mut().reset(due);
+        }
+        if gate.as_mut().poll(cx).is_ready() {
+            return false;
+        }
+        // Until the write is due, lines joining it need not wake the task:
+        // the timer will. Only enough to be worth a write of its own does.
+        self.client.outbox.wake_only_at(COALESCE_ENOUGH - held);
+        true
+    }
+
+    /// Updates the arrival rate with what gathered since the last write.
+    pub(super) fn measure_arrivals(&mut self) {
+        let now = tokio::time::Instant::now();
+        let (total, _) = self.client.outbox.totals();
+        let lines = total.saturating_sub(std::mem::replace(&mut self.lines_seen, total));
+        let rate = match self.last_write {
+            Some(last) => {
+                let secs = now.duration_since(last).as_secs_f32().max(1e-4);
+                lines as f32 / secs
+            }
+            None => 0.0,
+        };
+        self.arrivals = (self.arrivals + rate) / 2.0;
+    }
+
+    /// Writes as much of `pending` as the socket takes now, in one vectored
+    /// syscall per round, and releases the queue's memory once it is empty.
+    pub(super) fn flush(&mut self) -> io::Result<()> {
+        while !self.pending.is_empty() {
+            let mut slices = [IoSlice::new(&[]); IOV_MAX];
+            let mut count = 0;
+            for (slot, bytes) in slices.iter_mut().zip(self.pending.iter()) {
+                *slot = IoSlice::new(bytes);
+                count += 1;
+            }
+            let mut written = match self.stream.try_write_vectored(&slices[..count]) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+                Err(e) => return Err(e),
+            };
+            self.client.outbox.written(written, self.hub.queue_limit());
+            self.hub.stats().output(written as u64);
+            while written > 0 {
+                let Some(front) = self.pending.front_mut() else {
+                    break;
+                };
+                if front.len() <= written {
+                    written -= front.len();
+                    self.pending.pop_front();
+                } else {
+                    front.advance(written);
+                    written = 0;
+                }
+            }
+        }
+        if self.pending.capacity() > IOV_MAX {
+            self.pending = VecDeque::new();
+        }
+        Ok(())
+    }
+}
