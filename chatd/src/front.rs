@@ -45,7 +45,7 @@ pub async fn serve(mut stream: TcpStream, peer: SocketAddr, door: Door, hub: Hub
                 let client = SocketAddr::new(client.ip().to_canonical(), client.port());
                 debug!(proxy = %peer, %client, "PROXY header");
                 if !hub.admit_connection(client.ip()) {
-                    crate::server::refuse_fast(&stream);
+                    refuse_fast(&stream);
                     return;
                 }
                 client
@@ -70,4 +70,12 @@ pub async fn serve(mut stream: TcpStream, peer: SocketAddr, door: Door, hub: Hub
             tls::serve(stream, client, certs, hub, left).await;
         }
     }
+}
+
+/// Tells a connection over the rate limit why, if its socket takes the line
+/// at once, and drops it: a flood of connections gets no task, no timer and
+/// no log line each.
+pub(crate) fn refuse_fast(stream: &TcpStream) {
+    let line = crate::hub::server_line(&format!("error: {}", crate::hub::Refusal::TooFast));
+    let _ = stream.try_write(&line);
 }

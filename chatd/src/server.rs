@@ -20,7 +20,7 @@ use crate::admin::{self, AdminListeners, AdminSetup, SetupError};
 use crate::bans::{BanError, Bans};
 use crate::config::{Config, Source};
 use crate::front::{self, Door};
-use crate::hub::{Hub, Refusal};
+use crate::hub::Hub;
 use crate::listen::{BindError, bind_tcp};
 use crate::reload::Reloader;
 use crate::telemetry::LogLevel;
@@ -468,7 +468,7 @@ async fn accept_loop(
                 // Behind a trusted proxy the rate is counted on the client's
                 // address, once its PROXY header is read (`front`).
                 if !hub.is_trusted_proxy(peer.ip()) && !hub.admit_connection(peer.ip()) {
-                    refuse_fast(&stream);
+                    crate::front::refuse_fast(&stream);
                     continue;
                 }
                 tune(&stream, hub);
@@ -530,14 +530,6 @@ async fn flush_notices(hub: Hub, shutdown: CancellationToken) {
             _ = tick.tick() => hub.flush_notices(),
         }
     }
-}
-
-/// Tells a connection over the rate limit why, if its socket takes the line
-/// at once, and drops it: a flood of connections gets no task, no timer and
-/// no log line each.
-pub(crate) fn refuse_fast(stream: &TcpStream) {
-    let line = crate::hub::server_line(&format!("error: {}", Refusal::TooFast));
-    let _ = stream.try_write(&line);
 }
 
 /// Errors that concern one connection that went away before we accepted it.
