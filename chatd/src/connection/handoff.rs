@@ -104,23 +104,11 @@ impl<S: Socket> Connection<S> {
     /// the socket, which closes nothing (no FIN, no reset: the new process
     /// holds the same socket), and say nothing. A TLS client, which could
     /// not be handed over, is told to reconnect.
-    pub(super) async fn handed_over(mut self) {
+    pub(super) async fn handed_over(self) {
         if !self.client.tls {
             return;
         }
         info!("TLS client not handed over: asked to reconnect");
-        self.client.outbox.take(&mut self.pending);
-        self.pending.push_back(server_line(TLS_NOT_HANDED));
-        let flushed = tokio::time::timeout(CLOSE_FLUSH, async {
-            while !self.pending.is_empty() {
-                self.stream.writable().await?;
-                self.flush()?;
-            }
-            io::Result::Ok(())
-        })
-        .await;
-        if matches!(flushed, Ok(Ok(()))) {
-            linger(self.stream).await;
-        }
+        self.close_with(TLS_NOT_HANDED).await;
     }
 }

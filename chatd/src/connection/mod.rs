@@ -632,8 +632,14 @@ impl<S: Socket> Connection<S> {
             Disconnect::Banned(why) => format!("You are banned: {why}"),
             Disconnect::Handoff => return,
         };
+        self.close_with(&last).await;
+    }
+
+    /// Writes what the client is still owed plus `last` as a server line,
+    /// within [`CLOSE_FLUSH`], then closes gently.
+    async fn close_with(mut self, last: &str) {
         self.client.outbox.take(&mut self.pending);
-        self.pending.push_back(server_line(&last));
+        self.pending.push_back(server_line(last));
         let flushed = tokio::time::timeout(CLOSE_FLUSH, async {
             while !self.pending.is_empty() {
                 self.stream.writable().await?;

@@ -287,18 +287,21 @@ impl Hub {
         }
     }
 
+    /// This node's client called `nick` (ignoring case), if any.
+    fn local_client(&self, nick: &str) -> Option<Arc<Client>> {
+        let state = self.state();
+        state
+            .nicks
+            .get(&protocol::fold(nick))
+            .and_then(|id| state.clients.get(id))
+            .cloned()
+    }
+
     /// Hands a private message from `from` on another node to this node's
     /// client called `to`; or says why not (sent back to the sender).
     pub fn deliver_private(&self, from: &str, to: &str, text: &str) -> Result<(), String> {
         let limit = self.queue_limit();
-        let target = {
-            let state = self.state();
-            state
-                .nicks
-                .get(&protocol::fold(to))
-                .and_then(|id| state.clients.get(id))
-                .cloned()
-        };
+        let target = self.local_client(to);
         let Some(target) = target else {
             return Err(format!("no such nick \"{}\"", sanitize::clean(to)));
         };
@@ -370,14 +373,7 @@ impl Hub {
         text: &str,
     ) -> Result<Option<Arc<Client>>, PrivateError> {
         let limit = self.queue_limit();
-        let target = {
-            let state = self.state();
-            state
-                .nicks
-                .get(&protocol::fold(to))
-                .and_then(|id| state.clients.get(id))
-                .cloned()
-        };
+        let target = self.local_client(to);
         let Some(target) = target else {
             return self.private_remote(from, to, text);
         };
