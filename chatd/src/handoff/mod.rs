@@ -49,7 +49,6 @@ use tokio::process::Command;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::admin::AdminListeners;
 use crate::hub::Hub;
 use crate::server::Listeners;
 pub use gate::{Gate, Outcome};
@@ -576,15 +575,7 @@ fn take_over(sock: &UnixStream) -> Result<TakenOver, ReceiveError> {
     };
     let state = state::decode_value(state)?;
     let mut fds = fds.into_iter();
-    let mut listeners = Listeners {
-        chat: Vec::new(),
-        tls: Vec::new(),
-        udp: Vec::new(),
-        admin: AdminListeners {
-            tcp: Vec::new(),
-            unix: None,
-        },
-    };
+    let mut listeners = Listeners::empty();
     let mut metrics = None;
     let tcp = |fd: OwnedFd| {
         let l = std::net::TcpListener::from(fd);
