@@ -557,6 +557,11 @@ pub async fn start(
         state_rx.clone(),
         shutdown.clone(),
     ));
+    tokio::spawn(crate::admin::watch::relay(
+        bus.clone(),
+        hub.clone(),
+        shutdown.clone(),
+    ));
     tokio::spawn(presence(
         bus,
         format!("{}.nodes", config.name),
@@ -1347,6 +1352,17 @@ impl Bus {
     /// This node's id.
     pub fn node_id(&self) -> &str {
         &self.node_id
+    }
+
+    /// The NATS connection, for admin streams that are not one request
+    /// (`WatchEvents`, [`crate::admin::watch`]).
+    pub fn client(&self) -> &async_nats::Client {
+        &self.client
+    }
+
+    /// The admin subject `NAME.admin.REST`.
+    pub fn subject(&self, rest: &str) -> String {
+        format!("{}{rest}", self.prefix)
     }
 
     /// Sends `payload` to every node's `NAME.admin.OP` (this one included)

@@ -77,6 +77,7 @@ impl Admin for Fake {
         }
         Ok(Response::new(pb::GetClientResponse {
             client: Some(alice()),
+            ..Default::default()
         }))
     }
 
@@ -184,10 +185,12 @@ impl Admin for Fake {
                     nick: "guest-7".into(),
                     peer_addr: "127.0.0.1:4000".into(),
                 })),
+                node: String::new(),
             }),
             Ok(pb::Event {
                 at,
                 kind: Some(pb::event::Kind::Lagged(pb::Lagged { missed: 12 })),
+                node: String::new(),
             }),
         ];
         Ok(Response::new(Box::pin(tokio_stream::iter(events))))

@@ -20,6 +20,7 @@ mod convert;
 mod error;
 mod observe;
 mod service;
+pub mod watch;
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
