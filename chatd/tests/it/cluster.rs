@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use crate::support::*;
 
 mod admin_wide;
+mod snapshot;
 
 /// `nats-server`, or `None` after one line saying it is missing.
 fn nats_server_bin() -> Option<PathBuf> {
