@@ -707,7 +707,7 @@ fn connect_options(
                     async_nats::Event::SlowConsumer(_) => {
                         // NATS drops what a room's subscription cannot hold.
                         if warn_due(&slow_warned) {
-                            warn!("cluster: lines from other nodes arrive faster than this node hands them out; some are dropped");
+                            warn!("cluster: messages from other nodes (room lines, or events for a watcher that reads slowly) arrive faster than this node hands them out; some are dropped");
                         }
                     }
                     async_nats::Event::ServerError(async_nats::ServerError::AuthorizationViolation) => {

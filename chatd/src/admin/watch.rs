@@ -16,16 +16,17 @@
 //!   one it takes the hub's events (chat messages only while a lease asks for
 //!   them) and publishes each, encoded as the `Event` it will be, on
 //!   `NAME.admin.watch.ev` (messages on `.msg`), numbered per node in the
-//!   [`EVENT_SEQ_HEADER`];
+//!   [`EVENT_SEQ_HEADER`] (a relay that falls behind the hub's ring sends a
+//!   `lagged` event of its own);
 //! - the watch stream merges this node's own events (straight from the hub)
 //!   with the other nodes' (one NATS subscription per watcher, subscribed
-//!   before the lease is asked). A gap in a node's numbers (the relay fell
-//!   behind the hub, NATS was away, or this watcher's subscription was full
-//!   and NATS dropped for it) becomes a `lagged` event for that node.
+//!   before the lease is asked). A gap in a node's numbers (NATS was away,
+//!   or this watcher's subscription was full and NATS dropped for it)
+//!   becomes a `lagged` event for that node.
 //!
 //! Bounded everywhere: the hub's event channel is a ring (a relay that falls
-//! behind skips, and its numbers say so), a relay never publishes while NATS
-//! is away, and a watcher's subscription holds at most the connection's
+//! behind skips, and says so), a relay never publishes while NATS is away
+//! (its numbers say what it skipped), and a watcher's subscription holds at most the connection's
 //! subscription capacity before NATS drops for it.
 
 use std::collections::{HashMap, VecDeque};
@@ -186,21 +187,17 @@ pub async fn relay(bus: Bus, hub: Hub, stop: CancellationToken) {
                 let (event, is_message) = match event {
                     Ok(event) => {
                         let is_message = matches!(event, Event::Message { .. });
-                        (Some(event), is_message)
+                        (convert::event(event), is_message)
                     }
-                    Err(RecvError::Lagged(missed)) => {
-                        // Numbers skipped: watchers are told they missed
-                        // some. Which subject they were on is unknown; the
-                        // events one is what every watcher follows.
-                        ev_seq += missed;
-                        (None, false)
-                    }
+                    // This relay fell behind the hub: watchers are told how
+                    // many events of this node they missed, on the subject
+                    // every watcher follows.
+                    Err(RecvError::Lagged(missed)) => (convert::lagged(missed), false),
                     Err(RecvError::Closed) => {
                         taking = None;
                         continue;
                     }
                 };
-                let Some(event) = event else { continue };
                 if is_message && !leases.messages() {
                     continue;
                 }
@@ -217,7 +214,7 @@ pub async fn relay(bus: Bus, hub: Hub, stop: CancellationToken) {
                 }
                 let encoded = pb::Event {
                     node: node.clone(),
-                    ..convert::event(event)
+                    ..event
                 }
                 .encode_to_vec();
                 let mut headers = HeaderMap::new();

@@ -181,3 +181,52 @@ async fn client_and_bans_through_one_node_cover_every_node_and_name_who_answered
         "{lost:#?}"
     );
 }
+
+#[tokio::test]
+async fn a_watcher_that_stops_reading_is_told_what_it_missed_of_another_node_and_goes_on() {
+    let Some(nats) = Nats::start() else { return };
+    let quiet = [("CHATD_LIMITS__FLOOD_LINES_PER_SEC", "0")];
+    let a = node(&nats.url(), "node-a", &quiet);
+    let b = node(&nats.url(), "node-b", &quiet);
+    let mut watch = a
+        .chatctl_command(&["watch", "--messages", "-o", "json"], &[])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("start chatctl watch");
+    a.wait_logged("admin: watch started").await;
+    b.wait_logged("admin: relaying events to watchers on other nodes")
+        .await;
+    let (mut talker, nick) = b.join().await;
+    let (mut listener, _) = b.join().await;
+    // Far more than the watch's pipe, HTTP/2 window and NATS subscription
+    // hold, while nobody reads the watch.
+    const N: usize = 20_000;
+    let script: String = (0..N).map(|i| format!("line {i}\n")).collect();
+    talker.send(&script).await;
+    talker.send("end\n").await;
+    listener.expect(&format!("<{nick}> end")).await;
+
+    // Reading again: what was dropped is counted, then the stream goes on.
+    let mut events = BufReader::new(watch.stdout.take().expect("piped")).lines();
+    let seen = events_until(&mut events, |e| {
+        is(e, "node-b", "message") && e["text"] == "end"
+    })
+    .await;
+    let missed: u64 = seen
+        .iter()
+        .filter(|e| is(e, "node-b", "lagged"))
+        .map(|e| e["missed"].as_u64().expect("missed"))
+        .sum();
+    let messages = seen.iter().filter(|e| is(e, "node-b", "message")).count() as u64;
+    assert!(missed > 0, "no lagged event from node-b");
+    assert!(
+        messages < N as u64,
+        "{messages} messages: nothing was dropped"
+    );
+    assert!(
+        messages + missed >= N as u64,
+        "{messages} seen + {missed} missed < {N}"
+    );
+    drop(events);
+    watch.kill().await.expect("stop chatctl watch");
+}
