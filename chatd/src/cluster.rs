@@ -705,7 +705,7 @@ fn connect_options(
                         events.send_replace(false);
                     }
                     async_nats::Event::SlowConsumer(_) => {
-                        // NATS drops what a room's subscription cannot hold.
+                        // NATS drops what a subscription cannot hold.
                         if warn_due(&slow_warned) {
                             warn!("cluster: messages from other nodes (room lines, or events for a watcher that reads slowly) arrive faster than this node hands them out; some are dropped");
                         }
