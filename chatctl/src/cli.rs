@@ -114,9 +114,9 @@ pub enum Command {
         #[arg(long)]
         filter: Option<String>,
     },
-    /// Show one client.
+    /// Show one client, on whichever node it is.
     Client {
-        /// A client id (digits) or a nick.
+        /// A client id (digits), NODE:ID in cluster mode, or a nick.
         id_or_nick: ClientRef,
     },
     /// Disconnect a client, on whichever node it is.

@@ -557,6 +557,11 @@ pub async fn start(
         state_rx.clone(),
         shutdown.clone(),
     ));
+    tokio::spawn(crate::admin::watch::relay(
+        bus.clone(),
+        hub.clone(),
+        shutdown.clone(),
+    ));
     tokio::spawn(presence(
         bus,
         format!("{}.nodes", config.name),
@@ -700,9 +705,9 @@ fn connect_options(
                         events.send_replace(false);
                     }
                     async_nats::Event::SlowConsumer(_) => {
-                        // NATS drops what a room's subscription cannot hold.
+                        // NATS drops what a subscription cannot hold.
                         if warn_due(&slow_warned) {
-                            warn!("cluster: lines from other nodes arrive faster than this node hands them out; some are dropped");
+                            warn!("cluster: messages from other nodes (room lines, or events for a watcher that reads slowly) arrive faster than this node hands them out; some are dropped");
                         }
                     }
                     async_nats::Event::ServerError(async_nats::ServerError::AuthorizationViolation) => {
@@ -1347,6 +1352,17 @@ impl Bus {
     /// This node's id.
     pub fn node_id(&self) -> &str {
         &self.node_id
+    }
+
+    /// The NATS connection, for admin streams that are not one request
+    /// (`WatchEvents`, [`crate::admin::watch`]).
+    pub fn client(&self) -> &async_nats::Client {
+        &self.client
+    }
+
+    /// The admin subject `NAME.admin.REST`.
+    pub fn subject(&self, rest: &str) -> String {
+        format!("{}{rest}", self.prefix)
     }
 
     /// Sends `payload` to every node's `NAME.admin.OP` (this one included)

@@ -119,6 +119,12 @@ pub async fn unban(ctx: &mut Ctx<'_>, target: String) -> Result<(), ChatctlError
 #[derive(Serialize)]
 struct BanList {
     bans: Vec<BanView>,
+    /// In cluster mode, the nodes whose bans are listed.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    answered_nodes: Vec<String>,
+    /// Nodes known to be there that did not answer in time.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    missing_nodes: Vec<String>,
 }
 
 pub async fn list(ctx: &mut Ctx<'_>) -> Result<(), ChatctlError> {
@@ -126,8 +132,13 @@ pub async fn list(ctx: &mut Ctx<'_>) -> Result<(), ChatctlError> {
     let mut admin = ctx.admin.clone();
     let reply = ctx.call(admin.list_bans(request)).await?;
     let bans: Vec<BanView> = reply.bans.into_iter().map(BanView::from).collect();
+    super::note_partial(&reply.answered_nodes, &reply.missing_nodes);
     if ctx.output == Output::Json {
-        return ctx.json(&BanList { bans });
+        return ctx.json(&BanList {
+            bans,
+            answered_nodes: reply.answered_nodes,
+            missing_nodes: reply.missing_nodes,
+        });
     }
     let now = SystemTime::now();
     let mut table = Table::new(&[

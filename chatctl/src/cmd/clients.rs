@@ -148,8 +148,13 @@ pub async fn list(
 }
 
 pub async fn get(ctx: &mut Ctx<'_>, client: ClientRef) -> Result<(), ChatctlError> {
+    let node = match &client {
+        ClientRef::NodeId(node, _) => node.clone(),
+        _ => String::new(),
+    };
     let request = ctx.request(pb::GetClientRequest {
         client: Some(client.into()),
+        node,
     });
     let mut admin = ctx.admin.clone();
     let reply = ctx.call(admin.get_client(request)).await?;
@@ -205,24 +210,27 @@ fn write_client(out: &mut dyn std::io::Write, c: &ClientView) -> std::io::Result
         Some(at) => format!("{at} ({} ago)", format::ago(time, now)),
         None => "-".to_owned(),
     };
-    format::write_fields(
-        out,
-        &[
-            ("id", c.id.to_string()),
-            ("nick", clean(&c.nick).into_owned()),
-            ("address", clean(&c.addr).into_owned()),
-            ("tls", yes_no(c.tls)),
-            ("room", clean(&c.room).into_owned()),
-            ("connected", when(&c.connected_at, c.connected)),
-            ("last active", when(&c.last_active_at, c.last_active)),
-            ("lines", format::in_out(c.lines_in, c.lines_out)),
-            (
-                "bytes",
-                format::in_out(format::bytes(c.bytes_in), format::bytes(c.bytes_out)),
-            ),
-            ("queue", format::bytes(c.queue_bytes)),
-        ],
-    )
+    let mut fields = Vec::new();
+    // The node only in cluster mode, where ids are per node.
+    if !c.node.is_empty() {
+        fields.push(("node", clean(&c.node).into_owned()));
+    }
+    fields.extend([
+        ("id", c.id.to_string()),
+        ("nick", clean(&c.nick).into_owned()),
+        ("address", clean(&c.addr).into_owned()),
+        ("tls", yes_no(c.tls)),
+        ("room", clean(&c.room).into_owned()),
+        ("connected", when(&c.connected_at, c.connected)),
+        ("last active", when(&c.last_active_at, c.last_active)),
+        ("lines", format::in_out(c.lines_in, c.lines_out)),
+        (
+            "bytes",
+            format::in_out(format::bytes(c.bytes_in), format::bytes(c.bytes_out)),
+        ),
+        ("queue", format::bytes(c.queue_bytes)),
+    ]);
+    format::write_fields(out, &fields)
 }
 
 fn yes_no(b: bool) -> String {

@@ -14,6 +14,9 @@ use crate::format::{self, clean};
 #[derive(Debug, Serialize)]
 pub struct EventView {
     pub at: Option<String>,
+    /// The node where it happened; absent in single-node mode.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub node: String,
     #[serde(flatten)]
     pub kind: KindView,
 }
@@ -142,7 +145,11 @@ impl From<pb::Event> for EventView {
             Some(Kind::Lagged(e)) => KindView::Lagged { missed: e.missed },
             None => KindView::Unknown,
         };
-        Self { at, kind }
+        Self {
+            at,
+            node: event.node,
+            kind,
+        }
     }
 }
 
@@ -279,7 +286,11 @@ impl EventView {
             ),
             KindView::Unknown => ("unknown", "an event this chatctl does not know".to_owned()),
         };
-        format!("{at}  {label:<10}  {text}")
+        if self.node.is_empty() {
+            format!("{at}  {label:<10}  {text}")
+        } else {
+            format!("{at}  {}  {label:<10}  {text}", clean(&self.node))
+        }
     }
 }
 

@@ -77,6 +77,7 @@ impl Admin for Fake {
         }
         Ok(Response::new(pb::GetClientResponse {
             client: Some(alice()),
+            ..Default::default()
         }))
     }
 
@@ -184,10 +185,13 @@ impl Admin for Fake {
                     nick: "guest-7".into(),
                     peer_addr: "127.0.0.1:4000".into(),
                 })),
+                node: String::new(),
             }),
             Ok(pb::Event {
                 at,
                 kind: Some(pb::event::Kind::Lagged(pb::Lagged { missed: 12 })),
+                // As a node of a cluster sends another node's event.
+                node: "node-b".into(),
             }),
         ];
         Ok(Response::new(Box::pin(tokio_stream::iter(events))))
@@ -333,15 +337,36 @@ async fn ban_stats_watch_and_health() {
 
     let output = chatctl(&endpoint, &["watch", "-o", "json", "--token", TOKEN]).await;
     assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
-    let types: Vec<String> = stdout(&output)
+    let types: Vec<(String, Option<String>)> = stdout(&output)
         .lines()
         .map(|line| {
             let event: serde_json::Value =
                 serde_json::from_str(line).expect("one JSON document per line");
-            event["type"].as_str().unwrap_or_default().to_owned()
+            (
+                event["type"].as_str().unwrap_or_default().to_owned(),
+                event["node"].as_str().map(str::to_owned),
+            )
         })
         .collect();
-    assert_eq!(types, ["connect", "lagged"]);
+    assert_eq!(
+        types,
+        [
+            ("connect".into(), None),
+            ("lagged".into(), Some("node-b".into()))
+        ],
+        "the node only when there is one"
+    );
+    let output = chatctl(&endpoint, &["watch", "--token", TOKEN]).await;
+    let text = stdout(&output);
+    let lines: Vec<&str> = text.lines().collect();
+    assert!(
+        lines[0].contains("Z  connect     #7 guest-7 from 127.0.0.1:4000"),
+        "{lines:?}"
+    );
+    assert!(
+        lines[1].contains("Z  node-b  lagged      missed 12 events"),
+        "{lines:?}"
+    );
 
     let output = chatctl(&endpoint, &["health"]).await;
     assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));

@@ -175,6 +175,7 @@ pub fn event(e: Event) -> pb::Event {
     pb::Event {
         at: Some(timestamp(SystemTime::now())),
         kind: Some(kind),
+        node: String::new(),
     }
 }
 
@@ -182,6 +183,7 @@ pub fn lagged(missed: u64) -> pb::Event {
     pb::Event {
         at: Some(timestamp(SystemTime::now())),
         kind: Some(Kind::Lagged(pb::Lagged { missed })),
+        node: String::new(),
     }
 }
 

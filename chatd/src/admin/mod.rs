@@ -7,7 +7,9 @@
 //! - `service`: the `Admin` methods, each a thin call into the hub;
 //! - `convert`: hub types → protobuf messages;
 //! - `error`: the one conversion from domain errors to `tonic::Status`;
-//! - `conn`: the connection limit and the handshake and idle deadlines.
+//! - `conn`: the connection limit and the handshake and idle deadlines;
+//! - `watch`: `WatchEvents` across the nodes of a cluster (leases, the
+//!   relay every node runs, the other nodes' feed of a watch).
 //!
 //! [`AdminSetup::prepare`] does everything that can fail before serving
 //! (tokens, the generated token files, TLS), so a problem stops startup
@@ -20,6 +22,7 @@ mod convert;
 mod error;
 mod observe;
 mod service;
+pub mod watch;
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};

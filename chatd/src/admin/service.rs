@@ -18,6 +18,7 @@ use tracing::{info, warn};
 use super::auth::Caller;
 use super::convert;
 use super::error::AdminError;
+use super::watch;
 use crate::bans::{self, Ban};
 use crate::cluster::{ADMIN_DEADLINE, Answer, Bus, Gathered};
 use crate::hub::{Hub, HubError, Target};
@@ -132,6 +133,23 @@ pub async fn answer_remote(
         OP_ROOMS => local_rooms(hub).encode_to_vec(),
         OP_STATS => convert::stats(hub.snapshot()).encode_to_vec(),
         OP_NODES => local_node(hub, node).encode_to_vec(),
+        OP_BANS => local_bans(hub).encode_to_vec(),
+        OP_CLIENT => {
+            let r: pb::GetClientRequest = decode(payload)?;
+            let target = target(r.client)?;
+            if !r.node.is_empty() && r.node != node {
+                return Err(AdminError::Hub(HubError::NoSuchClient(target)).into());
+            }
+            let client = hub.client(&target).map_err(AdminError::from)?;
+            pb::GetClientResponse {
+                client: Some(pb::Client {
+                    node: node.to_string(),
+                    ..convert::client(client)
+                }),
+                answered_nodes: Vec::new(),
+            }
+            .encode_to_vec()
+        }
         OP_KICK => {
             let r: pb::KickClientRequest = decode(payload)?;
             if !r.node.is_empty() && r.node != node {
@@ -200,6 +218,49 @@ const OP_KICK: &str = "kick";
 const OP_BROADCAST: &str = "broadcast";
 const OP_BAN: &str = "ban";
 const OP_UNBAN: &str = "unban";
+const OP_CLIENT: &str = "client";
+const OP_BANS: &str = "bans";
+
+fn local_bans(hub: &Hub) -> pb::ListBansResponse {
+    pb::ListBansResponse {
+        bans: hub.bans().iter().map(convert::ban).collect(),
+        ..Default::default()
+    }
+}
+
+/// Every node's bans as one list, by target: where nodes differ on a
+/// target (one missed a change while cut off, until it settles with the
+/// bucket), the latest made wins.
+fn merge_bans(lists: impl IntoIterator<Item = pb::ListBansResponse>) -> Vec<pb::BanEntry> {
+    let made = |b: &pb::BanEntry| b.created_at.map(|t| (t.seconds, t.nanos));
+    let mut by_target: std::collections::BTreeMap<String, pb::BanEntry> = Default::default();
+    for ban in lists.into_iter().flat_map(|l| l.bans) {
+        match by_target.get(&ban.target) {
+            Some(kept) if made(kept) >= made(&ban) => {}
+            _ => {
+                by_target.insert(ban.target.clone(), ban);
+            }
+        }
+    }
+    by_target.into_values().collect()
+}
+
+/// `status`, naming also the nodes that did not answer in time: a
+/// NOT_FOUND may be theirs to answer.
+fn naming_missing(status: Status, missing: &[String]) -> Status {
+    if missing.is_empty() {
+        return status;
+    }
+    Status::new(
+        status.code(),
+        format!(
+            "{}; no answer within {} ms from {}",
+            status.message(),
+            ADMIN_DEADLINE.as_millis(),
+            missing.join(", ")
+        ),
+    )
+}
 
 fn local_clients(hub: &Hub, node: &str, r: &pb::ListClientsRequest) -> pb::ListClientsResponse {
     let clients = hub
@@ -379,14 +440,37 @@ impl Admin for AdminService {
         &self,
         request: Request<pb::GetClientRequest>,
     ) -> Reply<pb::GetClientResponse> {
-        let target = target(request.into_inner().client)?;
-        let client = self.hub.client(&target).map_err(AdminError::from)?;
-        Ok(Response::new(pb::GetClientResponse {
-            client: Some(pb::Client {
-                node: self.node_id(),
-                ..convert::client(client)
-            }),
-        }))
+        let r = request.into_inner();
+        let target = target(r.client.clone())?;
+        // An id without a node is this node's client: ids are per node.
+        if self.bus().is_none() || (matches!(target, Target::Id(_)) && r.node.is_empty()) {
+            let client = self.hub.client(&target).map_err(AdminError::from)?;
+            return Ok(Response::new(pb::GetClientResponse {
+                client: Some(pb::Client {
+                    node: self.node_id(),
+                    ..convert::client(client)
+                }),
+                answered_nodes: Vec::new(),
+            }));
+        }
+        let gathered = match self.gather(OP_CLIENT, &r, |a| a.result.is_ok()).await {
+            Some(gathered) => gathered,
+            None => self.alone(OP_CLIENT, &r).await,
+        };
+        let mut answered_nodes: Vec<String> =
+            gathered.answers.iter().map(|a| a.node.clone()).collect();
+        answered_nodes.sort();
+        let (ok, failed) = split::<pb::GetClientResponse>(gathered.answers);
+        match ok.into_iter().find_map(|(_, g)| g.client) {
+            Some(client) => Ok(Response::new(pb::GetClientResponse {
+                client: Some(client),
+                answered_nodes,
+            })),
+            None => Err(naming_missing(
+                none_succeeded(failed, "the lookup"),
+                &gathered.missing,
+            )),
+        }
     }
 
     async fn kick_client(
@@ -589,8 +673,16 @@ impl Admin for AdminService {
         &self,
         _request: Request<pb::ListBansRequest>,
     ) -> Reply<pb::ListBansResponse> {
-        let bans = self.hub.bans().iter().map(convert::ban).collect();
-        Ok(Response::new(pb::ListBansResponse { bans }))
+        if self.bus().is_none() {
+            return Ok(Response::new(local_bans(&self.hub)));
+        }
+        let gathered = self.everywhere(OP_BANS, &pb::ListBansRequest {}).await;
+        let (ok, answered_nodes) = decoded::<pb::ListBansResponse>(gathered.answers);
+        Ok(Response::new(pb::ListBansResponse {
+            bans: merge_bans(ok.into_iter().map(|(_, l)| l)),
+            answered_nodes,
+            missing_nodes: gathered.missing,
+        }))
     }
 
     type WatchEventsStream = EventStream;
@@ -603,29 +695,73 @@ impl Admin for AdminService {
         } else {
             (self.hub.subscribe(), None)
         };
+        let node = self.node_id();
+        // In cluster mode, the other nodes' events too: subscribed to and
+        // asked for before the stream starts, so that everything after
+        // this call returns is in it.
+        let (remote, answered, missing) = match self.bus() {
+            None => (None, Vec::new(), Vec::new()),
+            Some(bus) => match watch::Remote::open(bus, include_messages).await {
+                Ok((remote, gathered)) => {
+                    let mut answered: Vec<String> =
+                        gathered.answers.into_iter().map(|a| a.node).collect();
+                    answered.sort();
+                    (Some(remote), answered, gathered.missing)
+                }
+                Err(e) => {
+                    warn!(error = %e, "admin: cannot reach the other nodes; watching this node alone");
+                    (None, vec![node.clone()], Vec::new())
+                }
+            },
+        };
         info!(
             by = who(&request),
             messages = include_messages,
+            nodes = ?answered,
+            missing = ?missing,
             "admin: watch started"
         );
         let shutdown = self.shutdown.clone();
-        // The state carries the message guard: message events flow exactly
-        // as long as the stream lives.
+        // The state carries the message guard and the other nodes' feed
+        // (whose lease is renewed while it lives): both flow exactly as long
+        // as the stream lives.
         let stream = futures_util::stream::unfold(
-            (events, guard, shutdown),
-            move |(mut events, guard, shutdown)| async move {
-                loop {
-                    let next = tokio::select! {
-                        () = shutdown.cancelled() => return None,
-                        next = events.recv() => next,
-                    };
-                    let event = match next {
-                        Ok(crate::hub::Event::Message { .. }) if !include_messages => continue,
-                        Ok(event) => convert::event(event),
-                        Err(RecvError::Lagged(missed)) => convert::lagged(missed),
-                        Err(RecvError::Closed) => return None,
-                    };
-                    return Some((Ok(event), (events, guard, shutdown)));
+            (events, guard, shutdown, remote),
+            move |(mut events, guard, shutdown, mut remote)| {
+                let node = node.clone();
+                async move {
+                    loop {
+                        let from_remote = async {
+                            match remote.as_mut() {
+                                Some(r) => r.next().await,
+                                None => std::future::pending().await,
+                            }
+                        };
+                        let next = tokio::select! {
+                            () = shutdown.cancelled() => return None,
+                            next = events.recv() => next,
+                            event = from_remote => match event {
+                                Some(event) => {
+                                    return Some((Ok(event), (events, guard, shutdown, remote)));
+                                }
+                                None => {
+                                    remote = None;
+                                    continue;
+                                }
+                            },
+                        };
+                        let event = match next {
+                            Ok(crate::hub::Event::Message { .. }) if !include_messages => continue,
+                            Ok(event) => convert::event(event),
+                            Err(RecvError::Lagged(missed)) => convert::lagged(missed),
+                            Err(RecvError::Closed) => return None,
+                        };
+                        let event = pb::Event {
+                            node: node.clone(),
+                            ..event
+                        };
+                        return Some((Ok(event), (events, guard, shutdown, remote)));
+                    }
                 }
             },
         );

@@ -10,7 +10,15 @@
 //! other node: a snapshot replaces it, a change applies when it is the next
 //! number, a change already in the snapshot is skipped, and a gap (a change
 //! lost while NATS was away or a queue was full) makes it ask for a new
-//! snapshot. A node that stops saying it is there (presence,
+//! snapshot. A snapshot larger than a quarter of the NATS server's
+//! `max_payload` (at most [`MAX_PART_BYTES`]) goes in parts, one NATS
+//! message each, so that tens of thousands of members never make one message
+//! the server refuses: the parts build a new table beside the one in use,
+//! changes that come meanwhile apply to the new one (and win over the parts
+//! that follow them), and the table replaces the old one when the last part
+//! is there; a part missing, or parts not all there within
+//! [`ASSEMBLY_LIMIT`], make the node ask for a new snapshot.
+//! A node that stops saying it is there (presence,
 //! [`crate::cluster::PRESENCE_TTL`]) no longer counts, and its table is
 //! dropped: a dead node's members leave `/who` and the counts within 10 s.
 //!
@@ -37,6 +45,17 @@ use crate::protocol;
 const PRUNE_EVERY: Duration = Duration::from_secs(2);
 /// At most one snapshot request per this long, however many gaps are seen.
 const SYNC_EVERY: Duration = Duration::from_secs(1);
+/// The largest part of a snapshot, in bytes (of its JSON): a quarter of
+/// the server's `max_payload` when that is smaller. Small enough that a
+/// part never holds up other messages for long; 25,000 members fit in
+/// about four.
+pub const MAX_PART_BYTES: usize = 256 * 1024;
+/// The smallest part budget, whatever the server says: a part always holds
+/// a member or more.
+const MIN_PART_BYTES: usize = 1024;
+/// How long the parts of one snapshot may take to arrive; past it the node
+/// asks for a new one.
+pub const ASSEMBLY_LIMIT: Duration = Duration::from_secs(5);
 
 /// One client of another node: its nick and room.
 #[derive(Debug, Clone)]
@@ -58,6 +77,26 @@ struct Table {
 #[derive(Debug, Default)]
 pub struct Members {
     nodes: Mutex<HashMap<Arc<str>, Table>>,
+    /// Snapshots coming in parts, by node. Locked before `nodes`, never
+    /// while holding it.
+    assembling: Mutex<HashMap<Arc<str>, Assembly>>,
+}
+
+/// A snapshot coming in parts: the table it builds.
+#[derive(Debug)]
+struct Assembly {
+    /// The snapshot's number.
+    seq: u64,
+    parts: u32,
+    /// The next part expected.
+    next: u32,
+    /// The number of the last change applied (from `seq`).
+    last: u64,
+    clients: HashMap<ClientId, Remote>,
+    /// Clients that changes set or removed meanwhile: the parts still to
+    /// come hold older news of them.
+    touched: HashSet<ClientId>,
+    started: Instant,
 }
 
 /// A message on `NAME.members`: a snapshot of a node's clients, or changes.
@@ -73,6 +112,78 @@ pub struct MemberMsg {
     /// Clients gone.
     #[serde(default)]
     pub gone: Vec<ClientId>,
+}
+
+/// A message on `NAME.members` as it travels: a [`MemberMsg`], and for a
+/// snapshot in parts, which part (its fields beside the message's).
+#[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Wire {
+    #[serde(flatten)]
+    pub msg: MemberMsg,
+    /// This part's index, from 0, of `parts`. 0 or 1 parts (and nodes that
+    /// predate parts) mean a whole message.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub part: u32,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub parts: u32,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
+}
+
+impl MemberMsg {
+    /// A snapshot of `set` under number `seq`, as one message or in parts
+    /// of about `budget` bytes each (of JSON), in order.
+    pub fn snapshot_parts(
+        node: &str,
+        seq: u64,
+        set: Vec<(ClientId, String, String)>,
+        budget: usize,
+    ) -> Vec<Wire> {
+        // A member's JSON: `[ID,"NICK","ROOM"],`; ids take at most 20.
+        let size = |(_, nick, room): &(ClientId, String, String)| nick.len() + room.len() + 30;
+        let mut chunks: Vec<Vec<(ClientId, String, String)>> = vec![Vec::new()];
+        let mut used = 0;
+        for member in set {
+            let n = size(&member);
+            if used + n > budget && chunks.last().is_some_and(|c| !c.is_empty()) {
+                chunks.push(Vec::new());
+                used = 0;
+            }
+            used += n;
+            if let Some(chunk) = chunks.last_mut() {
+                chunk.push(member);
+            }
+        }
+        let parts = u32::try_from(chunks.len()).unwrap_or(u32::MAX);
+        chunks
+            .into_iter()
+            .enumerate()
+            .map(|(i, set)| Wire {
+                msg: MemberMsg {
+                    node: node.to_string(),
+                    seq,
+                    snapshot: true,
+                    set,
+                    gone: Vec::new(),
+                },
+                part: u32::try_from(i).unwrap_or(u32::MAX),
+                parts,
+            })
+            .collect()
+    }
+}
+
+/// The part budget for a server that accepts `max_payload` bytes (0: not
+/// known yet, NATS's default of 1 MiB assumed).
+pub fn part_budget(max_payload: usize) -> usize {
+    let max = if max_payload == 0 {
+        1024 * 1024
+    } else {
+        max_payload
+    };
+    (max / 4).clamp(MIN_PART_BYTES, MAX_PART_BYTES)
 }
 
 /// A message on `NAME.pm.NODE`: a private message for a client of NODE, or
@@ -101,6 +212,21 @@ fn plausible_nick(s: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
 }
 
+/// The entries of `set` that may be shown, as remote clients.
+fn plausible(set: Vec<(ClientId, String, String)>) -> impl Iterator<Item = (ClientId, Remote)> {
+    set.into_iter()
+        .filter(|(_, nick, room)| plausible_nick(nick) && plausible_room(room))
+        .map(|(id, nick, room)| {
+            (
+                id,
+                Remote {
+                    nick: nick.into(),
+                    room: room.into(),
+                },
+            )
+        })
+}
+
 /// Whether `s` may be a room name from another node.
 fn plausible_room(s: &str) -> bool {
     protocol::normalize_room(s).is_ok_and(|r| r == s)
@@ -109,20 +235,45 @@ fn plausible_room(s: &str) -> bool {
 impl Members {
     /// Applies a message from another node; `true` when a snapshot of it
     /// is needed (a gap, or a node not known yet).
+    pub fn receive(&self, wire: Wire) -> bool {
+        if wire.msg.snapshot && wire.parts > 1 {
+            return self.apply_part(wire.msg, wire.part, wire.parts);
+        }
+        self.apply(wire.msg)
+    }
+
+    /// Applies a whole message from another node; as [`Members::receive`].
     pub fn apply(&self, msg: MemberMsg) -> bool {
-        let set = msg
-            .set
-            .into_iter()
-            .filter(|(_, nick, room)| plausible_nick(nick) && plausible_room(room))
-            .map(|(id, nick, room)| {
-                (
-                    id,
-                    Remote {
-                        nick: nick.into(),
-                        room: room.into(),
-                    },
-                )
-            });
+        {
+            let mut assembling = lock(&self.assembling);
+            if msg.snapshot {
+                // A whole snapshot supersedes any in parts.
+                assembling.remove(msg.node.as_str());
+            } else if let Some(a) = assembling.get_mut(msg.node.as_str()) {
+                if a.started.elapsed() > ASSEMBLY_LIMIT {
+                    assembling.remove(msg.node.as_str());
+                    return true;
+                }
+                if msg.seq <= a.last {
+                    return false;
+                }
+                if msg.seq != a.last + 1 {
+                    assembling.remove(msg.node.as_str());
+                    return true;
+                }
+                a.last = msg.seq;
+                for (id, remote) in plausible(msg.set) {
+                    a.touched.insert(id);
+                    a.clients.insert(id, remote);
+                }
+                for id in msg.gone {
+                    a.touched.insert(id);
+                    a.clients.remove(&id);
+                }
+                return false;
+            }
+        }
+        let set = plausible(msg.set);
         let mut nodes = lock(&self.nodes);
         if msg.snapshot {
             let table = Table {
@@ -148,6 +299,57 @@ impl Members {
         gap
     }
 
+    /// Applies one part of a snapshot; `true` when a new snapshot is
+    /// needed (a part missing).
+    fn apply_part(&self, msg: MemberMsg, part: u32, parts: u32) -> bool {
+        let mut assembling = lock(&self.assembling);
+        let node: Arc<str> = msg.node.as_str().into();
+        if part == 0 {
+            assembling.insert(
+                node.clone(),
+                Assembly {
+                    seq: msg.seq,
+                    parts,
+                    next: 0,
+                    last: msg.seq,
+                    clients: HashMap::new(),
+                    touched: HashSet::new(),
+                    started: Instant::now(),
+                },
+            );
+        }
+        let Some(a) = assembling.get_mut(&node) else {
+            // The rest of a snapshot whose start came before this node
+            // listened: the next one will do.
+            return false;
+        };
+        if a.seq != msg.seq || a.parts != parts || a.next != part {
+            assembling.remove(&node);
+            return true;
+        }
+        a.next += 1;
+        for (id, remote) in plausible(msg.set) {
+            if !a.touched.contains(&id) {
+                a.clients.insert(id, remote);
+            }
+        }
+        if a.next < a.parts {
+            return false;
+        }
+        let Some(done) = assembling.remove(&node) else {
+            return false;
+        };
+        drop(assembling);
+        lock(&self.nodes).insert(
+            node,
+            Table {
+                seq: done.last,
+                clients: done.clients,
+            },
+        );
+        false
+    }
+
     /// Whether this node holds a table of `node`.
     pub fn knows(&self, node: &str) -> bool {
         lock(&self.nodes).contains_key(node)
@@ -155,6 +357,7 @@ impl Members {
 
     /// Keeps the tables of `live` nodes only.
     pub fn retain(&self, live: &HashSet<String>) {
+        lock(&self.assembling).retain(|node, _| live.contains(&**node));
         lock(&self.nodes).retain(|node, _| live.contains(&**node));
     }
 
@@ -255,16 +458,33 @@ pub async fn run(
     let Some(link) = hub.cluster().cloned() else {
         return;
     };
+    // This node's table, in parts small enough for the server it is on.
     let snapshot = |hub: &Hub| {
         let (seq, set) = hub.member_snapshot();
-        let msg = MemberMsg {
-            node: node_id.to_string(),
-            seq,
-            snapshot: true,
-            set,
-            gone: Vec::new(),
-        };
-        Bytes::from(serde_json::to_vec(&msg).unwrap_or_default())
+        let budget = part_budget(client.server_info().max_payload);
+        let parts = MemberMsg::snapshot_parts(&node_id, seq, set, budget);
+        debug!(
+            members_seq = seq,
+            parts = parts.len(),
+            budget,
+            "cluster: member snapshot sent"
+        );
+        parts
+            .iter()
+            .map(|m| Bytes::from(serde_json::to_vec(m).unwrap_or_default()))
+            .collect::<Vec<_>>()
+    };
+    let send_snapshot = |parts: Vec<Bytes>| {
+        let client = client.clone();
+        let subject = subject.clone();
+        async move {
+            for part in parts {
+                if let Err(e) = client.publish(subject.clone(), part).await {
+                    debug!(error = %e, "cluster: cannot send a member snapshot");
+                    break;
+                }
+            }
+        }
     };
     let mut last_sync: Option<Instant> = None;
     let mut prune = tokio::time::interval(PRUNE_EVERY);
@@ -275,7 +495,7 @@ pub async fn run(
         if introduce {
             introduce = false;
             // Our whole table for the others, then theirs for us.
-            let _ = client.publish(subject.clone(), snapshot(&hub)).await;
+            send_snapshot(snapshot(&hub)).await;
             let _ = client
                 .publish(sync_subject.clone(), Bytes::from(node_id.to_string()))
                 .await;
@@ -304,14 +524,14 @@ pub async fn run(
             }
             msg = changes.next() => {
                 let Some(msg) = msg else { break };
-                let Ok(msg) = serde_json::from_slice::<MemberMsg>(&msg.payload) else {
+                let Ok(wire) = serde_json::from_slice::<Wire>(&msg.payload) else {
                     debug!("cluster: ignored a malformed member message");
                     continue;
                 };
-                if msg.node == *node_id {
+                if wire.msg.node == *node_id {
                     continue;
                 }
-                let gap = link.members().apply(msg);
+                let gap = link.members().receive(wire);
                 if gap && last_sync.is_none_or(|t| t.elapsed() >= SYNC_EVERY) {
                     last_sync = Some(Instant::now());
                     let _ = client
@@ -322,7 +542,7 @@ pub async fn run(
             msg = syncs.next() => {
                 let Some(msg) = msg else { break };
                 if &msg.payload[..] != node_id.as_bytes() {
-                    let _ = client.publish(subject.clone(), snapshot(&hub)).await;
+                    send_snapshot(snapshot(&hub)).await;
                 }
             }
             msg = pms.next() => {
@@ -436,5 +656,68 @@ mod tests {
         );
         m.retain(&live);
         assert_eq!(m.count(None, "lobby"), 0);
+    }
+
+    fn members(n: u64) -> Vec<(ClientId, String, String)> {
+        (1..=n)
+            .map(|i| (i, format!("guest-{i}-a"), "lobby".to_string()))
+            .collect()
+    }
+
+    fn roundtrip(w: &Wire) -> Wire {
+        serde_json::from_slice(&serde_json::to_vec(w).expect("encode")).expect("decode")
+    }
+
+    #[test]
+    fn a_large_snapshot_goes_in_parts_within_the_budget() {
+        let parts = MemberMsg::snapshot_parts("a", 9, members(1000), 2048);
+        assert!(parts.len() >= 10, "{} parts", parts.len());
+        for (i, p) in parts.iter().enumerate() {
+            assert_eq!((p.part as usize, p.parts as usize), (i, parts.len()));
+            let bytes = serde_json::to_vec(p).expect("encode").len();
+            assert!(bytes <= 2048 + 200, "part {i} is {bytes} bytes");
+        }
+        let total: usize = parts.iter().map(|p| p.msg.set.len()).sum();
+        assert_eq!(total, 1000);
+        let one = MemberMsg::snapshot_parts("a", 9, members(3), 2048);
+        assert_eq!(one.len(), 1);
+        assert_eq!(part_budget(0), MAX_PART_BYTES);
+        assert_eq!(part_budget(8192), 2048);
+        assert_eq!(part_budget(100), MIN_PART_BYTES);
+        // A change as nodes without parts send it reads as a whole message.
+        let change = msg("a", 3, false, &[(1, "x", "lobby")], &[]);
+        let wire: Wire =
+            serde_json::from_slice(&serde_json::to_vec(&change).expect("encode")).expect("decode");
+        assert_eq!((wire.part, wire.parts, wire.msg), (0, 0, change));
+    }
+
+    #[test]
+    fn parts_replace_the_table_once_all_are_there_with_changes_meanwhile_on_top() {
+        let m = Members::default();
+        assert!(!m.apply(msg("a", 1, true, &[(500, "old", "lobby")], &[])));
+        let parts = MemberMsg::snapshot_parts("a", 5, members(300), 2048);
+        assert!(parts.len() >= 3);
+        let mut parts = parts.iter().map(roundtrip);
+        assert!(!m.receive(parts.next().expect("first")));
+        assert_eq!(m.count(None, "lobby"), 1, "the old table serves meanwhile");
+        // Changes after the snapshot's number: client 300 (in a later
+        // part) moved, client 1 (in the first part) left.
+        assert!(!m.apply(msg("a", 5, false, &[(9, "stale", "lobby")], &[])));
+        assert!(!m.apply(msg("a", 6, false, &[(300, "moved", "dev")], &[])));
+        assert!(!m.apply(msg("a", 7, false, &[], &[1])));
+        for p in parts {
+            assert!(!m.receive(p));
+        }
+        assert_eq!(m.count(None, "lobby"), 298);
+        assert_eq!(m.count(None, "dev"), 1, "a change beats an older part");
+        assert!(m.find(None, "old").is_none() && m.find(None, "stale").is_none());
+        assert!(!m.apply(msg("a", 8, false, &[(301, "new", "lobby")], &[])));
+        assert_eq!(m.count(None, "lobby"), 299, "changes go on from the last");
+
+        // A part missing: nothing replaces the table, a new snapshot is asked.
+        let parts = MemberMsg::snapshot_parts("a", 20, members(300), 2048);
+        assert!(!m.receive(roundtrip(&parts[0])));
+        assert!(m.receive(roundtrip(&parts[2])), "a gap in the parts");
+        assert_eq!(m.count(None, "lobby"), 299);
     }
 }

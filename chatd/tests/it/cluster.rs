@@ -12,6 +12,9 @@ use std::time::{Duration, Instant};
 
 use crate::support::*;
 
+mod admin_wide;
+mod snapshot;
+
 /// `nats-server`, or `None` after one line saying it is missing.
 fn nats_server_bin() -> Option<PathBuf> {
     let path = std::env::var_os("PATH").unwrap_or_default();
