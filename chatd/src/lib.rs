@@ -3,7 +3,8 @@
 //! # Layout
 //!
 //! - [`server`]: binds sockets, runs the accept loop and the shutdown;
-//!   [`listen`]: opening a TCP listener, shared with admin and metrics;
+//!   [`listen`]: the bound listeners and opening a TCP listener, shared
+//!   with admin, metrics and the upgrade handoff;
 //!   [`activation`]: the sockets systemd passes instead.
 //! - [`front`]: between accept and chat: the real address ([`proxy`], PROXY
 //!   protocol from trusted load balancers) and TLS ([`tls`]).
@@ -68,4 +69,5 @@ pub mod tls;
 pub mod udp_echo;
 
 pub use config::Config;
-pub use server::{Daemon, Listeners, bind};
+pub use listen::Listeners;
+pub use server::{Daemon, bind};
