@@ -41,7 +41,7 @@ use tokio::io::{AsyncWrite, AsyncWriteExt, Interest};
 use tokio::net::{TcpStream, UnixStream};
 use tracing::{Instrument, debug, info, info_span};
 
-use crate::cluster::nicks::Claim;
+use crate::cluster_state::Claim;
 use crate::disconnect::Disconnect;
 use crate::framing::{Frame, LineFramer};
 use crate::hub::{Client, Hub, JoinRequest, NickRequest, PrivateError, Refusal, Room, server_line};
