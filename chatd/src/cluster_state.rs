@@ -38,7 +38,8 @@ use std::sync::Arc;
 use bytes::Bytes;
 use tokio::sync::oneshot;
 
-/// A client of this node, as the hub numbers them (`hub::ClientId`).
+/// A client's number, unique on its node (the hub counts them); a
+/// cluster names a client by its node and this number.
 pub type ClientId = u64;
 
 /// What the cluster state answers: at once, or later on a channel. A
@@ -230,7 +231,6 @@ impl ClusterState for SingleNode {
         HashMap::new()
     }
 
-    #[inline]
     fn offer(&self, _room: &Arc<str>, _batch: &Bytes, _kind: Kind) {}
 
     fn send_private(

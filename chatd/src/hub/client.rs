@@ -3,7 +3,7 @@
 
 use super::*;
 
-pub type ClientId = u64;
+pub use crate::cluster_state::ClientId;
 
 /// A connected client as the rest of the daemon sees it. Its connection task
 /// owns the socket; everyone else reaches it through its [`Outbox`].
