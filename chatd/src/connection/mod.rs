@@ -564,17 +564,13 @@ impl<S: Socket> Connection<S> {
 
     /// The cluster answered a `/nick`.
     fn nick_answered(&mut self, wanted: &str, answer: Option<Claim>) {
-        match answer {
-            Some(Claim::Granted) => match self.hub.rename(&self.client, wanted) {
-                Ok(new) => self.renamed(new),
-                Err(why) => {
-                    self.hub.release_nick(&self.client, wanted);
-                    self.error(&why);
-                }
-            },
-            Some(Claim::Taken) => self.error(&format!("nick \"{wanted}\" is taken")),
-            Some(Claim::Unavailable(why)) => self.error(&why),
-            None => self.error("the server is shutting down"),
+        let Some(claim) = answer else {
+            self.error("the server is shutting down");
+            return;
+        };
+        match self.hub.nick_claimed(&self.client, wanted, claim) {
+            Ok(new) => self.renamed(new),
+            Err(why) => self.error(&why),
         }
     }
 

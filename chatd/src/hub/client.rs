@@ -135,18 +135,30 @@ impl Hub {
             return NickRequest::Done(Err(why));
         }
         match self.cluster().claim_nick(wanted, client.id) {
-            Reply::Now(Claim::Granted) => {
+            Reply::Now(claim) => NickRequest::Done(self.nick_claimed(client, wanted, claim)),
+            Reply::Later(answer) => NickRequest::Wait(answer),
+        }
+    }
+
+    /// Ends a nick change with the cluster state's answer: the new nick
+    /// (freeing the claim again if the nick was taken on this node in the
+    /// meantime), or why not (the text follows `*** error: `).
+    pub fn nick_claimed(
+        &self,
+        client: &Arc<Client>,
+        wanted: &str,
+        claim: Claim,
+    ) -> Result<Arc<str>, String> {
+        match claim {
+            Claim::Granted => {
                 let renamed = self.rename(client, wanted);
                 if renamed.is_err() {
                     self.release_nick(client, wanted);
                 }
-                NickRequest::Done(renamed)
+                renamed
             }
-            Reply::Now(Claim::Taken) => {
-                NickRequest::Done(Err(format!("nick \"{wanted}\" is taken")))
-            }
-            Reply::Now(Claim::Unavailable(why)) => NickRequest::Done(Err(why)),
-            Reply::Later(answer) => NickRequest::Wait(answer),
+            Claim::Taken => Err(format!("nick \"{wanted}\" is taken")),
+            Claim::Unavailable(why) => Err(why),
         }
     }
 
