@@ -1,12 +1,14 @@
 //! Cluster mode: rooms that span several chatd nodes, through NATS.
 //!
 //! This module owns the NATS connection and is the only code that talks to
-//! NATS. The hub stays the single-node hub; it hands this module, through a
-//! [`Link`], every batch published in a room and every room notice
-//! ([`Link::offer`], a `try_send` on a bounded channel: the hot path never
-//! waits on the network), and says when a room gains its first or loses its
-//! last local member ([`Link::interest_changed`]). One task, the node's
-//! cluster task, then:
+//! NATS. It is the NATS implementation of [`ClusterState`]: the hub stays
+//! the single-node hub and asks the [`Link`] what it asks
+//! [`SingleNode`](crate::cluster_state::SingleNode) on one node. It hands this module every batch published in a room and
+//! every room notice ([`ClusterState::offer`], a `try_send` on a bounded
+//! channel: the hot path never waits on the network), and says when a room
+//! gains its first or loses its last local member
+//! ([`ClusterState::interest_changed`]). One task, the node's cluster task,
+//! then:
 //!
 //! - publishes each batch once to `NAME.room.ROOM.chat` (a room notice to
 //!   `NAME.room.ROOM.notice`; one NATS message per batch, never per
@@ -32,9 +34,9 @@
 //! node answered and name the live ones that did not.
 //!
 //! Nicks are unique cluster-wide through a JetStream key-value bucket
-//! ([`nicks`]): `/nick` asks the nick task through [`Link::claim_nick`] and
-//! the client's connection waits for the answer without blocking anything
-//! else.
+//! ([`nicks`]): `/nick` asks the nick task through
+//! [`ClusterState::claim_nick`] and the client's connection waits for the
+//! answer without blocking anything else.
 //!
 //! Who is where on the other nodes ([`members`]) makes `/who`, `/rooms`,
 //! the counts in room notices and `/msg` cluster-wide.
@@ -63,6 +65,8 @@ use tracing::{debug, info, warn};
 
 use crate::clock;
 use crate::cluster_seq::{self, Backlog, Position, SEQ_HEADER, Seen, Verdict};
+use crate::cluster_state::{AdminBus, Claim, ClientId, ClusterState, Reply};
+pub use crate::cluster_state::{Answer, GatherError, Gathered, Kind};
 use crate::config::{ClusterConfig, OnUnreachable};
 use crate::hub::Hub;
 use crate::nats_options;
@@ -127,15 +131,7 @@ pub const PRESENCE_TTL: Duration = Duration::from_secs(10);
 /// node.
 pub const MEMBER_TTL: Duration = Duration::from_secs(6);
 
-/// What a cluster message holds.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Kind {
-    /// Chat lines, kept as room history on every node.
-    Chat,
-    /// A server line (join, leave, rename), not kept.
-    Notice,
-}
-
+/// On the wire: the `Chatd-Kind` header and the backlog's byte.
 impl Kind {
     fn as_str(self) -> &'static str {
         match self {
@@ -211,21 +207,6 @@ pub struct Link {
 }
 
 impl Link {
-    /// The way to the other nodes' admin, in cluster mode.
-    pub fn bus(&self) -> Option<&Bus> {
-        self.bus.as_ref()
-    }
-
-    /// Queues a batch for the other nodes, or drops and counts it when the
-    /// queue is full. Never waits.
-    pub fn offer(&self, room: &Arc<str>, payload: &Bytes, kind: Kind) {
-        self.queue(Outgoing::Room {
-            room: room.clone(),
-            payload: payload.clone(),
-            kind,
-        });
-    }
-
     /// Queues a message for NATS, or drops and counts it. Never waits.
     fn queue(&self, out: Outgoing) {
         if let Err(e) = self.tx.try_send(out) {
@@ -250,21 +231,6 @@ impl Link {
         }
     }
 
-    /// This node's client `id` is now `nick` in `room`. Numbered and
-    /// queued for the other nodes' tables ([`members`]); call under the
-    /// hub's `state` lock, so that numbers follow the order of changes and
-    /// a snapshot ([`Hub::member_snapshot`]) holds exactly the changes up
-    /// to its number. Never waits; a change dropped on a full queue makes
-    /// the others ask for a snapshot.
-    pub fn member_set(&self, id: crate::hub::ClientId, nick: &str, room: &str) {
-        self.member_change(vec![(id, nick.to_string(), room.to_string())], Vec::new());
-    }
-
-    /// This node's client `id` is gone; as [`Link::member_set`].
-    pub fn member_gone(&self, id: crate::hub::ClientId) {
-        self.member_change(Vec::new(), vec![id]);
-    }
-
     fn member_change(&self, set: Vec<(u64, String, String)>, gone: Vec<u64>) {
         let Some(prefix) = &self.prefix else {
             return;
@@ -285,12 +251,6 @@ impl Link {
         }
     }
 
-    /// The number of this node's last membership change; read under the
-    /// hub's `state` lock for a snapshot.
-    pub fn member_seq(&self) -> u64 {
-        self.member_seq.load(Relaxed)
-    }
-
     /// Other nodes' clients.
     pub fn members(&self) -> &members::Members {
         &self.members
@@ -304,65 +264,35 @@ impl Link {
             .map(|bus| bus.peers_within(MEMBER_TTL).into_iter().collect())
     }
 
-    /// Sends a private message to `node`'s client; one NATS message.
-    pub fn send_private(&self, node: &str, pm: &members::PmMsg) {
-        let Some(prefix) = &self.prefix else {
-            return;
-        };
-        if let Ok(payload) = serde_json::to_vec(pm) {
-            self.queue(Outgoing::Direct {
-                subject: format!("{prefix}pm.{node}"),
-                payload: payload.into(),
-            });
-        }
+    /// Batches that never reached NATS so far.
+    pub fn dropped(&self) -> u64 {
+        self.dropped.load(Relaxed)
     }
+}
 
-    /// This node's id.
-    pub fn node_id(&self) -> &str {
+/// The NATS implementation of the state all nodes share. Every call is
+/// cheap and synchronous: a message for NATS is queued (`try_send`), a
+/// question for the nick task or a room's subscription is answered later
+/// on a channel, and other nodes' members are read from their tables.
+impl ClusterState for Link {
+    fn node_id(&self) -> &str {
         &self.node_id
     }
 
-    /// Whether rooms' history is cluster-wide (`chat.history` > 0).
-    pub fn keeps_history(&self) -> bool {
-        self.loads.is_some()
+    /// `guest-7-TAG`, with this node's [`node_tag`].
+    fn guest_nick(&self, id: ClientId) -> String {
+        format!("{}{id}-{}", crate::protocol::GUEST_PREFIX, self.tag)
     }
 
-    /// Asks for `room`'s cluster-wide history to be loaded into the room
-    /// on this node; the returned channel says when it is there (or gives
-    /// up: a dropped sender). `None` without cluster history. Unbounded,
-    /// yet bounded in practice: a joining client waits for its one request.
-    pub fn load_history(&self, room: &str) -> Option<tokio::sync::oneshot::Receiver<()>> {
-        let tx = self.loads.as_ref()?;
-        let (reply, done) = tokio::sync::oneshot::channel();
-        let _ = tx.send((room.into(), reply));
-        Some(done)
-    }
-
-    /// A room gained its first or lost its last local member: the cluster
-    /// task re-reads which rooms to subscribe to.
-    pub fn interest_changed(&self) {
-        self.interest.notify_one();
-    }
-
-    /// The short tag that keeps this node's guest nicks apart from other
-    /// nodes' (`guest-7-TAG`).
-    pub fn tag(&self) -> &str {
-        &self.tag
-    }
-
-    /// Asks the cluster for `nick` (its fold is `key`) for `client`; the
-    /// answer comes on the returned channel. `None` when there is no nick
-    /// task (unit tests): the nick is then decided on this node alone.
-    pub fn claim_nick(
-        &self,
-        key: String,
-        nick: &str,
-        client: crate::hub::ClientId,
-    ) -> Option<tokio::sync::oneshot::Receiver<nicks::Claim>> {
-        let tx = self.nicks.as_ref()?;
+    /// Asks the nick task; the answer comes later. Without a nick task
+    /// (unit tests) the nick is decided on this node alone.
+    fn claim_nick(&self, nick: &str, client: ClientId) -> Reply<Claim> {
+        let Some(tx) = &self.nicks else {
+            return Reply::Now(Claim::Granted);
+        };
         let (reply, answer) = tokio::sync::oneshot::channel();
         let sent = tx.send(nicks::Request::Claim {
-            key,
+            key: crate::protocol::fold(nick),
             nick: nick.into(),
             client,
             reply,
@@ -370,34 +300,117 @@ impl Link {
         // A closed task (shutdown) drops `reply`: the claim reads as
         // unavailable.
         drop(sent);
-        Some(answer)
+        Reply::Later(answer)
     }
 
-    /// Keeps holding, for `client` taken over from the previous process of
-    /// this node, the nick folded to `key` that process held: the next
-    /// refresh finds the bucket's value already ours and keeps it. Never
-    /// waits.
-    pub fn hold_nick(&self, key: String, nick: &str, client: crate::hub::ClientId) {
+    /// The next refresh finds the bucket's value already ours and keeps it.
+    fn hold_nick(&self, nick: &str, client: ClientId) {
         if let Some(tx) = &self.nicks {
             let _ = tx.send(nicks::Request::Hold {
-                key,
+                key: crate::protocol::fold(nick),
                 nick: nick.into(),
                 client,
             });
         }
     }
 
-    /// Frees `client`'s cluster-wide claim on the nick folded to `key`, if
-    /// it holds one. Never waits.
-    pub fn release_nick(&self, key: String, client: crate::hub::ClientId) {
+    fn release_nick(&self, nick: &str, client: ClientId) {
         if let Some(tx) = &self.nicks {
-            let _ = tx.send(nicks::Request::Release { key, client });
+            let _ = tx.send(nicks::Request::Release {
+                key: crate::protocol::fold(nick),
+                client,
+            });
         }
     }
 
-    /// Batches that never reached NATS so far.
-    pub fn dropped(&self) -> u64 {
-        self.dropped.load(Relaxed)
+    /// Numbered and queued for the other nodes' tables ([`members`]);
+    /// called under the hub's `state` lock, so that numbers follow the
+    /// order of changes and a snapshot ([`Hub::member_snapshot`]) holds
+    /// exactly the changes up to its number. A change dropped on a full
+    /// queue makes the others ask for a snapshot.
+    fn member_set(&self, id: ClientId, nick: &str, room: &str) {
+        self.member_change(vec![(id, nick.to_string(), room.to_string())], Vec::new());
+    }
+
+    fn member_gone(&self, id: ClientId) {
+        self.member_change(Vec::new(), vec![id]);
+    }
+
+    fn member_seq(&self) -> u64 {
+        self.member_seq.load(Relaxed)
+    }
+
+    /// The cluster task re-reads which rooms to subscribe to.
+    fn interest_changed(&self) {
+        self.interest.notify_one();
+    }
+
+    fn remote_count(&self, room: &str) -> usize {
+        self.members.count(self.live_nodes().as_ref(), room)
+    }
+
+    fn remote_nicks(&self, room: &str, max: usize) -> (Vec<Arc<str>>, usize) {
+        self.members.nicks(self.live_nodes().as_ref(), room, max)
+    }
+
+    fn remote_rooms(&self) -> HashMap<Arc<str>, usize> {
+        self.members.rooms(self.live_nodes().as_ref())
+    }
+
+    /// Queued for the cluster task, or dropped and counted when the queue
+    /// is full.
+    fn offer(&self, room: &Arc<str>, batch: &Bytes, kind: Kind) {
+        self.queue(Outgoing::Room {
+            room: room.clone(),
+            payload: batch.clone(),
+            kind,
+        });
+    }
+
+    /// One NATS message, to `NAME.pm.NODE` of the node that has `to`.
+    fn send_private(
+        &self,
+        from: ClientId,
+        from_nick: &str,
+        to: &str,
+        text: &str,
+    ) -> Option<Arc<str>> {
+        let (node, nick) = self.members.find(self.live_nodes().as_ref(), to)?;
+        let pm = members::PmMsg {
+            from_node: self.node_id.to_string(),
+            from_id: from,
+            from_nick: from_nick.to_string(),
+            to: nick.to_string(),
+            text: text.to_string(),
+            error: None,
+        };
+        if let Some(prefix) = &self.prefix
+            && let Ok(payload) = serde_json::to_vec(&pm)
+        {
+            self.queue(Outgoing::Direct {
+                subject: format!("{prefix}pm.{node}"),
+                payload: payload.into(),
+            });
+        }
+        Some(nick)
+    }
+
+    /// The room's subscription task loads the stream's batches; the reply
+    /// says when they are there (or that it gave up: a dropped sender).
+    /// Without cluster history (`chat.history` = 0, unit tests), at once.
+    /// Unbounded, yet bounded in practice: a joining client waits for its
+    /// one request.
+    fn load_history(&self, room: &str) -> Reply<()> {
+        let Some(tx) = &self.loads else {
+            return Reply::Now(());
+        };
+        let (reply, done) = tokio::sync::oneshot::channel();
+        let _ = tx.send((room.into(), reply));
+        Reply::Later(done)
+    }
+
+    fn admin(&self) -> Option<&dyn AdminBus> {
+        self.bus.as_ref().map(|bus| bus as &dyn AdminBus)
     }
 }
 
@@ -531,16 +544,8 @@ pub async fn start(
         replicas(config),
     );
     tokio::spawn(nick_task.run(nicks_rx, state_rx.clone(), shutdown.clone()));
+    // Holds the nicks of clients taken over by a seamless upgrade.
     hub.attach_cluster(link.clone());
-    // Clients taken over by a seamless upgrade: the previous process of
-    // this node held their nicks in the bucket under the same node and
-    // client ids, so the new one keeps holding them and no other node can
-    // take one across the handoff.
-    for c in hub.clients(None, None) {
-        if !c.nick.starts_with(crate::protocol::GUEST_PREFIX) {
-            link.hold_nick(crate::protocol::fold(&c.nick), &c.nick, c.id);
-        }
-    }
     tokio::spawn(bans::run(
         client.clone(),
         hub.clone(),
@@ -552,6 +557,7 @@ pub async fn start(
     tokio::spawn(members::run(
         client.clone(),
         hub.clone(),
+        link.clone(),
         config.node_id.clone().into(),
         config.name.clone(),
         state_rx.clone(),
@@ -1147,6 +1153,10 @@ async fn listen(
                 if let Some(stream) = &history {
                     let (batches, ids) = history::fetch(stream, &chat_subject, per_room).await;
                     debug!(%room, batches = batches.len(), "cluster: room history loaded");
+                    let batches: Vec<(Bytes, usize)> = batches
+                        .into_iter()
+                        .filter_map(|b| well_formed(&b).map(|lines| (b, lines)))
+                        .collect();
                     hub.replace_history(&room, &batches);
                     loaded = ids;
                 }
@@ -1321,31 +1331,32 @@ pub struct Bus {
     peers: Arc<std::sync::Mutex<HashMap<String, std::time::Instant>>>,
 }
 
-/// What a scattered request brought back.
-#[derive(Debug, Default)]
-pub struct Gathered {
-    pub answers: Vec<Answer>,
-    /// Nodes heard on `NAME.nodes` within [`PRESENCE_TTL`] that did not
-    /// answer in time, sorted.
-    pub missing: Vec<String>,
-}
+/// The admin service scatters through the seam: it sees a bus only in
+/// cluster mode ([`ClusterState::admin`]). The nodes that count as there
+/// are those heard on `NAME.nodes` within [`PRESENCE_TTL`].
+impl AdminBus for Bus {
+    fn node_id(&self) -> &str {
+        Bus::node_id(self)
+    }
 
-/// One node's answer to a scattered admin request.
-#[derive(Debug)]
-pub struct Answer {
-    pub node: String,
-    /// The answer (an encoded admin response), or the error's gRPC code and
-    /// message.
-    pub result: Result<Bytes, (i32, String)>,
-}
+    fn gather<'a>(
+        &'a self,
+        op: &'a str,
+        payload: Bytes,
+        done: &'a (dyn Fn(&Answer) -> bool + Send + Sync),
+    ) -> std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<Gathered, GatherError>> + Send + 'a>,
+    > {
+        Box::pin(Bus::gather(self, op, payload, done))
+    }
 
-/// Why a request could not be scattered at all.
-#[derive(Debug, thiserror::Error)]
-pub enum GatherError {
-    #[error("NATS is unreachable")]
-    Unreachable,
-    #[error("cannot ask the other nodes: {0}")]
-    Nats(String),
+    fn watch<'a>(
+        &'a self,
+        messages: bool,
+    ) -> crate::cluster_state::BoxFuture<'a, Result<(crate::admin::watch::Remote, Gathered), String>>
+    {
+        Box::pin(crate::admin::watch::Remote::open(self, messages))
+    }
 }
 
 impl Bus {

@@ -3,7 +3,8 @@
 //! # Layout
 //!
 //! - [`server`]: binds sockets, runs the accept loop and the shutdown;
-//!   [`listen`]: opening a TCP listener, shared with admin and metrics;
+//!   [`listen`]: the bound listeners and opening a TCP listener, shared
+//!   with admin, metrics and the upgrade handoff;
 //!   [`activation`]: the sockets systemd passes instead.
 //! - [`front`]: between accept and chat: the real address ([`proxy`], PROXY
 //!   protocol from trusted load balancers) and TLS ([`tls`]).
@@ -16,10 +17,14 @@
 //!   exposes.
 //! - [`outbox`]: one client's bounded outgoing queue; [`disconnect`]: why a
 //!   client leaves.
-//! - [`cluster`]: cluster mode; the NATS connection and rooms that span
-//!   nodes (the only code that talks to NATS); [`nats_options`]: its
-//!   credentials and TLS; [`cluster_seq`]: stream positions, so a failover
-//!   loses no line.
+//! - [`cluster_state`]: the seam between this node and the service: the
+//!   state all nodes share (nicks, members elsewhere, history, admin
+//!   across nodes), one interface with two implementations: in process
+//!   (one node) and NATS.
+//! - [`cluster`]: cluster mode, the NATS implementation; the NATS
+//!   connection and rooms that span nodes (the only code that talks to
+//!   NATS); [`nats_options`]: its credentials and TLS; [`cluster_seq`]:
+//!   stream positions, so a failover loses no line.
 //! - [`udp_echo`]: the UDP echo port.
 //! - [`admin`]: the gRPC admin API (tokens, service, health, reflection).
 //! - [`bans`]: banned addresses and their file; [`files`]: private files
@@ -40,6 +45,7 @@ pub mod bans;
 pub mod clock;
 pub mod cluster;
 pub mod cluster_seq;
+pub mod cluster_state;
 pub mod config;
 pub mod connection;
 pub mod disconnect;
@@ -68,4 +74,5 @@ pub mod tls;
 pub mod udp_echo;
 
 pub use config::Config;
-pub use server::{Daemon, Listeners, bind};
+pub use listen::Listeners;
+pub use server::{Daemon, bind};

@@ -1,12 +1,66 @@
-//! Opening a TCP listener, and the error that names the config key to
-//! change when a listener cannot be opened. Shared by the chat, admin and
-//! metrics listeners, so that none of them depends on another's module.
+//! The daemon's bound listeners ([`Listeners`]), opening a TCP listener,
+//! and the error that names the config key to change when a listener
+//! cannot be opened. Shared by the chat, admin and metrics listeners and by
+//! the upgrade handoff (which passes listeners to the next process), so
+//! that none of them depends on another's module.
 
 use std::io;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 
 use socket2::SockRef;
-use tokio::net::{TcpListener, TcpSocket};
+use tokio::net::{TcpListener, TcpSocket, UdpSocket, UnixListener};
+
+/// Every socket the daemon serves, already bound.
+#[derive(Debug)]
+pub struct Listeners {
+    /// Plain chat; at least one.
+    pub chat: Vec<TcpListener>,
+    /// Chat over TLS; may be empty.
+    pub tls: Vec<TcpListener>,
+    pub udp: Vec<UdpSocket>,
+    pub admin: AdminListeners,
+}
+
+impl Listeners {
+    /// No socket at all.
+    pub fn empty() -> Listeners {
+        Listeners {
+            chat: Vec::new(),
+            tls: Vec::new(),
+            udp: Vec::new(),
+            admin: AdminListeners {
+                tcp: Vec::new(),
+                unix: None,
+            },
+        }
+    }
+}
+
+/// The admin API's sockets, bound by [`crate::server::bind`].
+#[derive(Debug)]
+pub struct AdminListeners {
+    /// One per `admin.listen` address.
+    pub tcp: Vec<TcpListener>,
+    /// The listener and its path (removed at exit).
+    pub unix: Option<(UnixListener, PathBuf)>,
+}
+
+impl AdminListeners {
+    /// The bound addresses, as the token files name them.
+    pub fn addrs(&self) -> Vec<chatd_proto::AdminAddr> {
+        let tcp = self
+            .tcp
+            .iter()
+            .filter_map(|l| l.local_addr().ok())
+            .map(chatd_proto::AdminAddr::Tcp);
+        let unix = self
+            .unix
+            .as_ref()
+            .map(|(_, path)| chatd_proto::AdminAddr::Unix(path.clone()));
+        tcp.into_iter().chain(unix).collect()
+    }
+}
 
 /// Why a listener could not be opened; names the config key to change.
 #[derive(Debug, thiserror::Error)]

@@ -16,42 +16,16 @@ use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
 
 use crate::activation::Activated;
-use crate::admin::{self, AdminListeners, AdminSetup, SetupError};
+use crate::admin::{self, AdminSetup, SetupError};
 use crate::bans::{BanError, Bans};
 use crate::config::{Config, Source};
 use crate::front::{self, Door};
 use crate::hub::Hub;
-use crate::listen::{BindError, bind_tcp};
+use crate::listen::{AdminListeners, BindError, Listeners, bind_tcp};
 use crate::reload::Reloader;
 use crate::telemetry::LogLevel;
 use crate::tls::{self, Certs, TlsError};
 use crate::udp_echo;
-
-/// Every socket the daemon serves, already bound.
-#[derive(Debug)]
-pub struct Listeners {
-    /// Plain chat; at least one.
-    pub chat: Vec<TcpListener>,
-    /// Chat over TLS; may be empty.
-    pub tls: Vec<TcpListener>,
-    pub udp: Vec<UdpSocket>,
-    pub admin: AdminListeners,
-}
-
-impl Listeners {
-    /// No socket at all.
-    pub fn empty() -> Listeners {
-        Listeners {
-            chat: Vec::new(),
-            tls: Vec::new(),
-            udp: Vec::new(),
-            admin: AdminListeners {
-                tcp: Vec::new(),
-                unix: None,
-            },
-        }
-    }
-}
 
 /// Binds every listener the configuration asks for, except those systemd
 /// already passed in `activated`.

@@ -29,7 +29,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use chatd_proto::admin::v1::admin_server::AdminServer;
-use tokio::net::{TcpListener, UnixListener};
 use tokio_util::sync::CancellationToken;
 use tonic::transport::{Identity, Server, ServerTlsConfig};
 use tonic_health::ServingStatus;
@@ -43,6 +42,7 @@ pub use service::answer_remote;
 use crate::config::{AdminConfig, Role, TokenConfig};
 use crate::files;
 use crate::hub::Hub;
+use crate::listen::AdminListeners;
 use crate::lock::lock;
 use crate::reload::Reloader;
 
@@ -51,31 +51,6 @@ use crate::reload::Reloader;
 pub const MAX_REASON_BYTES: usize = 256;
 /// Longest broadcast text accepted, in bytes: one server line to everyone.
 pub const MAX_BROADCAST_BYTES: usize = 1024;
-
-/// The admin API's sockets, bound by [`crate::server::bind`].
-#[derive(Debug)]
-pub struct AdminListeners {
-    /// One per `admin.listen` address.
-    pub tcp: Vec<TcpListener>,
-    /// The listener and its path (removed at exit).
-    pub unix: Option<(UnixListener, PathBuf)>,
-}
-
-impl AdminListeners {
-    /// The bound addresses, as the token files name them.
-    pub fn addrs(&self) -> Vec<chatd_proto::AdminAddr> {
-        let tcp = self
-            .tcp
-            .iter()
-            .filter_map(|l| l.local_addr().ok())
-            .map(chatd_proto::AdminAddr::Tcp);
-        let unix = self
-            .unix
-            .as_ref()
-            .map(|(_, path)| chatd_proto::AdminAddr::Unix(path.clone()));
-        tcp.into_iter().chain(unix).collect()
-    }
-}
 
 /// Why the admin API cannot start.
 #[derive(Debug, thiserror::Error)]

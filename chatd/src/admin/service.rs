@@ -18,9 +18,9 @@ use tracing::{info, warn};
 use super::auth::Caller;
 use super::convert;
 use super::error::AdminError;
-use super::watch;
 use crate::bans::{self, Ban};
-use crate::cluster::{ADMIN_DEADLINE, Answer, Bus, Gathered};
+use crate::cluster::ADMIN_DEADLINE;
+use crate::cluster_state::{AdminBus, Answer, Gathered};
 use crate::hub::{Hub, HubError, Target};
 use crate::reload::Reloader;
 
@@ -365,8 +365,8 @@ fn none_succeeded(failed: Vec<(String, Status)>, what: &str) -> Status {
 
 impl AdminService {
     /// The way to the other nodes, in cluster mode.
-    fn bus(&self) -> Option<&Bus> {
-        self.hub.cluster().and_then(|link| link.bus())
+    fn bus(&self) -> Option<&dyn AdminBus> {
+        self.hub.cluster().admin()
     }
 
     /// Scatters `request` to every node and gathers the answers; `None`
@@ -376,11 +376,11 @@ impl AdminService {
         &self,
         op: &str,
         request: &impl Message,
-        done: impl Fn(&Answer) -> bool,
+        done: impl Fn(&Answer) -> bool + Send + Sync,
     ) -> Option<Gathered> {
         let bus = self.bus()?;
         match bus
-            .gather(op, Bytes::from(request.encode_to_vec()), done)
+            .gather(op, Bytes::from(request.encode_to_vec()), &done)
             .await
         {
             Ok(answers) => Some(answers),
@@ -701,7 +701,7 @@ impl Admin for AdminService {
         // this call returns is in it.
         let (remote, answered, missing) = match self.bus() {
             None => (None, Vec::new(), Vec::new()),
-            Some(bus) => match watch::Remote::open(bus, include_messages).await {
+            Some(bus) => match bus.watch(include_messages).await {
                 Ok((remote, gathered)) => {
                     let mut answered: Vec<String> =
                         gathered.answers.into_iter().map(|a| a.node).collect();

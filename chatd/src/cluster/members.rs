@@ -4,7 +4,7 @@
 //!
 //! Every node numbers the changes of its clients (a client's nick and room
 //! set, or the client gone) and publishes each on `NAME.members`, in order
-//! (see [`crate::cluster::Link::member_set`]); on connecting to NATS, and
+//! (see [`crate::cluster_state::ClusterState::member_set`]); on connecting to NATS, and
 //! whenever another node asks on `NAME.members.sync`, it publishes its whole
 //! table (a snapshot, numbered like the changes). A node keeps one table per
 //! other node: a snapshot replaces it, a change applies when it is the next
@@ -430,6 +430,7 @@ impl Members {
 pub async fn run(
     client: async_nats::Client,
     hub: Hub,
+    link: Arc<super::Link>,
     node_id: Arc<str>,
     name: String,
     mut state: watch::Receiver<bool>,
@@ -453,9 +454,6 @@ pub async fn run(
         subscribe(sync_subject.clone()).await,
         subscribe(pm_subject).await,
     ) else {
-        return;
-    };
-    let Some(link) = hub.cluster().cloned() else {
         return;
     };
     // This node's table, in parts small enough for the server it is on.

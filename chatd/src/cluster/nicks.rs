@@ -46,17 +46,7 @@ pub const REFRESH: Duration = Duration::from_secs(5);
 /// How long one KV operation may take before a claim says "try again".
 const OP_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// The answer to a claim.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Claim {
-    /// The nick is this client's, cluster-wide (or on this node alone while
-    /// NATS is away, until it is back).
-    Granted,
-    /// Another client holds it, on this node or another.
-    Taken,
-    /// The bucket could not be asked; the text follows `*** error: `.
-    Unavailable(String),
-}
+pub use crate::cluster_state::Claim;
 
 /// What the nick task is asked.
 #[derive(Debug)]

@@ -41,7 +41,7 @@ use tokio::io::{AsyncWrite, AsyncWriteExt, Interest};
 use tokio::net::{TcpStream, UnixStream};
 use tracing::{Instrument, debug, info, info_span};
 
-use crate::cluster::nicks::Claim;
+use crate::cluster_state::Claim;
 use crate::disconnect::Disconnect;
 use crate::framing::{Frame, LineFramer};
 use crate::hub::{Client, Hub, JoinRequest, NickRequest, PrivateError, Refusal, Room, server_line};
@@ -564,17 +564,13 @@ impl<S: Socket> Connection<S> {
 
     /// The cluster answered a `/nick`.
     fn nick_answered(&mut self, wanted: &str, answer: Option<Claim>) {
-        match answer {
-            Some(Claim::Granted) => match self.hub.rename(&self.client, wanted) {
-                Ok(new) => self.renamed(new),
-                Err(why) => {
-                    self.hub.release_nick(&self.client, wanted);
-                    self.error(&why);
-                }
-            },
-            Some(Claim::Taken) => self.error(&format!("nick \"{wanted}\" is taken")),
-            Some(Claim::Unavailable(why)) => self.error(&why),
-            None => self.error("the server is shutting down"),
+        let Some(claim) = answer else {
+            self.error("the server is shutting down");
+            return;
+        };
+        match self.hub.nick_claimed(&self.client, wanted, claim) {
+            Ok(new) => self.renamed(new),
+            Err(why) => self.error(&why),
         }
     }
 

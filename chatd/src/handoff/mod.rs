@@ -50,7 +50,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::hub::Hub;
-use crate::server::Listeners;
+use crate::listen::Listeners;
 pub use gate::{Gate, Outcome};
 pub use state::{ClientState, ListenerKind, State};
 

@@ -11,15 +11,10 @@ impl Hub {
         let mut total = members.len();
         let mut nicks: Vec<Arc<str>> = members.iter().take(WHO_MAX).map(|m| m.nick()).collect();
         drop(members);
-        if let Some(link) = self.cluster() {
-            let room_name: &str = &room.name;
-            let max = WHO_MAX.saturating_sub(nicks.len());
-            let (remote, count) = link
-                .members()
-                .nicks(link.live_nodes().as_ref(), room_name, max);
-            nicks.extend(remote);
-            total += count;
-        }
+        let max = WHO_MAX.saturating_sub(nicks.len());
+        let (remote, count) = self.cluster().remote_nicks(&room.name, max);
+        nicks.extend(remote);
+        total += count;
         nicks.sort();
         let mut text = format!("{} ({}): {}", room.name, users(total), nicks.join(", "));
         if total > WHO_MAX {
@@ -40,10 +35,7 @@ impl Hub {
     /// on one node, [`Hub::rooms`]).
     pub fn all_rooms(&self) -> Vec<RoomInfo> {
         let mut infos = self.rooms();
-        let Some(link) = self.cluster() else {
-            return infos;
-        };
-        let mut remote = link.members().rooms(link.live_nodes().as_ref());
+        let mut remote = self.cluster().remote_rooms();
         for info in &mut infos {
             info.members += remote.remove(info.name.as_str()).unwrap_or(0);
         }

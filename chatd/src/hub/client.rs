@@ -3,7 +3,7 @@
 
 use super::*;
 
-pub type ClientId = u64;
+pub use crate::cluster_state::ClientId;
 
 /// A connected client as the rest of the daemon sees it. Its connection task
 /// owns the socket; everyone else reaches it through its [`Outbox`].
@@ -121,25 +121,44 @@ pub enum NickRequest {
     /// The new nick, or why not (the text follows `*** error: `).
     Done(Result<Arc<str>, String>),
     /// The cluster decides; then call [`Hub::rename`] if granted.
-    Wait(tokio::sync::oneshot::Receiver<crate::cluster::nicks::Claim>),
+    Wait(tokio::sync::oneshot::Receiver<Claim>),
 }
 
 impl Hub {
-    /// Starts a nick change: on one node it is decided at once (as by
-    /// [`Hub::rename`]); in cluster mode, once the nick passes this node's
-    /// checks, the cluster is asked and the caller waits for the answer,
-    /// then calls [`Hub::rename`] (or [`Hub::release_nick`] when it no
-    /// longer wants it).
+    /// Starts a nick change: once the nick passes this node's checks, the
+    /// cluster state is asked. On one node it grants it at once and the
+    /// nick changes (as by [`Hub::rename`]); in cluster mode the caller
+    /// waits for the answer, then calls [`Hub::rename`] (or
+    /// [`Hub::release_nick`] when it no longer wants it).
     pub fn request_nick(&self, client: &Arc<Client>, wanted: &str) -> NickRequest {
-        let Some(link) = self.cluster() else {
-            return NickRequest::Done(self.rename(client, wanted));
-        };
         if let Err(why) = self.check_nick(client, wanted) {
             return NickRequest::Done(Err(why));
         }
-        match link.claim_nick(protocol::fold(wanted), wanted, client.id) {
-            Some(answer) => NickRequest::Wait(answer),
-            None => NickRequest::Done(self.rename(client, wanted)),
+        match self.cluster().claim_nick(wanted, client.id) {
+            Reply::Now(claim) => NickRequest::Done(self.nick_claimed(client, wanted, claim)),
+            Reply::Later(answer) => NickRequest::Wait(answer),
+        }
+    }
+
+    /// Ends a nick change with the cluster state's answer: the new nick
+    /// (freeing the claim again if the nick was taken on this node in the
+    /// meantime), or why not (the text follows `*** error: `).
+    pub fn nick_claimed(
+        &self,
+        client: &Arc<Client>,
+        wanted: &str,
+        claim: Claim,
+    ) -> Result<Arc<str>, String> {
+        match claim {
+            Claim::Granted => {
+                let renamed = self.rename(client, wanted);
+                if renamed.is_err() {
+                    self.release_nick(client, wanted);
+                }
+                renamed
+            }
+            Claim::Taken => Err(format!("nick \"{wanted}\" is taken")),
+            Claim::Unavailable(why) => Err(why),
         }
     }
 
@@ -160,10 +179,8 @@ impl Hub {
     /// Frees `client`'s cluster-wide claim on `nick`, if any (cluster mode;
     /// guest nicks are never claimed). Never waits.
     pub fn release_nick(&self, client: &Client, nick: &str) {
-        if let Some(link) = self.cluster()
-            && !nick.starts_with(protocol::GUEST_PREFIX)
-        {
-            link.release_nick(protocol::fold(nick), client.id);
+        if !nick.starts_with(protocol::GUEST_PREFIX) {
+            self.cluster().release_nick(nick, client.id);
         }
     }
 
@@ -180,10 +197,7 @@ impl Hub {
         if protocol::fold(&old) != key {
             return;
         }
-        let mut guest = match self.cluster() {
-            Some(link) => format!("{}{id}-{}", protocol::GUEST_PREFIX, link.tag()),
-            None => format!("{}{id}", protocol::GUEST_PREFIX),
-        };
+        let mut guest = self.cluster().guest_nick(id);
         while state.nicks.contains_key(&protocol::fold(&guest)) {
             guest.push('_');
         }
@@ -196,8 +210,8 @@ impl Hub {
             names.room.clone()
         };
         client.renamed.store(true, Relaxed);
-        if let (Some(link), Some(room)) = (self.cluster(), &room) {
-            link.member_set(id, &new, &room.name);
+        if let Some(room) = &room {
+            self.cluster().member_set(id, &new, &room.name);
         }
         drop(state);
         client.notice(
@@ -237,8 +251,8 @@ impl Hub {
             names.nick = new.clone();
             names.room.clone()
         };
-        if let (Some(link), Some(room)) = (self.cluster(), &room) {
-            link.member_set(client.id, &new, &room.name);
+        if let Some(room) = &room {
+            self.cluster().member_set(client.id, &new, &room.name);
         }
         drop(state);
         if let Some(room) = room {

@@ -121,9 +121,7 @@ impl Hub {
         }
         let line = server_line(text);
         self.fan_out(room, from, &line, self.queue_limit());
-        if let Some(link) = self.cluster() {
-            link.offer(&room.name, &line, Kind::Notice);
-        }
+        self.cluster().offer(&room.name, &line, Kind::Notice);
     }
 
     /// Sends each room that held notices back one line summing them up. Run
@@ -166,9 +164,7 @@ impl Hub {
             );
             let line = server_line(&text);
             self.fan_out(&room, 0, &line, config.limits.outbound_queue_bytes);
-            if let Some(link) = self.cluster() {
-                link.offer(&room.name, &line, Kind::Notice);
-            }
+            self.cluster().offer(&room.name, &line, Kind::Notice);
         }
     }
 
@@ -198,9 +194,7 @@ impl Hub {
         self.shared.stats.fan_out_latency.observe(started.elapsed());
         // Other nodes get the batch once, whatever their number of members;
         // `offer` never waits.
-        if let Some(link) = self.cluster() {
-            link.offer(&room.name, &batch, Kind::Chat);
-        }
+        self.cluster().offer(&room.name, &batch, Kind::Chat);
         fanout
     }
 
@@ -253,19 +247,12 @@ impl Hub {
             .sum()
     }
 
-    /// Members of `room` on the other live nodes; 0 on one node.
-    pub(super) fn remote_count(&self, room: &str) -> usize {
-        self.cluster().map_or(0, |link| {
-            link.members().count(link.live_nodes().as_ref(), room)
-        })
-    }
-
     /// Every client of this node in a room, with the number of the last
     /// membership change they include (cluster mode; see
-    /// [`Link::member_set`]).
+    /// [`ClusterState::member_set`]).
     pub fn member_snapshot(&self) -> (u64, Vec<(ClientId, String, String)>) {
         let state = self.state();
-        let seq = self.cluster().map_or(0, |link| link.member_seq());
+        let seq = self.cluster().member_seq();
         let set = state
             .clients
             .values()
@@ -438,25 +425,14 @@ impl Hub {
         to: &str,
         text: &str,
     ) -> Result<Option<Arc<Client>>, PrivateError> {
-        let no_such = || PrivateError::Failed(format!("no such nick \"{}\"", sanitize::clean(to)));
-        let link = self.cluster().ok_or_else(no_such)?;
-        let (node, nick) = link
-            .members()
-            .find(link.live_nodes().as_ref(), to)
-            .ok_or_else(no_such)?;
         let from_nick = from.nick();
         let text = sanitize::clean(text);
-        link.send_private(
-            &node,
-            &crate::cluster::members::PmMsg {
-                from_node: link.node_id().to_string(),
-                from_id: from.id,
-                from_nick: from_nick.to_string(),
-                to: nick.to_string(),
-                text: text.clone(),
-                error: None,
-            },
-        );
+        let Some(nick) = self.cluster().send_private(from.id, &from_nick, to, &text) else {
+            return Err(PrivateError::Failed(format!(
+                "no such nick \"{}\"",
+                sanitize::clean(to)
+            )));
+        };
         from.outbox.push(
             server_free_line(&format!("[pm -> {nick}] {text}")),
             self.queue_limit(),

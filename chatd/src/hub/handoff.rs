@@ -157,8 +157,8 @@ impl Hub {
             members.len() == 1
         };
         drop(state);
-        if first && let Some(link) = self.cluster() {
-            link.interest_changed();
+        if first {
+            self.cluster().interest_changed();
         }
         (client, room)
     }

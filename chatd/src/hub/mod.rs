@@ -7,11 +7,16 @@
 //! rooms, stats, bans) are methods here too, so they are tested without
 //! gRPC. The hub enforces bans at connect; [`crate::bans`] keeps the list.
 //!
-//! In cluster mode two operations may need an answer from NATS: a nick
-//! change ([`Hub::request_nick`]) and a join of a room that has no member on
-//! this node yet ([`Hub::request_join`], which loads the room's history).
-//! They return a channel to wait on instead of blocking; the connection
-//! waits without reading further lines. On one node they decide at once.
+//! The hub holds what is local: this node's clients, their outboxes, rooms
+//! and members. What all nodes share (nicks, members on other nodes,
+//! history, admin across nodes) it asks of a [`ClusterState`], the same
+//! calls on one node ([`SingleNode`]) and in a cluster (NATS), so the hub
+//! reads the same in both. Two operations may need an answer from
+//! elsewhere: a nick change ([`Hub::request_nick`]) and a join of a room
+//! that has no member on this node yet ([`Hub::request_join`], which loads
+//! the room's history). They return a channel to wait on instead of
+//! blocking; the connection waits without reading further lines. On one
+//! node they decide at once.
 //!
 //! Locking: the control plane (connect, join, nick, leave) takes the `state`
 //! mutex and then, when needed, one room's member lock. The hot path
@@ -37,7 +42,7 @@ use tokio::sync::broadcast;
 
 use crate::bans::{Ban, BanError, Bans};
 use crate::clock;
-use crate::cluster::{Kind, Link};
+use crate::cluster_state::{Claim, ClusterState, Kind, Reply, SingleNode};
 use crate::config::{Config, Limits};
 use crate::disconnect::Disconnect;
 use crate::lock::{lock, read, write};
@@ -185,9 +190,9 @@ struct Shared {
     /// Rooms holding back notices, summed up by [`Hub::flush_notices`].
     notices_due: Mutex<Vec<Arc<Room>>>,
     connect_rate: Mutex<ConnectRate>,
-    /// The way to other nodes, set once at start in cluster mode; unset,
-    /// the hub is exactly the single-node hub.
-    cluster: OnceLock<Arc<Link>>,
+    /// The state shared with other nodes, set once at start in cluster
+    /// mode; unset, it is [`SingleNode`] (see [`Hub::cluster`]).
+    cluster: OnceLock<Arc<dyn ClusterState>>,
     /// The freeze of a seamless upgrade (see [`crate::handoff`]).
     handoff: crate::handoff::Gate,
 }
@@ -244,17 +249,32 @@ impl Hub {
         }
     }
 
-    /// Puts this hub in cluster mode: room lines and notices also go to
-    /// `link`, and guest nicks carry the node's tag. Call once, before
-    /// serving; a second call is ignored.
-    pub fn attach_cluster(&self, link: Arc<Link>) {
-        let _ = self.shared.cluster.set(link);
+    /// Puts this hub in cluster mode: from now on it asks `cluster` for
+    /// what all nodes share. Call once, before serving; a second call is
+    /// ignored. Clients taken over by a seamless upgrade keep their nicks:
+    /// the previous process of this node held them under the same node and
+    /// client ids, so `cluster` goes on holding them and no other node can
+    /// take one across the handoff.
+    pub fn attach_cluster(&self, cluster: Arc<dyn ClusterState>) {
+        if self.shared.cluster.set(cluster).is_err() {
+            return;
+        }
+        let cluster = self.cluster();
+        for c in self.clients(None, None) {
+            if !c.nick.starts_with(protocol::GUEST_PREFIX) {
+                cluster.hold_nick(&c.nick, c.id);
+            }
+        }
     }
 
-    /// The link to the other nodes, in cluster mode (the admin service
-    /// gathers through it).
-    pub fn cluster(&self) -> Option<&Arc<Link>> {
-        self.shared.cluster.get()
+    /// The state shared with the other nodes: the one attached at start in
+    /// cluster mode, else this node alone ([`SingleNode`]).
+    #[inline]
+    pub fn cluster(&self) -> &dyn ClusterState {
+        match self.shared.cluster.get() {
+            Some(cluster) => cluster.as_ref(),
+            None => &SingleNode,
+        }
     }
 
     pub fn config(&self) -> Arc<Config> {
@@ -330,10 +350,7 @@ impl Hub {
         let id = self.shared.next_id.fetch_add(1, Relaxed);
         // In cluster mode the node's tag keeps guest nicks of different
         // nodes apart.
-        let mut nick = match self.cluster() {
-            Some(link) => format!("guest-{id}-{}", link.tag()),
-            None => format!("guest-{id}"),
-        };
+        let mut nick = self.cluster().guest_nick(id);
         // A guest nick can only be taken by another guest with the same id,
         // which cannot exist; the loop is a guard, not a hot path.
         while state.nicks.contains_key(&protocol::fold(&nick)) {
@@ -439,9 +456,7 @@ impl Hub {
         let nick = client.nick();
         state.nicks.remove(&protocol::fold(&nick));
         self.release_nick(client, &nick);
-        if let Some(link) = self.cluster() {
-            link.member_gone(client.id);
-        }
+        self.cluster().member_gone(client.id);
         if let Some(n) = state.per_ip.get_mut(&client.peer.ip()) {
             *n -= 1;
             if *n == 0 {

@@ -214,7 +214,7 @@ impl Hub {
         let config = self.config();
         let limit = config.limits.outbound_queue_bytes;
         // Members on other nodes (cluster mode), counted in the notices.
-        let remote = self.remote_count(room);
+        let remote = self.cluster().remote_count(room);
         let mut state = self.state();
         let old = lock(&client.names).room.clone();
         let mut parted = None;
@@ -246,12 +246,10 @@ impl Hub {
             members.push(client.clone());
             count
         };
-        if let Some(link) = self.cluster() {
-            if target.len() == 1 {
-                link.interest_changed();
-            }
-            link.member_set(client.id, &nick, room);
+        if target.len() == 1 {
+            self.cluster().interest_changed();
         }
+        self.cluster().member_set(client.id, &nick, room);
         drop(state);
         if let Some((old, text)) = parted {
             self.room_notice(&old, client.id, NoticeKind::Leave, &text);
@@ -268,15 +266,13 @@ impl Hub {
         target
     }
 
-    /// Starts moving `client` into `room`: at once (as [`Hub::join`]) on one
-    /// node or when the room's history is here already; in cluster mode,
-    /// when the room has no member on this node yet, once its cluster-wide
-    /// history is loaded: the caller waits for `done`, then calls
-    /// [`Hub::finish_join`] (or [`Hub::cancel_join`] if it goes away).
+    /// Starts moving `client` into `room`: at once (as [`Hub::join`]) when
+    /// the room's history is here already, and on one node, whose history
+    /// is always here; in cluster mode, when the room has no member on this
+    /// node yet, once its cluster-wide history is loaded: the caller waits
+    /// for `done`, then calls [`Hub::finish_join`] (or [`Hub::cancel_join`]
+    /// if it goes away).
     pub fn request_join(&self, client: &Arc<Client>, room: &str) -> JoinRequest {
-        let Some(link) = self.cluster().filter(|l| l.keeps_history()) else {
-            return JoinRequest::Done(self.join(client, room));
-        };
         let waiting = {
             let mut state = self.state();
             let here = lock(&client.names)
@@ -298,9 +294,9 @@ impl Hub {
         let Some(target) = waiting else {
             return JoinRequest::Done(self.join(client, room));
         };
-        match link.load_history(room) {
-            Some(done) => JoinRequest::Wait { room: target, done },
-            None => JoinRequest::Done(self.finish_join(client, &target)),
+        match self.cluster().load_history(room) {
+            Reply::Later(done) => JoinRequest::Wait { room: target, done },
+            Reply::Now(()) => JoinRequest::Done(self.finish_join(client, &target)),
         }
     }
 
@@ -324,27 +320,24 @@ impl Hub {
         {
             state.rooms.remove(&room.name);
             drop(state);
-            if let Some(link) = self.cluster() {
-                link.interest_changed();
-            }
+            self.cluster().interest_changed();
         }
     }
 
-    /// Cluster mode: `batches` (whole lines, oldest first) are `room`'s
-    /// cluster-wide history; they replace what this node kept. Under the
-    /// room's member lock, as a join's snapshot: a joiner sees either the
-    /// old history or this one.
-    pub fn replace_history(&self, room: &str, batches: &[Bytes]) {
+    /// Cluster mode: `batches` (whole lines, checked by the caller, with
+    /// their number of lines; oldest first) are `room`'s cluster-wide
+    /// history; they replace what this node kept. Under the room's member
+    /// lock, as a join's snapshot: a joiner sees either the old history or
+    /// this one.
+    pub fn replace_history(&self, room: &str, batches: &[(Bytes, usize)]) {
         let Some(room) = self.state().rooms.get(room).cloned() else {
             return;
         };
         let keep = self.config().chat.history;
         let _members = write(&room.members);
         lock(&room.history).clear();
-        for batch in batches {
-            if let Some(lines) = crate::cluster::well_formed(batch) {
-                room.keep(batch, lines, keep);
-            }
+        for (batch, lines) in batches {
+            room.keep(batch, *lines, keep);
         }
         room.loaded.store(true, Relaxed);
     }
@@ -371,15 +364,13 @@ impl Hub {
             // stale, and is loaded again for the next member.
             room.loaded.store(false, Relaxed);
         }
-        if remaining == 0
-            && let Some(link) = self.cluster()
-        {
-            link.interest_changed();
+        if remaining == 0 {
+            self.cluster().interest_changed();
         }
         room.clear_congested(client);
         let nick = client.nick();
         let config = self.config();
-        let total = remaining + self.remote_count(&room.name);
+        let total = remaining + self.cluster().remote_count(&room.name);
         if remaining == 0
             && room.waiting.load(Relaxed) == 0
             && *room.name != *config.chat.default_room

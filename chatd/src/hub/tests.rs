@@ -233,3 +233,173 @@ fn joining_delivers_room_line_then_history_then_live_lines_once() {
     }
     assert_eq!(*numbers.last().expect("some"), 1999);
 }
+
+/// A second node as the hub sees it through the seam: `bob` in `lobby`
+/// there, nick claims answered later, every other call recorded.
+#[derive(Debug, Default)]
+struct Elsewhere {
+    calls: Mutex<Vec<String>>,
+    claims: Mutex<Vec<tokio::sync::oneshot::Sender<Claim>>>,
+}
+
+impl Elsewhere {
+    fn record(&self, call: String) {
+        lock(&self.calls).push(call);
+    }
+
+    fn took(&self) -> Vec<String> {
+        std::mem::take(&mut *lock(&self.calls))
+    }
+}
+
+impl ClusterState for Elsewhere {
+    fn node_id(&self) -> &str {
+        "a"
+    }
+    fn guest_nick(&self, id: ClientId) -> String {
+        format!("guest-{id}-a")
+    }
+    fn claim_nick(&self, nick: &str, client: ClientId) -> Reply<Claim> {
+        self.record(format!("claim {nick} {client}"));
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        lock(&self.claims).push(reply);
+        Reply::Later(answer)
+    }
+    fn hold_nick(&self, nick: &str, client: ClientId) {
+        self.record(format!("hold {nick} {client}"));
+    }
+    fn release_nick(&self, nick: &str, client: ClientId) {
+        self.record(format!("release {nick} {client}"));
+    }
+    fn member_set(&self, id: ClientId, nick: &str, room: &str) {
+        self.record(format!("set {id} {nick} {room}"));
+    }
+    fn member_gone(&self, id: ClientId) {
+        self.record(format!("gone {id}"));
+    }
+    fn member_seq(&self) -> u64 {
+        0
+    }
+    fn interest_changed(&self) {
+        self.record("interest".into());
+    }
+    fn remote_count(&self, room: &str) -> usize {
+        usize::from(room == "lobby")
+    }
+    fn remote_nicks(&self, room: &str, _max: usize) -> (Vec<Arc<str>>, usize) {
+        match room {
+            "lobby" => (vec!["bob".into()], 1),
+            _ => (Vec::new(), 0),
+        }
+    }
+    fn remote_rooms(&self) -> HashMap<Arc<str>, usize> {
+        HashMap::from([(Arc::from("lobby"), 1)])
+    }
+    fn offer(&self, room: &Arc<str>, batch: &Bytes, kind: Kind) {
+        let text = String::from_utf8_lossy(batch);
+        self.record(format!("offer {room} {kind:?} {}", text.trim_end()));
+    }
+    fn send_private(
+        &self,
+        from: ClientId,
+        from_nick: &str,
+        to: &str,
+        text: &str,
+    ) -> Option<Arc<str>> {
+        (protocol::fold(to) == "bob").then(|| {
+            self.record(format!("pm {from} {from_nick} bob {text}"));
+            Arc::from("bob")
+        })
+    }
+    fn load_history(&self, room: &str) -> Reply<()> {
+        self.record(format!("history {room}"));
+        Reply::Now(())
+    }
+    fn admin(&self) -> Option<&dyn crate::cluster_state::AdminBus> {
+        None
+    }
+}
+
+#[test]
+fn the_hub_asks_its_cluster_state_for_everything_beyond_this_node() {
+    let hub = hub();
+    let elsewhere = Arc::new(Elsewhere::default());
+    hub.attach_cluster(elsewhere.clone());
+    let a = hub.connect(peer(1)).expect("a");
+    assert_eq!(a.nick().as_ref(), "guest-1-a");
+    let JoinRequest::Done(room) = hub.request_join(&a, "lobby") else {
+        panic!("history here at once");
+    };
+    assert_eq!(
+        elsewhere.took(),
+        [
+            "history lobby",
+            "interest",
+            "set 1 guest-1-a lobby",
+            "offer lobby Notice *** guest-1-a joined lobby (2 users)"
+        ]
+    );
+    assert!(drain(&a).starts_with("*** You are now in lobby (2 users).\r\n"));
+    assert_eq!(hub.who(&room), "lobby (2 users): bob, guest-1-a");
+    let rooms = hub.all_rooms();
+    assert_eq!((rooms[0].name.as_str(), rooms[0].members), ("lobby", 2));
+
+    hub.publish(&room, a.id, Bytes::from_static(b"<guest-1-a> hi\r\n"), 1);
+    assert_eq!(elsewhere.took(), ["offer lobby Chat <guest-1-a> hi"]);
+
+    assert!(matches!(hub.private(&a, "Bob", "hello"), Ok(None)));
+    assert_eq!(elsewhere.took(), ["pm 1 guest-1-a bob hello"]);
+    assert_eq!(drain(&a), "[pm -> bob] hello\r\n");
+    assert!(matches!(
+        hub.private(&a, "carol", "hello"),
+        Err(PrivateError::Failed(why)) if why == "no such nick \"carol\""
+    ));
+
+    // The answer comes later: the nick is the client's only once granted.
+    let NickRequest::Wait(mut answer) = hub.request_nick(&a, "alice") else {
+        panic!("the cluster decides");
+    };
+    assert_eq!(elsewhere.took(), ["claim alice 1"]);
+    assert!(answer.try_recv().is_err());
+    assert_eq!(a.nick().as_ref(), "guest-1-a");
+    let reply = lock(&elsewhere.claims).pop().expect("a claim");
+    reply.send(Claim::Granted).expect("waiting");
+    assert_eq!(answer.try_recv(), Ok(Claim::Granted));
+    assert_eq!(hub.rename(&a, "alice").as_deref(), Ok("alice"));
+    assert_eq!(
+        elsewhere.took(),
+        [
+            "set 1 alice lobby",
+            "offer lobby Notice *** guest-1-a is now known as alice"
+        ]
+    );
+
+    // Bob is still in the room, on the other node: he hears the leave.
+    hub.leave(&a, &Disconnect::Closed);
+    assert_eq!(
+        elsewhere.took(),
+        [
+            "interest",
+            "release alice 1",
+            "gone 1",
+            "offer lobby Notice *** alice left lobby (1 user): connection closed"
+        ]
+    );
+}
+
+#[test]
+fn a_hub_without_a_cluster_is_a_single_node() {
+    let hub = hub();
+    let a = hub.connect(peer(1)).expect("a");
+    assert_eq!(a.nick().as_ref(), "guest-1");
+    assert_eq!(hub.cluster().node_id(), "");
+    assert!(hub.cluster().admin().is_none());
+    assert!(matches!(
+        hub.request_nick(&a, "alice"),
+        NickRequest::Done(Ok(nick)) if &*nick == "alice"
+    ));
+    assert!(matches!(
+        hub.request_join(&a, "den"),
+        JoinRequest::Done(room) if &*room.name == "den"
+    ));
+}

@@ -1,0 +1,289 @@
+//! Where this node ends and the chat service begins: the state that all
+//! nodes share, behind one interface with two implementations.
+//!
+//! The hub owns what is local: sockets (through the connections), outboxes,
+//! this node's clients, rooms and members, and every fan-out to them. What
+//! belongs to the whole service it asks of a [`ClusterState`]: whether a
+//! nick is free everywhere, who is in a room on the other nodes, which node
+//! a `/msg` goes to, a room's history when the room first gets a member
+//! here, and the way to the other nodes for room lines, notices and admin
+//! requests. Bans reach the other nodes through the hub's events
+//! ([`crate::hub::Event::Ban`]), which the NATS side listens to.
+//!
+//! Two implementations:
+//!
+//! - [`SingleNode`], in process: this node is the whole service. Every
+//!   answer is immediate and comes from this node alone (a nick free here
+//!   is free; nobody is elsewhere), and there is nobody to publish to. No
+//!   NATS at run time; this is chatd without `[cluster]`.
+//! - [`crate::cluster::Link`], through NATS (`[cluster] nats_urls`): nick
+//!   claims in a key-value bucket, other nodes' members, room messages,
+//!   history in a stream, admin scatter-gather.
+//!
+//! The hub calls the same methods in both modes, so it reads the same in
+//! both. Every method is synchronous and cheap and never waits on the
+//! network: what needs a remote answer returns a [`Reply::Later`], which the
+//! asking connection waits for without blocking anything else and without
+//! reordering its client's lines (see `connection::Waiting`).
+//!
+//! This module depends on nothing of chatd's but [`crate::protocol`], so
+//! that both the hub and the cluster can depend on it.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use tokio::sync::oneshot;
+
+/// A client's number, unique on its node (the hub counts them); a
+/// cluster names a client by its node and this number.
+pub type ClientId = u64;
+
+/// What the cluster state answers: at once, or later on a channel. A
+/// dropped sender means "given up" (shutdown, or NATS gone).
+#[derive(Debug)]
+pub enum Reply<T> {
+    Now(T),
+    Later(oneshot::Receiver<T>),
+}
+
+/// The answer to a nick claim.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Claim {
+    /// The nick is this client's, cluster-wide (or on this node alone while
+    /// NATS is away, until it is back).
+    Granted,
+    /// Another client holds it, on this node or another.
+    Taken,
+    /// The bucket could not be asked; the text follows `*** error: `.
+    Unavailable(String),
+}
+
+/// What a room message holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// Chat lines, kept as room history on every node.
+    Chat,
+    /// A server line (join, leave, rename), not kept.
+    Notice,
+}
+
+/// The state the chat service shares across nodes, as the hub asks for it.
+///
+/// Calls that report a change of this node (`member_set`, `member_gone`)
+/// are made under the hub's `state` lock, so they must never block or take
+/// a lock of the hub.
+pub trait ClusterState: fmt::Debug + Send + Sync {
+    /// This node's id (`cluster.node_id`); empty on a single node.
+    fn node_id(&self) -> &str;
+
+    /// The guest nick of this node's client `id`: `guest-7`, or in a
+    /// cluster `guest-7-TAG`, so that guests of two nodes never share a nick.
+    fn guest_nick(&self, id: ClientId) -> String;
+
+    /// Asks for `nick` for `client`, once this node's own checks passed.
+    fn claim_nick(&self, nick: &str, client: ClientId) -> Reply<Claim>;
+
+    /// Keeps holding `nick` for `client`, taken over from the previous
+    /// process of this node by a seamless upgrade. Never waits.
+    fn hold_nick(&self, nick: &str, client: ClientId);
+
+    /// Frees `client`'s claim on `nick`, if it holds one. Never waits.
+    fn release_nick(&self, nick: &str, client: ClientId);
+
+    /// This node's client `id` is now `nick` in `room`.
+    fn member_set(&self, id: ClientId, nick: &str, room: &str);
+
+    /// This node's client `id` is gone.
+    fn member_gone(&self, id: ClientId);
+
+    /// The number of this node's last membership change (0 on one node);
+    /// read under the hub's `state` lock for a snapshot.
+    fn member_seq(&self) -> u64;
+
+    /// A room gained its first or lost its last member on this node.
+    fn interest_changed(&self);
+
+    /// Members of `room` on the other nodes.
+    fn remote_count(&self, room: &str) -> usize;
+
+    /// Nicks in `room` on the other nodes: at most `max`, and how many
+    /// there are in all.
+    fn remote_nicks(&self, room: &str, max: usize) -> (Vec<Arc<str>>, usize);
+
+    /// Rooms with members on the other nodes, and how many.
+    fn remote_rooms(&self) -> HashMap<Arc<str>, usize>;
+
+    /// A batch of whole lines published in `room` on this node, for the
+    /// other nodes' members. Never waits: the hot path calls it.
+    fn offer(&self, room: &Arc<str>, batch: &Bytes, kind: Kind);
+
+    /// A private message from this node's client to `to`, who is not on
+    /// this node: sent to the node that has `to`, whose spelling of the
+    /// nick is returned; `None` when nobody is called `to`. `text` is
+    /// clean already.
+    fn send_private(
+        &self,
+        from: ClientId,
+        from_nick: &str,
+        to: &str,
+        text: &str,
+    ) -> Option<Arc<str>>;
+
+    /// `room` has no member on this node and is about to get one: its
+    /// history, when kept by the cluster, is loaded into it (through
+    /// [`crate::hub::Hub::replace_history`]) before the reply.
+    fn load_history(&self, room: &str) -> Reply<()>;
+
+    /// The way to the other nodes' admin; `None` on one node, where admin
+    /// calls answer for this node alone, as they always did.
+    fn admin(&self) -> Option<&dyn AdminBus>;
+}
+
+/// Cluster-wide admin: a request scattered to every node, this one
+/// included, and their answers gathered until a deadline.
+pub trait AdminBus: Send + Sync {
+    /// This node's id.
+    fn node_id(&self) -> &str;
+
+    /// Sends `payload` (an encoded admin request) to every node's `op` and
+    /// gathers the answers until the deadline, or sooner once `done` says
+    /// the answers so far settle the request.
+    fn gather<'a>(
+        &'a self,
+        op: &'a str,
+        payload: Bytes,
+        done: &'a (dyn Fn(&Answer) -> bool + Send + Sync),
+    ) -> Pin<Box<dyn Future<Output = Result<Gathered, GatherError>> + Send + 'a>>;
+
+    /// Opens a stream of the other nodes' events (`WatchEvents`): the
+    /// stream, and which nodes agreed to send theirs. A stream rather than
+    /// a gather, so it gets its own method.
+    fn watch<'a>(
+        &'a self,
+        messages: bool,
+    ) -> BoxFuture<'a, Result<(crate::admin::watch::Remote, Gathered), String>>;
+}
+
+/// A boxed future, as the object-safe traits here return them.
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// What a scattered request brought back.
+#[derive(Debug, Default)]
+pub struct Gathered {
+    pub answers: Vec<Answer>,
+    /// Nodes known to be there that did not answer in time, sorted.
+    pub missing: Vec<String>,
+}
+
+/// One node's answer to a scattered admin request.
+#[derive(Debug)]
+pub struct Answer {
+    pub node: String,
+    /// The answer (an encoded admin response), or the error's gRPC code and
+    /// message.
+    pub result: Result<Bytes, (i32, String)>,
+}
+
+/// Why a request could not be scattered at all.
+#[derive(Debug, thiserror::Error)]
+pub enum GatherError {
+    #[error("NATS is unreachable")]
+    Unreachable,
+    #[error("cannot ask the other nodes: {0}")]
+    Nats(String),
+}
+
+/// One node that is the whole service: what this node's hub knows is all
+/// there is. Every answer is immediate; nothing is published.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct SingleNode;
+
+impl ClusterState for SingleNode {
+    fn node_id(&self) -> &str {
+        ""
+    }
+
+    fn guest_nick(&self, id: ClientId) -> String {
+        format!("{}{id}", crate::protocol::GUEST_PREFIX)
+    }
+
+    /// The hub's own checks, already passed, are the whole answer.
+    fn claim_nick(&self, _nick: &str, _client: ClientId) -> Reply<Claim> {
+        Reply::Now(Claim::Granted)
+    }
+
+    fn hold_nick(&self, _nick: &str, _client: ClientId) {}
+
+    fn release_nick(&self, _nick: &str, _client: ClientId) {}
+
+    fn member_set(&self, _id: ClientId, _nick: &str, _room: &str) {}
+
+    fn member_gone(&self, _id: ClientId) {}
+
+    fn member_seq(&self) -> u64 {
+        0
+    }
+
+    fn interest_changed(&self) {}
+
+    fn remote_count(&self, _room: &str) -> usize {
+        0
+    }
+
+    fn remote_nicks(&self, _room: &str, _max: usize) -> (Vec<Arc<str>>, usize) {
+        (Vec::new(), 0)
+    }
+
+    fn remote_rooms(&self) -> HashMap<Arc<str>, usize> {
+        HashMap::new()
+    }
+
+    fn offer(&self, _room: &Arc<str>, _batch: &Bytes, _kind: Kind) {}
+
+    fn send_private(
+        &self,
+        _from: ClientId,
+        _from_nick: &str,
+        _to: &str,
+        _text: &str,
+    ) -> Option<Arc<str>> {
+        None
+    }
+
+    /// A room's history is the one this node kept.
+    fn load_history(&self, _room: &str) -> Reply<()> {
+        Reply::Now(())
+    }
+
+    fn admin(&self) -> Option<&dyn AdminBus> {
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_single_node_answers_at_once_from_itself() {
+        let node = SingleNode;
+        assert_eq!(node.guest_nick(7), "guest-7");
+        assert!(matches!(
+            node.claim_nick("alice", 1),
+            Reply::Now(Claim::Granted)
+        ));
+        assert!(matches!(node.load_history("lobby"), Reply::Now(())));
+        node.member_set(1, "alice", "lobby");
+        assert_eq!(node.member_seq(), 0);
+        assert_eq!(node.remote_count("lobby"), 0);
+        assert_eq!(node.remote_nicks("lobby", 50), (Vec::new(), 0));
+        assert!(node.remote_rooms().is_empty());
+        assert_eq!(node.send_private(1, "alice", "bob", "hi"), None);
+        assert!(node.admin().is_none());
+        assert_eq!(node.node_id(), "");
+    }
+}
