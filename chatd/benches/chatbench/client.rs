@@ -305,6 +305,11 @@ pub struct Tally {
     pub eof: bool,
     /// The connection failed with an error (e.g. reset).
     pub error: bool,
+    /// The longest time between two reads that returned data, from the
+    /// first delivery on: how long this reader left its socket alone. A
+    /// reader starved of CPU for longer than chatd's progress window (50 ms)
+    /// no longer counts as reading there (see chatd's outbox).
+    pub longest_gap_ns: u64,
 }
 
 struct Receiver {
@@ -587,6 +592,8 @@ impl Conn {
         let mut rx = Receiver::new(self.dialect, self.id, &shared);
         // Unique deliveries already added to `shared.unique`.
         let mut reported = 0u64;
+        // When the last read returned, once deliveries have begun.
+        let mut last_read: Option<u64> = None;
         let shard = self.id % SHARDS;
         let quiet = match hold {
             Some((release, quiet)) => {
@@ -651,7 +658,17 @@ impl Conn {
                 _ = shared.stop.cancelled(), if quiet.is_none() => break,
                 r = read => match r {
                     Ok(Ok(0)) => { rx.tally.eof = true; break; }
-                    Ok(Ok(n)) => rx.tally.bytes += n as u64,
+                    Ok(Ok(n)) => {
+                        rx.tally.bytes += n as u64;
+                        if quiet.is_none() && rx.tally.unique > 0 {
+                            let now = now_nanos();
+                            if let Some(last) = last_read {
+                                let gap = now.saturating_sub(last);
+                                rx.tally.longest_gap_ns = rx.tally.longest_gap_ns.max(gap);
+                            }
+                            last_read = Some(now);
+                        }
+                    }
                     Ok(Err(_)) => { rx.tally.error = true; break; }
                     // Quiet for `quiet`: the server still holds the client.
                     Err(_) => break,

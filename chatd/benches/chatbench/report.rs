@@ -21,6 +21,9 @@ pub enum Metric {
     Extra,
     Echoed,
     ClientsCut,
+    ReadGap,
+    CutReadGap,
+    LoadStall,
     DeliveriesPerSec,
     LinesPerWrite,
     BytesPerDelivery,
@@ -41,7 +44,7 @@ pub enum Metric {
 }
 
 impl Metric {
-    const ALL: [Metric; 28] = [
+    const ALL: [Metric; 31] = [
         Metric::Connected,
         Metric::ConnectSecs,
         Metric::Expected,
@@ -53,6 +56,9 @@ impl Metric {
         Metric::Extra,
         Metric::Echoed,
         Metric::ClientsCut,
+        Metric::ReadGap,
+        Metric::CutReadGap,
+        Metric::LoadStall,
         Metric::DeliveriesPerSec,
         Metric::LinesPerWrite,
         Metric::BytesPerDelivery,
@@ -85,6 +91,9 @@ impl Metric {
             Metric::Extra => "extra lines (other room, never sent)",
             Metric::Echoed => "echoed to sender",
             Metric::ClientsCut => "reading clients cut",
+            Metric::ReadGap => "longest gap between a reader's reads (ms)",
+            Metric::CutReadGap => "longest gap of a reader that was cut (ms)",
+            Metric::LoadStall => "load generator's longest stall (ms)",
             Metric::DeliveriesPerSec => "deliveries/s (whole, in order)",
             Metric::LinesPerWrite => "lines per sender write",
             Metric::BytesPerDelivery => "bytes on the wire per delivery",
@@ -126,7 +135,15 @@ impl Metric {
 
     fn format(self, v: f64) -> String {
         match self {
-            Metric::P50 | Metric::P99 | Metric::P999 | Metric::Max if v < 10.0 => {
+            Metric::P50
+            | Metric::P99
+            | Metric::P999
+            | Metric::Max
+            | Metric::ReadGap
+            | Metric::CutReadGap
+            | Metric::LoadStall
+                if v < 10.0 =>
+            {
                 format!("{v:.3}")
             }
             Metric::ConnectSecs | Metric::CpuSecs => format!("{v:.2}"),

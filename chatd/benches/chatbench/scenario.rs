@@ -275,6 +275,10 @@ pub async fn run(target: Target, params: &Params, opts: &RunOptions) -> anyhow::
     let before = server.sample()?;
     let start = Instant::now() + Duration::from_millis(50);
     let send_started = client::now_nanos() + 50_000_000;
+    // How late a 1 ms tick of the load generator's runtime runs: a reader
+    // that is ready waits at least as long for a thread.
+    let watch_stop = CancellationToken::new();
+    let watchdog = tokio::spawn(longest_stall(watch_stop.clone()));
     let mut senders = JoinSet::new();
     for (id, writer, room) in writers {
         let plan = SendPlan {
@@ -334,6 +338,10 @@ pub async fn run(target: Target, params: &Params, opts: &RunOptions) -> anyhow::
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let after = server.sample()?;
+    watch_stop.cancel();
+    if let Ok(stall) = watchdog.await {
+        out.set(Metric::LoadStall, stall.as_secs_f64() * 1e3);
+    }
     senders.abort_all();
     while let Some(r) = senders.join_next().await {
         sent += u64::from(r.unwrap_or(0));
@@ -362,8 +370,13 @@ pub async fn run(target: Target, params: &Params, opts: &RunOptions) -> anyhow::
     shared.stop.cancel();
     let mut total = Tally::default();
     let mut cut = 0;
+    let mut cut_gap = 0u64;
     while let Some(r) = readers.join_next().await {
         let t = r.unwrap_or_default();
+        total.longest_gap_ns = total.longest_gap_ns.max(t.longest_gap_ns);
+        if t.eof || t.error {
+            cut_gap = cut_gap.max(t.longest_gap_ns);
+        }
         total.delivered += t.delivered;
         total.unique += t.unique;
         total.good += t.good;
@@ -400,6 +413,10 @@ pub async fn run(target: Target, params: &Params, opts: &RunOptions) -> anyhow::
     out.set(Metric::Extra, total.extra as f64);
     out.set(Metric::Echoed, total.echoed as f64);
     out.set(Metric::ClientsCut, cut as f64);
+    out.set(Metric::ReadGap, total.longest_gap_ns as f64 / 1e6);
+    if cut > 0 {
+        out.set(Metric::CutReadGap, cut_gap as f64 / 1e6);
+    }
     // Only whole, in-order, first-time lines of this room's senders count.
     if span > 0.0 && total.good > 0 {
         out.set(Metric::DeliveriesPerSec, total.good as f64 / span);
@@ -528,4 +545,19 @@ async fn connect_all(
         .collect::<Vec<_>>()
         .join("; ");
     (conns, summary)
+}
+
+/// The longest delay past its due time of a 1 ms tick on this runtime,
+/// until `stop`.
+async fn longest_stall(stop: CancellationToken) -> Duration {
+    let tick = Duration::from_millis(1);
+    let mut longest = Duration::ZERO;
+    loop {
+        let due = Instant::now() + tick;
+        tokio::select! {
+            () = stop.cancelled() => return longest,
+            () = tokio::time::sleep_until(due.into()) => {}
+        }
+        longest = longest.max(Instant::now().saturating_duration_since(due));
+    }
 }
