@@ -6,15 +6,21 @@
 //! and UDP stop waiting on their sockets; each connection stops before its
 //! next read and parks), **collect** (every parked connection, once all of
 //! them are parked so that no more lines are published, moves its outbox
-//! into its state and hands it over), then **resume** (the new process
-//! failed: everyone continues exactly where it stopped) or **commit** (the
-//! new process serves: everyone drops its copy of its socket, closing
-//! nothing).
+//! into its state and hands it over with a copy of its socket), then
+//! **resume** (the new process failed: everyone continues exactly where it
+//! stopped) or **commit** (the new process serves: everyone drops its
+//! socket, closing nothing).
+//!
+//! Collecting is paced by permits ([`Gate::release`]): a connection exports
+//! only with one, so the copies of sockets that exist at once are one
+//! chunk's worth, which the upgrader sends and closes before it releases
+//! the next. The process never needs much more than one descriptor per
+//! client, whatever the number of clients.
 
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
-use tokio::sync::{Notify, mpsc, watch};
+use tokio::sync::{Notify, Semaphore, mpsc, watch};
 
 use super::Export;
 
@@ -43,6 +49,8 @@ pub struct Gate {
     step: watch::Sender<Step>,
     parked: AtomicUsize,
     parked_changed: Notify,
+    /// Exports allowed now, while collecting (see the module doc).
+    permits: Semaphore,
     exports: Mutex<Option<mpsc::UnboundedSender<Export>>>,
     /// How this process upgrades itself, when it can (set by `main`).
     upgrader: std::sync::OnceLock<super::Upgrader>,
@@ -55,6 +63,7 @@ impl Default for Gate {
             step: watch::Sender::new(Step::Running),
             parked: AtomicUsize::new(0),
             parked_changed: Notify::new(),
+            permits: Semaphore::new(0),
             exports: Mutex::new(None),
             upgrader: std::sync::OnceLock::new(),
         }
@@ -114,15 +123,25 @@ impl Gate {
             match step {
                 Step::Running => break Outcome::Resumed,
                 Step::Committed => break Outcome::Committed,
-                Step::Collect => {
-                    if let Some(export) = export.take() {
+                Step::Collect if export.is_some() => {
+                    // Wait for a permit, or for the handoff to end first.
+                    let permit = tokio::select! {
+                        changed = rx.changed() => match changed {
+                            Ok(()) => continue,
+                            Err(_) => break Outcome::Resumed,
+                        },
+                        permit = self.permits.acquire() => permit,
+                    };
+                    if let Ok(permit) = permit {
+                        permit.forget();
                         let sender = crate::lock::lock(&self.exports).clone();
-                        if let Some(sender) = sender {
+                        if let (Some(sender), Some(export)) = (sender, export.take()) {
                             let _ = sender.send(export());
                         }
                     }
+                    continue;
                 }
-                Step::Frozen => {}
+                Step::Collect | Step::Frozen => {}
             }
             if rx.changed().await.is_err() {
                 break Outcome::Resumed;
@@ -138,20 +157,30 @@ impl Gate {
         self.parked.load(Ordering::Acquire)
     }
 
-    /// Waits until `enough()` holds, re-checking at every park and unpark.
+    /// Waits until `enough()` holds, re-checking at every park and unpark
+    /// and whenever a client leaves the hub (one that was already closing
+    /// leaves without parking).
     pub async fn wait_parked(&self, enough: impl Fn(usize) -> bool) {
         loop {
             let changed = self.parked_changed.notified();
             if enough(self.parked()) {
                 return;
             }
-            // A timer as well: connections can also leave the hub without
-            // parking (they were already closing).
-            tokio::select! {
-                () = changed => {}
-                () = tokio::time::sleep(std::time::Duration::from_millis(20)) => {}
-            }
+            changed.await;
         }
+    }
+
+    /// A client left the hub: a freeze waiting for everyone to park must
+    /// count again.
+    pub fn client_left(&self) {
+        if self.is_frozen() {
+            self.parked_changed.notify_waiters();
+        }
+    }
+
+    /// Lets `n` more parked connections export (see the module doc).
+    pub(super) fn release(&self, n: usize) {
+        self.permits.add_permits(n);
     }
 
     pub(super) fn freeze(&self) {
@@ -168,12 +197,14 @@ impl Gate {
 
     pub(super) fn resume(&self) {
         *crate::lock::lock(&self.exports) = None;
+        self.permits.forget_permits(usize::MAX);
         self.frozen.store(false, Ordering::Release);
         self.step.send_replace(Step::Running);
     }
 
     pub(super) fn commit(&self) {
         *crate::lock::lock(&self.exports) = None;
+        self.permits.forget_permits(usize::MAX);
         self.step.send_replace(Step::Committed);
     }
 
