@@ -203,7 +203,10 @@ impl Stats {
         add(&self.lines_relayed, from.lines_relayed);
         add(&self.deliveries, from.deliveries);
         add(&self.kicks, from.kicks);
-        add(&self.slow_consumer_disconnects, from.slow_consumer_disconnects);
+        add(
+            &self.slow_consumer_disconnects,
+            from.slow_consumer_disconnects,
+        );
         add(&self.flood_disconnects, from.flood_disconnects);
         add(&self.idle_disconnects, from.idle_disconnects);
         add(&self.overlong_disconnects, from.overlong_disconnects);

@@ -28,8 +28,9 @@ use super::Export;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Step {
     Running,
+    /// From the freeze to the outcome; connections export while frozen,
+    /// each when it gets a permit.
     Frozen,
-    Collect,
     Committed,
 }
 
@@ -49,6 +50,8 @@ pub struct Gate {
     step: watch::Sender<Step>,
     parked: AtomicUsize,
     parked_changed: Notify,
+    /// How many parked connections [`Gate::wait_parked`] waits for.
+    want: AtomicUsize,
     /// Exports allowed now, while collecting (see the module doc).
     permits: Semaphore,
     exports: Mutex<Option<mpsc::UnboundedSender<Export>>>,
@@ -63,6 +66,7 @@ impl Default for Gate {
             step: watch::Sender::new(Step::Running),
             parked: AtomicUsize::new(0),
             parked_changed: Notify::new(),
+            want: AtomicUsize::new(usize::MAX),
             permits: Semaphore::new(0),
             exports: Mutex::new(None),
             upgrader: std::sync::OnceLock::new(),
@@ -115,16 +119,21 @@ impl Gate {
     /// it must leave the connection able to continue.
     pub async fn park(&self, export: impl FnOnce() -> Export) -> Outcome {
         let mut rx = self.step.subscribe();
-        self.parked.fetch_add(1, Ordering::AcqRel);
-        self.parked_changed.notify_waiters();
+        // SeqCst here and in `wait_parked`: either this park sees the count
+        // the waiter wants, or the waiter sees this park.
+        let parked = self.parked.fetch_add(1, Ordering::SeqCst) + 1;
+        if parked >= self.want.load(Ordering::SeqCst) {
+            self.parked_changed.notify_waiters();
+        }
         let mut export = Some(export);
         let outcome = loop {
             let step = *rx.borrow_and_update();
             match step {
                 Step::Running => break Outcome::Resumed,
                 Step::Committed => break Outcome::Committed,
-                Step::Collect if export.is_some() => {
-                    // Wait for a permit, or for the handoff to end first.
+                Step::Frozen if export.is_some() => {
+                    // Wait for a permit (none until everyone has parked and
+                    // collecting begins), or for the handoff to end first.
                     let permit = tokio::select! {
                         changed = rx.changed() => match changed {
                             Ok(()) => continue,
@@ -141,14 +150,15 @@ impl Gate {
                     }
                     continue;
                 }
-                Step::Collect | Step::Frozen => {}
+                Step::Frozen => {}
             }
             if rx.changed().await.is_err() {
                 break Outcome::Resumed;
             }
         };
-        self.parked.fetch_sub(1, Ordering::AcqRel);
-        self.parked_changed.notify_waiters();
+        if self.parked.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.parked_changed.notify_waiters();
+        }
         outcome
     }
 
@@ -157,13 +167,28 @@ impl Gate {
         self.parked.load(Ordering::Acquire)
     }
 
-    /// Waits until `enough()` holds, re-checking at every park and unpark
-    /// and whenever a client leaves the hub (one that was already closing
-    /// leaves without parking).
-    pub async fn wait_parked(&self, enough: impl Fn(usize) -> bool) {
+    /// Waits until at least `want()` connections are parked (re-read
+    /// whenever a client leaves the hub: one that was already closing
+    /// leaves without parking). Only the park that may complete the count
+    /// wakes this waiter.
+    pub async fn wait_parked(&self, want: impl Fn() -> usize) {
         loop {
             let changed = self.parked_changed.notified();
-            if enough(self.parked()) {
+            let want = want();
+            self.want.store(want, Ordering::SeqCst);
+            if self.parked.load(Ordering::SeqCst) >= want {
+                self.want.store(usize::MAX, Ordering::SeqCst);
+                return;
+            }
+            changed.await;
+        }
+    }
+
+    /// Waits until no connection is parked (after a resume).
+    pub async fn wait_unparked(&self) {
+        loop {
+            let changed = self.parked_changed.notified();
+            if self.parked() == 0 {
                 return;
             }
             changed.await;
@@ -191,12 +216,12 @@ impl Gate {
     pub(super) fn collect(&self) -> mpsc::UnboundedReceiver<Export> {
         let (tx, rx) = mpsc::unbounded_channel();
         *crate::lock::lock(&self.exports) = Some(tx);
-        self.step.send_replace(Step::Collect);
         rx
     }
 
     pub(super) fn resume(&self) {
         *crate::lock::lock(&self.exports) = None;
+        self.want.store(usize::MAX, Ordering::SeqCst);
         self.permits.forget_permits(usize::MAX);
         self.frozen.store(false, Ordering::Release);
         self.step.send_replace(Step::Running);

@@ -61,6 +61,9 @@ pub const HANDOFF_ENV: &str = "HANDOFF_FROM_CHATD";
 const FREEZE_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long the new process has, from its start, to say it is ready.
 pub const READY_TIMEOUT: Duration = Duration::from_secs(30);
+/// Clients per `Clients` message. Two chunks' copies of sockets exist at
+/// most at once (one being sent, the next being collected).
+const CHUNK: usize = 500;
 /// How much of the new process's stderr is kept for the error message.
 const STDERR_TAIL: usize = 4096;
 
@@ -94,7 +97,9 @@ enum ToNew {
         state: serde_json::Value,
     },
     /// A chunk of clients, each with its socket (since version 2).
-    Clients { clients: Vec<ClientState> },
+    Clients {
+        clients: Vec<ClientState>,
+    },
     /// Every client was sent (since version 2).
     End,
     Commit,
@@ -152,7 +157,7 @@ pub enum UpgradeError {
     Timeout(Duration, String),
     #[error(
         "not enough file descriptors for the handoff: {open} open, {needed} more needed \
-         (copies of one chunk of client sockets), limit {limit}; raise LimitNOFILE / ulimit -n"
+         (copies of up to two chunks of client sockets), limit {limit}; raise LimitNOFILE / ulimit -n"
     )]
     Descriptors { open: u64, needed: u64, limit: u64 },
     #[error("handoff failed: {0}")]
@@ -246,7 +251,7 @@ impl Upgrader {
         if std::process::id() == 1 {
             return Err(UpgradeError::Pid1);
         }
-        check_descriptors()?;
+        check_descriptors(hub.client_count())?;
         let started = Instant::now();
         let gate = hub.handoff();
         info!(exe = %self.inner.exe.display(), "upgrade: starting the new process");
@@ -268,8 +273,7 @@ impl Upgrader {
                 if gate.is_frozen() {
                     gate.resume();
                     // The next upgrade starts from a clean gate.
-                    let _ = tokio::time::timeout(FREEZE_TIMEOUT, gate.wait_parked(|n| n == 0))
-                        .await;
+                    let _ = tokio::time::timeout(FREEZE_TIMEOUT, gate.wait_unparked()).await;
                 }
                 warn!(error = %e, "upgrade failed; serving on");
             }
@@ -397,9 +401,18 @@ impl Upgrader {
         sock.set_nonblocking(false)?;
         sock.set_read_timeout(Some(READY_TIMEOUT))?;
         sock.set_write_timeout(Some(READY_TIMEOUT))?;
-        let listener_fds: Vec<BorrowedFd<'_>> =
-            self.inner.listeners.iter().map(|(_, f)| f.as_fd()).collect();
-        let kinds: Vec<ListenerKind> = self.inner.listeners.iter().map(|(k, _)| k.clone()).collect();
+        let listener_fds: Vec<BorrowedFd<'_>> = self
+            .inner
+            .listeners
+            .iter()
+            .map(|(_, f)| f.as_fd())
+            .collect();
+        let kinds: Vec<ListenerKind> = self
+            .inner
+            .listeners
+            .iter()
+            .map(|(k, _)| k.clone())
+            .collect();
         let stderr = io::stderr();
         // Blocking writes, answered by a process that reads them at once;
         // the socket's deadlines bound them.
@@ -426,8 +439,11 @@ impl Upgrader {
         let gate = hub.handoff();
         gate.freeze();
         hub.wake_connections();
-        let all_parked = gate.wait_parked(|n| n >= hub.client_count());
-        if tokio::time::timeout(FREEZE_TIMEOUT, all_parked).await.is_err() {
+        let all_parked = gate.wait_parked(|| hub.client_count());
+        if tokio::time::timeout(FREEZE_TIMEOUT, all_parked)
+            .await
+            .is_err()
+        {
             return Err(Broke::Here(UpgradeError::Freeze(FREEZE_TIMEOUT)));
         }
         let parked_ms = frozen_at.elapsed().as_millis() as u64;
@@ -444,12 +460,35 @@ impl Upgrader {
         let state = serde_json::to_value(&state).map_err(io::Error::other)?;
         tokio::task::block_in_place(|| wire::send(&sock, &ToNew::State { fds: 0, state }, &[]))?;
         // The clients, a chunk at a time: each chunk's copies of sockets
-        // are closed once sent, before the next chunk's are made.
+        // are closed once sent, before more are made. A thread of its own
+        // sends (blocking writes, bounded by the socket's deadlines) while
+        // the next chunk is collected.
+        let (chunks, mut to_send) =
+            tokio::sync::mpsc::channel::<(Vec<ClientState>, Vec<OwnedFd>)>(1);
+        let sender = tokio::task::spawn_blocking(move || {
+            while let Some((clients, fds)) = to_send.blocking_recv() {
+                let borrowed: Vec<BorrowedFd<'_>> = fds.iter().map(|f| f.as_fd()).collect();
+                wire::send(&sock, &ToNew::Clients { clients }, &borrowed)?;
+            }
+            wire::send(&sock, &ToNew::End, &[])?;
+            let reply = wire::recv::<ToOld>(&sock, |_| 0)?;
+            io::Result::Ok((sock, reply))
+        });
         let deadline = tokio::time::Instant::now() + FREEZE_TIMEOUT;
-        let (mut collected, mut handed) = (0, 0);
-        while collected < hub.client_count() {
-            let want = (hub.client_count() - collected).min(wire::FDS_PER_FRAME);
-            gate.release(want);
+        let (mut collected, mut handed, mut released) = (0, 0, 0);
+        loop {
+            let total = hub.client_count();
+            if collected >= total {
+                break;
+            }
+            // Two chunks exporting at most: the next one while this one
+            // is sent.
+            let target = (collected + 2 * CHUNK).min(total);
+            if target > released {
+                gate.release(target - released);
+                released = target;
+            }
+            let want = (total - collected).min(CHUNK);
             let mut clients = Vec::with_capacity(want);
             let mut fds = Vec::with_capacity(want);
             for _ in 0..want {
@@ -468,14 +507,14 @@ impl Upgrader {
                 }
             }
             handed += clients.len();
-            let borrowed: Vec<BorrowedFd<'_>> = fds.iter().map(|f| f.as_fd()).collect();
-            tokio::task::block_in_place(|| wire::send(&sock, &ToNew::Clients { clients }, &borrowed))?;
+            if chunks.send((clients, fds)).await.is_err() {
+                // The sender stopped on an error, which it returns.
+                break;
+            }
         }
-        let sent_ms = frozen_at.elapsed().as_millis() as u64;
-        let reply = tokio::task::block_in_place(|| {
-            wire::send(&sock, &ToNew::End, &[])?;
-            wire::recv::<ToOld>(&sock, |_| 0)
-        })?;
+        drop(chunks);
+        let collected_ms = frozen_at.elapsed().as_millis() as u64;
+        let (sock, reply) = sender.await.map_err(io::Error::other)??;
         let new_pid = match reply.0 {
             ToOld::Ready { pid } => pid,
             ToOld::Failed { error } => return Err(Broke::Said(error)),
@@ -484,7 +523,7 @@ impl Upgrader {
         info!(
             clients = handed,
             parked_ms,
-            sent_ms,
+            collected_ms,
             ready_ms = frozen_at.elapsed().as_millis() as u64,
             "upgrade: the new process holds every client"
         );
@@ -532,18 +571,18 @@ fn protocol_error(what: &str) -> io::Error {
 }
 
 /// Fails before starting anyone when the descriptors would run out
-/// halfway: the handoff needs one chunk of socket copies
-/// ([`wire::FDS_PER_FRAME`]), the channel and the new process's stderr
-/// pipe, whatever the number of clients (the new process inherits the same
-/// limit and needs what this one holds now).
-fn check_descriptors() -> Result<(), UpgradeError> {
+/// halfway: the handoff needs two chunks of socket copies ([`CHUNK`]), the
+/// channel and the new process's stderr pipe, however many clients there
+/// are (the new process inherits the same limit and needs what this one
+/// holds now).
+fn check_descriptors(clients: usize) -> Result<(), UpgradeError> {
     let limit = rustix::process::getrlimit(rustix::process::Resource::Nofile)
         .current
         .unwrap_or(u64::MAX);
     let Ok(open) = std::fs::read_dir("/proc/self/fd").map(|d| d.count() as u64) else {
         return Ok(());
     };
-    let needed = wire::FDS_PER_FRAME as u64 + 16;
+    let needed = clients.min(2 * CHUNK) as u64 + 16;
     if open.saturating_add(needed) > limit {
         return Err(UpgradeError::Descriptors {
             open,
@@ -693,8 +732,9 @@ fn take_listeners(sock: UnixStream) -> Result<Incoming, (UnixStream, ReceiveErro
         ToNew::Prepare {
             listeners,
             admin_token,
-        } => listener_sockets(&listeners, fds.into_iter())
-            .map(|(l, m, _)| (l, m, admin_token, None)),
+        } => {
+            listener_sockets(&listeners, fds.into_iter()).map(|(l, m, _)| (l, m, admin_token, None))
+        }
         // Version 1: the state, then every descriptor.
         ToNew::State { state, .. } => (|| {
             let state = state::decode_value(state)?;
