@@ -300,17 +300,19 @@ impl Upgrader {
         })?;
         let _remove = RemoveOnDrop(path.clone());
 
-        let mut child = Command::new(&self.inner.exe)
-            .args(&self.inner.args)
-            .env(HANDOFF_ENV, &path)
-            .stdin(std::process::Stdio::null())
-            .stderr(std::process::Stdio::piped())
-            .kill_on_drop(false)
-            .spawn()
-            .map_err(|source| UpgradeError::Spawn {
-                exe: self.inner.exe.clone(),
-                source,
-            })?;
+        let mut child = spawn_busy_aware(
+            Command::new(&self.inner.exe)
+                .args(&self.inner.args)
+                .env(HANDOFF_ENV, &path)
+                .stdin(std::process::Stdio::null())
+                .stderr(std::process::Stdio::piped())
+                .kill_on_drop(false),
+        )
+        .await
+        .map_err(|source| UpgradeError::Spawn {
+            exe: self.inner.exe.clone(),
+            source,
+        })?;
         let pid = child.id().unwrap_or(0);
         let tail = Arc::new(Mutex::new(Vec::new()));
         let forward = child
@@ -591,6 +593,24 @@ fn check_descriptors(clients: usize) -> Result<(), UpgradeError> {
         });
     }
     Ok(())
+}
+
+/// Starts `cmd`, retrying for a moment while the file is busy (`ETXTBSY`):
+/// a binary just written is busy while any process still holds it open
+/// for writing, such as a process forked meanwhile by whoever wrote it,
+/// until that process's own exec.
+async fn spawn_busy_aware(cmd: &mut Command) -> io::Result<tokio::process::Child> {
+    let busy = rustix::io::Errno::TXTBSY.raw_os_error();
+    let mut tries = 0;
+    loop {
+        match cmd.spawn() {
+            Err(e) if e.raw_os_error() == Some(busy) && tries < 20 => {
+                tries += 1;
+                tokio::time::sleep(Duration::from_millis(25)).await;
+            }
+            other => return other,
+        }
+    }
 }
 
 /// Copies the new process's stderr to ours until it takes ours over, and

@@ -483,9 +483,29 @@ async fn two_upgrades_in_a_row_by_sigusr2_are_invisible() {
     let server = TestServer::spawn_binary(&binary.path, None, BUSY);
     let first = server.pid();
     let (mut a, mut b) = pair(&server).await;
+    b.send("before\n").await;
+    assert_eq!(a.line().await, "<ben> before");
+    let totals = |json: serde_json::Value| json["totals"].clone();
+    let before = totals(server.chatctl(&["stats", "-o", "json"]).await.json());
     server.signal(rustix::process::Signal::USR2);
     server.wait_logged_times("upgrade: took over", 1).await;
     let second = server.pid();
+    // Server-wide counters carry on from the previous process.
+    let after = totals(server.chatctl(&["stats", "-o", "json"]).await.json());
+    for key in [
+        "connections",
+        "lines_in",
+        "lines_out",
+        "bytes_in",
+        "bytes_out",
+    ] {
+        let (was, is) = (before[key].as_u64(), after[key].as_u64());
+        assert!(
+            was.is_some_and(|was| was > 0 && is >= Some(was)),
+            "{key}: {was:?} before the upgrade, {is:?} after"
+        );
+    }
+    assert_eq!(after["connections"], before["connections"], "{after}");
     // A newly built binary replaces the file between the two.
     binary.replace(Path::new(chatd_bin()));
     a.send("ne\n").await;
