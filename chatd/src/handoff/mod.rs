@@ -13,23 +13,31 @@
 //!   process's side.
 //!
 //! The exchange, on a private UNIX socket whose path the new process gets in
-//! `HANDOFF_FROM_CHATD` (and whose peer must be the process just started):
+//! `HANDOFF_FROM_CHATD` (and whose peer must be the process just started).
+//! Everything that does not need the clients stopped happens before the
+//! freeze; the freeze covers the state and the sockets only:
 //!
 //! ```text
 //! old                                   new (same binary path, args, env)
-//!  freeze, collect                       load config (an error: exit 1)
+//!  serving                               load config (an error: exit 1)
 //!  ── Hello + old stderr ─────────────▶  log to the old process's stderr
-//!  ── State + listeners + clients ────▶  rebuild hub, rooms, history;
-//!                                        prepare admin, cluster
+//!  ── Prepare + listeners ────────────▶  bans, admin, TLS, file limit
+//!  ◀─────────────────────────── Prepared
+//!  freeze, wait for every park
+//!  ── State (rooms, counters) ────────▶  restore rooms, history, counters
+//!  ── Clients + sockets, by chunks ───▶  adopt each chunk
+//!  ── End ────────────────────────────▶  cluster
 //!  ◀──────────────────── Ready / Failed
 //!  MAINPID=new
 //!  ── Commit ─────────────────────────▶  MAINPID=self, READY=1; serve
-//!  drop its copies, exit                 
+//!  drop its sockets, exit
 //! ```
 //!
 //! Until `Commit`, the new process touches no socket, so when it fails
 //! (exits, says `Failed`, or stays silent past [`READY_TIMEOUT`]) the old
-//! one resumes every connection exactly where it parked.
+//! one resumes every connection exactly where it parked, or never stopped
+//! them if it failed before `Prepared`. A version 1 old process sends
+//! `State` with everything right after `Hello`; [`receive`] takes that too.
 
 pub mod gate;
 pub mod state;
@@ -61,20 +69,23 @@ pub const HANDOFF_ENV: &str = "HANDOFF_FROM_CHATD";
 const FREEZE_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long the new process has, from its start, to say it is ready.
 pub const READY_TIMEOUT: Duration = Duration::from_secs(30);
-/// Clients per `Clients` message. Two chunks' copies of sockets exist at
-/// most at once (one being sent, the next being collected).
+/// Clients per `Clients` message.
 const CHUNK: usize = 500;
+/// Copies of client sockets that exist at most at once: two chunks, one
+/// being sent while the next is collected.
+const COPIES: usize = 2 * CHUNK;
 /// How much of the new process's stderr is kept for the error message.
 const STDERR_TAIL: usize = 4096;
 
 /// One parked connection's contribution: its state and, for a plain TCP
 /// client, a copy of its socket. A TLS client has none: its session keys
 /// live in this process's rustls state and cannot be exported, so it is
-/// told to reconnect at commit.
+/// told to reconnect at commit. A copy that could not be made (out of
+/// descriptors) abandons the upgrade: nobody is dropped for it.
 #[derive(Debug)]
 pub struct Export {
     pub state: ClientState,
-    pub fd: Option<OwnedFd>,
+    pub fd: io::Result<Option<OwnedFd>>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -160,6 +171,8 @@ pub enum UpgradeError {
          (copies of up to two chunks of client sockets), limit {limit}; raise LimitNOFILE / ulimit -n"
     )]
     Descriptors { open: u64, needed: u64, limit: u64 },
+    #[error("cannot copy a client's socket for the new process: {0}; nothing was handed over")]
+    Copy(io::Error),
     #[error("handoff failed: {0}")]
     Io(#[from] io::Error),
 }
@@ -465,42 +478,46 @@ impl Upgrader {
         // are closed once sent, before more are made. A thread of its own
         // sends (blocking writes, bounded by the socket's deadlines) while
         // the next chunk is collected.
-        let (chunks, mut to_send) =
-            tokio::sync::mpsc::channel::<(Vec<ClientState>, Vec<OwnedFd>)>(1);
+        let (chunks, mut to_send) = tokio::sync::mpsc::channel::<Chunk>(1);
+        let sending = hub.clone();
         let sender = tokio::task::spawn_blocking(move || {
-            while let Some((clients, fds)) = to_send.blocking_recv() {
-                let borrowed: Vec<BorrowedFd<'_>> = fds.iter().map(|f| f.as_fd()).collect();
+            while let Some(chunk) = to_send.blocking_recv() {
+                let borrowed: Vec<BorrowedFd<'_>> = chunk.fds.iter().map(|f| f.as_fd()).collect();
+                let clients = chunk.clients;
                 wire::send(&sock, &ToNew::Clients { clients }, &borrowed)?;
+                drop(borrowed);
+                // Closed: as many more may be copied.
+                drop(chunk.fds);
+                sending.handoff().release(chunk.exports);
             }
             wire::send(&sock, &ToNew::End, &[])?;
             let reply = wire::recv::<ToOld>(&sock, |_| 0)?;
             io::Result::Ok((sock, reply))
         });
         let deadline = tokio::time::Instant::now() + FREEZE_TIMEOUT;
-        let (mut collected, mut handed, mut released) = (0, 0, 0);
+        let (mut collected, mut handed) = (0, 0);
+        // At most this many exports (and copies of sockets) exist at once:
+        // the sender returns each chunk's permits once it has closed them.
+        gate.release(COPIES);
         loop {
             let total = hub.client_count();
             if collected >= total {
                 break;
             }
-            // Two chunks exporting at most: the next one while this one
-            // is sent.
-            let target = (collected + 2 * CHUNK).min(total);
-            if target > released {
-                gate.release(target - released);
-                released = target;
-            }
             let want = (total - collected).min(CHUNK);
-            let mut clients = Vec::with_capacity(want);
-            let mut fds = Vec::with_capacity(want);
+            let mut chunk = Chunk {
+                clients: Vec::with_capacity(want),
+                fds: Vec::with_capacity(want),
+                exports: want,
+            };
             for _ in 0..want {
                 match tokio::time::timeout_at(deadline, exports_rx.recv()).await {
                     Ok(Some(Export { state, fd })) => {
                         collected += 1;
                         // A TLS client has no socket to hand over.
-                        if let Some(fd) = fd {
-                            clients.push(state);
-                            fds.push(fd);
+                        if let Some(fd) = fd.map_err(|e| Broke::Here(UpgradeError::Copy(e)))? {
+                            chunk.clients.push(state);
+                            chunk.fds.push(fd);
                         }
                     }
                     Ok(None) | Err(_) => {
@@ -508,8 +525,8 @@ impl Upgrader {
                     }
                 }
             }
-            handed += clients.len();
-            if chunks.send((clients, fds)).await.is_err() {
+            handed += chunk.clients.len();
+            if chunks.send(chunk).await.is_err() {
                 // The sender stopped on an error, which it returns.
                 break;
             }
@@ -539,6 +556,14 @@ impl Upgrader {
             },
         ))
     }
+}
+
+/// Clients for one `Clients` message, with their sockets' copies, and how
+/// many exports they came from (TLS clients' included).
+struct Chunk {
+    clients: Vec<ClientState>,
+    fds: Vec<OwnedFd>,
+    exports: usize,
 }
 
 /// How far the exchange with the new process got.
@@ -573,7 +598,7 @@ fn protocol_error(what: &str) -> io::Error {
 }
 
 /// Fails before starting anyone when the descriptors would run out
-/// halfway: the handoff needs two chunks of socket copies ([`CHUNK`]), the
+/// halfway: the handoff needs [`COPIES`] copies of client sockets, the
 /// channel and the new process's stderr pipe, however many clients there
 /// are (the new process inherits the same limit and needs what this one
 /// holds now).
@@ -584,7 +609,7 @@ fn check_descriptors(clients: usize) -> Result<(), UpgradeError> {
     let Ok(open) = std::fs::read_dir("/proc/self/fd").map(|d| d.count() as u64) else {
         return Ok(());
     };
-    let needed = clients.min(2 * CHUNK) as u64 + 16;
+    let needed = clients.min(COPIES) as u64 + 16;
     if open.saturating_add(needed) > limit {
         return Err(UpgradeError::Descriptors {
             open,
