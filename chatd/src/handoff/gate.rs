@@ -12,10 +12,11 @@
 //! socket, closing nothing).
 //!
 //! Collecting is paced by permits ([`Gate::release`]): a connection exports
-//! only with one, so the copies of sockets that exist at once are one
-//! chunk's worth, which the upgrader sends and closes before it releases
-//! the next. The process never needs much more than one descriptor per
-//! client, whatever the number of clients.
+//! (and copies its socket) only with one, and the upgrader hands a chunk's
+//! permits back only once it has sent that chunk and closed its copies. So
+//! at most a fixed number of copies exist at once, and the process never
+//! needs much more than one descriptor per client, however many there are.
+//! No permit exists before every connection has parked.
 
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
