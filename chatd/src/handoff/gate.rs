@@ -55,6 +55,8 @@ pub struct Gate {
     want: AtomicUsize,
     /// Exports allowed now, while collecting (see the module doc).
     permits: Semaphore,
+    /// Freezes so far, to tell a release for an earlier one.
+    freezes: std::sync::atomic::AtomicU64,
     exports: Mutex<Option<mpsc::UnboundedSender<Export>>>,
     /// How this process upgrades itself, when it can (set by `main`).
     upgrader: std::sync::OnceLock<super::Upgrader>,
@@ -69,6 +71,7 @@ impl Default for Gate {
             parked_changed: Notify::new(),
             want: AtomicUsize::new(usize::MAX),
             permits: Semaphore::new(0),
+            freezes: std::sync::atomic::AtomicU64::new(0),
             exports: Mutex::new(None),
             upgrader: std::sync::OnceLock::new(),
         }
@@ -204,14 +207,24 @@ impl Gate {
         }
     }
 
-    /// Lets `n` more parked connections export (see the module doc).
-    pub(super) fn release(&self, n: usize) {
-        self.permits.add_permits(n);
+    /// Lets `n` more parked connections export (see the module doc), if
+    /// the freeze `freeze` (from [`Gate::freeze`]) is still on: a sender
+    /// that outlived an abandoned handoff must not let a later freeze's
+    /// connections export before they have all parked.
+    pub(super) fn release(&self, freeze: u64, n: usize) {
+        if self.is_frozen() && self.freezes.load(Ordering::Acquire) == freeze {
+            self.permits.add_permits(n);
+        }
     }
 
-    pub(super) fn freeze(&self) {
+    /// Returns this freeze's number, for [`Gate::release`].
+    pub(super) fn freeze(&self) -> u64 {
+        // Left over from an abandoned handoff: none may be used now.
+        self.permits.forget_permits(usize::MAX);
+        let freeze = self.freezes.fetch_add(1, Ordering::AcqRel) + 1;
         self.frozen.store(true, Ordering::Release);
         self.step.send_replace(Step::Frozen);
+        freeze
     }
 
     pub(super) fn collect(&self) -> mpsc::UnboundedReceiver<Export> {
@@ -238,5 +251,49 @@ impl Gate {
     /// then remove nothing the new one uses (the admin socket file).
     pub fn committed(&self) -> bool {
         *self.step.borrow() == Step::Committed
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use super::*;
+
+    fn export() -> Export {
+        let v1 = include_str!("../../tests/fixtures/handoff-state-v1.json");
+        let state = crate::handoff::state::decode(v1.as_bytes()).expect("fixture");
+        Export {
+            state: state.clients[0].clone(),
+            fd: Ok(None),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_parked_connection_exports_only_with_a_permit_of_this_freeze() {
+        let gate = Arc::new(Gate::default());
+        let abandoned = gate.freeze();
+        gate.resume();
+        let freeze = gate.freeze();
+        let mut exports = gate.collect();
+        let parked = tokio::spawn({
+            let gate = gate.clone();
+            async move { gate.park(export).await }
+        });
+        tokio::time::timeout(Duration::from_secs(5), gate.wait_parked(|| 1))
+            .await
+            .expect("parked");
+        // A release meant for the abandoned freeze lets nobody export.
+        gate.release(abandoned, 1);
+        let early = tokio::time::timeout(Duration::from_millis(100), exports.recv()).await;
+        assert!(early.is_err(), "exported without a permit of this freeze");
+        gate.release(freeze, 1);
+        let got = tokio::time::timeout(Duration::from_secs(5), exports.recv())
+            .await
+            .expect("exported in time");
+        assert_eq!(got.expect("an export").state.nick, "alice");
+        gate.commit();
+        assert_eq!(parked.await.expect("task"), Outcome::Committed);
     }
 }

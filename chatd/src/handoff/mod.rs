@@ -452,7 +452,7 @@ impl Upgrader {
         // The new process is up and waits: freeze for the transfer only.
         let frozen_at = Instant::now();
         let gate = hub.handoff();
-        gate.freeze();
+        let freeze = gate.freeze();
         hub.wake_connections();
         let all_parked = gate.wait_parked(|| hub.client_count());
         if tokio::time::timeout(FREEZE_TIMEOUT, all_parked)
@@ -488,7 +488,7 @@ impl Upgrader {
                 drop(borrowed);
                 // Closed: as many more may be copied.
                 drop(chunk.fds);
-                sending.handoff().release(chunk.exports);
+                sending.handoff().release(freeze, chunk.exports);
             }
             wire::send(&sock, &ToNew::End, &[])?;
             let reply = wire::recv::<ToOld>(&sock, |_| 0)?;
@@ -498,7 +498,7 @@ impl Upgrader {
         let (mut collected, mut handed) = (0, 0);
         // At most this many exports (and copies of sockets) exist at once:
         // the sender returns each chunk's permits once it has closed them.
-        gate.release(COPIES);
+        gate.release(freeze, COPIES);
         loop {
             let total = hub.client_count();
             if collected >= total {
