@@ -139,6 +139,8 @@ async fn serve(
         ("tls", !activated.tls.is_empty()),
         ("udp", !activated.udp.is_empty()),
     ];
+    // Before any descriptor arrives: a successor receives one per client.
+    chatd::server::raise_file_limit();
     // Taking over from a running chatd: its sockets instead of binding.
     let mut incoming = match &restart.handoff {
         Some(path) => Some(tokio::task::block_in_place(|| {
@@ -165,7 +167,6 @@ async fn serve(
     let cluster_stop = CancellationToken::new();
     // Everything that can fail before serving; a successor that fails here
     // tells the old process why, and the old one serves on.
-    let handed = incoming.as_ref().map_or(0, |i| i.clients.len());
     // Kept for the next upgrade, which hands these to its successor.
     let copies = chatd::handoff::Upgrader::listener_copies(&listeners, metrics.as_ref())
         .context("copying the listeners for upgrades")?;
@@ -179,8 +180,8 @@ async fn serve(
         &cluster_stop,
     )
     .await;
-    let daemon = match (prepared, &incoming) {
-        (Ok(daemon), _) => daemon,
+    let (daemon, handed) = match (prepared, &incoming) {
+        (Ok(prepared), _) => prepared,
         (Err(e), Some(incoming)) => {
             incoming.fail(&one_line(&e));
             return Err(e);
@@ -252,10 +253,10 @@ async fn prepare(
     listener_copies: usize,
     incoming: Option<&mut chatd::handoff::Incoming>,
     cluster_stop: &CancellationToken,
-) -> anyhow::Result<Daemon> {
+) -> anyhow::Result<(Daemon, usize)> {
     let cluster = config.cluster.clone();
     let max_clients = config.limits.max_clients;
-    let token = incoming.as_ref().and_then(|i| i.state.admin_token.clone());
+    let token = incoming.as_ref().and_then(|i| i.admin_token.clone());
     let mut daemon = Daemon::with_admin_token(
         config,
         source,
@@ -279,16 +280,20 @@ async fn prepare(
     for path in daemon.generated_token_files() {
         info!(path = %path.display(), "no admin token configured: generated one for local use");
     }
-    if let Some(incoming) = incoming {
-        let clients = std::mem::take(&mut incoming.clients);
-        daemon.adopt(&incoming.state, clients);
-    }
+    // Everything above ran while the previous process served on; it
+    // freezes its connections now, and they are adopted as they arrive.
+    let handed = match incoming {
+        Some(incoming) => tokio::task::block_in_place(|| {
+            incoming.receive_state(|received| daemon.adopt(received))
+        })?,
+        None => 0,
+    };
     // Before "listening": with on_unreachable = "refuse", a node that cannot
     // reach NATS never serves. The cluster stops once chat has drained.
     if let Some(cluster) = &cluster {
         chatd::cluster::start(cluster, daemon.hub().clone(), cluster_stop.clone()).await?;
     }
-    Ok(daemon)
+    Ok((daemon, handed))
 }
 
 /// Every listener's addresses, space-separated, "off" for none.

@@ -286,17 +286,17 @@ impl Daemon {
         self.admin.as_ref().and_then(AdminSetup::generated_secret)
     }
 
-    /// Takes over clients from the previous process: rooms and history
-    /// first, then each client with what it was owed and, when
-    /// `server.upgrade_notice` is set, that one line. Nothing is read or
-    /// written until [`Daemon::run`].
-    pub fn adopt(
-        &mut self,
-        state: &crate::handoff::State,
-        clients: Vec<(crate::handoff::ClientState, TcpStream)>,
-    ) {
-        self.hub.restore(state);
+    /// Takes over what the previous process handed over, as it arrives:
+    /// rooms, history and counters first, then each chunk of clients with
+    /// what they were owed and, when `server.upgrade_notice` is set, that
+    /// one line. Nothing is read or written until [`Daemon::run`].
+    pub fn adopt(&mut self, received: crate::handoff::Received<'_>) {
+        let clients = match received {
+            crate::handoff::Received::State(state) => return self.hub.restore(state),
+            crate::handoff::Received::Clients(clients) => clients,
+        };
         let notice = self.hub.config().server.upgrade_notice.clone();
+        self.adopted.reserve(clients.len());
         for (state, stream) in clients {
             let (client, room) = self.hub.adopt(&state);
             if !notice.is_empty() {

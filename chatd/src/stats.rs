@@ -163,4 +163,72 @@ impl Stats {
             udp_dropped: get(&self.udp_dropped),
         }
     }
+
+    /// The counters for the next process of a seamless upgrade.
+    pub(crate) fn export(&self) -> crate::handoff::state::StatsState {
+        let get = |c: &AtomicU64| c.load(Relaxed);
+        crate::handoff::state::StatsState {
+            connections: get(&self.connections),
+            peak_clients: get(&self.peak_clients),
+            refused: get(&self.refused),
+            lines_in: get(&self.lines_in),
+            bytes_in: get(&self.bytes_in),
+            bytes_out: get(&self.bytes_out),
+            lines_relayed: get(&self.lines_relayed),
+            deliveries: get(&self.deliveries),
+            kicks: get(&self.kicks),
+            slow_consumer_disconnects: get(&self.slow_consumer_disconnects),
+            flood_disconnects: get(&self.flood_disconnects),
+            idle_disconnects: get(&self.idle_disconnects),
+            overlong_disconnects: get(&self.overlong_disconnects),
+            flow_pauses: get(&self.flow_pauses),
+            udp_in: get(&self.udp_in),
+            udp_out: get(&self.udp_out),
+            udp_dropped: get(&self.udp_dropped),
+        }
+    }
+
+    /// Carries on from the previous process's counters: added to this
+    /// process's own, the peak kept as the larger.
+    pub(crate) fn import(&self, from: &crate::handoff::state::StatsState) {
+        let add = |c: &AtomicU64, v: u64| {
+            c.fetch_add(v, Relaxed);
+        };
+        add(&self.connections, from.connections);
+        self.peak_clients.fetch_max(from.peak_clients, Relaxed);
+        add(&self.refused, from.refused);
+        add(&self.lines_in, from.lines_in);
+        add(&self.bytes_in, from.bytes_in);
+        add(&self.bytes_out, from.bytes_out);
+        add(&self.lines_relayed, from.lines_relayed);
+        add(&self.deliveries, from.deliveries);
+        add(&self.kicks, from.kicks);
+        add(
+            &self.slow_consumer_disconnects,
+            from.slow_consumer_disconnects,
+        );
+        add(&self.flood_disconnects, from.flood_disconnects);
+        add(&self.idle_disconnects, from.idle_disconnects);
+        add(&self.overlong_disconnects, from.overlong_disconnects);
+        add(&self.flow_pauses, from.flow_pauses);
+        add(&self.udp_in, from.udp_in);
+        add(&self.udp_out, from.udp_out);
+        add(&self.udp_dropped, from.udp_dropped);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counters_carry_over_to_the_next_process() {
+        let old = Stats::default();
+        old.connected(3);
+        old.published(2, 5);
+        old.udp_dropped.fetch_add(4, Relaxed);
+        let new = Stats::default();
+        new.import(&old.export());
+        assert_eq!(new.export(), old.export());
+    }
 }

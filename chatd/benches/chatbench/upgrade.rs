@@ -221,6 +221,7 @@ async fn measure(
     let observed = signalled.elapsed();
     *successor = handed["pid"].as_u64().map(|p| p as u32);
     let duration_ms = handed["duration_ms"].as_u64().unwrap_or(0);
+    let frozen_ms = handed["frozen_ms"].as_u64().unwrap_or(0);
     let upgrade_end = now_us(epoch);
     tokio::time::sleep(STEADY).await;
     stopping.store(true, Relaxed);
@@ -275,7 +276,7 @@ async fn measure(
         rate * rooms as f64 * (ROOM - 1) as f64
     );
     println!(
-        "  upgrade duration: {duration_ms} ms (chatd's own measure), {} ms from SIGUSR2 to the log line",
+        "  upgrade duration: {duration_ms} ms (chatd's own measure; clients frozen {frozen_ms} ms), {} ms from SIGUSR2 to the log line",
         observed.as_millis()
     );
     println!(

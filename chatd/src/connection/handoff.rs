@@ -93,7 +93,7 @@ impl<S: Socket> Connection<S> {
             unsent,
         };
         let fd = if self.client.tls {
-            None
+            Ok(None)
         } else {
             self.stream.handoff_fd()
         };

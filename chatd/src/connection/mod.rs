@@ -93,24 +93,24 @@ pub trait Socket: AsyncWrite + Unpin + Send + Sync + 'static {
     fn writable(&self) -> impl Future<Output = io::Result<()>> + Send;
     /// A copy of the socket for a seamless upgrade; `None` when it cannot
     /// be handed to another process (a TLS client's socket pair).
-    fn handoff_fd(&self) -> Option<std::os::fd::OwnedFd>;
+    fn handoff_fd(&self) -> io::Result<Option<std::os::fd::OwnedFd>>;
 }
 
 /// Which sockets another process can take over.
 trait HandoffFd {
-    fn handoff_fd(&self) -> Option<std::os::fd::OwnedFd>;
+    fn handoff_fd(&self) -> io::Result<Option<std::os::fd::OwnedFd>>;
 }
 
 impl HandoffFd for TcpStream {
-    fn handoff_fd(&self) -> Option<std::os::fd::OwnedFd> {
+    fn handoff_fd(&self) -> io::Result<Option<std::os::fd::OwnedFd>> {
         use std::os::fd::AsFd;
-        self.as_fd().try_clone_to_owned().ok()
+        self.as_fd().try_clone_to_owned().map(Some)
     }
 }
 
 impl HandoffFd for UnixStream {
-    fn handoff_fd(&self) -> Option<std::os::fd::OwnedFd> {
-        None
+    fn handoff_fd(&self) -> io::Result<Option<std::os::fd::OwnedFd>> {
+        Ok(None)
     }
 }
 
@@ -152,7 +152,7 @@ macro_rules! socket {
             fn writable(&self) -> impl Future<Output = io::Result<()>> + Send {
                 <$t>::writable(self)
             }
-            fn handoff_fd(&self) -> Option<std::os::fd::OwnedFd> {
+            fn handoff_fd(&self) -> io::Result<Option<std::os::fd::OwnedFd>> {
                 <$t as HandoffFd>::handoff_fd(self)
             }
         }

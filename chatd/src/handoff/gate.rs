@@ -6,15 +6,22 @@
 //! and UDP stop waiting on their sockets; each connection stops before its
 //! next read and parks), **collect** (every parked connection, once all of
 //! them are parked so that no more lines are published, moves its outbox
-//! into its state and hands it over), then **resume** (the new process
-//! failed: everyone continues exactly where it stopped) or **commit** (the
-//! new process serves: everyone drops its copy of its socket, closing
-//! nothing).
+//! into its state and hands it over with a copy of its socket), then
+//! **resume** (the new process failed: everyone continues exactly where it
+//! stopped) or **commit** (the new process serves: everyone drops its
+//! socket, closing nothing).
+//!
+//! Collecting is paced by permits ([`Gate::release`]): a connection exports
+//! (and copies its socket) only with one, and the upgrader hands a chunk's
+//! permits back only once it has sent that chunk and closed its copies. So
+//! at most a fixed number of copies exist at once, and the process never
+//! needs much more than one descriptor per client, however many there are.
+//! No permit exists before every connection has parked.
 
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
-use tokio::sync::{Notify, mpsc, watch};
+use tokio::sync::{Notify, Semaphore, mpsc, watch};
 
 use super::Export;
 
@@ -22,8 +29,9 @@ use super::Export;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Step {
     Running,
+    /// From the freeze to the outcome; connections export while frozen,
+    /// each when it gets a permit.
     Frozen,
-    Collect,
     Committed,
 }
 
@@ -43,6 +51,12 @@ pub struct Gate {
     step: watch::Sender<Step>,
     parked: AtomicUsize,
     parked_changed: Notify,
+    /// How many parked connections [`Gate::wait_parked`] waits for.
+    want: AtomicUsize,
+    /// Exports allowed now, while collecting (see the module doc).
+    permits: Semaphore,
+    /// Freezes so far, to tell a release for an earlier one.
+    freezes: std::sync::atomic::AtomicU64,
     exports: Mutex<Option<mpsc::UnboundedSender<Export>>>,
     /// How this process upgrades itself, when it can (set by `main`).
     upgrader: std::sync::OnceLock<super::Upgrader>,
@@ -55,6 +69,9 @@ impl Default for Gate {
             step: watch::Sender::new(Step::Running),
             parked: AtomicUsize::new(0),
             parked_changed: Notify::new(),
+            want: AtomicUsize::new(usize::MAX),
+            permits: Semaphore::new(0),
+            freezes: std::sync::atomic::AtomicU64::new(0),
             exports: Mutex::new(None),
             upgrader: std::sync::OnceLock::new(),
         }
@@ -106,21 +123,36 @@ impl Gate {
     /// it must leave the connection able to continue.
     pub async fn park(&self, export: impl FnOnce() -> Export) -> Outcome {
         let mut rx = self.step.subscribe();
-        self.parked.fetch_add(1, Ordering::AcqRel);
-        self.parked_changed.notify_waiters();
+        // SeqCst here and in `wait_parked`: either this park sees the count
+        // the waiter wants, or the waiter sees this park.
+        let parked = self.parked.fetch_add(1, Ordering::SeqCst) + 1;
+        if parked >= self.want.load(Ordering::SeqCst) {
+            self.parked_changed.notify_waiters();
+        }
         let mut export = Some(export);
         let outcome = loop {
             let step = *rx.borrow_and_update();
             match step {
                 Step::Running => break Outcome::Resumed,
                 Step::Committed => break Outcome::Committed,
-                Step::Collect => {
-                    if let Some(export) = export.take() {
+                Step::Frozen if export.is_some() => {
+                    // Wait for a permit (none until everyone has parked and
+                    // collecting begins), or for the handoff to end first.
+                    let permit = tokio::select! {
+                        changed = rx.changed() => match changed {
+                            Ok(()) => continue,
+                            Err(_) => break Outcome::Resumed,
+                        },
+                        permit = self.permits.acquire() => permit,
+                    };
+                    if let Ok(permit) = permit {
+                        permit.forget();
                         let sender = crate::lock::lock(&self.exports).clone();
-                        if let Some(sender) = sender {
+                        if let (Some(sender), Some(export)) = (sender, export.take()) {
                             let _ = sender.send(export());
                         }
                     }
+                    continue;
                 }
                 Step::Frozen => {}
             }
@@ -128,8 +160,9 @@ impl Gate {
                 break Outcome::Resumed;
             }
         };
-        self.parked.fetch_sub(1, Ordering::AcqRel);
-        self.parked_changed.notify_waiters();
+        if self.parked.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.parked_changed.notify_waiters();
+        }
         outcome
     }
 
@@ -138,42 +171,79 @@ impl Gate {
         self.parked.load(Ordering::Acquire)
     }
 
-    /// Waits until `enough()` holds, re-checking at every park and unpark.
-    pub async fn wait_parked(&self, enough: impl Fn(usize) -> bool) {
+    /// Waits until at least `want()` connections are parked (re-read
+    /// whenever a client leaves the hub: one that was already closing
+    /// leaves without parking). Only the park that may complete the count
+    /// wakes this waiter.
+    pub async fn wait_parked(&self, want: impl Fn() -> usize) {
         loop {
             let changed = self.parked_changed.notified();
-            if enough(self.parked()) {
+            let want = want();
+            self.want.store(want, Ordering::SeqCst);
+            if self.parked.load(Ordering::SeqCst) >= want {
+                self.want.store(usize::MAX, Ordering::SeqCst);
                 return;
             }
-            // A timer as well: connections can also leave the hub without
-            // parking (they were already closing).
-            tokio::select! {
-                () = changed => {}
-                () = tokio::time::sleep(std::time::Duration::from_millis(20)) => {}
-            }
+            changed.await;
         }
     }
 
-    pub(super) fn freeze(&self) {
+    /// Waits until no connection is parked (after a resume).
+    pub async fn wait_unparked(&self) {
+        loop {
+            let changed = self.parked_changed.notified();
+            if self.parked() == 0 {
+                return;
+            }
+            changed.await;
+        }
+    }
+
+    /// A client left the hub: a freeze waiting for everyone to park must
+    /// count again.
+    pub fn client_left(&self) {
+        if self.is_frozen() {
+            self.parked_changed.notify_waiters();
+        }
+    }
+
+    /// Lets `n` more parked connections export (see the module doc), if
+    /// the freeze `freeze` (from [`Gate::freeze`]) is still on: a sender
+    /// that outlived an abandoned handoff must not let a later freeze's
+    /// connections export before they have all parked.
+    pub(super) fn release(&self, freeze: u64, n: usize) {
+        if self.is_frozen() && self.freezes.load(Ordering::Acquire) == freeze {
+            self.permits.add_permits(n);
+        }
+    }
+
+    /// Returns this freeze's number, for [`Gate::release`].
+    pub(super) fn freeze(&self) -> u64 {
+        // Left over from an abandoned handoff: none may be used now.
+        self.permits.forget_permits(usize::MAX);
+        let freeze = self.freezes.fetch_add(1, Ordering::AcqRel) + 1;
         self.frozen.store(true, Ordering::Release);
         self.step.send_replace(Step::Frozen);
+        freeze
     }
 
     pub(super) fn collect(&self) -> mpsc::UnboundedReceiver<Export> {
         let (tx, rx) = mpsc::unbounded_channel();
         *crate::lock::lock(&self.exports) = Some(tx);
-        self.step.send_replace(Step::Collect);
         rx
     }
 
     pub(super) fn resume(&self) {
         *crate::lock::lock(&self.exports) = None;
+        self.want.store(usize::MAX, Ordering::SeqCst);
+        self.permits.forget_permits(usize::MAX);
         self.frozen.store(false, Ordering::Release);
         self.step.send_replace(Step::Running);
     }
 
     pub(super) fn commit(&self) {
         *crate::lock::lock(&self.exports) = None;
+        self.permits.forget_permits(usize::MAX);
         self.step.send_replace(Step::Committed);
     }
 
@@ -181,5 +251,49 @@ impl Gate {
     /// then remove nothing the new one uses (the admin socket file).
     pub fn committed(&self) -> bool {
         *self.step.borrow() == Step::Committed
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use super::*;
+
+    fn export() -> Export {
+        let v1 = include_str!("../../tests/fixtures/handoff-state-v1.json");
+        let state = crate::handoff::state::decode(v1.as_bytes()).expect("fixture");
+        Export {
+            state: state.clients[0].clone(),
+            fd: Ok(None),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_parked_connection_exports_only_with_a_permit_of_this_freeze() {
+        let gate = Arc::new(Gate::default());
+        let abandoned = gate.freeze();
+        gate.resume();
+        let freeze = gate.freeze();
+        let mut exports = gate.collect();
+        let parked = tokio::spawn({
+            let gate = gate.clone();
+            async move { gate.park(export).await }
+        });
+        tokio::time::timeout(Duration::from_secs(5), gate.wait_parked(|| 1))
+            .await
+            .expect("parked");
+        // A release meant for the abandoned freeze lets nobody export.
+        gate.release(abandoned, 1);
+        let early = tokio::time::timeout(Duration::from_millis(100), exports.recv()).await;
+        assert!(early.is_err(), "exported without a permit of this freeze");
+        gate.release(freeze, 1);
+        let got = tokio::time::timeout(Duration::from_secs(5), exports.recv())
+            .await
+            .expect("exported in time");
+        assert_eq!(got.expect("an export").state.nick, "alice");
+        gate.commit();
+        assert_eq!(parked.await.expect("task"), Outcome::Committed);
     }
 }

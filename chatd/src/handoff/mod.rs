@@ -13,23 +13,31 @@
 //!   process's side.
 //!
 //! The exchange, on a private UNIX socket whose path the new process gets in
-//! `HANDOFF_FROM_CHATD` (and whose peer must be the process just started):
+//! `HANDOFF_FROM_CHATD` (and whose peer must be the process just started).
+//! Everything that does not need the clients stopped happens before the
+//! freeze; the freeze covers the state and the sockets only:
 //!
 //! ```text
 //! old                                   new (same binary path, args, env)
-//!  freeze, collect                       load config (an error: exit 1)
+//!  serving                               load config (an error: exit 1)
 //!  ── Hello + old stderr ─────────────▶  log to the old process's stderr
-//!  ── State + listeners + clients ────▶  rebuild hub, rooms, history;
-//!                                        prepare admin, cluster
+//!  ── Prepare + listeners ────────────▶  bans, admin, TLS, file limit
+//!  ◀─────────────────────────── Prepared
+//!  freeze, wait for every park
+//!  ── State (rooms, counters) ────────▶  restore rooms, history, counters
+//!  ── Clients + sockets, by chunks ───▶  adopt each chunk
+//!  ── End ────────────────────────────▶  cluster
 //!  ◀──────────────────── Ready / Failed
 //!  MAINPID=new
 //!  ── Commit ─────────────────────────▶  MAINPID=self, READY=1; serve
-//!  drop its copies, exit                 
+//!  drop its sockets, exit
 //! ```
 //!
 //! Until `Commit`, the new process touches no socket, so when it fails
 //! (exits, says `Failed`, or stays silent past [`READY_TIMEOUT`]) the old
-//! one resumes every connection exactly where it parked.
+//! one resumes every connection exactly where it parked, or never stopped
+//! them if it failed before `Prepared`. A version 1 old process sends
+//! `State` with everything right after `Hello`; [`receive`] takes that too.
 
 pub mod gate;
 pub mod state;
@@ -61,42 +69,74 @@ pub const HANDOFF_ENV: &str = "HANDOFF_FROM_CHATD";
 const FREEZE_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long the new process has, from its start, to say it is ready.
 pub const READY_TIMEOUT: Duration = Duration::from_secs(30);
+/// Clients per `Clients` message.
+const CHUNK: usize = 500;
+/// Copies of client sockets that exist at most at once: two chunks, one
+/// being sent while the next is collected.
+const COPIES: usize = 2 * CHUNK;
 /// How much of the new process's stderr is kept for the error message.
 const STDERR_TAIL: usize = 4096;
 
 /// One parked connection's contribution: its state and, for a plain TCP
 /// client, a copy of its socket. A TLS client has none: its session keys
 /// live in this process's rustls state and cannot be exported, so it is
-/// told to reconnect at commit.
+/// told to reconnect at commit. A copy that could not be made (out of
+/// descriptors) abandons the upgrade: nobody is dropped for it.
 #[derive(Debug)]
 pub struct Export {
     pub state: ClientState,
-    pub fd: Option<OwnedFd>,
+    pub fd: io::Result<Option<OwnedFd>>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
 enum ToNew {
     /// Carries the old process's stderr.
     Hello,
-    /// The state document (any version) and its descriptors.
+    /// The listeners, in order, with their descriptors: sent before the
+    /// freeze, so the new process prepares while everyone is served.
+    /// (Since state version 2.)
+    Prepare {
+        listeners: Vec<ListenerKind>,
+        admin_token: Option<String>,
+    },
+    /// The state document and its descriptors. Version 1: everything, the
+    /// listeners' and every client's descriptors with it. Since version 2:
+    /// after `Prepare` and the freeze, without clients or descriptors;
+    /// `Clients` follow, then `End`.
     State {
         fds: usize,
         state: serde_json::Value,
     },
+    /// A chunk of clients, each with its socket (since version 2).
+    Clients {
+        clients: Vec<ClientState>,
+    },
+    /// Every client was sent (since version 2).
+    End,
     Commit,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
 enum ToOld {
-    Ready { pid: u32 },
-    Failed { error: String },
+    /// Ready for the state: the old process freezes now (answers
+    /// `Prepare`).
+    Prepared,
+    Ready {
+        pid: u32,
+    },
+    Failed {
+        error: String,
+    },
 }
 
 /// A finished upgrade.
 #[derive(Debug, Clone)]
 pub struct Upgraded {
     pub pid: u32,
+    /// From the request to the commit, starting the new process included.
     pub duration: Duration,
+    /// From the freeze to the commit: how long no connection was served.
+    pub frozen: Duration,
     /// Clients handed over.
     pub clients: usize,
     /// TLS clients, which cannot be handed over and were asked to
@@ -128,9 +168,11 @@ pub enum UpgradeError {
     Timeout(Duration, String),
     #[error(
         "not enough file descriptors for the handoff: {open} open, {needed} more needed \
-         (a copy of each client's socket), limit {limit}; raise LimitNOFILE / ulimit -n"
+         (copies of up to two chunks of client sockets), limit {limit}; raise LimitNOFILE / ulimit -n"
     )]
     Descriptors { open: u64, needed: u64, limit: u64 },
+    #[error("cannot copy a client's socket for the new process: {0}; nothing was handed over")]
+    Copy(io::Error),
     #[error("handoff failed: {0}")]
     Io(#[from] io::Error),
 }
@@ -214,7 +256,8 @@ impl Upgrader {
 
     /// Starts the binary at this process's path and hands everything over;
     /// on success this process is about to exit. On failure every
-    /// connection resumes where it stopped, and the error carries what the
+    /// connection resumes where it stopped (or never stopped, when the new
+    /// process failed before the freeze), and the error carries what the
     /// new process said.
     pub async fn upgrade(&self, hub: &Hub) -> Result<Upgraded, UpgradeError> {
         let _busy = self.inner.busy.try_lock().map_err(|_| UpgradeError::Busy)?;
@@ -224,9 +267,7 @@ impl Upgrader {
         check_descriptors(hub.client_count())?;
         let started = Instant::now();
         let gate = hub.handoff();
-        info!(exe = %self.inner.exe.display(), "upgrade: stopping connections");
-        gate.freeze();
-        hub.wake_connections();
+        info!(exe = %self.inner.exe.display(), "upgrade: starting the new process");
         let result = self.hand_over(hub, started).await;
         match &result {
             Ok(done) => {
@@ -236,59 +277,24 @@ impl Upgrader {
                     clients = done.clients,
                     tls_clients_closed = done.dropped_tls,
                     duration_ms = done.duration.as_millis() as u64,
+                    frozen_ms = done.frozen.as_millis() as u64,
                     "upgrade: handed over to the new process; exiting"
                 );
                 self.inner.shutdown.cancel();
             }
             Err(e) => {
-                gate.resume();
+                if gate.is_frozen() {
+                    gate.resume();
+                    // The next upgrade starts from a clean gate.
+                    let _ = tokio::time::timeout(FREEZE_TIMEOUT, gate.wait_unparked()).await;
+                }
                 warn!(error = %e, "upgrade failed; serving on");
-                // The next upgrade starts from a clean gate.
-                let _ = tokio::time::timeout(FREEZE_TIMEOUT, gate.wait_parked(|n| n == 0)).await;
             }
         }
         result
     }
 
     async fn hand_over(&self, hub: &Hub, started: Instant) -> Result<Upgraded, UpgradeError> {
-        let gate = hub.handoff();
-        let all_parked = gate.wait_parked(|n| n >= hub.client_count());
-        if tokio::time::timeout(FREEZE_TIMEOUT, all_parked)
-            .await
-            .is_err()
-        {
-            return Err(UpgradeError::Freeze(FREEZE_TIMEOUT));
-        }
-        let mut exports_rx = gate.collect();
-        let mut exports = Vec::new();
-        let deadline = tokio::time::Instant::now() + FREEZE_TIMEOUT;
-        while exports.len() < hub.client_count() {
-            match tokio::time::timeout_at(deadline, exports_rx.recv()).await {
-                Ok(Some(export)) => exports.push(export),
-                Ok(None) | Err(_) => return Err(UpgradeError::Freeze(FREEZE_TIMEOUT)),
-            }
-        }
-        let (clients, fds): (Vec<ClientState>, Vec<OwnedFd>) = exports
-            .into_iter()
-            .filter_map(|e| e.fd.map(|fd| (e.state, fd)))
-            .unzip();
-        let dropped_tls = hub.client_count().saturating_sub(clients.len());
-        let state = State {
-            version: state::CURRENT,
-            listeners: self
-                .inner
-                .listeners
-                .iter()
-                .map(|(k, _)| k.clone())
-                .collect(),
-            next_id: hub.next_client_id(),
-            rooms: hub.export_rooms(),
-            clients,
-            admin_token: self.inner.admin_token.clone(),
-        };
-        let handed = state.clients.len();
-        let state = serde_json::to_value(&state).map_err(io::Error::other)?;
-
         // A private socket, in a 0700 directory, for this one exchange.
         let path = self
             .inner
@@ -307,17 +313,19 @@ impl Upgrader {
         })?;
         let _remove = RemoveOnDrop(path.clone());
 
-        let mut child = Command::new(&self.inner.exe)
-            .args(&self.inner.args)
-            .env(HANDOFF_ENV, &path)
-            .stdin(std::process::Stdio::null())
-            .stderr(std::process::Stdio::piped())
-            .kill_on_drop(false)
-            .spawn()
-            .map_err(|source| UpgradeError::Spawn {
-                exe: self.inner.exe.clone(),
-                source,
-            })?;
+        let mut child = spawn_busy_aware(
+            Command::new(&self.inner.exe)
+                .args(&self.inner.args)
+                .env(HANDOFF_ENV, &path)
+                .stdin(std::process::Stdio::null())
+                .stderr(std::process::Stdio::piped())
+                .kill_on_drop(false),
+        )
+        .await
+        .map_err(|source| UpgradeError::Spawn {
+            exe: self.inner.exe.clone(),
+            source,
+        })?;
         let pid = child.id().unwrap_or(0);
         let tail = Arc::new(Mutex::new(Vec::new()));
         let forward = child
@@ -343,80 +351,257 @@ impl Upgrader {
             }
         };
 
-        let listener_fds: Vec<&OwnedFd> = self.inner.listeners.iter().map(|(_, fd)| fd).collect();
-        let exchange = async {
-            let (sock, _) = channel.accept().await?;
-            let sock = sock.into_std()?;
-            check_peer(&sock, pid)?;
-            sock.set_nonblocking(false)?;
-            sock.set_read_timeout(Some(READY_TIMEOUT))?;
-            sock.set_write_timeout(Some(READY_TIMEOUT))?;
-            let mut all: Vec<BorrowedFd<'_>> = listener_fds.iter().map(|f| f.as_fd()).collect();
-            all.extend(fds.iter().map(|f| f.as_fd()));
-            let stderr = io::stderr();
-            // Blocking writes of a few megabytes at most, answered by a
-            // process that reads them at once.
-            tokio::task::block_in_place(|| {
-                wire::send(&sock, &ToNew::Hello, &[stderr.as_fd()])?;
-                wire::send(
-                    &sock,
-                    &ToNew::State {
-                        fds: all.len(),
-                        state,
-                    },
-                    &all,
-                )?;
-                let (reply, _) = wire::recv::<ToOld>(&sock, |_| 0)?;
-                io::Result::Ok((sock, reply))
-            })
-        };
         let outcome = tokio::select! {
-            r = tokio::time::timeout(READY_TIMEOUT, exchange) => r,
+            r = tokio::time::timeout(READY_TIMEOUT, self.exchange(hub, &channel, pid)) => r,
             status = child.wait() => {
                 let status = status.map(|s| s.to_string()).unwrap_or_default();
                 let why = failed(None).await;
                 return Err(UpgradeError::NewProcess(if why.is_empty() { status } else { why }));
             }
         };
-        let (sock, reply) = match outcome {
+        let (sock, exchanged) = match outcome {
             Err(_) => {
                 let _ = child.start_kill();
                 let _ = child.wait().await;
                 let said = failed(None).await;
                 return Err(UpgradeError::Timeout(READY_TIMEOUT, format!(": {said}")));
             }
-            Ok(Err(e)) => {
+            Ok(Err(Broke::Io(e))) => {
                 let _ = child.start_kill();
                 let _ = child.wait().await;
                 let said = failed(None).await;
                 return Err(UpgradeError::NewProcess(format!("{said} ({e})")));
             }
-            Ok(Ok(done)) => done,
-        };
-        let new_pid = match reply {
-            ToOld::Ready { pid } => pid,
-            ToOld::Failed { error } => {
+            Ok(Err(Broke::Said(error))) => {
                 let _ = tokio::time::timeout(READY_TIMEOUT, child.wait()).await;
                 let _ = child.start_kill();
                 return Err(UpgradeError::NewProcess(failed(Some(error)).await));
             }
+            Ok(Err(Broke::Here(e))) => {
+                // Our side gave up (connections did not park): the new
+                // process holds nothing it may use without a commit.
+                let _ = child.start_kill();
+                let _ = child.wait().await;
+                return Err(e);
+            }
+            Ok(Ok(done)) => done,
         };
         // systemd follows the new process from here.
-        crate::notify::main_pid(new_pid);
+        crate::notify::main_pid(exchanged.pid);
         tokio::task::block_in_place(|| wire::send(&sock, &ToNew::Commit, &[]))?;
+        let frozen = exchanged.frozen_at.elapsed();
         // The new process lives on after this one: nothing waits for it.
         drop(child);
         Ok(Upgraded {
-            pid: new_pid,
+            pid: exchanged.pid,
             duration: started.elapsed(),
-            clients: handed,
-            dropped_tls,
+            frozen,
+            clients: exchanged.clients,
+            dropped_tls: exchanged.dropped_tls,
         })
+    }
+
+    /// The exchange with the new process `pid`, up to its `Ready`: the
+    /// listeners first, while everyone is served; once it says it is
+    /// prepared, the freeze, the state, and the clients in chunks.
+    async fn exchange(
+        &self,
+        hub: &Hub,
+        channel: &tokio::net::UnixListener,
+        pid: u32,
+    ) -> Result<(UnixStream, Exchanged), Broke> {
+        let (sock, _) = channel.accept().await?;
+        let sock = sock.into_std()?;
+        check_peer(&sock, pid)?;
+        sock.set_nonblocking(false)?;
+        sock.set_read_timeout(Some(READY_TIMEOUT))?;
+        sock.set_write_timeout(Some(READY_TIMEOUT))?;
+        let listener_fds: Vec<BorrowedFd<'_>> = self
+            .inner
+            .listeners
+            .iter()
+            .map(|(_, f)| f.as_fd())
+            .collect();
+        let kinds: Vec<ListenerKind> = self
+            .inner
+            .listeners
+            .iter()
+            .map(|(k, _)| k.clone())
+            .collect();
+        let stderr = io::stderr();
+        // Blocking writes, answered by a process that reads them at once;
+        // the socket's deadlines bound them.
+        let reply = tokio::task::block_in_place(|| {
+            wire::send(&sock, &ToNew::Hello, &[stderr.as_fd()])?;
+            wire::send(
+                &sock,
+                &ToNew::Prepare {
+                    listeners: kinds.clone(),
+                    admin_token: self.inner.admin_token.clone(),
+                },
+                &listener_fds,
+            )?;
+            wire::recv::<ToOld>(&sock, |_| 0)
+        })?;
+        match reply.0 {
+            ToOld::Prepared => {}
+            ToOld::Failed { error } => return Err(Broke::Said(error)),
+            ToOld::Ready { .. } => return Err(Broke::Io(protocol_error("Ready before the state"))),
+        }
+
+        // The new process is up and waits: freeze for the transfer only.
+        let frozen_at = Instant::now();
+        let gate = hub.handoff();
+        let freeze = gate.freeze();
+        hub.wake_connections();
+        let all_parked = gate.wait_parked(|| hub.client_count());
+        if tokio::time::timeout(FREEZE_TIMEOUT, all_parked)
+            .await
+            .is_err()
+        {
+            return Err(Broke::Here(UpgradeError::Freeze(FREEZE_TIMEOUT)));
+        }
+        let parked_ms = frozen_at.elapsed().as_millis() as u64;
+        let mut exports_rx = gate.collect();
+        let state = State {
+            version: state::CURRENT,
+            listeners: kinds,
+            next_id: hub.next_client_id(),
+            rooms: hub.export_rooms(),
+            clients: Vec::new(),
+            admin_token: self.inner.admin_token.clone(),
+            stats: Some(hub.stats().export()),
+        };
+        let state = serde_json::to_value(&state).map_err(io::Error::other)?;
+        tokio::task::block_in_place(|| wire::send(&sock, &ToNew::State { fds: 0, state }, &[]))?;
+        // The clients, a chunk at a time: each chunk's copies of sockets
+        // are closed once sent, before more are made. A thread of its own
+        // sends (blocking writes, bounded by the socket's deadlines) while
+        // the next chunk is collected.
+        let (chunks, mut to_send) = tokio::sync::mpsc::channel::<Chunk>(1);
+        let sending = hub.clone();
+        let sender = tokio::task::spawn_blocking(move || {
+            while let Some(chunk) = to_send.blocking_recv() {
+                let borrowed: Vec<BorrowedFd<'_>> = chunk.fds.iter().map(|f| f.as_fd()).collect();
+                let clients = chunk.clients;
+                wire::send(&sock, &ToNew::Clients { clients }, &borrowed)?;
+                drop(borrowed);
+                // Closed: as many more may be copied.
+                drop(chunk.fds);
+                sending.handoff().release(freeze, chunk.exports);
+            }
+            wire::send(&sock, &ToNew::End, &[])?;
+            let reply = wire::recv::<ToOld>(&sock, |_| 0)?;
+            io::Result::Ok((sock, reply))
+        });
+        let deadline = tokio::time::Instant::now() + FREEZE_TIMEOUT;
+        let (mut collected, mut handed) = (0, 0);
+        // At most this many exports (and copies of sockets) exist at once:
+        // the sender returns each chunk's permits once it has closed them.
+        gate.release(freeze, COPIES);
+        loop {
+            let total = hub.client_count();
+            if collected >= total {
+                break;
+            }
+            let want = (total - collected).min(CHUNK);
+            let mut chunk = Chunk {
+                clients: Vec::with_capacity(want),
+                fds: Vec::with_capacity(want),
+                exports: want,
+            };
+            for _ in 0..want {
+                match tokio::time::timeout_at(deadline, exports_rx.recv()).await {
+                    Ok(Some(Export { state, fd })) => {
+                        collected += 1;
+                        // A TLS client has no socket to hand over.
+                        if let Some(fd) = fd.map_err(|e| Broke::Here(UpgradeError::Copy(e)))? {
+                            chunk.clients.push(state);
+                            chunk.fds.push(fd);
+                        }
+                    }
+                    Ok(None) | Err(_) => {
+                        return Err(Broke::Here(UpgradeError::Freeze(FREEZE_TIMEOUT)));
+                    }
+                }
+            }
+            handed += chunk.clients.len();
+            if chunks.send(chunk).await.is_err() {
+                // The sender stopped on an error, which it returns.
+                break;
+            }
+        }
+        drop(chunks);
+        let collected_ms = frozen_at.elapsed().as_millis() as u64;
+        let (sock, reply) = sender.await.map_err(io::Error::other)??;
+        let new_pid = match reply.0 {
+            ToOld::Ready { pid } => pid,
+            ToOld::Failed { error } => return Err(Broke::Said(error)),
+            ToOld::Prepared => return Err(Broke::Io(protocol_error("Prepared twice"))),
+        };
+        info!(
+            clients = handed,
+            parked_ms,
+            collected_ms,
+            ready_ms = frozen_at.elapsed().as_millis() as u64,
+            "upgrade: the new process holds every client"
+        );
+        Ok((
+            sock,
+            Exchanged {
+                pid: new_pid,
+                frozen_at,
+                clients: handed,
+                dropped_tls: collected - handed,
+            },
+        ))
     }
 }
 
-/// Each client's socket is copied while it is handed over: fail before
-/// freezing anyone when the descriptors would run out halfway.
+/// Clients for one `Clients` message, with their sockets' copies, and how
+/// many exports they came from (TLS clients' included).
+struct Chunk {
+    clients: Vec<ClientState>,
+    fds: Vec<OwnedFd>,
+    exports: usize,
+}
+
+/// How far the exchange with the new process got.
+struct Exchanged {
+    pid: u32,
+    frozen_at: Instant,
+    clients: usize,
+    dropped_tls: usize,
+}
+
+/// Why the exchange stopped before `Ready`.
+enum Broke {
+    /// The channel failed (the new process may have died; its stderr says).
+    Io(io::Error),
+    /// The new process said why it cannot take over.
+    Said(String),
+    /// This process gave up.
+    Here(UpgradeError),
+}
+
+impl From<io::Error> for Broke {
+    fn from(e: io::Error) -> Self {
+        Broke::Io(e)
+    }
+}
+
+fn protocol_error(what: &str) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::InvalidData,
+        format!("unexpected message from the new process: {what}"),
+    )
+}
+
+/// Fails before starting anyone when the descriptors would run out
+/// halfway: the handoff needs [`COPIES`] copies of client sockets, the
+/// channel and the new process's stderr pipe, however many clients there
+/// are (the new process inherits the same limit and needs what this one
+/// holds now).
 fn check_descriptors(clients: usize) -> Result<(), UpgradeError> {
     let limit = rustix::process::getrlimit(rustix::process::Resource::Nofile)
         .current
@@ -424,8 +609,7 @@ fn check_descriptors(clients: usize) -> Result<(), UpgradeError> {
     let Ok(open) = std::fs::read_dir("/proc/self/fd").map(|d| d.count() as u64) else {
         return Ok(());
     };
-    // The copies, the handoff socket, the new process's stderr pipe.
-    let needed = clients as u64 + 16;
+    let needed = clients.min(COPIES) as u64 + 16;
     if open.saturating_add(needed) > limit {
         return Err(UpgradeError::Descriptors {
             open,
@@ -434,6 +618,24 @@ fn check_descriptors(clients: usize) -> Result<(), UpgradeError> {
         });
     }
     Ok(())
+}
+
+/// Starts `cmd`, retrying for a moment while the file is busy (`ETXTBSY`):
+/// a binary just written is busy while any process still holds it open
+/// for writing, such as a process forked meanwhile by whoever wrote it,
+/// until that process's own exec.
+async fn spawn_busy_aware(cmd: &mut Command) -> io::Result<tokio::process::Child> {
+    let busy = rustix::io::Errno::TXTBSY.raw_os_error();
+    let mut tries = 0;
+    loop {
+        match cmd.spawn() {
+            Err(e) if e.raw_os_error() == Some(busy) && tries < 20 => {
+                tries += 1;
+                tokio::time::sleep(Duration::from_millis(25)).await;
+            }
+            other => return other,
+        }
+    }
 }
 
 /// Copies the new process's stderr to ours until it takes ours over, and
@@ -501,26 +703,36 @@ pub fn take_path() -> Option<PathBuf> {
     std::env::var_os(HANDOFF_ENV).map(PathBuf::from)
 }
 
-/// What the new process received, not yet serving.
+/// What the new process received, not yet serving: the listeners at
+/// first; the state and the clients come with [`Incoming::receive_state`].
 pub struct Incoming {
     sock: UnixStream,
-    pub state: State,
     pub listeners: Listeners,
     pub metrics: Option<tokio::net::TcpListener>,
-    pub clients: Vec<(ClientState, tokio::net::TcpStream)>,
+    /// The previous process's generated admin token, if any.
+    pub admin_token: Option<String>,
+    /// A version 1 old process sent everything at once.
+    whole: Option<(State, Vec<(ClientState, tokio::net::TcpStream)>)>,
 }
 
 impl std::fmt::Debug for Incoming {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Incoming")
-            .field("clients", &self.clients.len())
-            .finish_non_exhaustive()
+        f.debug_struct("Incoming").finish_non_exhaustive()
     }
 }
 
-/// The new process's side, up to holding everything: connects to the old
-/// process, logs from now on where it logs, and takes the state and the
-/// sockets. Must run inside the runtime (tokio adopts the sockets).
+/// What [`Incoming::receive_state`] hands its caller, in this order: the
+/// state once, then the clients in chunks.
+#[derive(Debug)]
+pub enum Received<'a> {
+    State(&'a State),
+    Clients(Vec<(ClientState, tokio::net::TcpStream)>),
+}
+
+/// The new process's side, up to holding the listeners: connects to the
+/// old process, logs from now on where it logs, and takes the listeners
+/// (and, from an old process of state version 1, everything). Must run
+/// inside the runtime (tokio adopts the sockets).
 pub fn receive(path: &Path) -> Result<Incoming, ReceiveError> {
     let sock = UnixStream::connect(path).map_err(|source| ReceiveError::Connect {
         path: path.to_owned(),
@@ -536,15 +748,9 @@ pub fn receive(path: &Path) -> Result<Incoming, ReceiveError> {
         rustix::stdio::dup2_stderr(stderr).map_err(io::Error::from)?;
     }
     // From here the old process hears why this one cannot take over.
-    match take_over(&sock) {
-        Ok((state, listeners, metrics, clients)) => Ok(Incoming {
-            sock,
-            state,
-            listeners,
-            metrics,
-            clients,
-        }),
-        Err(e) => {
+    match take_listeners(sock) {
+        Ok(incoming) => Ok(incoming),
+        Err((sock, e)) => {
             let _ = wire::send(
                 &sock,
                 &ToOld::Failed {
@@ -557,24 +763,52 @@ pub fn receive(path: &Path) -> Result<Incoming, ReceiveError> {
     }
 }
 
-type TakenOver = (
-    State,
-    Listeners,
-    Option<tokio::net::TcpListener>,
-    Vec<(ClientState, tokio::net::TcpStream)>,
-);
-
-/// Reads the state and makes the descriptors sockets again.
-fn take_over(sock: &UnixStream) -> Result<TakenOver, ReceiveError> {
-    let (msg, fds) = wire::recv::<ToNew>(sock, |m| match m {
+fn take_listeners(sock: UnixStream) -> Result<Incoming, (UnixStream, ReceiveError)> {
+    let got = wire::recv::<ToNew>(&sock, |m| match m {
         ToNew::State { fds, .. } => *fds,
+        ToNew::Prepare { listeners, .. } => listeners.len(),
         _ => 0,
-    })?;
-    let ToNew::State { state, .. } = msg else {
-        return Err(ReceiveError::Protocol);
+    });
+    let (msg, fds) = match got {
+        Ok(got) => got,
+        Err(e) => return Err((sock, e.into())),
     };
-    let state = state::decode_value(state)?;
-    let mut fds = fds.into_iter();
+    let made = match msg {
+        ToNew::Prepare {
+            listeners,
+            admin_token,
+        } => {
+            listener_sockets(&listeners, fds.into_iter()).map(|(l, m, _)| (l, m, admin_token, None))
+        }
+        // Version 1: the state, then every descriptor.
+        ToNew::State { state, .. } => (|| {
+            let state = state::decode_value(state)?;
+            let (l, m, rest) = listener_sockets(&state.listeners, fds.into_iter())?;
+            let clients = client_sockets(&state.clients, rest)?;
+            Ok((l, m, state.admin_token.clone(), Some((state, clients))))
+        })(),
+        _ => Err(ReceiveError::Protocol),
+    };
+    match made {
+        Ok((listeners, metrics, admin_token, whole)) => Ok(Incoming {
+            sock,
+            listeners,
+            metrics,
+            admin_token,
+            whole,
+        }),
+        Err(e) => Err((sock, e)),
+    }
+}
+
+type Made<I> = (Listeners, Option<tokio::net::TcpListener>, I);
+
+/// Makes the first descriptors listeners again, one per `kinds` entry;
+/// returns the rest.
+fn listener_sockets<I: Iterator<Item = OwnedFd>>(
+    kinds: &[ListenerKind],
+    mut fds: I,
+) -> Result<Made<I>, ReceiveError> {
     let mut listeners = Listeners::empty();
     let mut metrics = None;
     let tcp = |fd: OwnedFd| {
@@ -582,7 +816,7 @@ fn take_over(sock: &UnixStream) -> Result<TakenOver, ReceiveError> {
         l.set_nonblocking(true)?;
         tokio::net::TcpListener::from_std(l)
     };
-    for kind in &state.listeners {
+    for kind in kinds {
         let fd = fds.next().ok_or(ReceiveError::Protocol)?;
         match kind {
             ListenerKind::Chat => listeners.chat.push(tcp(fd)?),
@@ -601,17 +835,66 @@ fn take_over(sock: &UnixStream) -> Result<TakenOver, ReceiveError> {
             }
         }
     }
-    let mut clients = Vec::with_capacity(state.clients.len());
-    for client in &state.clients {
+    Ok((listeners, metrics, fds))
+}
+
+/// Pairs each client with its socket, made a tokio socket again.
+fn client_sockets(
+    clients: &[ClientState],
+    mut fds: impl Iterator<Item = OwnedFd>,
+) -> Result<Vec<(ClientState, tokio::net::TcpStream)>, ReceiveError> {
+    let mut out = Vec::with_capacity(clients.len());
+    for client in clients {
         let fd = fds.next().ok_or(ReceiveError::Protocol)?;
         let s = std::net::TcpStream::from(fd);
         s.set_nonblocking(true)?;
-        clients.push((client.clone(), tokio::net::TcpStream::from_std(s)?));
+        out.push((client.clone(), tokio::net::TcpStream::from_std(s)?));
     }
-    Ok((state, listeners, metrics, clients))
+    Ok(out)
 }
 
 impl Incoming {
+    /// Says this process is prepared, which makes the old one freeze its
+    /// connections, and hands `take` the state and then the clients, chunk
+    /// by chunk as they arrive, so that each chunk is adopted while the
+    /// next is on its way. Returns the number of clients. Blocking.
+    pub fn receive_state(
+        &mut self,
+        mut take: impl FnMut(Received<'_>),
+    ) -> Result<usize, ReceiveError> {
+        if let Some((state, clients)) = self.whole.take() {
+            take(Received::State(&state));
+            let n = clients.len();
+            take(Received::Clients(clients));
+            return Ok(n);
+        }
+        wire::send(&self.sock, &ToOld::Prepared, &[])?;
+        let (msg, _) = wire::recv::<ToNew>(&self.sock, |_| 0)?;
+        let ToNew::State { state, .. } = msg else {
+            return Err(ReceiveError::Protocol);
+        };
+        let state = state::decode_value(state)?;
+        take(Received::State(&state));
+        let mut n = 0;
+        loop {
+            let (msg, fds) = wire::recv::<ToNew>(&self.sock, |m| match m {
+                ToNew::Clients { clients } => clients.len(),
+                _ => 0,
+            })?;
+            match msg {
+                ToNew::Clients { clients } => {
+                    n += clients.len();
+                    take(Received::Clients(client_sockets(
+                        &clients,
+                        fds.into_iter(),
+                    )?));
+                }
+                ToNew::End => return Ok(n),
+                _ => return Err(ReceiveError::Protocol),
+            }
+        }
+    }
+
     /// Tells the old process this one is ready and waits for its commit;
     /// after `Ok` this process owns every socket. Blocking.
     pub fn ready(&self) -> Result<(), ReceiveError> {

@@ -6,14 +6,24 @@
 //! take over from the previous release; a newer version than it knows is
 //! refused with a message the old process shows the operator, who then
 //! keeps the old process (rollback). `tests/fixtures/handoff-state-v1.json`
-//! is a version 1 document: it must keep decoding in every later version.
+//! and `handoff-state-v2.json` are documents of versions 1 and 2: they must
+//! keep decoding in every later version.
+//!
+//! - Version 1: one document with every client in `clients`, their
+//!   sockets following the listeners' in the same message.
+//! - Version 2: adds `stats` (server-wide counters carry on). The old
+//!   process sends the listeners before it freezes anyone and the
+//!   clients after the document, in chunks each with its sockets
+//!   ([`crate::handoff`]), so `clients` is empty in the document itself.
+//!   A version 2 reader takes a version 1 document as it was: every field
+//!   version 2 added has a default.
 
 use std::net::SocketAddr;
 
 use serde::{Deserialize, Serialize};
 
 /// The state version this binary writes.
-pub const CURRENT: u32 = 1;
+pub const CURRENT: u32 = 2;
 
 /// The old process's state, in the order its descriptors follow.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -29,6 +39,35 @@ pub struct State {
     /// The generated admin token, when none is configured: it stays valid.
     #[serde(default)]
     pub admin_token: Option<String>,
+    /// Server-wide counters (version 2; none from version 1).
+    #[serde(default)]
+    pub stats: Option<StatsState>,
+}
+
+/// Server-wide counters, carried on so that totals do not restart at an
+/// upgrade. Each is added to what the new process counted so far (nothing,
+/// as it has served no one yet). A counter a later version adds gets a
+/// default of zero here.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct StatsState {
+    pub connections: u64,
+    pub peak_clients: u64,
+    pub refused: u64,
+    pub lines_in: u64,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    pub lines_relayed: u64,
+    pub deliveries: u64,
+    pub kicks: u64,
+    pub slow_consumer_disconnects: u64,
+    pub flood_disconnects: u64,
+    pub idle_disconnects: u64,
+    pub overlong_disconnects: u64,
+    pub flow_pauses: u64,
+    pub udp_in: u64,
+    pub udp_out: u64,
+    pub udp_dropped: u64,
 }
 
 /// What a handed-over listener serves.
@@ -110,9 +149,10 @@ pub fn decode(bytes: &[u8]) -> Result<State, DecodeError> {
 pub fn decode_value(value: serde_json::Value) -> Result<State, DecodeError> {
     match value.get("version").and_then(serde_json::Value::as_u64) {
         None => Err(DecodeError::NoVersion),
-        // Version 1 is today's layout. When the layout changes, keep the
-        // version 1 structs here and convert them.
-        Some(1) => Ok(serde_json::from_value(value)?),
+        // Version 2 only added fields with defaults to version 1. When the
+        // layout changes otherwise, keep the older structs here and
+        // convert them.
+        Some(1 | 2) => Ok(serde_json::from_value(value)?),
         Some(v) => Err(DecodeError::TooNew(v)),
     }
 }
@@ -122,6 +162,7 @@ mod tests {
     use super::*;
 
     const V1: &str = include_str!("../../tests/fixtures/handoff-state-v1.json");
+    const V2: &str = include_str!("../../tests/fixtures/handoff-state-v2.json");
 
     #[test]
     fn reads_a_version_1_document() {
@@ -135,6 +176,20 @@ mod tests {
         assert_eq!(c.framer.partial, b"half a li".to_vec());
         assert_eq!(c.unsent, b"<bob> hi\r\n".to_vec());
         assert_eq!(state.rooms[0].history, vec![b"<bob> hi\r\n".to_vec()]);
+        assert_eq!(state.stats, None);
+    }
+
+    #[test]
+    fn reads_a_version_2_document() {
+        let state = decode(V2.as_bytes()).expect("version 2 decodes");
+        assert_eq!(state.version, 2);
+        assert!(state.clients.is_empty(), "clients follow the document");
+        assert_eq!(state.next_id, 8);
+        let stats = state.stats.expect("version 2 has stats");
+        assert_eq!(stats.connections, 12);
+        assert_eq!(stats.lines_relayed, 40);
+        assert_eq!(stats.udp_dropped, 1);
+        assert_eq!(state.admin_token.as_deref(), Some("c2VjcmV0"));
     }
 
     #[test]
@@ -146,7 +201,12 @@ mod tests {
 
     #[test]
     fn what_this_version_writes_it_reads() {
-        let state = decode(V1.as_bytes()).expect("decodes");
+        let mut state = decode(V1.as_bytes()).expect("decodes");
+        state.version = CURRENT;
+        state.stats = Some(StatsState {
+            deliveries: 99,
+            ..StatsState::default()
+        });
         let again = serde_json::to_vec(&state).expect("encodes");
         assert_eq!(decode(&again).expect("decodes again"), state);
     }

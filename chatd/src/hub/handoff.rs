@@ -97,6 +97,9 @@ impl Hub {
             .unwrap_or(1)
             .max(state.next_id);
         self.shared.next_id.fetch_max(next, Relaxed);
+        if let Some(stats) = &state.stats {
+            self.shared.stats.import(stats);
+        }
         let mut s = self.state();
         for r in &state.rooms {
             let room = s

@@ -465,6 +465,7 @@ impl Hub {
         }
         self.shared.stats.disconnected(reason);
         drop(state);
+        self.shared.handoff.client_left();
         if let Some((room, text)) = parted {
             self.room_notice(&room, client.id, NoticeKind::Leave, &text);
         }

@@ -185,7 +185,7 @@ impl TestServer {
 
     /// Starts `cmd` and waits for its "listening" log line.
     pub fn launch(mut cmd: Command, dir: tempfile::TempDir) -> TestServer {
-        let mut child = cmd.spawn().expect("start chatd");
+        let mut child = spawn_busy_aware(&mut cmd);
         let stderr = child.stderr.take().expect("stderr is piped");
         let logs = Arc::new(Mutex::new(Vec::new()));
         let (tx, rx) = std::sync::mpsc::channel();
@@ -661,4 +661,21 @@ pub async fn metrics_addr(server: &TestServer) -> SocketAddr {
         .as_str()
         .and_then(|s| s.parse().ok())
         .expect("metrics address in the listening line")
+}
+
+/// Starts `cmd`; a binary a test has just copied is busy (`ETXTBSY`) while
+/// a process that another test forked meanwhile still holds the copy's
+/// write descriptor, until that process execs: retried for a moment.
+fn spawn_busy_aware(cmd: &mut Command) -> Child {
+    const ETXTBSY: i32 = 26;
+    let deadline = Instant::now() + Duration::from_secs(2);
+    loop {
+        match cmd.spawn() {
+            Ok(child) => return child,
+            Err(e) if e.raw_os_error() == Some(ETXTBSY) && Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Err(e) => panic!("start chatd: {e}"),
+        }
+    }
 }

@@ -483,9 +483,29 @@ async fn two_upgrades_in_a_row_by_sigusr2_are_invisible() {
     let server = TestServer::spawn_binary(&binary.path, None, BUSY);
     let first = server.pid();
     let (mut a, mut b) = pair(&server).await;
+    b.send("before\n").await;
+    assert_eq!(a.line().await, "<ben> before");
+    let totals = |json: serde_json::Value| json["totals"].clone();
+    let before = totals(server.chatctl(&["stats", "-o", "json"]).await.json());
     server.signal(rustix::process::Signal::USR2);
     server.wait_logged_times("upgrade: took over", 1).await;
     let second = server.pid();
+    // Server-wide counters carry on from the previous process.
+    let after = totals(server.chatctl(&["stats", "-o", "json"]).await.json());
+    for key in [
+        "connections",
+        "lines_in",
+        "lines_out",
+        "bytes_in",
+        "bytes_out",
+    ] {
+        let (was, is) = (before[key].as_u64(), after[key].as_u64());
+        assert!(
+            was.is_some_and(|was| was > 0 && is >= Some(was)),
+            "{key}: {was:?} before the upgrade, {is:?} after"
+        );
+    }
+    assert_eq!(after["connections"], before["connections"], "{after}");
     // A newly built binary replaces the file between the two.
     binary.replace(Path::new(chatd_bin()));
     a.send("ne\n").await;
@@ -510,4 +530,58 @@ async fn two_upgrades_in_a_row_by_sigusr2_are_invisible() {
         .collect();
     nicks.sort();
     assert_eq!(nicks, ["anna", "ben"]);
+}
+
+/// Thousands of clients under a file limit that leaves room for far fewer
+/// than one more descriptor each: the old process copies sockets a chunk
+/// at a time and closes each chunk's copies once sent, so the upgrade goes
+/// through (it used to need a copy of every client's socket at once).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upgrade_needs_no_second_descriptor_per_client() {
+    const CLIENTS: usize = 2500;
+    let _ = rlimit::increase_nofile_limit(8192);
+    let binary = Binary::copy();
+    let mut env = BUSY.to_vec();
+    env.extend([
+        ("CHATD_LIMITS__MAX_CLIENTS", "10000"),
+        ("CHATD_LIMITS__MAX_CLIENTS_PER_IP", "10000"),
+        ("CHATD_LIMITS__CONNECT_RATE_PER_IP", "0"),
+    ]);
+    let server = TestServer::spawn_binary(&binary.path, None, &env);
+    let (mut a, _) = server.join().await;
+    let (mut b, _) = server.join().await;
+    for (c, nick) in [(&mut a, "anna"), (&mut b, "ben")] {
+        c.send(&format!("/nick {nick}\n")).await;
+        c.expect(&format!("You are now known as {nick}")).await;
+        c.send("/join side\n").await;
+        c.expect("You are now in side").await;
+    }
+    a.sync().await;
+    b.sync().await;
+    let mut crowd = Vec::with_capacity(CLIENTS);
+    for _ in 0..CLIENTS {
+        let mut c = server.connect().await;
+        c.welcome().await;
+        crowd.push(c);
+    }
+    // Room for the clients and one chunk pair of copies, not for a second
+    // descriptor per client.
+    let limit = (CLIENTS + 1200) as u64;
+    let pid = rustix::process::Pid::from_raw(server.pid() as i32).expect("pid");
+    let rlimit = rustix::process::Rlimit {
+        current: Some(limit),
+        maximum: Some(limit),
+    };
+    rustix::process::prlimit(Some(pid), rustix::process::Resource::Nofile, rlimit)
+        .expect("lower chatd's file limit");
+    let upgraded = server.chatctl(&["upgrade"]).await;
+    let said = upgraded.ok().to_string();
+    assert!(
+        said.contains(&format!("serves {} clients", CLIENTS + 2)),
+        "{said}"
+    );
+    a.send("still here\n").await;
+    assert_eq!(b.line().await, "<anna> still here");
+    let stats = server.chatctl(&["stats", "-o", "json"]).await.json();
+    assert_eq!(stats["clients"], CLIENTS as u64 + 2, "{stats}");
 }
