@@ -23,7 +23,9 @@
 //!   cluster) loses nothing: batches carry positions ([`cluster_seq`]),
 //!   the node publishes again what its server had not confirmed, and a node
 //!   that missed some asks their sender for them. Past `HOLD`, batches
-//!   for other nodes are dropped and counted, not queued.
+//!   for other nodes are dropped and counted, not queued. Private
+//!   messages to another node's client (`NAME.pm.NODE`) are positioned
+//!   and kept the same way, one backlog stream per destination node.
 //!
 //! Admin is cluster-wide through [`Bus`]: every node answers requests on
 //! `NAME.admin.OP` (see [`crate::admin::answer_remote`]), and the node an
@@ -174,7 +176,10 @@ enum Outgoing {
         payload: Bytes,
         kind: Kind,
     },
-    /// A membership change or a private message, for `subject`.
+    /// A private message (a [`members::PmMsg`]) for a client of `node`:
+    /// positioned and kept like a room's batch ([`cluster_seq`]).
+    Private { node: Arc<str>, payload: Bytes },
+    /// A membership change, for `subject`.
     Direct { subject: String, payload: Bytes },
 }
 
@@ -367,7 +372,9 @@ impl ClusterState for Link {
         });
     }
 
-    /// One NATS message, to `NAME.pm.NODE` of the node that has `to`.
+    /// One NATS message, to `NAME.pm.NODE` of the node that has `to`,
+    /// with a position, so that a NATS failover loses none
+    /// ([`cluster_seq`]).
     fn send_private(
         &self,
         from: ClientId,
@@ -384,11 +391,11 @@ impl ClusterState for Link {
             text: text.to_string(),
             error: None,
         };
-        if let Some(prefix) = &self.prefix
+        if self.prefix.is_some()
             && let Ok(payload) = serde_json::to_vec(&pm)
         {
-            self.queue(Outgoing::Direct {
-                subject: format!("{prefix}pm.{node}"),
+            self.queue(Outgoing::Private {
+                node: node.as_str().into(),
                 payload: payload.into(),
             });
         }
@@ -603,6 +610,7 @@ pub async fn start(
         node_id: config.node_id.clone().into(),
         prefix: format!("{}.room.", config.name),
         replay_prefix: format!("{}.replay.", config.name),
+        pm_prefix: format!("{}.pm.", config.name),
         name: config.name.clone(),
         rooms: HashMap::new(),
         backlog,
@@ -749,6 +757,8 @@ struct Node {
     prefix: String,
     /// `NAME.replay.`
     replay_prefix: String,
+    /// `NAME.pm.`
+    pm_prefix: String,
     /// `cluster.name`.
     name: String,
     /// One subscription task per room with local members.
@@ -904,8 +914,8 @@ impl Node {
         let again = self.lock_backlog().unconfirmed();
         let republished = again.len();
         for (pos, entry) in again {
-            let kind = Kind::from_byte(entry.kind).unwrap_or(Kind::Notice);
-            self.send(&entry.room, pos, kind, entry.payload).await;
+            self.send_entry(&entry.room, pos, entry.kind, entry.payload)
+                .await;
         }
         self.mark(marks).await;
         match was {
@@ -961,15 +971,20 @@ impl Node {
     /// NATS has been away longer than [`HOLD`] it is dropped and counted:
     /// lines are not queued for a reconnect that may come much later.
     async fn publish(&mut self, out: Outgoing) {
-        let (room, payload, kind) = match out {
+        let (key, payload, kind) = match out {
             Outgoing::Room {
                 room,
                 payload,
                 kind,
-            } => (room, payload, kind),
+            } => (room, payload, kind.as_byte()),
+            Outgoing::Private { node, payload } => (
+                Arc::from(cluster_seq::private_stream(&node)),
+                payload,
+                cluster_seq::PRIVATE_KIND,
+            ),
             Outgoing::Direct { subject, payload } => {
-                // Membership changes and private messages are not held: a
-                // node that misses a change asks for a snapshot.
+                // Membership changes are not held: a node that misses a
+                // change asks for a snapshot.
                 if self.away != Away::Online || self.client.connection_state() != State::Connected {
                     self.link.dropped.fetch_add(1, Relaxed);
                     return;
@@ -985,13 +1000,11 @@ impl Node {
             self.link.dropped.fetch_add(1, Relaxed);
             return;
         }
-        let (pos, evicted) = self
-            .lock_backlog()
-            .push(&room, kind.as_byte(), payload.clone());
+        let (pos, evicted) = self.lock_backlog().push(&key, kind, payload.clone());
         if self.away == Away::Online {
             // An unconfirmed batch pushed out of a full backlog was
             // published: it only loses its second chance.
-            self.send(&room, pos, kind, payload).await;
+            self.send_entry(&key, pos, kind, payload).await;
             self.mark_at
                 .get_or_insert_with(|| tokio::time::Instant::now() + MARK_AFTER);
         } else if evicted {
@@ -1016,6 +1029,31 @@ impl Node {
         self.history_tried = Some(std::time::Instant::now());
         let js = async_nats::jetstream::new(self.client.clone());
         self.history = history::open_stream(&js, &self.name, self.per_room, self.replicas).await;
+    }
+
+    /// Publishes one backlog entry: a room's batch ([`Node::send`]) or a
+    /// private message, on `NAME.pm.NODE` with this node's id and the
+    /// message's position (the receiver drops repeats and asks for what
+    /// it missed, see [`members`]).
+    async fn send_entry(&self, key: &str, pos: Position, kind: u8, payload: Bytes) {
+        if kind != cluster_seq::PRIVATE_KIND {
+            let kind = Kind::from_byte(kind).unwrap_or(Kind::Notice);
+            return self.send(key, pos, kind, payload).await;
+        }
+        let Some(node) = key.strip_prefix("pm.") else {
+            return;
+        };
+        let mut headers = HeaderMap::new();
+        headers.insert(NODE_HEADER, &*self.node_id);
+        headers.insert(SEQ_HEADER, pos.header().as_str());
+        let subject = format!("{}{node}", self.pm_prefix);
+        if let Err(e) = self
+            .client
+            .publish_with_headers(subject, headers, payload)
+            .await
+        {
+            debug!(error = %e, "cluster: publish failed");
+        }
     }
 
     /// Publishes one batch on `NAME.room.ROOM.KIND`. A failure leaves it
@@ -1240,6 +1278,22 @@ async fn replay(
     after: u64,
     before: u64,
 ) -> Vec<(Kind, u64, Bytes)> {
+    replay_raw(client, subject, room, after, before)
+        .await
+        .into_iter()
+        .filter_map(|(kind, seq, batch)| Some((Kind::from_byte(kind)?, seq, batch)))
+        .collect()
+}
+
+/// [`replay`] of any backlog stream (a room, or the private messages for
+/// a node, [`cluster_seq::private_stream`]), with the kind bytes as kept.
+pub(crate) async fn replay_raw(
+    client: &async_nats::Client,
+    subject: String,
+    room: &str,
+    after: u64,
+    before: u64,
+) -> Vec<(u8, u64, Bytes)> {
     let asked = client.request(subject, cluster_seq::replay_request(room, after));
     let answer = match tokio::time::timeout(REPLAY_DEADLINE, asked).await {
         Ok(Ok(answer)) => answer,
@@ -1256,7 +1310,6 @@ async fn replay(
         .unwrap_or_default()
         .into_iter()
         .filter(|(_, seq, _)| *seq < before)
-        .filter_map(|(kind, seq, batch)| Some((Kind::from_byte(kind)?, seq, batch)))
         .collect()
 }
 
