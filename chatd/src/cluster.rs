@@ -126,12 +126,6 @@ const HEARTBEAT: Duration = Duration::from_secs(2);
 /// A node not heard for this long is no longer expected to answer (nor
 /// named missing).
 pub const PRESENCE_TTL: Duration = Duration::from_secs(10);
-/// A node not heard for this long (three heartbeats) no longer counts in
-/// `/who`, `/rooms` and room counts: a dead node's members are gone within
-/// it, well inside 10 s. Shorter than [`PRESENCE_TTL`], because a member
-/// list that is briefly short costs less than an admin call that misses a
-/// node.
-pub const MEMBER_TTL: Duration = Duration::from_secs(6);
 
 /// On the wire: the `Chatd-Kind` header and the backlog's byte.
 impl Kind {
@@ -206,6 +200,12 @@ pub struct Link {
     /// `NAME.`; `None` only in unit tests, which publish no membership.
     prefix: Option<String>,
     node_id: Arc<str>,
+    /// A node not heard for this long (`cluster.member_silence_secs`,
+    /// default three heartbeats) no longer counts in `/who`, `/rooms` and
+    /// room counts: a dead node's members are gone within it, at most
+    /// 10 s. At most [`PRESENCE_TTL`], because a member list that is
+    /// briefly short costs less than an admin call that misses a node.
+    member_ttl: Duration,
     /// Requests to load a room's history, for the cluster task; `None`
     /// when `chat.history` is 0 (and in unit tests).
     loads: Option<mpsc::UnboundedSender<(Arc<str>, tokio::sync::oneshot::Sender<()>)>>,
@@ -261,12 +261,12 @@ impl Link {
         &self.members
     }
 
-    /// The other nodes whose members count (heard within [`MEMBER_TTL`]);
+    /// The other nodes whose members count (heard within `member_ttl`);
     /// `None` without presence (unit tests): every node counts.
     pub fn live_nodes(&self) -> Option<std::collections::HashSet<String>> {
         self.bus
             .as_ref()
-            .map(|bus| bus.peers_within(MEMBER_TTL).into_iter().collect())
+            .map(|bus| bus.peers_within(self.member_ttl).into_iter().collect())
     }
 
     /// Batches that never reached NATS so far.
@@ -541,6 +541,7 @@ pub async fn start(
         member_seq: AtomicU64::new(0),
         prefix: Some(format!("{}.", config.name)),
         node_id: config.node_id.clone().into(),
+        member_ttl: config.timings.member_silence,
         loads: (per_room > 0).then_some(loads_tx),
     });
     let nick_task = nicks::Nicks::new(
@@ -549,6 +550,7 @@ pub async fn start(
         config.node_id.clone().into(),
         format!("{}_nicks", config.name),
         replicas(config),
+        &config.timings,
     );
     tokio::spawn(nick_task.run(nicks_rx, state_rx.clone(), shutdown.clone()));
     // Holds the nicks of clients taken over by a seamless upgrade.
@@ -623,6 +625,7 @@ pub async fn start(
         mark_at: None,
         history: None,
         per_room,
+        history_load: config.timings.history_load,
         history_tried: None,
         replicas: replicas(config),
         shutdown,
@@ -775,6 +778,8 @@ struct Node {
     history: Option<async_nats::jetstream::stream::Stream>,
     /// `chat.history`: the batches the stream keeps per room.
     per_room: usize,
+    /// `cluster.history_load_ms`: how long a history load may take.
+    history_load: Duration,
     /// When opening the stream was last tried.
     history_tried: Option<std::time::Instant>,
     /// Replicas for the history stream ([`replicas`]).
@@ -1120,6 +1125,7 @@ impl Node {
                     room,
                     history: self.history.clone(),
                     per_room: self.per_room,
+                    history_load: self.history_load,
                 },
                 loads,
                 token,
@@ -1139,6 +1145,7 @@ struct Listener {
     room: Arc<str>,
     history: Option<async_nats::jetstream::stream::Stream>,
     per_room: usize,
+    history_load: Duration,
 }
 
 /// One room's subscription: hands every batch from another node to the
@@ -1159,6 +1166,7 @@ async fn listen(
         room,
         history,
         per_room,
+        history_load,
     } = l;
     let mut sub = match client.subscribe(format!("{subject}.*")).await {
         Ok(sub) => sub,
@@ -1189,7 +1197,7 @@ async fn listen(
             () = stop.cancelled() => break,
             Some(reply) = loads.recv() => {
                 if let Some(stream) = &history {
-                    let (batches, ids) = history::fetch(stream, &chat_subject, per_room).await;
+                    let (batches, ids) = history::fetch(stream, &chat_subject, per_room, history_load).await;
                     debug!(%room, batches = batches.len(), "cluster: room history loaded");
                     let batches: Vec<(Bytes, usize)> = batches
                         .into_iter()
@@ -1679,6 +1687,7 @@ mod tests {
             member_seq: AtomicU64::new(0),
             prefix: None,
             node_id: "web1".into(),
+            member_ttl: Duration::from_secs(6),
             loads: None,
         };
         (Arc::new(link), rx)
