@@ -1371,6 +1371,51 @@ async fn a_nick_waits_for_the_cluster_without_reordering_its_lines() {
     }
 }
 
+/// Shorter `[cluster]` timings are honoured: with a 6 s nick expiry and a
+/// 4 s member silence, a killed node's nick is free, and its user gone
+/// from `/who`, well before the defaults (20 s and 6 s) would allow.
+#[tokio::test]
+async fn shorter_cluster_timings_free_a_killed_nodes_nick_and_members_sooner() {
+    let Some(nats) = Nats::start() else { return };
+    let fast = [
+        ("CHATD_CLUSTER__NICK_EXPIRY_SECS", "6"),
+        ("CHATD_CLUSTER__NICK_REWRITE_SECS", "2"),
+        ("CHATD_CLUSTER__MEMBER_SILENCE_SECS", "4"),
+    ];
+    let a = node(&nats.url(), "node-a", &fast);
+    let mut b = node(&nats.url(), "node-b", &fast);
+    let (mut a1, _) = a.join().await;
+    let (mut b1, _) = b.join().await;
+    b1.send("/nick zoe\n").await;
+    nick_answer(&mut b1).await.expect("zoe");
+    // Held past the expiry by the rewrites while node-b lives.
+    who_until(&mut a1, |w| w.contains("zoe"), WAIT).await;
+    tokio::time::sleep(Duration::from_secs(7)).await;
+    a1.send("/nick zoe\n").await;
+    assert!(nick_answer(&mut a1).await.is_err(), "held by node-b");
+
+    b.signal(rustix::process::Signal::KILL);
+    b.wait_exit().await;
+    let killed = Instant::now();
+    // Heard at most 2 s before the kill (one heartbeat), so gone within
+    // 4 s of it; the default 6 s would not be.
+    who_until(&mut a1, |w| !w.contains("zoe"), Duration::from_millis(5500)).await;
+    loop {
+        a1.send("/nick Zoe\n").await;
+        if nick_answer(&mut a1).await.is_ok() {
+            break;
+        }
+        // Rewritten at most 2 s before the kill: expired 6 s after that,
+        // give or take JetStream's expiry timer; the default is 20 s.
+        assert!(
+            killed.elapsed() < Duration::from_secs(9),
+            "zoe still taken 9 s after its node died, with a 6 s expiry"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    eprintln!("zoe free {:?} after the kill", killed.elapsed());
+}
+
 #[tokio::test]
 async fn a_killed_nodes_nicks_are_free_within_30_s() {
     let Some(nats) = Nats::start() else { return };
