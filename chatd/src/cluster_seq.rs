@@ -361,6 +361,29 @@ mod tests {
     }
 
     #[test]
+    fn private_messages_are_a_stream_per_node_beside_the_rooms() {
+        let key = private_stream("node-b");
+        assert!(
+            crate::protocol::normalize_room(&key).is_err(),
+            "never a room"
+        );
+        assert_eq!(
+            parse_replay_request(&replay_request(&key, 7)),
+            Some((key.as_str(), 7))
+        );
+        let mut b = Backlog::new(1, 8);
+        let (to_b, to_c, lobby) = (Arc::from(key.as_str()), room("pm.node-c"), room("lobby"));
+        let (p1, _) = b.push(&to_b, PRIVATE_KIND, Bytes::from_static(b"{}"));
+        b.push(&lobby, 0, Bytes::from_static(b"<a> x\r\n"));
+        b.push(&to_c, PRIVATE_KIND, Bytes::from_static(b"{}"));
+        let (p4, _) = b.push(&to_b, PRIVATE_KIND, Bytes::from_static(b"{\"n\":2}"));
+        assert_eq!((p1.prev, p4.prev), (0, 1), "chained per destination");
+        let replay = decode_replay(b.replay(&key, 1, 1 << 20)).expect("decodes");
+        assert_eq!(replay.len(), 1);
+        assert_eq!((replay[0].0, replay[0].1), (PRIVATE_KIND, 4));
+    }
+
+    #[test]
     fn replay_messages_are_checked() {
         assert_eq!(decode_replay(Bytes::new()), Some(vec![]));
         assert_eq!(decode_replay(Bytes::from_static(b"short")), None);
