@@ -23,7 +23,9 @@
 //!   cluster) loses nothing: batches carry positions ([`cluster_seq`]),
 //!   the node publishes again what its server had not confirmed, and a node
 //!   that missed some asks their sender for them. Past `HOLD`, batches
-//!   for other nodes are dropped and counted, not queued.
+//!   for other nodes are dropped and counted, not queued. Private
+//!   messages to another node's client (`NAME.pm.NODE`) are positioned
+//!   and kept the same way, one backlog stream per destination node.
 //!
 //! Admin is cluster-wide through [`Bus`]: every node answers requests on
 //! `NAME.admin.OP` (see [`crate::admin::answer_remote`]), and the node an
@@ -124,12 +126,6 @@ const HEARTBEAT: Duration = Duration::from_secs(2);
 /// A node not heard for this long is no longer expected to answer (nor
 /// named missing).
 pub const PRESENCE_TTL: Duration = Duration::from_secs(10);
-/// A node not heard for this long (three heartbeats) no longer counts in
-/// `/who`, `/rooms` and room counts: a dead node's members are gone within
-/// it, well inside 10 s. Shorter than [`PRESENCE_TTL`], because a member
-/// list that is briefly short costs less than an admin call that misses a
-/// node.
-pub const MEMBER_TTL: Duration = Duration::from_secs(6);
 
 /// On the wire: the `Chatd-Kind` header and the backlog's byte.
 impl Kind {
@@ -174,7 +170,10 @@ enum Outgoing {
         payload: Bytes,
         kind: Kind,
     },
-    /// A membership change or a private message, for `subject`.
+    /// A private message (a [`members::PmMsg`]) for a client of `node`:
+    /// positioned and kept like a room's batch ([`cluster_seq`]).
+    Private { node: Arc<str>, payload: Bytes },
+    /// A membership change, for `subject`.
     Direct { subject: String, payload: Bytes },
 }
 
@@ -201,6 +200,12 @@ pub struct Link {
     /// `NAME.`; `None` only in unit tests, which publish no membership.
     prefix: Option<String>,
     node_id: Arc<str>,
+    /// A node not heard for this long (`cluster.member_silence_secs`,
+    /// default three heartbeats) no longer counts in `/who`, `/rooms` and
+    /// room counts: a dead node's members are gone within it, at most
+    /// 10 s. At most [`PRESENCE_TTL`], because a member list that is
+    /// briefly short costs less than an admin call that misses a node.
+    member_ttl: Duration,
     /// Requests to load a room's history, for the cluster task; `None`
     /// when `chat.history` is 0 (and in unit tests).
     loads: Option<mpsc::UnboundedSender<(Arc<str>, tokio::sync::oneshot::Sender<()>)>>,
@@ -256,12 +261,12 @@ impl Link {
         &self.members
     }
 
-    /// The other nodes whose members count (heard within [`MEMBER_TTL`]);
+    /// The other nodes whose members count (heard within `member_ttl`);
     /// `None` without presence (unit tests): every node counts.
     pub fn live_nodes(&self) -> Option<std::collections::HashSet<String>> {
         self.bus
             .as_ref()
-            .map(|bus| bus.peers_within(MEMBER_TTL).into_iter().collect())
+            .map(|bus| bus.peers_within(self.member_ttl).into_iter().collect())
     }
 
     /// Batches that never reached NATS so far.
@@ -367,7 +372,9 @@ impl ClusterState for Link {
         });
     }
 
-    /// One NATS message, to `NAME.pm.NODE` of the node that has `to`.
+    /// One NATS message, to `NAME.pm.NODE` of the node that has `to`,
+    /// with a position, so that a NATS failover loses none
+    /// ([`cluster_seq`]).
     fn send_private(
         &self,
         from: ClientId,
@@ -384,11 +391,11 @@ impl ClusterState for Link {
             text: text.to_string(),
             error: None,
         };
-        if let Some(prefix) = &self.prefix
+        if self.prefix.is_some()
             && let Ok(payload) = serde_json::to_vec(&pm)
         {
-            self.queue(Outgoing::Direct {
-                subject: format!("{prefix}pm.{node}"),
+            self.queue(Outgoing::Private {
+                node: node.as_str().into(),
                 payload: payload.into(),
             });
         }
@@ -534,6 +541,7 @@ pub async fn start(
         member_seq: AtomicU64::new(0),
         prefix: Some(format!("{}.", config.name)),
         node_id: config.node_id.clone().into(),
+        member_ttl: config.timings.member_silence,
         loads: (per_room > 0).then_some(loads_tx),
     });
     let nick_task = nicks::Nicks::new(
@@ -542,6 +550,7 @@ pub async fn start(
         config.node_id.clone().into(),
         format!("{}_nicks", config.name),
         replicas(config),
+        &config.timings,
     );
     tokio::spawn(nick_task.run(nicks_rx, state_rx.clone(), shutdown.clone()));
     // Holds the nicks of clients taken over by a seamless upgrade.
@@ -603,6 +612,7 @@ pub async fn start(
         node_id: config.node_id.clone().into(),
         prefix: format!("{}.room.", config.name),
         replay_prefix: format!("{}.replay.", config.name),
+        pm_prefix: format!("{}.pm.", config.name),
         name: config.name.clone(),
         rooms: HashMap::new(),
         backlog,
@@ -615,6 +625,7 @@ pub async fn start(
         mark_at: None,
         history: None,
         per_room,
+        history_load: config.timings.history_load,
         history_tried: None,
         replicas: replicas(config),
         shutdown,
@@ -749,6 +760,8 @@ struct Node {
     prefix: String,
     /// `NAME.replay.`
     replay_prefix: String,
+    /// `NAME.pm.`
+    pm_prefix: String,
     /// `cluster.name`.
     name: String,
     /// One subscription task per room with local members.
@@ -765,6 +778,8 @@ struct Node {
     history: Option<async_nats::jetstream::stream::Stream>,
     /// `chat.history`: the batches the stream keeps per room.
     per_room: usize,
+    /// `cluster.history_load_ms`: how long a history load may take.
+    history_load: Duration,
     /// When opening the stream was last tried.
     history_tried: Option<std::time::Instant>,
     /// Replicas for the history stream ([`replicas`]).
@@ -904,8 +919,8 @@ impl Node {
         let again = self.lock_backlog().unconfirmed();
         let republished = again.len();
         for (pos, entry) in again {
-            let kind = Kind::from_byte(entry.kind).unwrap_or(Kind::Notice);
-            self.send(&entry.room, pos, kind, entry.payload).await;
+            self.send_entry(&entry.room, pos, entry.kind, entry.payload)
+                .await;
         }
         self.mark(marks).await;
         match was {
@@ -961,15 +976,20 @@ impl Node {
     /// NATS has been away longer than [`HOLD`] it is dropped and counted:
     /// lines are not queued for a reconnect that may come much later.
     async fn publish(&mut self, out: Outgoing) {
-        let (room, payload, kind) = match out {
+        let (key, payload, kind) = match out {
             Outgoing::Room {
                 room,
                 payload,
                 kind,
-            } => (room, payload, kind),
+            } => (room, payload, kind.as_byte()),
+            Outgoing::Private { node, payload } => (
+                Arc::from(cluster_seq::private_stream(&node)),
+                payload,
+                cluster_seq::PRIVATE_KIND,
+            ),
             Outgoing::Direct { subject, payload } => {
-                // Membership changes and private messages are not held: a
-                // node that misses a change asks for a snapshot.
+                // Membership changes are not held: a node that misses a
+                // change asks for a snapshot.
                 if self.away != Away::Online || self.client.connection_state() != State::Connected {
                     self.link.dropped.fetch_add(1, Relaxed);
                     return;
@@ -985,13 +1005,11 @@ impl Node {
             self.link.dropped.fetch_add(1, Relaxed);
             return;
         }
-        let (pos, evicted) = self
-            .lock_backlog()
-            .push(&room, kind.as_byte(), payload.clone());
+        let (pos, evicted) = self.lock_backlog().push(&key, kind, payload.clone());
         if self.away == Away::Online {
             // An unconfirmed batch pushed out of a full backlog was
             // published: it only loses its second chance.
-            self.send(&room, pos, kind, payload).await;
+            self.send_entry(&key, pos, kind, payload).await;
             self.mark_at
                 .get_or_insert_with(|| tokio::time::Instant::now() + MARK_AFTER);
         } else if evicted {
@@ -1016,6 +1034,31 @@ impl Node {
         self.history_tried = Some(std::time::Instant::now());
         let js = async_nats::jetstream::new(self.client.clone());
         self.history = history::open_stream(&js, &self.name, self.per_room, self.replicas).await;
+    }
+
+    /// Publishes one backlog entry: a room's batch ([`Node::send`]) or a
+    /// private message, on `NAME.pm.NODE` with this node's id and the
+    /// message's position (the receiver drops repeats and asks for what
+    /// it missed, see [`members`]).
+    async fn send_entry(&self, key: &str, pos: Position, kind: u8, payload: Bytes) {
+        if kind != cluster_seq::PRIVATE_KIND {
+            let kind = Kind::from_byte(kind).unwrap_or(Kind::Notice);
+            return self.send(key, pos, kind, payload).await;
+        }
+        let Some(node) = key.strip_prefix("pm.") else {
+            return;
+        };
+        let mut headers = HeaderMap::new();
+        headers.insert(NODE_HEADER, &*self.node_id);
+        headers.insert(SEQ_HEADER, pos.header().as_str());
+        let subject = format!("{}{node}", self.pm_prefix);
+        if let Err(e) = self
+            .client
+            .publish_with_headers(subject, headers, payload)
+            .await
+        {
+            debug!(error = %e, "cluster: publish failed");
+        }
     }
 
     /// Publishes one batch on `NAME.room.ROOM.KIND`. A failure leaves it
@@ -1082,6 +1125,7 @@ impl Node {
                     room,
                     history: self.history.clone(),
                     per_room: self.per_room,
+                    history_load: self.history_load,
                 },
                 loads,
                 token,
@@ -1101,6 +1145,7 @@ struct Listener {
     room: Arc<str>,
     history: Option<async_nats::jetstream::stream::Stream>,
     per_room: usize,
+    history_load: Duration,
 }
 
 /// One room's subscription: hands every batch from another node to the
@@ -1121,6 +1166,7 @@ async fn listen(
         room,
         history,
         per_room,
+        history_load,
     } = l;
     let mut sub = match client.subscribe(format!("{subject}.*")).await {
         Ok(sub) => sub,
@@ -1151,7 +1197,7 @@ async fn listen(
             () = stop.cancelled() => break,
             Some(reply) = loads.recv() => {
                 if let Some(stream) = &history {
-                    let (batches, ids) = history::fetch(stream, &chat_subject, per_room).await;
+                    let (batches, ids) = history::fetch(stream, &chat_subject, per_room, history_load).await;
                     debug!(%room, batches = batches.len(), "cluster: room history loaded");
                     let batches: Vec<(Bytes, usize)> = batches
                         .into_iter()
@@ -1240,6 +1286,22 @@ async fn replay(
     after: u64,
     before: u64,
 ) -> Vec<(Kind, u64, Bytes)> {
+    replay_raw(client, subject, room, after, before)
+        .await
+        .into_iter()
+        .filter_map(|(kind, seq, batch)| Some((Kind::from_byte(kind)?, seq, batch)))
+        .collect()
+}
+
+/// [`replay`] of any backlog stream (a room, or the private messages for
+/// a node, [`cluster_seq::private_stream`]), with the kind bytes as kept.
+pub(crate) async fn replay_raw(
+    client: &async_nats::Client,
+    subject: String,
+    room: &str,
+    after: u64,
+    before: u64,
+) -> Vec<(u8, u64, Bytes)> {
     let asked = client.request(subject, cluster_seq::replay_request(room, after));
     let answer = match tokio::time::timeout(REPLAY_DEADLINE, asked).await {
         Ok(Ok(answer)) => answer,
@@ -1256,7 +1318,6 @@ async fn replay(
         .unwrap_or_default()
         .into_iter()
         .filter(|(_, seq, _)| *seq < before)
-        .filter_map(|(kind, seq, batch)| Some((Kind::from_byte(kind)?, seq, batch)))
         .collect()
 }
 
@@ -1626,6 +1687,7 @@ mod tests {
             member_seq: AtomicU64::new(0),
             prefix: None,
             node_id: "web1".into(),
+            member_ttl: Duration::from_secs(6),
             loads: None,
         };
         (Arc::new(link), rx)

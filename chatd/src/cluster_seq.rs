@@ -15,6 +15,12 @@
 //!   sender for the missing ones (`NAME.replay.NODE`) before handing the
 //!   message on; one it already has ([`Seen`]) it drops.
 //!
+//! Private messages (`/msg` to a client of another node) ride the same
+//! backlog: each destination node is a stream of its own
+//! ([`private_stream`], kind [`PRIVATE_KIND`]), published on
+//! `NAME.pm.NODE` with the same header, so that they too are published
+//! again after a reconnect, replayed on a gap and dropped when repeated.
+//!
 //! Pure: no NATS, no sockets; `cluster` does the talking.
 
 use std::collections::{HashMap, VecDeque};
@@ -32,7 +38,8 @@ pub struct Position {
     pub epoch: u64,
     /// The sender's counter, over all rooms; starts at 1.
     pub seq: u64,
-    /// The sender's previous message in the same room; 0 when unknown
+    /// The sender's previous message in the same room (for a private
+    /// message: to the same node); 0 when unknown
     /// (the first one, or after the sender gave up on an outage).
     pub prev: u64,
 }
@@ -51,6 +58,16 @@ impl Position {
         };
         (seq > prev).then_some(Position { epoch, seq, prev })
     }
+}
+
+/// The backlog's kind byte of a private message (rooms use
+/// `cluster::Kind`'s bytes, 0 and 1).
+pub const PRIVATE_KIND: u8 = 2;
+
+/// The backlog key of the private messages for `node`: never a room name
+/// (rooms have no `.`), and without a space, as a replay request needs.
+pub fn private_stream(node: &str) -> String {
+    format!("pm.{node}")
 }
 
 /// What a receiving room does with a message.
@@ -341,6 +358,29 @@ mod tests {
         );
         let (p, _) = b.push(&lobby, 0, Bytes::from_static(b"<a> 7\r\n"));
         assert_eq!(p.prev, 0);
+    }
+
+    #[test]
+    fn private_messages_are_a_stream_per_node_beside_the_rooms() {
+        let key = private_stream("node-b");
+        assert!(
+            crate::protocol::normalize_room(&key).is_err(),
+            "never a room"
+        );
+        assert_eq!(
+            parse_replay_request(&replay_request(&key, 7)),
+            Some((key.as_str(), 7))
+        );
+        let mut b = Backlog::new(1, 8);
+        let (to_b, to_c, lobby) = (Arc::from(key.as_str()), room("pm.node-c"), room("lobby"));
+        let (p1, _) = b.push(&to_b, PRIVATE_KIND, Bytes::from_static(b"{}"));
+        b.push(&lobby, 0, Bytes::from_static(b"<a> x\r\n"));
+        b.push(&to_c, PRIVATE_KIND, Bytes::from_static(b"{}"));
+        let (p4, _) = b.push(&to_b, PRIVATE_KIND, Bytes::from_static(b"{\"n\":2}"));
+        assert_eq!((p1.prev, p4.prev), (0, 1), "chained per destination");
+        let replay = decode_replay(b.replay(&key, 1, 1 << 20)).expect("decodes");
+        assert_eq!(replay.len(), 1);
+        assert_eq!((replay[0].0, replay[0].1), (PRIVATE_KIND, 4));
     }
 
     #[test]

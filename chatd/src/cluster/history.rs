@@ -32,9 +32,6 @@ pub const ID_HEADER: &str = "Chatd-Id";
 pub fn batch_id(node: &str, epoch: u64, seq: u64) -> String {
     format!("{node}-{epoch}-{seq}")
 }
-/// How long reading a room's stored batches may take before the joining
-/// client gets what was read (and the node's own history for the rest).
-pub const LOAD_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long one request to JetStream may take.
 const OP_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -99,15 +96,19 @@ pub async fn open_stream(
 
 /// The batches stored for `subject`, oldest first, with their ids; at most
 /// `max` (the stream keeps no more per room). Stops early at the deadline
-/// or on an error: a partial history is better than none.
+/// or on an error: a partial history is better than none. `within`
+/// (`cluster.history_load_ms`) is how long reading may take before the
+/// joining client gets what was read (and the node's own history for the
+/// rest).
 pub async fn fetch(
     stream: &stream::Stream,
     subject: &str,
     max: usize,
+    within: Duration,
 ) -> (Vec<Bytes>, HashSet<String>) {
     let mut batches = Vec::new();
     let mut ids = HashSet::new();
-    let deadline = tokio::time::Instant::now() + LOAD_TIMEOUT;
+    let deadline = tokio::time::Instant::now() + within;
     let mut next = 1;
     while batches.len() < max {
         let got = tokio::time::timeout_at(

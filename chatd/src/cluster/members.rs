@@ -24,7 +24,12 @@
 //!
 //! Private messages to a client on another node go to that node's
 //! `NAME.pm.NODE`, one NATS message each; an error comes back only when the
-//! message cannot be delivered.
+//! message cannot be delivered. Each carries its sender's position
+//! ([`crate::cluster_seq`]): a repeat (published again after a NATS
+//! failover) is dropped, and a gap makes this task ask the sender for the
+//! missed ones on `NAME.replay.SENDER` (waiting at most a second, which
+//! holds up membership changes as long, on a gap only) before handing the
+//! message on, so that a failover loses none and keeps their order.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -37,6 +42,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
+use crate::cluster_seq::{PRIVATE_KIND, Position, SEQ_HEADER, Seen, Verdict, private_stream};
 use crate::hub::{ClientId, Hub};
 use crate::lock::lock;
 use crate::protocol;
@@ -485,6 +491,9 @@ pub async fn run(
         }
     };
     let mut last_sync: Option<Instant> = None;
+    // The last private message handed on per sending node.
+    let mut pm_seen = Seen::default();
+    let pm_stream = private_stream(&node_id);
     let mut prune = tokio::time::interval(PRUNE_EVERY);
     // Connected at start, or later: either way the first `changed` or the
     // initial state says when to introduce this node.
@@ -545,13 +554,44 @@ pub async fn run(
             }
             msg = pms.next() => {
                 let Some(msg) = msg else { break };
-                let Ok(pm) = serde_json::from_slice::<PmMsg>(&msg.payload) else {
-                    continue;
-                };
-                if let Some(back) = deliver(&hub, pm) {
-                    let subject = format!("{name}.pm.{}", back.from_node);
-                    if let Ok(payload) = serde_json::to_vec(&back) {
-                        let _ = client.publish(subject, payload.into()).await;
+                // Errors coming back carry no position.
+                let from_pos = msg.headers.as_ref().and_then(|h| {
+                    let from = h.get(super::NODE_HEADER)?.as_str().to_string();
+                    let pos = Position::parse(h.get(SEQ_HEADER)?.as_str())?;
+                    Some((from, pos))
+                });
+                let mut payloads = Vec::new();
+                if let Some((from, pos)) = &from_pos {
+                    match pm_seen.check(from, *pos) {
+                        Verdict::Duplicate => continue,
+                        Verdict::Deliver => {}
+                        Verdict::Gap { after } => {
+                            let subject = format!("{name}.replay.{from}");
+                            let missed = tokio::select! {
+                                () = stop.cancelled() => break,
+                                missed = super::replay_raw(&client, subject, &pm_stream, after, pos.seq) => missed,
+                            };
+                            debug!(node = %from, after, got = missed.len(), "cluster: replayed missed private messages");
+                            payloads.extend(
+                                missed
+                                    .into_iter()
+                                    .filter(|(kind, _, _)| *kind == PRIVATE_KIND)
+                                    .map(|(_, _, payload)| payload),
+                            );
+                        }
+                    }
+                    pm_seen.record(from, *pos);
+                }
+                payloads.push(msg.payload);
+                for payload in payloads {
+                    let Ok(pm) = serde_json::from_slice::<PmMsg>(&payload) else {
+                        continue;
+                    };
+                    if let Some(back) = deliver(&hub, pm) {
+                        let subject = format!("{name}.pm.{}", back.from_node);
+                        if let Ok(payload) = serde_json::to_vec(&back) {
+                            let _ = client.publish(subject, payload.into()).await;
+                        }
                     }
                 }
             }

@@ -6,11 +6,14 @@
 //! (`NODE CLIENT NICK`). A claim is a KV *create*, which NATS grants to
 //! exactly one of any number of concurrent callers; the others read "taken".
 //!
-//! A node keeps its nicks alive: the bucket's `max_age` is [`NICK_TTL`],
-//! and this task rewrites every key it holds every [`REFRESH`] (a
+//! A node keeps its nicks alive: the bucket's `max_age` is the expiry
+//! (`cluster.nick_expiry_secs`, 20 s by default), and this task rewrites
+//! every key it holds every `cluster.nick_rewrite_secs` (5 s; a
 //! compare-and-set on the revision it wrote last). A node that dies stops
-//! refreshing, so its nicks vanish from the bucket within [`NICK_TTL`] and
-//! are free again.
+//! refreshing, so its nicks vanish from the bucket within the expiry and
+//! are free again. The bucket is made by the first node that needs it, with
+//! that node's expiry; a node that finds it with another one sets its own
+//! (the expiry is cluster-wide: give every node the same).
 //!
 //! While NATS is away a nick is granted on this node alone (as with one
 //! node) and written to the bucket once NATS is back. Then, and whenever a
@@ -37,12 +40,6 @@ use tracing::{debug, info, warn};
 
 use crate::hub::{ClientId, Hub};
 
-/// How long a key outlives the last refresh of its node: the most a dead
-/// node's nicks stay taken.
-pub const NICK_TTL: Duration = Duration::from_secs(20);
-/// How often a node rewrites the keys of the nicks it holds; well inside
-/// [`NICK_TTL`], so that a refresh or two may fail without losing a nick.
-pub const REFRESH: Duration = Duration::from_secs(5);
 /// How long one KV operation may take before a claim says "try again".
 const OP_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -98,11 +95,19 @@ pub struct Nicks {
     bucket: String,
     /// Replicas for the bucket's stream ([`super::replicas`]).
     replicas: usize,
+    /// How long a key outlives the last refresh of its node
+    /// (`cluster.nick_expiry_secs`): the most a dead node's nicks stay
+    /// taken. The bucket's max age.
+    ttl: Duration,
+    /// How often this node rewrites the keys of the nicks it holds
+    /// (`cluster.nick_rewrite_secs`); at most a third of `ttl`, so that a
+    /// refresh or two may fail without losing a nick.
+    refresh: Duration,
     store: Option<kv::Store>,
     held: HashMap<String, Held>,
     /// Keys released while NATS was away, with the revision this node
     /// wrote and when: deleted once it is back. Only those younger than
-    /// [`NICK_TTL`] are kept (older ones have expired by themselves), so
+    /// the expiry (`cluster.nick_expiry_secs`) are kept (older ones have expired by themselves), so
     /// this stays as small as the releases of that long.
     released: Vec<(String, u64, std::time::Instant)>,
 }
@@ -114,6 +119,7 @@ impl Nicks {
         node_id: Arc<str>,
         bucket: String,
         replicas: usize,
+        timings: &crate::config::ClusterTimings,
     ) -> Self {
         Self {
             client,
@@ -121,6 +127,8 @@ impl Nicks {
             node_id,
             bucket,
             replicas,
+            ttl: timings.nick_expiry,
+            refresh: timings.nick_rewrite,
             store: None,
             held: HashMap::new(),
             released: Vec::new(),
@@ -135,7 +143,7 @@ impl Nicks {
         mut state: watch::Receiver<bool>,
         stop: CancellationToken,
     ) {
-        let mut tick = tokio::time::interval(REFRESH);
+        let mut tick = tokio::time::interval(self.refresh);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
@@ -181,7 +189,7 @@ impl Nicks {
             let js = jetstream::new(self.client.clone());
             let made = tokio::time::timeout(
                 OP_TIMEOUT,
-                open_bucket(&js, &self.bucket, NICK_TTL, self.replicas),
+                open_bucket(&js, &self.bucket, self.ttl, self.replicas),
             )
             .await
             .unwrap_or_else(|_| Err("timed out".into()));
@@ -238,7 +246,7 @@ impl Nicks {
                 if !self.connected() {
                     let now = std::time::Instant::now();
                     self.released
-                        .retain(|(_, _, at)| now.duration_since(*at) < NICK_TTL);
+                        .retain(|(_, _, at)| now.duration_since(*at) < self.ttl);
                     self.released.push((key, rev, now));
                     return;
                 }
@@ -318,7 +326,7 @@ impl Nicks {
         // What was let go while NATS was away, unless someone else wrote it
         // since (then the revision differs and nothing is deleted).
         for (key, rev, at) in std::mem::take(&mut self.released) {
-            if at.elapsed() < NICK_TTL {
+            if at.elapsed() < self.ttl {
                 let _ =
                     tokio::time::timeout(OP_TIMEOUT, store.delete_expect_revision(&key, Some(rev)))
                         .await;
@@ -377,10 +385,30 @@ pub async fn open_bucket(
         num_replicas: replicas,
         ..Default::default()
     };
+    let name = stream.name.clone();
     if let Err(e) = super::create_stream(js, stream).await {
         // Made already by another node, perhaps with other settings: it is
-        // opened as it is.
+        // opened as it is, but with this node's expiry (the configured
+        // `cluster.nick_expiry_secs`, which every node should share).
         debug!(error = %e, bucket, "cluster: cannot create the bucket's stream");
+        if let Ok(made) = js.get_stream(&name).await {
+            let config = &made.cached_info().config;
+            if config.max_age != max_age {
+                info!(
+                    bucket,
+                    was_secs = config.max_age.as_secs(),
+                    now_secs = max_age.as_secs(),
+                    "cluster: setting the bucket's expiry to this node's"
+                );
+                let config = jetstream::stream::Config {
+                    max_age,
+                    ..config.clone()
+                };
+                if let Err(e) = js.update_stream(config).await {
+                    warn!(error = %e, bucket, "cluster: cannot change the bucket's expiry");
+                }
+            }
+        }
     }
     js.get_key_value(bucket).await.map_err(|e| e.to_string())
 }

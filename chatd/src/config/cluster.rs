@@ -1,8 +1,9 @@
 //! `[cluster]`: several nodes acting as one chat service through NATS.
 
 use std::path::PathBuf;
+use std::time::Duration;
 
-use super::error::{ConfigError, invalid};
+use super::error::{ConfigError, invalid, range};
 use super::raw::RawCluster;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -17,6 +18,90 @@ pub struct ClusterConfig {
     /// How this node proves who it is to NATS.
     pub auth: NatsAuth,
     pub tls: NatsTls,
+    pub timings: ClusterTimings,
+}
+
+/// How fast the cluster forgets a node and how long it waits on NATS.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClusterTimings {
+    /// `nick_expiry_secs`: how long a nick key outlives its node's last
+    /// rewrite, so the most a crashed node's nicks stay taken. It is the
+    /// nick bucket's max age, so the same on every node.
+    pub nick_expiry: Duration,
+    /// `nick_rewrite_secs`: how often a node rewrites the nicks it holds;
+    /// at most a third of the expiry, so that two rewrites may fail
+    /// without losing a nick.
+    pub nick_rewrite: Duration,
+    /// `member_silence_secs`: a node not heard for this long no longer
+    /// counts in `/who`, `/rooms` and room counts.
+    pub member_silence: Duration,
+    /// `history_load_ms`: the most a joining client waits for the room's
+    /// history from NATS.
+    pub history_load: Duration,
+}
+
+impl Default for ClusterTimings {
+    fn default() -> Self {
+        ClusterTimings {
+            nick_expiry: Duration::from_secs(20),
+            nick_rewrite: Duration::from_secs(5),
+            member_silence: Duration::from_secs(6),
+            history_load: Duration::from_millis(2000),
+        }
+    }
+}
+
+/// Nodes say they are there every 2 s (`cluster::HEARTBEAT`): silence
+/// shorter than two of those would drop live nodes' members.
+const MIN_MEMBER_SILENCE_SECS: i64 = 4;
+/// A node heard within this is still asked in admin calls
+/// (`cluster::PRESENCE_TTL`); and a dead node's members must leave `/who`
+/// within 10 s.
+const MAX_MEMBER_SILENCE_SECS: i64 = 10;
+/// A crashed node's nicks are free within 30 s.
+const MAX_NICK_EXPIRY_SECS: i64 = 30;
+
+/// `nick_expiry_secs`, `nick_rewrite_secs`, `member_silence_secs` and
+/// `history_load_ms`.
+fn validate_timings(raw: &RawCluster) -> Result<ClusterTimings, ConfigError> {
+    let rewrite = range(
+        "cluster.nick_rewrite_secs",
+        raw.nick_rewrite_secs,
+        1,
+        MAX_NICK_EXPIRY_SECS / 3,
+        " seconds (at most a third of cluster.nick_expiry_secs, which is at most 30)",
+    )?;
+    let expiry = range(
+        "cluster.nick_expiry_secs",
+        raw.nick_expiry_secs,
+        3 * rewrite,
+        MAX_NICK_EXPIRY_SECS,
+        &format!(
+            " seconds (at least 3 × cluster.nick_rewrite_secs ({rewrite}), so that two rewrites \
+             may fail; at most 30, so a crashed node's nicks are free within 30 s)"
+        ),
+    )?;
+    let silence = range(
+        "cluster.member_silence_secs",
+        raw.member_silence_secs,
+        MIN_MEMBER_SILENCE_SECS,
+        MAX_MEMBER_SILENCE_SECS,
+        " seconds (at least two 2 s heartbeats; at most 10, so a dead node's members leave /who within 10 s)",
+    )?;
+    let load = range(
+        "cluster.history_load_ms",
+        raw.history_load_ms,
+        100,
+        30_000,
+        " milliseconds a joining client waits at most for the room's history",
+    )?;
+    // The range checks above make the casts lossless.
+    Ok(ClusterTimings {
+        nick_expiry: Duration::from_secs(expiry as u64),
+        nick_rewrite: Duration::from_secs(rewrite as u64),
+        member_silence: Duration::from_secs(silence as u64),
+        history_load: Duration::from_millis(load as u64),
+    })
 }
 
 /// One of NATS's ways to authenticate a client (`[cluster]` allows one).
@@ -102,6 +187,9 @@ pub(super) fn validate_cluster(
             "1 to 32 letters, digits, '-' or '_' (it prefixes NATS subjects)",
         ));
     }
+    // Checked with cluster mode off too: a typo is caught before it is
+    // turned on.
+    let timings = validate_timings(raw)?;
     if urls.is_empty() {
         return Ok(None);
     }
@@ -146,6 +234,7 @@ pub(super) fn validate_cluster(
         on_unreachable,
         auth,
         tls,
+        timings,
     }))
 }
 

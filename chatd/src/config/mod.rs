@@ -22,7 +22,7 @@ mod udp;
 
 pub use admin::{AdminConfig, Role, TokenConfig};
 pub use chat::ChatConfig;
-pub use cluster::{ClusterConfig, NatsAuth, NatsTls, OnUnreachable, Secret};
+pub use cluster::{ClusterConfig, ClusterTimings, NatsAuth, NatsTls, OnUnreachable, Secret};
 pub use error::ConfigError;
 pub use limits::{ConnectRate, FloodLimits, Limits};
 pub use listen::TlsFiles;

@@ -276,6 +276,10 @@ pub struct RawCluster {
     pub tls_cert_file: String,
     pub tls_key_file: String,
     pub tls_required: bool,
+    pub nick_expiry_secs: i64,
+    pub nick_rewrite_secs: i64,
+    pub member_silence_secs: i64,
+    pub history_load_ms: i64,
 }
 
 impl Default for RawCluster {
@@ -293,6 +297,10 @@ impl Default for RawCluster {
             tls_cert_file: String::new(),
             tls_key_file: String::new(),
             tls_required: false,
+            nick_expiry_secs: 20,
+            nick_rewrite_secs: 5,
+            member_silence_secs: 6,
+            history_load_ms: 2000,
         }
     }
 }

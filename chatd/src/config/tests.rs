@@ -421,3 +421,80 @@ fn unknown_keys_are_rejected() {
         .to_string();
     assert!(e.contains("max_lines"), "{e}");
 }
+
+#[test]
+fn cluster_timings_default_and_are_bounded() {
+    let on = ("CHATD_CLUSTER__NATS_URLS", "nats://127.0.0.1:4222");
+    let c = with_env(&[on]).expect("defaults validate");
+    let t = c.cluster.expect("cluster mode on").timings;
+    assert_eq!(t, ClusterTimings::default());
+    assert_eq!(t.nick_expiry, Duration::from_secs(20));
+    assert_eq!(t.nick_rewrite, Duration::from_secs(5));
+    assert_eq!(t.member_silence, Duration::from_secs(6));
+    assert_eq!(t.history_load, Duration::from_millis(2000));
+
+    let c = with_env(&[
+        on,
+        ("CHATD_CLUSTER__NICK_EXPIRY_SECS", "6"),
+        ("CHATD_CLUSTER__NICK_REWRITE_SECS", "2"),
+        ("CHATD_CLUSTER__MEMBER_SILENCE_SECS", "4"),
+        ("CHATD_CLUSTER__HISTORY_LOAD_MS", "500"),
+    ])
+    .expect("the lowest allowed");
+    let t = c.cluster.expect("cluster mode on").timings;
+    assert_eq!(
+        (
+            t.nick_expiry,
+            t.nick_rewrite,
+            t.member_silence,
+            t.history_load
+        ),
+        (
+            Duration::from_secs(6),
+            Duration::from_secs(2),
+            Duration::from_secs(4),
+            Duration::from_millis(500)
+        )
+    );
+    with_env(&[
+        on,
+        ("CHATD_CLUSTER__NICK_EXPIRY_SECS", "30"),
+        ("CHATD_CLUSTER__NICK_REWRITE_SECS", "10"),
+        ("CHATD_CLUSTER__MEMBER_SILENCE_SECS", "10"),
+    ])
+    .expect("the highest allowed");
+
+    // Each refusal names the key, the value and what is allowed.
+    for (key, value, allowed) in [
+        ("NICK_EXPIRY_SECS", "31", "at most 30"),
+        (
+            "NICK_EXPIRY_SECS",
+            "14",
+            "at least 3 × cluster.nick_rewrite_secs (5)",
+        ),
+        ("NICK_REWRITE_SECS", "0", "1..=10"),
+        ("NICK_REWRITE_SECS", "11", "1..=10"),
+        ("MEMBER_SILENCE_SECS", "3", "4..=10"),
+        ("MEMBER_SILENCE_SECS", "11", "4..=10"),
+        ("HISTORY_LOAD_MS", "0", "100..=30000"),
+    ] {
+        let env = format!("CHATD_CLUSTER__{key}");
+        let err = with_env(&[on, (&env, value)]).expect_err(&format!("{key} = {value}"));
+        let text = err.to_string();
+        assert!(
+            text.contains(&format!("cluster.{}", key.to_ascii_lowercase()))
+                && text.contains(&format!(": {value} —"))
+                && text.contains(allowed),
+            "{text}"
+        );
+    }
+    // A rewrite of 8 s asks for an expiry of 24 s or more.
+    let err = with_env(&[on, ("CHATD_CLUSTER__NICK_REWRITE_SECS", "8")])
+        .expect_err("the default expiry is under 3 × 8");
+    assert!(
+        err.to_string().contains("`cluster.nick_expiry_secs`: 20"),
+        "{err}"
+    );
+    // Checked with cluster mode off too.
+    with_env(&[("CHATD_CLUSTER__MEMBER_SILENCE_SECS", "1")]).expect_err("off, still checked");
+}

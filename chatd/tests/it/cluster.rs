@@ -1024,6 +1024,139 @@ async fn killing_one_nats_server_of_three_loses_no_line() {
     assert!(of_a > 0, "node-a's lines are in the history stream");
 }
 
+/// `/msg` lines from `from` up to its `end`: every one, once, in order.
+async fn receive_private(client: &mut Client, from: &str, want: usize) {
+    let prefix = format!("[pm] <{from}> ");
+    let mut got = Vec::new();
+    loop {
+        let l = client.line().await;
+        let Some(text) = l.strip_prefix(&prefix) else {
+            continue;
+        };
+        if text == "end" {
+            break;
+        }
+        if text == "probe" {
+            continue;
+        }
+        let n: usize = text
+            .strip_prefix("line ")
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("unexpected line {l:?}"));
+        got.push(n);
+    }
+    assert_eq!(
+        got,
+        (0..want).collect::<Vec<_>>(),
+        "private lines from {from}: every one, once, in order"
+    );
+}
+
+/// Sends `/msg TO probe` from `client` until `reader` (nick `to`) hears it.
+async fn probe_private(client: &mut Client, reader: &mut Client, to: &str, from: &str) {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        assert!(Instant::now() < deadline, "{to} is not reached from {from}");
+        client.send(&format!("/msg {to} probe\n")).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let heard = reader
+            .sync()
+            .await
+            .iter()
+            .any(|l| l == &format!("[pm] <{from}> probe"));
+        if heard {
+            return;
+        }
+    }
+}
+
+#[tokio::test]
+async fn killing_one_nats_server_of_three_loses_no_private_message() {
+    let Some(mut servers) = nats_cluster() else {
+        return;
+    };
+    let deadline = Instant::now() + WAIT;
+    for s in &servers {
+        while s.monitoring("/routez").await["num_routes"].as_u64() < Some(2) {
+            assert!(Instant::now() < deadline, "the NATS cluster did not form");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    let quiet = [("CHATD_LIMITS__FLOOD_LINES_PER_SEC", "0")];
+    let urls = servers.iter().map(Nats::url).collect::<Vec<_>>().join(" ");
+    let a = node(&urls, "node-a", &quiet);
+    let (mut alice, alice_nick) = a.join().await;
+    // node-b is on another server than node-a, and stays on it.
+    let mut victim = None;
+    while victim.is_none() {
+        assert!(Instant::now() < deadline, "node-a is on no server");
+        for (i, s) in servers.iter().enumerate() {
+            if s.serves("node-a").await {
+                victim = Some(i);
+            }
+        }
+    }
+    let victim = victim.expect("node-a is on one of the servers");
+    let others = servers
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| *i != victim)
+        .map(|(_, s)| s.url())
+        .collect::<Vec<_>>()
+        .join(" ");
+    let b = node(&others, "node-b", &quiet);
+    let (mut bob, bob_nick) = b.join().await;
+    // Each knows the other's member table (and interest crossed the routes)
+    // before the stream starts.
+    probe_private(&mut alice, &mut bob, &bob_nick, &alice_nick).await;
+    probe_private(&mut bob, &mut alice, &alice_nick, &bob_nick).await;
+    alice.sync().await;
+    bob.sync().await;
+
+    const N: usize = 300;
+    let script = |to: &str| -> Vec<u8> {
+        (0..N)
+            .map(|i| format!("/msg {to} line {i}\n"))
+            .chain([format!("/msg {to} end\n")])
+            .collect::<String>()
+            .into_bytes()
+    };
+    let (kill_tx, kill_rx) = tokio::sync::oneshot::channel();
+    let mut kill_tx = Some(kill_tx);
+    let streams = [
+        (&mut alice, script(&bob_nick)),
+        (&mut bob, script(&alice_nick)),
+    ]
+    .into_iter()
+    .enumerate()
+    .map(|(k, (client, script))| {
+        let trigger = if k == 0 { kill_tx.take() } else { None };
+        async move {
+            let mut trigger = trigger;
+            // Sent in small chunks, paced, so that the stream spans the
+            // failover both ways.
+            for (c, chunk) in script.chunks(120).enumerate() {
+                client.send_raw(chunk).await;
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                if c == 20
+                    && let Some(t) = trigger.take()
+                {
+                    let _ = t.send(());
+                }
+            }
+        }
+    })
+    .collect::<Vec<_>>();
+    let killer = async {
+        let _ = kill_rx.await;
+        servers[victim].kill();
+    };
+    tokio::join!(killer, futures_util::future::join_all(streams));
+    receive_private(&mut bob, &alice_nick, N).await;
+    receive_private(&mut alice, &bob_nick, N).await;
+    a.wait_logged("reconnected to NATS within the hold").await;
+}
+
 /// `haproxy`, or `None` after one line saying it is missing.
 fn haproxy_bin() -> Option<PathBuf> {
     let path = std::env::var_os("PATH").unwrap_or_default();
@@ -1236,6 +1369,51 @@ async fn a_nick_waits_for_the_cluster_without_reordering_its_lines() {
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// Shorter `[cluster]` timings are honoured: with a 6 s nick expiry and a
+/// 4 s member silence, a killed node's nick is free, and its user gone
+/// from `/who`, well before the defaults (20 s and 6 s) would allow.
+#[tokio::test]
+async fn shorter_cluster_timings_free_a_killed_nodes_nick_and_members_sooner() {
+    let Some(nats) = Nats::start() else { return };
+    let fast = [
+        ("CHATD_CLUSTER__NICK_EXPIRY_SECS", "6"),
+        ("CHATD_CLUSTER__NICK_REWRITE_SECS", "2"),
+        ("CHATD_CLUSTER__MEMBER_SILENCE_SECS", "4"),
+    ];
+    let a = node(&nats.url(), "node-a", &fast);
+    let mut b = node(&nats.url(), "node-b", &fast);
+    let (mut a1, _) = a.join().await;
+    let (mut b1, _) = b.join().await;
+    b1.send("/nick zoe\n").await;
+    nick_answer(&mut b1).await.expect("zoe");
+    // Held past the expiry by the rewrites while node-b lives.
+    who_until(&mut a1, |w| w.contains("zoe"), WAIT).await;
+    tokio::time::sleep(Duration::from_secs(7)).await;
+    a1.send("/nick zoe\n").await;
+    assert!(nick_answer(&mut a1).await.is_err(), "held by node-b");
+
+    b.signal(rustix::process::Signal::KILL);
+    b.wait_exit().await;
+    let killed = Instant::now();
+    // Heard at most 2 s before the kill (one heartbeat), so gone within
+    // 4 s of it; the default 6 s would not be.
+    who_until(&mut a1, |w| !w.contains("zoe"), Duration::from_millis(5500)).await;
+    loop {
+        a1.send("/nick Zoe\n").await;
+        if nick_answer(&mut a1).await.is_ok() {
+            break;
+        }
+        // Rewritten at most 2 s before the kill: expired 6 s after that,
+        // give or take JetStream's expiry timer; the default is 20 s.
+        assert!(
+            killed.elapsed() < Duration::from_secs(9),
+            "zoe still taken 9 s after its node died, with a 6 s expiry"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    eprintln!("zoe free {:?} after the kill", killed.elapsed());
 }
 
 #[tokio::test]
