@@ -227,8 +227,17 @@ fn command(target: Target, dir: &Path, port: u16) -> anyhow::Result<Command> {
     };
     Ok(match target {
         Target::Chatd => {
-            let mut cmd = Command::new(env!("CARGO_BIN_EXE_chatd"));
-            let config = Path::new(env!("CARGO_MANIFEST_DIR")).join("../config/bench.toml");
+            // CHATBENCH_CHATD and CHATBENCH_CONFIG run another build with
+            // its own configuration (an older commit's, to compare the two
+            // in the same minutes); the default is this build.
+            let program = std::env::var_os("CHATBENCH_CHATD")
+                .unwrap_or_else(|| env!("CARGO_BIN_EXE_chatd").into());
+            let mut cmd = Command::new(program);
+            let config = std::env::var_os("CHATBENCH_CONFIG")
+                .map(std::path::PathBuf::from)
+                .unwrap_or_else(|| {
+                    Path::new(env!("CARGO_MANIFEST_DIR")).join("../config/bench.toml")
+                });
             cmd.arg("--config")
                 .arg(config)
                 .env("CHATD_CHAT__LISTEN", format!("127.0.0.1:{port}"))
