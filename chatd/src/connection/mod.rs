@@ -162,11 +162,6 @@ macro_rules! socket {
 socket!(TcpStream);
 socket!(UnixStream);
 
-/// Serves one accepted plain TCP socket until it closes.
-pub async fn serve(stream: TcpStream, peer: SocketAddr, hub: Hub) {
-    serve_on(stream, peer, false, hub).await
-}
-
 /// Serves one client until it closes; `peer` is its real address, `tls`
 /// whether it came through TLS. Errors stay in here: they are logged and
 /// never reach the accept loop.
