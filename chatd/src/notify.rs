@@ -93,7 +93,7 @@ pub async fn run(hub: Hub, shutdown: CancellationToken) {
             "{}, {}, {} relayed",
             count(snapshot.clients, "client", "clients"),
             count(snapshot.rooms, "room", "rooms"),
-            count(snapshot.lines_relayed, "line", "lines"),
+            count(snapshot.counters.lines_relayed, "line", "lines"),
         );
         if watchdog.is_some() {
             send(

@@ -84,6 +84,16 @@ pub struct StatsSnapshot {
     pub uptime: Duration,
     pub clients: u64,
     pub rooms: u64,
+    pub counters: Counters,
+}
+
+/// The value of every counter of [`Stats`] at one moment. It is also what
+/// a seamless upgrade carries to the next process, so that totals do not
+/// restart (`handoff::state`, version 2); a counter a later version adds
+/// reads as zero from an older state.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
+pub struct Counters {
     pub connections: u64,
     pub peak_clients: u64,
     pub refused: u64,
@@ -139,35 +149,19 @@ impl Stats {
     }
 
     pub(crate) fn snapshot(&self, clients: usize, rooms: usize, uptime: Duration) -> StatsSnapshot {
-        let get = |c: &AtomicU64| c.load(Relaxed);
         StatsSnapshot {
             uptime,
             clients: clients as u64,
             rooms: rooms as u64,
-            connections: get(&self.connections),
-            peak_clients: get(&self.peak_clients),
-            refused: get(&self.refused),
-            lines_in: get(&self.lines_in),
-            bytes_in: get(&self.bytes_in),
-            bytes_out: get(&self.bytes_out),
-            lines_relayed: get(&self.lines_relayed),
-            deliveries: get(&self.deliveries),
-            kicks: get(&self.kicks),
-            slow_consumer_disconnects: get(&self.slow_consumer_disconnects),
-            flood_disconnects: get(&self.flood_disconnects),
-            idle_disconnects: get(&self.idle_disconnects),
-            overlong_disconnects: get(&self.overlong_disconnects),
-            flow_pauses: get(&self.flow_pauses),
-            udp_in: get(&self.udp_in),
-            udp_out: get(&self.udp_out),
-            udp_dropped: get(&self.udp_dropped),
+            counters: self.counters(),
         }
     }
 
-    /// The counters for the next process of a seamless upgrade.
-    pub(crate) fn export(&self) -> crate::handoff::state::StatsState {
+    /// Every counter's value now: for reports, and for the next process
+    /// of a seamless upgrade.
+    pub(crate) fn counters(&self) -> Counters {
         let get = |c: &AtomicU64| c.load(Relaxed);
-        crate::handoff::state::StatsState {
+        Counters {
             connections: get(&self.connections),
             peak_clients: get(&self.peak_clients),
             refused: get(&self.refused),
@@ -190,7 +184,7 @@ impl Stats {
 
     /// Carries on from the previous process's counters: added to this
     /// process's own, the peak kept as the larger.
-    pub(crate) fn import(&self, from: &crate::handoff::state::StatsState) {
+    pub(crate) fn import(&self, from: &Counters) {
         let add = |c: &AtomicU64, v: u64| {
             c.fetch_add(v, Relaxed);
         };
@@ -228,7 +222,7 @@ mod tests {
         old.published(2, 5);
         old.udp_dropped.fetch_add(4, Relaxed);
         let new = Stats::default();
-        new.import(&old.export());
-        assert_eq!(new.export(), old.export());
+        new.import(&old.counters());
+        assert_eq!(new.counters(), old.counters());
     }
 }

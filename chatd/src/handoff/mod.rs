@@ -470,7 +470,7 @@ impl Upgrader {
             rooms: hub.export_rooms(),
             clients: Vec::new(),
             admin_token: self.inner.admin_token.clone(),
-            stats: Some(hub.stats().export()),
+            stats: Some(hub.stats().counters()),
         };
         let state = serde_json::to_value(&state).map_err(io::Error::other)?;
         tokio::task::block_in_place(|| wire::send(&sock, &ToNew::State { fds: 0, state }, &[]))?;

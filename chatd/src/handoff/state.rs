@@ -41,33 +41,7 @@ pub struct State {
     pub admin_token: Option<String>,
     /// Server-wide counters (version 2; none from version 1).
     #[serde(default)]
-    pub stats: Option<StatsState>,
-}
-
-/// Server-wide counters, carried on so that totals do not restart at an
-/// upgrade. Each is added to what the new process counted so far (nothing,
-/// as it has served no one yet). A counter a later version adds gets a
-/// default of zero here.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(default)]
-pub struct StatsState {
-    pub connections: u64,
-    pub peak_clients: u64,
-    pub refused: u64,
-    pub lines_in: u64,
-    pub bytes_in: u64,
-    pub bytes_out: u64,
-    pub lines_relayed: u64,
-    pub deliveries: u64,
-    pub kicks: u64,
-    pub slow_consumer_disconnects: u64,
-    pub flood_disconnects: u64,
-    pub idle_disconnects: u64,
-    pub overlong_disconnects: u64,
-    pub flow_pauses: u64,
-    pub udp_in: u64,
-    pub udp_out: u64,
-    pub udp_dropped: u64,
+    pub stats: Option<crate::stats::Counters>,
 }
 
 /// What a handed-over listener serves.
@@ -203,9 +177,9 @@ mod tests {
     fn what_this_version_writes_it_reads() {
         let mut state = decode(V1.as_bytes()).expect("decodes");
         state.version = CURRENT;
-        state.stats = Some(StatsState {
+        state.stats = Some(crate::stats::Counters {
             deliveries: 99,
-            ..StatsState::default()
+            ..crate::stats::Counters::default()
         });
         let again = serde_json::to_vec(&state).expect("encodes");
         assert_eq!(decode(&again).expect("decodes again"), state);

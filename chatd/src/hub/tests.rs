@@ -49,7 +49,10 @@ fn publish_reaches_every_other_member_once() {
     assert_eq!(drain(&a), "");
     assert_eq!(drain(&c), "");
     let stats = hub.snapshot();
-    assert_eq!((stats.lines_relayed, stats.deliveries), (2, 2));
+    assert_eq!(
+        (stats.counters.lines_relayed, stats.counters.deliveries),
+        (2, 2)
+    );
 }
 
 #[test]
@@ -98,7 +101,7 @@ fn kick_closes_the_client_with_its_reason() {
         a.outbox.take(&mut q),
         Some(Disconnect::Kicked("spam".into()))
     );
-    assert_eq!(hub.snapshot().kicks, 1);
+    assert_eq!(hub.snapshot().counters.kicks, 1);
     assert!(hub.kick(&Target::Id(999), "x").is_err());
 }
 
@@ -139,7 +142,10 @@ fn leaving_frees_nick_room_and_address_slot() {
     let b = hub.connect(peer(1)).expect("b");
     hub.rename(&b, "alice").expect("nick free again");
     let s = hub.snapshot();
-    assert_eq!((s.clients, s.connections, s.peak_clients), (1, 2, 1));
+    assert_eq!(
+        (s.clients, s.counters.connections, s.counters.peak_clients),
+        (1, 2, 1)
+    );
 }
 
 #[test]
