@@ -171,11 +171,18 @@ async fn measure(
     let stopping = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let mut senders = Vec::new();
     let period = Duration::from_secs_f64(1.0 / rate);
-    for mut w in writers {
+    let senders_n = writers.len().max(1) as u32;
+    let start = tokio::time::Instant::now();
+    for (i, mut w) in writers.into_iter().enumerate() {
         let sent = sent.clone();
         let stopping = stopping.clone();
+        // Senders are spread evenly over the period, as independent people
+        // typing are: all of them on the same tick would make every period
+        // start with a burst of `rooms` lines at once, and the steady-state
+        // latency would measure that burst rather than the server.
+        let phase = period * i as u32 / senders_n;
         senders.push(tokio::spawn(async move {
-            let mut tick = tokio::time::interval(period);
+            let mut tick = tokio::time::interval_at(start + phase, period);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             while !stopping.load(Relaxed) {
                 tick.tick().await;
