@@ -226,7 +226,7 @@ pub struct Daemon {
 /// A client taken over from the previous process (seamless upgrade).
 #[derive(Debug)]
 struct Adopted {
-    stream: TcpStream,
+    stream: std::net::TcpStream,
     client: std::sync::Arc<crate::hub::Client>,
     room: std::sync::Arc<crate::hub::Room>,
     state: crate::handoff::ClientState,

@@ -29,7 +29,10 @@ const STEADY: Duration = Duration::from_secs(4);
 pub async fn run(clients: usize, rate: f64) -> anyhow::Result<ExitCode> {
     let dir = tempfile::tempdir()?;
     let config = Path::new(env!("CARGO_MANIFEST_DIR")).join("../config/bench.toml");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_chatd"))
+    // CHATBENCH_CHATD runs another build (the upgrade starts the same file).
+    let program =
+        std::env::var_os("CHATBENCH_CHATD").unwrap_or_else(|| env!("CARGO_BIN_EXE_chatd").into());
+    let mut child = Command::new(program)
         .arg("--config")
         .arg(config)
         .env("CHATD_CHAT__LISTEN", "127.0.0.1:0")

@@ -271,6 +271,7 @@ impl Upgrader {
         let result = self.hand_over(hub, started).await;
         match &result {
             Ok(done) => {
+                yield_to_successor();
                 gate.commit();
                 info!(
                     pid = done.pid,
@@ -597,6 +598,26 @@ fn protocol_error(what: &str) -> io::Error {
     )
 }
 
+/// After the commit this process only winds down (ten thousand tasks end,
+/// each dropping its copy of a socket), while the new one catches up with
+/// what arrived during the freeze: every thread of this process goes to
+/// the lowest priority, so that on a busy machine the wind-down takes the
+/// CPU the new process leaves, not the other way round. Best effort.
+fn yield_to_successor() {
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return;
+    };
+    for task in tasks.flatten() {
+        let tid = task
+            .file_name()
+            .to_str()
+            .and_then(|t| t.parse::<i32>().ok());
+        if let Some(tid) = tid.and_then(rustix::process::Pid::from_raw) {
+            let _ = rustix::process::setpriority_process(Some(tid), 19);
+        }
+    }
+}
+
 /// Fails before starting anyone when the descriptors would run out
 /// halfway: the handoff needs [`COPIES`] copies of client sockets, the
 /// channel and the new process's stderr pipe, however many clients there
@@ -712,7 +733,7 @@ pub struct Incoming {
     /// The previous process's generated admin token, if any.
     pub admin_token: Option<String>,
     /// A version 1 old process sent everything at once.
-    whole: Option<(State, Vec<(ClientState, tokio::net::TcpStream)>)>,
+    whole: Option<(State, Vec<(ClientState, std::net::TcpStream)>)>,
 }
 
 impl std::fmt::Debug for Incoming {
@@ -726,7 +747,9 @@ impl std::fmt::Debug for Incoming {
 #[derive(Debug)]
 pub enum Received<'a> {
     State(&'a State),
-    Clients(Vec<(ClientState, tokio::net::TcpStream)>),
+    /// Each with its socket, not yet registered with the runtime: nothing
+    /// may touch it before the commit.
+    Clients(Vec<(ClientState, std::net::TcpStream)>),
 }
 
 /// The new process's side, up to holding the listeners: connects to the
@@ -782,9 +805,9 @@ fn take_listeners(sock: UnixStream) -> Result<Incoming, (UnixStream, ReceiveErro
         }
         // Version 1: the state, then every descriptor.
         ToNew::State { state, .. } => (|| {
-            let state = state::decode_value(state)?;
+            let mut state = state::decode_value(state)?;
             let (l, m, rest) = listener_sockets(&state.listeners, fds.into_iter())?;
-            let clients = client_sockets(&state.clients, rest)?;
+            let clients = client_sockets(std::mem::take(&mut state.clients), rest.collect())?;
             Ok((l, m, state.admin_token.clone(), Some((state, clients))))
         })(),
         _ => Err(ReceiveError::Protocol),
@@ -838,26 +861,61 @@ fn listener_sockets<I: Iterator<Item = OwnedFd>>(
     Ok((listeners, metrics, fds))
 }
 
-/// Pairs each client with its socket, made a tokio socket again.
-fn client_sockets(
-    clients: &[ClientState],
-    mut fds: impl Iterator<Item = OwnedFd>,
-) -> Result<Vec<(ClientState, tokio::net::TcpStream)>, ReceiveError> {
-    let mut out = Vec::with_capacity(clients.len());
-    for client in clients {
-        let fd = fds.next().ok_or(ReceiveError::Protocol)?;
-        let s = std::net::TcpStream::from(fd);
-        s.set_nonblocking(true)?;
-        out.push((client.clone(), tokio::net::TcpStream::from_std(s)?));
+/// The new process's receiving thread: every `Clients` chunk up to `End`,
+/// each passed on with its descriptors. Returns the number of clients.
+fn receive_chunks(
+    sock: &UnixStream,
+    chunks: std::sync::mpsc::SyncSender<(Vec<ClientState>, Vec<OwnedFd>)>,
+) -> Result<usize, ReceiveError> {
+    let mut n = 0;
+    loop {
+        let (msg, fds) = wire::recv::<ToNew>(sock, |m| match m {
+            ToNew::Clients { clients } => clients.len(),
+            _ => 0,
+        })?;
+        match msg {
+            ToNew::Clients { clients } => {
+                n += clients.len();
+                if chunks.send((clients, fds)).is_err() {
+                    // Adopting failed: that error is the one to report.
+                    return Ok(n);
+                }
+            }
+            ToNew::End => return Ok(n),
+            _ => return Err(ReceiveError::Protocol),
+        }
     }
-    Ok(out)
+}
+
+/// Pairs each client with its socket.
+fn client_sockets(
+    clients: Vec<ClientState>,
+    fds: Vec<OwnedFd>,
+) -> Result<Vec<(ClientState, std::net::TcpStream)>, ReceiveError> {
+    if clients.len() != fds.len() {
+        return Err(ReceiveError::Protocol);
+    }
+    // Already non-blocking, as tokio needs: the flag belongs to the
+    // socket's open file description, which the old process's tokio socket
+    // shares. (Setting it again was an `ioctl` per client in the freeze.)
+    Ok(clients
+        .into_iter()
+        .zip(fds)
+        .map(|(client, fd)| (client, std::net::TcpStream::from(fd)))
+        .collect())
 }
 
 impl Incoming {
     /// Says this process is prepared, which makes the old one freeze its
     /// connections, and hands `take` the state and then the clients, chunk
     /// by chunk as they arrive, so that each chunk is adopted while the
-    /// next is on its way. Returns the number of clients. Blocking.
+    /// next is on its way. Returns the number of clients. Blocking; must
+    /// run inside the runtime (tokio adopts the sockets).
+    ///
+    /// Clients are frozen until the last chunk is adopted, and receiving
+    /// (`recvmsg`, the descriptors, decoding) costs about as much as
+    /// adopting (registering each socket with the runtime, the hub): a
+    /// thread of its own receives while this one adopts.
     pub fn receive_state(
         &mut self,
         mut take: impl FnMut(Received<'_>),
@@ -875,24 +933,24 @@ impl Incoming {
         };
         let state = state::decode_value(state)?;
         take(Received::State(&state));
-        let mut n = 0;
-        loop {
-            let (msg, fds) = wire::recv::<ToNew>(&self.sock, |m| match m {
-                ToNew::Clients { clients } => clients.len(),
-                _ => 0,
-            })?;
-            match msg {
-                ToNew::Clients { clients } => {
-                    n += clients.len();
-                    take(Received::Clients(client_sockets(
-                        &clients,
-                        fds.into_iter(),
-                    )?));
+        let sock = &self.sock;
+        std::thread::scope(|scope| {
+            // Two chunks in flight at most, as the old process sends them.
+            let (chunks, arrived) = std::sync::mpsc::sync_channel(1);
+            let receiver = scope.spawn(move || receive_chunks(sock, chunks));
+            let adopted = (|| {
+                for (clients, fds) in arrived {
+                    take(Received::Clients(client_sockets(clients, fds)?));
                 }
-                ToNew::End => return Ok(n),
-                _ => return Err(ReceiveError::Protocol),
+                Ok::<_, ReceiveError>(())
+            })();
+            if adopted.is_err() {
+                // Unblocks the receiver; the old process serves on.
+                let _ = sock.shutdown(std::net::Shutdown::Both);
             }
-        }
+            let received = receiver.join().unwrap_or(Err(ReceiveError::Protocol));
+            adopted.and(received)
+        })
     }
 
     /// Tells the old process this one is ready and waits for its commit;
