@@ -219,17 +219,10 @@ pub struct Daemon {
     admin: Option<AdminSetup>,
     certs: Certs,
     grace: Duration,
-    /// Clients handed over by the previous process, served from the start.
-    adopted: Vec<Adopted>,
-}
-
-/// A client taken over from the previous process (seamless upgrade).
-#[derive(Debug)]
-struct Adopted {
-    stream: std::net::TcpStream,
-    client: std::sync::Arc<crate::hub::Client>,
-    room: std::sync::Arc<crate::hub::Room>,
-    state: crate::handoff::ClientState,
+    /// The tasks of clients handed over by the previous process, spawned
+    /// as they are adopted; they serve once `commit` is cancelled.
+    adopted: TaskTracker,
+    commit: CancellationToken,
 }
 
 /// How long the admin API may take to finish its last calls at exit.
@@ -276,7 +269,8 @@ impl Daemon {
             admin,
             certs,
             grace,
-            adopted: Vec::new(),
+            adopted: TaskTracker::new(),
+            commit: CancellationToken::new(),
         })
     }
 
@@ -289,25 +283,28 @@ impl Daemon {
     /// Takes over what the previous process handed over, as it arrives:
     /// rooms, history and counters first, then each chunk of clients with
     /// what they were owed and, when `server.upgrade_notice` is set, that
-    /// one line. Nothing is read or written until [`Daemon::run`].
+    /// one line. Each client's task starts at once but reads and writes
+    /// nothing before [`Daemon::run`] (after the commit). Must run inside
+    /// the runtime.
     pub fn adopt(&mut self, received: crate::handoff::Received<'_>) {
         let clients = match received {
             crate::handoff::Received::State(state) => return self.hub.restore(state),
             crate::handoff::Received::Clients(clients) => clients,
         };
         let notice = self.hub.config().server.upgrade_notice.clone();
-        self.adopted.reserve(clients.len());
         for (state, stream) in clients {
             let (client, room) = self.hub.adopt(&state);
             if !notice.is_empty() {
                 client.notice(&notice, usize::MAX);
             }
-            self.adopted.push(Adopted {
+            self.adopted.spawn(crate::connection::resume(
                 stream,
                 client,
                 room,
                 state,
-            });
+                self.hub.clone(),
+                self.commit.clone(),
+            ));
         }
     }
 
@@ -351,20 +348,12 @@ impl Daemon {
             },
             ..listeners
         };
-        let tracker_adopted = TaskTracker::new();
-        for a in self.adopted {
-            tracker_adopted.spawn(crate::connection::resume(
-                a.stream,
-                a.client,
-                a.room,
-                a.state,
-                self.hub.clone(),
-            ));
-        }
-        tracker_adopted.close();
+        // Only called once this process owns every socket.
+        self.commit.cancel();
+        self.adopted.close();
         serve(chat, self.hub, self.certs, shutdown, self.grace).await;
         // `serve` closed the hub: adopted clients are leaving like the others.
-        let _ = tokio::time::timeout(self.grace, tracker_adopted.wait()).await;
+        let _ = tokio::time::timeout(self.grace, self.adopted.wait()).await;
         admin_stop.cancel();
         tracker.close();
         if tokio::time::timeout(ADMIN_STOP, tracker.wait())
