@@ -457,15 +457,28 @@ pub enum ClusterError {
     },
 }
 
-/// Connects to NATS (waiting at most a few seconds), attaches the hub, and
-/// spawns the cluster task, which runs until `shutdown`. When NATS does not
-/// answer in time, `cluster.on_unreachable` decides: an error, or one log
-/// line and local-only service while the client keeps trying.
-pub async fn start(
-    config: &ClusterConfig,
-    hub: Hub,
-    shutdown: CancellationToken,
-) -> Result<(), ClusterError> {
+/// A NATS connection made for [`start`], before this node serves anyone
+/// through it. Made apart so that a new process taking over from a running
+/// one (seamless upgrade) connects while the clients are still served; only
+/// [`start`] subscribes and publishes.
+pub struct Connected {
+    client: async_nats::Client,
+    connected: bool,
+    state_rx: watch::Receiver<bool>,
+}
+
+impl std::fmt::Debug for Connected {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Connected")
+            .field("connected", &self.connected)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Connects to NATS as `config` says: fails closed on a refusal (credentials,
+/// TLS), and on a NATS that does not answer within a few seconds as
+/// `cluster.on_unreachable` says.
+pub async fn connect(config: &ClusterConfig) -> Result<Connected, ClusterError> {
     let urls = config.nats_urls.join(" ");
     let (state_tx, mut state_rx) = watch::channel(false);
     let state_tx = Arc::new(state_tx);
@@ -519,6 +532,27 @@ pub async fn start(
              (cluster.on_unreachable = \"local\") and joining the cluster when NATS answers"
         );
     }
+    Ok(Connected {
+        client,
+        connected,
+        state_rx,
+    })
+}
+
+/// Attaches the hub to the cluster through `connection` (see [`connect`])
+/// and spawns the cluster's tasks, which run until `shutdown`; nothing here
+/// waits on NATS.
+pub async fn start(
+    config: &ClusterConfig,
+    connection: Connected,
+    hub: Hub,
+    shutdown: CancellationToken,
+) -> Result<(), ClusterError> {
+    let Connected {
+        client,
+        connected,
+        state_rx,
+    } = connection;
     let bus = Bus {
         client: client.clone(),
         node_id: config.node_id.clone().into(),

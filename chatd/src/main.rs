@@ -280,6 +280,13 @@ async fn prepare(
     for path in daemon.generated_token_files() {
         info!(path = %path.display(), "no admin token configured: generated one for local use");
     }
+    // Before "listening": with on_unreachable = "refuse", a node that cannot
+    // reach NATS never serves. Connected before the clients are taken over,
+    // so that the old process's users are not frozen while NATS answers.
+    let connection = match &cluster {
+        Some(cluster) => Some(chatd::cluster::connect(cluster).await?),
+        None => None,
+    };
     // Everything above ran while the previous process served on; it
     // freezes its connections now, and they are adopted as they arrive.
     let handed = match incoming {
@@ -288,10 +295,15 @@ async fn prepare(
         })?,
         None => 0,
     };
-    // Before "listening": with on_unreachable = "refuse", a node that cannot
-    // reach NATS never serves. The cluster stops once chat has drained.
-    if let Some(cluster) = &cluster {
-        chatd::cluster::start(cluster, daemon.hub().clone(), cluster_stop.clone()).await?;
+    // The cluster stops once chat has drained.
+    if let (Some(cluster), Some(connection)) = (&cluster, connection) {
+        chatd::cluster::start(
+            cluster,
+            connection,
+            daemon.hub().clone(),
+            cluster_stop.clone(),
+        )
+        .await?;
     }
     Ok((daemon, handed))
 }

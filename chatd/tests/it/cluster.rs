@@ -359,6 +359,33 @@ async fn nats_unreachable_at_start_refuses_or_serves_locally_by_config() {
 }
 
 #[tokio::test]
+async fn an_upgrade_while_nats_does_not_answer_freezes_nobody_while_it_waits() {
+    // No nats-server needed: nothing listens on this port.
+    let url = format!("nats://127.0.0.1:{}", free_port());
+    let server = TestServer::spawn_binary(
+        std::path::Path::new(chatd_bin()),
+        None,
+        &[
+            ("CHATD_CLUSTER__NATS_URLS", &url),
+            ("CHATD_CLUSTER__NODE_ID", "node-u"),
+        ],
+    );
+    server.wait_logged("NATS unreachable at start").await;
+    let (mut c1, n1) = server.join().await;
+    let (mut c2, _) = server.join().await;
+
+    server.signal(rustix::process::Signal::USR2);
+    let handed = server.wait_logged("upgrade: handed over").await;
+    // The new process waits for NATS as long as the first start did (a few
+    // seconds), but before the freeze: the users were stopped only while
+    // they were moved.
+    let frozen = handed["frozen_ms"].as_u64().expect("frozen_ms");
+    assert!(frozen < 2000, "users were frozen {frozen} ms: {handed}");
+    c1.send("after the upgrade\n").await;
+    c2.expect(&format!("<{n1}> after the upgrade")).await;
+}
+
+#[tokio::test]
 async fn losing_nats_keeps_local_chat_and_tells_users_once_each_way() {
     let Some(mut nats) = Nats::start() else {
         return;
