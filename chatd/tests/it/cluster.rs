@@ -761,8 +761,10 @@ async fn nats_over_tls_verifies_both_ends_and_a_failure_stops_the_start() {
 }
 
 /// Three `nats-server` processes routed into one NATS cluster, each with its
-/// own ports and JetStream store.
-fn nats_cluster() -> Option<Vec<Nats>> {
+/// own ports and JetStream store, formed before any node connects: every
+/// server sees the other two and JetStream has elected its leader, as in a
+/// NATS cluster that has been running.
+async fn nats_cluster() -> Option<Vec<Nats>> {
     let bin = nats_server_bin()?;
     let routes: Vec<u16> = (0..3).map(|_| free_port()).collect();
     let all = routes
@@ -790,15 +792,6 @@ fn nats_cluster() -> Option<Vec<Nats>> {
             nats
         })
         .collect();
-    Some(servers)
-}
-
-#[tokio::test]
-async fn killing_one_nats_server_of_three_loses_no_line() {
-    let Some(mut servers) = nats_cluster() else {
-        return;
-    };
-    // Every server sees the other two before any node connects.
     let deadline = Instant::now() + WAIT;
     for s in &servers {
         while s.monitoring("/routez").await["num_routes"].as_u64() < Some(2) {
@@ -806,8 +799,6 @@ async fn killing_one_nats_server_of_three_loses_no_line() {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
-    // And their JetStream has elected its leader, as a NATS cluster that
-    // has been running would have.
     for s in &servers {
         while s.monitoring("/jsz").await["meta_cluster"]["leader"]
             .as_str()
@@ -817,6 +808,14 @@ async fn killing_one_nats_server_of_three_loses_no_line() {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
+    Some(servers)
+}
+
+#[tokio::test]
+async fn killing_one_nats_server_of_three_loses_no_line() {
+    let Some(mut servers) = nats_cluster().await else {
+        return;
+    };
     let urls = servers.iter().map(Nats::url).collect::<Vec<_>>().join(" ");
     let quiet = [
         ("CHATD_LIMITS__FLOOD_LINES_PER_SEC", "0"),
@@ -1072,21 +1071,15 @@ async fn probe_private(client: &mut Client, reader: &mut Client, to: &str, from:
 
 #[tokio::test]
 async fn killing_one_nats_server_of_three_loses_no_private_message() {
-    let Some(mut servers) = nats_cluster() else {
+    let Some(mut servers) = nats_cluster().await else {
         return;
     };
-    let deadline = Instant::now() + WAIT;
-    for s in &servers {
-        while s.monitoring("/routez").await["num_routes"].as_u64() < Some(2) {
-            assert!(Instant::now() < deadline, "the NATS cluster did not form");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
     let quiet = [("CHATD_LIMITS__FLOOD_LINES_PER_SEC", "0")];
     let urls = servers.iter().map(Nats::url).collect::<Vec<_>>().join(" ");
     let a = node(&urls, "node-a", &quiet);
     let (mut alice, alice_nick) = a.join().await;
     // node-b is on another server than node-a, and stays on it.
+    let deadline = Instant::now() + WAIT;
     let mut victim = None;
     while victim.is_none() {
         assert!(Instant::now() < deadline, "node-a is on no server");
