@@ -585,3 +585,72 @@ async fn an_upgrade_needs_no_second_descriptor_per_client() {
     let stats = server.chatctl(&["stats", "-o", "json"]).await.json();
     assert_eq!(stats["clients"], CLIENTS as u64 + 2, "{stats}");
 }
+
+/// The processes whose parent is `pid`.
+fn children(pid: u32) -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|child| {
+            // `PID (COMM) STATE PPID …`; COMM may hold spaces, so after the
+            // last ')'.
+            std::fs::read_to_string(format!("/proc/{child}/stat"))
+                .ok()
+                .and_then(|stat| {
+                    let rest = stat.rsplit_once(')')?.1;
+                    rest.split_whitespace().nth(1)?.parse::<u32>().ok()
+                })
+                == Some(pid)
+        })
+        .collect()
+}
+
+/// `systemctl kill -s USR2 chatd` (docs/OPERATIONS.md) signals every
+/// process of the service: typed twice in a row, the second reaches the new
+/// process while it is still taking over. The upgrade goes through once,
+/// and nobody is lost.
+#[tokio::test]
+async fn sigusr2_twice_in_a_row_to_every_chatd_process_upgrades_once() {
+    let binary = Binary::copy();
+    let server = TestServer::spawn_binary(&binary.path, None, BUSY);
+    let old = server.pid();
+    let (mut a, mut b) = pair(&server).await;
+    server.signal(rustix::process::Signal::USR2);
+    let deadline = Instant::now() + WAIT;
+    // The new process, once it runs its own code: its runtime's threads
+    // have started (it is loading its config, or taking over).
+    let threads = |pid: u32| {
+        std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .ok()
+            .and_then(|s| {
+                let line = s.lines().find(|l| l.starts_with("Threads:"))?;
+                line.split_whitespace().nth(1)?.parse::<u32>().ok()
+            })
+            .unwrap_or(0)
+    };
+    let new = loop {
+        if let Some(&child) = children(old).iter().find(|&&c| threads(c) > 1) {
+            break child;
+        }
+        assert!(Instant::now() < deadline, "no new process started");
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    };
+    for pid in [old, new] {
+        if let Some(pid) = rustix::process::Pid::from_raw(pid as i32) {
+            let _ = rustix::process::kill_process(pid, rustix::process::Signal::USR2);
+        }
+    }
+    server.wait_logged_times("upgrade: took over", 1).await;
+    assert_eq!(server.pid(), new, "the process started first took over");
+    let told = server.wait_logged("received while starting").await;
+    assert_eq!(told["signal"], "SIGUSR2", "{told}");
+    a.send("ne\n").await;
+    assert_eq!(b.line().await, "<anna> half a line");
+    b.send("still here\n").await;
+    assert_eq!(a.line().await, "<ben> still here");
+    assert!(a.sync().await.is_empty());
+    assert_eq!(server.logged("upgrade: took over").len(), 1);
+}
