@@ -13,7 +13,7 @@ use tower::{Service, ServiceExt};
 use crate::abuse::{Probe, fds, fds_return_to};
 use crate::support::*;
 
-async fn channel(server: &TestServer) -> Channel {
+pub(crate) async fn channel(server: &TestServer) -> Channel {
     Endpoint::from_shared(server.endpoint())
         .expect("endpoint")
         .connect()
@@ -21,7 +21,7 @@ async fn channel(server: &TestServer) -> Channel {
         .expect("connect to the admin API")
 }
 
-fn token(server: &TestServer) -> String {
+pub(crate) fn token(server: &TestServer) -> String {
     let admin = server.admin.expect("admin over TCP");
     let file = format!("admin-{}-{}.token", admin.ip(), admin.port());
     std::fs::read_to_string(server.runtime_dir().join(file))

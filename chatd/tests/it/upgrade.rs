@@ -690,3 +690,45 @@ async fn a_client_whose_proxy_header_is_unfinished_at_an_upgrade_is_served_by_th
         );
     }
 }
+
+/// Bytes split at the worst places by an upgrade: in a telnet
+/// subnegotiation, inside a UTF-8 character, and a line dribbled a byte at a
+/// time throughout. Each line arrives whole, as if nothing happened.
+#[tokio::test]
+async fn lines_cut_mid_telnet_mid_character_and_dribbled_survive_an_upgrade() {
+    let binary = Binary::copy();
+    let server = TestServer::spawn_binary(&binary.path, None, BUSY);
+    let (mut reader, _) = server.join().await;
+    let mut named = Vec::new();
+    for nick in ["tel", "utf", "drip"] {
+        let (mut c, _) = server.join().await;
+        c.send(&format!("/nick {nick}\n")).await;
+        c.expect("You are now known as").await;
+        named.push(c);
+    }
+    let [mut tel, mut utf, mut drip] = <[Client; 3]>::try_from(named).ok().expect("three");
+    reader.sync().await;
+    tel.send_raw(b"hi \xff\xfa\x18").await;
+    utf.send_raw(b"caf\xc3").await;
+    let dribble = tokio::spawn(async move {
+        for b in b"slow and steady\n" {
+            drip.send_raw(&[*b]).await;
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        drip
+    });
+    server.signal(rustix::process::Signal::USR2);
+    server.wait_logged_times("upgrade: took over", 1).await;
+    tel.send_raw(b"\x01\xff\xf0there\n").await;
+    utf.send_raw(b"\xa9!\n").await;
+    let _drip = dribble.await.expect("dribbler");
+    let mut lines = Vec::new();
+    while lines.len() < 3 {
+        lines.push(reader.line().await);
+    }
+    lines.sort();
+    assert_eq!(
+        lines,
+        ["<drip> slow and steady", "<tel> hi there", "<utf> café!"]
+    );
+}
