@@ -1800,3 +1800,57 @@ async fn a_node_upgraded_in_place_keeps_its_nicks_and_members_for_the_others() {
     let w = who(&mut b1).await;
     assert!(w.contains("zoe"), "zoe is gone from B's /who: {w}");
 }
+
+/// What one user types to reach another's terminal through NATS: escapes,
+/// forged server lines and direction marks in lines, actions and private
+/// messages, in a room whose name is at its length limit. The user on the
+/// other node sees them clean, each line under the sender's own prefix.
+#[tokio::test]
+async fn escapes_and_forged_lines_reach_another_node_clean() {
+    let Some(nats) = Nats::start() else { return };
+    let quiet = [("CHATD_LIMITS__FLOOD_LINES_PER_SEC", "0")];
+    let a = node(&nats.url(), "node-a", &quiet);
+    let b = node(&nats.url(), "node-b", &quiet);
+    let room = "r".repeat(32);
+    let (mut attacker, nick) = a.join().await;
+    let (mut victim, victim_nick) = b.join().await;
+    for c in [&mut attacker, &mut victim] {
+        c.send(&format!("/join {room}\n")).await;
+        c.expect("You are now in").await;
+    }
+    wait_subscribed(&a, &room).await;
+    wait_subscribed(&b, &room).await;
+    attacker
+        .send_raw(
+            format!(
+                "\x1b[2J\x1b[H\x1b]0;FORGED title\x07clear\n\
+                 ok\r*** FORGED server line\n\
+                 text \u{202e}desrever\u{202c} \u{200b}hidden\n\
+                 /me \x1b[31mFORGED red\x1b[0m\n\
+                 /msg {victim_nick} \x1b[2J\r*** FORGED pm\n\
+                 done\n"
+            )
+            .as_bytes(),
+        )
+        .await;
+    let seen = read_through(&mut victim, &format!("<{nick}> done")).await;
+    let relayed: Vec<String> = seen
+        .iter()
+        .filter(|l| l.contains(&nick) || l.contains("FORGED"))
+        .cloned()
+        .collect();
+    assert!(relayed.len() >= 5, "{seen:#?}");
+    let pm: Vec<String> = relayed
+        .iter()
+        .filter_map(|l| l.strip_prefix("[pm] "))
+        .map(str::to_string)
+        .collect();
+    assert_eq!(pm.len(), 1, "{relayed:#?}");
+    let room_lines: Vec<String> = relayed
+        .iter()
+        .filter(|l| !l.starts_with("[pm] "))
+        .cloned()
+        .chain(pm)
+        .collect();
+    crate::abuse::assert_clean(&room_lines, &nick);
+}
