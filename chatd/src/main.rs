@@ -186,6 +186,31 @@ async fn serve(
         ("tls", !activated.tls.is_empty()),
         ("udp", !activated.udp.is_empty()),
     ];
+    // One chatd per state directory: two would each keep their own bans in
+    // one `bans.json`. A successor's predecessor holds the lock until it
+    // exits; the successor takes it then.
+    let _state_lock = match &restart.handoff {
+        None => Some(chatd::files::StateLock::acquire(&config.server.state_dir)?),
+        Some(_) => {
+            let dir = config.server.state_dir.clone();
+            tokio::spawn(async move {
+                match chatd::files::StateLock::take_over(
+                    &dir,
+                    std::time::Duration::from_millis(100),
+                )
+                .await
+                {
+                    Ok(lock) => {
+                        // Held for the rest of this process's life.
+                        let _lock = lock;
+                        std::future::pending::<()>().await;
+                    }
+                    Err(e) => warn!(error = %e, "cannot lock the state directory"),
+                }
+            });
+            None
+        }
+    };
     // Before any descriptor arrives: a successor receives one per client.
     chatd::server::raise_file_limit();
     // Taking over from a running chatd: its sockets instead of binding.

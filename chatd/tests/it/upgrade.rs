@@ -653,6 +653,33 @@ async fn sigusr2_twice_in_a_row_to_every_chatd_process_upgrades_once() {
     assert_eq!(a.line().await, "<ben> still here");
     assert!(a.sync().await.is_empty());
     assert_eq!(server.logged("upgrade: took over").len(), 1);
+    // The state directory is the new process's once the old one is gone.
+    let lock = server.dir.path().join("state/chatd.lock");
+    let deadline = Instant::now() + WAIT;
+    while std::fs::read_to_string(&lock).unwrap_or_default().trim() != new.to_string() {
+        assert!(
+            Instant::now() < deadline,
+            "the new process never took the state directory"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let state = server.dir.path().join("state");
+    let second = crate::support::run_chatd(
+        &[],
+        &[
+            ("CHATD_SERVER__STATE_DIR", state.to_str().expect("utf-8")),
+            ("CHATD_CHAT__LISTEN", "127.0.0.1:0"),
+            ("CHATD_UDP__LISTEN", "127.0.0.1:0"),
+            ("CHATD_ADMIN__LISTEN", "127.0.0.1:0"),
+        ],
+    );
+    assert!(
+        second
+            .stderr
+            .contains(&format!("in use by another chatd (pid {new})")),
+        "{}",
+        second.stderr
+    );
 }
 
 /// A connection from the load balancer whose PROXY header has not all
