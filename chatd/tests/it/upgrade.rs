@@ -759,3 +759,36 @@ async fn lines_cut_mid_telnet_mid_character_and_dribbled_survive_an_upgrade() {
         ["<drip> slow and steady", "<tel> hi there", "<utf> café!"]
     );
 }
+
+/// Clients connecting one after another while an upgrade runs, the freeze
+/// included: each is welcomed, by whichever process, and can talk.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_connecting_throughout_an_upgrade_are_all_welcomed() {
+    let binary = Binary::copy();
+    let server = TestServer::spawn_binary(&binary.path, None, BUSY);
+    // Enough clients that the freeze lasts a while.
+    let mut crowd = Vec::new();
+    for _ in 0..300 {
+        crowd.push(server.join().await.0);
+    }
+    let chat = server.chat;
+    let connecting = tokio::spawn(async move {
+        let mut arrived = Vec::new();
+        for _ in 0..150 {
+            arrived.push(Client::connect(chat).await);
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        arrived
+    });
+    let done = server.chatctl(&["-o", "json", "upgrade"]).await.json();
+    assert!(done["clients"].as_u64() >= Some(300), "{done}");
+    let mut arrived = connecting.await.expect("connecting");
+    for c in &mut arrived {
+        c.welcome().await;
+    }
+    let (mut last, nick) = server.join().await;
+    last.send("hello\n").await;
+    for c in arrived.iter_mut().take(5) {
+        c.expect(&format!("<{nick}> hello")).await;
+    }
+}
