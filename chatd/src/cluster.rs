@@ -558,6 +558,7 @@ pub async fn start(
         node_id: config.node_id.clone().into(),
         prefix: format!("{}.admin.", config.name),
         peers: Arc::default(),
+        feed: Default::default(),
     };
     let (tx, rx) = mpsc::channel(OUTGOING_CAPACITY);
     let (nicks_tx, nicks_rx) = mpsc::unbounded_channel();
@@ -1424,6 +1425,8 @@ pub struct Bus {
     prefix: String,
     /// When each other node was last heard on `NAME.nodes` (presence).
     peers: Arc<std::sync::Mutex<HashMap<String, std::time::Instant>>>,
+    /// Other nodes' events for this node's watches.
+    feed: crate::admin::watch::Feed,
 }
 
 /// The admin service scatters through the seam: it sees a bus only in
@@ -1464,6 +1467,11 @@ impl Bus {
     /// (`WatchEvents`, [`crate::admin::watch`]).
     pub fn client(&self) -> &async_nats::Client {
         &self.client
+    }
+
+    /// The other nodes' events, shared by this node's watches.
+    pub fn feed(&self) -> &crate::admin::watch::Feed {
+        &self.feed
     }
 
     /// The admin subject `NAME.admin.REST`.

@@ -6,7 +6,7 @@
 
 use std::fs;
 use std::io::{self, Write};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// Writes `bytes` to `path` so that readers see the old or the new content,
 /// never a mix, even across a crash. The directory must pass
@@ -100,6 +100,84 @@ pub fn check_private_dir(dir: &Path) -> io::Result<()> {
         ));
     }
     Ok(())
+}
+
+/// The lock file inside `server.state_dir`; it holds the holder's pid.
+pub const STATE_LOCK_FILE: &str = "chatd.lock";
+
+/// Why this process cannot have the state directory.
+#[derive(Debug, thiserror::Error)]
+pub enum StateLockError {
+    #[error(
+        "`server.state_dir` {} is in use by another chatd (pid {pid}); give each instance its own `server.state_dir`",
+        dir.display()
+    )]
+    InUse { dir: PathBuf, pid: String },
+    #[error("cannot lock `server.state_dir` {}: {source}", dir.display())]
+    Io { dir: PathBuf, source: io::Error },
+}
+
+/// This process's hold on its state directory, for as long as it lives (the
+/// kernel lets go when it exits, however it exits). Two chatd processes on
+/// one directory would each keep their own bans and overwrite each other's
+/// `bans.json`: the second is refused instead.
+#[derive(Debug)]
+pub struct StateLock {
+    _file: fs::File,
+}
+
+impl StateLock {
+    /// Takes the lock, or says which process holds it.
+    pub fn acquire(dir: &Path) -> Result<StateLock, StateLockError> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let failed = |source| StateLockError::Io {
+            dir: dir.to_path_buf(),
+            source,
+        };
+        create_private_dir(dir).map_err(failed)?;
+        let path = dir.join(STATE_LOCK_FILE);
+        let mut file = fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
+            .open(&path)
+            .map_err(failed)?;
+        match rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+            Ok(()) => {}
+            Err(rustix::io::Errno::WOULDBLOCK) => {
+                let pid = fs::read_to_string(&path).unwrap_or_default();
+                let pid = pid.trim();
+                return Err(StateLockError::InUse {
+                    dir: dir.to_path_buf(),
+                    pid: if pid.is_empty() { "unknown" } else { pid }.to_string(),
+                });
+            }
+            Err(e) => return Err(failed(e.into())),
+        }
+        // The pid only names the holder for the next one refused: a full
+        // disk does not stop the start for it.
+        let _ = file
+            .set_len(0)
+            .and_then(|()| writeln!(file, "{}", std::process::id()));
+        Ok(StateLock { _file: file })
+    }
+
+    /// For a process taking over from a running chatd, which holds the lock
+    /// until it exits: tries every `every` until it has it.
+    pub async fn take_over(
+        dir: &Path,
+        every: std::time::Duration,
+    ) -> Result<StateLock, StateLockError> {
+        loop {
+            match StateLock::acquire(dir) {
+                Err(StateLockError::InUse { .. }) => tokio::time::sleep(every).await,
+                other => return other,
+            }
+        }
+    }
 }
 
 #[cfg(test)]

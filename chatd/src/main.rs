@@ -3,6 +3,8 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::Context;
 use clap::Parser;
@@ -37,6 +39,11 @@ struct Args {
 }
 
 fn main() -> ExitCode {
+    // First of all: a SIGUSR2 or SIGHUP before the runtime's handlers exist
+    // would end this process (their default action). `systemctl kill -s
+    // USR2` typed twice reaches a new process while it takes over, and its
+    // clients would go with it.
+    let early = EarlySignals::catch();
     // Resolved now, so that an upgrade starts whatever file is at this path
     // then (a package upgrade replaces it), with the same arguments.
     let restart = Restart {
@@ -95,7 +102,7 @@ fn main() -> ExitCode {
     std::panic::set_hook(Box::new(|info| {
         error!(panic = %info, "internal error; please report it");
     }));
-    match runtime.block_on(serve(config, source, telemetry, activated, restart)) {
+    match runtime.block_on(serve(config, source, telemetry, activated, restart, early)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("chatd: {}", one_line(&e));
@@ -118,6 +125,45 @@ fn one_line(e: &anyhow::Error) -> String {
     text
 }
 
+/// SIGUSR2 and SIGHUP caught from the start of `main` until [`signals`]
+/// handles them: recorded, not acted on (an upgrade or reload while this
+/// process is still starting, or taking over, has nothing to act on yet).
+struct EarlySignals {
+    caught: Vec<(&'static str, Arc<AtomicBool>, Option<signal_hook::SigId>)>,
+}
+
+impl EarlySignals {
+    fn catch() -> EarlySignals {
+        use signal_hook::consts::{SIGHUP, SIGUSR2};
+        let caught = [("SIGUSR2", SIGUSR2), ("SIGHUP", SIGHUP)]
+            .into_iter()
+            .map(|(name, signal)| {
+                let flag = Arc::new(AtomicBool::new(false));
+                // Failing, the signal keeps its default action, as before.
+                let id = signal_hook::flag::register(signal, flag.clone()).ok();
+                (name, flag, id)
+            })
+            .collect();
+        EarlySignals { caught }
+    }
+
+    /// Hands the signals to the runtime's handlers (installed by now) and
+    /// says which ones came while starting.
+    fn release(self) {
+        for (name, flag, id) in self.caught {
+            if let Some(id) = id {
+                signal_hook::low_level::unregister(id);
+            }
+            if flag.load(Ordering::Relaxed) {
+                warn!(
+                    signal = name,
+                    "received while starting: ignored; send it again"
+                );
+            }
+        }
+    }
+}
+
 /// How this process was started, for starting its successor (seamless
 /// upgrade), and whether it is itself one.
 struct Restart {
@@ -133,12 +179,38 @@ async fn serve(
     telemetry: Telemetry,
     activated: Activated,
     restart: Restart,
+    early: EarlySignals,
 ) -> anyhow::Result<()> {
     let from_systemd = [
         ("chat", !activated.chat.is_empty()),
         ("tls", !activated.tls.is_empty()),
         ("udp", !activated.udp.is_empty()),
     ];
+    // One chatd per state directory: two would each keep their own bans in
+    // one `bans.json`. A successor's predecessor holds the lock until it
+    // exits; the successor takes it then.
+    let _state_lock = match &restart.handoff {
+        None => Some(chatd::files::StateLock::acquire(&config.server.state_dir)?),
+        Some(_) => {
+            let dir = config.server.state_dir.clone();
+            tokio::spawn(async move {
+                match chatd::files::StateLock::take_over(
+                    &dir,
+                    std::time::Duration::from_millis(100),
+                )
+                .await
+                {
+                    Ok(lock) => {
+                        // Held for the rest of this process's life.
+                        let _lock = lock;
+                        std::future::pending::<()>().await;
+                    }
+                    Err(e) => warn!(error = %e, "cannot lock the state directory"),
+                }
+            });
+            None
+        }
+    };
     // Before any descriptor arrives: a successor receives one per client.
     chatd::server::raise_file_limit();
     // Taking over from a running chatd: its sockets instead of binding.
@@ -218,6 +290,7 @@ async fn serve(
         shutdown.clone(),
         daemon.reloader(),
         daemon.hub().clone(),
+        early,
     ));
     if let Some(listener) = metrics {
         tokio::spawn(chatd::metrics::serve(
@@ -361,7 +434,12 @@ fn describe(
 
 /// SIGINT or SIGTERM starts a graceful shutdown; a second one exits at once.
 /// SIGHUP reloads the configuration; SIGUSR2 upgrades (`chatd::handoff`).
-async fn signals(shutdown: CancellationToken, reloader: Reloader, hub: chatd::hub::Hub) {
+async fn signals(
+    shutdown: CancellationToken,
+    reloader: Reloader,
+    hub: chatd::hub::Hub,
+    early: EarlySignals,
+) {
     use tokio::signal::unix::{SignalKind, signal};
     let (Ok(mut int), Ok(mut term), Ok(mut hup), Ok(mut usr2)) = (
         signal(SignalKind::interrupt()),
@@ -372,6 +450,7 @@ async fn signals(shutdown: CancellationToken, reloader: Reloader, hub: chatd::hu
         warn!("cannot install signal handlers; stop chatd with SIGKILL");
         return;
     };
+    early.release();
     loop {
         tokio::select! {
             _ = int.recv() => break,

@@ -16,6 +16,9 @@ pub enum AdminError {
     Reload(#[from] ReloadError),
     #[error(transparent)]
     Upgrade(#[from] crate::handoff::UpgradeError),
+    /// A client addressed on a node, on a chatd that is not in a cluster.
+    #[error("no node {0:?}: this chatd is not part of a cluster; name the client without a node")]
+    NoSuchNode(String),
     /// The request itself is malformed.
     #[error("{0}")]
     BadRequest(String),
@@ -29,6 +32,7 @@ impl From<AdminError> for Status {
         let message = e.to_string();
         match e {
             AdminError::Hub(HubError::NoSuchClient(_) | HubError::NoSuchRoom(_))
+            | AdminError::NoSuchNode(_)
             | AdminError::Ban(BanError::NotFound(_)) => Status::not_found(message),
             AdminError::Hub(HubError::Invalid(_))
             | AdminError::Ban(BanError::BadTarget(_) | BanError::AlreadyExpired)

@@ -81,6 +81,25 @@ fn logged(text: &str) -> String {
     crate::sanitize::clean(text)
 }
 
+/// The node a client request names: none when empty; otherwise it must be
+/// a node id as `cluster.node_id` allows, so that a made-up one is refused
+/// here (and never echoed whole) rather than asked of every node.
+fn named_node(node: &str) -> Result<Option<&str>, AdminError> {
+    if node.is_empty() {
+        return Ok(None);
+    }
+    let is_id = node.len() <= 63
+        && node
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+    if !is_id {
+        return Err(AdminError::BadRequest(
+            "`node` is not a node id: 1 to 63 letters, digits, '-' or '_'".into(),
+        ));
+    }
+    Ok(Some(node))
+}
+
 fn non_empty(text: &str) -> Option<&str> {
     (!text.is_empty()).then_some(text)
 }
@@ -391,6 +410,16 @@ impl AdminService {
         }
     }
 
+    /// Refuses a malformed node, and any node on a chatd outside a cluster
+    /// (whose clients belong to no named node): a client addressed on
+    /// another node is never this node's client of the same id.
+    fn check_node(&self, node: &str) -> Result<(), AdminError> {
+        match named_node(node)? {
+            Some(node) if self.bus().is_none() => Err(AdminError::NoSuchNode(node.to_string())),
+            _ => Ok(()),
+        }
+    }
+
     fn node_id(&self) -> String {
         self.bus()
             .map_or_else(String::new, |b| b.node_id().to_string())
@@ -442,6 +471,7 @@ impl Admin for AdminService {
     ) -> Reply<pb::GetClientResponse> {
         let r = request.into_inner();
         let target = target(r.client.clone())?;
+        self.check_node(&r.node)?;
         // An id without a node is this node's client: ids are per node.
         if self.bus().is_none() || (matches!(target, Target::Id(_)) && r.node.is_empty()) {
             let client = self.hub.client(&target).map_err(AdminError::from)?;
@@ -480,6 +510,7 @@ impl Admin for AdminService {
         let by = who(&request);
         let r = request.into_inner();
         at_most("reason", &r.reason, super::MAX_REASON_BYTES)?;
+        self.check_node(&r.node)?;
         let by_id_here = matches!(
             r.client.as_ref().and_then(|c| c.selector.as_ref()),
             Some(pb::client_selector::Selector::Id(_))

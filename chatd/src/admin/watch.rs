@@ -19,18 +19,22 @@
 //!   [`EVENT_SEQ_HEADER`] (a relay that falls behind the hub's ring sends a
 //!   `lagged` event of its own);
 //! - the watch stream merges this node's own events (straight from the hub)
-//!   with the other nodes' (one NATS subscription per watcher, subscribed
-//!   before the lease is asked). A gap in a node's numbers (NATS was away,
-//!   or this watcher's subscription was full and NATS dropped for it)
-//!   becomes a `lagged` event for that node.
+//!   with the other nodes' ([`Feed`]: one NATS subscription per node, however
+//!   many watch there, subscribed before the lease is asked, handing each
+//!   event to the watches through a ring). A gap in a node's numbers (NATS
+//!   was away, the subscription was full and NATS dropped for it, or this
+//!   watcher fell behind the ring) becomes a `lagged` event for that node.
 //!
 //! Bounded everywhere: the hub's event channel is a ring (a relay that falls
 //! behind skips, and says so), a relay never publishes while NATS is away
-//! (its numbers say what it skipped), and a watcher's subscription holds at most the connection's
-//! subscription capacity before NATS drops for it.
+//! (its numbers say what it skipped), the node's subscription holds at most
+//! the connection's subscription capacity before NATS drops for it, and the
+//! feed's ring is shared: a watcher that stops reading holds nothing of its
+//! own, and NATS sends each event to a node once, not once per watcher.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
 use async_nats::HeaderMap;
@@ -38,7 +42,6 @@ use async_nats::connection::State;
 use bytes::Bytes;
 use chatd_proto::admin::v1 as pb;
 use futures_util::StreamExt;
-use futures_util::stream::SelectAll;
 use prost::Message;
 use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast::{self, error::RecvError};
@@ -253,41 +256,198 @@ fn settle(hub: &Hub, leases: &Leases, taking: &mut Option<Taking>) {
     }
 }
 
-/// The other nodes' events for one watch: its subscriptions, the numbers
-/// seen per node, and its lease (renewed until this is dropped).
+/// Other nodes' events as the ring holds them: decoded once, for every
+/// watch of this node.
+#[derive(Debug)]
+struct Relayed {
+    event: pb::Event,
+    /// From `NAME.admin.watch.msg` (chat messages) rather than `.ev`.
+    messages: bool,
+    /// The origin's number for it on its subject, when it gave one.
+    seq: Option<u64>,
+}
+
+/// Events the feed's ring holds for the watches that read slowest; past
+/// it, a watch skips ahead and its numbers tell it what it missed (as the
+/// hub's ring does for this node's own events).
+const FEED_RING: usize = 1024;
+
+/// This node's one subscription to the other nodes' relayed events, shared
+/// by every watch here through a ring. It subscribes while a watch exists
+/// (to chat messages while one wants them) and lets go when the last ends.
+#[derive(Debug, Clone)]
+pub struct Feed {
+    inner: Arc<FeedInner>,
+}
+
+#[derive(Debug)]
+struct FeedInner {
+    ring: broadcast::Sender<Arc<Relayed>>,
+    /// Watches of this node that want chat messages.
+    message_watches: AtomicUsize,
+    /// Which subscriptions run (events, messages); held while one is
+    /// started or stops, so a watch that opens as the last one ends never
+    /// finds a subscription on its way out.
+    running: tokio::sync::Mutex<(bool, bool)>,
+}
+
+impl Default for Feed {
+    fn default() -> Self {
+        Feed {
+            inner: Arc::new(FeedInner {
+                ring: broadcast::channel(FEED_RING).0,
+                message_watches: AtomicUsize::new(0),
+                running: tokio::sync::Mutex::new((false, false)),
+            }),
+        }
+    }
+}
+
+/// How often an idle subscription checks whether any watch still wants it.
+const FEED_CHECK: Duration = Duration::from_secs(1);
+
+impl Feed {
+    /// A place in the ring for one watch, the subscriptions it needs
+    /// running: events from the moment this returns are in it.
+    async fn join(&self, bus: &Bus, messages: bool) -> Result<FeedSeat, String> {
+        let mut running = self.inner.running.lock().await;
+        let rx = self.inner.ring.subscribe();
+        let seat = FeedSeat {
+            rx,
+            messages,
+            feed: self.clone(),
+        };
+        if messages {
+            self.inner.message_watches.fetch_add(1, Relaxed);
+        }
+        if !running.0 {
+            self.spawn(bus, false).await?;
+            running.0 = true;
+        }
+        if messages && !running.1 {
+            self.spawn(bus, true).await?;
+            running.1 = true;
+        }
+        Ok(seat)
+    }
+
+    /// Subscribes to `.ev` or `.msg` and hands what comes to the ring until
+    /// no watch wants it.
+    async fn spawn(&self, bus: &Bus, messages: bool) -> Result<(), String> {
+        let subject = bus.subject(if messages { MESSAGES } else { EVENTS });
+        let mut sub = bus
+            .client()
+            .subscribe(subject)
+            .await
+            .map_err(|e| e.to_string())?;
+        let own = bus.node_id().to_string();
+        let feed = self.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(FEED_CHECK);
+            loop {
+                tokio::select! {
+                    msg = sub.next() => {
+                        let Some(msg) = msg else {
+                            // The connection closed: the next watch subscribes anew.
+                            let mut running = feed.inner.running.lock().await;
+                            if messages {
+                                running.1 = false;
+                            } else {
+                                running.0 = false;
+                            }
+                            break;
+                        };
+                        let Ok(event) = pb::Event::decode(msg.payload) else {
+                            continue;
+                        };
+                        if event.node == own || event.node.is_empty() {
+                            continue;
+                        }
+                        let seq = msg
+                            .headers
+                            .as_ref()
+                            .and_then(|h| h.get(EVENT_SEQ_HEADER))
+                            .and_then(|s| s.as_str().parse::<u64>().ok());
+                        // No watch left: nobody to hand it to, and the
+                        // tick below lets go.
+                        let _ = feed.inner.ring.send(Arc::new(Relayed { event, messages, seq }));
+                    }
+                    _ = tick.tick() => {
+                        let mut running = feed.inner.running.lock().await;
+                        if !feed.wanted(messages) {
+                            if messages {
+                                running.1 = false;
+                            } else {
+                                running.0 = false;
+                            }
+                            break;
+                        }
+                    }
+                }
+            }
+            debug!(
+                messages,
+                "admin: no watch wants other nodes' events; unsubscribed"
+            );
+        });
+        Ok(())
+    }
+
+    fn wanted(&self, messages: bool) -> bool {
+        if messages {
+            self.inner.message_watches.load(Relaxed) > 0
+        } else {
+            self.inner.ring.receiver_count() > 0
+        }
+    }
+}
+
+/// One watch's place in the [`Feed`]'s ring.
+struct FeedSeat {
+    rx: broadcast::Receiver<Arc<Relayed>>,
+    messages: bool,
+    feed: Feed,
+}
+
+impl Drop for FeedSeat {
+    fn drop(&mut self) {
+        if self.messages {
+            self.feed.inner.message_watches.fetch_sub(1, Relaxed);
+        }
+    }
+}
+
+/// The other nodes' events for one watch: its place in the node's feed,
+/// the numbers seen per node, and its lease (renewed until this is
+/// dropped).
 pub struct Remote {
-    subs: SelectAll<async_nats::Subscriber>,
-    own: String,
+    seat: FeedSeat,
     /// (node, messages) → last number seen.
     last: HashMap<(String, bool), u64>,
-    /// Events decoded but not yet handed out (a gap's `lagged` goes first).
+    /// Events not yet handed out (a gap's `lagged` goes first).
     pending: VecDeque<pb::Event>,
     _renew: DropGuard,
 }
 
 impl std::fmt::Debug for Remote {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Remote").field("own", &self.own).finish()
+        f.debug_struct("Remote")
+            .field("messages", &self.seat.messages)
+            .finish()
     }
 }
 
 impl Remote {
-    /// Subscribes to the other nodes' events, asks every node for them, and
-    /// waits (at most [`crate::cluster::ADMIN_DEADLINE`]) until the nodes
-    /// known to be there relay. Returns the feed and who answered.
+    /// Takes a place in the node's feed of other nodes' events, asks every
+    /// node for them, and waits (at most [`crate::cluster::ADMIN_DEADLINE`])
+    /// until the nodes known to be there relay. Returns the feed and who
+    /// answered.
     pub async fn open(bus: &Bus, messages: bool) -> Result<(Remote, Gathered), String> {
         let client = bus.client().clone();
         if client.connection_state() != State::Connected {
             return Err("NATS is unreachable".into());
         }
-        let mut subs = SelectAll::new();
-        let mut subjects = vec![bus.subject(EVENTS)];
-        if messages {
-            subjects.push(bus.subject(MESSAGES));
-        }
-        for subject in subjects {
-            subs.push(client.subscribe(subject).await.map_err(|e| e.to_string())?);
-        }
+        let seat = bus.feed().join(bus, messages).await?;
         let n = WATCHES.fetch_add(1, Relaxed) + 1;
         let want = Want {
             watcher: format!("{}/{}/{n}", bus.node_id(), std::process::id()),
@@ -323,8 +483,7 @@ impl Remote {
         });
         Ok((
             Remote {
-                subs,
-                own: bus.node_id().to_string(),
+                seat,
                 last: HashMap::new(),
                 pending: VecDeque::new(),
                 _renew: stop.drop_guard(),
@@ -334,30 +493,28 @@ impl Remote {
     }
 
     /// The next event from another node (a `lagged` one for a gap); `None`
-    /// once the subscriptions end.
+    /// once the feed ends.
     pub async fn next(&mut self) -> Option<pb::Event> {
         loop {
             if let Some(event) = self.pending.pop_front() {
                 return Some(event);
             }
-            let msg = self.subs.next().await?;
-            let messages = msg.subject.as_str().ends_with(MESSAGES);
-            let Ok(event) = pb::Event::decode(msg.payload) else {
-                continue;
+            let relayed = match self.seat.rx.recv().await {
+                Ok(relayed) => relayed,
+                // Skipped ahead: the numbers of what comes next say, per
+                // node, what this watch missed.
+                Err(RecvError::Lagged(_)) => continue,
+                Err(RecvError::Closed) => return None,
             };
-            if event.node == self.own || event.node.is_empty() {
+            if relayed.messages && !self.seat.messages {
                 continue;
             }
-            let seq = msg
-                .headers
-                .as_ref()
-                .and_then(|h| h.get(EVENT_SEQ_HEADER))
-                .and_then(|s| s.as_str().parse::<u64>().ok());
-            if let Some(seq) = seq {
+            let event = &relayed.event;
+            if let Some(seq) = relayed.seq {
                 if self.last.len() >= MAX_NODES {
                     self.last.clear();
                 }
-                let key = (event.node.clone(), messages);
+                let key = (event.node.clone(), relayed.messages);
                 match self.last.insert(key, seq) {
                     Some(last) if seq <= last => continue,
                     Some(last) if seq > last + 1 => {
@@ -369,7 +526,7 @@ impl Remote {
                     _ => {}
                 }
             }
-            self.pending.push_back(event);
+            self.pending.push_back(event.clone());
         }
     }
 }

@@ -48,26 +48,17 @@ pub async fn resume(
             dropped: f.dropped,
             warned: f.warned,
         };
+        let nick = client.nick();
+        let lines_seen = client.outbox.totals().0;
         let conn = Connection {
-            stream,
-            hub,
-            room,
-            nick: client.nick(),
             mid_line: framer.mid_line(),
             framer,
-            pending: VecDeque::new(),
             flood,
             overlong: state.overlong,
             greeted: state.greeted,
-            pause: None,
-            waiting: None,
-            last_write: None,
-            arrivals: 0.0,
             // The restored totals are history, not lines arriving now.
-            lines_seen: client.outbox.totals().0,
-            write_gate: None,
-            client,
-            span: tracing::Span::current(),
+            lines_seen,
+            ..Connection::new(stream, hub, client, room, nick)
         };
         drop(state);
         commit.cancelled().await;
@@ -90,19 +81,9 @@ impl<S: Socket> Connection<S> {
             unsent.extend_from_slice(bytes);
         }
         let (tokens, age) = self.flood.bucket.export(Instant::now());
-        let c = self.client.counters();
         let state = ClientState {
-            id: self.client.id,
             nick: self.nick.to_string(),
             room: self.room.name.to_string(),
-            peer: self.client.peer,
-            connected_at_unix_ms: c.connected_at_unix_ms,
-            lines_in: c.lines_in,
-            bytes_in: c.bytes_in,
-            lines_out: c.lines_out,
-            bytes_out: c.bytes_out,
-            idle_ms: c.idle_ms,
-            partial_ms: c.partial_ms,
             framer: self.framer.export(),
             flood: FloodState {
                 tokens,
@@ -113,6 +94,7 @@ impl<S: Socket> Connection<S> {
             overlong: self.overlong,
             greeted: self.greeted,
             unsent,
+            ..self.client.handoff_state()
         };
         let fd = if self.client.tls {
             Ok(None)

@@ -190,27 +190,9 @@ pub async fn serve_on<S: Socket>(stream: S, peer: SocketAddr, tls: bool, hub: Hu
                 hub.finish_join(&client, &room)
             }
         };
-        let conn = Connection {
-            stream,
-            hub,
-            room,
-            nick,
-            framer: LineFramer::default(),
-            pending: VecDeque::new(),
-            flood: Flood::new(Instant::now()),
-            overlong: 0,
-            mid_line: false,
-            greeted: false,
-            pause: None,
-            waiting: None,
-            last_write: None,
-            arrivals: 0.0,
-            lines_seen: 0,
-            write_gate: None,
-            client,
-            span: tracing::Span::current(),
-        };
-        conn.serve().await;
+        Connection::new(stream, hub, client, room, nick)
+            .serve()
+            .await;
     }
     .instrument(span)
     .await
@@ -300,6 +282,33 @@ struct Connection<S> {
     write_gate: Option<Pin<Box<tokio::time::Sleep>>>,
     /// The `conn` span, whose `nick` follows the client's.
     span: tracing::Span,
+}
+
+impl<S: Socket> Connection<S> {
+    /// A connection that starts afresh: no line read, a full flood bucket,
+    /// nothing owed. Must run inside its `conn` span, which it keeps.
+    fn new(stream: S, hub: Hub, client: Arc<Client>, room: Arc<Room>, nick: Arc<str>) -> Self {
+        Connection {
+            stream,
+            client,
+            hub,
+            room,
+            nick,
+            framer: LineFramer::default(),
+            pending: VecDeque::new(),
+            flood: Flood::new(Instant::now()),
+            overlong: 0,
+            mid_line: false,
+            greeted: false,
+            pause: None,
+            waiting: None,
+            last_write: None,
+            arrivals: 0.0,
+            lines_seen: 0,
+            write_gate: None,
+            span: tracing::Span::current(),
+        }
+    }
 }
 
 /// A sender's pause: until `on` drains or stops reading; `until` is when

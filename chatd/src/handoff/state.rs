@@ -91,7 +91,7 @@ pub struct ClientState {
     pub unsent: Vec<u8>,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct FloodState {
     pub tokens: f64,
     /// Milliseconds since the bucket was last refilled.

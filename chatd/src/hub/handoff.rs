@@ -12,31 +12,25 @@ use bytes::Bytes;
 
 use super::{Client, Hub, Names, Room};
 use crate::clock;
-use crate::handoff::state::{ClientState, RoomState};
+use crate::framing::FramerState;
+use crate::handoff::state::{ClientState, FloodState, RoomState};
 use crate::handoff::{Gate, State};
 use crate::lock::{lock, write};
 use crate::outbox::Outbox;
 use crate::protocol;
 
-/// A client's fields the hub keeps, for its exported state.
-#[derive(Debug, Clone, Copy)]
-pub struct Counters {
-    pub connected_at_unix_ms: u64,
-    pub lines_in: u64,
-    pub bytes_in: u64,
-    pub lines_out: u64,
-    pub bytes_out: u64,
-    pub idle_ms: u64,
-    pub partial_ms: Option<u64>,
-}
-
 impl Client {
-    /// What the hub knows of this client, for the handoff.
-    pub fn counters(&self) -> Counters {
+    /// The part of this client's handoff state the hub keeps: its id,
+    /// address and counters. The connection fills in the rest (its nick and
+    /// room as it sees them, the framer, the flood bucket, the bytes owed)
+    /// with struct update syntax; [`Hub::adopt`] reads both parts back.
+    pub fn handoff_state(&self) -> ClientState {
         let now = clock::now_ms();
         let (lines_out, bytes_out) = self.outbox.totals();
         let partial = self.partial_since_ms.load(Relaxed);
-        Counters {
+        ClientState {
+            id: self.id,
+            peer: self.peer,
             connected_at_unix_ms: super::unix_ms(self.connected_at),
             lines_in: self.lines_in.load(Relaxed),
             bytes_in: self.bytes_in.load(Relaxed),
@@ -44,6 +38,13 @@ impl Client {
             bytes_out,
             idle_ms: now.saturating_sub(self.last_line_ms.load(Relaxed)),
             partial_ms: (partial != 0).then(|| now.saturating_sub(partial)),
+            nick: String::new(),
+            room: String::new(),
+            framer: FramerState::default(),
+            flood: FloodState::default(),
+            overlong: 0,
+            greeted: false,
+            unsent: Vec::new(),
         }
     }
 }

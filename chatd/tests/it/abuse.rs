@@ -822,7 +822,7 @@ async fn a_line_flood_is_dropped_then_cut_and_the_room_never_sees_it() {
 /// Every line a listener got from `nick` is that nick's prefix and clean
 /// text: no control character, no escape, no invisible mark, no second
 /// line; and no server line was forged.
-fn assert_clean(lines: &[String], nick: &str) {
+pub(crate) fn assert_clean(lines: &[String], nick: &str) {
     for line in lines {
         assert!(
             !line.chars().any(|c| c.is_control()

@@ -240,36 +240,57 @@ async fn many_watch_streams_that_never_read_do_not_slow_chat() {
         .expect("chat went on while 50 watch streams were unread");
 }
 
-async fn watchers_that_never_read() {
-    // Flood control off: the talkers below send more than a burst each.
-    let server = TestServer::with_env(&[("CHATD_LIMITS__FLOOD_LINES_PER_SEC", "0")]);
+/// Watch streams (with chat messages) that never read, each on a
+/// connection of its own, as separate operators' would be; they end when
+/// this is dropped.
+pub(crate) struct UnreadWatchers {
+    _hold: tokio::sync::watch::Sender<()>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Drop for UnreadWatchers {
+    fn drop(&mut self) {
+        for task in &self.tasks {
+            task.abort();
+        }
+    }
+}
+
+/// Opens `n` watch streams on `server` that never read, and waits until the
+/// daemon has started them all.
+pub(crate) async fn unread_watchers(server: &TestServer, n: usize) -> UnreadWatchers {
     // Each watcher opens its stream and then never polls it. (The response
     // headers may wait for the first event, so each runs in its own task.)
     let (hold, held) = tokio::sync::watch::channel(());
-    let mut watchers = Vec::new();
-    for _ in 0..50 {
-        let mut client = AdminClient::new(channel(&server).await);
+    let mut tasks = Vec::new();
+    for _ in 0..n {
+        let mut client = AdminClient::new(channel(server).await);
         let mut req = tonic::Request::new(WatchEventsRequest {
             include_messages: true,
         });
         req.metadata_mut().insert(
             "authorization",
-            format!("Bearer {}", token(&server))
-                .parse()
-                .expect("header"),
+            format!("Bearer {}", token(server)).parse().expect("header"),
         );
         let mut held = held.clone();
-        watchers.push(tokio::spawn(async move {
+        tasks.push(tokio::spawn(async move {
             let stream = client.watch_events(req).await.expect("watch");
             let _ = held.changed().await;
             drop(stream);
         }));
     }
     let deadline = Instant::now() + WAIT;
-    while server.logged("admin: watch started").len() < 50 {
-        assert!(Instant::now() < deadline, "50 watchers started");
+    while server.logged("admin: watch started").len() < n {
+        assert!(Instant::now() < deadline, "{n} watchers started");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    UnreadWatchers { _hold: hold, tasks }
+}
+
+async fn watchers_that_never_read() {
+    // Flood control off: the talkers below send more than a burst each.
+    let server = TestServer::with_env(&[("CHATD_LIMITS__FLOOD_LINES_PER_SEC", "0")]);
+    let watchers = unread_watchers(&server, 50).await;
     let probe = Probe::start(&server).await;
     let rss_before = server.rss_kib();
     // A busy room: 10 talkers × 200 lines of 500 bytes, each event going to
@@ -303,8 +324,5 @@ async fn watchers_that_never_read() {
         rss_after < rss_before + 64 * 1024,
         "unread watch streams held the traffic: {rss_before} → {rss_after} KiB"
     );
-    drop(hold);
-    for w in watchers {
-        w.abort();
-    }
+    drop(watchers);
 }

@@ -1034,3 +1034,32 @@ async fn tls_that_cannot_be_set_up_never_serves_plaintext() {
     assert_eq!(stderr.lines().count(), 1, "{stderr}");
     assert!(stderr.contains("admin.tls_cert"), "{stderr}");
 }
+
+#[tokio::test]
+async fn a_client_addressed_on_another_node_is_not_this_nodes_client() {
+    // A single node: its clients have ids, but no node is named `web2`.
+    let server = TestServer::start();
+    let (mut alice, a) = server.join().await;
+    let id = server.chatctl(&["client", &a, "-o", "json"]).await.json()["id"]
+        .as_u64()
+        .expect("an id");
+    let huge = "n".repeat(100_000);
+    for node in ["web2", "ünïcødé", "a\u{1b}[2Jb", &huge] {
+        let addressed = format!("{node}:{id}");
+        let looked_up = server.chatctl(&["client", &addressed]).await;
+        assert_ne!(looked_up.code, 0, "{node:.20}: {looked_up:#?}");
+        assert!(!looked_up.stdout.contains(&a), "{looked_up:#?}");
+        let kicked = server.chatctl(&["kick", &addressed]).await;
+        assert_ne!(kicked.code, 0, "{node:.20}: {kicked:#?}");
+        assert!(
+            kicked.stderr.len() < 1024,
+            "the refusal echoes the node whole: {} bytes",
+            kicked.stderr.len()
+        );
+    }
+    // Alice was never the one addressed: still here, still chatting.
+    alice.send("/who\n").await;
+    alice.expect(&a).await;
+    // Her own node, unnamed, is where her id means her.
+    server.chatctl(&["client", &id.to_string()]).await.ok();
+}

@@ -788,8 +788,10 @@ async fn nats_over_tls_verifies_both_ends_and_a_failure_stops_the_start() {
 }
 
 /// Three `nats-server` processes routed into one NATS cluster, each with its
-/// own ports and JetStream store.
-fn nats_cluster() -> Option<Vec<Nats>> {
+/// own ports and JetStream store, formed before any node connects: every
+/// server sees the other two and JetStream has elected its leader, as in a
+/// NATS cluster that has been running.
+async fn nats_cluster() -> Option<Vec<Nats>> {
     let bin = nats_server_bin()?;
     let routes: Vec<u16> = (0..3).map(|_| free_port()).collect();
     let all = routes
@@ -817,15 +819,6 @@ fn nats_cluster() -> Option<Vec<Nats>> {
             nats
         })
         .collect();
-    Some(servers)
-}
-
-#[tokio::test]
-async fn killing_one_nats_server_of_three_loses_no_line() {
-    let Some(mut servers) = nats_cluster() else {
-        return;
-    };
-    // Every server sees the other two before any node connects.
     let deadline = Instant::now() + WAIT;
     for s in &servers {
         while s.monitoring("/routez").await["num_routes"].as_u64() < Some(2) {
@@ -833,8 +826,6 @@ async fn killing_one_nats_server_of_three_loses_no_line() {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
-    // And their JetStream has elected its leader, as a NATS cluster that
-    // has been running would have.
     for s in &servers {
         while s.monitoring("/jsz").await["meta_cluster"]["leader"]
             .as_str()
@@ -844,6 +835,14 @@ async fn killing_one_nats_server_of_three_loses_no_line() {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
+    Some(servers)
+}
+
+#[tokio::test]
+async fn killing_one_nats_server_of_three_loses_no_line() {
+    let Some(mut servers) = nats_cluster().await else {
+        return;
+    };
     let urls = servers.iter().map(Nats::url).collect::<Vec<_>>().join(" ");
     let quiet = [
         ("CHATD_LIMITS__FLOOD_LINES_PER_SEC", "0"),
@@ -1099,21 +1098,15 @@ async fn probe_private(client: &mut Client, reader: &mut Client, to: &str, from:
 
 #[tokio::test]
 async fn killing_one_nats_server_of_three_loses_no_private_message() {
-    let Some(mut servers) = nats_cluster() else {
+    let Some(mut servers) = nats_cluster().await else {
         return;
     };
-    let deadline = Instant::now() + WAIT;
-    for s in &servers {
-        while s.monitoring("/routez").await["num_routes"].as_u64() < Some(2) {
-            assert!(Instant::now() < deadline, "the NATS cluster did not form");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
     let quiet = [("CHATD_LIMITS__FLOOD_LINES_PER_SEC", "0")];
     let urls = servers.iter().map(Nats::url).collect::<Vec<_>>().join(" ");
     let a = node(&urls, "node-a", &quiet);
     let (mut alice, alice_nick) = a.join().await;
     // node-b is on another server than node-a, and stays on it.
+    let deadline = Instant::now() + WAIT;
     let mut victim = None;
     while victim.is_none() {
         assert!(Instant::now() < deadline, "node-a is on no server");
@@ -1833,4 +1826,58 @@ async fn a_node_upgraded_in_place_keeps_its_nicks_and_members_for_the_others() {
     assert!(notices.is_empty(), "B heard: {notices:?}");
     let w = who(&mut b1).await;
     assert!(w.contains("zoe"), "zoe is gone from B's /who: {w}");
+}
+
+/// What one user types to reach another's terminal through NATS: escapes,
+/// forged server lines and direction marks in lines, actions and private
+/// messages, in a room whose name is at its length limit. The user on the
+/// other node sees them clean, each line under the sender's own prefix.
+#[tokio::test]
+async fn escapes_and_forged_lines_reach_another_node_clean() {
+    let Some(nats) = Nats::start() else { return };
+    let quiet = [("CHATD_LIMITS__FLOOD_LINES_PER_SEC", "0")];
+    let a = node(&nats.url(), "node-a", &quiet);
+    let b = node(&nats.url(), "node-b", &quiet);
+    let room = "r".repeat(32);
+    let (mut attacker, nick) = a.join().await;
+    let (mut victim, victim_nick) = b.join().await;
+    for c in [&mut attacker, &mut victim] {
+        c.send(&format!("/join {room}\n")).await;
+        c.expect("You are now in").await;
+    }
+    wait_subscribed(&a, &room).await;
+    wait_subscribed(&b, &room).await;
+    attacker
+        .send_raw(
+            format!(
+                "\x1b[2J\x1b[H\x1b]0;FORGED title\x07clear\n\
+                 ok\r*** FORGED server line\n\
+                 text \u{202e}desrever\u{202c} \u{200b}hidden\n\
+                 /me \x1b[31mFORGED red\x1b[0m\n\
+                 /msg {victim_nick} \x1b[2J\r*** FORGED pm\n\
+                 done\n"
+            )
+            .as_bytes(),
+        )
+        .await;
+    let seen = read_through(&mut victim, &format!("<{nick}> done")).await;
+    let relayed: Vec<String> = seen
+        .iter()
+        .filter(|l| l.contains(&nick) || l.contains("FORGED"))
+        .cloned()
+        .collect();
+    assert!(relayed.len() >= 5, "{seen:#?}");
+    let pm: Vec<String> = relayed
+        .iter()
+        .filter_map(|l| l.strip_prefix("[pm] "))
+        .map(str::to_string)
+        .collect();
+    assert_eq!(pm.len(), 1, "{relayed:#?}");
+    let room_lines: Vec<String> = relayed
+        .iter()
+        .filter(|l| !l.starts_with("[pm] "))
+        .cloned()
+        .chain(pm)
+        .collect();
+    crate::abuse::assert_clean(&room_lines, &nick);
 }

@@ -38,7 +38,8 @@ fn leftovers(state: &Path) -> Vec<String> {
         .expect("state dir")
         .filter_map(Result::ok)
         .map(|e| e.file_name().to_string_lossy().to_string())
-        .filter(|n| n != "bans.json")
+        // The lock file stays by design: the lock is the kernel's, on it.
+        .filter(|n| n != "bans.json" && n != "chatd.lock")
         .collect()
 }
 

@@ -401,3 +401,36 @@ async fn test_daemons_never_read_the_system_config_file() {
     let listening = server.wait_logged("listening").await;
     assert_eq!(listening["config"], "built-in defaults", "{listening}");
 }
+
+/// A second chatd started by mistake on a running one's state directory
+/// (other ports) would keep bans of its own in the same `bans.json`, each
+/// write losing the other's: it refuses to start, naming the directory and
+/// the process that uses it; the first serves on, its bans kept.
+#[tokio::test]
+async fn a_second_chatd_on_the_same_state_dir_refuses_to_start() {
+    let first = TestServer::start();
+    first.chatctl(&["ban", "192.0.2.1"]).await.ok();
+    let state = first.dir.path().join("state");
+    let state = state.to_str().expect("utf-8");
+    let second = run_chatd(
+        &[],
+        &[
+            ("CHATD_SERVER__STATE_DIR", state),
+            ("CHATD_CHAT__LISTEN", "127.0.0.1:0"),
+            ("CHATD_UDP__LISTEN", "127.0.0.1:0"),
+            ("CHATD_ADMIN__LISTEN", "127.0.0.1:0"),
+        ],
+    );
+    assert_eq!(second.code, 1, "{}", second.stderr);
+    assert!(
+        second.stderr.contains(state)
+            && second
+                .stderr
+                .contains(&format!("in use by another chatd (pid {})", first.pid())),
+        "{}",
+        second.stderr
+    );
+    let bans = std::fs::read_to_string(first.dir.path().join("state/bans.json")).expect("bans");
+    assert!(bans.contains("192.0.2.1"), "{bans}");
+    first.chatctl(&["bans"]).await.ok();
+}

@@ -230,3 +230,44 @@ async fn a_watcher_that_stops_reading_is_told_what_it_missed_of_another_node_and
     drop(events);
     watch.kill().await.expect("stop chatctl watch");
 }
+
+/// Many watch streams on one node that never read, while another node's
+/// room is busy: the watched node's memory stays bounded and its own
+/// members still get the busy room's lines.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_unread_watchers_on_one_node_hold_no_memory_and_slow_no_chat() {
+    let Some(nats) = Nats::start() else { return };
+    let quiet = [("CHATD_LIMITS__FLOOD_LINES_PER_SEC", "0")];
+    let a = node(&nats.url(), "node-a", &quiet);
+    let b = node(&nats.url(), "node-b", &quiet);
+    const WATCHERS: usize = 40;
+    let watchers = crate::abuse_admin::unread_watchers(&a, WATCHERS).await;
+    b.wait_logged("admin: relaying events to watchers on other nodes")
+        .await;
+    let (mut listener, _) = a.join().await;
+    let (mut talker, nick) = b.join().await;
+    listener.expect(&format!("{nick} joined")).await;
+    let rss_before = a.rss_kib();
+    let filler = "w".repeat(500);
+    let started = Instant::now();
+    for round in 0..50 {
+        let burst: String = (0..100)
+            .map(|i| format!("{round}-{i} {filler}\n"))
+            .collect();
+        talker.send(&burst).await;
+        // node-a's member reads each burst as it comes.
+        listener.expect(&format!("<{nick}> {round}-99 ")).await;
+    }
+    let elapsed = started.elapsed();
+    let rss_after = a.rss_kib();
+    println!(
+        "{WATCHERS} unread watchers on node-a, 5000 lines × 500 B from node-b in {elapsed:?}; node-a RSS {rss_before} → {rss_after} KiB"
+    );
+    // One watcher's own subscription could hold 4,096 messages (2 MB of
+    // these); the node's shared ring holds 1,024 events for all of them.
+    assert!(
+        rss_after < rss_before + 16 * 1024,
+        "unread watch streams held the traffic: {rss_before} → {rss_after} KiB"
+    );
+    drop(watchers);
+}
