@@ -209,6 +209,9 @@ pub struct Link {
     /// Requests to load a room's history, for the cluster task; `None`
     /// when `chat.history` is 0 (and in unit tests).
     loads: Option<mpsc::UnboundedSender<(Arc<str>, tokio::sync::oneshot::Sender<()>)>>,
+    /// What each room's listener and the private messages' receiver have
+    /// handed on, per sending node (for a seamless upgrade).
+    receipts: Arc<cluster_seq::Receipts>,
 }
 
 impl Link {
@@ -419,6 +422,10 @@ impl ClusterState for Link {
     fn admin(&self) -> Option<&dyn AdminBus> {
         self.bus.as_ref().map(|bus| bus as &dyn AdminBus)
     }
+
+    fn receipts(&self) -> Vec<crate::handoff::state::StreamReceipts> {
+        self.receipts.export()
+    }
 }
 
 /// The guest-nick tag of `node_id`: itself when at most 6 characters, else
@@ -578,6 +585,9 @@ pub async fn start(
         node_id: config.node_id.clone().into(),
         member_ttl: config.timings.member_silence,
         loads: (per_room > 0).then_some(loads_tx),
+        receipts: Arc::new(cluster_seq::Receipts::inheriting(
+            &hub.handoff().take_inherited(),
+        )),
     });
     let nick_task = nicks::Nicks::new(
         client.clone(),
@@ -1154,6 +1164,7 @@ impl Node {
                 Listener {
                     client: self.client.clone(),
                     hub: self.hub.clone(),
+                    receipts: self.link.receipts.clone(),
                     node_id: self.node_id.clone(),
                     subject: format!("{}{}", self.prefix, room),
                     replay_prefix: self.replay_prefix.clone(),
@@ -1173,6 +1184,7 @@ impl Node {
 struct Listener {
     client: async_nats::Client,
     hub: Hub,
+    receipts: Arc<cluster_seq::Receipts>,
     node_id: Arc<str>,
     /// `NAME.room.ROOM`; chat batches on `.chat`, notices on `.notice`.
     subject: String,
@@ -1195,6 +1207,7 @@ async fn listen(
     let Listener {
         client,
         hub,
+        receipts,
         node_id,
         subject,
         replay_prefix,
@@ -1220,8 +1233,10 @@ async fn listen(
         },
     }
     let chat_subject = format!("{subject}.chat");
-    // The last position handed on per sender ([`cluster_seq`]).
-    let mut seen = Seen::default();
+    // The last position handed on per sender ([`cluster_seq`]), carried on
+    // from the previous process after a seamless upgrade.
+    let seen = receipts.open(&room);
+    let _close = CloseReceipts(&receipts, &room, seen.clone());
     // Ids of the batches the last history load read: the same batches may
     // be waiting in the subscription (or come in a replay), and are not
     // handed on twice. An id is its batch's position, so a batch the
@@ -1271,42 +1286,69 @@ async fn listen(
         let pos = headers
             .get(SEQ_HEADER)
             .and_then(|p| Position::parse(p.as_str()));
-        if let Some(pos) = pos {
-            match seen.check(&from, pos) {
-                Verdict::Duplicate => continue,
-                Verdict::Deliver => {}
-                Verdict::Gap { after } => {
-                    let subject = format!("{replay_prefix}{from}");
-                    let missed = tokio::select! {
-                        () = stop.cancelled() => return,
-                        missed = replay(&client, subject, &room, after, pos.seq) => missed,
-                    };
-                    let got = missed.len();
-                    for (kind, seq, batch) in missed {
-                        if kind == Kind::Chat
-                            && loaded.remove(&history::batch_id(&from, pos.epoch, seq))
-                        {
-                            continue;
-                        }
-                        if let Some(lines) = well_formed(&batch) {
-                            hub.deliver_remote(&room, batch, lines, kind);
-                        }
-                    }
-                    debug!(%room, node = %from, after, got, "cluster: replayed missed batches");
-                }
+        let verdict = pos.map(|pos| crate::lock::lock(&seen).check(&from, pos));
+        let mut missed = Vec::new();
+        match (verdict, pos) {
+            (Some(Verdict::Duplicate), _) => continue,
+            (Some(Verdict::Gap { after }), Some(pos)) => {
+                let subject = format!("{replay_prefix}{from}");
+                missed = tokio::select! {
+                    () = stop.cancelled() => return,
+                    missed = replay(&client, subject, &room, after, pos.seq) => missed,
+                };
+                debug!(%room, node = %from, after, got = missed.len(), "cluster: replayed missed batches");
             }
-            seen.record(&from, pos);
+            _ => {}
         }
-        if kind == Kind::Chat
-            && !loaded.is_empty()
-            && headers
-                .get(history::ID_HEADER)
-                .is_some_and(|id| loaded.remove(id.as_str()))
-        {
-            // Already in the history the room holds.
-            continue;
+        // Handed on under the stream's lock and only while no upgrade has
+        // frozen the clients: from the freeze on, what this room has handed
+        // on is what the new process is told, and it asks for the rest.
+        loop {
+            let mut seen = crate::lock::lock(&seen);
+            if !hub.handoff().is_frozen() {
+                for (kind, seq, batch) in missed.drain(..) {
+                    if kind == Kind::Chat
+                        && pos.is_some_and(|pos| {
+                            loaded.remove(&history::batch_id(&from, pos.epoch, seq))
+                        })
+                    {
+                        continue;
+                    }
+                    if let Some(lines) = well_formed(&batch) {
+                        hub.deliver_remote(&room, batch, lines, kind);
+                    }
+                }
+                if let Some(pos) = pos {
+                    seen.record(&from, pos);
+                }
+                let in_history = kind == Kind::Chat
+                    && !loaded.is_empty()
+                    && headers
+                        .get(history::ID_HEADER)
+                        .is_some_and(|id| loaded.remove(id.as_str()));
+                if !in_history {
+                    hub.deliver_remote(&room, msg.payload.clone(), lines, kind);
+                }
+                break;
+            }
+            drop(seen);
+            if hub.handoff().settled().await == crate::handoff::Outcome::Committed {
+                return;
+            }
         }
-        hub.deliver_remote(&room, msg.payload, lines, kind);
+    }
+}
+
+/// Forgets a room's receiving position when its listener ends.
+struct CloseReceipts<'a>(
+    &'a cluster_seq::Receipts,
+    &'a str,
+    Arc<std::sync::Mutex<Seen>>,
+);
+
+impl Drop for CloseReceipts<'_> {
+    fn drop(&mut self) {
+        self.0.close(self.1, &self.2);
     }
 }
 
@@ -1731,6 +1773,7 @@ mod tests {
             node_id: "web1".into(),
             member_ttl: Duration::from_secs(6),
             loads: None,
+            receipts: Arc::default(),
         };
         (Arc::new(link), rx)
     }

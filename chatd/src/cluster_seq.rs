@@ -21,12 +21,17 @@
 //! `NAME.pm.NODE` with the same header, so that they too are published
 //! again after a reconnect, replayed on a gap and dropped when repeated.
 //!
+//! Across a seamless upgrade, [`Receipts`] carries every stream's [`Seen`]
+//! to the new process, which then asks for what arrived meanwhile.
+//!
 //! Pure: no NATS, no sockets; `cluster` does the talking.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
+
+use crate::handoff::state::{SenderReceipt, StreamReceipts};
 
 /// The header carrying a message's [`Position`]: `EPOCH SEQ PREV`.
 pub const SEQ_HEADER: &str = "Chatd-Seq";
@@ -114,6 +119,100 @@ impl Seen {
             self.last.clear();
         }
         self.last.insert(node.to_string(), (pos.epoch, pos.seq));
+    }
+
+    /// What was handed on, per sender, for the next process.
+    pub fn export(&self) -> Vec<SenderReceipt> {
+        self.last
+            .iter()
+            .map(|(node, &(epoch, seq))| SenderReceipt {
+                node: node.clone(),
+                epoch,
+                seq,
+            })
+            .collect()
+    }
+
+    /// Carries on from what the previous process handed on: a message whose
+    /// `prev` is past these is a gap, asked for before it is handed on.
+    pub fn import(senders: &[SenderReceipt]) -> Seen {
+        Seen {
+            last: senders
+                .iter()
+                .take(MAX_SENDERS)
+                .map(|s| (s.node.clone(), (s.epoch, s.seq)))
+                .collect(),
+        }
+    }
+}
+
+/// Every subscribed stream's [`Seen`], shared by the task that receives
+/// the stream and a seamless upgrade, which reads them all once the
+/// clients are frozen (`crate::handoff`). A receiving task hands a
+/// message on only while holding its stream's lock and seeing no freeze,
+/// so what the upgrade reads is exactly what reached the frozen clients.
+#[derive(Debug, Default)]
+pub struct Receipts {
+    streams: Mutex<HashMap<String, Arc<Mutex<Seen>>>>,
+    /// From the previous process, until the stream is subscribed again.
+    inherited: Mutex<HashMap<String, Seen>>,
+}
+
+impl Receipts {
+    pub fn inheriting(from: &[StreamReceipts]) -> Receipts {
+        Receipts {
+            streams: Mutex::default(),
+            inherited: Mutex::new(
+                from.iter()
+                    .map(|s| (s.stream.clone(), Seen::import(&s.senders)))
+                    .collect(),
+            ),
+        }
+    }
+
+    /// The receiving side of `stream`, carrying on from the previous
+    /// process if it received it.
+    pub fn open(&self, stream: &str) -> Arc<Mutex<Seen>> {
+        let seen = crate::lock::lock(&self.inherited)
+            .remove(stream)
+            .unwrap_or_default();
+        let seen = Arc::new(Mutex::new(seen));
+        crate::lock::lock(&self.streams).insert(stream.to_string(), seen.clone());
+        seen
+    }
+
+    /// `stream` is no longer received (by `seen`, as [`Receipts::open`]
+    /// gave it: a later subscription of the same stream keeps its own).
+    pub fn close(&self, stream: &str, seen: &Arc<Mutex<Seen>>) {
+        let mut streams = crate::lock::lock(&self.streams);
+        if streams.get(stream).is_some_and(|s| Arc::ptr_eq(s, seen)) {
+            streams.remove(stream);
+        }
+    }
+
+    /// Every stream's position, waiting for any message being handed on.
+    pub fn export(&self) -> Vec<StreamReceipts> {
+        let streams: Vec<(String, Arc<Mutex<Seen>>)> = crate::lock::lock(&self.streams)
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        let mut out: Vec<StreamReceipts> = streams
+            .into_iter()
+            .map(|(stream, seen)| StreamReceipts {
+                senders: crate::lock::lock(&seen).export(),
+                stream,
+            })
+            .collect();
+        for (stream, seen) in crate::lock::lock(&self.inherited).iter() {
+            if !out.iter().any(|s| s.stream == *stream) {
+                out.push(StreamReceipts {
+                    stream: stream.clone(),
+                    senders: seen.export(),
+                });
+            }
+        }
+        out.retain(|s| !s.senders.is_empty());
+        out
     }
 }
 
@@ -396,5 +495,41 @@ mod tests {
         assert_eq!(parse_replay_request(b"lobby 42"), Some(("lobby", 42)));
         assert_eq!(parse_replay_request(b"lobby x"), None);
         assert_eq!(&replay_request("lobby", 42)[..], b"lobby 42");
+    }
+
+    #[test]
+    fn receipts_carry_a_streams_position_to_the_next_process() {
+        let pos = |seq, prev| Position {
+            epoch: 7,
+            seq,
+            prev,
+        };
+        let old = Receipts::default();
+        let lobby = old.open("lobby");
+        lock_seen(&lobby).record("web2", pos(5, 3));
+        let exported = old.export();
+        assert_eq!(exported.len(), 1);
+
+        // The new process carries on: 6 is next, 8 after 7 is a gap.
+        let new = Receipts::inheriting(&exported);
+        let lobby = new.open("lobby");
+        assert_eq!(lock_seen(&lobby).check("web2", pos(6, 5)), Verdict::Deliver);
+        assert_eq!(
+            lock_seen(&lobby).check("web2", pos(5, 3)),
+            Verdict::Duplicate
+        );
+        assert_eq!(
+            lock_seen(&lobby).check("web2", pos(8, 7)),
+            Verdict::Gap { after: 5 }
+        );
+        // Inherited but not subscribed again yet: still handed on.
+        assert_eq!(Receipts::inheriting(&exported).export(), exported);
+        // A stream no longer received is forgotten.
+        new.close("lobby", &lobby);
+        assert!(new.export().is_empty());
+    }
+
+    fn lock_seen(seen: &Mutex<Seen>) -> std::sync::MutexGuard<'_, Seen> {
+        crate::lock::lock(seen)
     }
 }

@@ -141,6 +141,12 @@ pub trait ClusterState: fmt::Debug + Send + Sync {
     /// The way to the other nodes' admin; `None` on one node, where admin
     /// calls answer for this node alone, as they always did.
     fn admin(&self) -> Option<&dyn AdminBus>;
+
+    /// What every subscribed stream has handed on from each other node,
+    /// for a seamless upgrade; call it only while the clients are frozen.
+    fn receipts(&self) -> Vec<crate::handoff::state::StreamReceipts> {
+        Vec::new()
+    }
 }
 
 /// Cluster-wide admin: a request scattered to every node, this one

@@ -42,7 +42,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
-use crate::cluster_seq::{PRIVATE_KIND, Position, SEQ_HEADER, Seen, Verdict, private_stream};
+use crate::cluster_seq::{PRIVATE_KIND, Position, SEQ_HEADER, Verdict, private_stream};
 use crate::hub::{ClientId, Hub};
 use crate::lock::lock;
 use crate::protocol;
@@ -491,9 +491,10 @@ pub async fn run(
         }
     };
     let mut last_sync: Option<Instant> = None;
-    // The last private message handed on per sending node.
-    let mut pm_seen = Seen::default();
+    // The last private message handed on per sending node, carried on from
+    // the previous process after a seamless upgrade.
     let pm_stream = private_stream(&node_id);
+    let pm_seen = link.receipts.open(&pm_stream);
     let mut prune = tokio::time::interval(PRUNE_EVERY);
     // Connected at start, or later: either way the first `changed` or the
     // initial state says when to introduce this node.
@@ -562,7 +563,8 @@ pub async fn run(
                 });
                 let mut payloads = Vec::new();
                 if let Some((from, pos)) = &from_pos {
-                    match pm_seen.check(from, *pos) {
+                    let verdict = crate::lock::lock(&pm_seen).check(from, *pos);
+                    match verdict {
                         Verdict::Duplicate => continue,
                         Verdict::Deliver => {}
                         Verdict::Gap { after } => {
@@ -580,18 +582,34 @@ pub async fn run(
                             );
                         }
                     }
-                    pm_seen.record(from, *pos);
                 }
                 payloads.push(msg.payload);
-                for payload in payloads {
-                    let Ok(pm) = serde_json::from_slice::<PmMsg>(&payload) else {
-                        continue;
-                    };
-                    if let Some(back) = deliver(&hub, pm) {
-                        let subject = format!("{name}.pm.{}", back.from_node);
-                        if let Ok(payload) = serde_json::to_vec(&back) {
-                            let _ = client.publish(subject, payload.into()).await;
+                // As a room's listener does: handed on under the lock and
+                // only while no upgrade has frozen the clients.
+                let mut backs = Vec::new();
+                loop {
+                    let mut seen = crate::lock::lock(&pm_seen);
+                    if !hub.handoff().is_frozen() {
+                        if let Some((from, pos)) = &from_pos {
+                            seen.record(from, *pos);
                         }
+                        for payload in payloads.drain(..) {
+                            let Ok(pm) = serde_json::from_slice::<PmMsg>(&payload) else {
+                                continue;
+                            };
+                            backs.extend(deliver(&hub, pm));
+                        }
+                        break;
+                    }
+                    drop(seen);
+                    if hub.handoff().settled().await == crate::handoff::Outcome::Committed {
+                        return;
+                    }
+                }
+                for back in backs {
+                    let subject = format!("{name}.pm.{}", back.from_node);
+                    if let Ok(payload) = serde_json::to_vec(&back) {
+                        let _ = client.publish(subject, payload.into()).await;
                     }
                 }
             }

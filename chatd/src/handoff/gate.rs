@@ -60,6 +60,9 @@ pub struct Gate {
     exports: Mutex<Option<mpsc::UnboundedSender<Export>>>,
     /// How this process upgrades itself, when it can (set by `main`).
     upgrader: std::sync::OnceLock<super::Upgrader>,
+    /// Cluster mode, in a new process: the previous process's receiving
+    /// positions, until the cluster starts and takes them.
+    inherited: Mutex<Vec<super::state::StreamReceipts>>,
 }
 
 impl Default for Gate {
@@ -74,6 +77,7 @@ impl Default for Gate {
             freezes: std::sync::atomic::AtomicU64::new(0),
             exports: Mutex::new(None),
             upgrader: std::sync::OnceLock::new(),
+            inherited: Mutex::default(),
         }
     }
 }
@@ -86,6 +90,16 @@ impl Gate {
 
     pub fn upgrader(&self) -> Option<&super::Upgrader> {
         self.upgrader.get()
+    }
+
+    /// Keeps the previous process's cluster receiving positions for
+    /// [`Gate::take_inherited`].
+    pub fn inherit(&self, receipts: Vec<super::state::StreamReceipts>) {
+        *crate::lock::lock(&self.inherited) = receipts;
+    }
+
+    pub fn take_inherited(&self) -> Vec<super::state::StreamReceipts> {
+        std::mem::take(&mut *crate::lock::lock(&self.inherited))
     }
 
     /// Whether a connection must stop before its next read.

@@ -472,6 +472,9 @@ impl Upgrader {
             clients: Vec::new(),
             admin_token: self.inner.admin_token.clone(),
             stats: Some(hub.stats().counters()),
+            // Taken before any client is exported: from here on the
+            // cluster's listeners hand nothing on (they wait out the freeze).
+            cluster_receipts: hub.cluster().receipts(),
         };
         let state = serde_json::to_value(&state).map_err(io::Error::other)?;
         tokio::task::block_in_place(|| wire::send(&sock, &ToNew::State { fds: 0, state }, &[]))?;

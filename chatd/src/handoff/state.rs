@@ -42,6 +42,28 @@ pub struct State {
     /// Server-wide counters (version 2; none from version 1).
     #[serde(default)]
     pub stats: Option<crate::stats::Counters>,
+    /// Cluster mode: what each subscribed stream had handed on from each
+    /// other node when the clients were frozen, so that the new process
+    /// asks for what it then missed instead of losing it. Added within
+    /// version 2: a reader that predates it ignores it (and may lose the
+    /// batches other nodes sent during the freeze, as it always did).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cluster_receipts: Vec<StreamReceipts>,
+}
+
+/// One stream's receiving position (a room, or this node's private
+/// messages): per sending node, its epoch and the last sequence handed on.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StreamReceipts {
+    pub stream: String,
+    pub senders: Vec<SenderReceipt>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SenderReceipt {
+    pub node: String,
+    pub epoch: u64,
+    pub seq: u64,
 }
 
 /// What a handed-over listener serves.

@@ -101,6 +101,7 @@ impl Hub {
         if let Some(stats) = &state.stats {
             self.shared.stats.import(stats);
         }
+        self.handoff().inherit(state.cluster_receipts.clone());
         let mut s = self.state();
         for r in &state.rooms {
             let room = s

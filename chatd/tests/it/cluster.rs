@@ -359,6 +359,58 @@ async fn nats_unreachable_at_start_refuses_or_serves_locally_by_config() {
 }
 
 #[tokio::test]
+async fn lines_from_another_node_during_an_upgrade_all_arrive_in_order() {
+    let Some(nats) = Nats::start() else { return };
+    let url = nats.url();
+    let a = TestServer::spawn_binary(
+        std::path::Path::new(chatd_bin()),
+        None,
+        &[
+            ("CHATD_CLUSTER__NATS_URLS", &url),
+            ("CHATD_CLUSTER__NODE_ID", "node-a"),
+            ("CHATD_LOG__LEVEL", "info,chatd::cluster=debug"),
+        ],
+    );
+    // B's user talks faster than flood control allows by default.
+    let b = node(
+        &url,
+        "node-b",
+        &[("CHATD_LIMITS__FLOOD_LINES_PER_SEC", "0")],
+    );
+    let (mut reader, _) = a.join().await;
+    let (mut talker, _) = b.join().await;
+    wait_subscribed(&a, "lobby").await;
+    wait_subscribed(&b, "lobby").await;
+
+    // B's user talks steadily, a line every few milliseconds, while A is
+    // replaced by a new process.
+    const LINES: usize = 400;
+    let talking = tokio::spawn(async move {
+        for i in 1..=LINES {
+            talker.send(&format!("n{i}\n")).await;
+            tokio::time::sleep(Duration::from_millis(4)).await;
+        }
+        talker.send("done\n").await;
+        talker
+    });
+    let mut lines = read_through(&mut reader, "> n40").await;
+    a.signal(rustix::process::Signal::USR2);
+    a.wait_logged("upgrade: took over").await;
+    lines.extend(read_through(&mut reader, "> done").await);
+    let _talker = talking.await.expect("talker");
+
+    let got: Vec<usize> = lines
+        .iter()
+        .filter_map(|l| l.split_once("> n").and_then(|(_, n)| n.trim().parse().ok()))
+        .collect();
+    let want: Vec<usize> = (1..=LINES).collect();
+    assert_eq!(
+        got, want,
+        "A's user must get every line of B's, once, in order"
+    );
+}
+
+#[tokio::test]
 async fn an_upgrade_while_nats_does_not_answer_freezes_nobody_while_it_waits() {
     // No nats-server needed: nothing listens on this port.
     let url = format!("nats://127.0.0.1:{}", free_port());
