@@ -31,6 +31,7 @@ use std::collections::VecDeque;
 use std::future::Future;
 use std::io::{self, IoSlice};
 use std::net::SocketAddr;
+use std::ops::ControlFlow;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -54,6 +55,9 @@ use crate::sanitize;
 const READ_CHUNK: usize = 16 * 1024;
 /// Reads per wake-up before yielding to other clients.
 const READS_PER_WAKE: usize = 4;
+/// Turns per poll of a connection whose reads empty its socket: the turn
+/// that read, and one to write its replies and wait for the next read.
+const TURNS_PER_POLL: usize = 2;
 /// Buffers handed to one vectored write.
 const IOV_MAX: usize = 64;
 /// Queued bytes that make a write worth its syscall: write coalescing
@@ -392,11 +396,30 @@ impl<S: Socket> Connection<S> {
         std::future::poll_fn(|cx| self.poll_run(cx)).await
     }
 
-    /// One turn of the connection: take what the outbox holds, write what
-    /// the socket accepts, read what it offers. Readiness is polled
-    /// directly rather than through `select!`ed futures, so a wake-up costs
-    /// no waiter registration and the idle connection's future stays small.
+    /// Turns of the connection until it must wait. A read that emptied the
+    /// socket goes round once more at once (writing what it queued for
+    /// this client, and registering for the next read) instead of waking
+    /// itself: a self-wake puts the task back on the run queue, which with
+    /// several workers wakes a parked one to share it, for a turn that
+    /// would find nothing to read. Readiness is polled directly rather than
+    /// through `select!`ed futures, so a wake-up costs no waiter
+    /// registration and the idle connection's future stays small.
     fn poll_run(&mut self, cx: &mut Context<'_>) -> Poll<Disconnect> {
+        for _ in 0..TURNS_PER_POLL {
+            match self.turn(cx) {
+                ControlFlow::Break(poll) => return poll,
+                ControlFlow::Continue(()) => {}
+            }
+        }
+        // Still reading after as many turns: let other clients run.
+        cx.waker().wake_by_ref();
+        Poll::Pending
+    }
+
+    /// One turn: take what the outbox holds, write what the socket
+    /// accepts, read what it offers. `Continue` when the socket was
+    /// emptied and the turn can be taken again at once.
+    fn turn(&mut self, cx: &mut Context<'_>) -> ControlFlow<Poll<Disconnect>> {
         // A seamless upgrade: stop here, between reads, with nothing half
         // done (see `crate::handoff`).
         // A command waiting for the cluster finishes first (its held lines
@@ -404,14 +427,14 @@ impl<S: Socket> Connection<S> {
         // parked); one that takes too long makes the upgrade time out and
         // roll back, never lose those lines.
         if self.hub.handoff().is_frozen() && self.waiting.is_none() {
-            return Poll::Ready(Disconnect::Handoff);
+            return ControlFlow::Break(Poll::Ready(Disconnect::Handoff));
         }
         if let Some(reason) = self
             .client
             .outbox
             .take_or_wait(&mut self.pending, cx.waker())
         {
-            return Poll::Ready(reason);
+            return ControlFlow::Break(Poll::Ready(reason));
         }
         let hold = !self.pending.is_empty() && self.hold_write(cx);
         if !hold && !self.pending.is_empty() {
@@ -424,12 +447,12 @@ impl<S: Socket> Connection<S> {
                 // so the next round registers for it instead of spinning.
                 Poll::Ready(Ok(())) => {
                     if self.flush().is_err() {
-                        return Poll::Ready(Disconnect::Error);
+                        return ControlFlow::Break(Poll::Ready(Disconnect::Error));
                     }
                     self.last_write = Some(tokio::time::Instant::now());
                     wrote = true;
                 }
-                Poll::Ready(Err(_)) => return Poll::Ready(Disconnect::Error),
+                Poll::Ready(Err(_)) => return ControlFlow::Break(Poll::Ready(Disconnect::Error)),
                 Poll::Pending => break,
             }
         }
@@ -468,36 +491,38 @@ impl<S: Socket> Connection<S> {
                     .as_mut()
                     .reset(tokio::time::Instant::now() + RECHECK);
             }
-            return Poll::Pending;
+            return ControlFlow::Break(Poll::Pending);
         }
         if self.waiting.is_some() {
             match self.poll_waiting(cx) {
-                Poll::Pending => return Poll::Pending,
-                Poll::Ready(Some(reason)) => return Poll::Ready(reason),
+                Poll::Pending => return ControlFlow::Break(Poll::Pending),
+                Poll::Ready(Some(reason)) => return ControlFlow::Break(Poll::Ready(reason)),
                 // Answered: what it queued for us is written on the next
                 // turn, before anything more is read.
                 Poll::Ready(None) => {
                     cx.waker().wake_by_ref();
-                    return Poll::Pending;
+                    return ControlFlow::Break(Poll::Pending);
                 }
             }
         }
         match self.stream.poll_read_ready(cx) {
             Poll::Ready(Ok(())) => match self.on_readable() {
-                Ok(None) => {
-                    // Lines were handled (and may have queued replies for
-                    // us); let other clients run, then come back.
+                // Lines were handled (and may have queued replies for us);
+                // the socket is empty: go round again at once.
+                Ok(AfterRead::Drained) => ControlFlow::Continue(()),
+                // More to read: let other clients run, then come back.
+                Ok(AfterRead::More) => {
                     cx.waker().wake_by_ref();
-                    Poll::Pending
+                    ControlFlow::Break(Poll::Pending)
                 }
-                Ok(Some(reason)) => Poll::Ready(reason),
+                Ok(AfterRead::Close(reason)) => ControlFlow::Break(Poll::Ready(reason)),
                 Err(e) => {
                     debug!(error = %e, "read failed");
-                    Poll::Ready(Disconnect::Error)
+                    ControlFlow::Break(Poll::Ready(Disconnect::Error))
                 }
             },
-            Poll::Ready(Err(_)) => Poll::Ready(Disconnect::Error),
-            Poll::Pending => Poll::Pending,
+            Poll::Ready(Err(_)) => ControlFlow::Break(Poll::Ready(Disconnect::Error)),
+            Poll::Pending => ControlFlow::Break(Poll::Pending),
         }
     }
 

@@ -39,9 +39,20 @@ pub(super) fn unformat<'a>(line: &'a [u8], nick: &str) -> (&'a [u8], bool) {
     }
 }
 
+/// What a read left to do.
+pub(super) enum AfterRead {
+    /// The socket is empty (its readiness cleared): the connection can go
+    /// round once more, writing any replies, without waking itself.
+    Drained,
+    /// More may be waiting, or a command waits for the cluster: come back
+    /// after other clients had their turn.
+    More,
+    Close(Disconnect),
+}
+
 impl<S: Socket> Connection<S> {
     /// Reads what is available and handles every complete line.
-    pub(super) fn on_readable(&mut self) -> io::Result<Option<Disconnect>> {
+    pub(super) fn on_readable(&mut self) -> io::Result<AfterRead> {
         self.follow_nick();
         let config = self.hub.config();
         let max_line = config.limits.max_line_bytes;
@@ -51,6 +62,10 @@ impl<S: Socket> Connection<S> {
             lines: 0,
         };
         let mut outcome = None;
+        // Whether the socket was emptied (a short read, or `WouldBlock`):
+        // its readiness is then cleared, and nothing is left to come back
+        // for.
+        let mut drained = false;
         let mut telnet_replies = BytesMut::new();
         let (mut lines, mut bytes) = (0u64, 0u64);
         let now = Instant::now();
@@ -68,7 +83,10 @@ impl<S: Socket> Connection<S> {
                     break;
                 }
                 Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    drained = true;
+                    break;
+                }
                 Err(e) => return Err(e),
             };
             bytes += n as u64;
@@ -109,7 +127,11 @@ impl<S: Socket> Connection<S> {
                     .outbox
                     .push(telnet_replies.split().freeze(), limit);
             }
-            if outcome.is_some() || n < room || self.waiting.is_some() {
+            if outcome.is_some() || self.waiting.is_some() {
+                break;
+            }
+            if n < room {
+                drained = true;
                 break;
             }
         }
@@ -120,7 +142,11 @@ impl<S: Socket> Connection<S> {
             self.mid_line = !self.mid_line;
             self.client.set_mid_line(self.mid_line);
         }
-        Ok(outcome)
+        Ok(match outcome {
+            Some(reason) => AfterRead::Close(reason),
+            None if drained && self.waiting.is_none() => AfterRead::Drained,
+            None => AfterRead::More,
+        })
     }
 
     /// Hands the batch to the hub.
