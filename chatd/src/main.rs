@@ -266,6 +266,7 @@ async fn serve(
         chatd::notify::main_pid(std::process::id());
         info!(
             clients = handed,
+            pid = std::process::id(),
             "upgrade: took over from the previous process"
         );
     }

@@ -260,9 +260,11 @@ impl TestServer {
     }
 
     /// Processes that took over from this one by seamless upgrades, oldest
-    /// first.
+    /// first. From the new process's own line, which comes before the old
+    /// one's "handed over": a test that waited for it signals the right
+    /// process.
     pub fn successors(&self) -> Vec<u32> {
-        self.logged("upgrade: handed over to the new process")
+        self.logged("upgrade: took over from the previous process")
             .iter()
             .filter_map(|v| v["pid"].as_u64())
             .map(|p| p as u32)
