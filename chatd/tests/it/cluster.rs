@@ -174,6 +174,20 @@ fn node(url: &str, id: &str, env: &[(&str, &str)]) -> TestServer {
     TestServer::with_env(&all)
 }
 
+/// [`node`], started so that a seamless upgrade can replace it (SIGUSR2):
+/// from the built binary by path, with the test's own process tracking.
+fn upgradable_node(url: &str, id: &str) -> TestServer {
+    TestServer::spawn_binary(
+        std::path::Path::new(chatd_bin()),
+        None,
+        &[
+            ("CHATD_CLUSTER__NATS_URLS", url),
+            ("CHATD_CLUSTER__NODE_ID", id),
+            ("CHATD_LOG__LEVEL", "info,chatd::cluster=debug"),
+        ],
+    )
+}
+
 /// Waits until `server` holds its NATS subscription to `room`: from then on
 /// every line published in `room` on another node reaches it.
 async fn wait_subscribed(server: &TestServer, room: &str) {
@@ -362,15 +376,7 @@ async fn nats_unreachable_at_start_refuses_or_serves_locally_by_config() {
 async fn lines_from_another_node_during_an_upgrade_all_arrive_in_order() {
     let Some(nats) = Nats::start() else { return };
     let url = nats.url();
-    let a = TestServer::spawn_binary(
-        std::path::Path::new(chatd_bin()),
-        None,
-        &[
-            ("CHATD_CLUSTER__NATS_URLS", &url),
-            ("CHATD_CLUSTER__NODE_ID", "node-a"),
-            ("CHATD_LOG__LEVEL", "info,chatd::cluster=debug"),
-        ],
-    );
+    let a = upgradable_node(&url, "node-a");
     // B's user talks faster than flood control allows by default.
     let b = node(
         &url,
@@ -414,14 +420,7 @@ async fn lines_from_another_node_during_an_upgrade_all_arrive_in_order() {
 async fn an_upgrade_while_nats_does_not_answer_freezes_nobody_while_it_waits() {
     // No nats-server needed: nothing listens on this port.
     let url = format!("nats://127.0.0.1:{}", free_port());
-    let server = TestServer::spawn_binary(
-        std::path::Path::new(chatd_bin()),
-        None,
-        &[
-            ("CHATD_CLUSTER__NATS_URLS", &url),
-            ("CHATD_CLUSTER__NODE_ID", "node-u"),
-        ],
-    );
+    let server = upgradable_node(&url, "node-u");
     server.wait_logged("NATS unreachable at start").await;
     let (mut c1, n1) = server.join().await;
     let (mut c2, _) = server.join().await;
@@ -1831,14 +1830,7 @@ async fn bans_and_unbans_made_while_nats_was_away_reach_every_node_once_it_is_ba
 async fn a_node_upgraded_in_place_keeps_its_nicks_and_members_for_the_others() {
     let Some(nats) = Nats::start() else { return };
     let url = nats.url();
-    let a = TestServer::spawn_binary(
-        std::path::Path::new(chatd_bin()),
-        None,
-        &[
-            ("CHATD_CLUSTER__NATS_URLS", &url),
-            ("CHATD_CLUSTER__NODE_ID", "node-a"),
-        ],
-    );
+    let a = upgradable_node(&url, "node-a");
     let b = node(&url, "node-b", &[]);
     let (mut a1, _) = a.join().await;
     let (mut b1, _) = b.join().await;
