@@ -14,7 +14,6 @@
 use std::net::SocketAddr;
 
 use ppp::{HeaderResult, v1, v2};
-use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 
 /// The longest v1 header, `\r\n` included (from the specification).
@@ -97,35 +96,39 @@ pub fn client_addr(header: &[u8]) -> Result<Option<SocketAddr>, ProxyError> {
 /// Reads exactly one header from `stream` and returns the client's address
 /// (`None`: keep the proxy's). Peeks first, so that not one byte after the
 /// header is consumed. The caller bounds the time it may take.
-pub async fn read(stream: &mut TcpStream) -> Result<Option<SocketAddr>, ProxyError> {
-    let mut header = Vec::new();
+///
+/// `header` holds the bytes of the header read so far: cancelling this
+/// future (it waits only in `peek`) loses nothing, and a read may go on
+/// from them, in this process after a freeze or in the next one after an
+/// upgrade.
+pub async fn read(
+    stream: &mut TcpStream,
+    header: &mut Vec<u8>,
+) -> Result<Option<SocketAddr>, ProxyError> {
     let mut buf = [0u8; MAX_V1 + 1];
     loop {
+        if let Some(total) = header_len(header)?
+            && header.len() >= total
+        {
+            return client_addr(&header[..total]);
+        }
         let n = stream.peek(&mut buf).await?;
         if n == 0 {
             return Err(ProxyError::Closed);
         }
         let mut seen = header.clone();
         seen.extend_from_slice(&buf[..n]);
-        match header_len(&seen)? {
-            Some(total) => {
-                let start = header.len();
-                header.resize(total, 0);
-                stream
-                    .read_exact(&mut header[start..])
-                    .await
-                    .map_err(|e| match e.kind() {
-                        std::io::ErrorKind::UnexpectedEof => ProxyError::Closed,
-                        _ => ProxyError::Io(e),
-                    })?;
-                return client_addr(&header);
-            }
-            None => {
-                // Every byte peeked belongs to the header: take them and
-                // wait for more.
-                stream.read_exact(&mut buf[..n]).await?;
-                header.extend_from_slice(&buf[..n]);
-            }
+        // Every byte peeked belongs to the header, up to its end if it is
+        // in sight: take them without waiting (they are in the socket).
+        let take = match header_len(&seen)? {
+            Some(total) => total.saturating_sub(header.len()).min(n),
+            None => n,
+        };
+        match stream.try_read(&mut buf[..take]) {
+            Ok(0) => return Err(ProxyError::Closed),
+            Ok(got) => header.extend_from_slice(&buf[..got]),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(ProxyError::Io(e)),
         }
     }
 }

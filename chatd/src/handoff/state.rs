@@ -100,6 +100,26 @@ pub struct FloodState {
     pub warned: bool,
 }
 
+/// A connection still in the front door at the freeze: accepted, not yet a
+/// client, nothing of it read but the part of a PROXY header below. Handed
+/// over as a bare socket, which the new process serves from the front door
+/// again. Sent in the handoff's `Waiting` messages, beside the document;
+/// older processes send none.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WaitingState {
+    /// The socket's peer; the client's, once a trusted proxy's header told
+    /// it.
+    pub peer: SocketAddr,
+    /// From a trusted proxy whose header is still arriving: the bytes of it
+    /// read so far.
+    pub proxy_header: Option<Vec<u8>>,
+    /// Accepted on a TLS listener (only while the PROXY header is awaited:
+    /// a handshake that began cannot be handed over).
+    pub tls: bool,
+    /// Milliseconds since it was accepted: the handshake deadline's clock.
+    pub age_ms: u64,
+}
+
 /// Why a state document cannot be read.
 #[derive(Debug, thiserror::Error)]
 pub enum DecodeError {

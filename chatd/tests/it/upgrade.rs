@@ -683,13 +683,12 @@ async fn sigusr2_twice_in_a_row_to_every_chatd_process_upgrades_once() {
 }
 
 /// A connection from the load balancer whose PROXY header has not all
-/// arrived when an upgrade begins (a retransmission, a slow network) holds
-/// no byte read yet (the header is peeked): the new process can serve it.
-/// Today it stays with the old process, which refuses it once the header
-/// completes ("server is shutting down"): the front door is not yet part
-/// of the freeze.
+/// arrived when an upgrade begins (a retransmission, a slow network) is
+/// not a client yet: it is handed over with the part of the header read so
+/// far, and the new process, once the header completes, serves it (it used
+/// to stay with the old process, which refused it: "server is shutting
+/// down").
 #[tokio::test]
-#[ignore = "needs connections still in the front door handed over at the freeze"]
 async fn a_client_whose_proxy_header_is_unfinished_at_an_upgrade_is_served_by_the_new_process() {
     let binary = Binary::copy();
     let mut env = BUSY.to_vec();
