@@ -354,4 +354,88 @@ mod tests {
         gate.commit();
         assert_eq!(parked.await.expect("task"), Outcome::Committed);
     }
+
+    fn waiting() -> Export {
+        Export::Waiting {
+            state: crate::handoff::WaitingState {
+                peer: "127.0.0.1:4000".parse().expect("addr"),
+                proxy_header: Some(b"PROXY TCP4 ".to_vec()),
+                tls: false,
+                age_ms: 0,
+            },
+            fd: Err(std::io::Error::other("none in this test")),
+        }
+    }
+
+    /// Not done within a moment: the wait must still be pending.
+    async fn still_waiting(wait: &mut tokio::task::JoinHandle<()>) {
+        let early = tokio::time::timeout(Duration::from_millis(100), &mut *wait).await;
+        assert!(early.is_err(), "the freeze stopped waiting too early");
+    }
+
+    #[tokio::test]
+    async fn a_freeze_waits_for_every_accept_loop_and_every_connection_in_the_front_door() {
+        let gate = Arc::new(Gate::default());
+        gate.door_opened();
+        gate.arrive();
+        gate.freeze();
+        let mut wait = tokio::spawn({
+            let gate = gate.clone();
+            async move { gate.wait_parked(|| 0).await }
+        });
+        // An accept loop still running could take one more connection.
+        still_waiting(&mut wait).await;
+        gate.door_closed();
+        // One connection in the front door has not parked.
+        still_waiting(&mut wait).await;
+        let parked = tokio::spawn({
+            let gate = gate.clone();
+            async move { gate.park(waiting).await }
+        });
+        tokio::time::timeout(Duration::from_secs(5), wait)
+            .await
+            .expect("done once everyone parked")
+            .expect("task");
+        gate.resume();
+        assert_eq!(parked.await.expect("task"), Outcome::Resumed);
+        // Resumed, it registers: no longer in the front door.
+        gate.arrival_left();
+        // One that leaves the front door instead of parking counts too.
+        gate.arrive();
+        gate.freeze();
+        let wait = tokio::spawn({
+            let gate = gate.clone();
+            async move { gate.wait_parked(|| 0).await }
+        });
+        gate.arrival_left();
+        tokio::time::timeout(Duration::from_secs(5), wait)
+            .await
+            .expect("done once it left")
+            .expect("task");
+        gate.resume();
+    }
+
+    /// The id clash: a client registered after the state's `next_id` was
+    /// read got an id the new process handed out again. Nobody registers
+    /// during a freeze; the next id sent after collection is final.
+    #[test]
+    fn nobody_registers_during_a_freeze() {
+        let hub = crate::hub::Hub::new(
+            crate::config::RawConfig::default()
+                .validate()
+                .expect("defaults"),
+        );
+        let peer: std::net::SocketAddr = "127.0.0.1:4000".parse().expect("addr");
+        let first = hub.connect(peer).expect("registered").id;
+        hub.handoff().freeze();
+        let next = hub.next_client_id();
+        assert!(matches!(
+            hub.connect(peer),
+            Err(crate::hub::Refusal::Upgrading)
+        ));
+        assert_eq!(hub.next_client_id(), next, "an id was taken in the freeze");
+        hub.handoff().resume();
+        let after = hub.connect(peer).expect("registered after a resume").id;
+        assert!(after > first && after >= next);
+    }
 }

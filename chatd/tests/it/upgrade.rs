@@ -790,4 +790,14 @@ async fn clients_connecting_throughout_an_upgrade_are_all_welcomed() {
     for c in arrived.iter_mut().take(5) {
         c.expect(&format!("<{nick}> hello")).await;
     }
+    // Every client is listed once, under an id of its own: none that
+    // registered in the old process during the upgrade was given an id
+    // the new process handed out again (which overwrote the adopted one).
+    let json = server.chatctl(&["ls", "-o", "json"]).await.json();
+    let listed = json["clients"].as_array().expect("clients");
+    let mut ids: Vec<u64> = listed.iter().filter_map(|c| c["id"].as_u64()).collect();
+    ids.sort_unstable();
+    ids.dedup();
+    assert_eq!(listed.len(), 300 + 150 + 1, "every client listed");
+    assert_eq!(ids.len(), listed.len(), "ids are unique");
 }
