@@ -717,6 +717,59 @@ async fn a_client_whose_proxy_header_is_unfinished_at_an_upgrade_is_served_by_th
     }
 }
 
+/// A load balancer's connections whose PROXY headers complete one after
+/// another throughout an upgrade of a busy server, the freeze included:
+/// whichever process reads each header welcomes the client. (Before
+/// connections in the front door were part of the freeze, most were
+/// refused by the old process: "server is shutting down".)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxied_clients_completing_their_headers_throughout_an_upgrade_are_all_welcomed() {
+    let binary = Binary::copy();
+    let mut env = BUSY.to_vec();
+    env.push(("CHATD_CHAT__TRUSTED_PROXIES", "127.0.0.1/32"));
+    let server = TestServer::spawn_binary(&binary.path, None, &env);
+    let header = |net: u8, i: usize| {
+        format!(
+            "PROXY TCP4 10.{net}.{}.{} 127.0.0.1 4000 8080",
+            i / 250,
+            i % 250 + 1
+        )
+    };
+    // Enough clients that the freeze lasts a while.
+    let mut crowd = Vec::new();
+    for i in 0..300 {
+        let mut c = server.connect().await;
+        c.send_raw(format!("{}\r\n", header(8, i)).as_bytes()).await;
+        c.welcome().await;
+        crowd.push(c);
+    }
+    let mut late = Vec::new();
+    for i in 0..200 {
+        let mut c = server.connect().await;
+        c.send_raw(header(9, i).as_bytes()).await;
+        late.push(c);
+    }
+    let finishing = tokio::spawn(async move {
+        for c in &mut late {
+            c.send_raw(b"\r\n").await;
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        late
+    });
+    let done = server.chatctl(&["-o", "json", "upgrade"]).await.json();
+    assert!(done["clients"].as_u64() >= Some(300), "{done}");
+    let mut late = finishing.await.expect("finishing");
+    for (i, c) in late.iter_mut().enumerate() {
+        let first = c.try_line().await;
+        assert!(
+            first
+                .as_deref()
+                .is_some_and(|l| l.starts_with("*** Welcome")),
+            "proxied client {i} was not served: {first:?}"
+        );
+    }
+}
+
 /// Bytes split at the worst places by an upgrade: in a telnet
 /// subnegotiation, inside a UTF-8 character, and a line dribbled a byte at a
 /// time throughout. Each line arrives whole, as if nothing happened.
