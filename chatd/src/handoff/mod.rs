@@ -26,6 +26,7 @@
 //!  freeze, wait for every park
 //!  ── State (rooms, counters) ────────▶  restore rooms, history, counters
 //!  ── Clients + sockets, by chunks ───▶  adopt each chunk
+//!  ── Waiting + sockets (front door) ─▶  serve each after the commit
 //!  ── End ────────────────────────────▶  cluster
 //!  ◀──────────────────── Ready / Failed
 //!  MAINPID=new
@@ -36,7 +37,9 @@
 //! Until `Commit`, the new process touches no socket, so when it fails
 //! (exits, says `Failed`, or stays silent past [`READY_TIMEOUT`]) the old
 //! one resumes every connection exactly where it parked, or never stopped
-//! them if it failed before `Prepared`. A version 1 old process sends
+//! them if it failed before `Prepared`. Connections not yet registered
+//! (in the front door, see [`crate::front`]) park at the freeze as well and
+//! go over as bare sockets in `Waiting`. A version 1 old process sends
 //! `State` with everything right after `Hello`; [`receive`] takes that too.
 
 pub mod gate;
@@ -125,9 +128,10 @@ enum ToNew {
     Waiting {
         waiting: Vec<WaitingState>,
     },
-    /// The id the next client gets, read once every client is collected
-    /// (no client registers during a freeze), just before `End`. Older
-    /// processes send none: the state's `next_id` stands.
+    /// The id the next client gets, read once every client is collected,
+    /// just before `End`, when it differs from the state's `next_id` (no
+    /// client registers during a freeze: a guard). Older processes send
+    /// none.
     NextId {
         next_id: u64,
     },
@@ -489,10 +493,11 @@ impl Upgrader {
         }
         let parked_ms = frozen_at.elapsed().as_millis() as u64;
         let mut exports_rx = gate.collect();
+        let next_id = hub.next_client_id();
         let state = State {
             version: state::CURRENT,
             listeners: kinds,
-            next_id: hub.next_client_id(),
+            next_id,
             rooms: hub.export_rooms(),
             clients: Vec::new(),
             admin_token: self.inner.admin_token.clone(),
@@ -523,8 +528,13 @@ impl Upgrader {
                 drop(chunk.waiting_fds);
                 sending.handoff().release(freeze, chunk.exports);
             }
-            let next_id = sending.next_client_id();
-            wire::send(&sock, &ToNew::NextId { next_id }, &[])?;
+            // Only if it moved (it cannot while registration is refused):
+            // the previous release, which knows neither `NextId` nor
+            // `Waiting`, can take over whenever nobody is in the front door.
+            let now = sending.next_client_id();
+            if now != next_id {
+                wire::send(&sock, &ToNew::NextId { next_id: now }, &[])?;
+            }
             wire::send(&sock, &ToNew::End, &[])?;
             let reply = wire::recv::<ToOld>(&sock, |_| 0)?;
             io::Result::Ok((sock, reply))
