@@ -431,6 +431,9 @@ async fn accept_loop(
     let _open = OpenDoor::new(hub);
     loop {
         let accepted = tokio::select! {
+            // A freeze before an accept: a loop that starts (or resumes)
+            // while one is on takes nobody the freeze did not count.
+            biased;
             () = shutdown.cancelled() => return,
             // A seamless upgrade: new connections wait in the backlog for
             // whichever process serves next. The freeze waits for this
