@@ -137,6 +137,38 @@ pub async fn read(
 mod tests {
     use super::*;
 
+    /// What a freeze does to a header still arriving: the read is dropped
+    /// while it waits, and goes on later (after a rollback, or in the next
+    /// process) from the bytes it took, consuming nothing after the header.
+    #[tokio::test]
+    async fn a_read_cut_short_goes_on_from_what_it_took() {
+        use std::time::Duration;
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let mut client = TcpStream::connect(listener.local_addr().expect("addr"))
+            .await
+            .expect("connect");
+        let (mut server, _) = listener.accept().await.expect("accept");
+        let first = b"PROXY TCP4 192.0.2.7 127.0.0.1 51000 8080";
+        client.write_all(first).await.expect("write");
+        let mut header = Vec::new();
+        let cut =
+            tokio::time::timeout(Duration::from_millis(200), read(&mut server, &mut header)).await;
+        assert!(cut.is_err(), "no end of header yet: {cut:?}");
+        assert!(first.starts_with(&header), "{header:?}");
+        client.write_all(b"\r\nhello\r\n").await.expect("write");
+        let got = tokio::time::timeout(Duration::from_secs(5), read(&mut server, &mut header))
+            .await
+            .expect("in time")
+            .expect("a header");
+        assert_eq!(got, Some("192.0.2.7:51000".parse().expect("addr")));
+        let mut rest = [0u8; 7];
+        server.read_exact(&mut rest).await.expect("the rest");
+        assert_eq!(&rest, b"hello\r\n");
+    }
+
     #[test]
     fn v1_ends_at_its_newline_and_no_later() {
         let h = b"PROXY TCP4 192.0.2.7 127.0.0.1 51000 8080\r\nhello\r\n";
