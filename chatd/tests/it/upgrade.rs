@@ -770,6 +770,74 @@ async fn proxied_clients_completing_their_headers_throughout_an_upgrade_are_all_
     }
 }
 
+/// Stands in for a new chatd that fails once the old one has frozen: it
+/// takes the listeners, says it is prepared, waits for the state (sent
+/// once everyone is parked) and gives up.
+const FAILS_AFTER_THE_FREEZE: &str = r#"#!/usr/bin/python3
+import json, os, socket, struct, sys
+s = socket.socket(socket.AF_UNIX)
+s.connect(os.environ["HANDOFF_FROM_CHATD"])
+def exactly(n):
+    got = b""
+    while len(got) < n:
+        data, _, _, _ = s.recvmsg(n - len(got), socket.CMSG_SPACE(4 * 256))
+        if not data:
+            sys.exit(1)
+        got += data
+    return got
+def frame():
+    return exactly(struct.unpack(">I", exactly(4))[0])
+def send(msg):
+    body = json.dumps(msg).encode()
+    s.sendall(struct.pack(">I", len(body)) + body)
+frame()  # Hello
+frame()  # Prepare, with the listeners
+send("Prepared")
+frame()  # State: everyone is parked
+send({"Failed": {"error": "this build cannot take over"}})
+print("this build cannot take over", file=sys.stderr, flush=True)
+s.recv(1)  # exits once the old process has read why
+"#;
+
+/// A new process that fails after the freeze leaves a connection that was
+/// in the front door as it was: its PROXY header, half read before the
+/// freeze, completes after it, and the old process welcomes it.
+#[tokio::test]
+async fn a_failure_after_the_freeze_leaves_a_connection_in_the_front_door_as_it_was() {
+    if !std::path::Path::new("/usr/bin/python3").exists() {
+        let required = std::env::var("REQUIRE_TEST_TOOLS").is_ok_and(|v| v == "1");
+        assert!(
+            !required,
+            "/usr/bin/python3 is missing and REQUIRE_TEST_TOOLS=1"
+        );
+        eprintln!("skipped: /usr/bin/python3 is missing");
+        return;
+    }
+    let binary = Binary::copy();
+    let mut env = BUSY.to_vec();
+    env.push(("CHATD_CHAT__TRUSTED_PROXIES", "127.0.0.1/32"));
+    let server = TestServer::spawn_binary(&binary.path, None, &env);
+    let pid = server.pid();
+    let mut direct = connect_from("127.0.0.2", &server).await;
+    direct.welcome().await;
+    let mut proxied = server.connect().await;
+    proxied
+        .send_raw(b"PROXY TCP4 10.9.0.1 127.0.0.1 4000 8080")
+        .await;
+    binary.replace_with_script(FAILS_AFTER_THE_FREEZE);
+    let failed = server.chatctl(&["upgrade"]).await;
+    assert_eq!(failed.code, 1, "{failed:#?}");
+    assert!(
+        failed.stderr.contains("this build cannot take over"),
+        "{failed:#?}"
+    );
+    assert_eq!(server.pid(), pid, "no other process took over");
+    proxied.send_raw(b"\r\n").await;
+    let nick = proxied.welcome().await;
+    proxied.send("made it\n").await;
+    direct.expect(&format!("<{nick}> made it")).await;
+}
+
 /// Bytes split at the worst places by an upgrade: in a telnet
 /// subnegotiation, inside a UTF-8 character, and a line dribbled a byte at a
 /// time throughout. Each line arrives whole, as if nothing happened.
