@@ -9,15 +9,26 @@
 //! the peer against `chat.trusted_proxies` runs as the task is made); both
 //! steps together
 //! are bounded by `limits.handshake_timeout_secs`.
+//!
+//! A seamless upgrade's freeze counts every connection here that has read
+//! nothing a new process could not be told ([`Arrival`]): a plain one until
+//! it registers, a trusted proxy's until its PROXY header is read (the
+//! bytes of it read so far go with it). Such a connection parks at the
+//! freeze and its bare socket is handed over ([`serve_handed`] in the new
+//! process). A TLS handshake cannot be: it goes on in the old process, and
+//! the client is told to reconnect if the upgrade commits.
 
 use std::net::SocketAddr;
 
 use futures_util::future::Either;
 
 use tokio::net::TcpStream;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use crate::connection;
+use crate::handoff::{Export, Outcome, WaitingState};
 use crate::hub::Hub;
 use crate::proxy;
 use crate::tls::{self, Certs};
@@ -27,6 +38,45 @@ use crate::tls::{self, Certs};
 pub enum Door {
     Plain,
     Tls(Certs),
+}
+
+/// A connection in the front door, counted by an upgrade's freeze (see
+/// [`crate::handoff::gate`]) until it registers in the hub or gives up.
+#[derive(Debug)]
+pub struct Arrival(Option<Hub>);
+
+impl Arrival {
+    /// Counts one. Made by the accept loop itself, before it looks for a
+    /// freeze again, so that a freeze that saw every loop stop has them
+    /// all.
+    pub fn new(hub: &Hub) -> Arrival {
+        hub.handoff().arrive();
+        Arrival(Some(hub.clone()))
+    }
+
+    /// A connection the freeze does not wait for (a TLS client's, whose
+    /// handshake began).
+    pub fn none() -> Arrival {
+        Arrival(None)
+    }
+
+    pub fn counted(&self) -> bool {
+        self.0.is_some()
+    }
+
+    /// Left the front door: registered, refused, or past the point where
+    /// it could be handed over.
+    pub fn leave(&mut self) {
+        if let Some(hub) = self.0.take() {
+            hub.handoff().arrival_left();
+        }
+    }
+}
+
+impl Drop for Arrival {
+    fn drop(&mut self) {
+        self.leave();
+    }
 }
 
 /// Serves one accepted socket: real address, TLS, then the chat.
@@ -43,6 +93,7 @@ pub fn serve(
     peer: SocketAddr,
     door: Door,
     hub: Hub,
+    arrival: Arrival,
 ) -> impl Future<Output = ()> + Send {
     // A dual-stack listener reports IPv4 clients as `::ffff:a.b.c.d`; bans,
     // limits and proxies are written with the IPv4 address.
@@ -54,23 +105,112 @@ pub fn serve(
         .iter()
         .any(|net| net.contains(&peer.ip()));
     match door {
-        Door::Plain if !trusted => Either::Left(connection::serve_on(stream, peer, false, hub)),
-        door => Either::Right(Box::pin(serve_guarded(stream, peer, trusted, door, hub))),
+        Door::Plain if !trusted => {
+            Either::Left(connection::serve_on(stream, peer, false, hub, arrival))
+        }
+        door => Either::Right(Box::pin(serve_guarded(
+            stream,
+            peer,
+            Guarded {
+                trusted,
+                door,
+                arrival,
+                header: Vec::new(),
+                started: Instant::now(),
+            },
+            hub,
+        ))),
     }
 }
 
-/// [`serve`] for a client from a trusted proxy or on a TLS listener.
-async fn serve_guarded(
-    mut stream: TcpStream,
-    peer: SocketAddr,
+/// Serves a connection the previous process handed over from its front
+/// door (see the module doc), once `commit` says this process owns it:
+/// from where it stopped, with what it had read of a PROXY header.
+pub async fn serve_handed(
+    stream: std::net::TcpStream,
+    state: WaitingState,
+    certs: Certs,
+    hub: Hub,
+    commit: CancellationToken,
+) {
+    let arrival = Arrival::new(&hub);
+    commit.cancelled().await;
+    let stream = match TcpStream::from_std(stream) {
+        Ok(stream) => stream,
+        Err(e) => {
+            warn!(peer = %state.peer, error = %e, "could not serve a connection taken over from the previous process");
+            return;
+        }
+    };
+    debug!(peer = %state.peer, "connection taken over from the previous process's front door");
+    let Some(header) = state.proxy_header else {
+        return connection::serve_on(stream, state.peer, false, hub, arrival).await;
+    };
+    let now = Instant::now();
+    let started = now
+        .checked_sub(std::time::Duration::from_millis(state.age_ms))
+        .unwrap_or(now);
+    let door = if state.tls {
+        Door::Tls(certs)
+    } else {
+        Door::Plain
+    };
+    let guarded = Guarded {
+        trusted: true,
+        door,
+        arrival,
+        header,
+        started,
+    };
+    serve_guarded(stream, state.peer, guarded, hub).await;
+}
+
+/// What [`serve_guarded`] goes on from.
+struct Guarded {
     trusted: bool,
     door: Door,
-    hub: Hub,
-) {
+    arrival: Arrival,
+    /// The PROXY header's bytes read so far.
+    header: Vec<u8>,
+    /// When the connection was accepted: the handshake deadline's clock.
+    started: Instant,
+}
+
+/// [`serve`] for a client from a trusted proxy or on a TLS listener.
+async fn serve_guarded(mut stream: TcpStream, peer: SocketAddr, guarded: Guarded, hub: Hub) {
+    let Guarded {
+        trusted,
+        door,
+        mut arrival,
+        mut header,
+        started,
+    } = guarded;
     let deadline = hub.config().limits.handshake_timeout;
-    let started = tokio::time::Instant::now();
     let client = if trusted {
-        match tokio::time::timeout(deadline, proxy::read(&mut stream)).await {
+        let read = loop {
+            let gate = hub.handoff();
+            tokio::select! {
+                read = tokio::time::timeout_at(started + deadline, proxy::read(&mut stream, &mut header)) => break read,
+                () = gate.frozen(), if arrival.counted() => {}
+            }
+            // An upgrade: nothing but the header's bytes so far was read,
+            // and they go with the socket.
+            let tls = matches!(door, Door::Tls(_));
+            let export = || Export::Waiting {
+                state: WaitingState {
+                    peer,
+                    proxy_header: Some(header.clone()),
+                    tls,
+                    age_ms: started.elapsed().as_millis() as u64,
+                },
+                fd: std::os::fd::AsFd::as_fd(&stream).try_clone_to_owned(),
+            };
+            if gate.park(export).await == Outcome::Committed {
+                debug!(proxy = %peer, "handed over with its PROXY header unfinished");
+                return;
+            }
+        };
+        match read {
             Ok(Ok(Some(client))) => {
                 let client = SocketAddr::new(client.ip().to_canonical(), client.port());
                 debug!(proxy = %peer, %client, "PROXY header");
@@ -94,8 +234,10 @@ async fn serve_guarded(
         peer
     };
     match door {
-        Door::Plain => connection::serve_on(stream, client, false, hub).await,
+        Door::Plain => connection::serve_on(stream, client, false, hub, arrival).await,
         Door::Tls(certs) => {
+            // A handshake that began cannot be handed over.
+            arrival.leave();
             let left = deadline.saturating_sub(started.elapsed());
             tls::serve(stream, client, certs, hub, left).await;
         }
@@ -115,7 +257,7 @@ mod tests {
     use super::*;
 
     /// The size of the future an async fn returns, without calling it.
-    fn future_size<A, B, C, D, F: std::future::Future>(_: impl Fn(A, B, C, D) -> F) -> usize {
+    fn future_size<A, B, C, D, E, F: std::future::Future>(_: impl Fn(A, B, C, D, E) -> F) -> usize {
         std::mem::size_of::<F>()
     }
 

@@ -14,7 +14,6 @@
 use std::net::SocketAddr;
 
 use ppp::{HeaderResult, v1, v2};
-use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 
 /// The longest v1 header, `\r\n` included (from the specification).
@@ -97,35 +96,39 @@ pub fn client_addr(header: &[u8]) -> Result<Option<SocketAddr>, ProxyError> {
 /// Reads exactly one header from `stream` and returns the client's address
 /// (`None`: keep the proxy's). Peeks first, so that not one byte after the
 /// header is consumed. The caller bounds the time it may take.
-pub async fn read(stream: &mut TcpStream) -> Result<Option<SocketAddr>, ProxyError> {
-    let mut header = Vec::new();
+///
+/// `header` holds the bytes of the header read so far: cancelling this
+/// future (it waits only in `peek`) loses nothing, and a read may go on
+/// from them, in this process after a freeze or in the next one after an
+/// upgrade.
+pub async fn read(
+    stream: &mut TcpStream,
+    header: &mut Vec<u8>,
+) -> Result<Option<SocketAddr>, ProxyError> {
     let mut buf = [0u8; MAX_V1 + 1];
     loop {
+        if let Some(total) = header_len(header)?
+            && header.len() >= total
+        {
+            return client_addr(&header[..total]);
+        }
         let n = stream.peek(&mut buf).await?;
         if n == 0 {
             return Err(ProxyError::Closed);
         }
         let mut seen = header.clone();
         seen.extend_from_slice(&buf[..n]);
-        match header_len(&seen)? {
-            Some(total) => {
-                let start = header.len();
-                header.resize(total, 0);
-                stream
-                    .read_exact(&mut header[start..])
-                    .await
-                    .map_err(|e| match e.kind() {
-                        std::io::ErrorKind::UnexpectedEof => ProxyError::Closed,
-                        _ => ProxyError::Io(e),
-                    })?;
-                return client_addr(&header);
-            }
-            None => {
-                // Every byte peeked belongs to the header: take them and
-                // wait for more.
-                stream.read_exact(&mut buf[..n]).await?;
-                header.extend_from_slice(&buf[..n]);
-            }
+        // Every byte peeked belongs to the header, up to its end if it is
+        // in sight: take them without waiting (they are in the socket).
+        let take = match header_len(&seen)? {
+            Some(total) => total.saturating_sub(header.len()).min(n),
+            None => n,
+        };
+        match stream.try_read(&mut buf[..take]) {
+            Ok(0) => return Err(ProxyError::Closed),
+            Ok(got) => header.extend_from_slice(&buf[..got]),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(ProxyError::Io(e)),
         }
     }
 }
@@ -133,6 +136,38 @@ pub async fn read(stream: &mut TcpStream) -> Result<Option<SocketAddr>, ProxyErr
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// What a freeze does to a header still arriving: the read is dropped
+    /// while it waits, and goes on later (after a rollback, or in the next
+    /// process) from the bytes it took, consuming nothing after the header.
+    #[tokio::test]
+    async fn a_read_cut_short_goes_on_from_what_it_took() {
+        use std::time::Duration;
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let mut client = TcpStream::connect(listener.local_addr().expect("addr"))
+            .await
+            .expect("connect");
+        let (mut server, _) = listener.accept().await.expect("accept");
+        let first = b"PROXY TCP4 192.0.2.7 127.0.0.1 51000 8080";
+        client.write_all(first).await.expect("write");
+        let mut header = Vec::new();
+        let cut =
+            tokio::time::timeout(Duration::from_millis(200), read(&mut server, &mut header)).await;
+        assert!(cut.is_err(), "no end of header yet: {cut:?}");
+        assert!(first.starts_with(&header), "{header:?}");
+        client.write_all(b"\r\nhello\r\n").await.expect("write");
+        let got = tokio::time::timeout(Duration::from_secs(5), read(&mut server, &mut header))
+            .await
+            .expect("in time")
+            .expect("a header");
+        assert_eq!(got, Some("192.0.2.7:51000".parse().expect("addr")));
+        let mut rest = [0u8; 7];
+        server.read_exact(&mut rest).await.expect("the rest");
+        assert_eq!(&rest, b"hello\r\n");
+    }
 
     #[test]
     fn v1_ends_at_its_newline_and_no_later() {

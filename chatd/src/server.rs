@@ -289,6 +289,19 @@ impl Daemon {
     pub fn adopt(&mut self, received: crate::handoff::Received<'_>) {
         let clients = match received {
             crate::handoff::Received::State(state) => return self.hub.restore(state),
+            crate::handoff::Received::NextId(next) => return self.hub.restore_next_id(next),
+            crate::handoff::Received::Waiting(waiting) => {
+                for (state, stream) in waiting {
+                    self.adopted.spawn(front::serve_handed(
+                        stream,
+                        state,
+                        self.certs.clone(),
+                        self.hub.clone(),
+                        self.commit.clone(),
+                    ));
+                }
+                return;
+            }
             crate::handoff::Received::Clients(clients) => clients,
         };
         let notice = self.hub.config().server.upgrade_notice.clone();
@@ -414,15 +427,26 @@ async fn accept_loop(
     tracker: &TaskTracker,
 ) {
     let mut backoff = Backoff::default();
+    // Open for an upgrade's freeze to wait for (see `handoff::gate`).
+    let _open = OpenDoor::new(hub);
     loop {
         let accepted = tokio::select! {
+            // A freeze before an accept: a loop that starts (or resumes)
+            // while one is on takes nobody the freeze did not count.
+            biased;
             () = shutdown.cancelled() => return,
             // A seamless upgrade: new connections wait in the backlog for
-            // whichever process serves next.
-            () = hub.handoff().frozen() => match hub.handoff().settled().await {
-                crate::handoff::Outcome::Resumed => continue,
-                crate::handoff::Outcome::Committed => return,
-            },
+            // whichever process serves next. The freeze waits for this
+            // loop to stop: every connection it took is counted by then.
+            () = hub.handoff().frozen() => {
+                hub.handoff().door_closed();
+                let outcome = hub.handoff().settled().await;
+                hub.handoff().door_opened();
+                match outcome {
+                    crate::handoff::Outcome::Resumed => continue,
+                    crate::handoff::Outcome::Committed => return,
+                }
+            }
             accepted = listener.accept() => accepted,
         };
         match accepted {
@@ -435,7 +459,14 @@ async fn accept_loop(
                     continue;
                 }
                 tune(&stream, hub);
-                tracker.spawn(front::serve(stream, peer, door.clone(), hub.clone()));
+                let arrival = front::Arrival::new(hub);
+                tracker.spawn(front::serve(
+                    stream,
+                    peer,
+                    door.clone(),
+                    hub.clone(),
+                    arrival,
+                ));
             }
             Err(e) if is_peer_error(&e) => {}
             Err(e) => {
@@ -447,6 +478,22 @@ async fn accept_loop(
                 }
             }
         }
+    }
+}
+
+/// An accept loop counted as open by the upgrade's gate while it lives.
+struct OpenDoor<'a>(&'a Hub);
+
+impl<'a> OpenDoor<'a> {
+    fn new(hub: &'a Hub) -> OpenDoor<'a> {
+        hub.handoff().door_opened();
+        OpenDoor(hub)
+    }
+}
+
+impl Drop for OpenDoor<'_> {
+    fn drop(&mut self) {
+        self.0.handoff().door_closed();
     }
 }
 

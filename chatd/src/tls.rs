@@ -164,7 +164,7 @@ pub async fn serve(
     }
     let done = CancellationToken::new();
     let chat = async {
-        connection::serve_on(ours, peer, true, hub).await;
+        connection::serve_on(ours, peer, true, hub, crate::front::Arrival::none()).await;
         done.cancel();
     };
     tokio::join!(chat, pump(tls, theirs, done.clone()));

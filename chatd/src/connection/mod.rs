@@ -173,11 +173,37 @@ socket!(UnixStream);
 /// Rare paths (refusal, closing) run in boxed futures: the future of every
 /// live connection is sized for the common path only, which keeps an idle
 /// client's footprint small.
-pub async fn serve_on<S: Socket>(stream: S, peer: SocketAddr, tls: bool, hub: Hub) {
-    let client = match hub.connect_with(peer, tls) {
-        Ok(client) => client,
-        Err(refusal) => return Box::pin(refuse(stream, peer, refusal)).await,
+///
+/// `arrival` counts the connection as still in the front door until it
+/// registers: one that meets an upgrade's freeze first waits it out there
+/// (see [`handoff::wait_out_upgrade`]).
+pub async fn serve_on<S: Socket>(
+    stream: S,
+    peer: SocketAddr,
+    tls: bool,
+    hub: Hub,
+    mut arrival: crate::front::Arrival,
+) {
+    let client = loop {
+        match hub.connect_with(peer, tls) {
+            Ok(client) => break client,
+            Err(Refusal::Upgrading) => {
+                let counted = arrival.counted();
+                match Box::pin(handoff::wait_out_upgrade(&stream, peer, tls, counted, &hub)).await {
+                    handoff::Waited::Resumed => {}
+                    handoff::Waited::HandedOver => return,
+                    handoff::Waited::Reconnect => {
+                        return Box::pin(handoff::tell_to_reconnect(stream, tls)).await;
+                    }
+                }
+            }
+            Err(refusal) => {
+                drop(arrival);
+                return Box::pin(refuse(stream, peer, refusal)).await;
+            }
+        }
     };
+    arrival.leave();
     let span = info_span!("conn", client = client.id, %peer, tls, nick = %client.nick());
     async move {
         info!("connected");

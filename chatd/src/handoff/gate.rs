@@ -17,6 +17,15 @@
 //! at most a fixed number of copies exist at once, and the process never
 //! needs much more than one descriptor per client, however many there are.
 //! No permit exists before every connection has parked.
+//!
+//! "Every connection" includes those still in the front door (accepted,
+//! not yet registered in the hub: a plain client on its way in, a trusted
+//! proxy's connection whose PROXY header is still arriving). Each counts
+//! as an *arrival* from the moment its accept loop accepts it
+//! ([`Gate::arrive`]) until it registers or gives up; one frozen before it
+//! registers parks like a connection and hands over its bare socket. The
+//! freeze also waits for every accept loop to stop ([`Gate::door_opened`]):
+//! after that no arrival can appear, so the count it waits for is final.
 
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -51,6 +60,10 @@ pub struct Gate {
     step: watch::Sender<Step>,
     parked: AtomicUsize,
     parked_changed: Notify,
+    /// Connections in the front door that park at a freeze (module doc).
+    arrivals: AtomicUsize,
+    /// Accept loops not stopped by a freeze.
+    doors: AtomicUsize,
     /// How many parked connections [`Gate::wait_parked`] waits for.
     want: AtomicUsize,
     /// Exports allowed now, while collecting (see the module doc).
@@ -72,6 +85,8 @@ impl Default for Gate {
             step: watch::Sender::new(Step::Running),
             parked: AtomicUsize::new(0),
             parked_changed: Notify::new(),
+            arrivals: AtomicUsize::new(0),
+            doors: AtomicUsize::new(0),
             want: AtomicUsize::new(usize::MAX),
             permits: Semaphore::new(0),
             freezes: std::sync::atomic::AtomicU64::new(0),
@@ -185,21 +200,61 @@ impl Gate {
         self.parked.load(Ordering::Acquire)
     }
 
-    /// Waits until at least `want()` connections are parked (re-read
-    /// whenever a client leaves the hub: one that was already closing
-    /// leaves without parking). Only the park that may complete the count
-    /// wakes this waiter.
+    /// Waits until every accept loop has stopped and at least `want()`
+    /// connections (the hub's clients) plus every arrival are parked;
+    /// re-counted whenever a client leaves the hub (one that was already
+    /// closing leaves without parking) or an arrival leaves the front door.
+    /// Only the park that may complete the count wakes this waiter.
     pub async fn wait_parked(&self, want: impl Fn() -> usize) {
         loop {
             let changed = self.parked_changed.notified();
-            let want = want();
+            // Parked first, then what is wanted: everyone parked was
+            // counted (a client or an arrival) before it parked, so it is
+            // in `want` too, and a late arrival only makes this wait more.
+            let parked = self.parked.load(Ordering::SeqCst);
+            let doors = self.doors.load(Ordering::SeqCst);
+            let want = want() + self.arrivals.load(Ordering::SeqCst);
             self.want.store(want, Ordering::SeqCst);
-            if self.parked.load(Ordering::SeqCst) >= want {
+            if doors == 0 && parked >= want {
                 self.want.store(usize::MAX, Ordering::SeqCst);
                 return;
             }
+            if doors == 0 && self.parked.load(Ordering::SeqCst) >= want {
+                // Parked meanwhile: count again rather than sleep.
+                continue;
+            }
             changed.await;
         }
+    }
+
+    /// Connections in the front door now.
+    pub fn arrivals(&self) -> usize {
+        self.arrivals.load(Ordering::SeqCst)
+    }
+
+    /// An accept loop took a connection that would park at a freeze (see
+    /// the module doc). Called by the accept loop itself, before it looks
+    /// for a freeze again.
+    pub fn arrive(&self) {
+        self.arrivals.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// An arrival registered in the hub, or gave up.
+    pub fn arrival_left(&self) {
+        self.arrivals.fetch_sub(1, Ordering::SeqCst);
+        self.client_left();
+    }
+
+    /// An accept loop starts, or resumes after a freeze.
+    pub fn door_opened(&self) {
+        self.doors.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// An accept loop stopped (for a freeze, or for good): it will not
+    /// take another connection before [`Gate::door_opened`].
+    pub fn door_closed(&self) {
+        self.doors.fetch_sub(1, Ordering::SeqCst);
+        self.client_left();
     }
 
     /// Waits until no connection is parked (after a resume).
@@ -278,7 +333,7 @@ mod tests {
     fn export() -> Export {
         let v1 = include_str!("../../tests/fixtures/handoff-state-v1.json");
         let state = crate::handoff::state::decode(v1.as_bytes()).expect("fixture");
-        Export {
+        Export::Client {
             state: state.clients[0].clone(),
             fd: Ok(None),
         }
@@ -306,8 +361,95 @@ mod tests {
         let got = tokio::time::timeout(Duration::from_secs(5), exports.recv())
             .await
             .expect("exported in time");
-        assert_eq!(got.expect("an export").state.nick, "alice");
+        let Some(Export::Client { state, .. }) = got else {
+            panic!("a client's export");
+        };
+        assert_eq!(state.nick, "alice");
         gate.commit();
         assert_eq!(parked.await.expect("task"), Outcome::Committed);
+    }
+
+    fn waiting() -> Export {
+        Export::Waiting {
+            state: crate::handoff::WaitingState {
+                peer: "127.0.0.1:4000".parse().expect("addr"),
+                proxy_header: Some(b"PROXY TCP4 ".to_vec()),
+                tls: false,
+                age_ms: 0,
+            },
+            fd: Err(std::io::Error::other("none in this test")),
+        }
+    }
+
+    /// Not done within a moment: the wait must still be pending.
+    async fn still_waiting(wait: &mut tokio::task::JoinHandle<()>) {
+        let early = tokio::time::timeout(Duration::from_millis(100), &mut *wait).await;
+        assert!(early.is_err(), "the freeze stopped waiting too early");
+    }
+
+    #[tokio::test]
+    async fn a_freeze_waits_for_every_accept_loop_and_every_connection_in_the_front_door() {
+        let gate = Arc::new(Gate::default());
+        gate.door_opened();
+        gate.arrive();
+        gate.freeze();
+        let mut wait = tokio::spawn({
+            let gate = gate.clone();
+            async move { gate.wait_parked(|| 0).await }
+        });
+        // An accept loop still running could take one more connection.
+        still_waiting(&mut wait).await;
+        gate.door_closed();
+        // One connection in the front door has not parked.
+        still_waiting(&mut wait).await;
+        let parked = tokio::spawn({
+            let gate = gate.clone();
+            async move { gate.park(waiting).await }
+        });
+        tokio::time::timeout(Duration::from_secs(5), wait)
+            .await
+            .expect("done once everyone parked")
+            .expect("task");
+        gate.resume();
+        assert_eq!(parked.await.expect("task"), Outcome::Resumed);
+        // Resumed, it registers: no longer in the front door.
+        gate.arrival_left();
+        // One that leaves the front door instead of parking counts too.
+        gate.arrive();
+        gate.freeze();
+        let wait = tokio::spawn({
+            let gate = gate.clone();
+            async move { gate.wait_parked(|| 0).await }
+        });
+        gate.arrival_left();
+        tokio::time::timeout(Duration::from_secs(5), wait)
+            .await
+            .expect("done once it left")
+            .expect("task");
+        gate.resume();
+    }
+
+    /// The id clash: a client registered after the state's `next_id` was
+    /// read got an id the new process handed out again. Nobody registers
+    /// during a freeze; the next id sent after collection is final.
+    #[test]
+    fn nobody_registers_during_a_freeze() {
+        let hub = crate::hub::Hub::new(
+            crate::config::RawConfig::default()
+                .validate()
+                .expect("defaults"),
+        );
+        let peer: std::net::SocketAddr = "127.0.0.1:4000".parse().expect("addr");
+        let first = hub.connect(peer).expect("registered").id;
+        hub.handoff().freeze();
+        let next = hub.next_client_id();
+        assert!(matches!(
+            hub.connect(peer),
+            Err(crate::hub::Refusal::Upgrading)
+        ));
+        assert_eq!(hub.next_client_id(), next, "an id was taken in the freeze");
+        hub.handoff().resume();
+        let after = hub.connect(peer).expect("registered after a resume").id;
+        assert!(after > first && after >= next);
     }
 }

@@ -26,6 +26,7 @@
 //!  freeze, wait for every park
 //!  ── State (rooms, counters) ────────▶  restore rooms, history, counters
 //!  ── Clients + sockets, by chunks ───▶  adopt each chunk
+//!  ── Waiting + sockets (front door) ─▶  serve each after the commit
 //!  ── End ────────────────────────────▶  cluster
 //!  ◀──────────────────── Ready / Failed
 //!  MAINPID=new
@@ -36,7 +37,9 @@
 //! Until `Commit`, the new process touches no socket, so when it fails
 //! (exits, says `Failed`, or stays silent past [`READY_TIMEOUT`]) the old
 //! one resumes every connection exactly where it parked, or never stopped
-//! them if it failed before `Prepared`. A version 1 old process sends
+//! them if it failed before `Prepared`. Connections not yet registered
+//! (in the front door, see [`crate::front`]) park at the freeze as well and
+//! go over as bare sockets in `Waiting`. A version 1 old process sends
 //! `State` with everything right after `Hello`; [`receive`] takes that too.
 
 pub mod gate;
@@ -60,7 +63,7 @@ use tracing::{info, warn};
 use crate::hub::Hub;
 use crate::listen::Listeners;
 pub use gate::{Gate, Outcome};
-pub use state::{ClientState, ListenerKind, State};
+pub use state::{ClientState, ListenerKind, State, WaitingState};
 
 /// The variable that tells a starting chatd to take over from a running
 /// one, and where to ask. Not `CHATD_…`: those are config keys.
@@ -77,15 +80,24 @@ const COPIES: usize = 2 * CHUNK;
 /// How much of the new process's stderr is kept for the error message.
 const STDERR_TAIL: usize = 4096;
 
-/// One parked connection's contribution: its state and, for a plain TCP
-/// client, a copy of its socket. A TLS client has none: its session keys
-/// live in this process's rustls state and cannot be exported, so it is
-/// told to reconnect at commit. A copy that could not be made (out of
-/// descriptors) abandons the upgrade: nobody is dropped for it.
+/// One parked connection's contribution. A copy of a socket that could
+/// not be made (out of descriptors) abandons the upgrade: nobody is
+/// dropped for it.
 #[derive(Debug)]
-pub struct Export {
-    pub state: ClientState,
-    pub fd: io::Result<Option<OwnedFd>>,
+pub enum Export {
+    /// A client: its state and, for a plain TCP client, a copy of its
+    /// socket. A TLS client has none: its session keys live in this
+    /// process's rustls state and cannot be exported, so it is told to
+    /// reconnect at commit.
+    Client {
+        state: ClientState,
+        fd: io::Result<Option<OwnedFd>>,
+    },
+    /// A connection still in the front door, and a copy of its socket.
+    Waiting {
+        state: WaitingState,
+        fd: io::Result<OwnedFd>,
+    },
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -110,6 +122,18 @@ enum ToNew {
     /// A chunk of clients, each with its socket (since version 2).
     Clients {
         clients: Vec<ClientState>,
+    },
+    /// Connections still in the front door, each with its socket: sent
+    /// after the `Clients` of the same chunk. Older processes send none.
+    Waiting {
+        waiting: Vec<WaitingState>,
+    },
+    /// The id the next client gets, read once every client is collected,
+    /// just before `End`, when it differs from the state's `next_id` (no
+    /// client registers during a freeze: a guard). Older processes send
+    /// none.
+    NextId {
+        next_id: u64,
     },
     /// Every client was sent (since version 2).
     End,
@@ -142,6 +166,9 @@ pub struct Upgraded {
     /// TLS clients, which cannot be handed over and were asked to
     /// reconnect.
     pub dropped_tls: usize,
+    /// Connections still in the front door (not yet clients), handed over
+    /// as bare sockets.
+    pub waiting: usize,
 }
 
 /// Why an upgrade did not happen; the old process serves on in every case.
@@ -276,6 +303,7 @@ impl Upgrader {
                 info!(
                     pid = done.pid,
                     clients = done.clients,
+                    waiting = done.waiting,
                     tls_clients_closed = done.dropped_tls,
                     duration_ms = done.duration.as_millis() as u64,
                     frozen_ms = done.frozen.as_millis() as u64,
@@ -399,6 +427,7 @@ impl Upgrader {
             frozen,
             clients: exchanged.clients,
             dropped_tls: exchanged.dropped_tls,
+            waiting: exchanged.waiting,
         })
     }
 
@@ -464,10 +493,11 @@ impl Upgrader {
         }
         let parked_ms = frozen_at.elapsed().as_millis() as u64;
         let mut exports_rx = gate.collect();
+        let next_id = hub.next_client_id();
         let state = State {
             version: state::CURRENT,
             listeners: kinds,
-            next_id: hub.next_client_id(),
+            next_id,
             rooms: hub.export_rooms(),
             clients: Vec::new(),
             admin_token: self.inner.admin_token.clone(),
@@ -490,21 +520,36 @@ impl Upgrader {
                 let clients = chunk.clients;
                 wire::send(&sock, &ToNew::Clients { clients }, &borrowed)?;
                 drop(borrowed);
+                if !chunk.waiting.is_empty() {
+                    let borrowed: Vec<BorrowedFd<'_>> =
+                        chunk.waiting_fds.iter().map(|f| f.as_fd()).collect();
+                    let waiting = chunk.waiting;
+                    wire::send(&sock, &ToNew::Waiting { waiting }, &borrowed)?;
+                }
                 // Closed: as many more may be copied.
                 drop(chunk.fds);
+                drop(chunk.waiting_fds);
                 sending.handoff().release(freeze, chunk.exports);
+            }
+            // Only if it moved (it cannot while registration is refused):
+            // the previous release, which knows neither `NextId` nor
+            // `Waiting`, can take over whenever nobody is in the front door.
+            let now = sending.next_client_id();
+            if now != next_id {
+                wire::send(&sock, &ToNew::NextId { next_id: now }, &[])?;
             }
             wire::send(&sock, &ToNew::End, &[])?;
             let reply = wire::recv::<ToOld>(&sock, |_| 0)?;
             io::Result::Ok((sock, reply))
         });
         let deadline = tokio::time::Instant::now() + FREEZE_TIMEOUT;
-        let (mut collected, mut handed) = (0, 0);
+        let (mut collected, mut handed, mut waiting) = (0, 0, 0);
         // At most this many exports (and copies of sockets) exist at once:
         // the sender returns each chunk's permits once it has closed them.
         gate.release(freeze, COPIES);
         loop {
-            let total = hub.client_count();
+            // Both only fall now: nobody registers or arrives in a freeze.
+            let total = hub.client_count() + gate.arrivals();
             if collected >= total {
                 break;
             }
@@ -512,17 +557,26 @@ impl Upgrader {
             let mut chunk = Chunk {
                 clients: Vec::with_capacity(want),
                 fds: Vec::with_capacity(want),
+                waiting: Vec::new(),
+                waiting_fds: Vec::new(),
                 exports: want,
             };
             for _ in 0..want {
                 match tokio::time::timeout_at(deadline, exports_rx.recv()).await {
-                    Ok(Some(Export { state, fd })) => {
+                    Ok(Some(Export::Client { state, fd })) => {
                         collected += 1;
                         // A TLS client has no socket to hand over.
                         if let Some(fd) = fd.map_err(|e| Broke::Here(UpgradeError::Copy(e)))? {
                             chunk.clients.push(state);
                             chunk.fds.push(fd);
                         }
+                    }
+                    Ok(Some(Export::Waiting { state, fd })) => {
+                        collected += 1;
+                        waiting += 1;
+                        let fd = fd.map_err(|e| Broke::Here(UpgradeError::Copy(e)))?;
+                        chunk.waiting.push(state);
+                        chunk.waiting_fds.push(fd);
                     }
                     Ok(None) | Err(_) => {
                         return Err(Broke::Here(UpgradeError::Freeze(FREEZE_TIMEOUT)));
@@ -545,6 +599,7 @@ impl Upgrader {
         };
         info!(
             clients = handed,
+            waiting,
             parked_ms,
             collected_ms,
             ready_ms = frozen_at.elapsed().as_millis() as u64,
@@ -556,17 +611,21 @@ impl Upgrader {
                 pid: new_pid,
                 frozen_at,
                 clients: handed,
-                dropped_tls: collected - handed,
+                dropped_tls: collected - handed - waiting,
+                waiting,
             },
         ))
     }
 }
 
-/// Clients for one `Clients` message, with their sockets' copies, and how
-/// many exports they came from (TLS clients' included).
+/// Clients for one `Clients` message, with their sockets' copies,
+/// connections still in the front door for a `Waiting` one, and how many
+/// exports they came from (TLS clients' included).
 struct Chunk {
     clients: Vec<ClientState>,
     fds: Vec<OwnedFd>,
+    waiting: Vec<WaitingState>,
+    waiting_fds: Vec<OwnedFd>,
     exports: usize,
 }
 
@@ -576,6 +635,7 @@ struct Exchanged {
     frozen_at: Instant,
     clients: usize,
     dropped_tls: usize,
+    waiting: usize,
 }
 
 /// Why the exchange stopped before `Ready`.
@@ -753,6 +813,11 @@ pub enum Received<'a> {
     /// Each with its socket, not yet registered with the runtime: nothing
     /// may touch it before the commit.
     Clients(Vec<(ClientState, std::net::TcpStream)>),
+    /// Connections still in the front door, likewise untouched before the
+    /// commit.
+    Waiting(Vec<(WaitingState, std::net::TcpStream)>),
+    /// The id the next client gets (after every client).
+    NextId(u64),
 }
 
 /// The new process's side, up to holding the listeners: connects to the
@@ -864,37 +929,49 @@ fn listener_sockets<I: Iterator<Item = OwnedFd>>(
     Ok((listeners, metrics, fds))
 }
 
-/// The new process's receiving thread: every `Clients` chunk up to `End`,
-/// each passed on with its descriptors. Returns the number of clients.
+/// What the receiving thread passes on.
+enum Arrived {
+    Clients(Vec<ClientState>, Vec<OwnedFd>),
+    Waiting(Vec<WaitingState>, Vec<OwnedFd>),
+    NextId(u64),
+}
+
+/// The new process's receiving thread: every `Clients` chunk (and
+/// `Waiting`, `NextId`) up to `End`, each passed on with its descriptors.
+/// Returns the number of clients.
 fn receive_chunks(
     sock: &UnixStream,
-    chunks: std::sync::mpsc::SyncSender<(Vec<ClientState>, Vec<OwnedFd>)>,
+    chunks: std::sync::mpsc::SyncSender<Arrived>,
 ) -> Result<usize, ReceiveError> {
     let mut n = 0;
     loop {
         let (msg, fds) = wire::recv::<ToNew>(sock, |m| match m {
             ToNew::Clients { clients } => clients.len(),
+            ToNew::Waiting { waiting } => waiting.len(),
             _ => 0,
         })?;
-        match msg {
+        let arrived = match msg {
             ToNew::Clients { clients } => {
                 n += clients.len();
-                if chunks.send((clients, fds)).is_err() {
-                    // Adopting failed: that error is the one to report.
-                    return Ok(n);
-                }
+                Arrived::Clients(clients, fds)
             }
+            ToNew::Waiting { waiting } => Arrived::Waiting(waiting, fds),
+            ToNew::NextId { next_id } => Arrived::NextId(next_id),
             ToNew::End => return Ok(n),
             _ => return Err(ReceiveError::Protocol),
+        };
+        if chunks.send(arrived).is_err() {
+            // Adopting failed: that error is the one to report.
+            return Ok(n);
         }
     }
 }
 
-/// Pairs each client with its socket.
-fn client_sockets(
-    clients: Vec<ClientState>,
+/// Pairs each client (or connection in the front door) with its socket.
+fn client_sockets<C>(
+    clients: Vec<C>,
     fds: Vec<OwnedFd>,
-) -> Result<Vec<(ClientState, std::net::TcpStream)>, ReceiveError> {
+) -> Result<Vec<(C, std::net::TcpStream)>, ReceiveError> {
     if clients.len() != fds.len() {
         return Err(ReceiveError::Protocol);
     }
@@ -942,8 +1019,16 @@ impl Incoming {
             let (chunks, arrived) = std::sync::mpsc::sync_channel(1);
             let receiver = scope.spawn(move || receive_chunks(sock, chunks));
             let adopted = (|| {
-                for (clients, fds) in arrived {
-                    take(Received::Clients(client_sockets(clients, fds)?));
+                for arrived in arrived {
+                    take(match arrived {
+                        Arrived::Clients(clients, fds) => {
+                            Received::Clients(client_sockets(clients, fds)?)
+                        }
+                        Arrived::Waiting(waiting, fds) => {
+                            Received::Waiting(client_sockets(waiting, fds)?)
+                        }
+                        Arrived::NextId(next_id) => Received::NextId(next_id),
+                    });
                 }
                 Ok::<_, ReceiveError>(())
             })();

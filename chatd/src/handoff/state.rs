@@ -17,6 +17,12 @@
 //!   ([`crate::handoff`]), so `clients` is empty in the document itself.
 //!   A version 2 reader takes a version 1 document as it was: every field
 //!   version 2 added has a default.
+//! - Added within version 2, because an older version 2 reader stays safe:
+//!   `cluster_receipts`, which it ignores (it then may lose what other
+//!   nodes sent during the freeze, as it always could), and the exchange's
+//!   `Waiting` and `NextId` messages, which it rejects, so that the
+//!   upgrade rolls back. Keeping the number lets an operator go back to
+//!   the previous release by an upgrade.
 
 use std::net::SocketAddr;
 
@@ -120,6 +126,26 @@ pub struct FloodState {
     pub age_ms: u64,
     pub dropped: u32,
     pub warned: bool,
+}
+
+/// A connection still in the front door at the freeze: accepted, not yet a
+/// client, nothing of it read but the part of a PROXY header below. Handed
+/// over as a bare socket, which the new process serves from the front door
+/// again. Sent in the handoff's `Waiting` messages, beside the document;
+/// older processes send none.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WaitingState {
+    /// The socket's peer; the client's, once a trusted proxy's header told
+    /// it.
+    pub peer: SocketAddr,
+    /// From a trusted proxy whose header is still arriving: the bytes of it
+    /// read so far.
+    pub proxy_header: Option<Vec<u8>>,
+    /// Accepted on a TLS listener (only while the PROXY header is awaited:
+    /// a handshake that began cannot be handed over).
+    pub tls: bool,
+    /// Milliseconds since it was accepted: the handshake deadline's clock.
+    pub age_ms: u64,
 }
 
 /// Why a state document cannot be read.

@@ -116,6 +116,12 @@ impl Hub {
         }
     }
 
+    /// The next client id, as the previous process had it once every
+    /// client was collected: no id is handed out twice.
+    pub fn restore_next_id(&self, next: u64) {
+        self.shared.next_id.fetch_max(next, Relaxed);
+    }
+
     /// Registers a handed-over client with its id, nick, room and counters,
     /// and queues the bytes it was still owed: no notice to anyone, no
     /// history replay. Limits are not applied: the client was admitted

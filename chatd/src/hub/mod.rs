@@ -63,6 +63,11 @@ pub enum Refusal {
     TooFast,
     #[error("server is shutting down")]
     ShuttingDown,
+    /// A seamless upgrade is freezing this process: the connection waits
+    /// in the front door for its outcome (handed over, or registered once
+    /// this process resumes). Never shown to a plain client.
+    #[error("server is being upgraded, please reconnect")]
+    Upgrading,
     #[error("you are banned: {0}")]
     Banned(String),
 }
@@ -331,6 +336,11 @@ impl Hub {
             return Err(Refusal::Banned(ban.reason_text().to_string()));
         }
         let mut state = self.state();
+        // Under the lock the upgrade counts clients with: nobody registers
+        // once a freeze began (its state and next id are being taken).
+        if self.shared.handoff.is_frozen() {
+            return Err(Refusal::Upgrading);
+        }
         if state.closing {
             return Err(Refusal::ShuttingDown);
         }

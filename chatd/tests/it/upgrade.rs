@@ -683,13 +683,12 @@ async fn sigusr2_twice_in_a_row_to_every_chatd_process_upgrades_once() {
 }
 
 /// A connection from the load balancer whose PROXY header has not all
-/// arrived when an upgrade begins (a retransmission, a slow network) holds
-/// no byte read yet (the header is peeked): the new process can serve it.
-/// Today it stays with the old process, which refuses it once the header
-/// completes ("server is shutting down"): the front door is not yet part
-/// of the freeze.
+/// arrived when an upgrade begins (a retransmission, a slow network) is
+/// not a client yet: it is handed over with the part of the header read so
+/// far, and the new process, once the header completes, serves it (it used
+/// to stay with the old process, which refused it: "server is shutting
+/// down").
 #[tokio::test]
-#[ignore = "needs connections still in the front door handed over at the freeze"]
 async fn a_client_whose_proxy_header_is_unfinished_at_an_upgrade_is_served_by_the_new_process() {
     let binary = Binary::copy();
     let mut env = BUSY.to_vec();
@@ -716,6 +715,127 @@ async fn a_client_whose_proxy_header_is_unfinished_at_an_upgrade_is_served_by_th
             "a proxied client was not served: {first:?}"
         );
     }
+}
+
+/// A load balancer's connections whose PROXY headers complete one after
+/// another throughout an upgrade of a busy server, the freeze included:
+/// whichever process reads each header welcomes the client. (Before
+/// connections in the front door were part of the freeze, most were
+/// refused by the old process: "server is shutting down".)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxied_clients_completing_their_headers_throughout_an_upgrade_are_all_welcomed() {
+    let binary = Binary::copy();
+    let mut env = BUSY.to_vec();
+    env.push(("CHATD_CHAT__TRUSTED_PROXIES", "127.0.0.1/32"));
+    let server = TestServer::spawn_binary(&binary.path, None, &env);
+    let header = |net: u8, i: usize| {
+        format!(
+            "PROXY TCP4 10.{net}.{}.{} 127.0.0.1 4000 8080",
+            i / 250,
+            i % 250 + 1
+        )
+    };
+    // Enough clients that the freeze lasts a while.
+    let mut crowd = Vec::new();
+    for i in 0..300 {
+        let mut c = server.connect().await;
+        c.send_raw(format!("{}\r\n", header(8, i)).as_bytes()).await;
+        c.welcome().await;
+        crowd.push(c);
+    }
+    let mut late = Vec::new();
+    for i in 0..200 {
+        let mut c = server.connect().await;
+        c.send_raw(header(9, i).as_bytes()).await;
+        late.push(c);
+    }
+    let finishing = tokio::spawn(async move {
+        for c in &mut late {
+            c.send_raw(b"\r\n").await;
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        late
+    });
+    let done = server.chatctl(&["-o", "json", "upgrade"]).await.json();
+    assert!(done["clients"].as_u64() >= Some(300), "{done}");
+    let mut late = finishing.await.expect("finishing");
+    for (i, c) in late.iter_mut().enumerate() {
+        let first = c.try_line().await;
+        assert!(
+            first
+                .as_deref()
+                .is_some_and(|l| l.starts_with("*** Welcome")),
+            "proxied client {i} was not served: {first:?}"
+        );
+    }
+}
+
+/// Stands in for a new chatd that fails once the old one has frozen: it
+/// takes the listeners, says it is prepared, waits for the state (sent
+/// once everyone is parked) and gives up.
+const FAILS_AFTER_THE_FREEZE: &str = r#"#!/usr/bin/python3
+import json, os, socket, struct, sys
+s = socket.socket(socket.AF_UNIX)
+s.connect(os.environ["HANDOFF_FROM_CHATD"])
+def exactly(n):
+    got = b""
+    while len(got) < n:
+        data, _, _, _ = s.recvmsg(n - len(got), socket.CMSG_SPACE(4 * 256))
+        if not data:
+            sys.exit(1)
+        got += data
+    return got
+def frame():
+    return exactly(struct.unpack(">I", exactly(4))[0])
+def send(msg):
+    body = json.dumps(msg).encode()
+    s.sendall(struct.pack(">I", len(body)) + body)
+frame()  # Hello
+frame()  # Prepare, with the listeners
+send("Prepared")
+frame()  # State: everyone is parked
+send({"Failed": {"error": "this build cannot take over"}})
+print("this build cannot take over", file=sys.stderr, flush=True)
+s.recv(1)  # exits once the old process has read why
+"#;
+
+/// A new process that fails after the freeze leaves a connection that was
+/// in the front door as it was: its PROXY header, half read before the
+/// freeze, completes after it, and the old process welcomes it.
+#[tokio::test]
+async fn a_failure_after_the_freeze_leaves_a_connection_in_the_front_door_as_it_was() {
+    if !std::path::Path::new("/usr/bin/python3").exists() {
+        let required = std::env::var("REQUIRE_TEST_TOOLS").is_ok_and(|v| v == "1");
+        assert!(
+            !required,
+            "/usr/bin/python3 is missing and REQUIRE_TEST_TOOLS=1"
+        );
+        eprintln!("skipped: /usr/bin/python3 is missing");
+        return;
+    }
+    let binary = Binary::copy();
+    let mut env = BUSY.to_vec();
+    env.push(("CHATD_CHAT__TRUSTED_PROXIES", "127.0.0.1/32"));
+    let server = TestServer::spawn_binary(&binary.path, None, &env);
+    let pid = server.pid();
+    let mut direct = connect_from("127.0.0.2", &server).await;
+    direct.welcome().await;
+    let mut proxied = server.connect().await;
+    proxied
+        .send_raw(b"PROXY TCP4 10.9.0.1 127.0.0.1 4000 8080")
+        .await;
+    binary.replace_with_script(FAILS_AFTER_THE_FREEZE);
+    let failed = server.chatctl(&["upgrade"]).await;
+    assert_eq!(failed.code, 1, "{failed:#?}");
+    assert!(
+        failed.stderr.contains("this build cannot take over"),
+        "{failed:#?}"
+    );
+    assert_eq!(server.pid(), pid, "no other process took over");
+    proxied.send_raw(b"\r\n").await;
+    let nick = proxied.welcome().await;
+    proxied.send("made it\n").await;
+    direct.expect(&format!("<{nick}> made it")).await;
 }
 
 /// Bytes split at the worst places by an upgrade: in a telnet
@@ -791,4 +911,14 @@ async fn clients_connecting_throughout_an_upgrade_are_all_welcomed() {
     for c in arrived.iter_mut().take(5) {
         c.expect(&format!("<{nick}> hello")).await;
     }
+    // Every client is listed once, under an id of its own: none that
+    // registered in the old process during the upgrade was given an id
+    // the new process handed out again (which overwrote the adopted one).
+    let json = server.chatctl(&["ls", "-o", "json"]).await.json();
+    let listed = json["clients"].as_array().expect("clients");
+    let mut ids: Vec<u64> = listed.iter().filter_map(|c| c["id"].as_u64()).collect();
+    ids.sort_unstable();
+    ids.dedup();
+    assert_eq!(listed.len(), 300 + 150 + 1, "every client listed");
+    assert_eq!(ids.len(), listed.len(), "ids are unique");
 }
