@@ -1300,41 +1300,55 @@ async fn listen(
             }
             _ => {}
         }
-        // Handed on under the stream's lock and only while no upgrade has
-        // frozen the clients: from the freeze on, what this room has handed
-        // on is what the new process is told, and it asks for the rest.
-        loop {
-            let mut seen = crate::lock::lock(&seen);
+        let handed = unless_frozen(&hub, &seen, |seen| {
+            for (kind, seq, batch) in missed {
+                if kind == Kind::Chat
+                    && pos
+                        .is_some_and(|pos| loaded.remove(&history::batch_id(&from, pos.epoch, seq)))
+                {
+                    continue;
+                }
+                if let Some(lines) = well_formed(&batch) {
+                    hub.deliver_remote(&room, batch, lines, kind);
+                }
+            }
+            if let Some(pos) = pos {
+                seen.record(&from, pos);
+            }
+            let in_history = kind == Kind::Chat
+                && !loaded.is_empty()
+                && headers
+                    .get(history::ID_HEADER)
+                    .is_some_and(|id| loaded.remove(id.as_str()));
+            if !in_history {
+                hub.deliver_remote(&room, msg.payload.clone(), lines, kind);
+            }
+        })
+        .await;
+        if handed.is_none() {
+            return;
+        }
+    }
+}
+
+/// Runs `hand_on` with a stream's `seen` locked, once no upgrade has the
+/// clients frozen: what a stream has handed on is then exactly what an
+/// upgrade reads ([`cluster_seq::Receipts`]). `None` when an upgrade
+/// committed meanwhile: the new process asks the senders for the rest.
+pub(crate) async fn unless_frozen<T>(
+    hub: &Hub,
+    seen: &std::sync::Mutex<Seen>,
+    hand_on: impl FnOnce(&mut Seen) -> T,
+) -> Option<T> {
+    loop {
+        {
+            let mut seen = crate::lock::lock(seen);
             if !hub.handoff().is_frozen() {
-                for (kind, seq, batch) in missed.drain(..) {
-                    if kind == Kind::Chat
-                        && pos.is_some_and(|pos| {
-                            loaded.remove(&history::batch_id(&from, pos.epoch, seq))
-                        })
-                    {
-                        continue;
-                    }
-                    if let Some(lines) = well_formed(&batch) {
-                        hub.deliver_remote(&room, batch, lines, kind);
-                    }
-                }
-                if let Some(pos) = pos {
-                    seen.record(&from, pos);
-                }
-                let in_history = kind == Kind::Chat
-                    && !loaded.is_empty()
-                    && headers
-                        .get(history::ID_HEADER)
-                        .is_some_and(|id| loaded.remove(id.as_str()));
-                if !in_history {
-                    hub.deliver_remote(&room, msg.payload.clone(), lines, kind);
-                }
-                break;
+                return Some(hand_on(&mut seen));
             }
-            drop(seen);
-            if hub.handoff().settled().await == crate::handoff::Outcome::Committed {
-                return;
-            }
+        }
+        if hub.handoff().settled().await == crate::handoff::Outcome::Committed {
+            return None;
         }
     }
 }

@@ -586,26 +586,18 @@ pub async fn run(
                 payloads.push(msg.payload);
                 // As a room's listener does: handed on under the lock and
                 // only while no upgrade has frozen the clients.
-                let mut backs = Vec::new();
-                loop {
-                    let mut seen = crate::lock::lock(&pm_seen);
-                    if !hub.handoff().is_frozen() {
-                        if let Some((from, pos)) = &from_pos {
-                            seen.record(from, *pos);
-                        }
-                        for payload in payloads.drain(..) {
-                            let Ok(pm) = serde_json::from_slice::<PmMsg>(&payload) else {
-                                continue;
-                            };
-                            backs.extend(deliver(&hub, pm));
-                        }
-                        break;
+                let handed = super::unless_frozen(&hub, &pm_seen, |seen| {
+                    if let Some((from, pos)) = &from_pos {
+                        seen.record(from, *pos);
                     }
-                    drop(seen);
-                    if hub.handoff().settled().await == crate::handoff::Outcome::Committed {
-                        return;
-                    }
-                }
+                    payloads
+                        .into_iter()
+                        .filter_map(|payload| serde_json::from_slice::<PmMsg>(&payload).ok())
+                        .filter_map(|pm| deliver(&hub, pm))
+                        .collect::<Vec<_>>()
+                })
+                .await;
+                let Some(backs) = handed else { return };
                 for back in backs {
                     let subject = format!("{name}.pm.{}", back.from_node);
                     if let Ok(payload) = serde_json::to_vec(&back) {
