@@ -62,7 +62,7 @@ const TURNS_PER_POLL: usize = 2;
 const IOV_MAX: usize = 64;
 /// Queued bytes that make a write worth its syscall: write coalescing
 /// never holds back more.
-const COALESCE_ENOUGH: usize = 4 * 1024;
+const COALESCE_ENOUGH: usize = 8 * 1024;
 /// Lines per second into one client at and above which write coalescing
 /// holds writes for the whole `chat.write_coalesce_ms`; below, the window
 /// shrinks in proportion, so a client that gets a line now and then (whose
