@@ -320,9 +320,116 @@ async fn a_busy_client_gets_lines_coalesced_not_dropped() {
     let held = burst.elapsed();
     assert_eq!(bob.line().await, format!("<{alice_nick}> three"));
     // The burst's last write happened before bob read it, so "two" left at
-    // least 100 ms after that, less what reading the burst took.
+    // least half the window (the room's grid, see below) after that, less
+    // what reading the burst took.
     assert!(
-        held >= std::time::Duration::from_millis(80),
+        held >= std::time::Duration::from_millis(40),
         "\"two\" arrived {held:?} after the burst: not held back"
+    );
+}
+
+/// The busy members of a room are written to on one grid of
+/// `chat.write_coalesce_ms`, not each a window after its own last write:
+/// a member written off the grid (a write's worth of private lines at once)
+/// is back on the room's ticks within two periods, so that one timer tick
+/// writes to the whole room.
+#[tokio::test]
+async fn busy_members_of_a_room_are_written_on_the_same_ticks() {
+    use std::time::{Duration, Instant};
+    const PERIOD: Duration = Duration::from_millis(100);
+    let server = TestServer::with_env(&[
+        ("CHATD_CHAT__WRITE_COALESCE_MS", "100"),
+        ("CHATD_LIMITS__FLOOD_LINES_PER_SEC", "0"),
+    ]);
+    let (alice, _) = server.join().await;
+    let (mut bob, _) = server.join().await;
+    let (mut carol, carol_nick) = server.join().await;
+    let (mut dave, _) = server.join().await;
+    dave.send("/join side\n").await;
+    dave.expect("You are now in side").await;
+    bob.expect("left lobby").await;
+    carol.expect("left lobby").await;
+
+    /// Reads until alice's last line; returns when each write arrived (a
+    /// line more than 10 ms after the one before starts a new write) and
+    /// tells `writes` as they come.
+    async fn writes_to(
+        mut client: Client,
+        writes: tokio::sync::mpsc::UnboundedSender<Instant>,
+    ) -> Vec<Instant> {
+        let mut starts = Vec::new();
+        let mut last: Option<Instant> = None;
+        loop {
+            let line = client.line().await;
+            let now = Instant::now();
+            if last.is_none_or(|l| now - l > Duration::from_millis(10)) {
+                starts.push(now);
+                let _ = writes.send(now);
+            }
+            last = Some(now);
+            if line.ends_with("> end") {
+                return starts;
+            }
+        }
+    }
+    let (bob_tx, mut bob_writes) = tokio::sync::mpsc::unbounded_channel();
+    let (carol_tx, _carol_writes) = tokio::sync::mpsc::unbounded_channel();
+    let bob_task = tokio::spawn(writes_to(bob, bob_tx));
+    let carol_task = tokio::spawn(writes_to(carol, carol_tx));
+
+    // Alice keeps bob and carol busy: 1,500 lines/s, 15 per 10 ms, for 3 s
+    // (about 2.5 KB a period: under a write's worth, so held to the grid).
+    let (_alice_reads, mut alice) = alice.into_parts();
+    let started = Instant::now();
+    let stream = tokio::spawn(async move {
+        use tokio::io::AsyncWriteExt;
+        let mut tick = tokio::time::interval(Duration::from_millis(10));
+        for i in 0..300 {
+            tick.tick().await;
+            let lines: String = (0..15).map(|j| format!("m{i}-{j}\n")).collect();
+            alice.write_all(lines.as_bytes()).await.expect("send");
+        }
+        alice.write_all(b"end\n").await.expect("send");
+        alice
+    });
+
+    // Half a period after one of bob's writes, a write's worth of private
+    // lines goes to carol at once, off the grid.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    while bob_writes.try_recv().is_ok() {}
+    tokio::time::timeout(PERIOD * 2, bob_writes.recv())
+        .await
+        .expect("bob is written to every period");
+    tokio::time::sleep(PERIOD / 2).await;
+    let pm: String = (0..25)
+        .map(|_| format!("/msg {carol_nick} {}\n", "x".repeat(400)))
+        .collect();
+    dave.send(&pm).await;
+    let off_grid = Instant::now();
+
+    let _alice = stream.await.expect("alice's stream");
+    let bob_starts = bob_task.await.expect("bob's reader");
+    let carol_starts = carol_task.await.expect("carol's reader");
+    let end = started + Duration::from_secs(3);
+    let checked: Vec<Duration> = carol_starts
+        .iter()
+        .filter(|&&t| t > off_grid + PERIOD * 3 && t < end - PERIOD / 2)
+        .map(|&t| {
+            bob_starts
+                .iter()
+                .map(|&b| if b > t { b - t } else { t - b })
+                .min()
+                .expect("bob was written to")
+        })
+        .collect();
+    assert!(
+        checked.len() >= 3,
+        "too few writes to compare: {} after {:?}",
+        checked.len(),
+        off_grid - started
+    );
+    assert!(
+        checked.iter().all(|d| *d < Duration::from_millis(20)),
+        "carol's writes are not on bob's ticks: {checked:?} apart"
     );
 }
