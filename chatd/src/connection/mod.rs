@@ -15,7 +15,9 @@
 //!   the next write. The window grows with the client's line rate, up to
 //!   `chat.write_coalesce_ms` at `COALESCE_FULL_RATE`, so a line after a
 //!   quiet spell leaves at once and only a busy client trades a few
-//!   milliseconds for fewer wake-ups and syscalls.
+//!   milliseconds for fewer wake-ups and syscalls. Busy clients are written
+//!   on their room's grid of that period, so a room's held writes all fall
+//!   on one timer tick (`write::on_room_grid`).
 //!
 //! Nothing here blocks on another client. A client that stops reading only
 //! stops its own writes; its outbox fills and the hub cuts it off. A client

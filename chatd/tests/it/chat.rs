@@ -287,10 +287,10 @@ async fn counts_of_one_are_singular() {
     );
 }
 
-/// While lines keep coming fast, writes to one client are at least
-/// `chat.write_coalesce_ms` apart, and the lines held back meanwhile all
-/// arrive, in order, in the next write; a line after a quiet spell leaves at
-/// once.
+/// While lines keep coming fast, writes to one client are held (at least
+/// half of `chat.write_coalesce_ms` after the last one, on the room's grid),
+/// and the lines held back meanwhile all arrive, in order, in the next
+/// write; a line after a quiet spell leaves at once.
 #[tokio::test]
 async fn a_busy_client_gets_lines_coalesced_not_dropped() {
     let server = TestServer::with_env(&[
