@@ -16,7 +16,7 @@
 //! - [`hub`]: clients, rooms and every fan-out; the operations the admin API
 //!   exposes.
 //! - [`outbox`]: one client's bounded outgoing queue; [`disconnect`]: why a
-//!   client leaves.
+//!   client leaves; [`grid`]: when a room's busy members are written to.
 //! - [`cluster_state`]: the seam between this node and the service: the
 //!   state all nodes share (nicks, members elsewhere, history, admin
 //!   across nodes), one interface with two implementations: in process
@@ -52,6 +52,7 @@ pub mod disconnect;
 pub mod files;
 pub mod framing;
 pub mod front;
+pub mod grid;
 pub mod handoff;
 pub mod hub;
 pub mod journal;

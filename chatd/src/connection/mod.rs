@@ -47,6 +47,7 @@ use tracing::{Instrument, debug, info, info_span};
 use crate::cluster_state::Claim;
 use crate::disconnect::Disconnect;
 use crate::framing::{Frame, LineFramer};
+use crate::grid::{Ticket, Wait};
 use crate::hub::{Client, Hub, JoinRequest, NickRequest, PrivateError, Refusal, Room, server_line};
 use crate::protocol::{self, Command};
 use crate::rate::TokenBucket;
@@ -312,6 +313,9 @@ struct Connection<S> {
     /// Wakes the task when a held-back write is due; made on first use, so
     /// a client that is never busy does not carry a timer.
     write_gate: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// This client's place in its room's queue for the grid's next tick,
+    /// when busy (see [`crate::grid`]).
+    ticket: Ticket,
     /// The `conn` span, whose `nick` follows the client's.
     span: tracing::Span,
 }
@@ -338,6 +342,7 @@ impl<S: Socket> Connection<S> {
             arrivals: 0.0,
             lines_seen: 0,
             write_gate: None,
+            ticket: Ticket::default(),
             span: tracing::Span::current(),
         }
     }

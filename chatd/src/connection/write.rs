@@ -24,8 +24,9 @@ impl<S: Socket> Connection<S> {
             return false;
         }
         let share = self.arrivals / COALESCE_FULL_RATE;
-        let due = if share >= 1.0 {
-            on_room_grid(last, budget, self.room.write_phase)
+        let on_grid = share >= 1.0;
+        let due = if on_grid {
+            self.room.grid.due(last, budget)
         } else {
             last + budget.mul_f32(share)
         };
@@ -37,6 +38,14 @@ impl<S: Socket> Connection<S> {
         let held: usize = self.pending.iter().map(Bytes::len).sum();
         if held >= COALESCE_ENOUGH {
             return false;
+        }
+        if on_grid {
+            let hub = self.hub.clone();
+            let period = move || hub.write_coalesce();
+            if self.room.grid.wait(&mut self.ticket, cx, period) == Wait::Registered {
+                self.client.outbox.wake_only_at(COALESCE_ENOUGH - held);
+                return true;
+            }
         }
         let gate = self
             .write_gate
@@ -102,77 +111,5 @@ impl<S: Socket> Connection<S> {
             self.pending = VecDeque::new();
         }
         Ok(())
-    }
-}
-
-/// When a write to a busy client, last written at `last`, is due: the first
-/// point of its room's grid (period `step`, offset by the room's `phase`,
-/// a share of the period) at least half a period after `last`. A client
-/// written on the grid is thus due a whole period later, on the next point;
-/// one written off it (a write's worth queued, or the first line after a
-/// quiet spell) joins the grid within one and a half periods.
-fn on_room_grid(last: tokio::time::Instant, step: Duration, phase: f32) -> tokio::time::Instant {
-    static EPOCH: std::sync::OnceLock<tokio::time::Instant> = std::sync::OnceLock::new();
-    let epoch = *EPOCH.get_or_init(tokio::time::Instant::now) + step.mul_f32(phase.clamp(0.0, 1.0));
-    grid_point(epoch, last + step / 2, step)
-}
-
-/// The first point at or after `t` of the grid `origin + k * step`
-/// (points before `origin` count too).
-fn grid_point(
-    origin: tokio::time::Instant,
-    t: tokio::time::Instant,
-    step: Duration,
-) -> tokio::time::Instant {
-    let step_ns = step.as_nanos().max(1);
-    if t <= origin {
-        let back = (origin - t).as_nanos() / step_ns;
-        return origin - Duration::from_nanos((back * step_ns) as u64);
-    }
-    let ahead = (t - origin).as_nanos().div_ceil(step_ns);
-    origin + Duration::from_nanos((ahead * step_ns) as u64)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use tokio::time::Instant;
-
-    const MS: Duration = Duration::from_millis(1);
-
-    #[test]
-    fn grid_points_are_the_first_at_or_after() {
-        let origin = Instant::now() + 100 * MS;
-        assert_eq!(grid_point(origin, origin, 6 * MS), origin);
-        assert_eq!(grid_point(origin, origin + MS, 6 * MS), origin + 6 * MS);
-        assert_eq!(
-            grid_point(origin, origin + 12 * MS, 6 * MS),
-            origin + 12 * MS
-        );
-        // Before the origin, the grid goes on backwards.
-        assert_eq!(grid_point(origin, origin - 5 * MS, 6 * MS), origin);
-        assert_eq!(grid_point(origin, origin - 6 * MS, 6 * MS), origin - 6 * MS);
-        assert_eq!(grid_point(origin, origin - 7 * MS, 6 * MS), origin - 6 * MS);
-    }
-
-    #[test]
-    fn busy_members_of_a_room_share_due_points_a_period_apart() {
-        let step = 6 * MS;
-        let start = Instant::now();
-        // Two members last written 0.5 ms apart, within one period.
-        let a = on_room_grid(start, step, 0.25);
-        let b = on_room_grid(start + MS / 2, step, 0.25);
-        for due in [a, b] {
-            assert!(due >= start + step / 2 && due < start + MS / 2 + step * 3 / 2);
-        }
-        // Both on the room's grid: the same point, or a period apart.
-        assert_eq!((b - a).as_nanos() % step.as_nanos(), 0);
-        // Written at their due point (a little late, as a timer fires), the
-        // next is one period on.
-        let next = on_room_grid(a + MS / 5, step, 0.25);
-        assert_eq!(next, a + step);
-        // Another room's points are elsewhere in the period.
-        let other = on_room_grid(a + MS / 5, step, 0.75);
-        assert_ne!((other - a).as_nanos() % step.as_nanos(), 0);
     }
 }

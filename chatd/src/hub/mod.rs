@@ -32,7 +32,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -45,6 +45,7 @@ use crate::clock;
 use crate::cluster_state::{Claim, ClusterState, Kind, Reply, SingleNode};
 use crate::config::{Config, Limits};
 use crate::disconnect::Disconnect;
+use crate::grid::Grid;
 use crate::lock::{lock, read, write};
 use crate::outbox::{Outbox, Push};
 use crate::protocol::{self, users};

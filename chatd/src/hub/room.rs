@@ -31,12 +31,8 @@ pub struct Room {
     /// Cluster mode: clients waiting for that load to join the room; while
     /// there are some, the room is kept and subscribed.
     pub(super) waiting: AtomicUsize,
-    /// Where in each write-coalescing period this room's busy members are
-    /// written to, as a share of the period (see `connection::write`): the
-    /// same point for every member, so that their held writes fall on one
-    /// timer tick, and a different point for each room, so that many busy
-    /// rooms do not all write on the same tick.
-    pub write_phase: f32,
+    /// When the room's busy members are written to (see [`crate::grid`]).
+    pub grid: Arc<Grid>,
 }
 
 /// A room's budget of join/leave/rename notices: at most
@@ -63,14 +59,6 @@ pub(super) enum NoticeKind {
     Rename,
 }
 
-/// Spreads the rooms' write phases over the period: successive rooms step
-/// by the golden ratio, which leaves no two of the first few close together.
-fn next_write_phase() -> f32 {
-    static ROOMS: AtomicU32 = AtomicU32::new(0);
-    let n = ROOMS.fetch_add(1, Relaxed);
-    (n.wrapping_mul(0x9E37_79B9) as f64 / 4_294_967_296.0) as f32
-}
-
 impl Room {
     pub(super) fn new(name: &str) -> Self {
         Self {
@@ -82,7 +70,7 @@ impl Room {
             has_congested: AtomicBool::new(false),
             loaded: AtomicBool::new(false),
             waiting: AtomicUsize::new(0),
-            write_phase: next_write_phase(),
+            grid: Arc::new(Grid::new()),
             notices: Mutex::new(NoticeGate {
                 window: Instant::now(),
                 sent: 0,

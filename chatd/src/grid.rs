@@ -1,0 +1,400 @@
+//! A room's write grid: the points in time at which its busy members are
+//! written to, and the clock that wakes them there.
+//!
+//! A client receiving lines at the full rate has its writes held back and
+//! gathered (write coalescing, see `connection::write`). Its write is due on
+//! its room's grid — every `chat.write_coalesce_ms`, at the room's own phase
+//! in the period — so a room's busy members are all due at once and one
+//! wake-up writes them all.
+//!
+//! **Why a clock of its own.** The runtime's timers have a millisecond
+//! resolution: a deadline is rounded up to the next millisecond, and a
+//! worker parked on it wakes up to a millisecond after that, depending on
+//! when in its millisecond it parked. Writes due every 5 ms were therefore
+//! 4 to 6 ms apart, and a line waited up to a millisecond longer than the
+//! period at the tail. Each grid that has busy members waiting has a
+//! `timerfd` instead, precise to microseconds: a [`Grid::wait`] registers
+//! the member's task, and each expiry wakes every registered one. The
+//! clock stops after [`IDLE_TICKS`] ticks with no one waiting, and starts
+//! again on the next wait. Where a `timerfd` cannot be had (out of file
+//! descriptors), [`Grid::wait`] says so and the member falls back on the
+//! runtime's timer.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, Ordering::Relaxed, Ordering::SeqCst};
+use std::task::Context;
+use std::time::Duration;
+
+use rustix::time::{
+    Itimerspec, TimerfdClockId, TimerfdFlags, TimerfdTimerFlags, Timespec, timerfd_create,
+    timerfd_settime,
+};
+use tokio::io::Interest;
+use tokio::io::unix::AsyncFd;
+use tokio::sync::{Notify, futures::OwnedNotified};
+use tokio::time::Instant;
+use tracing::warn;
+
+/// Ticks in a row with no member waiting after which a grid's clock stops.
+pub const IDLE_TICKS: u32 = 64;
+
+/// The clock's states.
+const IDLE: u8 = 0;
+const TICKING: u8 = 1;
+/// No `timerfd` could be had: members use the runtime's timer.
+const UNAVAILABLE: u8 = 2;
+
+/// One room's grid. Shared by the room and its members' connections.
+#[derive(Debug)]
+pub struct Grid {
+    /// Where in each period the grid's points fall, as a share of the
+    /// period: a different point for each room, so that many busy rooms do
+    /// not all write on the same tick.
+    phase: f32,
+    /// Woken at every point while the clock runs.
+    tick: Arc<Notify>,
+    state: AtomicU8,
+    /// Whether a member has waited since the clock's last tick.
+    wanted: AtomicBool,
+}
+
+/// What [`Grid::wait`] did.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Wait {
+    /// The task will be woken at the grid's next point.
+    Registered,
+    /// The grid has no clock: wait with the runtime's timer.
+    Unavailable,
+}
+
+/// A member's place in the queue for a grid's next tick; kept across waits
+/// so that waiting allocates nothing.
+#[derive(Debug, Default)]
+pub struct Ticket {
+    /// The grid's `tick`, which `notified` keeps alive: a ticket taken in
+    /// another room (the member has moved) is never mistaken for this one.
+    tick: usize,
+    notified: Option<Pin<Box<OwnedNotified>>>,
+}
+
+impl Grid {
+    pub fn new() -> Self {
+        Self {
+            phase: next_phase(),
+            tick: Arc::new(Notify::new()),
+            state: AtomicU8::new(IDLE),
+            wanted: AtomicBool::new(false),
+        }
+    }
+
+    /// When a write to a busy member, last written at `last`, is due: the
+    /// first point of the grid (period `step`) at least half a period after
+    /// `last`. A member written on the grid is thus due a whole period
+    /// later, on the next point; one written off it (a write's worth
+    /// queued, or the first line after a quiet spell) joins the grid within
+    /// one and a half periods.
+    pub fn due(&self, last: Instant, step: Duration) -> Instant {
+        grid_point(self.origin(step), last + step / 2, step)
+    }
+
+    fn origin(&self, step: Duration) -> Instant {
+        static EPOCH: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+        *EPOCH.get_or_init(Instant::now) + step.mul_f32(self.phase.clamp(0.0, 1.0))
+    }
+
+    /// Registers the task of `cx` to be woken at the grid's next point,
+    /// starting the grid's clock (with period `step`, re-read from `period`
+    /// at every tick) if it is not running.
+    pub fn wait(
+        self: &Arc<Self>,
+        ticket: &mut Ticket,
+        cx: &mut Context<'_>,
+        period: impl Fn() -> Duration + Send + 'static,
+    ) -> Wait {
+        if self.state.load(Relaxed) == UNAVAILABLE {
+            return Wait::Unavailable;
+        }
+        let tick = Arc::as_ptr(&self.tick) as usize;
+        if ticket.tick != tick {
+            *ticket = Ticket {
+                tick,
+                notified: None,
+            };
+        }
+        let notified = ticket
+            .notified
+            .get_or_insert_with(|| Box::pin(self.tick.clone().notified_owned()));
+        if notified.as_mut().poll(cx).is_ready() {
+            // The tick this ticket was for has passed: take a place in the
+            // queue for the next one.
+            notified.set(self.tick.clone().notified_owned());
+            if notified.as_mut().poll(cx).is_ready() {
+                cx.waker().wake_by_ref();
+            }
+        }
+        // Ordered with the clock's stop (see `run`): either it sees this
+        // wait, or this sees it stopped and starts another.
+        if !self.wanted.load(Relaxed) {
+            self.wanted.store(true, SeqCst);
+        }
+        if self.state.load(SeqCst) == IDLE
+            && self
+                .state
+                .compare_exchange(IDLE, TICKING, SeqCst, SeqCst)
+                .is_ok()
+        {
+            tokio::spawn(Arc::clone(self).run(period));
+        }
+        Wait::Registered
+    }
+
+    /// The clock: a `timerfd` expiring at every point of the grid, each
+    /// expiry waking the members waiting for it.
+    async fn run(self: Arc<Self>, period: impl Fn() -> Duration) {
+        let timer = match Timer::new() {
+            Ok(timer) => timer,
+            Err(e) => return self.unavailable(&e),
+        };
+        let mut step = Duration::ZERO;
+        let mut idle = 0;
+        loop {
+            let now_step = period();
+            if now_step != step {
+                step = now_step;
+                if step.is_zero() {
+                    // Coalescing turned off: members no longer wait on
+                    // the grid.
+                    break;
+                }
+                if let Err(e) = timer.arm(self.origin(step), step) {
+                    return self.unavailable(&e);
+                }
+            }
+            if let Err(e) = timer.expired().await {
+                return self.unavailable(&e);
+            }
+            self.tick.notify_waiters();
+            if self.wanted.swap(false, SeqCst) {
+                idle = 0;
+                continue;
+            }
+            idle += 1;
+            if idle < IDLE_TICKS {
+                continue;
+            }
+            self.state.store(IDLE, SeqCst);
+            if self.wanted.load(SeqCst)
+                && self
+                    .state
+                    .compare_exchange(IDLE, TICKING, SeqCst, SeqCst)
+                    .is_ok()
+            {
+                // A member waited while the clock was stopping: go on.
+                idle = 0;
+                continue;
+            }
+            return;
+        }
+        self.state.store(IDLE, SeqCst);
+        self.tick.notify_waiters();
+    }
+
+    /// The clock failed: members use the runtime's timer from now on, and
+    /// those registered must not wait for a tick that will never come.
+    fn unavailable(&self, e: &std::io::Error) {
+        warn!(error = %e, "no timerfd for a room's write grid; using the runtime's timer");
+        self.state.store(UNAVAILABLE, SeqCst);
+        self.tick.notify_waiters();
+    }
+}
+
+impl Default for Grid {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// A non-blocking periodic `timerfd`, registered with the runtime.
+struct Timer(AsyncFd<std::os::fd::OwnedFd>);
+
+impl Timer {
+    fn new() -> std::io::Result<Self> {
+        let fd = timerfd_create(
+            TimerfdClockId::Monotonic,
+            TimerfdFlags::NONBLOCK | TimerfdFlags::CLOEXEC,
+        )?;
+        // Deprecated because a type could close or change the descriptor
+        // behind the reactor's back; an `OwnedFd` cannot, and its
+        // replacement is an `unsafe` call, which this crate does not allow.
+        #[allow(deprecated)]
+        let fd = AsyncFd::with_interest(fd, Interest::READABLE)?;
+        Ok(Self(fd))
+    }
+
+    /// Expires at every point of the grid `origin + k * step` from the next
+    /// one on.
+    fn arm(&self, origin: Instant, step: Duration) -> std::io::Result<()> {
+        let now = Instant::now();
+        // The clock and `Instant` are both CLOCK_MONOTONIC; arming relative
+        // to a `now` read before the call errs towards firing late by the
+        // call's microseconds, never early.
+        let first = grid_point(origin, now + Duration::from_micros(1), step) - now;
+        let spec = |d: Duration| Timespec::try_from(d).map_err(std::io::Error::other);
+        timerfd_settime(
+            self.0.get_ref(),
+            TimerfdTimerFlags::empty(),
+            &Itimerspec {
+                it_interval: spec(step)?,
+                it_value: spec(first)?,
+            },
+        )?;
+        Ok(())
+    }
+
+    /// Waits for the next expiry (or returns at once for missed ones).
+    async fn expired(&self) -> std::io::Result<()> {
+        loop {
+            let mut ready = self.0.readable().await?;
+            let mut count = [0u8; 8];
+            match ready.try_io(|fd| Ok(rustix::io::read(fd.get_ref(), &mut count)?)) {
+                Ok(Ok(_)) => return Ok(()),
+                Ok(Err(e)) => return Err(e),
+                Err(_would_block) => continue,
+            }
+        }
+    }
+}
+
+/// Spreads the rooms' phases over the period: successive rooms step by the
+/// golden ratio, which leaves no two of the first few close together.
+fn next_phase() -> f32 {
+    static ROOMS: AtomicU32 = AtomicU32::new(0);
+    let n = ROOMS.fetch_add(1, Relaxed);
+    (n.wrapping_mul(0x9E37_79B9) as f64 / 4_294_967_296.0) as f32
+}
+
+/// The first point at or after `t` of the grid `origin + k * step`
+/// (points before `origin` count too).
+fn grid_point(origin: Instant, t: Instant, step: Duration) -> Instant {
+    let step_ns = step.as_nanos().max(1);
+    if t <= origin {
+        let back = (origin - t).as_nanos() / step_ns;
+        return origin - Duration::from_nanos((back * step_ns) as u64);
+    }
+    let ahead = (t - origin).as_nanos().div_ceil(step_ns);
+    origin + Duration::from_nanos((ahead * step_ns) as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::task::Poll;
+
+    const MS: Duration = Duration::from_millis(1);
+
+    #[test]
+    fn grid_points_are_the_first_at_or_after() {
+        let origin = Instant::now() + 100 * MS;
+        assert_eq!(grid_point(origin, origin, 6 * MS), origin);
+        assert_eq!(grid_point(origin, origin + MS, 6 * MS), origin + 6 * MS);
+        assert_eq!(
+            grid_point(origin, origin + 12 * MS, 6 * MS),
+            origin + 12 * MS
+        );
+        // Before the origin, the grid goes on backwards.
+        assert_eq!(grid_point(origin, origin - 5 * MS, 6 * MS), origin);
+        assert_eq!(grid_point(origin, origin - 6 * MS, 6 * MS), origin - 6 * MS);
+        assert_eq!(grid_point(origin, origin - 7 * MS, 6 * MS), origin - 6 * MS);
+    }
+
+    #[test]
+    fn busy_members_of_a_room_share_due_points_a_period_apart() {
+        let step = 6 * MS;
+        let room = Grid::new();
+        let start = Instant::now();
+        // Two members last written 0.5 ms apart, within one period.
+        let a = room.due(start, step);
+        let b = room.due(start + MS / 2, step);
+        for due in [a, b] {
+            assert!(due >= start + step / 2 && due < start + MS / 2 + step * 3 / 2);
+        }
+        // Both on the room's grid: the same point, or a period apart.
+        assert_eq!((b - a).as_nanos() % step.as_nanos(), 0);
+        // Written at their due point (a little late, as a timer fires), the
+        // next is one period on.
+        assert_eq!(room.due(a + MS / 5, step), a + step);
+    }
+
+    #[test]
+    fn rooms_have_their_points_elsewhere_in_the_period() {
+        let step = 6 * MS;
+        let (one, other) = (Grid::new(), Grid::new());
+        let start = Instant::now();
+        let (a, b) = (one.due(start, step), other.due(start, step));
+        let apart = a.max(b) - a.min(b);
+        assert_ne!(apart.as_nanos() % step.as_nanos(), 0);
+    }
+
+    /// The clock wakes a waiting task at the grid's points: within a
+    /// fraction of a millisecond of each, where the runtime's timer is up
+    /// to two milliseconds late.
+    #[tokio::test]
+    async fn the_clock_wakes_waiters_on_the_points() {
+        let grid = Arc::new(Grid::new());
+        let step = 3 * MS;
+        let mut ticket = Ticket::default();
+        let mut late = Vec::new();
+        let mut last = Instant::now();
+        for _ in 0..40 {
+            let due = grid.due(last, step);
+            std::future::poll_fn(|cx| {
+                if Instant::now() >= due {
+                    return Poll::Ready(());
+                }
+                assert_eq!(grid.wait(&mut ticket, cx, move || step), Wait::Registered);
+                Poll::Pending
+            })
+            .await;
+            last = Instant::now();
+            late.push(last - due);
+        }
+        late.sort();
+        let median = late[late.len() / 2];
+        assert!(median < MS / 4, "woken {median:?} after the point");
+    }
+
+    /// With no one waiting, the clock stops, and a new wait starts it.
+    #[tokio::test]
+    async fn the_clock_stops_when_idle_and_restarts() {
+        let grid = Arc::new(Grid::new());
+        let step = MS;
+        let mut ticket = Ticket::default();
+        async fn wait_once(grid: &Arc<Grid>, ticket: &mut Ticket, step: Duration) {
+            let due = grid.due(Instant::now(), step);
+            std::future::poll_fn(|cx| {
+                if Instant::now() >= due {
+                    return Poll::Ready(());
+                }
+                grid.wait(ticket, cx, move || step);
+                Poll::Pending
+            })
+            .await
+        }
+        let within = Duration::from_secs(5);
+        tokio::time::timeout(within, wait_once(&grid, &mut ticket, step))
+            .await
+            .expect("woken by the clock");
+        let stopped = async {
+            while grid.state.load(SeqCst) != IDLE {
+                tokio::time::sleep(step * 8).await;
+            }
+        };
+        tokio::time::timeout(within, stopped)
+            .await
+            .expect("the clock stops when idle");
+        tokio::time::timeout(within, wait_once(&grid, &mut ticket, step))
+            .await
+            .expect("woken by a restarted clock");
+    }
+}
