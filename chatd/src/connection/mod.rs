@@ -17,7 +17,7 @@
 //!   quiet spell leaves at once and only a busy client trades a few
 //!   milliseconds for fewer wake-ups and syscalls. Busy clients are written
 //!   on their room's grid of that period, so a room's held writes all fall
-//!   on one timer tick (`write::on_room_grid`).
+//!   due at one instant, when the grid's clock wakes them ([`crate::grid`]).
 //!
 //! Nothing here blocks on another client. A client that stops reading only
 //! stops its own writes; its outbox fills and the hub cuts it off. A client

@@ -7,14 +7,16 @@ impl<S: Socket> Connection<S> {
     /// (the window, up to `chat.write_coalesce_ms`, grows with their rate
     /// and has not passed since the last write), so more will join them,
     /// and what is queued is still too little to be worth a syscall of its
-    /// own. Arms the timer that wakes the task when the write is due; until
+    /// own. Arranges for the task to be woken when the write is due; until
     /// then, lines pushed meanwhile do not wake the task.
     ///
     /// A client at the full rate is written to on its room's grid (see
-    /// [`on_room_grid`]), not a window after its own last write: then every
-    /// busy member of a room is due on the same timer tick, and one worker
-    /// wake-up writes them all, where per-client windows spread the room's
-    /// writes over every millisecond tick and woke the second worker on each.
+    /// [`crate::grid`]), not a window after its own last write: then every
+    /// busy member of a room is due at the same instant, and one wake-up
+    /// writes them all, where per-client windows spread the room's writes
+    /// over every millisecond and woke the second worker on each. The grid's
+    /// clock wakes it; slower clients, and all where the grid has no clock,
+    /// use the runtime's timer.
     pub(super) fn hold_write(&mut self, cx: &mut Context<'_>) -> bool {
         let Some(last) = self.last_write else {
             return false;
