@@ -104,7 +104,7 @@ impl Default for RawChat {
             default_room: "lobby".into(),
             history: 20,
             backlog: 4096,
-            write_coalesce_ms: 5,
+            write_coalesce_ms: 11,
         }
     }
 }

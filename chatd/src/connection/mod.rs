@@ -16,8 +16,10 @@
 //!   `chat.write_coalesce_ms` at `COALESCE_FULL_RATE`, so a line after a
 //!   quiet spell leaves at once and only a busy client trades a few
 //!   milliseconds for fewer wake-ups and syscalls. Busy clients are written
-//!   on their room's grid of that period, so a room's held writes all fall
-//!   due at one instant, when the grid's clock wakes them ([`crate::grid`]).
+//!   on their room's grid, whose period shortens again as the rate rises
+//!   further (a write already carries enough lines), so a room's held
+//!   writes all fall due at one instant, when the grid's clock wakes them
+//!   ([`crate::grid`]).
 //!
 //! Nothing here blocks on another client. A client that stops reading only
 //! stops its own writes; its outbox fills and the hub cuts it off. A client
@@ -66,11 +68,11 @@ const IOV_MAX: usize = 64;
 /// Queued bytes that make a write worth its syscall: write coalescing
 /// never holds back more.
 const COALESCE_ENOUGH: usize = 8 * 1024;
-/// Lines per second into one client at and above which write coalescing
-/// holds writes for the whole `chat.write_coalesce_ms`; below, the window
-/// shrinks in proportion, so a client that gets a line now and then (whose
-/// writes would gather little) gets it at once.
-const COALESCE_FULL_RATE: f32 = 1000.0;
+/// Lines per second into one client at and above which it is written on
+/// its room's grid ([`crate::grid::FULL_RATE`]); below, the window shrinks
+/// in proportion to the rate, so a client that gets a line now and then
+/// (whose writes would gather little) gets it at once.
+const COALESCE_FULL_RATE: f32 = crate::grid::FULL_RATE;
 /// How long a closing connection may take to flush its last lines when the
 /// client is slow to read them.
 const CLOSE_FLUSH: Duration = Duration::from_secs(5);

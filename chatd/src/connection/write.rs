@@ -28,7 +28,8 @@ impl<S: Socket> Connection<S> {
         let share = self.arrivals / COALESCE_FULL_RATE;
         let on_grid = share >= 1.0;
         let due = if on_grid {
-            self.room.grid.due(last, budget)
+            let step = self.room.grid.step(budget, self.arrivals);
+            self.room.grid.due(last, step)
         } else {
             last + budget.mul_f32(share)
         };
@@ -41,13 +42,9 @@ impl<S: Socket> Connection<S> {
         if held >= COALESCE_ENOUGH {
             return false;
         }
-        if on_grid {
-            let hub = self.hub.clone();
-            let period = move || hub.write_coalesce();
-            if self.room.grid.wait(&mut self.ticket, cx, period) == Wait::Registered {
-                self.client.outbox.wake_only_at(COALESCE_ENOUGH - held);
-                return true;
-            }
+        if on_grid && self.room.grid.wait(&mut self.ticket, cx, &self.hub) == Wait::Registered {
+            self.client.outbox.wake_only_at(COALESCE_ENOUGH - held);
+            return true;
         }
         let gate = self
             .write_gate

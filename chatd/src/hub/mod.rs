@@ -45,7 +45,7 @@ use crate::clock;
 use crate::cluster_state::{Claim, ClusterState, Kind, Reply, SingleNode};
 use crate::config::{Config, Limits};
 use crate::disconnect::Disconnect;
-use crate::grid::Grid;
+use crate::grid::{Grid, Period};
 use crate::lock::{lock, read, write};
 use crate::outbox::{Outbox, Push};
 use crate::protocol::{self, users};
@@ -507,3 +507,10 @@ pub use room::*;
 
 #[cfg(test)]
 mod tests;
+
+/// A room's grid ticks at `chat.write_coalesce_ms`, as it is now.
+impl Period for Hub {
+    fn period(&self) -> Duration {
+        self.write_coalesce()
+    }
+}
