@@ -452,6 +452,60 @@ mod tests {
         );
     }
 
+    #[test]
+    fn the_period_shortens_with_the_square_root_of_the_rate() {
+        let longest = 11 * MS;
+        assert_eq!(period_for(longest, 0.0), longest);
+        assert_eq!(period_for(longest, FULL_RATE), longest);
+        // Four times the rate, half the period.
+        let at_4k = period_for(longest, 4.0 * FULL_RATE);
+        assert!(at_4k.abs_diff(longest / 2) < Duration::from_micros(1));
+        let at_5k = period_for(longest, 5.0 * FULL_RATE);
+        assert!(at_5k > 4 * MS && at_5k < 5 * MS, "{at_5k:?}");
+        // Never under a tenth, however fast lines come.
+        let burst = period_for(longest, 1e9);
+        assert!(burst.abs_diff(longest / 10) < Duration::from_micros(1));
+    }
+
+    /// The clock ticks at the period of the rate its members report, and
+    /// moves when the rate does.
+    #[tokio::test]
+    async fn the_clock_follows_the_members_rate() {
+        let grid = Arc::new(Grid::new());
+        let longest = 8 * MS;
+        let mut ticket = Ticket::default();
+        /// Waits for three points as a member at `rate`; the period then.
+        async fn step_at(
+            grid: &Arc<Grid>,
+            ticket: &mut Ticket,
+            longest: Duration,
+            rate: f32,
+        ) -> Duration {
+            for _ in 0..3 {
+                let due = grid.due(Instant::now(), grid.step(longest, rate));
+                std::future::poll_fn(|cx| {
+                    if Instant::now() >= due {
+                        return Poll::Ready(());
+                    }
+                    grid.wait(ticket, cx, &longest);
+                    Poll::Pending
+                })
+                .await;
+            }
+            grid.step(longest, rate)
+        }
+        let within = Duration::from_secs(5);
+        let slow =
+            tokio::time::timeout(within, step_at(&grid, &mut ticket, longest, FULL_RATE)).await;
+        assert_eq!(slow.expect("ticks"), longest);
+        let fast = tokio::time::timeout(
+            within,
+            step_at(&grid, &mut ticket, longest, 16.0 * FULL_RATE),
+        )
+        .await;
+        assert_eq!(fast.expect("ticks"), longest / 4);
+    }
+
     /// With no one waiting, the clock stops, and a new wait starts it.
     #[tokio::test]
     async fn the_clock_stops_when_idle_and_restarts() {
