@@ -3,9 +3,10 @@
 //!
 //! A client receiving lines at the full rate has its writes held back and
 //! gathered (write coalescing, see `connection::write`). Its write is due on
-//! its room's grid — every `chat.write_coalesce_ms`, at the room's own phase
-//! in the period — so a room's busy members are all due at once and one
-//! wake-up writes them all.
+//! its room's grid — a point every period, at the room's own phase in it —
+//! so a room's busy members are all due at once and one wake-up writes them
+//! all. The period is `chat.write_coalesce_ms` at 1,000 lines/s and shorter
+//! at higher rates ([`period_for`]), one for the whole room.
 //!
 //! **Why a clock of its own.** The runtime's timers have a millisecond
 //! resolution: a deadline is rounded up to the next millisecond, and a
