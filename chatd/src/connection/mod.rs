@@ -13,7 +13,7 @@
 //!   a window apart unless a write's worth (`COALESCE_ENOUGH`) is queued:
 //!   what arrives meanwhile waits, without waking the task, and leaves in
 //!   the next write. The window grows with the client's line rate, up to
-//!   `chat.write_coalesce_ms` at `COALESCE_FULL_RATE`, so a line after a
+//!   `chat.write_coalesce_ms` at `grid::FULL_RATE`, so a line after a
 //!   quiet spell leaves at once and only a busy client trades a few
 //!   milliseconds for fewer wake-ups and syscalls. Busy clients are written
 //!   on their room's grid, whose period shortens again as the rate rises
@@ -68,11 +68,6 @@ const IOV_MAX: usize = 64;
 /// Queued bytes that make a write worth its syscall: write coalescing
 /// never holds back more.
 const COALESCE_ENOUGH: usize = 8 * 1024;
-/// Lines per second into one client at and above which it is written on
-/// its room's grid ([`crate::grid::FULL_RATE`]); below, the window shrinks
-/// in proportion to the rate, so a client that gets a line now and then
-/// (whose writes would gather little) gets it at once.
-const COALESCE_FULL_RATE: f32 = crate::grid::FULL_RATE;
 /// How long a closing connection may take to flush its last lines when the
 /// client is slow to read them.
 const CLOSE_FLUSH: Duration = Duration::from_secs(5);

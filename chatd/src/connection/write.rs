@@ -25,7 +25,10 @@ impl<S: Socket> Connection<S> {
         if budget.is_zero() {
             return false;
         }
-        let share = self.arrivals / COALESCE_FULL_RATE;
+        // At and above the full rate, the room's grid; below, a window
+        // shrinking with the rate, so that a client that gets a line now and
+        // then (whose writes would gather little) gets it at once.
+        let share = self.arrivals / crate::grid::FULL_RATE;
         let on_grid = share >= 1.0;
         let due = if on_grid {
             let step = self.room.grid.step(budget, self.arrivals);
