@@ -24,7 +24,7 @@
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{
-    AtomicBool, AtomicU8, AtomicU32, AtomicU64, Ordering::Relaxed, Ordering::SeqCst,
+    AtomicBool, AtomicU8, AtomicU32, AtomicU64, AtomicUsize, Ordering::Relaxed, Ordering::SeqCst,
 };
 use std::task::Context;
 use std::time::Duration;
@@ -175,20 +175,26 @@ impl Grid {
         if !self.wanted.load(Relaxed) {
             self.wanted.store(true, SeqCst);
         }
-        if self.state.load(SeqCst) == IDLE
-            && self
+        if self.state.load(SeqCst) == IDLE {
+            // Out of clocks: this wait uses the runtime's timer; a later one
+            // tries again.
+            let Some(slot) = ClockSlot::take() else {
+                return Wait::Unavailable;
+            };
+            if self
                 .state
                 .compare_exchange(IDLE, TICKING, SeqCst, SeqCst)
                 .is_ok()
-        {
-            tokio::spawn(Arc::clone(self).run(period.clone()));
+            {
+                tokio::spawn(Arc::clone(self).run(period.clone(), slot));
+            }
         }
         Wait::Registered
     }
 
     /// The clock: a `timerfd` expiring at every point of the grid, each
     /// expiry waking the members waiting for it.
-    async fn run(self: Arc<Self>, period: impl Period) {
+    async fn run(self: Arc<Self>, period: impl Period, _slot: ClockSlot) {
         let timer = match Timer::new() {
             Ok(timer) => timer,
             Err(e) => return self.unavailable(&e),
@@ -258,6 +264,35 @@ impl Grid {
 impl Default for Grid {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+/// Most grid clocks running at once in the process. Each holds a file
+/// descriptor, which comes out of the descriptors kept for everything but
+/// clients (`server::reserved_files` counts them): busy rooms past this
+/// many use the runtime's timer.
+pub const MAX_CLOCKS: usize = 8;
+
+/// One of the [`MAX_CLOCKS`], held by a running clock.
+#[derive(Debug)]
+struct ClockSlot;
+
+static CLOCKS: AtomicUsize = AtomicUsize::new(0);
+
+impl ClockSlot {
+    fn take() -> Option<Self> {
+        let taken = CLOCKS.fetch_add(1, SeqCst);
+        if taken >= MAX_CLOCKS {
+            CLOCKS.fetch_sub(1, SeqCst);
+            return None;
+        }
+        Some(ClockSlot)
+    }
+}
+
+impl Drop for ClockSlot {
+    fn drop(&mut self) {
+        CLOCKS.fetch_sub(1, SeqCst);
     }
 }
 

@@ -187,10 +187,11 @@ pub fn raise_file_limit() -> u64 {
 
 /// Descriptors kept for everything but chat clients: listeners, the admin
 /// and metrics connections (each capped by its own limit), the journal,
-/// files, and a margin for refusing a client with one line. An eighth of the
-/// limit, between 16 and 256.
+/// files, and a margin for refusing a client with one line (an eighth of the
+/// limit, between 16 and 256), plus the busy rooms' write clocks
+/// ([`crate::grid::MAX_CLOCKS`]).
 pub fn reserved_files(open_files: u64) -> u64 {
-    (open_files / 8).clamp(16, 256)
+    (open_files / 8).clamp(16, 256) + crate::grid::MAX_CLOCKS as u64
 }
 
 /// How many chat clients `open_files` descriptors can serve.
