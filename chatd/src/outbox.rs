@@ -10,12 +10,18 @@
 //! the time, so cutting on bytes alone cuts healthy readers. The policy:
 //!
 //! - above a quarter of `limit` a client is *congested*. While it is still
-//!   making progress (it read [`PROGRESS_BYTES`] within the last
-//!   [`PROGRESS_WINDOW`], i.e. at least 80 KB/s), a push reports
-//!   [`Push::Congested`]; the sender, and every other sender of its room
-//!   before its next read, pause until this client drains to an eighth of
-//!   `limit`: the burst waits in the senders' kernel buffers, at the pace of
-//!   the readers, and nothing is lost.
+//!   reading, a push reports [`Push::Congested`]; the sender, and every
+//!   other sender of its room before its next read, pause until this client
+//!   drains to an eighth of `limit`: the burst waits in the senders' kernel
+//!   buffers, at the pace of the readers, and nothing is lost.
+//! - whether a client still reads is judged by its socket, never by how
+//!   long its lines have waited: only a socket that refused bytes (the
+//!   client's kernel buffers are full) shows that the client may have
+//!   stopped. From that moment it must take [`PROGRESS_BYTES`] within
+//!   [`PROGRESS_WINDOW`] (80 KB/s) to count as reading. Lines that wait
+//!   because the client's connection has not had a worker yet (chatd is
+//!   busy, a burst is being fanned out) are chatd's delay, not the
+//!   client's; they count against it only past [`CHATD_LATE`].
 //! - a client that reads slower than that, or not at all, never slows a
 //!   sender; it is cut as a slow consumer when it owes `limit` bytes (the
 //!   memory bound) or when it has owed something without making progress
@@ -48,6 +54,12 @@ pub const PROGRESS_WINDOW: Duration = Duration::from_millis(50);
 /// byte now and then, as a hostile reader would do) does not hold senders
 /// back.
 pub const PROGRESS_BYTES: usize = 4 * 1024;
+/// How long a client whose socket refused nothing still counts as reading
+/// while it takes nothing: its connection is waiting for a worker, which
+/// on a busy machine can take a few hundred milliseconds in a burst. A
+/// bound all the same, so that a connection held up for any reason never
+/// holds its room back for good.
+pub const CHATD_LATE: Duration = Duration::from_secs(1);
 
 /// The share of the queue limit above which a reading client slows its
 /// senders down (1/4), and below which they resume (1/8).
@@ -86,6 +98,11 @@ struct State {
     progress: Option<Instant>,
     /// Bytes written since `progress` was last set.
     since_progress: usize,
+    /// When the socket refused bytes, while the client has not taken
+    /// [`PROGRESS_BYTES`] since: the clock of "has it stopped reading?".
+    refused: Option<Instant>,
+    /// Bytes taken since the socket last refused some.
+    since_refused: usize,
     /// Totals for the admin API: lines queued, bytes written.
     lines_out: u64,
     bytes_out: u64,
@@ -143,8 +160,7 @@ impl Outbox {
         s.queued += bytes.len();
         s.lines_out += lines;
         s.queue.push_back(bytes);
-        let congested = s.owed > limit / CONGESTED_DIVISOR
-            && s.progress.is_some_and(|t| t.elapsed() < PROGRESS_WINDOW);
+        let congested = s.owed > limit / CONGESTED_DIVISOR && s.reading();
         if s.queued >= s.wake_at {
             wake(s);
         }
@@ -158,9 +174,13 @@ impl Outbox {
     /// Whether the client is behind (over a quarter of `limit`) but still
     /// reading.
     pub fn congested(&self, limit: usize) -> bool {
+        self.congested_owed(limit).is_some()
+    }
+
+    /// What the client owes, if it is behind but still reading.
+    pub fn congested_owed(&self, limit: usize) -> Option<usize> {
         let s = self.lock();
-        s.owed > limit / CONGESTED_DIVISOR
-            && s.progress.is_some_and(|t| t.elapsed() < PROGRESS_WINDOW)
+        (s.owed > limit / CONGESTED_DIVISOR && s.reading()).then_some(s.owed)
     }
 
     /// For a paused sender: whether this client has drained below an
@@ -168,10 +188,7 @@ impl Outbox {
     /// the pause. If not, `waker` is woken when it does drain.
     pub fn drained_or_wait(&self, limit: usize, waker: &Waker) -> bool {
         let mut s = self.lock();
-        if s.closed.is_some()
-            || s.owed <= limit / DRAINED_DIVISOR
-            || s.progress.is_none_or(|t| t.elapsed() >= PROGRESS_WINDOW)
-        {
+        if s.closed.is_some() || s.owed <= limit / DRAINED_DIVISOR || !s.reading() {
             return true;
         }
         if !s.drain_waiters.iter().any(|w| w.will_wake(waker))
@@ -247,11 +264,24 @@ impl Outbox {
             s.progress = Some(Instant::now());
             s.since_progress = 0;
         }
+        s.since_refused += n;
+        if s.owed == 0 || s.since_refused >= PROGRESS_BYTES {
+            s.refused = None;
+        }
         if !s.drain_waiters.is_empty() && s.owed <= limit / DRAINED_DIVISOR {
             let waiters = std::mem::take(&mut s.drain_waiters);
             drop(s);
             waiters.into_iter().for_each(Waker::wake);
         }
+    }
+
+    /// Records that the socket refused bytes: the client's kernel buffers
+    /// are full, and it now has [`PROGRESS_WINDOW`] to take
+    /// [`PROGRESS_BYTES`] or count as no longer reading.
+    pub fn refused(&self) {
+        let mut s = self.lock();
+        s.refused.get_or_insert_with(Instant::now);
+        s.since_refused = 0;
     }
 
     /// How long the client has owed bytes without writing any; `None` when
@@ -290,6 +320,16 @@ impl Outbox {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         crate::lock::lock(&self.state)
+    }
+}
+
+impl State {
+    /// Whether the client counts as still reading (see the module doc).
+    fn reading(&self) -> bool {
+        match self.refused {
+            Some(t) => t.elapsed() < PROGRESS_WINDOW,
+            None => self.progress.is_none_or(|t| t.elapsed() < CHATD_LATE),
+        }
     }
 }
 
@@ -408,9 +448,11 @@ mod tests {
         for _ in 0..5 {
             o.push(kib.clone(), 16 * 1024);
         }
+        // Its socket refuses bytes, then takes none for longer than the
+        // window: queued, not congested, and a paused sender is released at
+        // once.
+        o.refused();
         std::thread::sleep(PROGRESS_WINDOW + Duration::from_millis(50));
-        // No byte written for longer than the window: queued, not congested,
-        // and a paused sender is released at once.
         assert_eq!(o.push(kib.clone(), 16 * 1024), Push::Queued);
         let waker = Waker::from(std::sync::Arc::new(Count(0.into())));
         assert!(o.drained_or_wait(16 * 1024, &waker));
@@ -422,5 +464,57 @@ mod tests {
         }
         assert_eq!(last, Push::Closed);
         assert!(o.owed() <= 16 * 1024);
+    }
+
+    const MIB: usize = 1024 * 1024;
+
+    /// Pushes 64 KiB blocks until `o` owes more than a quarter of 1 MiB.
+    fn fill_past_a_quarter(o: &Outbox) {
+        let block = Bytes::from(vec![b'x'; 64 * 1024]);
+        while o.owed() <= MIB / CONGESTED_DIVISOR {
+            o.push(block.clone(), MIB);
+        }
+    }
+
+    fn released(o: &Outbox) -> bool {
+        let waker = Waker::from(std::sync::Arc::new(Count(0.into())));
+        o.drained_or_wait(MIB, &waker)
+    }
+
+    #[test]
+    fn lines_waiting_for_chatd_do_not_make_a_client_a_stopped_one() {
+        // Its connection has had no worker to write for a while (chatd is
+        // busy): no sign that the client stopped reading.
+        let o = Outbox::new();
+        fill_past_a_quarter(&o);
+        std::thread::sleep(PROGRESS_WINDOW * 2);
+        assert_eq!(o.push(Bytes::from_static(b"x"), MIB), Push::Congested);
+        assert!(!released(&o));
+        // Up to a bound.
+        std::thread::sleep(CHATD_LATE);
+        assert_eq!(o.push(Bytes::from_static(b"x"), MIB), Push::Queued);
+        assert!(released(&o));
+    }
+
+    #[test]
+    fn only_taking_enough_after_a_refusal_keeps_a_client_reading() {
+        let o = Outbox::new();
+        fill_past_a_quarter(&o);
+        // Its buffers fill, and it takes a trickle between refusals: the
+        // clock runs from the first refusal.
+        o.refused();
+        for _ in 0..3 {
+            o.written(PROGRESS_BYTES / 4, MIB);
+            o.refused();
+        }
+        std::thread::sleep(PROGRESS_WINDOW * 2);
+        assert_eq!(o.push(Bytes::from_static(b"x"), MIB), Push::Queued);
+        assert!(released(&o));
+        // Taking enough starts it afresh.
+        o.written(PROGRESS_BYTES, MIB);
+        fill_past_a_quarter(&o);
+        assert_eq!(o.push(Bytes::from_static(b"x"), MIB), Push::Congested);
+        o.refused();
+        assert!(!released(&o));
     }
 }

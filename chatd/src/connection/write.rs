@@ -91,7 +91,11 @@ impl<S: Socket> Connection<S> {
             }
             let mut written = match self.stream.try_write_vectored(&slices[..count]) {
                 Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    // Its buffers are full: whether it reads shows next.
+                    self.client.outbox.refused();
+                    return Ok(());
+                }
                 Err(e) => return Err(e),
             };
             self.client.outbox.written(written, self.hub.queue_limit());

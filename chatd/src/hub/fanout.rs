@@ -32,6 +32,8 @@ pub struct Fanout {
     pub reached: usize,
     /// A recipient that is behind but still reading (the most behind one).
     pub congested: Option<Arc<Client>>,
+    /// What it owed then.
+    pub owed: usize,
 }
 
 /// Pushes `batch` to every member but `from`. Never blocks: a member too far
@@ -45,15 +47,14 @@ pub(super) fn fan_out_to(
     limit: usize,
 ) -> Fanout {
     let mut fanout = Fanout::default();
-    let mut worst = 0;
     for member in members.iter().filter(|m| m.id != from) {
         match member.outbox.push_lines(batch.clone(), lines, limit) {
             Push::Queued => fanout.reached += 1,
             Push::Congested => {
                 fanout.reached += 1;
                 let owed = member.outbox.owed();
-                if owed > worst {
-                    worst = owed;
+                if owed > fanout.owed {
+                    fanout.owed = owed;
                     fanout.congested = Some(member.clone());
                 }
             }
@@ -188,7 +189,7 @@ impl Hub {
         room.remember(&batch, lines, config.chat.history);
         drop(members);
         if let Some(member) = &fanout.congested {
-            room.mark_congested(member);
+            room.mark_congested(member, fanout.owed);
         }
         self.shared.stats.published(lines, fanout.reached);
         self.shared.stats.fan_out_latency.observe(started.elapsed());

@@ -18,11 +18,14 @@ pub struct Room {
     pub(super) history: Mutex<VecDeque<Bytes>>,
     pub(super) messages: AtomicU64,
     pub(super) notices: Mutex<NoticeGate>,
-    /// A member that is behind but still reading, if any: every sender of
-    /// the room pauses before its next read until it drains (flow control,
-    /// see [`crate::outbox`]). Checking before reading, not only after
-    /// publishing, is what keeps many senders from overrunning a reader
-    /// with one batch each. `has_congested` is the hot path's cheap look.
+    /// The member most behind among those behind but still reading, if
+    /// any: every sender of the room pauses before its next read until it
+    /// drains (flow control, see [`crate::outbox`]). Checking before
+    /// reading, not only after publishing, is what keeps many senders from
+    /// overrunning a reader with one batch each; waiting for the one most
+    /// behind, not the first found, keeps a member whose connection waits
+    /// long for a worker from getting a batch each time another drains.
+    /// `has_congested` is the hot path's cheap look.
     pub(super) congested: Mutex<Option<Arc<Client>>>,
     pub(super) has_congested: AtomicBool,
     /// Cluster mode: whether the room's cluster-wide history has been
@@ -94,16 +97,50 @@ impl Room {
         lock(&self.congested).clone()
     }
 
-    pub(super) fn mark_congested(&self, member: &Arc<Client>) {
+    /// Makes `member`, which owes `owed` bytes, the one senders wait for,
+    /// unless the one they wait for owes more.
+    pub(super) fn mark_congested(&self, member: &Arc<Client>, owed: usize) {
         let mut congested = lock(&self.congested);
-        if congested.is_none() {
+        if congested
+            .as_ref()
+            .is_none_or(|c| c.id != member.id && c.outbox.owed() < owed)
+        {
             *congested = Some(member.clone());
             self.has_congested.store(true, Relaxed);
         }
     }
 
-    /// Forgets `member` as the room's congested member (it drained, stopped
-    /// reading, or left).
+    /// Forgets `member`, which drained or stopped reading, as the member
+    /// senders wait for, and puts in its place the one most behind among
+    /// the others still behind and reading, if any. Several members can be
+    /// behind at once (in a burst, their connections wait for a worker in
+    /// turn): releasing the senders when the first of them drains would
+    /// hand each of the others one more batch per sender. One scan of the
+    /// members per drained member: whoever is released first does it.
+    pub fn pass_congested(&self, member: &Client, limit: usize) {
+        if self.congested_member().is_none_or(|c| c.id != member.id) {
+            return;
+        }
+        let next = {
+            let members = read(&self.members);
+            let mut worst: Option<(&Arc<Client>, usize)> = None;
+            for m in members.iter().filter(|m| m.id != member.id) {
+                if let Some(owed) = m.outbox.congested_owed(limit)
+                    && worst.is_none_or(|(_, w)| owed > w)
+                {
+                    worst = Some((m, owed));
+                }
+            }
+            worst.map(|(m, _)| Arc::clone(m))
+        };
+        let mut congested = lock(&self.congested);
+        if congested.as_ref().is_some_and(|c| c.id == member.id) {
+            self.has_congested.store(next.is_some(), Relaxed);
+            *congested = next;
+        }
+    }
+
+    /// Forgets `member` as the room's congested member (it left).
     pub fn clear_congested(&self, member: &Client) {
         let mut congested = lock(&self.congested);
         if congested.as_ref().is_some_and(|c| c.id == member.id) {

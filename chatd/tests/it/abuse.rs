@@ -84,7 +84,24 @@ async fn attacker(ip: &str, server: &TestServer) -> tokio::net::tcp::OwnedWriteH
 // for the test process too.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_burst_from_many_connections_cuts_no_reader() {
-    let server = defaults();
+    burst_from_many_connections(defaults()).await;
+}
+
+/// The same burst on a chatd with one worker thread: a reader's connection
+/// waits behind the senders' for its turn to write, its lines piling up
+/// meanwhile. That wait is chatd's, not the reader's: it must not count as
+/// the reader having stopped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_on_a_busy_chatd_cuts_no_reader() {
+    burst_from_many_connections(TestServer::with_env(&[
+        ("CHATD_LIMITS__MAX_CLIENTS_PER_IP", "32"),
+        ("CHATD_LIMITS__CONNECT_RATE_PER_IP", "10"),
+        ("CHATD_SERVER__WORKER_THREADS", "1"),
+    ]))
+    .await;
+}
+
+async fn burst_from_many_connections(server: TestServer) {
     let mut readers = Vec::new();
     for _ in 0..3 {
         let (mut r, _) = server.join().await;
