@@ -308,7 +308,8 @@ pub struct Tally {
     /// The longest time between two reads that returned data, from the
     /// first delivery on: how long this reader left its socket alone. A
     /// reader starved of CPU for longer than chatd's progress window (50 ms)
-    /// no longer counts as reading there (see chatd's outbox).
+    /// after its buffers filled no longer counts as reading there (see
+    /// chatd's outbox).
     pub longest_gap_ns: u64,
 }
 

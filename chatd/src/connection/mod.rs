@@ -496,11 +496,11 @@ impl<S: Socket> Connection<S> {
         // that is behind but reading. Checked again after each pause, so
         // senders released together do not all publish at once into a
         // queue that is filling up again.
-        let limit = self.hub.queue_limit();
         loop {
             if self.pause.is_none()
                 && let Some(member) = self.room.congested_member()
             {
+                let limit = self.hub.queue_limit();
                 if member.id != self.client.id {
                     self.pause_for(member);
                 } else if !self.client.outbox.congested(limit) {
@@ -513,6 +513,7 @@ impl<S: Socket> Connection<S> {
             let Some(pause) = &mut self.pause else {
                 break;
             };
+            let limit = self.hub.queue_limit();
             if pause.on.outbox.drained_or_wait(limit, cx.waker()) {
                 self.room.pass_congested(&pause.on, limit);
                 self.pause = None;
