@@ -147,8 +147,8 @@ impl EarlySignals {
         EarlySignals { caught }
     }
 
-    /// Hands the signals to the runtime's handlers (installed by now) and
-    /// says which ones came while starting.
+    /// Hands the signals to the runtime's handlers (installed just before)
+    /// and says which ones came while starting.
     fn release(self) {
         for (name, flag, id) in self.caught {
             if let Some(id) = id {
@@ -287,11 +287,19 @@ async fn serve(
     }
     info!(chat = %addrs.chat, tls = %addrs.tls, udp = %addrs.udp, admin = %addrs.admin, admin_socket = %addrs.admin_socket, metrics = %addrs.metrics, config = %file, "listening");
     let _cluster_stop = cluster_stop.drop_guard();
+    // Installed here, not in the task: READY=1 goes out below, and a
+    // SIGTERM right after it (a stop just after a start) must already find
+    // the handler, or it would kill the process without a graceful
+    // shutdown.
+    let handlers = Handlers::install();
+    if handlers.is_some() {
+        early.release();
+    }
     tokio::spawn(signals(
+        handlers,
         shutdown.clone(),
         daemon.reloader(),
         daemon.hub().clone(),
-        early,
     ));
     if let Some(listener) = metrics {
         tokio::spawn(chatd::metrics::serve(
@@ -433,25 +441,45 @@ fn describe(
     })
 }
 
+/// The runtime's handlers of the signals chatd acts on.
+struct Handlers {
+    int: tokio::signal::unix::Signal,
+    term: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+    usr2: tokio::signal::unix::Signal,
+}
+
+impl Handlers {
+    /// Installs them; each takes effect at once.
+    fn install() -> Option<Handlers> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Some(Handlers {
+            int: signal(SignalKind::interrupt()).ok()?,
+            term: signal(SignalKind::terminate()).ok()?,
+            hup: signal(SignalKind::hangup()).ok()?,
+            usr2: signal(SignalKind::user_defined2()).ok()?,
+        })
+    }
+}
+
 /// SIGINT or SIGTERM starts a graceful shutdown; a second one exits at once.
 /// SIGHUP reloads the configuration; SIGUSR2 upgrades (`chatd::handoff`).
 async fn signals(
+    handlers: Option<Handlers>,
     shutdown: CancellationToken,
     reloader: Reloader,
     hub: chatd::hub::Hub,
-    early: EarlySignals,
 ) {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut int), Ok(mut term), Ok(mut hup), Ok(mut usr2)) = (
-        signal(SignalKind::interrupt()),
-        signal(SignalKind::terminate()),
-        signal(SignalKind::hangup()),
-        signal(SignalKind::user_defined2()),
-    ) else {
+    let Some(Handlers {
+        mut int,
+        mut term,
+        mut hup,
+        mut usr2,
+    }) = handlers
+    else {
         warn!("cannot install signal handlers; stop chatd with SIGKILL");
         return;
     };
-    early.release();
     loop {
         tokio::select! {
             _ = int.recv() => break,

@@ -18,10 +18,12 @@
 //!   long its lines have waited: only a socket that refused bytes (the
 //!   client's kernel buffers are full) shows that the client may have
 //!   stopped. From that moment it must take [`PROGRESS_BYTES`] within
-//!   [`PROGRESS_WINDOW`] (80 KB/s) to count as reading. Lines that wait
-//!   because the client's connection has not had a worker yet (chatd is
-//!   busy, a burst is being fanned out) are chatd's delay, not the
-//!   client's; they count against it only past [`CHATD_LATE`].
+//!   [`PROGRESS_WINDOW`] (80 KB/s) to count as reading; the moment its
+//!   socket takes bytes again counts as well, told by the reactor
+//!   ([`Outbox::writable`]) before the connection gets a worker to write.
+//!   Lines that wait because the client's connection has not had a worker
+//!   yet (chatd is busy, a burst is being fanned out) are chatd's delay,
+//!   not the client's; they count against it only past [`CHATD_LATE`].
 //! - a client that reads slower than that, or not at all, never slows a
 //!   sender; it is cut as a slow consumer when it owes `limit` bytes (the
 //!   memory bound) or when it has owed something without making progress
@@ -284,6 +286,17 @@ impl Outbox {
         s.since_refused = 0;
     }
 
+    /// Records that the socket, which refused bytes, takes them again: the
+    /// client has read enough to free buffer space. Said by the reactor,
+    /// before the connection gets a worker to write.
+    pub fn writable(&self) {
+        let mut s = self.lock();
+        if s.refused.take().is_some() {
+            s.progress = Some(Instant::now());
+            s.since_progress = 0;
+        }
+    }
+
     /// How long the client has owed bytes without writing any; `None` when
     /// it owes nothing.
     pub fn stalled_for(&self) -> Option<Duration> {
@@ -515,6 +528,20 @@ mod tests {
         fill_past_a_quarter(&o);
         assert_eq!(o.push(Bytes::from_static(b"x"), MIB), Push::Congested);
         o.refused();
+        assert!(!released(&o));
+    }
+
+    #[test]
+    fn a_socket_taking_bytes_again_counts_before_chatd_writes() {
+        let o = Outbox::new();
+        fill_past_a_quarter(&o);
+        o.refused();
+        std::thread::sleep(PROGRESS_WINDOW * 2);
+        assert_eq!(o.push(Bytes::from_static(b"x"), MIB), Push::Queued);
+        // The reactor says the client freed buffer space; chatd has not
+        // written yet: it reads.
+        o.writable();
+        assert_eq!(o.push(Bytes::from_static(b"x"), MIB), Push::Congested);
         assert!(!released(&o));
     }
 }

@@ -313,6 +313,12 @@ struct Connection<S> {
     /// This client's place in its room's queue for the grid's next tick,
     /// when busy (see [`crate::grid`]).
     ticket: Ticket,
+    /// Set while the socket refuses bytes: wakes the task when it takes
+    /// them again, telling the outbox first (see [`write::Writable`]).
+    /// Made on the first refusal and kept.
+    writable: Option<Arc<write::Writable>>,
+    /// The socket refused bytes and has taken none since.
+    refused: bool,
     /// The `conn` span, whose `nick` follows the client's.
     span: tracing::Span,
 }
@@ -340,6 +346,8 @@ impl<S: Socket> Connection<S> {
             lines_seen: 0,
             write_gate: None,
             ticket: Ticket::default(),
+            writable: None,
+            refused: false,
             span: tracing::Span::current(),
         }
     }
@@ -472,7 +480,7 @@ impl<S: Socket> Connection<S> {
         }
         let mut wrote = false;
         while !hold && !self.pending.is_empty() {
-            match self.stream.poll_write_ready(cx) {
+            match self.poll_writable(cx) {
                 // `flush` stops at `WouldBlock`, which clears the readiness,
                 // so the next round registers for it instead of spinning.
                 Poll::Ready(Ok(())) => {

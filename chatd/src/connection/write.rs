@@ -1,6 +1,32 @@
 //! Writing: the outbox to the socket, coalesced while lines keep coming.
 
+use std::task::{Wake, Waker};
+
+use futures_util::task::AtomicWaker;
+
 use super::*;
+
+/// The waker a connection whose socket refused bytes waits for write
+/// readiness with. The reactor wakes it as soon as the client has read
+/// enough to free buffer space, and it tells the client's outbox at that
+/// moment, before the connection task gets a worker: whether the client
+/// still reads (flow control, [`crate::outbox`]) must not depend on how
+/// long chatd takes to get to it.
+pub(super) struct Writable {
+    client: Arc<Client>,
+    task: AtomicWaker,
+}
+
+impl Wake for Writable {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.client.outbox.writable();
+        self.task.wake();
+    }
+}
 
 impl<S: Socket> Connection<S> {
     /// Whether to hold back the queued lines for now: lines are coming fast
@@ -64,6 +90,25 @@ impl<S: Socket> Connection<S> {
         true
     }
 
+    /// The socket's write readiness; while it refuses bytes, through
+    /// [`Writable`].
+    pub(super) fn poll_writable(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if !self.refused {
+            return self.stream.poll_write_ready(cx);
+        }
+        let client = &self.client;
+        let writable = self.writable.get_or_insert_with(|| {
+            Arc::new(Writable {
+                client: Arc::clone(client),
+                task: AtomicWaker::new(),
+            })
+        });
+        writable.task.register(cx.waker());
+        let waker = Waker::from(Arc::clone(writable));
+        self.stream
+            .poll_write_ready(&mut Context::from_waker(&waker))
+    }
+
     /// Updates the arrival rate with what gathered since the last write.
     pub(super) fn measure_arrivals(&mut self) {
         let now = tokio::time::Instant::now();
@@ -93,11 +138,15 @@ impl<S: Socket> Connection<S> {
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     // Its buffers are full: whether it reads shows next.
-                    self.client.outbox.refused();
+                    if !self.refused {
+                        self.refused = true;
+                        self.client.outbox.refused();
+                    }
                     return Ok(());
                 }
                 Err(e) => return Err(e),
             };
+            self.refused = false;
             self.client.outbox.written(written, self.hub.queue_limit());
             self.hub.stats().output(written as u64);
             while written > 0 {

@@ -164,6 +164,18 @@ async fn without_a_watchdog_for_chatd_only_ready_status_and_stopping_are_sent() 
     assert!(!lines.iter().any(|l| l == "WATCHDOG=1"), "{lines:?}");
 }
 
+/// `systemctl stop` just after a start: the SIGTERM handler is in place by
+/// the time READY=1 goes out, so the stop is graceful, not a kill.
+#[tokio::test]
+async fn a_stop_right_after_ready_is_graceful() {
+    let manager = Manager::new();
+    let mut server = TestServer::with_env(&[("NOTIFY_SOCKET", &manager.path)]);
+    until_line(&manager.socket, "READY=1").await;
+    server.signal(Signal::TERM);
+    until_line(&manager.socket, "STOPPING=1").await;
+    assert_eq!(server.wait_exit().await.code(), Some(0));
+}
+
 #[tokio::test]
 async fn without_notify_socket_the_notifier_stays_off_and_chat_works() {
     let server =
