@@ -15,10 +15,17 @@ use crate::support::*;
 /// limit for its honest clients, which all come from 127.0.0.1; attackers
 /// here come from other addresses, so the default is put back.)
 fn defaults() -> TestServer {
-    TestServer::with_env(&[
+    defaults_and(&[])
+}
+
+/// [`defaults`], with `more` set as well.
+fn defaults_and(more: &[(&str, &str)]) -> TestServer {
+    let mut env = vec![
         ("CHATD_LIMITS__MAX_CLIENTS_PER_IP", "32"),
         ("CHATD_LIMITS__CONNECT_RATE_PER_IP", "10"),
-    ])
+    ];
+    env.extend_from_slice(more);
+    TestServer::with_env(&env)
 }
 
 /// Reads chat lines until `want` lines from `<nick>` senders arrived, checking
@@ -93,12 +100,7 @@ async fn a_burst_from_many_connections_cuts_no_reader() {
 /// the reader having stopped.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_burst_on_a_busy_chatd_cuts_no_reader() {
-    burst_from_many_connections(TestServer::with_env(&[
-        ("CHATD_LIMITS__MAX_CLIENTS_PER_IP", "32"),
-        ("CHATD_LIMITS__CONNECT_RATE_PER_IP", "10"),
-        ("CHATD_SERVER__WORKER_THREADS", "1"),
-    ]))
-    .await;
+    burst_from_many_connections(defaults_and(&[("CHATD_SERVER__WORKER_THREADS", "1")])).await;
 }
 
 async fn burst_from_many_connections(server: TestServer) {
