@@ -42,6 +42,7 @@
 pub mod activation;
 pub mod admin;
 pub mod bans;
+pub mod clients;
 pub mod clock;
 pub mod cluster;
 pub mod cluster_seq;
@@ -69,6 +70,7 @@ pub mod rate;
 pub mod reload;
 pub mod sanitize;
 pub mod server;
+pub mod sockopt;
 pub mod stats;
 pub mod telemetry;
 pub mod tls;

@@ -113,7 +113,7 @@ impl Collector for HubCollector {
             let metric = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
             ConstGauge::new(value as i64).encode(metric)?;
         }
-        let counters: [(&str, &str, u64); 16] = [
+        let counters: [(&str, &str, u64); 17] = [
             (
                 "connections",
                 "Connections accepted and registered",
@@ -178,6 +178,11 @@ impl Collector for HubCollector {
                 "flow_control_pauses",
                 "Times a sender paused reading because a recipient that is still reading was behind",
                 snap.counters.flow_pauses,
+            ),
+            (
+                "grid_reads",
+                "Reads of busy senders made in their room's read phase (server.client_threads = 1)",
+                snap.counters.grid_reads,
             ),
             ("udp_in", "UDP datagrams received", snap.counters.udp_in),
             ("udp_out", "UDP datagrams echoed", snap.counters.udp_out),

@@ -155,6 +155,7 @@ fn keep_running_values(old: &Config, new: Config) -> Config {
     next.log.format = old.log.format;
     next.server.shutdown_timeout = old.server.shutdown_timeout;
     next.server.worker_threads = old.server.worker_threads;
+    next.server.client_threads = old.server.client_threads;
     next.cluster = old.cluster.clone();
     next
 }

@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use socket2::{SockRef, TcpKeepalive};
 use tokio::net::{TcpListener, TcpStream, UdpSocket, UnixListener};
+use tokio::runtime::Handle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
@@ -18,6 +19,7 @@ use tracing::{error, info, warn};
 use crate::activation::Activated;
 use crate::admin::{self, AdminSetup, SetupError};
 use crate::bans::{BanError, Bans};
+use crate::clients::ClientThread;
 use crate::config::{Config, Source};
 use crate::front::{self, Door};
 use crate::hub::Hub;
@@ -209,6 +211,8 @@ pub enum StartError {
     Admin(#[from] SetupError),
     #[error(transparent)]
     Tls(#[from] TlsError),
+    #[error("cannot start the client thread (`server.client_threads`)")]
+    Clients(#[source] std::io::Error),
 }
 
 /// The daemon, prepared: bans loaded, admin tokens ready. Everything that
@@ -224,6 +228,8 @@ pub struct Daemon {
     /// as they are adopted; they serve once `commit` is cancelled.
     adopted: TaskTracker,
     commit: CancellationToken,
+    /// The client thread, when `server.client_threads` is 1.
+    clients: Option<ClientThread>,
 }
 
 /// How long the admin API may take to finish its last calls at exit.
@@ -262,6 +268,10 @@ impl Daemon {
             certs.set(tls::load(files)?);
         }
         let grace = config.server.shutdown_timeout;
+        let clients = match config.server.client_threads {
+            0 => None,
+            _ => Some(ClientThread::start().map_err(StartError::Clients)?),
+        };
         let hub = Hub::with_bans(config, bans);
         let reloader = Reloader::new(source, hub.clone(), log, certs.clone());
         Ok(Daemon {
@@ -272,6 +282,7 @@ impl Daemon {
             grace,
             adopted: TaskTracker::new(),
             commit: CancellationToken::new(),
+            clients,
         })
     }
 
@@ -293,7 +304,7 @@ impl Daemon {
             crate::handoff::Received::NextId(next) => return self.hub.restore_next_id(next),
             crate::handoff::Received::Waiting(waiting) => {
                 for (state, stream) in waiting {
-                    self.adopted.spawn(front::serve_handed(
+                    self.spawn_client(front::serve_handed(
                         stream,
                         state,
                         self.certs.clone(),
@@ -311,7 +322,7 @@ impl Daemon {
             if !notice.is_empty() {
                 client.notice(&notice, usize::MAX);
             }
-            self.adopted.spawn(crate::connection::resume(
+            self.spawn_client(crate::connection::resume(
                 stream,
                 client,
                 room,
@@ -320,6 +331,15 @@ impl Daemon {
                 self.commit.clone(),
             ));
         }
+    }
+
+    /// Spawns an adopted client's task where clients are served (it
+    /// registers its socket from there).
+    fn spawn_client(&self, task: impl Future<Output = ()> + Send + 'static) {
+        match &self.clients {
+            Some(clients) => self.adopted.spawn_on(task, clients.handle()),
+            None => self.adopted.spawn(task),
+        };
     }
 
     pub fn hub(&self) -> &Hub {
@@ -365,7 +385,8 @@ impl Daemon {
         // Only called once this process owns every socket.
         self.commit.cancel();
         self.adopted.close();
-        serve(chat, self.hub, self.certs, shutdown, self.grace).await;
+        let clients = self.clients.as_ref().map(|c| c.handle().clone());
+        serve(chat, self.hub, self.certs, clients, shutdown, self.grace).await;
         // `serve` closed the hub: adopted clients are leaving like the others.
         let _ = tokio::time::timeout(self.grace, self.adopted.wait()).await;
         admin_stop.cancel();
@@ -381,11 +402,13 @@ impl Daemon {
 
 /// Serves chat and UDP (not the admin API) on `listeners` with a hub the
 /// caller keeps, until `shutdown`; then drains within `grace`. `certs` is
-/// what the TLS listeners present.
+/// what the TLS listeners present; `clients` the client thread's runtime,
+/// if clients have one.
 pub async fn serve(
     listeners: Listeners,
     hub: Hub,
     certs: Certs,
+    clients: Option<Handle>,
     shutdown: CancellationToken,
     grace: Duration,
 ) {
@@ -400,9 +423,9 @@ pub async fn serve(
         .iter()
         .map(|l| (l, Door::Plain))
         .chain(listeners.tls.iter().map(|l| (l, Door::Tls(certs.clone()))));
-    futures_util::future::join_all(
-        doors.map(|(listener, door)| accept_loop(listener, door, &hub, &shutdown, &tracker)),
-    )
+    futures_util::future::join_all(doors.map(|(listener, door)| {
+        accept_loop(listener, door, &hub, &shutdown, &tracker, clients.as_ref())
+    }))
     .await;
     drop(listeners.chat);
     drop(listeners.tls);
@@ -426,6 +449,7 @@ async fn accept_loop(
     hub: &Hub,
     shutdown: &CancellationToken,
     tracker: &TaskTracker,
+    clients: Option<&Handle>,
 ) {
     let mut backoff = Backoff::default();
     // Open for an upgrade's freeze to wait for (see `handoff::gate`).
@@ -461,13 +485,35 @@ async fn accept_loop(
                 }
                 tune(&stream, hub);
                 let arrival = front::Arrival::new(hub);
-                tracker.spawn(front::serve(
-                    stream,
-                    peer,
-                    door.clone(),
-                    hub.clone(),
-                    arrival,
-                ));
+                let Some(clients) = clients else {
+                    tracker.spawn(front::serve(
+                        stream,
+                        peer,
+                        door.clone(),
+                        hub.clone(),
+                        arrival,
+                    ));
+                    continue;
+                };
+                // To the client thread: the socket leaves this runtime's
+                // reactor and joins that one's, from its own thread.
+                let stream = match stream.into_std() {
+                    Ok(stream) => stream,
+                    Err(e) => {
+                        warn!(%peer, error = %e, "cannot hand a connection to the client thread");
+                        continue;
+                    }
+                };
+                let (door, hub) = (door.clone(), hub.clone());
+                tracker.spawn_on(
+                    async move {
+                        match TcpStream::from_std(stream) {
+                            Ok(stream) => front::serve(stream, peer, door, hub, arrival).await,
+                            Err(e) => warn!(%peer, error = %e, "cannot serve a connection on the client thread"),
+                        }
+                    },
+                    clients,
+                );
             }
             Err(e) if is_peer_error(&e) => {}
             Err(e) => {

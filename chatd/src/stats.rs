@@ -28,6 +28,8 @@ pub struct Stats {
     pub overlong_disconnects: AtomicU64,
     /// Times a sender paused reading because a recipient was behind.
     pub flow_pauses: AtomicU64,
+    /// Reads made in a room's read phase (see `connection::grid_read`).
+    pub grid_reads: AtomicU64,
     pub udp_in: AtomicU64,
     pub udp_out: AtomicU64,
     pub udp_dropped: AtomicU64,
@@ -108,6 +110,7 @@ pub struct Counters {
     pub idle_disconnects: u64,
     pub overlong_disconnects: u64,
     pub flow_pauses: u64,
+    pub grid_reads: u64,
     pub udp_in: u64,
     pub udp_out: u64,
     pub udp_dropped: u64,
@@ -137,6 +140,10 @@ impl Stats {
 
     pub(crate) fn flow_paused(&self) {
         self.flow_pauses.fetch_add(1, Relaxed);
+    }
+
+    pub(crate) fn grid_read(&self) {
+        self.grid_reads.fetch_add(1, Relaxed);
     }
 
     pub(crate) fn input(&self, lines: u64, bytes: u64) {
@@ -176,6 +183,7 @@ impl Stats {
             idle_disconnects: get(&self.idle_disconnects),
             overlong_disconnects: get(&self.overlong_disconnects),
             flow_pauses: get(&self.flow_pauses),
+            grid_reads: get(&self.grid_reads),
             udp_in: get(&self.udp_in),
             udp_out: get(&self.udp_out),
             udp_dropped: get(&self.udp_dropped),
@@ -205,6 +213,7 @@ impl Stats {
         add(&self.idle_disconnects, from.idle_disconnects);
         add(&self.overlong_disconnects, from.overlong_disconnects);
         add(&self.flow_pauses, from.flow_pauses);
+        add(&self.grid_reads, from.grid_reads);
         add(&self.udp_in, from.udp_in);
         add(&self.udp_out, from.udp_out);
         add(&self.udp_dropped, from.udp_dropped);

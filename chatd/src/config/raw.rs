@@ -28,6 +28,7 @@ pub struct RawServer {
     pub shutdown_timeout_secs: i64,
     pub state_dir: String,
     pub worker_threads: i64,
+    pub client_threads: i64,
     pub upgrade_notice: String,
 }
 
@@ -39,6 +40,7 @@ impl Default for RawServer {
             shutdown_timeout_secs: 10,
             state_dir: String::new(),
             worker_threads: 0,
+            client_threads: 0,
             upgrade_notice: String::new(),
         }
     }

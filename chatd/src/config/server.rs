@@ -15,6 +15,10 @@ pub struct ServerConfig {
     pub state_dir: PathBuf,
     /// Runtime worker threads; `None`: one per CPU chatd may use.
     pub worker_threads: Option<usize>,
+    /// Threads of their own for the chat clients: 0, they share the
+    /// runtime's workers; 1, one single-threaded runtime serves them all
+    /// (see `crate::clients`).
+    pub client_threads: usize,
     /// The one line (after `*** `) a client handed over by a seamless
     /// upgrade reads; empty: none.
     pub upgrade_notice: String,
@@ -88,6 +92,13 @@ pub(super) fn validate_server(s: &RawServer) -> Result<ServerConfig, ConfigError
             0 => None,
             n => Some(n as usize),
         },
+        client_threads: range(
+            "server.client_threads",
+            s.client_threads,
+            0,
+            1,
+            ", 0 to serve clients on the runtime's workers",
+        )? as usize,
         upgrade_notice: if s.upgrade_notice.len() > 400
             || s.upgrade_notice.chars().any(char::is_control)
         {

@@ -210,6 +210,12 @@ fn out_of_range_numbers_name_key_value_and_what_is_allowed() {
             "0..=1024",
         ),
         (
+            "SERVER__CLIENT_THREADS",
+            "2",
+            "server.client_threads",
+            "0..=1",
+        ),
+        (
             "CHAT__WRITE_COALESCE_MS",
             "101",
             "chat.write_coalesce_ms",

@@ -138,6 +138,9 @@ impl<S: Socket> Connection<S> {
     /// the upgrade is abandoned, so serving on loses nothing either.
     pub(super) fn export(&mut self) -> crate::handoff::Export {
         use crate::handoff::state::{ClientState, FloodState};
+        // The socket goes to a process that knows nothing of a raised
+        // low-water mark: a line under it would never be reported there.
+        self.grid_read_off();
         let _ = self.client.outbox.take(&mut self.pending);
         let mut unsent = Vec::with_capacity(self.pending.iter().map(Bytes::len).sum());
         for bytes in &self.pending {

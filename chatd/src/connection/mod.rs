@@ -98,17 +98,32 @@ pub trait Socket: AsyncWrite + Unpin + Send + Sync + 'static {
     /// A copy of the socket for a seamless upgrade; `None` when it cannot
     /// be handed to another process (a TLS client's socket pair).
     fn handoff_fd(&self) -> io::Result<Option<std::os::fd::OwnedFd>>;
+    /// Reads what the socket holds now, whatever the reactor last said of
+    /// its readiness: a socket reading on the grid is read in the read
+    /// phase without having been reported readable.
+    fn read_now(&self, buf: &mut [u8]) -> io::Result<usize>;
+    /// Sets the bytes the socket must hold before it counts as readable
+    /// (see [`grid_read`]).
+    fn set_read_low_water(&self, bytes: usize) -> io::Result<()>;
 }
 
 /// Which sockets another process can take over.
 trait HandoffFd {
     fn handoff_fd(&self) -> io::Result<Option<std::os::fd::OwnedFd>>;
+    /// Only a TCP socket reads on the grid: a TLS client's socket pair
+    /// reports every byte.
+    fn set_read_low_water(&self, _bytes: usize) -> io::Result<()> {
+        Err(io::ErrorKind::Unsupported.into())
+    }
 }
 
 impl HandoffFd for TcpStream {
     fn handoff_fd(&self) -> io::Result<Option<std::os::fd::OwnedFd>> {
         use std::os::fd::AsFd;
         self.as_fd().try_clone_to_owned().map(Some)
+    }
+    fn set_read_low_water(&self, bytes: usize) -> io::Result<()> {
+        crate::sockopt::set_recv_low_water(self, bytes)
     }
 }
 
@@ -158,6 +173,12 @@ macro_rules! socket {
             }
             fn handoff_fd(&self) -> io::Result<Option<std::os::fd::OwnedFd>> {
                 <$t as HandoffFd>::handoff_fd(self)
+            }
+            fn read_now(&self, buf: &mut [u8]) -> io::Result<usize> {
+                Ok(rustix::net::recv(self, buf, rustix::net::RecvFlags::DONTWAIT)?.0)
+            }
+            fn set_read_low_water(&self, bytes: usize) -> io::Result<()> {
+                <$t as HandoffFd>::set_read_low_water(self, bytes)
             }
         }
     };
@@ -319,6 +340,8 @@ struct Connection<S> {
     writable: Option<Arc<write::Writable>>,
     /// The socket refused bytes and has taken none since.
     refused: bool,
+    /// Reading on the room's grid (see [`grid_read`]).
+    grid_read: grid_read::GridRead,
     /// The `conn` span, whose `nick` follows the client's.
     span: tracing::Span,
 }
@@ -348,6 +371,7 @@ impl<S: Socket> Connection<S> {
             ticket: Ticket::default(),
             writable: None,
             refused: false,
+            grid_read: grid_read::GridRead::new(),
             span: tracing::Span::current(),
         }
     }
@@ -443,6 +467,13 @@ impl<S: Socket> Connection<S> {
     /// through `select!`ed futures, so a wake-up costs no waiter
     /// registration and the idle connection's future stays small.
     fn poll_run(&mut self, cx: &mut Context<'_>) -> Poll<Disconnect> {
+        self.begin_grid_read(cx);
+        let poll = self.poll_turns(cx);
+        self.grid_read.phase = false;
+        poll
+    }
+
+    fn poll_turns(&mut self, cx: &mut Context<'_>) -> Poll<Disconnect> {
         for _ in 0..TURNS_PER_POLL {
             match self.turn(cx) {
                 ControlFlow::Break(poll) => return poll,
@@ -550,8 +581,15 @@ impl<S: Socket> Connection<S> {
                 }
             }
         }
-        match self.stream.poll_read_ready(cx) {
-            Poll::Ready(Ok(())) => match self.on_readable() {
+        // Readable as the socket says, or, reading on the grid, because the
+        // read phase came (`raw`: the reactor was not told of the lines).
+        let ready = match self.stream.poll_read_ready(cx) {
+            Poll::Pending if self.grid_read.owed => Poll::Ready(Ok(true)),
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(ready) => Poll::Ready(ready.map(|()| false)),
+        };
+        match ready {
+            Poll::Ready(Ok(raw)) => match self.read_now_or_phase(raw) {
                 // Lines were handled (and may have queued replies for us);
                 // the socket is empty: go round again at once.
                 Ok(AfterRead::Drained) => ControlFlow::Continue(()),
@@ -724,6 +762,7 @@ impl<S: Socket> Connection<S> {
     }
 }
 
+mod grid_read;
 mod handoff;
 mod read;
 mod write;

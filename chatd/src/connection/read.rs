@@ -51,8 +51,10 @@ pub(super) enum AfterRead {
 }
 
 impl<S: Socket> Connection<S> {
-    /// Reads what is available and handles every complete line.
-    pub(super) fn on_readable(&mut self) -> io::Result<AfterRead> {
+    /// Reads what is available and handles every complete line; `raw`:
+    /// whatever the reactor says of the socket's readiness (the grid's read
+    /// phase).
+    pub(super) fn on_readable(&mut self, raw: bool) -> io::Result<AfterRead> {
         self.follow_nick();
         let config = self.hub.config();
         let max_line = config.limits.max_line_bytes;
@@ -77,7 +79,12 @@ impl<S: Socket> Connection<S> {
             if room == 0 {
                 break;
             }
-            let n = match self.stream.try_read_draining(&mut buf[..room]) {
+            let read = if raw {
+                self.stream.read_now(&mut buf[..room])
+            } else {
+                self.stream.try_read_draining(&mut buf[..room])
+            };
+            let n = match read {
                 Ok(0) => {
                     outcome = Some(Disconnect::Closed);
                     break;
@@ -136,6 +143,7 @@ impl<S: Socket> Connection<S> {
             }
         }
         self.publish(&mut batch);
+        self.grid_read_done(bytes > 0, raw);
         self.client.record_input(lines, bytes);
         self.hub.stats().input(lines, bytes);
         if self.framer.mid_line() != self.mid_line {

@@ -62,18 +62,42 @@ impl<S: Socket> Connection<S> {
         } else {
             last + budget.mul_f32(share)
         };
-        if tokio::time::Instant::now() >= due {
+        // In the read phase, this connection's own or the room's (members
+        // reading on the grid are filling this write), the write waits for
+        // the write phase, right after.
+        let reading = on_grid && (self.grid_read.phase || self.room.grid.reading());
+        if !reading && tokio::time::Instant::now() >= due {
             return false;
         }
         // Under saturation the queue already holds enough for an efficient
         // write: holding it would only add latency.
         let held: usize = self.pending.iter().map(Bytes::len).sum();
-        if held >= COALESCE_ENOUGH {
+        if held >= COALESCE_ENOUGH && !reading {
             return false;
         }
-        if on_grid && self.room.grid.wait(&mut self.ticket, cx, &self.hub) == Wait::Registered {
-            self.client.outbox.wake_only_at(COALESCE_ENOUGH - held);
-            return true;
+        if on_grid {
+            match self.room.grid.wait(&mut self.ticket, cx, &self.hub) {
+                // This write's point has passed as well (the task ran
+                // late): write now.
+                Wait::Passed if self.grid_read.phase => return false,
+                Wait::Registered | Wait::Passed => {
+                    // Until the write phase only a queue near its limit
+                    // wakes the task.
+                    let enough = if reading {
+                        self.hub.queue_limit() / 4
+                    } else {
+                        COALESCE_ENOUGH
+                    };
+                    self.client.outbox.wake_only_at(enough.saturating_sub(held));
+                    self.grid_read_on(cx);
+                    return true;
+                }
+                Wait::Unavailable => {}
+            }
+        }
+        self.grid_read_off();
+        if self.grid_read.phase {
+            return false;
         }
         let gate = self
             .write_gate

@@ -884,22 +884,7 @@ async fn made_up_paths_do_not_grow_metric_labels_or_the_log() {
                 .expect("an HTTP answer");
         assert_eq!(response.headers()["grpc-status"], "16", "UNAUTHENTICATED");
     }
-    let listening = server.wait_logged("listening").await;
-    let metrics = listening["metrics"].as_str().expect("metrics address");
-    let mut stream = tokio::net::TcpStream::connect(metrics)
-        .await
-        .expect("connect");
-    tokio::io::AsyncWriteExt::write_all(&mut stream, b"GET /metrics HTTP/1.1\r\n\r\n")
-        .await
-        .expect("send");
-    let mut body = String::new();
-    tokio::time::timeout(
-        WAIT,
-        tokio::io::AsyncReadExt::read_to_string(&mut stream, &mut body),
-    )
-    .await
-    .expect("scraped in time")
-    .expect("read");
+    let body = server.scrape_metrics().await;
     let labels: Vec<&str> = body
         .lines()
         .filter(|l| l.starts_with("chatd_admin_rpcs_total{"))

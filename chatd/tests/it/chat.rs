@@ -441,3 +441,102 @@ async fn busy_members_of_a_room_are_written_on_the_same_ticks() {
         "carol's writes are not on bob's ticks: {checked:?} apart"
     );
 }
+
+/// With a thread of their own for the clients (`server.client_threads =
+/// 1`), the senders of a busy room are read on the room's grid rather than
+/// at each line: the `grid_reads` counter says they were. Every line still
+/// reaches every other member whole and in order, and none stays behind
+/// the senders' raised low-water mark once they stop.
+#[tokio::test]
+async fn on_the_client_thread_busy_senders_are_read_on_the_grid_and_lose_nothing() {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+    const SENDERS: usize = 4;
+    const LISTENERS: usize = 2;
+    const LINES: usize = 800;
+    let server = TestServer::with_env(&[
+        ("CHATD_SERVER__CLIENT_THREADS", "1"),
+        ("CHATD_CHAT__WRITE_COALESCE_MS", "20"),
+        ("CHATD_LIMITS__FLOOD_LINES_PER_SEC", "0"),
+        ("CHATD_METRICS__LISTEN", "127.0.0.1:0"),
+    ]);
+    let mut clients = Vec::new();
+    for _ in 0..SENDERS + LISTENERS {
+        clients.push(server.join().await);
+    }
+    let nicks: Vec<String> = clients.iter().map(|(_, nick)| nick.clone()).collect();
+
+    // Each member reads until it has every line of every other sender, and
+    // checks each sender's lines arrive whole and in order.
+    let mut readers = Vec::new();
+    let mut writers = Vec::new();
+    for (me, (client, _)) in clients.into_iter().enumerate() {
+        let (mut reader, writer) = client.into_parts();
+        writers.push(writer);
+        let nicks = nicks.clone();
+        readers.push(tokio::spawn(async move {
+            let mut next = [0usize; SENDERS];
+            let expected: usize = (0..SENDERS).filter(|&s| s != me).map(|_| LINES).sum();
+            let mut got = 0;
+            let mut line = String::new();
+            while got < expected {
+                line.clear();
+                let n = tokio::time::timeout(WAIT, reader.read_line(&mut line))
+                    .await
+                    .unwrap_or_else(|_| {
+                        panic!("member {me}: stuck after {got} of {expected} lines")
+                    })
+                    .expect("read");
+                assert!(n > 0, "member {me}: closed after {got} lines");
+                let text = line.trim_end_matches("\r\n");
+                let Some(sender) =
+                    (0..SENDERS).find(|&s| text.starts_with(&format!("<{}> ", nicks[s])))
+                else {
+                    continue;
+                };
+                assert_ne!(sender, me, "member {me}: its own line came back");
+                assert_eq!(
+                    text,
+                    format!("<{}> s{sender}-{}", nicks[sender], next[sender]),
+                    "member {me}: a line of sender {sender} is missing, garbled or out of order"
+                );
+                next[sender] += 1;
+                got += 1;
+            }
+        }));
+    }
+
+    // Four senders, one line per write every millisecond, as `nc` would:
+    // 4,000 lines a second into the room, so every member is busy.
+    let mut senders = Vec::new();
+    // The listeners' halves stay open: dropping one closes its client.
+    let listening_writers = writers.split_off(SENDERS);
+    for (sender, mut writer) in writers.into_iter().enumerate() {
+        senders.push(tokio::spawn(async move {
+            let mut tick = tokio::time::interval(std::time::Duration::from_millis(1));
+            for i in 0..LINES {
+                tick.tick().await;
+                writer
+                    .write_all(format!("s{sender}-{i}\n").as_bytes())
+                    .await
+                    .expect("send");
+            }
+            writer
+        }));
+    }
+    let mut kept = Vec::new();
+    for sender in senders {
+        kept.push(sender.await.expect("sender"));
+    }
+    for reader in readers {
+        reader.await.expect("every line reached every member");
+    }
+
+    let body = server.scrape_metrics().await;
+    let reads = metric(&body, "chatd_grid_reads_total")
+        .unwrap_or_else(|| panic!("no grid_reads counter in {body}"));
+    assert!(
+        reads >= 20,
+        "senders were read on the grid only {reads} times"
+    );
+    drop((kept, listening_writers));
+}

@@ -13,6 +13,13 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader as Async
 use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 
+/// The value of the unlabelled metric `name` on a metrics page.
+pub fn metric(body: &str, name: &str) -> Option<u64> {
+    body.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+        .and_then(|v| v.parse().ok())
+}
+
 /// How long any single expected event may take before the test fails.
 pub const WAIT: Duration = Duration::from_secs(10);
 
@@ -302,6 +309,24 @@ impl TestServer {
     }
 
     /// Waits until a log record containing `needle` appears.
+    /// The metrics page, scraped once over HTTP from the address chatd
+    /// logged (`metrics.listen` must be set).
+    pub async fn scrape_metrics(&self) -> String {
+        let listening = self.wait_logged("listening").await;
+        let metrics = listening["metrics"].as_str().expect("metrics address");
+        let mut stream = TcpStream::connect(metrics).await.expect("connect");
+        stream
+            .write_all(b"GET /metrics HTTP/1.1\r\n\r\n")
+            .await
+            .expect("send");
+        let mut body = String::new();
+        tokio::time::timeout(WAIT, stream.read_to_string(&mut body))
+            .await
+            .expect("scraped in time")
+            .expect("read");
+        body
+    }
+
     pub async fn wait_logged(&self, needle: &str) -> serde_json::Value {
         let deadline = Instant::now() + WAIT;
         loop {

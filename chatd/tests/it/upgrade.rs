@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
 use tokio::net::tcp::OwnedReadHalf;
 
-use crate::support::{Client, TestServer, WAIT, chatd_bin, connect_from};
+use crate::support::{Client, TestServer, WAIT, chatd_bin, connect_from, metric};
 
 /// Lifts the limits a busy test would meet: flood control (the senders
 /// talk fast), the notice budget (200 joins) and the stall deadline (one
@@ -921,4 +921,93 @@ async fn clients_connecting_throughout_an_upgrade_are_all_welcomed() {
     ids.dedup();
     assert_eq!(listed.len(), 300 + 150 + 1, "every client listed");
     assert_eq!(ids.len(), listed.len(), "ids are unique");
+}
+
+/// On the client thread, a busy sender is read on its room's grid, with
+/// its socket's low-water mark raised; the new process knows nothing of
+/// that mark, so the old one lowers it before handing the socket over: a
+/// short line sent after the upgrade still arrives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sender_read_on_the_grid_is_heard_after_an_upgrade() {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+    let binary = Binary::copy();
+    let mut env = BUSY.to_vec();
+    env.push(("CHATD_SERVER__CLIENT_THREADS", "1"));
+    env.push(("CHATD_CHAT__WRITE_COALESCE_MS", "20"));
+    env.push(("CHATD_METRICS__LISTEN", "127.0.0.1:0"));
+    let server = TestServer::spawn_binary(&binary.path, None, &env);
+    let (listener, _) = server.join().await;
+    let mut senders = Vec::new();
+    for nick in ["one", "two", "three"] {
+        let (mut c, _) = server.join().await;
+        c.send(&format!("/nick {nick}\n")).await;
+        c.expect("You are now known as").await;
+        senders.push(c.into_parts());
+    }
+    let (mut reader, _listener_writer) = listener.into_parts();
+    // Three senders, a line each every millisecond for 400 ms: every member
+    // is busy, and the senders are read on the grid.
+    let mut writers = Vec::new();
+    let mut readers = Vec::new();
+    for (r, w) in senders {
+        readers.push(r);
+        writers.push(w);
+    }
+    let mut sending = Vec::new();
+    for (k, mut w) in writers.into_iter().enumerate() {
+        sending.push(tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(1));
+            for i in 0..400 {
+                tick.tick().await;
+                w.write_all(format!("x{k}-{i}\n").as_bytes())
+                    .await
+                    .expect("send");
+            }
+            w
+        }));
+    }
+    let mut writers = Vec::new();
+    for s in sending {
+        writers.push(s.await.expect("sender"));
+    }
+    // Everything sent so far reaches the listener.
+    let mut line = String::new();
+    let mut seen = 0;
+    while seen < 1200 {
+        line.clear();
+        tokio::time::timeout(WAIT, reader.read_line(&mut line))
+            .await
+            .expect("a line in time")
+            .expect("read");
+        if line.contains("> x") {
+            seen += 1;
+        }
+    }
+    let body = server.scrape_metrics().await;
+    assert!(
+        metric(&body, "chatd_grid_reads_total").is_some_and(|n| n > 0),
+        "the senders were never read on the grid: {body}"
+    );
+    server.signal(rustix::process::Signal::USR2);
+    server.wait_logged_times("upgrade: took over", 1).await;
+    // One short line from each sender, far under the mark.
+    for (k, w) in writers.iter_mut().enumerate() {
+        w.write_all(format!("after{k}\n").as_bytes())
+            .await
+            .expect("send");
+    }
+    let mut after = Vec::new();
+    while after.len() < 3 {
+        line.clear();
+        tokio::time::timeout(WAIT, reader.read_line(&mut line))
+            .await
+            .expect("the lines sent after the upgrade arrive")
+            .expect("read");
+        if line.contains("> after") {
+            after.push(line.trim_end().to_string());
+        }
+    }
+    after.sort();
+    assert_eq!(after, ["<one> after0", "<three> after2", "<two> after1"]);
+    drop(readers);
 }
