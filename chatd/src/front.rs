@@ -23,6 +23,7 @@ use std::net::SocketAddr;
 use futures_util::future::Either;
 
 use tokio::net::TcpStream;
+use tokio::runtime::Handle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
@@ -37,7 +38,12 @@ use crate::tls::{self, Certs};
 #[derive(Debug, Clone)]
 pub enum Door {
     Plain,
-    Tls(Certs),
+    /// A TLS listener's, with the client thread when there is one. The
+    /// handshake and the TLS pump stay on the main runtime, whose workers do
+    /// the crypto: a flood of handshakes, or one client's bulk encryption,
+    /// never holds up the thread that writes everyone's lines. Only the chat
+    /// behind the pump moves to the client thread ([`tls::serve`]).
+    Tls(Certs, Option<Handle>),
 }
 
 /// A connection in the front door, counted by an upgrade's freeze (see
@@ -130,6 +136,7 @@ pub async fn serve_handed(
     stream: std::net::TcpStream,
     state: WaitingState,
     certs: Certs,
+    clients: Option<Handle>,
     hub: Hub,
     commit: CancellationToken,
 ) {
@@ -151,7 +158,7 @@ pub async fn serve_handed(
         .checked_sub(std::time::Duration::from_millis(state.age_ms))
         .unwrap_or(now);
     let door = if state.tls {
-        Door::Tls(certs)
+        Door::Tls(certs, clients)
     } else {
         Door::Plain
     };
@@ -195,7 +202,7 @@ async fn serve_guarded(mut stream: TcpStream, peer: SocketAddr, guarded: Guarded
             }
             // An upgrade: nothing but the header's bytes so far was read,
             // and they go with the socket.
-            let tls = matches!(door, Door::Tls(_));
+            let tls = matches!(door, Door::Tls(..));
             let export = || Export::Waiting {
                 state: WaitingState {
                     peer,
@@ -235,11 +242,11 @@ async fn serve_guarded(mut stream: TcpStream, peer: SocketAddr, guarded: Guarded
     };
     match door {
         Door::Plain => connection::serve_on(stream, client, false, hub, arrival).await,
-        Door::Tls(certs) => {
+        Door::Tls(certs, clients) => {
             // A handshake that began cannot be handed over.
             arrival.leave();
             let left = deadline.saturating_sub(started.elapsed());
-            tls::serve(stream, client, certs, hub, left).await;
+            tls::serve(stream, client, certs, clients, hub, left).await;
         }
     }
 }

@@ -303,14 +303,24 @@ impl Daemon {
             crate::handoff::Received::State(state) => return self.hub.restore(state),
             crate::handoff::Received::NextId(next) => return self.hub.restore_next_id(next),
             crate::handoff::Received::Waiting(waiting) => {
+                let clients = self.clients.as_ref().map(|c| c.handle().clone());
                 for (state, stream) in waiting {
-                    self.spawn_client(front::serve_handed(
+                    // A TLS client's handshake is still to come: it is done
+                    // here, and only its chat goes to the client thread.
+                    let tls = state.tls;
+                    let task = front::serve_handed(
                         stream,
                         state,
                         self.certs.clone(),
+                        clients.clone(),
                         self.hub.clone(),
                         self.commit.clone(),
-                    ));
+                    );
+                    if tls {
+                        self.adopted.spawn(task);
+                    } else {
+                        self.spawn_client(task);
+                    }
                 }
                 return;
             }
@@ -418,11 +428,12 @@ pub async fn serve(
     }
     tracker.spawn(reap(hub.clone(), shutdown.clone()));
     tracker.spawn(flush_notices(hub.clone(), shutdown.clone()));
-    let doors = listeners
-        .chat
-        .iter()
-        .map(|l| (l, Door::Plain))
-        .chain(listeners.tls.iter().map(|l| (l, Door::Tls(certs.clone()))));
+    let doors = listeners.chat.iter().map(|l| (l, Door::Plain)).chain(
+        listeners
+            .tls
+            .iter()
+            .map(|l| (l, Door::Tls(certs.clone(), clients.clone()))),
+    );
     futures_util::future::join_all(doors.map(|(listener, door)| {
         accept_loop(listener, door, &hub, &shutdown, &tracker, clients.as_ref())
     }))
@@ -485,6 +496,9 @@ async fn accept_loop(
                 }
                 tune(&stream, hub);
                 let arrival = front::Arrival::new(hub);
+                // A TLS client is handed to the client thread by `tls`,
+                // once its handshake is done.
+                let clients = clients.filter(|_| matches!(door, Door::Plain));
                 let Some(clients) = clients else {
                     tracker.spawn(front::serve(
                         stream,

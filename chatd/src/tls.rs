@@ -21,12 +21,14 @@ use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::io::{AsyncWriteExt, BufReader};
 use tokio::net::{TcpStream, UnixStream};
+use tokio::runtime::Handle;
 use tokio_rustls::rustls::{self, ServerConfig};
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
 use crate::config::TlsFiles;
 use crate::connection;
+use crate::front::Arrival;
 use crate::hub::Hub;
 
 /// Plaintext bytes the pump holds per direction.
@@ -126,11 +128,13 @@ impl Certs {
 }
 
 /// Completes the handshake within `deadline`, then serves the client
-/// through a pump.
+/// through a pump. With `clients` (the client thread), the chat behind the
+/// pump is served there; the handshake and the pump stay here.
 pub async fn serve(
     stream: TcpStream,
     peer: SocketAddr,
     certs: Certs,
+    clients: Option<Handle>,
     hub: Hub,
     deadline: Duration,
 ) {
@@ -164,10 +168,36 @@ pub async fn serve(
     }
     let done = CancellationToken::new();
     let chat = async {
-        connection::serve_on(ours, peer, true, hub, crate::front::Arrival::none()).await;
+        match clients {
+            None => connection::serve_on(ours, peer, true, hub, Arrival::none()).await,
+            Some(clients) => serve_on_client_thread(ours, peer, hub, &clients).await,
+        }
         done.cancel();
     };
     tokio::join!(chat, pump(tls, theirs, done.clone()));
+}
+
+/// The chat end of the pump's pair, served on the client thread: the
+/// socket leaves this runtime's reactor and joins that one's, from its own
+/// thread. Returns when the connection is over there.
+async fn serve_on_client_thread(ours: UnixStream, peer: SocketAddr, hub: Hub, clients: &Handle) {
+    let ours = match ours.into_std() {
+        Ok(ours) => ours,
+        Err(e) => {
+            tracing::warn!(%peer, error = %e, "cannot hand a TLS connection to the client thread");
+            return;
+        }
+    };
+    let chat = clients.spawn(async move {
+        match UnixStream::from_std(ours) {
+            Ok(ours) => connection::serve_on(ours, peer, true, hub, Arrival::none()).await,
+            Err(e) => {
+                tracing::warn!(%peer, error = %e, "cannot serve a TLS connection on the client thread");
+            }
+        }
+    });
+    // An error only says the client thread stopped, and the connection with it.
+    let _ = chat.await;
 }
 
 /// Copies both ways. Ends when the connection's side is closed and its

@@ -40,7 +40,7 @@ impl Default for RawServer {
             shutdown_timeout_secs: 10,
             state_dir: String::new(),
             worker_threads: 0,
-            client_threads: 0,
+            client_threads: 1,
             upgrade_notice: String::new(),
         }
     }

@@ -15,9 +15,9 @@ pub struct ServerConfig {
     pub state_dir: PathBuf,
     /// Runtime worker threads; `None`: one per CPU chatd may use.
     pub worker_threads: Option<usize>,
-    /// Threads of their own for the chat clients: 0, they share the
-    /// runtime's workers; 1, one single-threaded runtime serves them all
-    /// (see `crate::clients`).
+    /// Threads of their own for the chat clients: 1 (the default), one
+    /// single-threaded runtime serves them all (see `crate::clients`); 0,
+    /// they share the runtime's workers.
     pub client_threads: usize,
     /// The one line (after `*** `) a client handed over by a seamless
     /// upgrade reads; empty: none.

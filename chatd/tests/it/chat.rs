@@ -19,6 +19,40 @@ async fn a_message_reaches_everyone_else_but_not_the_sender() {
     );
 }
 
+/// `server.client_threads = 0` serves clients on the runtime's workers
+/// rather than on the client thread: the same chat, the same bursts, whole
+/// and in order, with nothing read on the grid.
+#[tokio::test]
+async fn on_the_workers_clients_chat_as_on_the_client_thread() {
+    let server = TestServer::with_env(&[
+        ("CHATD_SERVER__CLIENT_THREADS", "0"),
+        ("CHATD_LIMITS__FLOOD_LINES_PER_SEC", "0"),
+        ("CHATD_METRICS__LISTEN", "127.0.0.1:0"),
+    ]);
+    let (mut alice, alice_nick) = server.join().await;
+    let (mut bob, _) = server.join().await;
+    let (mut carol, _) = server.join().await;
+    alice.send("hello everyone\n").await;
+    let expected = format!("<{alice_nick}> hello everyone");
+    assert_eq!(bob.expect("hello").await, expected);
+    assert_eq!(carol.expect("hello").await, expected);
+    alice
+        .send(&(0..400).map(|i| format!("line {i}\n")).collect::<String>())
+        .await;
+    for reader in [&mut bob, &mut carol] {
+        for i in 0..400 {
+            assert_eq!(reader.line().await, format!("<{alice_nick}> line {i}"));
+        }
+    }
+    let before = alice.sync().await;
+    assert!(
+        before.iter().all(|l| !l.starts_with('<')),
+        "echoed to sender: {before:?}"
+    );
+    let metrics = server.scrape_metrics().await;
+    assert_eq!(metric(&metrics, "chatd_grid_reads_total"), Some(0));
+}
+
 #[tokio::test]
 async fn join_and_leave_notices_carry_the_room_count() {
     let server = TestServer::start();

@@ -422,10 +422,21 @@ async fn forged_proxy_headers_from_anyone_else_are_just_text() {
 
 #[tokio::test]
 async fn tls_clients_chat_with_plain_clients() {
+    tls_and_plain_clients_chat(&[]).await;
+}
+
+/// The same on the workers' layout: the TLS pump's chat end is not handed
+/// to a client thread there.
+#[tokio::test]
+async fn tls_clients_chat_with_plain_clients_on_the_workers() {
+    tls_and_plain_clients_chat(&[("CHATD_SERVER__CLIENT_THREADS", "0")]).await;
+}
+
+async fn tls_and_plain_clients_chat(extra: &[(&str, &str)]) {
     let Some(openssl) = tool("openssl") else {
         return;
     };
-    let (server, _certs, tls) = tls_server(&[]);
+    let (server, _certs, tls) = tls_server(extra);
     let (mut plain, p) = server.join().await;
     let mut secure = s_client(&openssl, tls);
     let s = secure.welcome().await;
