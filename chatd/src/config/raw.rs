@@ -106,7 +106,7 @@ impl Default for RawChat {
             default_room: "lobby".into(),
             history: 20,
             backlog: 4096,
-            write_coalesce_ms: 11,
+            write_coalesce_ms: 9,
         }
     }
 }

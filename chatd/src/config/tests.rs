@@ -292,7 +292,7 @@ fn worker_threads_default_to_one_per_cpu() {
 #[test]
 fn write_coalescing_is_in_milliseconds_and_zero_turns_it_off() {
     let c = RawConfig::default().validate().expect("defaults validate");
-    assert_eq!(c.chat.write_coalesce, Duration::from_millis(11));
+    assert_eq!(c.chat.write_coalesce, Duration::from_millis(9));
     let c = with_env(&[("CHATD_CHAT__WRITE_COALESCE_MS", "0")]).expect("0 turns it off");
     assert!(c.chat.write_coalesce.is_zero());
 }
