@@ -135,8 +135,27 @@ pub async fn channel(
                     None => ClientTlsConfig::new().with_enabled_roots(),
                 };
                 endpoint = endpoint.tls_config(tls).map_err(unreachable)?;
+                // The server speaks second in TLS: no greeting to wait for.
+                return endpoint.connect().await.map_err(unreachable);
             }
-            endpoint.connect().await.map_err(unreachable)
+            let host = uri
+                .host()
+                .unwrap_or("localhost")
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .to_owned();
+            let port = uri.port_u16().unwrap_or(80);
+            endpoint
+                .connect_with_connector(tower::service_fn(move |_: Uri| {
+                    let host = host.clone();
+                    greeted(timeout, async move {
+                        let stream = tokio::net::TcpStream::connect((host.as_str(), port)).await?;
+                        stream.set_nodelay(true)?;
+                        Ok(stream)
+                    })
+                }))
+                .await
+                .map_err(unreachable)
         }
         EndpointAddr::Unix(path) => {
             let path = path.clone();
@@ -145,14 +164,55 @@ pub async fn channel(
                 .connect_timeout(timeout)
                 .connect_with_connector(tower::service_fn(move |_: Uri| {
                     let path = path.clone();
-                    async move {
-                        let stream = tokio::net::UnixStream::connect(path).await?;
-                        Ok::<_, std::io::Error>(TokioIo::new(stream))
-                    }
+                    greeted(timeout, tokio::net::UnixStream::connect(path))
                 }))
                 .await
                 .map_err(unreachable)
         }
+    }
+}
+
+/// Something that can wait to be readable: the plain streams we connect.
+trait Greets: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static {
+    fn readable(&self) -> impl Future<Output = std::io::Result<()>> + Send;
+}
+
+impl Greets for tokio::net::TcpStream {
+    fn readable(&self) -> impl Future<Output = std::io::Result<()>> + Send {
+        tokio::net::TcpStream::readable(self)
+    }
+}
+
+impl Greets for tokio::net::UnixStream {
+    fn readable(&self) -> impl Future<Output = std::io::Result<()>> + Send {
+        tokio::net::UnixStream::readable(self)
+    }
+}
+
+/// Connects with `connect`, then waits for the server's first bytes: an
+/// HTTP/2 server (chatd's admin API) sends its settings at once, so a
+/// listener that accepts and says nothing within `timeout` (a hung process,
+/// another kind of server) is reported as unreachable then, instead of a
+/// call that would wait on it.
+async fn greeted<S: Greets>(
+    timeout: Duration,
+    connect: impl Future<Output = std::io::Result<S>>,
+) -> std::io::Result<TokioIo<S>> {
+    let attempt = async {
+        let stream = connect.await?;
+        stream.readable().await?;
+        Ok(stream)
+    };
+    match tokio::time::timeout(timeout, attempt).await {
+        Ok(stream) => stream.map(TokioIo::new),
+        Err(_) => Err(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!(
+                "nothing answered within {} (the connection was accepted, or is still \
+                 being made, but no HTTP/2 server spoke)",
+                humantime::format_duration(timeout)
+            ),
+        )),
     }
 }
 

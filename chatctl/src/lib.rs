@@ -35,9 +35,13 @@ pub use crate::error::ChatctlError;
 pub async fn run(cli: Cli, out: &mut dyn Write) -> Result<(), ChatctlError> {
     let endpoint = cli.conn.endpoint.clone();
     let timeout = cli.conn.timeout;
+    let started = std::time::Instant::now();
     match execute(cli, out).await {
         Err(err) if err.may_be_wrong_endpoint() => {
-            if connect::is_chat_port(&endpoint, timeout).await {
+            // Within what is left of `--timeout`: a listener that never
+            // answered has used it all, and gets no second wait.
+            let left = timeout.saturating_sub(started.elapsed());
+            if !left.is_zero() && connect::is_chat_port(&endpoint, left).await {
                 Err(ChatctlError::NotAdmin {
                     endpoint: endpoint.to_string(),
                 })

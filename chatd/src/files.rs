@@ -135,6 +135,10 @@ impl StateLock {
             source,
         };
         create_private_dir(dir).map_err(failed)?;
+        // Before anything is created inside: a directory someone else owns
+        // (a fallback under a shared `/tmp`, planted in advance) is refused
+        // untouched.
+        check_private_dir(dir).map_err(failed)?;
         let path = dir.join(STATE_LOCK_FILE);
         let mut file = fs::OpenOptions::new()
             .read(true)
@@ -148,11 +152,9 @@ impl StateLock {
         match rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
             Ok(()) => {}
             Err(rustix::io::Errno::WOULDBLOCK) => {
-                let pid = fs::read_to_string(&path).unwrap_or_default();
-                let pid = pid.trim();
                 return Err(StateLockError::InUse {
                     dir: dir.to_path_buf(),
-                    pid: if pid.is_empty() { "unknown" } else { pid }.to_string(),
+                    pid: holder(&path),
                 });
             }
             Err(e) => return Err(failed(e.into())),
@@ -178,6 +180,18 @@ impl StateLock {
             }
         }
     }
+}
+
+/// The pid a lock file names, for the refusal: only a number is repeated,
+/// since the file's bytes may be anyone's (escape sequences included) and
+/// end up on the operator's terminal.
+fn holder(path: &Path) -> String {
+    let text = fs::read(path).unwrap_or_default();
+    let first = text.split(|b| *b == b'\n').next().unwrap_or_default();
+    std::str::from_utf8(first)
+        .ok()
+        .and_then(|s| s.trim().parse::<u32>().ok())
+        .map_or_else(|| "unknown".to_string(), |pid| pid.to_string())
 }
 
 #[cfg(test)]

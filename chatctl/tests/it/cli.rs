@@ -120,3 +120,52 @@ fn endpoints() {
         assert!(EndpointAddr::parse(bad).is_err(), "{bad:?} was accepted");
     }
 }
+
+/// A listener that accepts and never says a word (a hung process, another
+/// kind of server) is reported as unreachable (4) once `--timeout` has
+/// passed, not later and not as an answer from chatd.
+#[test]
+fn a_listener_that_never_answers_exits_4_within_the_timeout() {
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let endpoint = format!("http://{}", silent.local_addr().expect("addr"));
+    let started = std::time::Instant::now();
+    let output = chatctl(&[
+        "stats",
+        "--endpoint",
+        &endpoint,
+        "--token",
+        "t",
+        "--timeout",
+        "2s",
+    ]);
+    let took = started.elapsed();
+    let err = stderr(&output);
+    assert_eq!(output.status.code(), Some(4), "{err}");
+    assert!(
+        err.contains(&format!("cannot reach chatd at {endpoint}")),
+        "{err}"
+    );
+    assert!(err.contains("nothing answered within 2s"), "{err}");
+    // The timeout, plus the time to start a process on a busy machine; the
+    // old behaviour (the call's timeout, then a probe's) took 4 s.
+    assert!(
+        took < std::time::Duration::from_millis(3500),
+        "took {took:?}: {err}"
+    );
+
+    // The same on a UNIX socket.
+    let path = scratch_dir("silent").join("admin.sock");
+    let _ = std::fs::remove_file(&path);
+    let _silent = std::os::unix::net::UnixListener::bind(&path).expect("bind");
+    let endpoint = format!("unix:{}", path.display());
+    let output = chatctl(&[
+        "stats",
+        "--endpoint",
+        &endpoint,
+        "--token",
+        "t",
+        "--timeout",
+        "1s",
+    ]);
+    assert_eq!(output.status.code(), Some(4), "{}", stderr(&output));
+}

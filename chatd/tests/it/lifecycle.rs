@@ -434,3 +434,77 @@ async fn a_second_chatd_on_the_same_state_dir_refuses_to_start() {
     assert!(bans.contains("192.0.2.1"), "{bans}");
     first.chatctl(&["bans"]).await.ok();
 }
+
+/// A state directory someone else controls (as the fallback under a shared
+/// `/tmp` could be, made in advance by another user) is refused before
+/// chatd creates anything in it: no lock file of ours lands there.
+#[tokio::test]
+async fn a_state_dir_someone_else_controls_is_refused_untouched() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let state = dir.path().join("chatd-state");
+    std::fs::create_dir(&state).expect("state dir");
+    if rustix::process::geteuid().is_root() {
+        // Another user's directory, as a planted fallback would be.
+        std::os::unix::fs::chown(&state, Some(65534), Some(65534)).expect("chown");
+    } else {
+        std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o777)).expect("chmod");
+    }
+    let run = run_chatd(
+        &[],
+        &[
+            ("CHATD_SERVER__STATE_DIR", state.to_str().expect("utf-8")),
+            ("CHATD_CHAT__LISTEN", "127.0.0.1:0"),
+            ("CHATD_UDP__ENABLED", "false"),
+            ("CHATD_ADMIN__LISTEN", "127.0.0.1:0"),
+        ],
+    );
+    assert_eq!(run.code, 1, "{}", run.stderr);
+    assert_eq!(run.stderr.trim().lines().count(), 1, "{}", run.stderr);
+    assert!(run.stderr.contains("refusing"), "{}", run.stderr);
+    let left: Vec<_> = std::fs::read_dir(&state)
+        .expect("read the state dir")
+        .map(|e| e.expect("entry").file_name())
+        .collect();
+    assert!(
+        left.is_empty(),
+        "chatd created {left:?} in a directory it refused"
+    );
+}
+
+/// A lock file held by a process that wrote escape sequences into it: the
+/// refusal names no pid rather than sending those bytes to the operator's
+/// terminal.
+#[tokio::test]
+async fn a_planted_lock_file_reaches_the_terminal_clean() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let state = dir.path().join("state");
+    std::fs::create_dir(&state).expect("state dir");
+    std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o700)).expect("chmod");
+    let lock = state.join("chatd.lock");
+    std::fs::write(&lock, "\x1b]0;owned\x07\x1b[2J\x1b[31m4242\n").expect("plant");
+    let held = std::fs::File::open(&lock).expect("open the lock");
+    rustix::fs::flock(&held, rustix::fs::FlockOperation::NonBlockingLockExclusive)
+        .expect("hold the lock");
+    let run = run_chatd(
+        &[],
+        &[
+            ("CHATD_SERVER__STATE_DIR", state.to_str().expect("utf-8")),
+            ("CHATD_CHAT__LISTEN", "127.0.0.1:0"),
+            ("CHATD_UDP__ENABLED", "false"),
+            ("CHATD_ADMIN__LISTEN", "127.0.0.1:0"),
+        ],
+    );
+    assert_eq!(run.code, 1, "{}", run.stderr);
+    assert!(
+        run.stderr.contains("in use by another chatd (pid unknown)"),
+        "{}",
+        run.stderr
+    );
+    assert!(
+        !run.stderr.contains('\x1b') && !run.stderr.contains('\x07'),
+        "raw bytes from the file reached the terminal: {:?}",
+        run.stderr
+    );
+}
