@@ -60,6 +60,11 @@ pub enum ChatctlError {
     #[error("chatd reports {0}")]
     NotServing(String),
 
+    /// chatd did not do it now, and says why (`ABORTED`): an upgrade
+    /// already running, or one still running when the call had to end.
+    #[error("{0}")]
+    NotNow(String),
+
     #[error("cannot write the output: {0}")]
     Output(#[source] std::io::Error),
 }
@@ -77,6 +82,7 @@ impl ChatctlError {
             | Self::BadToken { .. }
             | Self::CaCert { .. }
             | Self::NotServing(_)
+            | Self::NotNow(_)
             | Self::Output(_) => exit::ERROR,
         }
     }
@@ -139,6 +145,7 @@ impl ChatctlError {
                 endpoint: endpoint.to_owned(),
                 cause: message,
             },
+            Code::Aborted => Self::NotNow(message),
             Code::DeadlineExceeded => Self::Timeout {
                 endpoint: endpoint.to_owned(),
                 timeout,

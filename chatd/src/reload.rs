@@ -124,6 +124,7 @@ fn reloadable(key: &str) -> bool {
             "server.name"
                 | "server.motd"
                 | "server.upgrade_notice"
+                | "server.upgrade_timeout_secs"
                 | "server.state_dir"
                 | "chat.default_room"
                 | "chat.history"

@@ -22,6 +22,12 @@ pub enum AdminError {
     /// The request itself is malformed.
     #[error("{0}")]
     BadRequest(String),
+    /// The caller's deadline is near and the upgrade it started goes on.
+    #[error(
+        "the upgrade is still running ({0} ms so far) and goes on without this call; its \
+         outcome is logged, and `chatctl health` names the process that serves"
+    )]
+    UpgradeRunning(u64),
     /// A blocking task died (a bug); the operator sees a plain internal error.
     #[error("internal error: {0}")]
     Internal(String),
@@ -45,7 +51,8 @@ impl From<AdminError> for Status {
                 | BanError::UnsafeDir { .. },
             )
             | AdminError::Internal(_) => Status::internal(message),
-            AdminError::Upgrade(crate::handoff::UpgradeError::Busy) => Status::aborted(message),
+            AdminError::Upgrade(crate::handoff::UpgradeError::Busy)
+            | AdminError::UpgradeRunning(_) => Status::aborted(message),
             AdminError::Upgrade(_) => Status::failed_precondition(message),
         }
     }

@@ -45,6 +45,25 @@ type Reply<T> = Result<Response<T>, Status>;
 type EventStream = Pin<Box<dyn Stream<Item = Result<pb::Event, Status>> + Send>>;
 
 /// The token name of an authorised request, for the audit log.
+/// How long this call may take: the caller's `grpc-timeout`, less a margin
+/// for the answer to reach it. `None` when the caller set no deadline.
+fn caller_deadline(metadata: &tonic::metadata::MetadataMap) -> Option<std::time::Duration> {
+    let text = metadata.get("grpc-timeout")?.to_str().ok()?;
+    let split = text.len().checked_sub(1)?;
+    let (digits, unit) = text.split_at(split);
+    let n: u64 = digits.parse().ok()?;
+    let total = match unit {
+        "H" => std::time::Duration::from_secs(n.saturating_mul(3600)),
+        "M" => std::time::Duration::from_secs(n.saturating_mul(60)),
+        "S" => std::time::Duration::from_secs(n),
+        "m" => std::time::Duration::from_millis(n),
+        "u" => std::time::Duration::from_micros(n),
+        "n" => std::time::Duration::from_nanos(n),
+        _ => return None,
+    };
+    Some(total.saturating_sub((total / 5).min(std::time::Duration::from_millis(500))))
+}
+
 fn who<T>(request: &Request<T>) -> String {
     request
         .extensions()
@@ -829,10 +848,18 @@ impl Admin for AdminService {
                 crate::handoff::UpgradeError::Unavailable,
             ))?;
         info!(by, "admin: upgrade");
-        let done = upgrader
-            .upgrade(&self.hub)
-            .await
-            .map_err(AdminError::from)?;
+        let wait = caller_deadline(request.metadata());
+        let started = std::time::Instant::now();
+        let running = upgrader.start(&self.hub).map_err(AdminError::from)?;
+        // The upgrade runs in its own task: this call only waits for it,
+        // and answers before the caller gives up.
+        let done = match wait {
+            Some(wait) => tokio::time::timeout(wait, running.outcome())
+                .await
+                .map_err(|_| AdminError::UpgradeRunning(started.elapsed().as_millis() as u64))?,
+            None => running.outcome().await,
+        }
+        .map_err(AdminError::from)?;
         Ok(Response::new(pb::UpgradeResponse {
             new_pid: done.pid,
             duration_ms: done.duration.as_millis() as u64,

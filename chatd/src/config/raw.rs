@@ -30,6 +30,7 @@ pub struct RawServer {
     pub worker_threads: i64,
     pub client_threads: i64,
     pub upgrade_notice: String,
+    pub upgrade_timeout_secs: i64,
 }
 
 impl Default for RawServer {
@@ -42,6 +43,7 @@ impl Default for RawServer {
             worker_threads: 0,
             client_threads: 1,
             upgrade_notice: String::new(),
+            upgrade_timeout_secs: 30,
         }
     }
 }

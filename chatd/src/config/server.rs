@@ -22,6 +22,9 @@ pub struct ServerConfig {
     /// The one line (after `*** `) a client handed over by a seamless
     /// upgrade reads; empty: none.
     pub upgrade_notice: String,
+    /// How long a new process has, from its start, to take over in a
+    /// seamless upgrade before it is stopped and everyone resumes here.
+    pub upgrade_timeout: Duration,
 }
 
 /// Where bans are kept when `server.state_dir` is empty: `$STATE_DIRECTORY`
@@ -70,6 +73,13 @@ pub(super) fn validate_server(s: &RawServer) -> Result<ServerConfig, ConfigError
     let server = ServerConfig {
         name: s.name.clone(),
         motd: s.motd.clone(),
+        upgrade_timeout: Duration::from_secs(range(
+            "server.upgrade_timeout_secs",
+            s.upgrade_timeout_secs,
+            1,
+            600,
+            " seconds",
+        )? as u64),
         shutdown_timeout: Duration::from_secs(range(
             "server.shutdown_timeout_secs",
             s.shutdown_timeout_secs,

@@ -51,12 +51,14 @@ use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::process::Command;
+use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
@@ -70,8 +72,10 @@ pub use state::{ClientState, ListenerKind, State, WaitingState};
 pub const HANDOFF_ENV: &str = "HANDOFF_FROM_CHATD";
 /// How long connections have to park.
 const FREEZE_TIMEOUT: Duration = Duration::from_secs(5);
-/// How long the new process has, from its start, to say it is ready.
-pub const READY_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long the new process waits on the old one's next message (the old
+/// one bounds the whole exchange by `server.upgrade_timeout_secs`, at most
+/// 600 s).
+pub const READY_TIMEOUT: Duration = Duration::from_secs(600);
 /// Clients per `Clients` message.
 const CHUNK: usize = 500;
 /// Copies of client sockets that exist at most at once: two chunks, one
@@ -176,6 +180,8 @@ pub struct Upgraded {
 pub enum UpgradeError {
     #[error("an upgrade is already in progress")]
     Busy,
+    #[error("the upgrade was interrupted: this process is shutting down")]
+    Interrupted,
     #[error("upgrades are not available in this process")]
     Unavailable,
     #[error(
@@ -221,7 +227,76 @@ struct Inner {
     /// Cancelled at commit: this process then stops as after a signal,
     /// having nobody left to serve.
     shutdown: CancellationToken,
-    busy: tokio::sync::Mutex<()>,
+    /// Set while an upgrade runs: a second one is refused.
+    running: AtomicBool,
+}
+
+/// An upgrade under way in a task of its own, so that whoever asked for it
+/// may stop waiting (an admin client that hangs up or times out) without
+/// stopping it halfway: it runs to a commit or a rollback, and logs which.
+#[derive(Debug)]
+pub struct Running {
+    outcome: oneshot::Receiver<Result<Upgraded, UpgradeError>>,
+}
+
+impl Running {
+    /// Waits for the outcome.
+    pub async fn outcome(self) -> Result<Upgraded, UpgradeError> {
+        self.outcome.await.unwrap_or(Err(UpgradeError::Interrupted))
+    }
+}
+
+/// The upgrader's "running" flag, cleared however its task ends.
+struct Claim(Arc<Inner>);
+
+impl Drop for Claim {
+    fn drop(&mut self) {
+        self.0.running.store(false, Ordering::Release);
+    }
+}
+
+/// Resumes every frozen connection if the upgrade's task ends before its
+/// outcome is settled (a panic, the runtime torn down): a freeze is never
+/// left behind.
+struct Thaw<'a> {
+    gate: &'a Gate,
+    armed: bool,
+}
+
+impl Drop for Thaw<'_> {
+    fn drop(&mut self) {
+        if self.armed && self.gate.is_frozen() {
+            warn!("upgrade: interrupted during the freeze; every connection resumes here");
+            self.gate.resume();
+        }
+    }
+}
+
+/// The new process until it commits: stopped (and reaped by the runtime)
+/// when the upgrade ends any other way, so no half-started chatd is left
+/// behind.
+struct Successor(Option<tokio::process::Child>);
+
+impl Successor {
+    fn child(&mut self) -> &mut tokio::process::Child {
+        // Set at creation; taken only by `commit`, which consumes `self`.
+        self.0
+            .as_mut()
+            .expect("the successor is present until its commit")
+    }
+
+    /// The new process serves: it lives on after this one.
+    fn commit(mut self) {
+        drop(self.0.take());
+    }
+}
+
+impl Drop for Successor {
+    fn drop(&mut self) {
+        if let Some(child) = self.0.as_mut() {
+            let _ = child.start_kill();
+        }
+    }
 }
 
 impl Upgrader {
@@ -245,7 +320,7 @@ impl Upgrader {
                 listeners,
                 admin_token,
                 shutdown,
-                busy: tokio::sync::Mutex::new(()),
+                running: AtomicBool::new(false),
             }),
         }
     }
@@ -281,13 +356,36 @@ impl Upgrader {
         Ok(out)
     }
 
+    /// Starts an upgrade in a task of its own (see [`Running`]); refused
+    /// while another runs.
+    pub fn start(&self, hub: &Hub) -> Result<Running, UpgradeError> {
+        if self.inner.running.swap(true, Ordering::AcqRel) {
+            return Err(UpgradeError::Busy);
+        }
+        let claim = Claim(self.inner.clone());
+        let (tx, rx) = oneshot::channel();
+        let (this, hub) = (self.clone(), hub.clone());
+        tokio::spawn(async move {
+            let result = this.run(&hub).await;
+            // Free before the outcome is told: a retry right after a
+            // failure is not refused as busy.
+            drop(claim);
+            let _ = tx.send(result);
+        });
+        Ok(Running { outcome: rx })
+    }
+
+    /// [`Upgrader::start`], then its outcome.
+    pub async fn upgrade(&self, hub: &Hub) -> Result<Upgraded, UpgradeError> {
+        self.start(hub)?.outcome().await
+    }
+
     /// Starts the binary at this process's path and hands everything over;
     /// on success this process is about to exit. On failure every
     /// connection resumes where it stopped (or never stopped, when the new
     /// process failed before the freeze), and the error carries what the
     /// new process said.
-    pub async fn upgrade(&self, hub: &Hub) -> Result<Upgraded, UpgradeError> {
-        let _busy = self.inner.busy.try_lock().map_err(|_| UpgradeError::Busy)?;
+    async fn run(&self, hub: &Hub) -> Result<Upgraded, UpgradeError> {
         if std::process::id() == 1 {
             return Err(UpgradeError::Pid1);
         }
@@ -295,7 +393,9 @@ impl Upgrader {
         let started = Instant::now();
         let gate = hub.handoff();
         info!(exe = %self.inner.exe.display(), "upgrade: starting the new process");
+        let mut thaw = Thaw { gate, armed: true };
         let result = self.hand_over(hub, started).await;
+        thaw.armed = false;
         match &result {
             Ok(done) => {
                 yield_to_successor();
@@ -342,7 +442,7 @@ impl Upgrader {
         })?;
         let _remove = RemoveOnDrop(path.clone());
 
-        let mut child = spawn_busy_aware(
+        let child = spawn_busy_aware(
             Command::new(&self.inner.exe)
                 .args(&self.inner.args)
                 .env(HANDOFF_ENV, &path)
@@ -355,6 +455,8 @@ impl Upgrader {
             exe: self.inner.exe.clone(),
             source,
         })?;
+        let mut successor = Successor(Some(child));
+        let child = successor.child();
         let pid = child.id().unwrap_or(0);
         let tail = Arc::new(Mutex::new(Vec::new()));
         let forward = child
@@ -380,8 +482,10 @@ impl Upgrader {
             }
         };
 
+        let limit = hub.config().server.upgrade_timeout;
+        let deadline = started + limit;
         let outcome = tokio::select! {
-            r = tokio::time::timeout(READY_TIMEOUT, self.exchange(hub, &channel, pid)) => r,
+            r = tokio::time::timeout(limit, self.exchange(hub, &channel, pid, deadline)) => r,
             status = child.wait() => {
                 let status = status.map(|s| s.to_string()).unwrap_or_default();
                 let why = failed(None).await;
@@ -393,7 +497,7 @@ impl Upgrader {
                 let _ = child.start_kill();
                 let _ = child.wait().await;
                 let said = failed(None).await;
-                return Err(UpgradeError::Timeout(READY_TIMEOUT, format!(": {said}")));
+                return Err(UpgradeError::Timeout(limit, format!(": {said}")));
             }
             Ok(Err(Broke::Io(e))) => {
                 let _ = child.start_kill();
@@ -402,7 +506,7 @@ impl Upgrader {
                 return Err(UpgradeError::NewProcess(format!("{said} ({e})")));
             }
             Ok(Err(Broke::Said(error))) => {
-                let _ = tokio::time::timeout(READY_TIMEOUT, child.wait()).await;
+                let _ = tokio::time::timeout(limit, child.wait()).await;
                 let _ = child.start_kill();
                 return Err(UpgradeError::NewProcess(failed(Some(error)).await));
             }
@@ -420,7 +524,7 @@ impl Upgrader {
         tokio::task::block_in_place(|| wire::send(&sock, &ToNew::Commit, &[]))?;
         let frozen = exchanged.frozen_at.elapsed();
         // The new process lives on after this one: nothing waits for it.
-        drop(child);
+        successor.commit();
         Ok(Upgraded {
             pid: exchanged.pid,
             duration: started.elapsed(),
@@ -439,13 +543,19 @@ impl Upgrader {
         hub: &Hub,
         channel: &tokio::net::UnixListener,
         pid: u32,
+        deadline: Instant,
     ) -> Result<(UnixStream, Exchanged), Broke> {
         let (sock, _) = channel.accept().await?;
         let sock = sock.into_std()?;
         check_peer(&sock, pid)?;
         sock.set_nonblocking(false)?;
-        sock.set_read_timeout(Some(READY_TIMEOUT))?;
-        sock.set_write_timeout(Some(READY_TIMEOUT))?;
+        // Blocking calls cannot be interrupted: each waits at most until
+        // the upgrade's own deadline.
+        let left = deadline
+            .saturating_duration_since(Instant::now())
+            .max(Duration::from_millis(1));
+        sock.set_read_timeout(Some(left))?;
+        sock.set_write_timeout(Some(left))?;
         let listener_fds: Vec<BorrowedFd<'_>> = self
             .inner
             .listeners

@@ -436,6 +436,28 @@ async fn an_upgrade_while_nats_does_not_answer_freezes_nobody_while_it_waits() {
     c2.expect(&format!("<{n1}> after the upgrade")).await;
 }
 
+/// `chatctl upgrade` gives up while the new process waits for NATS (before
+/// the freeze): the upgrade goes on without its caller, which is told it is
+/// still running, and hands everyone over; nobody is left frozen.
+#[tokio::test]
+async fn an_upgrade_whose_caller_gives_up_while_nats_does_not_answer_completes() {
+    let url = format!("nats://127.0.0.1:{}", free_port());
+    let server = upgradable_node(&url, "node-u");
+    server.wait_logged("NATS unreachable at start").await;
+    let (mut c1, n1) = server.join().await;
+    let (mut c2, _) = server.join().await;
+
+    let gave_up = server.chatctl(&["--timeout", "2s", "upgrade"]).await;
+    assert_eq!(gave_up.code, 1, "{gave_up:#?}");
+    assert!(gave_up.stderr.contains("still running"), "{gave_up:#?}");
+    server.wait_logged("upgrade: handed over").await;
+    c1.send("after the upgrade\n").await;
+    c2.expect(&format!("<{n1}> after the upgrade")).await;
+    let (mut c3, n3) = server.join().await;
+    c3.send("newcomer\n").await;
+    c1.expect(&format!("<{n3}> newcomer")).await;
+}
+
 #[tokio::test]
 async fn losing_nats_keeps_local_chat_and_tells_users_once_each_way() {
     let Some(mut nats) = Nats::start() else {

@@ -1011,3 +1011,116 @@ async fn a_sender_read_on_the_grid_is_heard_after_an_upgrade() {
     assert_eq!(after, ["<one> after0", "<three> after2", "<two> after1"]);
     drop(readers);
 }
+
+/// A new process that takes its time at `point` (`start`: before it even
+/// reaches the old process; `freeze`: once every client is parked; `adoption`:
+/// once it has every client), after writing its pid to `pidfile`.
+fn stalls_at(point: &str, pidfile: &Path) -> String {
+    format!(
+        r#"#!/usr/bin/python3
+import json, os, socket, struct, sys, time
+open({pidfile:?}, "w").write(str(os.getpid()))
+if "{point}" == "start":
+    time.sleep(3600)
+s = socket.socket(socket.AF_UNIX)
+s.connect(os.environ["HANDOFF_FROM_CHATD"])
+def exactly(n):
+    got = b""
+    while len(got) < n:
+        data, _, _, _ = s.recvmsg(n - len(got), socket.CMSG_SPACE(4 * 1024))
+        if not data:
+            sys.exit(1)
+        got += data
+    return got
+def frame():
+    return json.loads(exactly(struct.unpack(">I", exactly(4))[0]))
+def send(msg):
+    body = json.dumps(msg).encode()
+    s.sendall(struct.pack(">I", len(body)) + body)
+frame()  # Hello
+frame()  # Prepare, with the listeners
+send("Prepared")
+frame()  # State: everyone is parked
+if "{point}" == "freeze":
+    time.sleep(3600)
+while frame() != "End":
+    pass
+time.sleep(3600)  # adoption: holds every client, never says Ready
+"#,
+        pidfile = pidfile.display().to_string(),
+    )
+}
+
+/// Waits until the process `pid` is gone: not running, not a zombie.
+async fn gone(pid: u32) {
+    let deadline = Instant::now() + WAIT;
+    while Path::new(&format!("/proc/{pid}")).exists() {
+        assert!(Instant::now() < deadline, "process {pid} was left behind");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// `chatctl upgrade` gives up (its `--timeout`) while the new process stalls
+/// at `point`: the upgrade runs on to its own deadline, the call answers
+/// that it is still running, a second upgrade is refused meanwhile, and
+/// then the old process serves both clients exactly where they were, with
+/// the stalled process stopped and reaped.
+async fn a_cancelled_upgrade_rolls_back_by_itself(point: &str) {
+    if !Path::new("/usr/bin/python3").exists() {
+        let required = std::env::var("REQUIRE_TEST_TOOLS").is_ok_and(|v| v == "1");
+        assert!(
+            !required,
+            "/usr/bin/python3 is missing and REQUIRE_TEST_TOOLS=1"
+        );
+        eprintln!("skipped: /usr/bin/python3 is missing");
+        return;
+    }
+    let binary = Binary::copy();
+    let mut env = BUSY.to_vec();
+    env.push(("CHATD_SERVER__UPGRADE_TIMEOUT_SECS", "4"));
+    let server = TestServer::spawn_binary(&binary.path, None, &env);
+    let pid = server.pid();
+    let (mut a, mut b) = pair(&server).await;
+    let pidfile = binary.path.with_file_name("successor.pid");
+    binary.replace_with_script(&stalls_at(point, &pidfile));
+
+    let cancelled = server.chatctl(&["--timeout", "1500ms", "upgrade"]).await;
+    assert_eq!(cancelled.code, 1, "{cancelled:#?}");
+    assert!(cancelled.stderr.contains("still running"), "{cancelled:#?}");
+    let second = server.chatctl(&["upgrade"]).await;
+    assert_eq!(second.code, 1, "{second:#?}");
+    assert!(second.stderr.contains("already in progress"), "{second:#?}");
+
+    let failed = server.wait_logged("upgrade failed; serving on").await;
+    assert!(
+        failed["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("did not become ready within 4s")),
+        "{failed}"
+    );
+    still_served(&server, pid, &mut a, &mut b).await;
+    let successor: u32 = std::fs::read_to_string(&pidfile)
+        .expect("the new process started")
+        .parse()
+        .expect("its pid");
+    gone(successor).await;
+    // A newcomer is welcomed by the same process.
+    let (mut c, c_nick) = server.join().await;
+    c.send("and me\n").await;
+    a.expect(&format!("<{c_nick}> and me")).await;
+}
+
+#[tokio::test]
+async fn an_upgrade_cancelled_before_the_new_process_reaches_us_rolls_back() {
+    a_cancelled_upgrade_rolls_back_by_itself("start").await;
+}
+
+#[tokio::test]
+async fn an_upgrade_cancelled_during_the_freeze_rolls_back() {
+    a_cancelled_upgrade_rolls_back_by_itself("freeze").await;
+}
+
+#[tokio::test]
+async fn an_upgrade_cancelled_during_the_adoption_rolls_back() {
+    a_cancelled_upgrade_rolls_back_by_itself("adoption").await;
+}
