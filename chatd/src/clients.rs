@@ -37,6 +37,8 @@ impl ClientThread {
         let handle = runtime.handle().clone();
         let stop = CancellationToken::new();
         let stopped = stop.clone();
+        // This thread's own lateness: its clients are read late too.
+        handle.spawn(crate::stall::watch(stop.clone()));
         std::thread::Builder::new()
             .name("chatd-clients".into())
             .spawn(move || runtime.block_on(stopped.cancelled()))?;

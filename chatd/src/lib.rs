@@ -71,6 +71,7 @@ pub mod reload;
 pub mod sanitize;
 pub mod server;
 pub mod sockopt;
+pub mod stall;
 pub mod stats;
 pub mod telemetry;
 pub mod tls;

@@ -427,6 +427,7 @@ pub async fn serve(
         tracker.spawn(udp_echo::run(udp, hub.clone(), shutdown.clone()));
     }
     tracker.spawn(reap(hub.clone(), shutdown.clone()));
+    tracker.spawn(crate::stall::watch(shutdown.clone()));
     tracker.spawn(flush_notices(hub.clone(), shutdown.clone()));
     let doors = listeners.chat.iter().map(|l| (l, Door::Plain)).chain(
         listeners

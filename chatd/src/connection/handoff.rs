@@ -106,11 +106,12 @@ pub async fn resume(
         };
         let framer = LineFramer::import(&state.framer);
         let f = &state.flood;
-        let flood = Flood {
-            bucket: TokenBucket::resume(f.tokens, Duration::from_millis(f.age_ms), Instant::now()),
-            dropped: f.dropped,
-            warned: f.warned,
-        };
+        let now = Instant::now();
+        let bucket = TokenBucket::resume(f.tokens, Duration::from_millis(f.age_ms), now);
+        // Lines sent during the freeze wait in the socket: a backlog.
+        let mut flood = Flood::new(bucket, now, false);
+        flood.dropped = f.dropped;
+        flood.warned = f.warned;
         let nick = client.nick();
         let lines_seen = client.outbox.totals().0;
         let conn = Connection {

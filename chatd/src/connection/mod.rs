@@ -358,7 +358,11 @@ impl<S: Socket> Connection<S> {
             nick,
             framer: LineFramer::default(),
             pending: VecDeque::new(),
-            flood: Flood::new(Instant::now()),
+            flood: Flood::new(
+                TokenBucket::new(u32::MAX, Instant::now()),
+                Instant::now(),
+                true,
+            ),
             overlong: 0,
             mid_line: false,
             greeted: false,
@@ -409,22 +413,6 @@ enum Pending {
 enum Held {
     Line(Bytes),
     TooLong,
-}
-
-struct Flood {
-    bucket: TokenBucket,
-    dropped: u32,
-    warned: bool,
-}
-
-impl Flood {
-    fn new(now: Instant) -> Self {
-        Self {
-            bucket: TokenBucket::new(u32::MAX, now),
-            dropped: 0,
-            warned: false,
-        }
-    }
 }
 
 /// Chat lines read in one wake-up, formatted for the room, waiting to be
@@ -762,10 +750,12 @@ impl<S: Socket> Connection<S> {
     }
 }
 
+mod flood;
 mod grid_read;
 mod handoff;
 mod read;
 mod write;
 
+use flood::{Flood, Verdict};
 pub use handoff::resume;
 use read::*;

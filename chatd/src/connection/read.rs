@@ -71,6 +71,7 @@ impl<S: Socket> Connection<S> {
         let mut telnet_replies = BytesMut::new();
         let (mut lines, mut bytes) = (0u64, 0u64);
         let now = Instant::now();
+        self.flood.before_read(config.limits.flood.as_ref(), now);
         // One wake-up's batch stays well inside the recipients' queues, or a
         // single batch could overflow a small one.
         let budget = (config.limits.outbound_queue_bytes / 8).max(1024);
@@ -143,6 +144,7 @@ impl<S: Socket> Connection<S> {
             }
         }
         self.publish(&mut batch);
+        self.flood.after_read(now, drained);
         self.grid_read_done(bytes > 0, raw);
         self.client.record_input(lines, bytes);
         self.hub.stats().input(lines, bytes);
@@ -211,22 +213,18 @@ impl<S: Socket> Connection<S> {
         if line.is_empty() {
             return None;
         }
-        if let Some(flood) = limits.flood {
-            let f = &mut self.flood;
-            if f.dropped > 0 && f.bucket.is_full(flood.lines_per_sec, flood.burst, now) {
-                f.dropped = 0;
-                f.warned = false;
-            }
-            if !f.bucket.try_take(flood.lines_per_sec, flood.burst, now) {
-                f.dropped += 1;
-                if flood.max_dropped > 0 && f.dropped > flood.max_dropped {
-                    return Some(Disconnect::Flood);
+        if let Some(flood) = &limits.flood {
+            match self.flood.check(flood, now) {
+                Verdict::Pass => {}
+                Verdict::Cut => return Some(Disconnect::Flood),
+                Verdict::Drop { warn } => {
+                    if warn {
+                        self.error(
+                            "flood control: you are sending too fast, lines are being dropped",
+                        );
+                    }
+                    return None;
                 }
-                if !f.warned {
-                    f.warned = true;
-                    self.error("flood control: you are sending too fast, lines are being dropped");
-                }
-                return None;
             }
         }
         match line {

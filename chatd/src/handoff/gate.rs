@@ -68,6 +68,9 @@ pub struct Gate {
     want: AtomicUsize,
     /// Exports allowed now, while collecting (see the module doc).
     permits: Semaphore,
+    /// When the freeze began ([`crate::clock::now_ms`]), for the stall it
+    /// is to every client (see [`crate::stall`]).
+    frozen_at_ms: std::sync::atomic::AtomicU64,
     /// Freezes so far, to tell a release for an earlier one.
     freezes: std::sync::atomic::AtomicU64,
     exports: Mutex<Option<mpsc::UnboundedSender<Export>>>,
@@ -90,6 +93,7 @@ impl Default for Gate {
             want: AtomicUsize::new(usize::MAX),
             permits: Semaphore::new(0),
             freezes: std::sync::atomic::AtomicU64::new(0),
+            frozen_at_ms: std::sync::atomic::AtomicU64::new(0),
             exports: Mutex::new(None),
             upgrader: std::sync::OnceLock::new(),
             inherited: Mutex::default(),
@@ -291,6 +295,8 @@ impl Gate {
         // Left over from an abandoned handoff: none may be used now.
         self.permits.forget_permits(usize::MAX);
         let freeze = self.freezes.fetch_add(1, Ordering::AcqRel) + 1;
+        self.frozen_at_ms
+            .store(crate::clock::now_ms(), Ordering::Relaxed);
         self.frozen.store(true, Ordering::Release);
         self.step.send_replace(Step::Frozen);
         freeze
@@ -307,6 +313,10 @@ impl Gate {
         self.want.store(usize::MAX, Ordering::SeqCst);
         self.permits.forget_permits(usize::MAX);
         self.frozen.store(false, Ordering::Release);
+        crate::stall::record(
+            self.frozen_at_ms.load(Ordering::Relaxed),
+            crate::clock::now_ms(),
+        );
         self.step.send_replace(Step::Running);
     }
 

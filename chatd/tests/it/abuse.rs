@@ -839,6 +839,51 @@ async fn a_line_flood_is_dropped_then_cut_and_the_room_never_sees_it() {
     assert!(relayed <= 10 * 40, "{relayed} flood lines reached the room");
 }
 
+/// A speaker at 6.7 lines/s, under the 10/s limit, while chatd is stopped
+/// for a few seconds (SIGSTOP, as a paused machine or a debugger would stop
+/// it): the lines waiting in its socket when chatd resumes arrived at an
+/// honest pace, and all reach the room; the speaker is neither warned nor
+/// cut. (With `flood_max_dropped` at 10, counting them as read cut the
+/// speaker.) A paste right after is still a flood.
+#[tokio::test]
+async fn an_honest_speaker_is_no_flooder_after_chatd_stalls() {
+    let server = defaults_and(&[("CHATD_LIMITS__FLOOD_MAX_DROPPED", "10")]);
+    let (mut speaker, nick) = server.join().await;
+    let (mut listener, _) = server.join().await;
+    speaker.sync().await;
+    const LINES: usize = 60;
+    let pid = server.pid();
+    let stop = async {
+        tokio::time::sleep(Duration::from_millis(1000)).await;
+        let pid = rustix::process::Pid::from_raw(pid as i32).expect("pid");
+        rustix::process::kill_process(pid, rustix::process::Signal::STOP).expect("SIGSTOP");
+        tokio::time::sleep(Duration::from_secs(6)).await;
+        rustix::process::kill_process(pid, rustix::process::Signal::CONT).expect("SIGCONT");
+    };
+    let speak = async {
+        let mut tick = tokio::time::interval(Duration::from_millis(150));
+        for i in 0..LINES {
+            tick.tick().await;
+            speaker.send(&format!("steady {i}\n")).await;
+        }
+        speaker
+    };
+    let (_, mut speaker) = tokio::join!(stop, speak);
+    for i in 0..LINES {
+        assert_eq!(listener.line().await, format!("<{nick}> steady {i}"));
+    }
+    let told = speaker.sync().await;
+    assert!(told.is_empty(), "the speaker was told: {told:?}");
+
+    // Live again: a paste of 100 lines meets the plain bucket.
+    let paste: String = (0..100).map(|i| format!("paste {i}\n")).collect();
+    speaker.send(&paste).await;
+    assert!(
+        speaker.expect("flood control").await.contains("too fast"),
+        "a paste after the stall is still a flood"
+    );
+}
+
 /// Every line a listener got from `nick` is that nick's prefix and clean
 /// text: no control character, no escape, no invisible mark, no second
 /// line; and no server line was forged.

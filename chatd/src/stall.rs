@@ -1,0 +1,79 @@
+//! How long this process did not serve its clients: stopped (SIGSTOP, a
+//! paused virtual machine), a runtime starved, or every connection frozen
+//! for an upgrade. Lines a client sent meanwhile wait in its socket and are
+//! read together afterwards; flood control forgives them as far as they
+//! could have arrived within the limit (`connection::Flood`), so an honest
+//! speaker is not taken for a flooder because chatd was away.
+//!
+//! A ticker on each runtime that serves clients notices when its own tick
+//! comes late; the upgrade's gate reports its freezes. Overlapping reports
+//! (both runtimes stopped together) are counted once.
+
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+use crate::clock;
+
+/// How often each runtime looks at the clock.
+const TICK: Duration = Duration::from_millis(500);
+/// Lateness of a tick below this is ordinary scheduling, not a stall.
+const SLACK: Duration = Duration::from_millis(250);
+
+/// Milliseconds of stall so far, read on every read of a client.
+static TOTAL_MS: AtomicU64 = AtomicU64::new(0);
+/// The end of the last stall counted, so that an overlapping report adds
+/// only what is new.
+static COUNTED_UNTIL_MS: Mutex<u64> = Mutex::new(0);
+
+/// Milliseconds this process has spent stalled since it started.
+pub fn total_ms() -> u64 {
+    TOTAL_MS.load(Ordering::Relaxed)
+}
+
+/// Counts the stall from `from_ms` to `to_ms` ([`clock::now_ms`] readings).
+pub fn record(from_ms: u64, to_ms: u64) {
+    let mut until = crate::lock::lock(&COUNTED_UNTIL_MS);
+    let start = from_ms.max(*until);
+    if to_ms > start {
+        TOTAL_MS.fetch_add(to_ms - start, Ordering::Relaxed);
+        *until = to_ms;
+    }
+}
+
+/// Ticks on the runtime it is spawned on until `stop`, counting every tick
+/// that came later than [`SLACK`] as a stall.
+pub async fn watch(stop: CancellationToken) {
+    let tick = TICK.as_millis() as u64;
+    let slack = SLACK.as_millis() as u64;
+    let mut last = clock::now_ms();
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = tokio::time::sleep(TICK) => {}
+        }
+        let now = clock::now_ms();
+        let due = last + tick;
+        if now > due + slack {
+            record(due, now);
+        }
+        last = now;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn overlapping_stalls_count_once() {
+        let base = total_ms();
+        let t = clock::now_ms() + 1_000_000;
+        record(t, t + 100);
+        record(t + 50, t + 150);
+        record(t + 10, t + 90);
+        assert_eq!(total_ms() - base, 150);
+    }
+}
