@@ -302,6 +302,18 @@ impl Daemon {
         let clients = match received {
             crate::handoff::Received::State(state) => return self.hub.restore(state),
             crate::handoff::Received::NextId(next) => return self.hub.restore_next_id(next),
+            crate::handoff::Received::Gone(gone) => {
+                let (hub, commit) = (self.hub.clone(), self.commit.clone());
+                self.adopted.spawn(async move {
+                    // Only once this process serves: before, the old one may
+                    // still resume them.
+                    commit.cancelled().await;
+                    for g in gone {
+                        hub.announce_left(&g.nick, &g.room, "reconnecting after a server upgrade");
+                    }
+                });
+                return;
+            }
             crate::handoff::Received::Waiting(waiting) => {
                 let clients = self.clients.as_ref().map(|c| c.handle().clone());
                 for (state, stream) in waiting {

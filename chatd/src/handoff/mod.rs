@@ -65,7 +65,7 @@ use tracing::{info, warn};
 use crate::hub::Hub;
 use crate::listen::Listeners;
 pub use gate::{Gate, Outcome};
-pub use state::{ClientState, ListenerKind, State, WaitingState};
+pub use state::{ClientState, Gone, ListenerKind, State, WaitingState};
 
 /// The variable that tells a starting chatd to take over from a running
 /// one, and where to ask. Not `CHATD_…`: those are config keys.
@@ -123,9 +123,14 @@ enum ToNew {
         fds: usize,
         state: serde_json::Value,
     },
-    /// A chunk of clients, each with its socket (since version 2).
+    /// A chunk of clients, each with its socket (since version 2), and
+    /// the clients of the chunk that could not be handed over (TLS): the
+    /// new process announces that they left. Older processes send none,
+    /// and ignore them.
     Clients {
         clients: Vec<ClientState>,
+        #[serde(default)]
+        gone: Vec<Gone>,
     },
     /// Connections still in the front door, each with its socket: sent
     /// after the `Clients` of the same chunk. Older processes send none.
@@ -627,8 +632,8 @@ impl Upgrader {
         let sender = tokio::task::spawn_blocking(move || {
             while let Some(chunk) = to_send.blocking_recv() {
                 let borrowed: Vec<BorrowedFd<'_>> = chunk.fds.iter().map(|f| f.as_fd()).collect();
-                let clients = chunk.clients;
-                wire::send(&sock, &ToNew::Clients { clients }, &borrowed)?;
+                let (clients, gone) = (chunk.clients, chunk.gone);
+                wire::send(&sock, &ToNew::Clients { clients, gone }, &borrowed)?;
                 drop(borrowed);
                 if !chunk.waiting.is_empty() {
                     let borrowed: Vec<BorrowedFd<'_>> =
@@ -669,6 +674,7 @@ impl Upgrader {
                 fds: Vec::with_capacity(want),
                 waiting: Vec::new(),
                 waiting_fds: Vec::new(),
+                gone: Vec::new(),
                 exports: want,
             };
             for _ in 0..want {
@@ -676,9 +682,15 @@ impl Upgrader {
                     Ok(Some(Export::Client { state, fd })) => {
                         collected += 1;
                         // A TLS client has no socket to hand over.
-                        if let Some(fd) = fd.map_err(|e| Broke::Here(UpgradeError::Copy(e)))? {
-                            chunk.clients.push(state);
-                            chunk.fds.push(fd);
+                        match fd.map_err(|e| Broke::Here(UpgradeError::Copy(e)))? {
+                            Some(fd) => {
+                                chunk.clients.push(state);
+                                chunk.fds.push(fd);
+                            }
+                            None => chunk.gone.push(Gone {
+                                nick: state.nick,
+                                room: state.room,
+                            }),
                         }
                     }
                     Ok(Some(Export::Waiting { state, fd })) => {
@@ -736,6 +748,8 @@ struct Chunk {
     fds: Vec<OwnedFd>,
     waiting: Vec<WaitingState>,
     waiting_fds: Vec<OwnedFd>,
+    /// Clients told to reconnect (TLS), for the new process to announce.
+    gone: Vec<Gone>,
     exports: usize,
 }
 
@@ -928,6 +942,9 @@ pub enum Received<'a> {
     Waiting(Vec<(WaitingState, std::net::TcpStream)>),
     /// The id the next client gets (after every client).
     NextId(u64),
+    /// Clients that were not handed over (TLS): announce that they left,
+    /// once this process serves.
+    Gone(Vec<Gone>),
 }
 
 /// The new process's side, up to holding the listeners: connects to the
@@ -1041,7 +1058,7 @@ fn listener_sockets<I: Iterator<Item = OwnedFd>>(
 
 /// What the receiving thread passes on.
 enum Arrived {
-    Clients(Vec<ClientState>, Vec<OwnedFd>),
+    Clients(Vec<ClientState>, Vec<OwnedFd>, Vec<Gone>),
     Waiting(Vec<WaitingState>, Vec<OwnedFd>),
     NextId(u64),
 }
@@ -1056,14 +1073,14 @@ fn receive_chunks(
     let mut n = 0;
     loop {
         let (msg, fds) = wire::recv::<ToNew>(sock, |m| match m {
-            ToNew::Clients { clients } => clients.len(),
+            ToNew::Clients { clients, .. } => clients.len(),
             ToNew::Waiting { waiting } => waiting.len(),
             _ => 0,
         })?;
         let arrived = match msg {
-            ToNew::Clients { clients } => {
+            ToNew::Clients { clients, gone } => {
                 n += clients.len();
-                Arrived::Clients(clients, fds)
+                Arrived::Clients(clients, fds, gone)
             }
             ToNew::Waiting { waiting } => Arrived::Waiting(waiting, fds),
             ToNew::NextId { next_id } => Arrived::NextId(next_id),
@@ -1130,15 +1147,19 @@ impl Incoming {
             let receiver = scope.spawn(move || receive_chunks(sock, chunks));
             let adopted = (|| {
                 for arrived in arrived {
-                    take(match arrived {
-                        Arrived::Clients(clients, fds) => {
+                    let received = match arrived {
+                        Arrived::Clients(clients, fds, gone) => {
+                            if !gone.is_empty() {
+                                take(Received::Gone(gone));
+                            }
                             Received::Clients(client_sockets(clients, fds)?)
                         }
                         Arrived::Waiting(waiting, fds) => {
                             Received::Waiting(client_sockets(waiting, fds)?)
                         }
                         Arrived::NextId(next_id) => Received::NextId(next_id),
-                    });
+                    };
+                    take(received);
                 }
                 Ok::<_, ReceiveError>(())
             })();

@@ -128,6 +128,14 @@ pub struct FloodState {
     pub warned: bool,
 }
 
+/// A client of the old process that was not handed over (a TLS client,
+/// told to reconnect): what the new process needs to announce its leave.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Gone {
+    pub nick: String,
+    pub room: String,
+}
+
 /// A connection still in the front door at the freeze: accepted, not yet a
 /// client, nothing of it read but the part of a PROXY header below. Handed
 /// over as a bare socket, which the new process serves from the front door

@@ -382,6 +382,22 @@ impl Hub {
         room.loaded.store(true, Relaxed);
     }
 
+    /// Tells `room` that `nick`, a client of the previous process that could
+    /// not be handed over (a TLS client at an upgrade), left: it was never
+    /// registered here, so no one else would.
+    pub fn announce_left(&self, nick: &str, room: &str, reason: &str) {
+        let Some(room) = self.state().rooms.get(room).cloned() else {
+            return;
+        };
+        let total = read(&room.members).len() + self.cluster().remote_count(&room.name);
+        if total == 0 || total >= self.config().limits.room_notice_max {
+            return;
+        }
+        let text = format!("{nick} left {} ({}): {reason}", room.name, users(total));
+        // From no client of this node: every member hears it.
+        self.room_notice(&room, 0, NoticeKind::Leave, &text);
+    }
+
     /// Removes `client` from `room` under the state lock, and drops the room
     /// when it empties (except the default room). Returns the leave notice
     /// to send once the lock is released, if one is due.

@@ -767,3 +767,44 @@ async fn trusted_proxies_apply_on_reload() {
     // Who was connected before stays connected.
     early.sync().await;
 }
+
+/// A TLS client cannot be handed to the new process at an upgrade (its
+/// session keys live in the old one): it is told to reconnect, and the
+/// others in its room see it leave, as for any other leave.
+#[tokio::test]
+async fn tls_clients_told_to_reconnect_at_an_upgrade_are_seen_leaving() {
+    let Some(openssl) = tool("openssl") else {
+        return;
+    };
+    let certs = tempfile::tempdir().expect("tempdir");
+    certificate(certs.path(), "tls");
+    let (cert, key) = (certs.path().join("tls.crt"), certs.path().join("tls.key"));
+    let server = TestServer::spawn_binary(
+        Path::new(chatd_bin()),
+        None,
+        &[
+            ("CHATD_CHAT__TLS_LISTEN", "127.0.0.1:0"),
+            ("CHATD_CHAT__TLS_CERT", cert.to_str().expect("utf-8")),
+            ("CHATD_CHAT__TLS_KEY", key.to_str().expect("utf-8")),
+        ],
+    );
+    let tls: SocketAddr = server.listening["tls"]
+        .as_str()
+        .and_then(|s| s.split_whitespace().next())
+        .and_then(|s| s.parse().ok())
+        .expect("TLS address");
+    let (mut plain, _) = server.join().await;
+    let mut secure = s_client(&openssl, tls);
+    let s = secure.welcome().await;
+    plain.expect(&format!("{s} joined lobby")).await;
+
+    let done = server.chatctl(&["-o", "json", "upgrade"]).await.json();
+    assert_eq!(done["tls_clients_closed"], 1, "{done}");
+    secure.expect("Please reconnect").await;
+    assert_eq!(
+        plain.line().await,
+        format!("*** {s} left lobby (1 user): reconnecting after a server upgrade")
+    );
+    plain.send("/who\n").await;
+    assert!(plain.expect("lobby (1 user)").await.contains("(1 user)"));
+}
