@@ -475,7 +475,7 @@ async fn the_file_limit_is_raised_and_clients_past_it_get_a_line() {
 struct Crowd {
     firsts: Vec<(Option<String>, Duration)>,
     /// The connections, still open.
-    held: Vec<Client>,
+    held: Vec<tokio::io::BufReader<tokio::net::TcpStream>>,
 }
 
 impl Crowd {
@@ -487,12 +487,16 @@ impl Crowd {
                 tokio::spawn(async move {
                     let started = Instant::now();
                     let stream = tokio::net::TcpStream::connect(to).await.expect("connect");
-                    let mut client = Client::from_stream(stream);
-                    let first = tokio::time::timeout(deadline, client.try_line())
-                        .await
-                        .ok()
-                        .flatten();
-                    (first, started.elapsed(), client)
+                    let mut stream = tokio::io::BufReader::new(stream);
+                    let mut line = String::new();
+                    let read = tokio::time::timeout(
+                        deadline,
+                        tokio::io::AsyncBufReadExt::read_line(&mut stream, &mut line),
+                    )
+                    .await;
+                    let first = matches!(read, Ok(Ok(n)) if n > 0)
+                        .then(|| line.trim_end().to_string());
+                    (first, started.elapsed(), stream)
                 })
             })
             .collect();
