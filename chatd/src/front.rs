@@ -113,9 +113,9 @@ pub fn serve(
         .iter()
         .any(|net| net.contains(&peer.ip()));
     match door {
-        Door::Plain if !trusted => {
-            Either::Left(connection::serve_on(stream, peer, false, hub, arrival, seat))
-        }
+        Door::Plain if !trusted => Either::Left(connection::serve_on(
+            stream, peer, false, hub, arrival, seat,
+        )),
         door => Either::Right(Box::pin(serve_guarded(
             stream,
             peer,
@@ -270,7 +270,11 @@ async fn serve_guarded(mut stream: TcpStream, peer: SocketAddr, guarded: Guarded
 /// and no log line each, and its descriptor is free again at once.
 pub(crate) fn refuse_fast(stream: &impl AsFd, refusal: &Refusal) {
     let line = crate::hub::server_line(&format!("error: {refusal}"));
-    let _ = rustix::net::send(stream, &line, rustix::net::SendFlags::DONTWAIT | rustix::net::SendFlags::NOSIGNAL);
+    let _ = rustix::net::send(
+        stream,
+        &line,
+        rustix::net::SendFlags::DONTWAIT | rustix::net::SendFlags::NOSIGNAL,
+    );
 }
 
 #[cfg(test)]

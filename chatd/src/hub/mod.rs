@@ -474,10 +474,10 @@ mod room;
 mod seat;
 
 pub use client::*;
-pub use seat::*;
 pub use fanout::*;
 pub use reap::*;
 pub use room::*;
+pub use seat::*;
 
 #[cfg(test)]
 mod tests;

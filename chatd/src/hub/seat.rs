@@ -172,7 +172,8 @@ impl Seat {
     fn give_to_client(&mut self) -> (IpAddr, usize) {
         self.hub = None;
         (
-            self.group.unwrap_or(IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED)),
+            self.group
+                .unwrap_or(IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED)),
             self.files,
         )
     }

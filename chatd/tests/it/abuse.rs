@@ -494,8 +494,8 @@ impl Crowd {
                         tokio::io::AsyncBufReadExt::read_line(&mut stream, &mut line),
                     )
                     .await;
-                    let first = matches!(read, Ok(Ok(n)) if n > 0)
-                        .then(|| line.trim_end().to_string());
+                    let first =
+                        matches!(read, Ok(Ok(n)) if n > 0).then(|| line.trim_end().to_string());
                     (first, started.elapsed(), stream)
                 })
             })

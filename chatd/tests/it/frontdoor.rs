@@ -625,10 +625,7 @@ async fn silent_connections_from_many_addresses_cannot_exhaust_descriptors() {
     assert_eq!(emfile, 0, "accept failed for want of descriptors");
     assert!(fds_at_peak < 2048, "{fds_at_peak} descriptors");
     assert!(refused > 0, "nobody refused: the limit was never reached");
-    assert!(
-        told.starts_with("*** error: server is full"),
-        "{told:?}"
-    );
+    assert!(told.starts_with("*** error: server is full"), "{told:?}");
     assert_eq!(stats["clients"], 0, "{stats}");
     drop(held);
 }

@@ -206,10 +206,7 @@ async fn a_connection_while_out_of_descriptors_is_told_at_once_and_the_loop_surv
     let before = prlimit(Some(pid), Resource::Nofile, lowered).expect("lower the limit");
     let mut late = server.connect().await;
     let line = late.line().await;
-    assert!(
-        line.starts_with("*** error: server is full"),
-        "{line:?}"
-    );
+    assert!(line.starts_with("*** error: server is full"), "{line:?}");
     assert_eq!(late.try_line().await, None);
     server.wait_logged("out of file descriptors").await;
     // Clients already in are served meanwhile.
