@@ -187,14 +187,27 @@ pub fn raise_file_limit() -> u64 {
     limit.current.unwrap_or(hard)
 }
 
-/// Descriptors kept for everything but chat connections: listeners, the
-/// admin and metrics connections (each capped by its own limit), the
-/// journal, files, the accept loops' spare ([`Spare`]), and a margin for
+/// Descriptors kept for everything but chat connections (besides the admin
+/// and metrics connections, [`side_connections`]): listeners, the journal,
+/// files, the accept loops' spare ([`Spare`]), and a margin for
 /// accepting a connection only to refuse it with one line (an eighth of
 /// the limit, between 16 and 256), plus the busy rooms' write clocks
 /// ([`crate::grid::MAX_CLOCKS`]).
 pub fn reserved_files(open_files: u64) -> u64 {
     (open_files / 8).clamp(16, 256) + crate::grid::MAX_CLOCKS as u64
+}
+
+/// Connections the admin API and the metrics endpoint may hold at once
+/// (`admin.max_connections`, `metrics.max_connections`): kept out of the
+/// chat's descriptors, so that an operator is never the one who meets
+/// `EMFILE` when chat is full.
+pub fn side_connections(config: &Config) -> usize {
+    let admin = config.admin.as_ref().map_or(0, |a| a.max_connections);
+    let metrics = config
+        .metrics
+        .listen
+        .map_or(0, |_| config.metrics.max_connections);
+    admin + metrics
 }
 
 /// How many chat clients `open_files` descriptors can serve.
