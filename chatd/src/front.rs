@@ -7,8 +7,11 @@
 //! It runs in the connection's own task, never in the accept loop, so a
 //! proxy or a client slow to speak delays nobody else (only the check of
 //! the peer against `chat.trusted_proxies` runs as the task is made); both
-//! steps together
-//! are bounded by `limits.handshake_timeout_secs`.
+//! steps together are bounded by `limits.handshake_timeout_secs`. All the
+//! while the connection holds the [`Seat`] its accept loop took: it counts
+//! against the limits here as much as once it chats, and a trusted proxy's
+//! connection is counted against its client's address as soon as the
+//! header names it.
 //!
 //! A seamless upgrade's freeze counts every connection here that has read
 //! nothing a new process could not be told ([`Arrival`]): a plain one until

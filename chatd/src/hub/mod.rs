@@ -25,9 +25,11 @@
 //! is non-blocking. No lock is ever held across an `.await`.
 //!
 //! Here: the [`Hub`] handle, its state, connect and leave. Beside it:
-//! `client` (clients, nicks), `room` (rooms, join, history), `fanout`
-//! (every delivery and the notices), `admin` (the admin operations),
-//! `reap` (deadlines), `handoff` (the hub's part of a seamless upgrade).
+//! `seat` (every accepted connection's place under the limits, from accept
+//! to registration and leave), `client` (clients, nicks), `room` (rooms,
+//! join, history), `fanout` (every delivery and the notices), `admin` (the
+//! admin operations), `reap` (deadlines), `handoff` (the hub's part of a
+//! seamless upgrade).
 
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
@@ -210,8 +212,9 @@ struct Shared {
 }
 
 /// The per-address connection rate (`limits.connect_rate_per_ip`): one token
-/// bucket per address group ([`Hub::address_group`]). Full buckets are forgotten, which bounds the map by
-/// the addresses that connected within the last few seconds.
+/// bucket per address group ([`Hub::address_group`]). Full buckets are
+/// forgotten, which bounds the map by the addresses that connected within
+/// the last few seconds.
 #[derive(Debug, Default)]
 struct ConnectRate {
     buckets: HashMap<IpAddr, TokenBucket>,
