@@ -7,8 +7,11 @@
 //! It runs in the connection's own task, never in the accept loop, so a
 //! proxy or a client slow to speak delays nobody else (only the check of
 //! the peer against `chat.trusted_proxies` runs as the task is made); both
-//! steps together
-//! are bounded by `limits.handshake_timeout_secs`.
+//! steps together are bounded by `limits.handshake_timeout_secs`. All the
+//! while the connection holds the [`Seat`] its accept loop took: it counts
+//! against the limits here as much as once it chats, and a trusted proxy's
+//! connection is counted against its client's address as soon as the
+//! header names it.
 //!
 //! A seamless upgrade's freeze counts every connection here that has read
 //! nothing a new process could not be told ([`Arrival`]): a plain one until
@@ -19,6 +22,7 @@
 //! the client is told to reconnect if the upgrade commits.
 
 use std::net::SocketAddr;
+use std::os::fd::AsFd;
 
 use futures_util::future::Either;
 
@@ -30,7 +34,7 @@ use tracing::{debug, warn};
 
 use crate::connection;
 use crate::handoff::{Export, Outcome, WaitingState};
-use crate::hub::Hub;
+use crate::hub::{Hub, Refusal, Seat};
 use crate::proxy;
 use crate::tls::{self, Certs};
 
@@ -100,6 +104,7 @@ pub fn serve(
     door: Door,
     hub: Hub,
     arrival: Arrival,
+    seat: Seat,
 ) -> impl Future<Output = ()> + Send {
     // A dual-stack listener reports IPv4 clients as `::ffff:a.b.c.d`; bans,
     // limits and proxies are written with the IPv4 address.
@@ -111,9 +116,9 @@ pub fn serve(
         .iter()
         .any(|net| net.contains(&peer.ip()));
     match door {
-        Door::Plain if !trusted => {
-            Either::Left(connection::serve_on(stream, peer, false, hub, arrival))
-        }
+        Door::Plain if !trusted => Either::Left(connection::serve_on(
+            stream, peer, false, hub, arrival, seat,
+        )),
         door => Either::Right(Box::pin(serve_guarded(
             stream,
             peer,
@@ -121,6 +126,7 @@ pub fn serve(
                 trusted,
                 door,
                 arrival,
+                seat,
                 header: Vec::new(),
                 started: Instant::now(),
             },
@@ -141,6 +147,10 @@ pub async fn serve_handed(
     commit: CancellationToken,
 ) {
     let arrival = Arrival::new(&hub);
+    // Admitted by the previous process: counted, never refused. A trusted
+    // proxy's client is counted by its address once its header is read.
+    let known = state.proxy_header.is_none().then_some(state.peer.ip());
+    let seat = hub.seat_handed(known);
     commit.cancelled().await;
     let stream = match TcpStream::from_std(stream) {
         Ok(stream) => stream,
@@ -151,7 +161,7 @@ pub async fn serve_handed(
     };
     debug!(peer = %state.peer, "connection taken over from the previous process's front door");
     let Some(header) = state.proxy_header else {
-        return connection::serve_on(stream, state.peer, false, hub, arrival).await;
+        return connection::serve_on(stream, state.peer, false, hub, arrival, seat).await;
     };
     let now = Instant::now();
     let started = now
@@ -166,6 +176,7 @@ pub async fn serve_handed(
         trusted: true,
         door,
         arrival,
+        seat,
         header,
         started,
     };
@@ -177,6 +188,7 @@ struct Guarded {
     trusted: bool,
     door: Door,
     arrival: Arrival,
+    seat: Seat,
     /// The PROXY header's bytes read so far.
     header: Vec<u8>,
     /// When the connection was accepted: the handshake deadline's clock.
@@ -189,6 +201,7 @@ async fn serve_guarded(mut stream: TcpStream, peer: SocketAddr, guarded: Guarded
         trusted,
         door,
         mut arrival,
+        mut seat,
         mut header,
         started,
     } = guarded;
@@ -222,7 +235,11 @@ async fn serve_guarded(mut stream: TcpStream, peer: SocketAddr, guarded: Guarded
                 let client = SocketAddr::new(client.ip().to_canonical(), client.port());
                 debug!(proxy = %peer, %client, "PROXY header");
                 if !hub.admit_connection(client.ip()) {
-                    refuse_fast(&stream);
+                    refuse_fast(&stream, &Refusal::TooFast);
+                    return;
+                }
+                if let Err(refusal) = seat.settle(client.ip()) {
+                    refuse_fast(&stream, &refusal);
                     return;
                 }
                 client
@@ -241,22 +258,26 @@ async fn serve_guarded(mut stream: TcpStream, peer: SocketAddr, guarded: Guarded
         peer
     };
     match door {
-        Door::Plain => connection::serve_on(stream, client, false, hub, arrival).await,
+        Door::Plain => connection::serve_on(stream, client, false, hub, arrival, seat).await,
         Door::Tls(certs, clients) => {
             // A handshake that began cannot be handed over.
             arrival.leave();
             let left = deadline.saturating_sub(started.elapsed());
-            tls::serve(stream, client, certs, clients, hub, left).await;
+            tls::serve(stream, client, certs, clients, hub, left, seat).await;
         }
     }
 }
 
-/// Tells a connection over the rate limit why, if its socket takes the line
-/// at once, and drops it: a flood of connections gets no task, no timer and
-/// no log line each.
-pub(crate) fn refuse_fast(stream: &TcpStream) {
-    let line = crate::hub::server_line(&format!("error: {}", crate::hub::Refusal::TooFast));
-    let _ = stream.try_write(&line);
+/// Tells a connection refused at the door why, if its socket takes the line
+/// at once, and drops it: a flood of connections gets no task, no timer
+/// and no log line each, and its descriptor is free again at once.
+pub(crate) fn refuse_fast(stream: &impl AsFd, refusal: &Refusal) {
+    let line = crate::hub::server_line(&format!("error: {refusal}"));
+    let _ = rustix::net::send(
+        stream,
+        &line,
+        rustix::net::SendFlags::DONTWAIT | rustix::net::SendFlags::NOSIGNAL,
+    );
 }
 
 #[cfg(test)]
@@ -264,7 +285,9 @@ mod tests {
     use super::*;
 
     /// The size of the future an async fn returns, without calling it.
-    fn future_size<A, B, C, D, E, F: std::future::Future>(_: impl Fn(A, B, C, D, E) -> F) -> usize {
+    fn future_size<A, B, C, D, E, G, F: std::future::Future>(
+        _: impl Fn(A, B, C, D, E, G) -> F,
+    ) -> usize {
         std::mem::size_of::<F>()
     }
 

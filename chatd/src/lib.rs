@@ -30,6 +30,7 @@
 //! - [`bans`]: banned addresses and their file; [`files`]: private files
 //!   written atomically.
 //! - [`reload`]: re-reading the config at run time (admin `Reload`, SIGHUP).
+//! - [`netgroup`]: what one address is for the per-address limits.
 //! - [`config`], [`telemetry`] (with [`log_fields`]), [`stats`], [`rate`],
 //!   [`clock`]: what they say.
 //! - [`notify`], [`journal`], [`metrics`]: running under systemd and being
@@ -62,6 +63,7 @@ mod lock;
 pub mod log_fields;
 pub mod metrics;
 pub mod nats_options;
+pub mod netgroup;
 pub mod notify;
 pub mod outbox;
 pub mod protocol;

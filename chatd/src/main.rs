@@ -338,6 +338,7 @@ async fn prepare(
 ) -> anyhow::Result<(Daemon, usize)> {
     let cluster = config.cluster.clone();
     let max_clients = config.limits.max_clients;
+    let side = chatd::server::side_connections(&config);
     let token = incoming.as_ref().and_then(|i| i.admin_token.clone());
     let mut daemon = Daemon::with_admin_token(
         config,
@@ -347,8 +348,9 @@ async fn prepare(
         token,
     )?;
     let files = chatd::server::raise_file_limit();
-    // The listener copies kept for upgrades are descriptors like any other.
-    let capacity = chatd::server::client_capacity(files).saturating_sub(listener_copies);
+    // The listener copies kept for upgrades are descriptors like any other;
+    // the admin API and metrics have theirs set aside.
+    let capacity = chatd::server::client_capacity(files).saturating_sub(listener_copies + side);
     if capacity < max_clients {
         warn!(
             open_files = files,

@@ -22,7 +22,7 @@ use crate::bans::{BanError, Bans};
 use crate::clients::ClientThread;
 use crate::config::{Config, Source};
 use crate::front::{self, Door};
-use crate::hub::Hub;
+use crate::hub::{Hub, Refusal};
 use crate::listen::{AdminListeners, BindError, Listeners, bind_tcp};
 use crate::reload::Reloader;
 use crate::telemetry::LogLevel;
@@ -187,13 +187,27 @@ pub fn raise_file_limit() -> u64 {
     limit.current.unwrap_or(hard)
 }
 
-/// Descriptors kept for everything but chat clients: listeners, the admin
-/// and metrics connections (each capped by its own limit), the journal,
-/// files, and a margin for refusing a client with one line (an eighth of the
-/// limit, between 16 and 256), plus the busy rooms' write clocks
+/// Descriptors kept for everything but chat connections (besides the admin
+/// and metrics connections, [`side_connections`]): listeners, the journal,
+/// files, the accept loops' spare ([`Spare`]), and a margin for
+/// accepting a connection only to refuse it with one line (an eighth of
+/// the limit, between 16 and 256), plus the busy rooms' write clocks
 /// ([`crate::grid::MAX_CLOCKS`]).
 pub fn reserved_files(open_files: u64) -> u64 {
     (open_files / 8).clamp(16, 256) + crate::grid::MAX_CLOCKS as u64
+}
+
+/// Connections the admin API and the metrics endpoint may hold at once
+/// (`admin.max_connections`, `metrics.max_connections`): kept out of the
+/// chat's descriptors, so that an operator is never the one who meets
+/// `EMFILE` when chat is full.
+pub fn side_connections(config: &Config) -> usize {
+    let admin = config.admin.as_ref().map_or(0, |a| a.max_connections);
+    let metrics = config
+        .metrics
+        .listen
+        .map_or(0, |_| config.metrics.max_connections);
+    admin + metrics
 }
 
 /// How many chat clients `open_files` descriptors can serve.
@@ -447,10 +461,18 @@ pub async fn serve(
             .iter()
             .map(|l| (l, Door::Tls(certs.clone(), clients.clone()))),
     );
-    futures_util::future::join_all(doors.map(|(listener, door)| {
-        accept_loop(listener, door, &hub, &shutdown, &tracker, clients.as_ref())
-    }))
+    let spare = Spare::open();
+    let shared = Doors {
+        hub: &hub,
+        tracker: &tracker,
+        clients: clients.as_ref(),
+        spare: &spare,
+    };
+    futures_util::future::join_all(
+        doors.map(|(listener, door)| accept_loop(listener, door, &shared, &shutdown)),
+    )
     .await;
+    drop(spare);
     drop(listeners.chat);
     drop(listeners.tls);
     hub.close();
@@ -467,15 +489,23 @@ pub async fn serve(
     }
 }
 
+/// What every accept loop shares.
+struct Doors<'a> {
+    hub: &'a Hub,
+    tracker: &'a TaskTracker,
+    clients: Option<&'a Handle>,
+    spare: &'a Spare,
+}
+
 async fn accept_loop(
     listener: &TcpListener,
     door: Door,
-    hub: &Hub,
+    doors: &Doors<'_>,
     shutdown: &CancellationToken,
-    tracker: &TaskTracker,
-    clients: Option<&Handle>,
 ) {
+    let hub = doors.hub;
     let mut backoff = Backoff::default();
+    let mut out_of_files = OutOfFiles::default();
     // Open for an upgrade's freeze to wait for (see `handoff::gate`).
     let _open = OpenDoor::new(hub);
     loop {
@@ -501,48 +531,14 @@ async fn accept_loop(
         match accepted {
             Ok((stream, peer)) => {
                 backoff.reset();
-                // Behind a trusted proxy the rate is counted on the client's
-                // address, once its PROXY header is read (`front`).
-                if !hub.is_trusted_proxy(peer.ip()) && !hub.admit_connection(peer.ip()) {
-                    crate::front::refuse_fast(&stream);
-                    continue;
-                }
-                tune(&stream, hub);
-                let arrival = front::Arrival::new(hub);
-                // A TLS client is handed to the client thread by `tls`,
-                // once its handshake is done.
-                let clients = clients.filter(|_| matches!(door, Door::Plain));
-                let Some(clients) = clients else {
-                    tracker.spawn(front::serve(
-                        stream,
-                        peer,
-                        door.clone(),
-                        hub.clone(),
-                        arrival,
-                    ));
-                    continue;
-                };
-                // To the client thread: the socket leaves this runtime's
-                // reactor and joins that one's, from its own thread.
-                let stream = match stream.into_std() {
-                    Ok(stream) => stream,
-                    Err(e) => {
-                        warn!(%peer, error = %e, "cannot hand a connection to the client thread");
-                        continue;
-                    }
-                };
-                let (door, hub) = (door.clone(), hub.clone());
-                tracker.spawn_on(
-                    async move {
-                        match TcpStream::from_std(stream) {
-                            Ok(stream) => front::serve(stream, peer, door, hub, arrival).await,
-                            Err(e) => warn!(%peer, error = %e, "cannot serve a connection on the client thread"),
-                        }
-                    },
-                    clients,
-                );
+                admit(stream, peer, &door, doors);
             }
             Err(e) if is_peer_error(&e) => {}
+            // Out of descriptors: the waiting connection is told so at
+            // once with the reserved one, whatever the pause below.
+            Err(e) if is_out_of_files(&e) && doors.spare.refuse_one(listener, hub) => {
+                out_of_files.refused(&e);
+            }
             Err(e) => {
                 let pause = backoff.next();
                 error!(error = %e, pause_ms = pause.as_millis() as u64, "accept failed; pausing");
@@ -553,6 +549,143 @@ async fn accept_loop(
             }
         }
     }
+}
+
+/// A connection just accepted: counted, or refused with one line without
+/// a task; then handed to its own task (on the client thread for a plain
+/// one when there is one).
+fn admit(stream: TcpStream, peer: SocketAddr, door: &Door, doors: &Doors<'_>) {
+    let hub = doors.hub;
+    let ip = peer.ip().to_canonical();
+    // Behind a trusted proxy the rate and the per-address limit are
+    // counted on the client's address, once its PROXY header is read
+    // (`front`); the total counts from now.
+    let trusted = hub.is_trusted_proxy(ip);
+    if !trusted && !hub.admit_connection(ip) {
+        front::refuse_fast(&stream, &Refusal::TooFast);
+        return;
+    }
+    let seat = match hub.seat((!trusted).then_some(ip)) {
+        Ok(seat) => seat,
+        Err(refusal) => {
+            front::refuse_fast(&stream, &refusal);
+            return;
+        }
+    };
+    tune(&stream, hub);
+    let arrival = front::Arrival::new(hub);
+    // A TLS client is handed to the client thread by `tls`, once its
+    // handshake is done.
+    let clients = doors.clients.filter(|_| matches!(door, Door::Plain));
+    let Some(clients) = clients else {
+        doors.tracker.spawn(front::serve(
+            stream,
+            peer,
+            door.clone(),
+            hub.clone(),
+            arrival,
+            seat,
+        ));
+        return;
+    };
+    // To the client thread: the socket leaves this runtime's reactor and
+    // joins that one's, from its own thread.
+    let stream = match stream.into_std() {
+        Ok(stream) => stream,
+        Err(e) => {
+            warn!(%peer, error = %e, "cannot hand a connection to the client thread");
+            return;
+        }
+    };
+    let (door, hub) = (door.clone(), hub.clone());
+    doors.tracker.spawn_on(
+        async move {
+            match TcpStream::from_std(stream) {
+                Ok(stream) => front::serve(stream, peer, door, hub, arrival, seat).await,
+                Err(e) => {
+                    warn!(%peer, error = %e, "cannot serve a connection on the client thread");
+                }
+            }
+        },
+        clients,
+    );
+}
+
+/// One descriptor held in reserve (`/dev/null`) and shared by the accept
+/// loops. When an accept fails for want of descriptors, the spare is
+/// closed, the waiting connection accepted with the descriptor it frees,
+/// refused with one line and closed, and the spare opened again: a
+/// connection that arrives while the process is out of descriptors is
+/// told so at once, instead of waiting unanswered in the backlog while
+/// the loop pauses. Seats keep chat connections below the file limit, so
+/// this is for what they cannot see (the limit lowered under a running
+/// process, descriptors of other kinds).
+#[derive(Debug, Default)]
+pub struct Spare(std::sync::Mutex<Option<std::fs::File>>);
+
+impl Spare {
+    pub fn open() -> Spare {
+        Spare(std::sync::Mutex::new(std::fs::File::open("/dev/null").ok()))
+    }
+
+    /// Refuses one waiting connection on `listener` as a full server, with
+    /// the spare descriptor. False when there was no spare to use or no
+    /// connection waiting.
+    fn refuse_one(&self, listener: &TcpListener, hub: &Hub) -> bool {
+        let mut spare = crate::lock::lock(&self.0);
+        if spare.take().is_none() {
+            // Taken by a failed reopen: try to have one for next time.
+            *spare = std::fs::File::open("/dev/null").ok();
+            return false;
+        }
+        let flags = rustix::net::SocketFlags::NONBLOCK | rustix::net::SocketFlags::CLOEXEC;
+        let refused = match rustix::net::accept_with(listener, flags) {
+            Ok(conn) => {
+                front::refuse_fast(&conn, &hub.full());
+                true
+            }
+            Err(_) => false,
+        };
+        *spare = std::fs::File::open("/dev/null").ok();
+        refused
+    }
+}
+
+/// Connections refused with the spare descriptor, logged at most once a
+/// second with their number, so that a flood at the file limit costs one
+/// log line a second rather than one per connection.
+#[derive(Default)]
+struct OutOfFiles {
+    since_log: u64,
+    logged: Option<std::time::Instant>,
+}
+
+impl OutOfFiles {
+    fn refused(&mut self, e: &io::Error) {
+        self.since_log += 1;
+        let now = std::time::Instant::now();
+        if self
+            .logged
+            .is_some_and(|t| now.saturating_duration_since(t) < Duration::from_secs(1))
+        {
+            return;
+        }
+        warn!(
+            error = %e,
+            refused = self.since_log,
+            "out of file descriptors: refused connections with the reserved descriptor"
+        );
+        self.since_log = 0;
+        self.logged = Some(now);
+    }
+}
+
+/// Accept errors that say the process (or the system) has no descriptor
+/// left.
+fn is_out_of_files(e: &io::Error) -> bool {
+    let errno = e.raw_os_error();
+    errno == Some(rustix::io::Errno::MFILE.raw_os_error())
+        || errno == Some(rustix::io::Errno::NFILE.raw_os_error())
 }
 
 /// An accept loop counted as open by the upgrade's gate while it lives.

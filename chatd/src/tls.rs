@@ -29,7 +29,7 @@ use tracing::debug;
 use crate::config::TlsFiles;
 use crate::connection;
 use crate::front::Arrival;
-use crate::hub::Hub;
+use crate::hub::{Hub, Refusal, Seat, TLS_PUMP_FILES, server_line};
 
 /// Plaintext bytes the pump holds per direction.
 const PUMP_BUF: usize = 16 * 1024;
@@ -37,6 +37,8 @@ const PUMP_BUF: usize = 16 * 1024;
 /// deliver the last lines and `close_notify`, not enough to let a client
 /// that stopped reading hold the socket.
 const PUMP_GRACE: Duration = Duration::from_secs(5);
+/// How long a refusal's line may take to leave.
+const REFUSE_FLUSH: Duration = Duration::from_secs(2);
 
 /// Why the certificate or key cannot be used; one line naming the key.
 #[derive(Debug, thiserror::Error)]
@@ -129,7 +131,10 @@ impl Certs {
 
 /// Completes the handshake within `deadline`, then serves the client
 /// through a pump. With `clients` (the client thread), the chat behind the
-/// pump is served there; the handshake and the pump stay here.
+/// pump is served there; the handshake and the pump stay here. `seat` has
+/// counted the connection since it was accepted; the pump's socket pair is
+/// counted in it before it is made, and refused as a full server when the
+/// file limit has no room for it.
 pub async fn serve(
     stream: TcpStream,
     peer: SocketAddr,
@@ -137,6 +142,7 @@ pub async fn serve(
     clients: Option<Handle>,
     hub: Hub,
     deadline: Duration,
+    mut seat: Seat,
 ) {
     let Some(config) = certs.get() else {
         debug!(%peer, "TLS connection without a certificate loaded; closing");
@@ -154,6 +160,9 @@ pub async fn serve(
             return;
         }
     };
+    if let Err(refusal) = seat.add_files(TLS_PUMP_FILES) {
+        return refuse(tls, peer, refusal).await;
+    }
     let (ours, theirs) = match UnixStream::pair() {
         Ok(pair) => pair,
         Err(e) => {
@@ -169,8 +178,8 @@ pub async fn serve(
     let done = CancellationToken::new();
     let chat = async {
         match clients {
-            None => connection::serve_on(ours, peer, true, hub, Arrival::none()).await,
-            Some(clients) => serve_on_client_thread(ours, peer, hub, &clients).await,
+            None => connection::serve_on(ours, peer, true, hub, Arrival::none(), seat).await,
+            Some(clients) => serve_on_client_thread(ours, peer, hub, &clients, seat).await,
         }
         done.cancel();
     };
@@ -180,7 +189,13 @@ pub async fn serve(
 /// The chat end of the pump's pair, served on the client thread: the
 /// socket leaves this runtime's reactor and joins that one's, from its own
 /// thread. Returns when the connection is over there.
-async fn serve_on_client_thread(ours: UnixStream, peer: SocketAddr, hub: Hub, clients: &Handle) {
+async fn serve_on_client_thread(
+    ours: UnixStream,
+    peer: SocketAddr,
+    hub: Hub,
+    clients: &Handle,
+    seat: Seat,
+) {
     let ours = match ours.into_std() {
         Ok(ours) => ours,
         Err(e) => {
@@ -190,7 +205,7 @@ async fn serve_on_client_thread(ours: UnixStream, peer: SocketAddr, hub: Hub, cl
     };
     let chat = clients.spawn(async move {
         match UnixStream::from_std(ours) {
-            Ok(ours) => connection::serve_on(ours, peer, true, hub, Arrival::none()).await,
+            Ok(ours) => connection::serve_on(ours, peer, true, hub, Arrival::none(), seat).await,
             Err(e) => {
                 tracing::warn!(%peer, error = %e, "cannot serve a TLS connection on the client thread");
             }
@@ -198,6 +213,22 @@ async fn serve_on_client_thread(ours: UnixStream, peer: SocketAddr, hub: Hub, cl
     });
     // An error only says the client thread stopped, and the connection with it.
     let _ = chat.await;
+}
+
+/// Tells a client whose handshake is done why it cannot be served, in one
+/// line, and closes.
+async fn refuse(
+    mut tls: tokio_rustls::server::TlsStream<TcpStream>,
+    peer: SocketAddr,
+    refusal: Refusal,
+) {
+    tracing::info!(%peer, reason = %refusal, "refused connection");
+    let line = server_line(&format!("error: {refusal}"));
+    let send = async {
+        tls.write_all(&line).await?;
+        tls.shutdown().await
+    };
+    let _ = tokio::time::timeout(REFUSE_FLUSH, send).await;
 }
 
 /// Copies both ways. Ends when the connection's side is closed and its

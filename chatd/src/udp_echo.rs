@@ -3,7 +3,8 @@
 //! Two limits keep it from being used as a reflector against a third party
 //! whose address is spoofed: datagrams over `udp.max_datagram_bytes` are
 //! dropped, and each source address gets at most `udp.rate_per_sec` answers
-//! per second (burst `udp.burst`). The answer is never larger than the
+//! per second (burst `udp.burst`), an IPv6 source's whole prefix
+//! (`limits.ipv6_prefix_len`) counting as one address. The answer is never larger than the
 //! request, so there is no amplification either.
 
 use std::collections::HashMap;
@@ -56,7 +57,9 @@ pub async fn run(socket: UdpSocket, hub: Hub, shutdown: CancellationToken) {
             continue;
         }
         let now = Instant::now();
-        if sources.len() >= MAX_SOURCES && !sources.contains_key(&from.ip()) {
+        // One IPv6 prefix is one source, as for the chat port's limits.
+        let source = hub.address_group(from.ip());
+        if sources.len() >= MAX_SOURCES && !sources.contains_key(&source) {
             sources.retain(|_, b| !b.is_full(udp.rate_per_sec, udp.burst, now));
             if sources.len() >= MAX_SOURCES {
                 stats.udp_dropped.fetch_add(1, Relaxed);
@@ -64,7 +67,7 @@ pub async fn run(socket: UdpSocket, hub: Hub, shutdown: CancellationToken) {
             }
         }
         let bucket = sources
-            .entry(from.ip())
+            .entry(source)
             .or_insert_with(|| TokenBucket::new(udp.burst, now));
         if !bucket.try_take(udp.rate_per_sec, udp.burst, now) {
             stats.udp_dropped.fetch_add(1, Relaxed);

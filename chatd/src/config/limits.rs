@@ -32,6 +32,11 @@ pub struct Limits {
     pub room_notices_per_sec: u32,
     /// New connections per second from one address; `None`: no limit.
     pub connect_rate: Option<ConnectRate>,
+    /// How many leading bits of an IPv6 address make "one address" for
+    /// every per-address limit: one host is handed a whole prefix (a /64
+    /// at least), so counting full addresses would let it open a fresh
+    /// address per connection.
+    pub ipv6_prefix_len: u8,
 }
 
 /// The per-address connection rate: a token bucket.
@@ -157,6 +162,13 @@ pub(super) fn validate_limits(l: &RawLimits) -> Result<Limits, ConfigError> {
             300,
             " seconds",
         )? as u64),
+        ipv6_prefix_len: range(
+            "limits.ipv6_prefix_len",
+            l.ipv6_prefix_len,
+            32,
+            128,
+            " bits",
+        )? as u8,
     };
     Ok(limits)
 }

@@ -196,6 +196,7 @@ pub struct RawLimits {
     pub connect_rate_per_ip: i64,
     pub connect_burst_per_ip: i64,
     pub handshake_timeout_secs: i64,
+    pub ipv6_prefix_len: i64,
 }
 
 impl Default for RawLimits {
@@ -218,6 +219,7 @@ impl Default for RawLimits {
             connect_rate_per_ip: 10,
             connect_burst_per_ip: 20,
             handshake_timeout_secs: 10,
+            ipv6_prefix_len: 64,
         }
     }
 }

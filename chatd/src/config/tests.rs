@@ -22,6 +22,7 @@ fn defaults_are_valid() {
     assert_eq!(c.chat.listen[0].port(), 8080);
     assert!(c.chat.tls_listen.is_empty() && c.chat.trusted_proxies.is_empty());
     assert_eq!(c.limits.handshake_timeout, Duration::from_secs(10));
+    assert_eq!(c.limits.ipv6_prefix_len, 64);
     assert_eq!(c.chat.default_room, "lobby");
     assert!(c.limits.flood.is_some());
 }
@@ -202,6 +203,12 @@ fn out_of_range_numbers_name_key_value_and_what_is_allowed() {
             "0",
             "limits.handshake_timeout_secs",
             "1..=300",
+        ),
+        (
+            "LIMITS__IPV6_PREFIX_LEN",
+            "16",
+            "limits.ipv6_prefix_len",
+            "32..=128",
         ),
         (
             "SERVER__WORKER_THREADS",

@@ -50,7 +50,9 @@ use crate::cluster_state::Claim;
 use crate::disconnect::Disconnect;
 use crate::framing::{Frame, LineFramer};
 use crate::grid::{Ticket, Wait};
-use crate::hub::{Client, Hub, JoinRequest, NickRequest, PrivateError, Refusal, Room, server_line};
+use crate::hub::{
+    Client, Hub, JoinRequest, NickRequest, PrivateError, Refusal, Room, Seat, server_line,
+};
 use crate::protocol::{self, Command};
 use crate::rate::TokenBucket;
 use crate::sanitize;
@@ -197,16 +199,19 @@ socket!(UnixStream);
 ///
 /// `arrival` counts the connection as still in the front door until it
 /// registers: one that meets an upgrade's freeze first waits it out there
-/// (see [`handoff::wait_out_upgrade`]).
+/// (see [`handoff::wait_out_upgrade`]). `seat` is the place the connection
+/// took among those the limits allow when it was accepted; the client
+/// registers in it, and a refused connection holds it until it is closed.
 pub async fn serve_on<S: Socket>(
     stream: S,
     peer: SocketAddr,
     tls: bool,
     hub: Hub,
     mut arrival: crate::front::Arrival,
+    mut seat: Seat,
 ) {
     let client = loop {
-        match hub.connect_with(peer, tls) {
+        match hub.register(&mut seat, peer, tls) {
             Ok(client) => break client,
             Err(Refusal::Upgrading) => {
                 let counted = arrival.counted();
@@ -220,7 +225,9 @@ pub async fn serve_on<S: Socket>(
             }
             Err(refusal) => {
                 drop(arrival);
-                return Box::pin(refuse(stream, peer, refusal)).await;
+                Box::pin(refuse(stream, peer, refusal)).await;
+                drop(seat);
+                return;
             }
         }
     };

@@ -29,6 +29,12 @@ pub struct Client {
     /// (cluster mode: its nick was held by another node); the connection
     /// then re-reads its nick.
     pub(super) renamed: AtomicBool,
+    /// The per-address group its seat counts under, as counted when it
+    /// arrived (a reload that changes `limits.ipv6_prefix_len` frees it
+    /// from the same group).
+    pub(super) group: IpAddr,
+    /// Descriptors its seat counts.
+    pub(super) files: usize,
 }
 
 #[derive(Debug)]

@@ -151,6 +151,8 @@ impl Hub {
                 c.partial_ms.map_or(0, |ago| now.saturating_sub(ago).max(1)),
             ),
             renamed: AtomicBool::new(false),
+            group: self.address_group(c.peer.ip()),
+            files: 1,
         });
         client.outbox.restore_totals(c.lines_out, c.bytes_out);
         if !c.unsent.is_empty() {
@@ -160,7 +162,7 @@ impl Hub {
                 .push_lines(Bytes::copy_from_slice(&c.unsent), 0, usize::MAX);
         }
         state.nicks.insert(protocol::fold(&c.nick), c.id);
-        *state.per_ip.entry(c.peer.ip()).or_default() += 1;
+        state.occupy(Some(client.group), client.files);
         state.clients.insert(c.id, client.clone());
         let first = {
             let mut members = write(&room.members);

@@ -25,9 +25,11 @@
 //! is non-blocking. No lock is ever held across an `.await`.
 //!
 //! Here: the [`Hub`] handle, its state, connect and leave. Beside it:
-//! `client` (clients, nicks), `room` (rooms, join, history), `fanout`
-//! (every delivery and the notices), `admin` (the admin operations),
-//! `reap` (deadlines), `handoff` (the hub's part of a seamless upgrade).
+//! `seat` (every accepted connection's place under the limits, from accept
+//! to registration and leave), `client` (clients, nicks), `room` (rooms,
+//! join, history), `fanout` (every delivery and the notices), `admin` (the
+//! admin operations), `reap` (deadlines), `handoff` (the hub's part of a
+//! seamless upgrade).
 
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
@@ -174,10 +176,16 @@ struct State {
     /// Folded nick → client.
     nicks: HashMap<String, ClientId>,
     rooms: HashMap<Arc<str>, Arc<Room>>,
+    /// Seats per address group ([`Hub::address_group`]): connections in
+    /// the front door whose address is known, and registered clients.
     per_ip: HashMap<IpAddr, usize>,
+    /// Seats taken: every accepted connection until it ends (`seat`).
+    seats: usize,
+    /// Descriptors the seats cost.
+    files: usize,
     closing: bool,
-    /// The most clients the process's file limit allows; see
-    /// [`Hub::set_fd_capacity`].
+    /// The descriptors the process's file limit leaves for chat
+    /// connections; see [`Hub::set_fd_capacity`].
     fd_capacity: Option<usize>,
 }
 
@@ -204,8 +212,9 @@ struct Shared {
 }
 
 /// The per-address connection rate (`limits.connect_rate_per_ip`): one token
-/// bucket per address. Full buckets are forgotten, which bounds the map by
-/// the addresses that connected within the last few seconds.
+/// bucket per address group ([`Hub::address_group`]). Full buckets are
+/// forgotten, which bounds the map by the addresses that connected within
+/// the last few seconds.
 #[derive(Debug, Default)]
 struct ConnectRate {
     buckets: HashMap<IpAddr, TokenBucket>,
@@ -323,41 +332,15 @@ impl Hub {
         lock(&self.shared.state)
     }
 
-    /// Registers a new plain connection, or says why it is refused.
-    pub fn connect(&self, peer: SocketAddr) -> Result<Arc<Client>, Refusal> {
-        self.connect_with(peer, false)
-    }
-
-    /// Registers a new connection from `peer` (its real address), which
-    /// came through TLS or not; or says why it is refused.
-    pub fn connect_with(&self, peer: SocketAddr, tls: bool) -> Result<Arc<Client>, Refusal> {
-        let limits = self.limits();
-        if let Some(ban) = self.shared.bans.check(peer.ip()) {
-            self.shared.stats.refused.fetch_add(1, Relaxed);
-            return Err(Refusal::Banned(ban.reason_text().to_string()));
-        }
-        let mut state = self.state();
-        // Under the lock the upgrade counts clients with: nobody registers
-        // once a freeze began (its state and next id are being taken).
-        if self.shared.handoff.is_frozen() {
-            return Err(Refusal::Upgrading);
-        }
-        if state.closing {
-            return Err(Refusal::ShuttingDown);
-        }
-        let max_clients = state
-            .fd_capacity
-            .map_or(limits.max_clients, |cap| cap.min(limits.max_clients));
-        if state.clients.len() >= max_clients {
-            self.shared.stats.refused.fetch_add(1, Relaxed);
-            return Err(Refusal::Full(max_clients));
-        }
-        let from_ip = state.per_ip.entry(peer.ip()).or_default();
-        if *from_ip >= limits.max_clients_per_ip {
-            self.shared.stats.refused.fetch_add(1, Relaxed);
-            return Err(Refusal::PerIp(limits.max_clients_per_ip));
-        }
-        *from_ip += 1;
+    /// Makes the client registering in a seat, under `state`'s lock.
+    fn add_client(
+        &self,
+        state: &mut State,
+        peer: SocketAddr,
+        tls: bool,
+        group: IpAddr,
+        files: usize,
+    ) -> Arc<Client> {
         let id = self.shared.next_id.fetch_add(1, Relaxed);
         // In cluster mode the node's tag keeps guest nicks of different
         // nodes apart.
@@ -367,12 +350,11 @@ impl Hub {
         while state.nicks.contains_key(&protocol::fold(&nick)) {
             nick.push('_');
         }
-        let now = SystemTime::now();
         let client = Arc::new(Client {
             id,
             peer,
             tls,
-            connected_at: now,
+            connected_at: SystemTime::now(),
             outbox: Outbox::new(),
             names: Mutex::new(Names {
                 nick: nick.as_str().into(),
@@ -383,26 +365,23 @@ impl Hub {
             last_line_ms: AtomicU64::new(clock::now_ms()),
             partial_since_ms: AtomicU64::new(0),
             renamed: AtomicBool::new(false),
+            group,
+            files,
         });
         state.nicks.insert(protocol::fold(&nick), id);
         state.clients.insert(id, client.clone());
         self.shared.stats.connected(state.clients.len());
-        drop(state);
-        self.emit(Event::Connect {
-            id,
-            nick: nick.into(),
-            peer,
-        });
-        Ok(client)
+        client
     }
 
     /// Whether a new connection from `ip` is within
     /// `limits.connect_rate_per_ip`; counts it if so, and counts a refusal
     /// if not.
     pub fn admit_connection(&self, ip: IpAddr) -> bool {
-        let Some(limit) = self.limits().connect_rate else {
+        let Some(limit) = self.shared.config.load().limits.connect_rate else {
             return true;
         };
+        let ip = self.address_group(ip);
         let now = Instant::now();
         let mut rate = lock(&self.shared.connect_rate);
         let stale = rate
@@ -437,9 +416,10 @@ impl Hub {
             .any(|net| net.contains(&ip))
     }
 
-    /// Caps the number of clients below what `max_clients` says when the
-    /// process may not open that many files: past the cap a client is
-    /// refused with the usual one line instead of meeting `EMFILE`.
+    /// Caps the descriptors chat connections may cost (one each, three for
+    /// a TLS client) below what `max_clients` says when the process may not
+    /// open that many files: past the cap a connection is refused with the
+    /// usual one line instead of meeting `EMFILE`.
     pub fn set_fd_capacity(&self, capacity: usize) {
         self.state().fd_capacity = Some(capacity);
     }
@@ -468,12 +448,7 @@ impl Hub {
         state.nicks.remove(&protocol::fold(&nick));
         self.release_nick(client, &nick);
         self.cluster().member_gone(client.id);
-        if let Some(n) = state.per_ip.get_mut(&client.peer.ip()) {
-            *n -= 1;
-            if *n == 0 {
-                state.per_ip.remove(&client.peer.ip());
-            }
-        }
+        state.vacate(Some(client.group), client.files);
         self.shared.stats.disconnected(reason);
         drop(state);
         self.shared.handoff.client_left();
@@ -499,11 +474,13 @@ mod fanout;
 mod handoff;
 mod reap;
 mod room;
+mod seat;
 
 pub use client::*;
 pub use fanout::*;
 pub use reap::*;
 pub use room::*;
+pub use seat::*;
 
 #[cfg(test)]
 mod tests;

@@ -409,3 +409,69 @@ fn a_hub_without_a_cluster_is_a_single_node() {
         JoinRequest::Done(room) if &*room.name == "den"
     ));
 }
+
+fn hub_with_limits(max_clients: i64, per_ip: i64) -> Hub {
+    let mut raw = RawConfig::default();
+    raw.limits.max_clients = max_clients;
+    raw.limits.max_clients_per_ip = per_ip;
+    Hub::new(raw.validate().expect("valid"))
+}
+
+fn v6(s: &str) -> IpAddr {
+    s.parse().expect("address")
+}
+
+#[test]
+fn seats_count_from_accept_and_pass_to_the_client() {
+    let hub = hub_with_limits(3, 2);
+    let a = peer(1).ip();
+    let door = hub.seat(Some(a)).expect("first seat");
+    let mut second = hub.seat(Some(a)).expect("second seat");
+    assert_eq!(hub.seat(Some(a)).err(), Some(Refusal::PerIp(2)));
+    // A trusted proxy's connection counts in the total only, until its
+    // header names the client.
+    let mut proxied = hub.seat(None).expect("a proxy's seat");
+    assert_eq!(hub.seat(Some(peer(2).ip())).err(), Some(Refusal::Full(3)));
+    assert_eq!(proxied.settle(a), Err(Refusal::PerIp(2)));
+    drop(proxied);
+    // Registering keeps the seat: the address's share stays taken.
+    let client = hub
+        .register(&mut second, peer(1), false)
+        .expect("registers");
+    drop(second);
+    drop(door);
+    let third = hub.seat(Some(a)).expect("the door's seat is free again");
+    assert_eq!(hub.seat(Some(a)).err(), Some(Refusal::PerIp(2)));
+    hub.leave(&client, &Disconnect::Quit(None));
+    let fourth = hub.seat(Some(a)).expect("the client's seat is free again");
+    drop((third, fourth));
+    assert_eq!(lock(&hub.shared.state).seats, 0);
+    assert!(lock(&hub.shared.state).per_ip.is_empty());
+}
+
+#[test]
+fn one_ipv6_prefix_holds_one_share() {
+    let hub = hub_with_limits(100, 1);
+    let first = hub.seat(Some(v6("2001:db8:1:2::1"))).expect("first");
+    assert_eq!(
+        hub.seat(Some(v6("2001:db8:1:2:ffff::9"))).err(),
+        Some(Refusal::PerIp(1))
+    );
+    let other = hub.seat(Some(v6("2001:db8:1:3::1"))).expect("another /64");
+    drop((first, other));
+}
+
+#[test]
+fn a_tls_pump_needs_room_under_the_file_limit() {
+    let hub = hub_with_limits(100, 100);
+    hub.set_fd_capacity(4);
+    let mut tls = hub.seat(Some(peer(1).ip())).expect("a seat");
+    tls.add_files(TLS_PUMP_FILES).expect("room for its pump");
+    let mut second = hub.seat(Some(peer(2).ip())).expect("one descriptor left");
+    assert_eq!(second.add_files(TLS_PUMP_FILES), Err(Refusal::Full(4)));
+    assert_eq!(hub.seat(Some(peer(3).ip())).err(), Some(Refusal::Full(4)));
+    drop(tls);
+    second
+        .add_files(TLS_PUMP_FILES)
+        .expect("room once the first left");
+}

@@ -433,10 +433,10 @@ async fn telnet_no_ops_do_not_keep_an_idle_client() {
 #[tokio::test]
 async fn the_file_limit_is_raised_and_clients_past_it_get_a_line() {
     // Soft limit 64, hard limit 100: chatd raises the soft one to 100 and,
-    // keeping 16 for itself, 8 for busy rooms' write clocks and 3 for the
-    // copies of its listeners (chat, UDP, admin) that an upgrade hands over,
-    // serves 73 clients; the 74th is told the server is full instead of
-    // meeting EMFILE.
+    // keeping 16 for itself, 8 for busy rooms' write clocks, 3 for the
+    // copies of its listeners (chat, UDP, admin) that an upgrade hands over
+    // and 64 for the admin API's connections, serves 9 clients; the 10th is
+    // told the server is full instead of meeting EMFILE.
     let mut cmd = std::process::Command::new("prlimit");
     cmd.arg("--nofile=64:100").arg(chatd_bin());
     let dir = TestServer::prepare(&mut cmd, None, &[]);
@@ -456,7 +456,7 @@ async fn the_file_limit_is_raised_and_clients_past_it_get_a_line() {
     );
     assert!(!server.logged("more than the file limit allows").is_empty());
     let mut clients = Vec::new();
-    for _ in 0..73 {
+    for _ in 0..9 {
         let mut c = server.connect().await;
         c.welcome().await;
         clients.push(c);
@@ -464,10 +464,107 @@ async fn the_file_limit_is_raised_and_clients_past_it_get_a_line() {
     let mut over = server.connect().await;
     assert_eq!(
         over.line().await,
-        "*** error: server is full (73 clients), try again later"
+        "*** error: server is full (9 clients), try again later"
     );
     assert_eq!(over.try_line().await, None);
     assert!(server.logged("accept failed").is_empty());
+}
+
+/// What a crowd of connections got: their first line (or `None`: EOF or
+/// nothing within the deadline), and how long after connecting.
+struct Crowd {
+    firsts: Vec<(Option<String>, Duration)>,
+    /// The connections, still open.
+    held: Vec<tokio::io::BufReader<tokio::net::TcpStream>>,
+}
+
+impl Crowd {
+    /// Opens `n` connections to `to` at once and reads the first line of
+    /// each, waiting up to `deadline` for it.
+    async fn gather(to: std::net::SocketAddr, n: usize, deadline: Duration) -> Crowd {
+        let tasks: Vec<_> = (0..n)
+            .map(|_| {
+                tokio::spawn(async move {
+                    let started = Instant::now();
+                    let stream = tokio::net::TcpStream::connect(to).await.expect("connect");
+                    let mut stream = tokio::io::BufReader::new(stream);
+                    let mut line = String::new();
+                    let read = tokio::time::timeout(
+                        deadline,
+                        tokio::io::AsyncBufReadExt::read_line(&mut stream, &mut line),
+                    )
+                    .await;
+                    let first =
+                        matches!(read, Ok(Ok(n)) if n > 0).then(|| line.trim_end().to_string());
+                    (first, started.elapsed(), stream)
+                })
+            })
+            .collect();
+        let mut crowd = Crowd {
+            firsts: Vec::new(),
+            held: Vec::new(),
+        };
+        for task in tasks {
+            let (first, took, client) = task.await.expect("connection task");
+            crowd.firsts.push((first, took));
+            crowd.held.push(client);
+        }
+        crowd
+    }
+
+    fn count(&self, prefix: &str) -> usize {
+        self.firsts
+            .iter()
+            .filter(|(l, _)| l.as_deref().is_some_and(|l| l.starts_with(prefix)))
+            .count()
+    }
+
+    /// Median and largest delay of the first lines starting with `prefix`.
+    fn delays(&self, prefix: &str) -> (Duration, Duration) {
+        let mut took: Vec<Duration> = self
+            .firsts
+            .iter()
+            .filter(|(l, _)| l.as_deref().is_some_and(|l| l.starts_with(prefix)))
+            .map(|(_, t)| *t)
+            .collect();
+        took.sort();
+        let median = took.get(took.len() / 2).copied().unwrap_or_default();
+        (median, took.last().copied().unwrap_or_default())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crowd_past_the_file_limit_is_refused_at_once_without_an_accept_error() {
+    // 1,500 connect at once to a chatd under a 1,024-descriptor limit,
+    // which serves 821 clients (1,024 less 128 for refusals and its files,
+    // 8 write clocks, 3 listener copies and 64 admin connections). Every other
+    // connection is told at once that the server is full; not one accept
+    // meets EMFILE, since refusals hold no descriptor.
+    const CROWD: usize = 1500;
+    let mut cmd = std::process::Command::new("prlimit");
+    cmd.arg("--nofile=1024:1024").arg(chatd_bin());
+    let dir = TestServer::prepare(&mut cmd, None, &[]);
+    let server = TestServer::launch(cmd, dir);
+    let crowd = Crowd::gather(server.chat, CROWD, Duration::from_secs(30)).await;
+    let fds_held = fds(server.pid());
+    let served = crowd.count("*** Welcome");
+    let full = crowd.count("*** error: server is full (821 clients)");
+    let (median, max) = crowd.delays("*** error:");
+    let emfile = server.logged("accept failed").len();
+    let out_of_files = server.logged("out of file descriptors").len();
+    eprintln!(
+        "{CROWD} connecting under a 1,024-descriptor limit: {served} served, {full} refused \
+         (first line after {median:?} median, {max:?} max), {} without a line; \
+         {emfile} accept errors, {out_of_files} refusals with the spare; fds {fds_held}",
+        CROWD - served - full,
+    );
+    assert_eq!((served, full), (821, CROWD - 821));
+    assert_eq!((emfile, out_of_files), (0, 0));
+    assert!(max < WAIT, "a refusal took {max:?}");
+    // The admin API is served at the limit.
+    let stats = server.chatctl(&["stats", "-o", "json"]).await.json();
+    assert_eq!(stats["clients"], 821, "{stats}");
+    drop(crowd);
 }
 
 #[tokio::test]

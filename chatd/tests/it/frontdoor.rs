@@ -490,6 +490,191 @@ async fn the_tls_port_closes_silent_and_plain_text_clients_in_time() {
     assert!(clients(&server).await.is_empty(), "never became clients");
 }
 
+/// A connection that says nothing, from `source`, to `to`; kept open by
+/// the caller.
+async fn silent_from(source: &str, to: SocketAddr) -> TcpStream {
+    let socket = TcpSocket::new_v4().expect("socket");
+    socket
+        .bind(format!("{source}:0").parse().expect("addr"))
+        .expect("bind the source address");
+    tokio::time::timeout(WAIT, socket.connect(to))
+        .await
+        .expect("connect in time")
+        .expect("connect")
+}
+
+#[tokio::test]
+async fn silent_tls_connections_count_against_the_limits_from_accept() {
+    use tokio::io::AsyncReadExt;
+    let (server, _certs, tls) = tls_server(&[
+        ("CHATD_LIMITS__MAX_CLIENTS", "5"),
+        ("CHATD_LIMITS__MAX_CLIENTS_PER_IP", "3"),
+        ("CHATD_LIMITS__HANDSHAKE_TIMEOUT_SECS", "2"),
+    ]);
+    // Three connections from one address that never start their handshake
+    // hold that address's share: a fourth is told, on the TLS port (in
+    // plain text: it is refused before any TLS) as on the plain one. (The
+    // TLS port first: its loop accepts in order, so the silent ones are
+    // counted by then.)
+    let mut silent = Vec::new();
+    for _ in 0..3 {
+        silent.push(silent_from("127.0.0.1", tls).await);
+    }
+    for port in [tls, server.chat] {
+        let (mut fourth, _) = connect_from("127.0.0.1", port).await;
+        assert_eq!(
+            fourth.line().await,
+            "*** error: too many connections from your address (max 3)"
+        );
+        assert_eq!(fourth.try_line().await, None);
+    }
+    // Two more from another address fill the server: a third address is
+    // told it is full, at once.
+    for _ in 0..2 {
+        silent.push(silent_from("127.0.0.2", tls).await);
+    }
+    for port in [tls, server.chat] {
+        let (mut late, _) = connect_from("127.0.0.3", port).await;
+        assert_eq!(
+            late.line().await,
+            "*** error: server is full (5 clients), try again later"
+        );
+        assert_eq!(late.try_line().await, None);
+    }
+    // The handshake deadline closes them, and their seats are free again.
+    for mut stream in silent {
+        let mut got = Vec::new();
+        let _ = tokio::time::timeout(WAIT, stream.read_to_end(&mut got))
+            .await
+            .expect("closed at the handshake deadline");
+        assert!(got.is_empty(), "{got:?}");
+    }
+    let (mut served, _) = connect_from("127.0.0.3", server.chat).await;
+    served.welcome().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_connections_from_many_addresses_cannot_exhaust_descriptors() {
+    // 2,150 connections from 108 addresses (within the default rate and
+    // per-address limits) open a TLS connection each and never send a
+    // byte, against a 2,048-descriptor limit. They take the seats the file
+    // limit allows and are refused past them; the descriptors never run
+    // out, a newcomer is told at once, and the admin API answers.
+    const SILENT: usize = 2150;
+    const ADDRESSES: usize = 108;
+    let certs = tempfile::tempdir().expect("tempdir");
+    certificate(certs.path(), "tls");
+    let (cert, key) = (certs.path().join("tls.crt"), certs.path().join("tls.key"));
+    let mut cmd = std::process::Command::new("prlimit");
+    cmd.arg("--nofile=2048:2048").arg(chatd_bin());
+    let dir = TestServer::prepare(
+        &mut cmd,
+        None,
+        &[
+            ("CHATD_CHAT__TLS_LISTEN", "127.0.0.1:0"),
+            ("CHATD_CHAT__TLS_CERT", cert.to_str().expect("utf-8")),
+            ("CHATD_CHAT__TLS_KEY", key.to_str().expect("utf-8")),
+            ("CHATD_LIMITS__MAX_CLIENTS_PER_IP", "32"),
+            ("CHATD_LIMITS__CONNECT_RATE_PER_IP", "10"),
+        ],
+    );
+    let server = TestServer::launch(cmd, dir);
+    let tls: SocketAddr = server.listening["tls"]
+        .as_str()
+        .and_then(|s| s.split_whitespace().next())
+        .and_then(|s| s.parse().ok())
+        .expect("TLS address");
+    let tasks: Vec<_> = (0..SILENT)
+        .map(|i| {
+            let source = format!("127.0.1.{}", 1 + i % ADDRESSES);
+            tokio::spawn(async move {
+                let mut stream = silent_from(&source, tls).await;
+                // A refusal is one line at once; a seat, silence.
+                let mut first = [0u8; 128];
+                let got = tokio::time::timeout(
+                    Duration::from_millis(500),
+                    tokio::io::AsyncReadExt::read(&mut stream, &mut first),
+                )
+                .await;
+                let refused = matches!(got, Ok(Ok(n)) if first[..n].starts_with(b"*** error: server is full"));
+                (stream, refused)
+            })
+        })
+        .collect();
+    let mut held = Vec::new();
+    let mut refused = 0;
+    for task in tasks {
+        let (stream, was_refused) = task.await.expect("connection task");
+        refused += usize::from(was_refused);
+        held.push(stream);
+    }
+    let fds_at_peak = fds_of(server.pid());
+    let started = Instant::now();
+    let (mut newcomer, _) = connect_from("127.0.0.1", server.chat).await;
+    let told = newcomer.line().await;
+    let told_after = started.elapsed();
+    let admin_started = Instant::now();
+    let stats = server.chatctl(&["stats", "-o", "json"]).await.json();
+    let admin_after = admin_started.elapsed();
+    let emfile = server.logged("accept failed").len();
+    eprintln!(
+        "{SILENT} silent TLS connections from {ADDRESSES} addresses under a 2,048-descriptor \
+         limit: {refused} refused at once, fds {fds_at_peak}/2048, {emfile} accept errors; \
+         a newcomer told {told:?} after {told_after:?}; admin stats after {admin_after:?}"
+    );
+    assert_eq!(emfile, 0, "accept failed for want of descriptors");
+    assert!(fds_at_peak < 2048, "{fds_at_peak} descriptors");
+    assert!(refused > 0, "nobody refused: the limit was never reached");
+    assert!(told.starts_with("*** error: server is full"), "{told:?}");
+    assert_eq!(stats["clients"], 0, "{stats}");
+    drop(held);
+}
+
+/// Open file descriptors of a process.
+fn fds_of(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .expect("proc fd")
+        .count()
+}
+
+#[tokio::test]
+async fn one_ipv6_prefix_is_one_address_for_the_per_address_limits() {
+    // The real address comes from a trusted proxy's header, which is how
+    // loopback can show the limits any IPv6 source.
+    let server = TestServer::with_env(&[
+        ("CHATD_CHAT__TRUSTED_PROXIES", "127.0.0.0/8"),
+        ("CHATD_LIMITS__MAX_CLIENTS_PER_IP", "2"),
+    ]);
+    let from = |source: &'static str| {
+        let chat = server.chat;
+        async move {
+            let mut c = Client::connect(chat).await;
+            c.send(&format!("PROXY TCP6 {source} ::1 4444 8080\r\n"))
+                .await;
+            c
+        }
+    };
+    let mut first = from("2001:db8:1:2::1").await;
+    first.welcome().await;
+    let mut second = from("2001:db8:1:2::2").await;
+    second.welcome().await;
+    // Another address of the same /64: the same host, over its share.
+    let mut third = from("2001:db8:1:2:ffff:ffff:ffff:fffe").await;
+    assert_eq!(
+        third.line().await,
+        "*** error: too many connections from your address (max 2)"
+    );
+    assert_eq!(third.try_line().await, None);
+    // The next /64 is another host.
+    let mut neighbour = from("2001:db8:1:3::1").await;
+    neighbour.welcome().await;
+    // One leaving frees its prefix's place.
+    first.send("/quit\r\n").await;
+    first.until_eof().await;
+    let mut again = from("2001:db8:1:2::3").await;
+    again.welcome().await;
+}
+
 #[tokio::test]
 async fn certificates_are_reloaded_without_dropping_anyone() {
     let Some(openssl) = tool("openssl") else {

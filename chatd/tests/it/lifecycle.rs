@@ -183,30 +183,43 @@ async fn address_in_use_is_one_clear_line() {
 }
 
 #[tokio::test]
-async fn the_accept_loop_survives_running_out_of_file_descriptors() {
-    let mut cmd = Command::new("prlimit");
-    cmd.arg("--nofile=48:48").arg(chatd_bin());
-    let dir = TestServer::prepare(&mut cmd, None, &[]);
-    let server = TestServer::launch(cmd, dir);
-    let mut clients = Vec::new();
-    for _ in 0..60 {
-        clients.push(
-            tokio::time::timeout(WAIT, tokio::net::TcpStream::connect(server.chat))
-                .await
-                .expect("connect in time")
-                .expect("connect"),
-        );
-    }
-    server.wait_logged("accept failed").await;
-    drop(clients);
-    // Once descriptors are free again, new clients are served.
+async fn a_connection_while_out_of_descriptors_is_told_at_once_and_the_loop_survives() {
+    use rustix::process::{Pid, Resource, Rlimit, prlimit};
+    let server = TestServer::start();
     let (mut alice, a) = server.join().await;
     let (mut bob, _) = server.join().await;
+    // Out of descriptors for a reason its seats cannot see (here, the limit
+    // lowered under the running process): its lowest free descriptor is
+    // the limit, so the next accept fails with EMFILE.
+    let pid = Pid::from_raw(server.pid() as i32).expect("pid");
+    let open: std::collections::HashSet<u64> =
+        std::fs::read_dir(format!("/proc/{}/fd", server.pid()))
+            .expect("proc fd")
+            .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+            .collect();
+    let lowest_free = (0..).find(|fd| !open.contains(fd)).expect("a free fd");
+    let hard = rustix::process::getrlimit(Resource::Nofile).maximum;
+    let lowered = Rlimit {
+        current: Some(lowest_free),
+        maximum: hard,
+    };
+    let before = prlimit(Some(pid), Resource::Nofile, lowered).expect("lower the limit");
+    let mut late = server.connect().await;
+    let line = late.line().await;
+    assert!(line.starts_with("*** error: server is full"), "{line:?}");
+    assert_eq!(late.try_line().await, None);
+    server.wait_logged("out of file descriptors").await;
+    // Clients already in are served meanwhile.
     alice.send("still alive\n").await;
     assert_eq!(
         bob.expect("still alive").await,
         format!("<{a}> still alive")
     );
+    // Once descriptors are there again, new clients are served.
+    prlimit(Some(pid), Resource::Nofile, before).expect("restore the limit");
+    let (mut carol, _) = server.join().await;
+    carol.send("me too\n").await;
+    bob.expect("me too").await;
 }
 
 #[tokio::test]
