@@ -30,6 +30,20 @@ pub struct ReloadReport {
     pub applied: Vec<String>,
     /// Keys that differ from the running values until a restart.
     pub restart_required: Vec<String>,
+    /// The chat certificate served from now on, when TLS is configured.
+    pub certificate: Option<CertReport>,
+}
+
+/// The certificate a reload left in place, and whether it is a new one (a
+/// renewal written over the same files changes no key).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertReport {
+    pub subject: String,
+    /// When it expires, e.g. `2027-03-01T12:00:00Z`, and as Unix seconds.
+    pub expires: String,
+    pub not_after: i64,
+    pub serial: String,
+    pub changed: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -101,9 +115,11 @@ impl Reloader {
             .filter(|k| !reloadable(k))
             .collect();
         inner.hub.set_config(keep_running_values(&old, new));
-        if let Some(certs) = certs {
-            inner.certs.set(certs);
-            tracing::info!("TLS certificate (re)loaded for new connections");
+        let certificate = certs.map(|loaded| self.swap_certificate(loaded));
+        if certificate.as_ref().is_some_and(|c| c.changed)
+            && !applied.iter().any(|k| k == "chat.tls_cert")
+        {
+            applied.push("chat.tls_cert".to_string());
         }
         Ok(ReloadReport {
             config_path: inner
@@ -112,7 +128,29 @@ impl Reloader {
                 .map_or("built-in defaults".to_string(), |p| p.display().to_string()),
             applied,
             restart_required,
+            certificate,
         })
+    }
+
+    /// Serves `loaded` to new connections from now on, and says (and logs)
+    /// whether it differs from the one it replaces.
+    fn swap_certificate(&self, loaded: tls::Loaded) -> CertReport {
+        let about = loaded.about.clone();
+        let changed = self.inner.certs.about().is_none_or(|old| !old.same(&about));
+        self.inner.certs.set(loaded);
+        let report = CertReport {
+            expires: about.expires(),
+            subject: about.subject,
+            not_after: about.not_after,
+            serial: about.serial,
+            changed,
+        };
+        if changed {
+            tracing::info!(subject = %report.subject, expires = %report.expires, serial = %report.serial, "TLS certificate renewed: new connections get it");
+        } else {
+            tracing::info!(subject = %report.subject, expires = %report.expires, "TLS certificate re-read: unchanged");
+        }
+        report
     }
 }
 

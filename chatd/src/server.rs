@@ -279,7 +279,9 @@ impl Daemon {
             .transpose()?;
         let certs = Certs::default();
         if let Some(files) = &config.chat.tls {
-            certs.set(tls::load(files)?);
+            let loaded = tls::load(files)?;
+            tracing::info!(subject = %loaded.about.subject, expires = %loaded.about.expires(), serial = %loaded.about.serial, "TLS certificate loaded");
+            certs.set(loaded);
         }
         let grace = config.server.shutdown_timeout;
         let clients = match config.server.client_threads {

@@ -62,8 +62,68 @@ pub enum TlsError {
     Rustls(#[from] rustls::Error),
 }
 
+/// A loaded certificate and what an operator recognises it by.
+#[derive(Debug, Clone)]
+pub struct Loaded {
+    pub config: Arc<ServerConfig>,
+    pub about: CertInfo,
+}
+
+/// The leaf certificate as an operator knows it: for a reload's report and
+/// the log, so that a renewal is seen to have happened.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertInfo {
+    /// The subject, e.g. `CN=chat.example.org`.
+    pub subject: String,
+    /// When it expires, seconds since the Unix epoch.
+    pub not_after: i64,
+    /// The serial number in hex: two renewals with the same subject differ
+    /// here.
+    pub serial: String,
+    /// The leaf's DER, to tell whether a reload changed it.
+    der: Vec<u8>,
+}
+
+impl CertInfo {
+    fn of(der: &CertificateDer<'_>, path: &Path) -> Result<CertInfo, TlsError> {
+        let (_, cert) = x509_parser::parse_x509_certificate(der).map_err(|e| TlsError::Pem {
+            key: "chat.tls_cert",
+            path: path.display().to_string(),
+            what: "certificate",
+            reason: format!("not a valid X.509 certificate: {e}"),
+        })?;
+        Ok(CertInfo {
+            subject: cert.subject().to_string(),
+            not_after: cert.validity().not_after.timestamp(),
+            serial: cert.raw_serial_as_string(),
+            der: der.to_vec(),
+        })
+    }
+
+    /// Whether `other` is the same certificate.
+    pub fn same(&self, other: &CertInfo) -> bool {
+        self.der == other.der
+    }
+
+    /// The expiry as `2027-03-01T12:00:00Z`.
+    pub fn expires(&self) -> String {
+        u64::try_from(self.not_after)
+            .ok()
+            .and_then(|secs| {
+                std::time::UNIX_EPOCH.checked_add(std::time::Duration::from_secs(secs))
+            })
+            .filter(|t| {
+                *t < std::time::UNIX_EPOCH + std::time::Duration::from_secs(253_402_300_799)
+            })
+            .map_or_else(
+                || format!("{} (Unix seconds)", self.not_after),
+                |t| humantime::format_rfc3339_seconds(t).to_string(),
+            )
+    }
+}
+
 /// Reads and checks the certificate chain and its key. Blocks on file I/O.
-pub fn load(files: &TlsFiles) -> Result<Arc<ServerConfig>, TlsError> {
+pub fn load(files: &TlsFiles) -> Result<Loaded, TlsError> {
     let certs = read_pem("chat.tls_cert", &files.cert, "certificate", |bytes| {
         CertificateDer::pem_slice_iter(bytes).collect::<Result<Vec<_>, _>>()
     })?;
@@ -75,6 +135,7 @@ pub fn load(files: &TlsFiles) -> Result<Arc<ServerConfig>, TlsError> {
             reason: "no CERTIFICATE block".into(),
         });
     }
+    let about = CertInfo::of(&certs[0], &files.cert)?;
     let key = read_pem("chat.tls_key", &files.key, "private key", |bytes| {
         PrivateKeyDer::from_pem_slice(bytes)
     })?;
@@ -90,7 +151,10 @@ pub fn load(files: &TlsFiles) -> Result<Arc<ServerConfig>, TlsError> {
             },
             other => TlsError::Rustls(other),
         })?;
-    Ok(Arc::new(config))
+    Ok(Loaded {
+        config: Arc::new(config),
+        about,
+    })
 }
 
 fn read_pem<T>(
@@ -117,11 +181,18 @@ fn read_pem<T>(
 #[derive(Debug, Clone, Default)]
 pub struct Certs {
     current: Arc<ArcSwapOption<ServerConfig>>,
+    about: Arc<ArcSwapOption<CertInfo>>,
 }
 
 impl Certs {
-    pub fn set(&self, config: Arc<ServerConfig>) {
-        self.current.store(Some(config));
+    pub fn set(&self, loaded: Loaded) {
+        self.current.store(Some(loaded.config));
+        self.about.store(Some(Arc::new(loaded.about)));
+    }
+
+    /// The certificate served now.
+    pub fn about(&self) -> Option<Arc<CertInfo>> {
+        self.about.load_full()
     }
 
     pub fn get(&self) -> Option<Arc<ServerConfig>> {

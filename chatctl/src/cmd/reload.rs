@@ -13,6 +13,16 @@ struct Reloaded {
     config_path: String,
     applied: Vec<String>,
     restart_required: Vec<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    certificate: Option<Certificate>,
+}
+
+#[derive(Serialize)]
+struct Certificate {
+    subject: String,
+    not_after: String,
+    serial: String,
+    changed: bool,
 }
 
 pub async fn run(ctx: &mut Ctx<'_>) -> Result<(), ChatctlError> {
@@ -23,6 +33,12 @@ pub async fn run(ctx: &mut Ctx<'_>) -> Result<(), ChatctlError> {
         config_path: reply.config_path,
         applied: reply.applied,
         restart_required: reply.restart_required,
+        certificate: reply.certificate.map(|c| Certificate {
+            subject: c.subject,
+            not_after: c.not_after,
+            serial: c.serial,
+            changed: c.changed,
+        }),
     };
     if ctx.output == Output::Json {
         return ctx.json(&reloaded);
@@ -42,6 +58,17 @@ pub async fn run(ctx: &mut Ctx<'_>) -> Result<(), ChatctlError> {
             ctx.out,
             "need a restart: {}",
             list(&reloaded.restart_required)
-        )
+        )?;
+        if let Some(c) = &reloaded.certificate {
+            let what = if c.changed { "renewed" } else { "unchanged" };
+            writeln!(
+                ctx.out,
+                "certificate: {what}: {}, expires {} (serial {})",
+                clean(&c.subject),
+                clean(&c.not_after),
+                clean(&c.serial)
+            )?;
+        }
+        Ok(())
     })())
 }

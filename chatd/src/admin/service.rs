@@ -834,6 +834,13 @@ impl Admin for AdminService {
             config_path: report.config_path,
             applied: report.applied,
             restart_required: report.restart_required,
+            certificate: report.certificate.map(|c| pb::Certificate {
+                subject: c.subject,
+                not_after_unix: c.not_after,
+                not_after: c.expires,
+                serial: c.serial,
+                changed: c.changed,
+            }),
         }))
     }
 

@@ -687,7 +687,14 @@ async fn certificates_are_reloaded_without_dropping_anyone() {
     // Renewed files at the same paths, then SIGHUP.
     let renewed = certificate(certs.path(), "tls");
     server.signal(rustix::process::Signal::HUP);
-    server.wait_logged("TLS certificate (re)loaded").await;
+    let logged = server.wait_logged("TLS certificate renewed").await;
+    assert!(
+        logged["subject"]
+            .as_str()
+            .is_some_and(|s| s.starts_with("CN=")),
+        "{logged}"
+    );
+    assert!(logged["expires"].as_str().is_some(), "{logged}");
     // A new client gets the new certificate (s_client prints it).
     let mut shown =
         Tool::spawn(Command::new(&openssl).args(["s_client", "-connect", &tls.to_string()]));
@@ -698,6 +705,32 @@ async fn certificates_are_reloaded_without_dropping_anyone() {
     let (mut plain, _) = server.join().await;
     first.send("still here\n").await;
     plain.expect(&format!("<{f}> still here")).await;
+
+    // `chatctl reload` says whether the certificate changed, and which one
+    // is served: nothing changed now; then a renewal over the same files.
+    let same = server.chatctl(&["reload"]).await;
+    assert!(same.ok().contains("applied: none"), "{same:#?}");
+    assert!(
+        same.ok().contains("certificate: unchanged: CN="),
+        "{same:#?}"
+    );
+    certificate(certs.path(), "tls");
+    let renewal = server.chatctl(&["reload"]).await;
+    assert!(
+        renewal.ok().contains("applied: chat.tls_cert"),
+        "{renewal:#?}"
+    );
+    assert!(
+        renewal.ok().contains("certificate: renewed: CN="),
+        "{renewal:#?}"
+    );
+    // RFC 3339 (rcgen's certificates run to the start of a year).
+    assert!(
+        renewal.ok().contains("-01-01T00:00:00Z (serial "),
+        "{renewal:#?}"
+    );
+    let json = server.chatctl(&["-o", "json", "reload"]).await.json();
+    assert_eq!(json["certificate"]["changed"], false, "{json}");
 
     // A bad key: the reload is refused with one line, nobody is dropped.
     std::fs::write(certs.path().join("tls.key"), "not a key").expect("write");
