@@ -121,6 +121,7 @@ impl AdminSetup {
         let mut generated_secret = None;
         if tokens.is_empty() {
             let dir = chatd_proto::default_token_write_dir();
+            remove_stale_tokens(&dir, addrs);
             let secret = match given {
                 Some(secret) => secret,
                 None => generate_token()?,
@@ -186,6 +187,44 @@ impl AdminSetup {
     /// none is configured.
     pub fn generated_token_files(&self) -> &[PathBuf] {
         &self.generated
+    }
+}
+
+/// Removes the token files in `dir` (ours alone: it is private) whose
+/// recorded address nothing serves any more, left by a chatd that was
+/// killed, except those for `addrs`, which are written again now. A file
+/// whose address still answers, or cannot be told, is kept.
+fn remove_stale_tokens(dir: &Path, addrs: &[chatd_proto::AdminAddr]) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    let ours: Vec<String> = addrs.iter().map(|a| a.file_name()).collect();
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if !name.starts_with("admin-") || !name.ends_with(".token") || ours.contains(&name) {
+            continue;
+        }
+        let Ok(text) = std::fs::read_to_string(entry.path()) else {
+            continue;
+        };
+        let (_, addr) = chatd_proto::token::parse_token_file(&text);
+        if addr.as_deref().is_some_and(nothing_serves) && std::fs::remove_file(entry.path()).is_ok()
+        {
+            info!(path = %entry.path().display(), "removed a stale admin token file (nothing serves its address)");
+        }
+    }
+}
+
+/// Whether nothing listens at `addr` (`IP:PORT` or `unix:PATH`, as token
+/// files record it): the connection is refused or the socket is gone.
+fn nothing_serves(addr: &str) -> bool {
+    use std::io::ErrorKind::{ConnectionRefused, NotFound};
+    let refused = |e: std::io::Error| matches!(e.kind(), ConnectionRefused | NotFound);
+    match addr.strip_prefix("unix:") {
+        Some(path) => std::os::unix::net::UnixStream::connect(path).is_err_and(refused),
+        None => addr.parse::<std::net::SocketAddr>().is_ok_and(|a| {
+            std::net::TcpStream::connect_timeout(&a, Duration::from_millis(250)).is_err_and(refused)
+        }),
     }
 }
 
@@ -329,4 +368,13 @@ pub async fn serve(
         info!("admin API: health is NOT_SERVING");
     };
     tokio::join!(tcp, unix, not_serving);
+    // Nothing serves these addresses now, unless a new process took over
+    // (it keeps the token and its files).
+    if !hub_for_socket.handoff().committed() {
+        for path in &setup.generated {
+            if let Err(e) = std::fs::remove_file(path) {
+                warn!(path = %path.display(), error = %e, "cannot remove the admin token file");
+            }
+        }
+    }
 }

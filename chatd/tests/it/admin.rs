@@ -1048,3 +1048,41 @@ async fn a_client_addressed_on_another_node_is_not_this_nodes_client() {
     // Her own node, unnamed, is where her id means her.
     server.chatctl(&["client", &id.to_string()]).await.ok();
 }
+
+/// The generated token's files go with the process that wrote them: a
+/// clean stop removes them, and a start removes those a killed chatd left
+/// for an address nothing serves, keeping one whose address still answers.
+#[tokio::test]
+async fn token_files_are_removed_on_exit_and_stale_ones_at_start() {
+    let run = tempfile::tempdir().expect("tempdir");
+    std::fs::set_permissions(run.path(), std::fs::Permissions::from_mode(0o700)).expect("chmod");
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let stale_addr = closed.local_addr().expect("addr");
+    drop(closed);
+    let live = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let live_addr = live.local_addr().expect("addr");
+    let plant = |addr: std::net::SocketAddr| {
+        let path = run
+            .path()
+            .join(format!("admin-{}-{}.token", addr.ip(), addr.port()));
+        std::fs::write(&path, format!("secret\naddress {addr}\n")).expect("plant");
+        path
+    };
+    let stale = plant(stale_addr);
+    let kept = plant(live_addr);
+
+    let runtime = run.path().to_str().expect("utf-8");
+    let mut server = TestServer::with_env(&[("RUNTIME_DIRECTORY", runtime)]);
+    assert!(!stale.exists(), "the stale token file is removed at start");
+    assert!(kept.exists(), "a token file whose address answers is kept");
+    let admin: std::net::SocketAddr = server.endpoint()["http://".len()..]
+        .parse()
+        .expect("admin address");
+    let ours = run
+        .path()
+        .join(format!("admin-{}-{}.token", admin.ip(), admin.port()));
+    assert!(ours.exists(), "chatd wrote its token for chatctl");
+    server.stop().await;
+    assert!(!ours.exists(), "a clean stop removes the token file");
+    assert!(kept.exists());
+}
