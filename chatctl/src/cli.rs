@@ -141,6 +141,7 @@ pub enum Command {
     /// Ban an address or network and disconnect its clients.
     Ban {
         /// An IP address (192.0.2.7) or a CIDR network (192.0.2.0/24).
+        #[arg(value_parser = ip_or_cidr)]
         ip_or_cidr: String,
         /// Lift the ban after this long (e.g. 30m, 1h, 7d); default: never.
         #[arg(long = "for", value_name = "DURATION", value_parser = humantime::parse_duration)]
@@ -152,6 +153,7 @@ pub enum Command {
     /// Lift a ban.
     Unban {
         /// As given to `ban`.
+        #[arg(value_parser = ip_or_cidr)]
         ip_or_cidr: String,
     },
     /// List bans in force.
@@ -174,7 +176,7 @@ pub enum Command {
     /// List the cluster's nodes that answer, with their clients and uptime.
     Nodes,
     /// Check health with the standard gRPC health service; exit 0 when
-    /// SERVING, 1 otherwise.
+    /// SERVING, 1 when not, 3 for a service chatd does not know.
     Health {
         /// The service to ask about; the whole server by default.
         #[arg(long, default_value = "")]
@@ -182,6 +184,24 @@ pub enum Command {
     },
     /// Print a shell completion script.
     Completions { shell: clap_complete::Shell },
+}
+
+/// An IP address or a CIDR network, checked here so that a typo is a
+/// usage error (exit 2) before anything is sent.
+fn ip_or_cidr(text: &str) -> Result<String, String> {
+    const WANT: &str =
+        "expected an IP address (192.0.2.7, 2001:db8::1) or a network (192.0.2.0/24)";
+    let (ip, prefix) = match text.split_once('/') {
+        Some((ip, prefix)) => (ip, Some(prefix)),
+        None => (text, None),
+    };
+    let ip: std::net::IpAddr = ip.parse().map_err(|_| WANT.to_owned())?;
+    let max = if ip.is_ipv4() { 32 } else { 128 };
+    match prefix.map(str::parse::<u8>) {
+        None => Ok(text.to_owned()),
+        Some(Ok(n)) if n <= max => Ok(text.to_owned()),
+        Some(_) => Err(format!("{WANT}; the prefix length is 0 to {max}")),
+    }
 }
 
 /// A client named on the command line: digits are an id, anything else a

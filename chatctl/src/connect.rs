@@ -116,9 +116,18 @@ pub async fn channel(
             "--ca-cert needs an https:// endpoint".to_owned(),
         ));
     }
-    let unreachable = |err: tonic::transport::Error| ChatctlError::Unreachable {
-        endpoint: addr.to_string(),
-        cause: error_chain(&err),
+    let unreachable = |err: tonic::transport::Error| {
+        let cause = error_chain(&err);
+        // rustls's words for a server that answered TLS with plain bytes.
+        if addr.is_https() && cause.contains("InvalidContentType") {
+            return ChatctlError::NotTls {
+                endpoint: addr.to_string(),
+            };
+        }
+        ChatctlError::Unreachable {
+            endpoint: addr.to_string(),
+            cause,
+        }
     };
     match addr {
         EndpointAddr::Url { uri, .. } => {

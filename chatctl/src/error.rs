@@ -27,6 +27,12 @@ pub enum ChatctlError {
     #[error("{endpoint} is not a chatd admin endpoint: it answered like chatd's chat port")]
     NotAdmin { endpoint: String },
 
+    #[error(
+        "{endpoint} does not speak TLS: the admin API listens in plain HTTP/2 unless \
+         `admin.tls_cert` is set; use http:// instead of https://"
+    )]
+    NotTls { endpoint: String },
+
     #[error("chatd at {endpoint} did not answer within {}", humantime::format_duration(*.timeout))]
     Timeout { endpoint: String, timeout: Duration },
 
@@ -39,7 +45,7 @@ pub enum ChatctlError {
         role_too_weak: bool,
     },
 
-    #[error("chatd answered {code:?}: {message}")]
+    #[error("{}: {message}", in_words(*.code))]
     Status { code: Code, message: String },
 
     #[error("cannot read the token file {}: {source}", path.display())]
@@ -69,12 +75,28 @@ pub enum ChatctlError {
     Output(#[source] std::io::Error),
 }
 
+/// What a gRPC status code means to an operator, without the code's name.
+fn in_words(code: Code) -> &'static str {
+    match code {
+        Code::InvalidArgument | Code::OutOfRange => "chatd refused the request",
+        Code::FailedPrecondition => "chatd cannot do that now",
+        Code::AlreadyExists => "that exists already",
+        Code::ResourceExhausted => "chatd is at one of its limits",
+        Code::Unimplemented => "chatd does not know this call (is it an older version?)",
+        Code::Cancelled => "the call was cancelled",
+        Code::Internal | Code::DataLoss => "chatd failed",
+        _ => "chatd answered with an error",
+    }
+}
+
 impl ChatctlError {
     pub fn exit_code(&self) -> u8 {
         match self {
             Self::Usage(_) => exit::USAGE,
             Self::NotFound(_) => exit::NOT_FOUND,
-            Self::Unreachable { .. } | Self::NotAdmin { .. } => exit::UNREACHABLE,
+            Self::Unreachable { .. } | Self::NotAdmin { .. } | Self::NotTls { .. } => {
+                exit::UNREACHABLE
+            }
             Self::Unauthorised { .. } => exit::UNAUTHORISED,
             Self::Timeout { .. }
             | Self::Status { .. }

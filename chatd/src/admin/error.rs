@@ -25,7 +25,7 @@ pub enum AdminError {
     /// The caller's deadline is near and the upgrade it started goes on.
     #[error(
         "the upgrade is still running ({0} ms so far) and goes on without this call; its \
-         outcome is logged, and `chatctl health` names the process that serves"
+         outcome is logged (`upgrade: handed over` or `upgrade failed`)"
     )]
     UpgradeRunning(u64),
     /// A blocking task died (a bug); the operator sees a plain internal error.

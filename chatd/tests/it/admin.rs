@@ -1086,3 +1086,36 @@ async fn token_files_are_removed_on_exit_and_stale_ones_at_start() {
     assert!(!ours.exists(), "a clean stop removes the token file");
     assert!(kept.exists());
 }
+
+/// chatctl's answers say what happened in words, with the documented exit
+/// codes: a bad ban target is a usage error (2) caught before anything is
+/// sent; a refusal reads as one, not as a gRPC code's name; an https://
+/// endpoint on the plain admin port is told to use http:// (4); an unknown
+/// health service is "not found" (3).
+#[tokio::test]
+async fn chatctl_answers_in_words_with_the_documented_exit_codes() {
+    let server = TestServer::start();
+    let bad = server.chatctl(&["ban", "not-an-ip"]).await;
+    assert_eq!(bad.code, 2, "{bad:#?}");
+    assert!(bad.stderr.contains("expected an IP address"), "{bad:#?}");
+
+    let huge = "x".repeat(5000);
+    let refused = server.chatctl(&["broadcast", &huge]).await;
+    assert_eq!(refused.code, 1, "{refused:#?}");
+    assert!(
+        refused.stderr.contains("chatd refused the request: "),
+        "{refused:#?}"
+    );
+    assert!(!refused.stderr.contains("InvalidArgument"), "{refused:#?}");
+
+    let https = server.endpoint().replacen("http://", "https://", 1);
+    let tls = server.chatctl(&["--endpoint", &https, "stats"]).await;
+    assert_eq!(tls.code, 4, "{tls:#?}");
+    assert!(tls.stderr.contains("does not speak TLS"), "{tls:#?}");
+    assert!(tls.stderr.contains("use http://"), "{tls:#?}");
+    assert!(!tls.stderr.contains("InvalidContentType"), "{tls:#?}");
+
+    let nosuch = server.chatctl(&["health", "--service", "nosuch"]).await;
+    assert_eq!(nosuch.code, 3, "{nosuch:#?}");
+    assert!(nosuch.stderr.contains("not found"), "{nosuch:#?}");
+}
