@@ -56,8 +56,7 @@ pub async fn list(ctx: &mut Ctx<'_>) -> Result<(), ChatctlError> {
         table.row(vec![
             clean(id).into_owned(),
             n.clients.to_string(),
-            humantime::format_duration(std::time::Duration::from_secs(n.uptime_seconds))
-                .to_string(),
+            crate::format::duration(std::time::Duration::from_secs(n.uptime_seconds)),
             clean(&n.version).into_owned(),
         ]);
     }

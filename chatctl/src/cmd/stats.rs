@@ -91,7 +91,12 @@ pub async fn show(ctx: &mut Ctx<'_>) -> Result<(), ChatctlError> {
             ),
             ("rooms", stats.rooms.to_string()),
             ("connections", t.connections.to_string()),
-            ("lines", format::in_out(t.lines_in, t.lines_out)),
+            // Not a client's "lines out" (every line written to it, server
+            // lines included): chat lines times the members they reached.
+            (
+                "lines",
+                format!("{} in, {} delivered", t.lines_in, t.lines_out),
+            ),
             (
                 "bytes",
                 format::in_out(format::bytes(t.bytes_in), format::bytes(t.bytes_out)),

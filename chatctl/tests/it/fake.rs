@@ -158,7 +158,20 @@ impl Admin for Fake {
         request: Request<pb::ListNodesRequest>,
     ) -> Reply<pb::ListNodesResponse> {
         authorise(&request)?;
-        Ok(Response::new(pb::ListNodesResponse::default()))
+        // The same uptime as `stats` gives, so that the two can be compared.
+        let node = pb::Node {
+            id: "node-a".into(),
+            clients: 1,
+            uptime: Some(prost_types::Duration {
+                seconds: 3 * 86_400 + 4 * 3600 + 5,
+                nanos: 0,
+            }),
+            version: "0.1.0".into(),
+        };
+        Ok(Response::new(pb::ListNodesResponse {
+            nodes: vec![node],
+            ..Default::default()
+        }))
     }
 
     async fn list_bans(
@@ -331,6 +344,19 @@ async fn ban_stats_watch_and_health() {
     let output = chatctl(&endpoint, &["stats", "--token", TOKEN]).await;
     assert!(
         stdout(&output).contains("uptime:         3d04h"),
+        "{}",
+        stdout(&output)
+    );
+    // Deliveries, not a client's "lines out": named apart.
+    assert!(
+        stdout(&output).contains(" delivered\n"),
+        "{}",
+        stdout(&output)
+    );
+    // Uptime is written one way everywhere.
+    let output = chatctl(&endpoint, &["nodes", "--token", TOKEN]).await;
+    assert!(
+        stdout(&output).contains("node-a        1   3d04h  0.1.0"),
         "{}",
         stdout(&output)
     );
