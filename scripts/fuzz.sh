@@ -13,6 +13,18 @@ set -euo pipefail
 target=${1:?usage: scripts/fuzz.sh TARGET SECONDS}
 seconds=${2:?usage: scripts/fuzz.sh TARGET SECONDS}
 cd "$(dirname "$0")/../fuzz"
+if [ ! -f "fuzz_targets/$target.rs" ]; then
+    echo "scripts/fuzz.sh: no target '$target'; the targets are: $(cd fuzz_targets && ls ./*.rs | sed 's|^./||; s|\.rs$||' | tr '\n' ' ')" >&2
+    exit 2
+fi
+if ! command -v rustup >/dev/null 2>&1 || ! rustup toolchain list | grep -q '^nightly'; then
+    echo "scripts/fuzz.sh: needs the nightly toolchain: rustup toolchain install nightly" >&2
+    exit 2
+fi
+if ! cargo +nightly fuzz --version >/dev/null 2>&1; then
+    echo "scripts/fuzz.sh: needs cargo-fuzz: cargo +nightly install cargo-fuzz" >&2
+    exit 2
+fi
 mkdir -p "corpus/$target"
 
 # One job: the machine's cores are shared. No sanitizer: the code it runs
