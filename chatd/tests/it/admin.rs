@@ -1119,3 +1119,25 @@ async fn chatctl_answers_in_words_with_the_documented_exit_codes() {
     assert_eq!(nosuch.code, 3, "{nosuch:#?}");
     assert!(nosuch.stderr.contains("not found"), "{nosuch:#?}");
 }
+
+/// The README's `list-clients` sample has the columns chatctl prints.
+#[tokio::test]
+async fn the_readme_shows_list_clients_as_chatctl_prints_it() {
+    let server = TestServer::start();
+    let (_alice, _) = server.join().await;
+    let table = server.chatctl(&["list-clients"]).await;
+    let header = table
+        .ok()
+        .lines()
+        .next()
+        .expect("a header")
+        .trim_end()
+        .to_string();
+    let readme =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../README.md"))
+            .expect("README.md");
+    assert!(
+        readme.lines().any(|l| l.trim_end() == header),
+        "README.md lacks the header `{header}`"
+    );
+}
