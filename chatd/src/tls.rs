@@ -19,7 +19,7 @@ use std::pin::pin;
 use arc_swap::ArcSwapOption;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
-use tokio::io::{AsyncWriteExt, BufReader};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpStream, UnixStream};
 use tokio::runtime::Handle;
 use tokio_rustls::rustls::{self, ServerConfig};
@@ -219,6 +219,17 @@ pub async fn serve(
         debug!(%peer, "TLS connection without a certificate loaded; closing");
         return;
     };
+    let started = std::time::Instant::now();
+    match tokio::time::timeout(deadline, first_byte(&stream)).await {
+        Ok(Some(byte)) if byte != TLS_HANDSHAKE_RECORD => return plain_text(stream, peer).await,
+        Ok(Some(_)) => {}
+        Ok(None) => return,
+        Err(_) => {
+            debug!(%peer, "TLS handshake timed out");
+            return;
+        }
+    }
+    let deadline = deadline.saturating_sub(started.elapsed());
     let acceptor = tokio_rustls::TlsAcceptor::from(config);
     let tls = match tokio::time::timeout(deadline, acceptor.accept(stream)).await {
         Ok(Ok(tls)) => tls,
@@ -255,6 +266,42 @@ pub async fn serve(
         done.cancel();
     };
     tokio::join!(chat, pump(tls, theirs, done.clone()));
+}
+
+/// The first byte of every TLS connection: a handshake record.
+const TLS_HANDSHAKE_RECORD: u8 = 0x16;
+
+/// The first byte the client sent, left in the socket; `None` when it
+/// closed or failed first.
+async fn first_byte(stream: &TcpStream) -> Option<u8> {
+    let mut byte = [0u8; 1];
+    match stream.peek(&mut byte).await {
+        Ok(1) => Some(byte[0]),
+        _ => None,
+    }
+}
+
+/// A client that typed plain text on the TLS port (`nc HOST 8443`): rather
+/// than TLS alert bytes, one line it can read saying how to connect, as the
+/// plain port answers a TLS or HTTP client.
+async fn plain_text(mut stream: TcpStream, peer: SocketAddr) {
+    let port = stream.local_addr().map_or(0, |a| a.port());
+    debug!(%peer, "plain text on the TLS port");
+    let line = server_line(&format!(
+        "This is chatd's TLS port: connect with TLS, e.g. \
+         `openssl s_client -quiet -connect HOST:{port}` or `ncat --ssl HOST {port}`; \
+         nc and telnet go to the plain chat port."
+    ));
+    let answer = async {
+        stream.write_all(&line).await?;
+        stream.shutdown().await?;
+        // Read what the client sent, so that closing does not reset the
+        // connection before it has read the line.
+        let mut sink = [0u8; 1024];
+        while stream.read(&mut sink).await? > 0 {}
+        std::io::Result::Ok(())
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(2), answer).await;
 }
 
 /// The chat end of the pump's pair, served on the client thread: the
