@@ -9,6 +9,18 @@ cd "$(dirname "$0")/../.."
 
 image=${IMAGE:-chatd:local}
 target=x86_64-unknown-linux-gnu
+
+# Which Compose runs here, told before a build of several minutes, not
+# after: v2 is a docker plugin, v1.29 a program of its own.
+if docker compose version >/dev/null 2>&1; then
+    compose="docker compose"
+elif command -v docker-compose >/dev/null 2>&1; then
+    compose="docker-compose"
+else
+    compose=""
+    echo "note: neither \`docker compose\` (v2) nor docker-compose (v1.29) is installed;" \
+        "the image builds, but compose.yaml needs one (Debian: apt-get install docker-compose)" >&2
+fi
 # A static glibc executable: the binaries are pure Rust, so nothing needs
 # dlopen. (Host names are resolved by glibc's NSS, which a static binary
 # cannot load: give OTLP endpoints as IP addresses, see docs/OPERATIONS.md.)
@@ -32,3 +44,6 @@ mkdir "$context/empty"
 cp deploy/docker/Dockerfile "$context/"
 docker build --tag "$image" "$context"
 echo "built $image"
+if [ -n "$compose" ]; then
+    echo "next: $compose up -d    (the cluster: $compose --profile cluster up -d, after deploy/docker/nats/build.sh)"
+fi
