@@ -3,10 +3,15 @@
 
 use std::fmt;
 use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use chatd_proto::admin::v1::admin_client::AdminClient;
 use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::service::Interceptor;
 use tonic::service::interceptor::InterceptedService;
@@ -106,10 +111,13 @@ impl Interceptor for BearerAuth {
 pub type Admin = AdminClient<InterceptedService<Channel, BearerAuth>>;
 
 /// Connects now, so an unreachable daemon is reported before any call.
+/// `heard` is set once the server sends a byte (always, for TLS, where the
+/// handshake is the server's answer).
 pub async fn channel(
     addr: &EndpointAddr,
     ca_cert: Option<&std::path::Path>,
     timeout: Duration,
+    heard: &Arc<AtomicBool>,
 ) -> Result<Channel, ChatctlError> {
     if ca_cert.is_some() && !addr.is_https() {
         return Err(ChatctlError::Usage(
@@ -144,8 +152,9 @@ pub async fn channel(
                     None => ClientTlsConfig::new().with_enabled_roots(),
                 };
                 endpoint = endpoint.tls_config(tls).map_err(unreachable)?;
-                // The server speaks second in TLS: no greeting to wait for.
-                return endpoint.connect().await.map_err(unreachable);
+                let channel = endpoint.connect().await.map_err(unreachable)?;
+                heard.store(true, Ordering::Relaxed);
+                return Ok(channel);
             }
             let host = uri
                 .host()
@@ -154,26 +163,39 @@ pub async fn channel(
                 .trim_end_matches(']')
                 .to_owned();
             let port = uri.port_u16().unwrap_or(80);
+            let heard = heard.clone();
             endpoint
                 .connect_with_connector(tower::service_fn(move |_: Uri| {
                     let host = host.clone();
-                    greeted(timeout, async move {
+                    let heard = heard.clone();
+                    async move {
                         let stream = tokio::net::TcpStream::connect((host.as_str(), port)).await?;
                         stream.set_nodelay(true)?;
-                        Ok(stream)
-                    })
+                        Ok::<_, std::io::Error>(TokioIo::new(Heard {
+                            inner: stream,
+                            heard,
+                        }))
+                    }
                 }))
                 .await
                 .map_err(unreachable)
         }
         EndpointAddr::Unix(path) => {
             let path = path.clone();
+            let heard = heard.clone();
             // The URI only fills the :authority header; the connector ignores it.
             Endpoint::from_static("http://localhost")
                 .connect_timeout(timeout)
                 .connect_with_connector(tower::service_fn(move |_: Uri| {
                     let path = path.clone();
-                    greeted(timeout, tokio::net::UnixStream::connect(path))
+                    let heard = heard.clone();
+                    async move {
+                        let stream = tokio::net::UnixStream::connect(path).await?;
+                        Ok::<_, std::io::Error>(TokioIo::new(Heard {
+                            inner: stream,
+                            heard,
+                        }))
+                    }
                 }))
                 .await
                 .map_err(unreachable)
@@ -181,47 +203,45 @@ pub async fn channel(
     }
 }
 
-/// Something that can wait to be readable: the plain streams we connect.
-trait Greets: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static {
-    fn readable(&self) -> impl Future<Output = std::io::Result<()>> + Send;
+/// A stream that notes whether the server ever sent a byte: a call that
+/// times out on a connection that never heard a word was never answered by
+/// an HTTP/2 server (chatd's admin API sends its settings at once), which
+/// is unreachability, not a slow chatd.
+struct Heard<S> {
+    inner: S,
+    heard: Arc<AtomicBool>,
 }
 
-impl Greets for tokio::net::TcpStream {
-    fn readable(&self) -> impl Future<Output = std::io::Result<()>> + Send {
-        tokio::net::TcpStream::readable(self)
+impl<S: AsyncRead + Unpin> AsyncRead for Heard<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            self.heard.store(true, Ordering::Relaxed);
+        }
+        polled
     }
 }
 
-impl Greets for tokio::net::UnixStream {
-    fn readable(&self) -> impl Future<Output = std::io::Result<()>> + Send {
-        tokio::net::UnixStream::readable(self)
+impl<S: AsyncWrite + Unpin> AsyncWrite for Heard<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
     }
-}
 
-/// Connects with `connect`, then waits for the server's first bytes: an
-/// HTTP/2 server (chatd's admin API) sends its settings at once, so a
-/// listener that accepts and says nothing within `timeout` (a hung process,
-/// another kind of server) is reported as unreachable then, instead of a
-/// call that would wait on it.
-async fn greeted<S: Greets>(
-    timeout: Duration,
-    connect: impl Future<Output = std::io::Result<S>>,
-) -> std::io::Result<TokioIo<S>> {
-    let attempt = async {
-        let stream = connect.await?;
-        stream.readable().await?;
-        Ok(stream)
-    };
-    match tokio::time::timeout(timeout, attempt).await {
-        Ok(stream) => stream.map(TokioIo::new),
-        Err(_) => Err(std::io::Error::new(
-            std::io::ErrorKind::TimedOut,
-            format!(
-                "nothing answered within {} (the connection was accepted, or is still \
-                 being made, but no HTTP/2 server spoke)",
-                humantime::format_duration(timeout)
-            ),
-        )),
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
 
@@ -244,7 +264,7 @@ fn error_chain(err: &dyn std::error::Error) -> String {
 /// with `*** ` (the chat port's server lines) after we send the HTTP/2
 /// preface, as our gRPC client did. Sends no token; gives up quietly.
 pub async fn is_chat_port(addr: &EndpointAddr, timeout: Duration) -> bool {
-    use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     async fn probe<S: AsyncRead + AsyncWrite + Unpin>(mut stream: S) -> std::io::Result<bool> {
         stream

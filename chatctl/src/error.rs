@@ -130,6 +130,19 @@ impl ChatctlError {
         }
     }
 
+    /// Whether the call waited in vain: `--timeout` passed, or the call was
+    /// cancelled for it.
+    pub fn is_waiting(&self) -> bool {
+        matches!(
+            self,
+            Self::Timeout { .. }
+                | Self::Status {
+                    code: Code::Cancelled | Code::DeadlineExceeded,
+                    ..
+                }
+        )
+    }
+
     /// Whether a wrong `--endpoint` (another service's port) could explain
     /// this error: worth a look at what answers there.
     pub fn may_be_wrong_endpoint(&self) -> bool {

@@ -22,6 +22,9 @@ pub mod token;
 
 use std::io::Write;
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use clap::CommandFactory;
 
 use crate::cli::{Cli, Command};
@@ -36,7 +39,18 @@ pub async fn run(cli: Cli, out: &mut dyn Write) -> Result<(), ChatctlError> {
     let endpoint = cli.conn.endpoint.clone();
     let timeout = cli.conn.timeout;
     let started = std::time::Instant::now();
-    match execute(cli, out).await {
+    let heard = Arc::new(AtomicBool::new(false));
+    match execute(cli, out, &heard).await {
+        Err(err) if err.is_waiting() && !heard.load(Ordering::Relaxed) => {
+            Err(ChatctlError::Unreachable {
+                endpoint: endpoint.to_string(),
+                cause: format!(
+                    "nothing answered within {} (the connection was made, but no HTTP/2 \
+                     server spoke)",
+                    humantime::format_duration(timeout)
+                ),
+            })
+        }
         Err(err) if err.may_be_wrong_endpoint() => {
             // Within what is left of `--timeout`: a listener that never
             // answered has used it all, and gets no second wait.
@@ -65,7 +79,11 @@ pub async fn run(cli: Cli, out: &mut dyn Write) -> Result<(), ChatctlError> {
     }
 }
 
-async fn execute(cli: Cli, out: &mut dyn Write) -> Result<(), ChatctlError> {
+async fn execute(
+    cli: Cli,
+    out: &mut dyn Write,
+    heard: &Arc<AtomicBool>,
+) -> Result<(), ChatctlError> {
     if let Command::Completions { shell } = cli.command {
         clap_complete::generate(shell, &mut Cli::command(), "chatctl", out);
         return Ok(());
@@ -82,7 +100,8 @@ async fn execute(cli: Cli, out: &mut dyn Write) -> Result<(), ChatctlError> {
         Some(token) => BearerAuth::new(Some(&token.secret), &token.origin)?,
         None => BearerAuth::default(),
     };
-    let channel = connect::channel(&conn.endpoint, conn.ca_cert.as_deref(), conn.timeout).await?;
+    let channel =
+        connect::channel(&conn.endpoint, conn.ca_cert.as_deref(), conn.timeout, heard).await?;
     let admin = chatd_proto::admin::v1::admin_client::AdminClient::with_interceptor(
         channel.clone(),
         auth.clone(),

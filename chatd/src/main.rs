@@ -285,16 +285,16 @@ async fn serve(
             info!(listener = what, "using the sockets systemd passed");
         }
     }
-    info!(chat = %addrs.chat, tls = %addrs.tls, udp = %addrs.udp, admin = %addrs.admin, admin_socket = %addrs.admin_socket, metrics = %addrs.metrics, config = %file, "listening");
     let _cluster_stop = cluster_stop.drop_guard();
-    // Installed here, not in the task: READY=1 goes out below, and a
-    // SIGTERM right after it (a stop just after a start) must already find
-    // the handler, or it would kill the process without a graceful
-    // shutdown.
+    // Installed before anything says the process serves (the `listening`
+    // line, READY=1): a SIGTERM right after either (a stop just after a
+    // start) must already find the handler, or it would kill the process
+    // without a graceful shutdown.
     let handlers = Handlers::install();
     if handlers.is_some() {
         early.release();
     }
+    info!(chat = %addrs.chat, tls = %addrs.tls, udp = %addrs.udp, admin = %addrs.admin, admin_socket = %addrs.admin_socket, metrics = %addrs.metrics, config = %file, "listening");
     tokio::spawn(signals(
         handlers,
         shutdown.clone(),

@@ -403,6 +403,10 @@ impl Daemon {
     pub async fn run(self, listeners: Listeners, shutdown: CancellationToken) {
         let admin_stop = CancellationToken::new();
         let tracker = TaskTracker::new();
+        let token_files = self
+            .admin
+            .as_ref()
+            .map_or_else(Vec::new, |a| a.generated_token_files().to_vec());
         if let Some(setup) = self.admin {
             tracker.spawn(admin::serve(
                 listeners.admin,
@@ -424,6 +428,7 @@ impl Daemon {
         self.commit.cancel();
         self.adopted.close();
         let clients = self.clients.as_ref().map(|c| c.handle().clone());
+        let hub = self.hub.clone();
         serve(chat, self.hub, self.certs, clients, shutdown, self.grace).await;
         // `serve` closed the hub: adopted clients are leaving like the others.
         let _ = tokio::time::timeout(self.grace, self.adopted.wait()).await;
@@ -435,6 +440,7 @@ impl Daemon {
         {
             warn!("the admin API did not stop in time");
         }
+        admin::remove_token_files(&token_files, &hub);
     }
 }
 

@@ -368,13 +368,17 @@ pub async fn serve(
         info!("admin API: health is NOT_SERVING");
     };
     tokio::join!(tcp, unix, not_serving);
-    // Nothing serves these addresses now, unless a new process took over
-    // (it keeps the token and its files).
-    if !hub_for_socket.handoff().committed() {
-        for path in &setup.generated {
-            if let Err(e) = std::fs::remove_file(path) {
-                warn!(path = %path.display(), error = %e, "cannot remove the admin token file");
-            }
+}
+
+/// Removes the generated token files once nothing serves their addresses,
+/// unless a new process took over (it keeps the token and its files).
+pub fn remove_token_files(files: &[PathBuf], hub: &Hub) {
+    if hub.handoff().committed() {
+        return;
+    }
+    for path in files {
+        if let Err(e) = std::fs::remove_file(path) {
+            warn!(path = %path.display(), error = %e, "cannot remove the admin token file");
         }
     }
 }

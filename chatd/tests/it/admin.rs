@@ -244,9 +244,10 @@ async fn ban_kicks_refuses_and_survives_a_restart() {
         .chatctl(&["unban", "127.0.0.0/8", "-o", "json"])
         .await;
     assert_eq!(twice.code, 3, "{twice:#?}");
+    // A usage error, caught before anything is sent.
     let bad = server.chatctl(&["ban", "not-an-address"]).await;
-    assert_eq!(bad.code, 1, "{bad:#?}");
-    assert!(bad.stderr.contains("not an IP address"), "{bad:#?}");
+    assert_eq!(bad.code, 2, "{bad:#?}");
+    assert!(bad.stderr.contains("expected an IP address"), "{bad:#?}");
 }
 
 #[tokio::test]
@@ -725,7 +726,8 @@ async fn oversized_admin_text_is_refused_naming_the_limit() {
     let out = server.chatctl(&["broadcast", &big]).await;
     assert_eq!(out.code, 1, "{out:#?}");
     assert!(
-        out.stderr.contains("InvalidArgument") && out.stderr.contains("limit is 1024 bytes"),
+        out.stderr.contains("chatd refused the request: ")
+            && out.stderr.contains("limit is 1024 bytes"),
         "{out:#?}"
     );
     let reason = "r".repeat(2000);
