@@ -11,7 +11,11 @@
 //! that it confirms a timing mark (`DO TIMING-MARK` → `WILL TIMING-MARK`),
 //! which telnet sends after Ctrl-C and then waits for, discarding all output
 //! until it arrives. Interrupt and break discard the line being typed, like
-//! Ctrl-C in a terminal. Byte 255 that does not start a telnet command is
+//! Ctrl-C in a terminal; but telnet, outside binary mode, also sends them
+//! for bytes 0x80–0x9F of UTF-8 text (it compares each typed byte's low 7
+//! bits with its control characters), so a command that arrives inside an
+//! incomplete UTF-8 character is taken back to the byte it stands for
+//! ([`typed_byte`]). Byte 255 that does not start a telnet command is
 //! kept as data, and a subnegotiation can swallow at most [`MAX_SUB`] bytes,
 //! so a Latin-1 `ÿ` in text never eats the rest of the input.
 //!
@@ -38,10 +42,60 @@ const WONT: u8 = 252;
 const WILL: u8 = 251;
 const SB: u8 = 250;
 const EL: u8 = 248;
+const AYT: u8 = 246;
+const AO: u8 = 245;
 const IP: u8 = 244;
 const BRK: u8 = 243;
 const SE: u8 = 240;
+/// Linemode's commands (RFC 1184), below 240: end of file, suspend, abort.
+const EOF: u8 = 236;
+const SUSP: u8 = 237;
+const ABORT: u8 = 238;
 const TIMING_MARK: u8 = 6;
+
+/// The byte a telnet client replaced with `IAC cmd`: its control character
+/// for that command with the high bit set, as it matched a typed byte
+/// 0x80–0x9F on its low 7 bits. Debian's telnet (inetutils) sends `IP` for
+/// 0x83 (^C), `AO` for 0x8F (^O), `SUSP` for 0x9A (^Z) and `BRK` for 0x9C
+/// (^\), each followed by `IAC DO TIMING-MARK`; in RFC 1184 linemode it
+/// would send `ABORT` for ^\, `EOF` for ^D, and `AYT` and `EL` with their
+/// usual ^T and ^U. `EC` is missing: its ^? gives 0xFF, never in UTF-8,
+/// and ^H would guess.
+fn typed_byte(command: u8) -> Option<u8> {
+    let control = match command {
+        IP => 0x03,
+        EOF => 0x04,
+        AO => 0x0F,
+        AYT => 0x14,
+        EL => 0x15,
+        SUSP => 0x1A,
+        BRK | ABORT => 0x1C,
+        _ => return None,
+    };
+    Some(control | 0x80)
+}
+
+/// UTF-8 continuation bytes still owed after `b`, when `owed` were owed
+/// before it. An invalid byte owes none: a command after it is a command.
+fn utf8_step(owed: u8, b: u8) -> u8 {
+    match b {
+        0x80..=0xBF => owed.saturating_sub(1),
+        0xC2..=0xDF => 1,
+        0xE0..=0xEF => 2,
+        0xF0..=0xF4 => 3,
+        _ => 0,
+    }
+}
+
+/// [`utf8_step`] over `data`. A character is at most 4 bytes, so only the
+/// last 3 can leave one incomplete: the cost is the same for any length.
+fn utf8_owed_after(owed: u8, data: &[u8]) -> u8 {
+    let (start, tail) = match data.len().checked_sub(3) {
+        Some(at) => (0, &data[at..]),
+        None => (owed, data),
+    };
+    tail.iter().fold(start, |owed, &b| utf8_step(owed, b))
+}
 
 /// Most bytes a subnegotiation (`IAC SB … IAC SE`) may hold before the
 /// framer gives up on it and returns to data. chatd agrees to no option, so
@@ -79,6 +133,9 @@ pub struct LineFramer {
     /// same however its bytes were split. Empty, and holding no allocation,
     /// between reads.
     interrupts: Vec<usize>,
+    /// UTF-8 continuation bytes the data so far still owes: a command that
+    /// arrives while some are owed stands for one of them.
+    utf8_owed: u8,
 }
 
 impl LineFramer {
@@ -89,19 +146,31 @@ impl LineFramer {
     /// - `DO x` is refused with `WONT x`, `WILL x` with `DONT x`; `WONT` and
     ///   `DONT` are never answered, and a request identical to the last one
     ///   refused is not answered again, so two peers cannot loop;
-    /// - `IP`, `BRK` and `EL` discard the line being typed (its bytes in
-    ///   `buf` and those already buffered); every other command is dropped;
+    /// - inside an incomplete UTF-8 character, a command that telnet sends
+    ///   for a byte of text ([`typed_byte`]) is that byte again;
+    /// - otherwise `IP`, `BRK` and `EL` discard the line being typed (its
+    ///   bytes in `buf` and those already buffered); every other command is
+    ///   dropped;
     /// - `IAC IAC` is a data byte 255; `IAC` followed by a byte below 240 is
     ///   no command, and both bytes stay data (invalid UTF-8, which cleaning
     ///   shows as `�`);
     /// - a subnegotiation ends at `IAC SE` or after [`MAX_SUB`] bytes.
     pub fn strip_telnet(&mut self, buf: &mut [u8], replies: &mut BytesMut) -> usize {
         if self.telnet == Telnet::Data && memchr::memchr(IAC, buf).is_none() {
+            self.utf8_owed = utf8_owed_after(self.utf8_owed, buf);
             return buf.len();
         }
         let mut out = 0;
         for i in 0..buf.len() {
             let b = buf[i];
+            if let Some(byte) = self.restored(b) {
+                buf[out] = byte;
+                out += 1;
+                self.utf8_owed = utf8_step(self.utf8_owed, byte);
+                self.telnet = Telnet::Data;
+                continue;
+            }
+            let data_before = out;
             self.telnet = match (self.telnet, b) {
                 (Telnet::Data, IAC) => Telnet::Iac,
                 (Telnet::Data, _) => {
@@ -127,11 +196,14 @@ impl LineFramer {
                     if out < i {
                         buf[out] = IAC;
                         out += 1;
-                    } else if !self.discarding {
+                    } else {
                         // The 255 ended the previous read and there is no
                         // room before this byte: it goes where that read's
                         // data went, in front of this read's.
-                        self.partial.put_u8(IAC);
+                        if !self.discarding {
+                            self.partial.put_u8(IAC);
+                        }
+                        self.utf8_owed = 0;
                     }
                     buf[out] = b;
                     out += 1;
@@ -153,8 +225,20 @@ impl LineFramer {
                 (Telnet::SubIac(_), SE) => Telnet::Data,
                 (Telnet::SubIac(n), _) => Telnet::Sub(n + 1),
             };
+            self.utf8_owed = utf8_owed_after(self.utf8_owed, &buf[data_before..out]);
         }
         out
+    }
+
+    /// The byte of text that `IAC b` stands for, when `b` follows an `IAC`
+    /// inside an incomplete UTF-8 character and is a command telnet sends
+    /// for a typed byte. A real Ctrl-C comes between characters, where
+    /// nothing is owed, and still interrupts.
+    fn restored(&self, b: u8) -> Option<u8> {
+        if self.telnet != Telnet::Iac || self.utf8_owed == 0 {
+            return None;
+        }
+        typed_byte(b)
     }
 
     /// Answers one option request.
@@ -274,6 +358,9 @@ pub struct FramerState {
     pub discarding: bool,
     telnet: Telnet,
     refused: Option<(u8, u8)>,
+    /// Absent from states exported before it existed: 0, nothing owed.
+    #[serde(default)]
+    utf8_owed: u8,
 }
 
 impl LineFramer {
@@ -284,6 +371,7 @@ impl LineFramer {
             discarding: self.discarding,
             telnet: self.telnet,
             refused: self.refused,
+            utf8_owed: self.utf8_owed,
         }
     }
 
@@ -295,6 +383,7 @@ impl LineFramer {
             telnet: state.telnet,
             refused: state.refused,
             interrupts: Vec::new(),
+            utf8_owed: state.utf8_owed,
         }
     }
 }
@@ -427,6 +516,85 @@ mod tests {
         assert_eq!(framed, vec![Err(()), Ok(b"ok".to_vec())]);
     }
 
+    /// `text` as Debian's telnet sends it outside binary mode: a byte whose
+    /// low 7 bits are ^C, ^O, ^Z or ^\\ goes out as `IP`, `AO`, `SUSP` or
+    /// `BRK`, each followed by `DO TIMING-MARK`.
+    fn as_telnet_sends(text: &[u8]) -> Vec<u8> {
+        let mut sent = Vec::new();
+        for &b in text {
+            match b {
+                0x83 => sent.extend_from_slice(&[IAC, IP, IAC, DO, TIMING_MARK]),
+                0x8F => sent.extend_from_slice(&[IAC, AO, IAC, DO, TIMING_MARK]),
+                0x9A => sent.extend_from_slice(&[IAC, SUSP, IAC, DO, TIMING_MARK]),
+                0x9C => sent.extend_from_slice(&[IAC, BRK, IAC, DO, TIMING_MARK]),
+                _ => sent.push(b),
+            }
+        }
+        sent
+    }
+
+    #[test]
+    fn commands_inside_a_character_are_the_bytes_telnet_replaced() {
+        // ✓ (e2 9c 93) as the issue shows it on the wire.
+        let (framed, replies) = assert_split_invariant(b"\xe2\xff\xf3\xff\xfd\x06\x93\r\n", 100);
+        assert_eq!(framed, lines(&["✓".as_bytes()]));
+        assert_eq!(
+            replies, b"\xff\xfb\x06",
+            "the timing mark is still answered"
+        );
+        let texts = [
+            "Привет всем, у нас тест",
+            "Καλημέρα σας",
+            "中文测试：你好世界",
+            "これは日本語のテストです",
+            "😀 🙃 🚀 👋 💬 ✓",
+            "Привет, Καλημέρα, 我们, テスト ✓ 😀",
+            "Ѓ Џ К М: IP, AO, SUSP, BRK",
+        ];
+        for text in texts {
+            let mut input = as_telnet_sends(text.as_bytes());
+            input.extend_from_slice(b"\r\n");
+            assert_ne!(
+                input[..input.len() - 2],
+                *text.as_bytes(),
+                "{text} has a command"
+            );
+            let (framed, _) = assert_split_invariant(&input, 1000);
+            assert_eq!(framed, lines(&[text.as_bytes()]), "{text}");
+        }
+    }
+
+    #[test]
+    fn ctrl_c_between_characters_still_drops_the_typed_line() {
+        // After a whole character nothing is owed: IP is an interrupt.
+        let mut input = "Прив✓".as_bytes().to_vec();
+        input.extend_from_slice(b"\xff\xf4\xff\xfd\x06");
+        input.extend_from_slice("тест\r\n".as_bytes());
+        let (framed, replies) = assert_split_invariant(&input, 100);
+        assert_eq!(framed, lines(&["тест".as_bytes()]));
+        assert_eq!(replies, b"\xff\xfb\x06");
+        // Neither does invalid UTF-8 make a command data: 0xFF owes nothing.
+        let (framed, _) = assert_split_invariant(b"a\xd0\xff\xff\xff\xf4b\n", 100);
+        assert_eq!(framed, lines(&[b"b"]));
+    }
+
+    #[test]
+    fn a_character_cut_by_an_upgrade_is_restored_by_the_successor() {
+        let mut f = LineFramer::default();
+        let (framed, _) = run(&mut f, &[b"ok \xe2"], 100);
+        assert!(framed.is_empty());
+        let mut g = LineFramer::import(&f.export());
+        let (framed, replies) = run(&mut g, &[b"\xff\xf3\xff\xfd\x06\x93\n"], 100);
+        assert_eq!(framed, lines(&["ok ✓".as_bytes()]));
+        assert_eq!(replies, b"\xff\xfb\x06");
+        // A state exported before the field existed owes nothing.
+        let old: FramerState = serde_json::from_str(
+            r#"{"partial":[],"discarding":false,"telnet":"data","refused":null}"#,
+        )
+        .expect("an older state loads");
+        assert_eq!(LineFramer::import(&old).utf8_owed, 0);
+    }
+
     #[test]
     fn an_interrupted_over_long_line_is_reported_however_it_was_split() {
         // Found by fuzzing: when the line and the interrupt came in one read,
@@ -491,7 +659,14 @@ mod tests {
             Just(DO),
             Just(WILL),
             Just(IP),
+            Just(BRK),
+            Just(AO),
+            Just(SUSP),
             Just(TIMING_MARK),
+            Just(0xD0),
+            Just(0xE2),
+            Just(0xF0),
+            Just(0x9C),
             Just(b'\n'),
             Just(b'\r'),
             any::<u8>(),
@@ -527,6 +702,26 @@ mod tests {
             let expected: Framed = texts.iter().map(|t| Ok(t.as_bytes().to_vec())).collect();
             prop_assert_eq!(framed, expected);
             prop_assert!(replies.is_empty());
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn text_telnet_cut_into_commands_comes_back_whole(
+            texts in proptest::collection::vec(any::<String>(), 0..8),
+            cuts in proptest::collection::vec(any::<usize>(), 0..8),
+        ) {
+            let texts: Vec<String> = texts.iter().map(|t| t.replace(['\n', '\r'], "")).collect();
+            let input: String = texts.iter().map(|t| format!("{t}\r\n")).collect();
+            let sent = as_telnet_sends(input.as_bytes());
+            let chunks = chunked(&sent, &cuts);
+            let refs: Vec<&[u8]> = chunks.iter().map(Vec::as_slice).collect();
+            let (framed, replies) = run(&mut LineFramer::default(), &refs, 100_000);
+            let expected: Framed = texts.iter().map(|t| Ok(t.as_bytes().to_vec())).collect();
+            prop_assert_eq!(framed, expected);
+            let marks = replies.len() / 3;
+            prop_assert_eq!(replies, [IAC, WILL, TIMING_MARK].repeat(marks));
+            prop_assert_eq!(marks, sent.len().saturating_sub(input.len()) / 4);
         }
     }
 
