@@ -7,15 +7,19 @@
 //!
 //! Before framing, [`LineFramer::strip_telnet`] removes telnet commands and
 //! writes the answers telnet expects (see `docs/PROTOCOL.md`, "Telnet"):
-//! chatd does no telnet option, so it refuses every option request, except
-//! that it confirms a timing mark (`DO TIMING-MARK` → `WILL TIMING-MARK`),
-//! which telnet sends after Ctrl-C and then waits for, discarding all output
-//! until it arrives. Interrupt and break discard the line being typed, like
-//! Ctrl-C in a terminal; but telnet, outside binary mode, also sends them
-//! for bytes 0x80–0x9F of UTF-8 text (it compares each typed byte's low 7
-//! bits with its control characters), so a command that arrives inside an
-//! incomplete UTF-8 character is taken back to the byte it stands for
-//! ([`typed_byte`]). Byte 255 that does not start a telnet command is
+//! chatd refuses every option request, except that it confirms a timing
+//! mark (`DO TIMING-MARK` → `WILL TIMING-MARK`), which telnet sends after
+//! Ctrl-C and then waits for, discarding all output until it arrives.
+//! Interrupt and break discard the line being typed, like Ctrl-C in a
+//! terminal; but telnet, outside binary mode, also sends them for bytes
+//! 0x80–0x9F of UTF-8 text (it compares each typed byte's low 7 bits with
+//! its control characters), so a command that arrives inside an incomplete
+//! UTF-8 character is taken back to the byte it stands for ([`typed_byte`]).
+//! Two such bytes telnet never sends at all (0x85, its echo toggle, and
+//! 0x9D, its escape), so the first time a command is taken back chatd asks
+//! the client, now known to be such a telnet, to send binary (`DO
+//! BINARY`): from then on it sends every byte as typed. Byte 255 that does
+//! not start a telnet command is
 //! kept as data, and a subnegotiation can swallow at most [`MAX_SUB`] bytes,
 //! so a Latin-1 `ÿ` in text never eats the rest of the input.
 //!
@@ -51,6 +55,7 @@ const SE: u8 = 240;
 const EOF: u8 = 236;
 const SUSP: u8 = 237;
 const ABORT: u8 = 238;
+const BINARY: u8 = 0;
 const TIMING_MARK: u8 = 6;
 
 /// The byte a telnet client replaced with `IAC cmd`: its control character
@@ -136,6 +141,9 @@ pub struct LineFramer {
     /// UTF-8 continuation bytes the data so far still owes: a command that
     /// arrives while some are owed stands for one of them.
     utf8_owed: u8,
+    /// Whether chatd has sent `DO BINARY`; the client's `WILL BINARY` is
+    /// then its consent, not a request to refuse.
+    binary_asked: bool,
 }
 
 impl LineFramer {
@@ -147,7 +155,9 @@ impl LineFramer {
     ///   `DONT` are never answered, and a request identical to the last one
     ///   refused is not answered again, so two peers cannot loop;
     /// - inside an incomplete UTF-8 character, a command that telnet sends
-    ///   for a byte of text ([`typed_byte`]) is that byte again;
+    ///   for a byte of text ([`typed_byte`]) is that byte again, and the
+    ///   first time, the client is asked for binary (`DO BINARY`; its
+    ///   `WILL BINARY` is then not answered);
     /// - otherwise `IP`, `BRK` and `EL` discard the line being typed (its
     ///   bytes in `buf` and those already buffered); every other command is
     ///   dropped;
@@ -168,6 +178,7 @@ impl LineFramer {
                 out += 1;
                 self.utf8_owed = utf8_step(self.utf8_owed, byte);
                 self.telnet = Telnet::Data;
+                self.ask_binary(replies);
                 continue;
             }
             let data_before = out;
@@ -241,6 +252,16 @@ impl LineFramer {
         typed_byte(b)
     }
 
+    /// Asks the client, once, to send binary: a telnet that replaced a
+    /// byte of text with a command also drops bytes it cannot replace, and
+    /// in binary mode it sends every byte as typed.
+    fn ask_binary(&mut self, replies: &mut BytesMut) {
+        if !self.binary_asked {
+            self.binary_asked = true;
+            replies.put_slice(&[IAC, DO, BINARY]);
+        }
+    }
+
     /// Answers one option request.
     fn answer(&mut self, verb: u8, option: u8, replies: &mut BytesMut) {
         let reply = match (verb, option) {
@@ -249,6 +270,9 @@ impl LineFramer {
                 replies.put_slice(&[IAC, WILL, TIMING_MARK]);
                 return;
             }
+            // The answer to chatd's own `DO BINARY`: answering it would
+            // start the negotiation over.
+            (WILL, BINARY) if self.binary_asked => return,
             (DO, _) => WONT,
             (WILL, _) => DONT,
             // WONT and DONT are never answered (RFC 854: never acknowledge
@@ -361,6 +385,9 @@ pub struct FramerState {
     /// Absent from states exported before it existed: 0, nothing owed.
     #[serde(default)]
     utf8_owed: u8,
+    /// Absent from older states: not asked, so asked at the next chance.
+    #[serde(default)]
+    binary_asked: bool,
 }
 
 impl LineFramer {
@@ -372,6 +399,7 @@ impl LineFramer {
             telnet: self.telnet,
             refused: self.refused,
             utf8_owed: self.utf8_owed,
+            binary_asked: self.binary_asked,
         }
     }
 
@@ -384,6 +412,7 @@ impl LineFramer {
             refused: state.refused,
             interrupts: Vec::new(),
             utf8_owed: state.utf8_owed,
+            binary_asked: state.binary_asked,
         }
     }
 }
@@ -539,8 +568,8 @@ mod tests {
         let (framed, replies) = assert_split_invariant(b"\xe2\xff\xf3\xff\xfd\x06\x93\r\n", 100);
         assert_eq!(framed, lines(&["✓".as_bytes()]));
         assert_eq!(
-            replies, b"\xff\xfb\x06",
-            "the timing mark is still answered"
+            replies, b"\xff\xfd\x00\xff\xfb\x06",
+            "binary asked for; the timing mark still answered"
         );
         let texts = [
             "Привет всем, у нас тест",
@@ -565,6 +594,23 @@ mod tests {
     }
 
     #[test]
+    fn binary_is_asked_for_once_and_its_consent_not_answered() {
+        // Unasked, WILL BINARY is refused like any other option.
+        let (_, replies) = assert_split_invariant(b"\xff\xfb\x00", 100);
+        assert_eq!(replies, b"\xff\xfe\x00");
+        let mut input = as_telnet_sends("✓\r\n".as_bytes());
+        input.extend_from_slice(b"\xff\xfb\x00");
+        input.extend_from_slice(&as_telnet_sends("Ѓ\r\n".as_bytes()));
+        input.extend_from_slice(b"\xff\xfb\x00\xff\xfc\x00");
+        let (framed, replies) = assert_split_invariant(&input, 100);
+        assert_eq!(framed, lines(&["✓".as_bytes(), "Ѓ".as_bytes()]));
+        assert_eq!(
+            replies, b"\xff\xfd\x00\xff\xfb\x06\xff\xfb\x06",
+            "DO BINARY once, a timing mark for each command, no answer to WILL or WONT BINARY"
+        );
+    }
+
+    #[test]
     fn ctrl_c_between_characters_still_drops_the_typed_line() {
         // After a whole character nothing is owed: IP is an interrupt.
         let mut input = "Прив✓".as_bytes().to_vec();
@@ -586,13 +632,19 @@ mod tests {
         let mut g = LineFramer::import(&f.export());
         let (framed, replies) = run(&mut g, &[b"\xff\xf3\xff\xfd\x06\x93\n"], 100);
         assert_eq!(framed, lines(&["ok ✓".as_bytes()]));
+        assert_eq!(replies, b"\xff\xfd\x00\xff\xfb\x06");
+        // The successor's successor knows binary was asked for.
+        let mut h = LineFramer::import(&g.export());
+        let (_, replies) = run(&mut h, &[&as_telnet_sends("Ѓ\n".as_bytes())], 100);
         assert_eq!(replies, b"\xff\xfb\x06");
-        // A state exported before the field existed owes nothing.
+        // A state exported before these fields existed owes nothing and
+        // has asked for nothing.
         let old: FramerState = serde_json::from_str(
             r#"{"partial":[],"discarding":false,"telnet":"data","refused":null}"#,
         )
         .expect("an older state loads");
-        assert_eq!(LineFramer::import(&old).utf8_owed, 0);
+        let old = LineFramer::import(&old);
+        assert_eq!((old.utf8_owed, old.binary_asked), (0, false));
     }
 
     #[test]
@@ -719,9 +771,13 @@ mod tests {
             let (framed, replies) = run(&mut LineFramer::default(), &refs, 100_000);
             let expected: Framed = texts.iter().map(|t| Ok(t.as_bytes().to_vec())).collect();
             prop_assert_eq!(framed, expected);
-            let marks = replies.len() / 3;
-            prop_assert_eq!(replies, [IAC, WILL, TIMING_MARK].repeat(marks));
-            prop_assert_eq!(marks, sent.len().saturating_sub(input.len()) / 4);
+            let marks = (sent.len() - input.len()) / 4;
+            let mut owed = Vec::new();
+            if marks > 0 {
+                owed.extend_from_slice(&[IAC, DO, BINARY]);
+            }
+            owed.extend_from_slice(&[IAC, WILL, TIMING_MARK].repeat(marks));
+            prop_assert_eq!(replies, owed);
         }
     }
 

@@ -172,3 +172,31 @@ async fn ctrl_c_in_telnet_drops_the_half_typed_line_and_chat_goes_on() {
     reader.send("still here\n").await;
     term.wait_for_screen("> still here");
 }
+
+#[tokio::test]
+async fn after_its_first_such_line_telnet_sends_every_byte_as_typed() {
+    let Some((_server, mut reader, term, nick)) = telnet_in_the_lobby().await else {
+        return;
+    };
+    term.type_text("✓ ok");
+    term.press("Enter");
+    assert_eq!(reader.line().await, format!("<{nick}> ✓ ok"));
+    // chatd asked telnet for binary before it passed that line on; once
+    // telnet shows a later line, it has read the request.
+    reader.send("go on\n").await;
+    term.wait_for_screen("> go on");
+    // х is d1 85 and Н d0 9d: outside binary mode telnet keeps 0x85 (its
+    // echo toggle) and 0x9D (its escape to its own prompt) from the wire.
+    let texts = [
+        "Съешь же ещё этих мягких французских булок, да выпей чаю",
+        "Нет, хорошо",
+        "Γειά σου κόσμε, Νίκη",
+        "全公司的关系很好",
+        "日本語：兄弟と先生",
+    ];
+    for text in texts {
+        term.type_text(text);
+        term.press("Enter");
+        assert_eq!(reader.line().await, format!("<{nick}> {text}"));
+    }
+}
