@@ -9,7 +9,9 @@
 //! writes the answers telnet expects (see `docs/PROTOCOL.md`, "Telnet"):
 //! chatd refuses every option request, except that it confirms a timing
 //! mark (`DO TIMING-MARK` → `WILL TIMING-MARK`), which telnet sends after
-//! Ctrl-C and then waits for, discarding all output until it arrives.
+//! Ctrl-C and then waits for, discarding all output until it arrives, and
+//! agrees to binary input (`WILL BINARY` → `DO BINARY`), which is what it
+//! reads anyway.
 //! Interrupt and break discard the line being typed, like Ctrl-C in a
 //! terminal; but telnet, outside binary mode, also sends them for bytes
 //! 0x80–0x9F of UTF-8 text (it compares each typed byte's low 7 bits with
@@ -142,7 +144,7 @@ pub struct LineFramer {
     /// arrives while some are owed stands for one of them.
     utf8_owed: u8,
     /// Whether chatd has sent `DO BINARY`; the client's `WILL BINARY` is
-    /// then its consent, not a request to refuse.
+    /// then its consent, not a request to answer.
     binary_asked: bool,
 }
 
@@ -151,13 +153,15 @@ impl LineFramer {
     /// the data left, appending the answers owed to the client to `replies`.
     ///
     /// - `DO TIMING-MARK` is answered `WILL TIMING-MARK`, every time;
-    /// - `DO x` is refused with `WONT x`, `WILL x` with `DONT x`; `WONT` and
-    ///   `DONT` are never answered, and a request identical to the last one
-    ///   refused is not answered again, so two peers cannot loop;
+    /// - `WILL BINARY` is agreed to with `DO BINARY`, unless chatd has
+    ///   sent that already;
+    /// - `DO x` is refused with `WONT x`, any other `WILL x` with `DONT x`;
+    ///   `WONT` and `DONT` are never answered, and a request identical to
+    ///   the last one refused is not answered again, so two peers cannot
+    ///   loop;
     /// - inside an incomplete UTF-8 character, a command that telnet sends
     ///   for a byte of text ([`typed_byte`]) is that byte again, and the
-    ///   first time, the client is asked for binary (`DO BINARY`; its
-    ///   `WILL BINARY` is then not answered);
+    ///   first time, the client is asked for binary (`DO BINARY`);
     /// - otherwise `IP`, `BRK` and `EL` discard the line being typed (its
     ///   bytes in `buf` and those already buffered); every other command is
     ///   dropped;
@@ -270,9 +274,13 @@ impl LineFramer {
                 replies.put_slice(&[IAC, WILL, TIMING_MARK]);
                 return;
             }
-            // The answer to chatd's own `DO BINARY`: answering it would
-            // start the negotiation over.
-            (WILL, BINARY) if self.binary_asked => return,
+            // Binary input is what chatd reads anyway: agreed to, once.
+            // After chatd's own `DO BINARY` this is the client's consent,
+            // and answering it would start the negotiation over.
+            (WILL, BINARY) => {
+                self.ask_binary(replies);
+                return;
+            }
             (DO, _) => WONT,
             (WILL, _) => DONT,
             // WONT and DONT are never answered (RFC 854: never acknowledge
@@ -594,10 +602,11 @@ mod tests {
     }
 
     #[test]
-    fn binary_is_asked_for_once_and_its_consent_not_answered() {
-        // Unasked, WILL BINARY is refused like any other option.
-        let (_, replies) = assert_split_invariant(b"\xff\xfb\x00", 100);
-        assert_eq!(replies, b"\xff\xfe\x00");
+    fn binary_is_asked_for_or_agreed_to_once() {
+        // Offered by the client (telnet's `toggle outbinary`), binary is
+        // agreed to, once.
+        let (_, replies) = assert_split_invariant(b"\xff\xfb\x00\xff\xfb\x00", 100);
+        assert_eq!(replies, b"\xff\xfd\x00");
         let mut input = as_telnet_sends("✓\r\n".as_bytes());
         input.extend_from_slice(b"\xff\xfb\x00");
         input.extend_from_slice(&as_telnet_sends("Ѓ\r\n".as_bytes()));

@@ -200,3 +200,26 @@ async fn after_its_first_such_line_telnet_sends_every_byte_as_typed() {
         assert_eq!(reader.line().await, format!("<{nick}> {text}"));
     }
 }
+
+#[tokio::test]
+async fn telnet_switched_to_binary_by_its_user_sends_every_byte_from_the_first_line() {
+    let Some((_server, mut reader, term, nick)) = telnet_in_the_lobby().await else {
+        return;
+    };
+    // Ctrl-] opens telnet's own prompt; `toggle outbinary` offers binary.
+    term.press("C-]");
+    term.wait_for_screen("telnet>");
+    term.type_text("toggle outbinary");
+    term.press("Enter");
+    term.type_text("ok");
+    term.press("Enter");
+    assert_eq!(reader.line().await, format!("<{nick}> ok"));
+    // chatd answered the offer before it passed that line on; once telnet
+    // shows a later line, it has read the answer.
+    reader.send("go on\n").await;
+    term.wait_for_screen("> go on");
+    let text = "Нет, хорошо: Γειά σου, 全公司 ✓";
+    term.type_text(text);
+    term.press("Enter");
+    assert_eq!(reader.line().await, format!("<{nick}> {text}"));
+}
