@@ -12,6 +12,7 @@
 //! Ctrl-C and then waits for, discarding all output until it arrives, and
 //! agrees to binary input (`WILL BINARY` → `DO BINARY`), which is what it
 //! reads anyway.
+//!
 //! Interrupt and break discard the line being typed, like Ctrl-C in a
 //! terminal; but telnet, outside binary mode, also sends them for bytes
 //! 0x80–0x9F of UTF-8 text (it compares each typed byte's low 7 bits with
@@ -20,10 +21,11 @@
 //! Two such bytes telnet never sends at all (0x85, its echo toggle, and
 //! 0x9D, its escape), so the first time a command is taken back chatd asks
 //! the client, now known to be such a telnet, to send binary (`DO
-//! BINARY`): from then on it sends every byte as typed. Byte 255 that does
-//! not start a telnet command is
-//! kept as data, and a subnegotiation can swallow at most [`MAX_SUB`] bytes,
-//! so a Latin-1 `ÿ` in text never eats the rest of the input.
+//! BINARY`): from then on it sends every byte as typed.
+//!
+//! Byte 255 that does not start a telnet command is kept as data, and a
+//! subnegotiation can swallow at most [`MAX_SUB`] bytes, so a Latin-1 `ÿ` in
+//! text never eats the rest of the input.
 //!
 //! An idle connection holds no buffer at all: the partial-line buffer is only
 //! allocated while a line is incomplete and is released once it completes.
@@ -40,7 +42,8 @@ pub enum Frame<'a> {
     TooLong,
 }
 
-/// Telnet commands (RFC 854) and the one option chatd answers (RFC 860).
+/// Telnet commands (RFC 854) and the options chatd agrees to: binary input
+/// (RFC 856) and timing marks (RFC 860).
 const IAC: u8 = 255;
 const DONT: u8 = 254;
 const DO: u8 = 253;
@@ -63,11 +66,11 @@ const TIMING_MARK: u8 = 6;
 /// The byte a telnet client replaced with `IAC cmd`: its control character
 /// for that command with the high bit set, as it matched a typed byte
 /// 0x80–0x9F on its low 7 bits. Debian's telnet (inetutils) sends `IP` for
-/// 0x83 (^C), `AO` for 0x8F (^O), `SUSP` for 0x9A (^Z) and `BRK` for 0x9C
-/// (^\), each followed by `IAC DO TIMING-MARK`; in RFC 1184 linemode it
-/// would send `ABORT` for ^\, `EOF` for ^D, and `AYT` and `EL` with their
-/// usual ^T and ^U. `EC` is missing: its ^? gives 0xFF, never in UTF-8,
-/// and ^H would guess.
+/// 0x83 (`^C`), `AO` for 0x8F (`^O`), `SUSP` for 0x9A (`^Z`) and `BRK` for
+/// 0x9C (`^\`), each followed by `IAC DO TIMING-MARK`; in RFC 1184
+/// linemode it would send `ABORT` for `^\`, `EOF` for `^D`, and `AYT` and
+/// `EL` with their usual `^T` and `^U`. `EC` is missing: its `^?` gives
+/// 0xFF, never in UTF-8, and `^H` would be a guess.
 fn typed_byte(command: u8) -> Option<u8> {
     let control = match command {
         IP => 0x03,
@@ -105,8 +108,8 @@ fn utf8_owed_after(owed: u8, data: &[u8]) -> u8 {
 }
 
 /// Most bytes a subnegotiation (`IAC SB … IAC SE`) may hold before the
-/// framer gives up on it and returns to data. chatd agrees to no option, so
-/// a well-behaved client sends no subnegotiation at all; the ones clients
+/// framer gives up on it and returns to data. chatd agrees to no option that
+/// has one, so a well-behaved client sends no subnegotiation at all; the ones clients
 /// send unasked (window size, terminal type) fit easily.
 pub const MAX_SUB: u8 = 64;
 
@@ -554,8 +557,8 @@ mod tests {
     }
 
     /// `text` as Debian's telnet sends it outside binary mode: a byte whose
-    /// low 7 bits are ^C, ^O, ^Z or ^\\ goes out as `IP`, `AO`, `SUSP` or
-    /// `BRK`, each followed by `DO TIMING-MARK`.
+    /// low 7 bits are `^C`, `^O`, `^Z` or `^\` goes out as `IP`, `AO`,
+    /// `SUSP` or `BRK`, each followed by `DO TIMING-MARK`.
     fn as_telnet_sends(text: &[u8]) -> Vec<u8> {
         let mut sent = Vec::new();
         for &b in text {
