@@ -7,13 +7,25 @@
 //!
 //! Before framing, [`LineFramer::strip_telnet`] removes telnet commands and
 //! writes the answers telnet expects (see `docs/PROTOCOL.md`, "Telnet"):
-//! chatd does no telnet option, so it refuses every option request, except
-//! that it confirms a timing mark (`DO TIMING-MARK` → `WILL TIMING-MARK`),
-//! which telnet sends after Ctrl-C and then waits for, discarding all output
-//! until it arrives. Interrupt and break discard the line being typed, like
-//! Ctrl-C in a terminal. Byte 255 that does not start a telnet command is
-//! kept as data, and a subnegotiation can swallow at most [`MAX_SUB`] bytes,
-//! so a Latin-1 `ÿ` in text never eats the rest of the input.
+//! chatd refuses every option request, except that it confirms a timing
+//! mark (`DO TIMING-MARK` → `WILL TIMING-MARK`), which telnet sends after
+//! Ctrl-C and then waits for, discarding all output until it arrives, and
+//! agrees to binary input (`WILL BINARY` → `DO BINARY`), which is what it
+//! reads anyway.
+//!
+//! Interrupt and break discard the line being typed, like Ctrl-C in a
+//! terminal; but telnet, outside binary mode, also sends them for bytes
+//! 0x80–0x9F of UTF-8 text (it compares each typed byte's low 7 bits with
+//! its control characters), so a command that arrives inside an incomplete
+//! UTF-8 character is taken back to the byte it stands for ([`typed_byte`]).
+//! Two such bytes telnet never sends at all (0x85, its echo toggle, and
+//! 0x9D, its escape), so the first time a command is taken back chatd asks
+//! the client, now known to be such a telnet, to send binary (`DO
+//! BINARY`): from then on it sends every byte as typed.
+//!
+//! Byte 255 that does not start a telnet command is kept as data, and a
+//! subnegotiation can swallow at most [`MAX_SUB`] bytes, so a Latin-1 `ÿ` in
+//! text never eats the rest of the input.
 //!
 //! An idle connection holds no buffer at all: the partial-line buffer is only
 //! allocated while a line is incomplete and is released once it completes.
@@ -30,7 +42,8 @@ pub enum Frame<'a> {
     TooLong,
 }
 
-/// Telnet commands (RFC 854) and the one option chatd answers (RFC 860).
+/// Telnet commands (RFC 854) and the options chatd agrees to: binary input
+/// (RFC 856) and timing marks (RFC 860).
 const IAC: u8 = 255;
 const DONT: u8 = 254;
 const DO: u8 = 253;
@@ -38,14 +51,65 @@ const WONT: u8 = 252;
 const WILL: u8 = 251;
 const SB: u8 = 250;
 const EL: u8 = 248;
+const AYT: u8 = 246;
+const AO: u8 = 245;
 const IP: u8 = 244;
 const BRK: u8 = 243;
 const SE: u8 = 240;
+/// Linemode's commands (RFC 1184), below 240: end of file, suspend, abort.
+const EOF: u8 = 236;
+const SUSP: u8 = 237;
+const ABORT: u8 = 238;
+const BINARY: u8 = 0;
 const TIMING_MARK: u8 = 6;
 
+/// The byte a telnet client replaced with `IAC cmd`: its control character
+/// for that command with the high bit set, as it matched a typed byte
+/// 0x80–0x9F on its low 7 bits. Debian's telnet (inetutils) sends `IP` for
+/// 0x83 (`^C`), `AO` for 0x8F (`^O`), `SUSP` for 0x9A (`^Z`) and `BRK` for
+/// 0x9C (`^\`), each followed by `IAC DO TIMING-MARK`; in RFC 1184
+/// linemode it would send `ABORT` for `^\`, `EOF` for `^D`, and `AYT` and
+/// `EL` with their usual `^T` and `^U`. `EC` is missing: its `^?` gives
+/// 0xFF, never in UTF-8, and `^H` would be a guess.
+fn typed_byte(command: u8) -> Option<u8> {
+    let control = match command {
+        IP => 0x03,
+        EOF => 0x04,
+        AO => 0x0F,
+        AYT => 0x14,
+        EL => 0x15,
+        SUSP => 0x1A,
+        BRK | ABORT => 0x1C,
+        _ => return None,
+    };
+    Some(control | 0x80)
+}
+
+/// UTF-8 continuation bytes still owed after `b`, when `owed` were owed
+/// before it. An invalid byte owes none: a command after it is a command.
+fn utf8_step(owed: u8, b: u8) -> u8 {
+    match b {
+        0x80..=0xBF => owed.saturating_sub(1),
+        0xC2..=0xDF => 1,
+        0xE0..=0xEF => 2,
+        0xF0..=0xF4 => 3,
+        _ => 0,
+    }
+}
+
+/// [`utf8_step`] over `data`. A character is at most 4 bytes, so only the
+/// last 3 can leave one incomplete: the cost is the same for any length.
+fn utf8_owed_after(owed: u8, data: &[u8]) -> u8 {
+    let (start, tail) = match data.len().checked_sub(3) {
+        Some(at) => (0, &data[at..]),
+        None => (owed, data),
+    };
+    tail.iter().fold(start, |owed, &b| utf8_step(owed, b))
+}
+
 /// Most bytes a subnegotiation (`IAC SB … IAC SE`) may hold before the
-/// framer gives up on it and returns to data. chatd agrees to no option, so
-/// a well-behaved client sends no subnegotiation at all; the ones clients
+/// framer gives up on it and returns to data. chatd agrees to no option that
+/// has one, so a well-behaved client sends no subnegotiation at all; the ones clients
 /// send unasked (window size, terminal type) fit easily.
 pub const MAX_SUB: u8 = 64;
 
@@ -79,6 +143,12 @@ pub struct LineFramer {
     /// same however its bytes were split. Empty, and holding no allocation,
     /// between reads.
     interrupts: Vec<usize>,
+    /// UTF-8 continuation bytes the data so far still owes: a command that
+    /// arrives while some are owed stands for one of them.
+    utf8_owed: u8,
+    /// Whether chatd has sent `DO BINARY`; the client's `WILL BINARY` is
+    /// then its consent, not a request to answer.
+    binary_asked: bool,
 }
 
 impl LineFramer {
@@ -86,22 +156,39 @@ impl LineFramer {
     /// the data left, appending the answers owed to the client to `replies`.
     ///
     /// - `DO TIMING-MARK` is answered `WILL TIMING-MARK`, every time;
-    /// - `DO x` is refused with `WONT x`, `WILL x` with `DONT x`; `WONT` and
-    ///   `DONT` are never answered, and a request identical to the last one
-    ///   refused is not answered again, so two peers cannot loop;
-    /// - `IP`, `BRK` and `EL` discard the line being typed (its bytes in
-    ///   `buf` and those already buffered); every other command is dropped;
+    /// - `WILL BINARY` is agreed to with `DO BINARY`, unless chatd has
+    ///   sent that already;
+    /// - `DO x` is refused with `WONT x`, any other `WILL x` with `DONT x`;
+    ///   `WONT` and `DONT` are never answered, and a request identical to
+    ///   the last one refused is not answered again, so two peers cannot
+    ///   loop;
+    /// - inside an incomplete UTF-8 character, a command that telnet sends
+    ///   for a byte of text ([`typed_byte`]) is that byte again, and the
+    ///   first time, the client is asked for binary (`DO BINARY`);
+    /// - otherwise `IP`, `BRK` and `EL` discard the line being typed (its
+    ///   bytes in `buf` and those already buffered); every other command is
+    ///   dropped;
     /// - `IAC IAC` is a data byte 255; `IAC` followed by a byte below 240 is
     ///   no command, and both bytes stay data (invalid UTF-8, which cleaning
     ///   shows as `�`);
     /// - a subnegotiation ends at `IAC SE` or after [`MAX_SUB`] bytes.
     pub fn strip_telnet(&mut self, buf: &mut [u8], replies: &mut BytesMut) -> usize {
         if self.telnet == Telnet::Data && memchr::memchr(IAC, buf).is_none() {
+            self.utf8_owed = utf8_owed_after(self.utf8_owed, buf);
             return buf.len();
         }
         let mut out = 0;
         for i in 0..buf.len() {
             let b = buf[i];
+            if let Some(byte) = self.restored(b) {
+                buf[out] = byte;
+                out += 1;
+                self.utf8_owed = utf8_step(self.utf8_owed, byte);
+                self.telnet = Telnet::Data;
+                self.ask_binary(replies);
+                continue;
+            }
+            let data_before = out;
             self.telnet = match (self.telnet, b) {
                 (Telnet::Data, IAC) => Telnet::Iac,
                 (Telnet::Data, _) => {
@@ -127,11 +214,14 @@ impl LineFramer {
                     if out < i {
                         buf[out] = IAC;
                         out += 1;
-                    } else if !self.discarding {
+                    } else {
                         // The 255 ended the previous read and there is no
                         // room before this byte: it goes where that read's
                         // data went, in front of this read's.
-                        self.partial.put_u8(IAC);
+                        if !self.discarding {
+                            self.partial.put_u8(IAC);
+                        }
+                        self.utf8_owed = 0;
                     }
                     buf[out] = b;
                     out += 1;
@@ -153,8 +243,30 @@ impl LineFramer {
                 (Telnet::SubIac(_), SE) => Telnet::Data,
                 (Telnet::SubIac(n), _) => Telnet::Sub(n + 1),
             };
+            self.utf8_owed = utf8_owed_after(self.utf8_owed, &buf[data_before..out]);
         }
         out
+    }
+
+    /// The byte of text that `IAC b` stands for, when `b` follows an `IAC`
+    /// inside an incomplete UTF-8 character and is a command telnet sends
+    /// for a typed byte. A real Ctrl-C comes between characters, where
+    /// nothing is owed, and still interrupts.
+    fn restored(&self, b: u8) -> Option<u8> {
+        if self.telnet != Telnet::Iac || self.utf8_owed == 0 {
+            return None;
+        }
+        typed_byte(b)
+    }
+
+    /// Asks the client, once, to send binary: a telnet that replaced a
+    /// byte of text with a command also drops bytes it cannot replace, and
+    /// in binary mode it sends every byte as typed.
+    fn ask_binary(&mut self, replies: &mut BytesMut) {
+        if !self.binary_asked {
+            self.binary_asked = true;
+            replies.put_slice(&[IAC, DO, BINARY]);
+        }
     }
 
     /// Answers one option request.
@@ -163,6 +275,13 @@ impl LineFramer {
             // A timing mark is a question, not a mode: answer every one.
             (DO, TIMING_MARK) => {
                 replies.put_slice(&[IAC, WILL, TIMING_MARK]);
+                return;
+            }
+            // Binary input is what chatd reads anyway: agreed to, once.
+            // After chatd's own `DO BINARY` this is the client's consent,
+            // and answering it would start the negotiation over.
+            (WILL, BINARY) => {
+                self.ask_binary(replies);
                 return;
             }
             (DO, _) => WONT,
@@ -274,6 +393,12 @@ pub struct FramerState {
     pub discarding: bool,
     telnet: Telnet,
     refused: Option<(u8, u8)>,
+    /// Absent from states exported before it existed: 0, nothing owed.
+    #[serde(default)]
+    utf8_owed: u8,
+    /// Absent from older states: not asked, so asked at the next chance.
+    #[serde(default)]
+    binary_asked: bool,
 }
 
 impl LineFramer {
@@ -284,6 +409,8 @@ impl LineFramer {
             discarding: self.discarding,
             telnet: self.telnet,
             refused: self.refused,
+            utf8_owed: self.utf8_owed,
+            binary_asked: self.binary_asked,
         }
     }
 
@@ -295,6 +422,8 @@ impl LineFramer {
             telnet: state.telnet,
             refused: state.refused,
             interrupts: Vec::new(),
+            utf8_owed: state.utf8_owed,
+            binary_asked: state.binary_asked,
         }
     }
 }
@@ -427,6 +556,109 @@ mod tests {
         assert_eq!(framed, vec![Err(()), Ok(b"ok".to_vec())]);
     }
 
+    /// `text` as Debian's telnet sends it outside binary mode: a byte whose
+    /// low 7 bits are `^C`, `^O`, `^Z` or `^\` goes out as `IP`, `AO`,
+    /// `SUSP` or `BRK`, each followed by `DO TIMING-MARK`.
+    fn as_telnet_sends(text: &[u8]) -> Vec<u8> {
+        let mut sent = Vec::new();
+        for &b in text {
+            match b {
+                0x83 => sent.extend_from_slice(&[IAC, IP, IAC, DO, TIMING_MARK]),
+                0x8F => sent.extend_from_slice(&[IAC, AO, IAC, DO, TIMING_MARK]),
+                0x9A => sent.extend_from_slice(&[IAC, SUSP, IAC, DO, TIMING_MARK]),
+                0x9C => sent.extend_from_slice(&[IAC, BRK, IAC, DO, TIMING_MARK]),
+                _ => sent.push(b),
+            }
+        }
+        sent
+    }
+
+    #[test]
+    fn commands_inside_a_character_are_the_bytes_telnet_replaced() {
+        // ✓ (e2 9c 93) as the issue shows it on the wire.
+        let (framed, replies) = assert_split_invariant(b"\xe2\xff\xf3\xff\xfd\x06\x93\r\n", 100);
+        assert_eq!(framed, lines(&["✓".as_bytes()]));
+        assert_eq!(
+            replies, b"\xff\xfd\x00\xff\xfb\x06",
+            "binary asked for; the timing mark still answered"
+        );
+        let texts = [
+            "Привет всем, у нас тест",
+            "Καλημέρα σας",
+            "中文测试：你好世界",
+            "これは日本語のテストです",
+            "😀 🙃 🚀 👋 💬 ✓",
+            "Привет, Καλημέρα, 我们, テスト ✓ 😀",
+            "Ѓ Џ К М: IP, AO, SUSP, BRK",
+        ];
+        for text in texts {
+            let mut input = as_telnet_sends(text.as_bytes());
+            input.extend_from_slice(b"\r\n");
+            assert_ne!(
+                input[..input.len() - 2],
+                *text.as_bytes(),
+                "{text} has a command"
+            );
+            let (framed, _) = assert_split_invariant(&input, 1000);
+            assert_eq!(framed, lines(&[text.as_bytes()]), "{text}");
+        }
+    }
+
+    #[test]
+    fn binary_is_asked_for_or_agreed_to_once() {
+        // Offered by the client (telnet's `toggle outbinary`), binary is
+        // agreed to, once.
+        let (_, replies) = assert_split_invariant(b"\xff\xfb\x00\xff\xfb\x00", 100);
+        assert_eq!(replies, b"\xff\xfd\x00");
+        let mut input = as_telnet_sends("✓\r\n".as_bytes());
+        input.extend_from_slice(b"\xff\xfb\x00");
+        input.extend_from_slice(&as_telnet_sends("Ѓ\r\n".as_bytes()));
+        input.extend_from_slice(b"\xff\xfb\x00\xff\xfc\x00");
+        let (framed, replies) = assert_split_invariant(&input, 100);
+        assert_eq!(framed, lines(&["✓".as_bytes(), "Ѓ".as_bytes()]));
+        assert_eq!(
+            replies, b"\xff\xfd\x00\xff\xfb\x06\xff\xfb\x06",
+            "DO BINARY once, a timing mark for each command, no answer to WILL or WONT BINARY"
+        );
+    }
+
+    #[test]
+    fn ctrl_c_between_characters_still_drops_the_typed_line() {
+        // After a whole character nothing is owed: IP is an interrupt.
+        let mut input = "Прив✓".as_bytes().to_vec();
+        input.extend_from_slice(b"\xff\xf4\xff\xfd\x06");
+        input.extend_from_slice("тест\r\n".as_bytes());
+        let (framed, replies) = assert_split_invariant(&input, 100);
+        assert_eq!(framed, lines(&["тест".as_bytes()]));
+        assert_eq!(replies, b"\xff\xfb\x06");
+        // Neither does invalid UTF-8 make a command data: 0xFF owes nothing.
+        let (framed, _) = assert_split_invariant(b"a\xd0\xff\xff\xff\xf4b\n", 100);
+        assert_eq!(framed, lines(&[b"b"]));
+    }
+
+    #[test]
+    fn a_character_cut_by_an_upgrade_is_restored_by_the_successor() {
+        let mut f = LineFramer::default();
+        let (framed, _) = run(&mut f, &[b"ok \xe2"], 100);
+        assert!(framed.is_empty());
+        let mut g = LineFramer::import(&f.export());
+        let (framed, replies) = run(&mut g, &[b"\xff\xf3\xff\xfd\x06\x93\n"], 100);
+        assert_eq!(framed, lines(&["ok ✓".as_bytes()]));
+        assert_eq!(replies, b"\xff\xfd\x00\xff\xfb\x06");
+        // The successor's successor knows binary was asked for.
+        let mut h = LineFramer::import(&g.export());
+        let (_, replies) = run(&mut h, &[&as_telnet_sends("Ѓ\n".as_bytes())], 100);
+        assert_eq!(replies, b"\xff\xfb\x06");
+        // A state exported before these fields existed owes nothing and
+        // has asked for nothing.
+        let old: FramerState = serde_json::from_str(
+            r#"{"partial":[],"discarding":false,"telnet":"data","refused":null}"#,
+        )
+        .expect("an older state loads");
+        let old = LineFramer::import(&old);
+        assert_eq!((old.utf8_owed, old.binary_asked), (0, false));
+    }
+
     #[test]
     fn an_interrupted_over_long_line_is_reported_however_it_was_split() {
         // Found by fuzzing: when the line and the interrupt came in one read,
@@ -491,7 +723,14 @@ mod tests {
             Just(DO),
             Just(WILL),
             Just(IP),
+            Just(BRK),
+            Just(AO),
+            Just(SUSP),
             Just(TIMING_MARK),
+            Just(0xD0),
+            Just(0xE2),
+            Just(0xF0),
+            Just(0x9C),
             Just(b'\n'),
             Just(b'\r'),
             any::<u8>(),
@@ -527,6 +766,30 @@ mod tests {
             let expected: Framed = texts.iter().map(|t| Ok(t.as_bytes().to_vec())).collect();
             prop_assert_eq!(framed, expected);
             prop_assert!(replies.is_empty());
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn text_telnet_cut_into_commands_comes_back_whole(
+            texts in proptest::collection::vec(any::<String>(), 0..8),
+            cuts in proptest::collection::vec(any::<usize>(), 0..8),
+        ) {
+            let texts: Vec<String> = texts.iter().map(|t| t.replace(['\n', '\r'], "")).collect();
+            let input: String = texts.iter().map(|t| format!("{t}\r\n")).collect();
+            let sent = as_telnet_sends(input.as_bytes());
+            let chunks = chunked(&sent, &cuts);
+            let refs: Vec<&[u8]> = chunks.iter().map(Vec::as_slice).collect();
+            let (framed, replies) = run(&mut LineFramer::default(), &refs, 100_000);
+            let expected: Framed = texts.iter().map(|t| Ok(t.as_bytes().to_vec())).collect();
+            prop_assert_eq!(framed, expected);
+            let marks = (sent.len() - input.len()) / 4;
+            let mut owed = Vec::new();
+            if marks > 0 {
+                owed.extend_from_slice(&[IAC, DO, BINARY]);
+            }
+            owed.extend_from_slice(&[IAC, WILL, TIMING_MARK].repeat(marks));
+            prop_assert_eq!(replies, owed);
         }
     }
 

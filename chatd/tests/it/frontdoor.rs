@@ -19,7 +19,7 @@ use crate::support::*;
 
 /// The path of an outside tool, or `None` after one line saying it is
 /// missing.
-fn tool(name: &str) -> Option<PathBuf> {
+pub(crate) fn tool(name: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH").unwrap_or_default();
     let found = std::env::split_paths(&path)
         .chain(["/usr/sbin".into(), "/usr/bin".into(), "/sbin".into()])

@@ -13,5 +13,6 @@ mod limits;
 mod safety;
 mod service;
 mod support;
+mod telnet;
 mod udp;
 mod upgrade;

@@ -839,24 +839,27 @@ async fn a_failure_after_the_freeze_leaves_a_connection_in_the_front_door_as_it_
 }
 
 /// Bytes split at the worst places by an upgrade: in a telnet
-/// subnegotiation, inside a UTF-8 character, and a line dribbled a byte at a
-/// time throughout. Each line arrives whole, as if nothing happened.
+/// subnegotiation, inside a UTF-8 character, inside a character telnet cut
+/// with a command, and a line dribbled a byte at a time throughout. Each
+/// line arrives whole, as if nothing happened.
 #[tokio::test]
 async fn lines_cut_mid_telnet_mid_character_and_dribbled_survive_an_upgrade() {
     let binary = Binary::copy();
     let server = TestServer::spawn_binary(&binary.path, None, BUSY);
     let (mut reader, _) = server.join().await;
     let mut named = Vec::new();
-    for nick in ["tel", "utf", "drip"] {
+    for nick in ["tel", "utf", "tick", "drip"] {
         let (mut c, _) = server.join().await;
         c.send(&format!("/nick {nick}\n")).await;
         c.expect("You are now known as").await;
         named.push(c);
     }
-    let [mut tel, mut utf, mut drip] = <[Client; 3]>::try_from(named).ok().expect("three");
+    let [mut tel, mut utf, mut tick, mut drip] = <[Client; 4]>::try_from(named).ok().expect("four");
     reader.sync().await;
     tel.send_raw(b"hi \xff\xfa\x18").await;
     utf.send_raw(b"caf\xc3").await;
+    // ✓ (e2 9c 93) as telnet sends it: 0x9C becomes IAC BRK.
+    tick.send_raw(b"ok \xe2").await;
     let dribble = tokio::spawn(async move {
         for b in b"slow and steady\n" {
             drip.send_raw(&[*b]).await;
@@ -868,15 +871,21 @@ async fn lines_cut_mid_telnet_mid_character_and_dribbled_survive_an_upgrade() {
     server.wait_logged_times("upgrade: took over", 1).await;
     tel.send_raw(b"\x01\xff\xf0there\n").await;
     utf.send_raw(b"\xa9!\n").await;
+    tick.send_raw(b"\xff\xf3\xff\xfd\x06\x93\n").await;
     let _drip = dribble.await.expect("dribbler");
     let mut lines = Vec::new();
-    while lines.len() < 3 {
+    while lines.len() < 4 {
         lines.push(reader.line().await);
     }
     lines.sort();
     assert_eq!(
         lines,
-        ["<drip> slow and steady", "<tel> hi there", "<utf> café!"]
+        [
+            "<drip> slow and steady",
+            "<tel> hi there",
+            "<tick> ok ✓",
+            "<utf> café!"
+        ]
     );
 }
 
