@@ -191,6 +191,7 @@ impl Outbox {
         s.queued += bytes.len();
         s.lines_out += lines;
         s.queue.push_back(bytes);
+        s.press(limit);
         let congested = s.owed > limit / CONGESTED_DIVISOR && s.reading();
         if s.queued >= s.wake_at {
             wake(s);
@@ -300,6 +301,7 @@ impl Outbox {
         if let Some(credit) = &mut s.credit {
             credit.took(n, caught_up, Instant::now());
         }
+        s.press(limit);
         if !s.drain_waiters.is_empty() && s.owed <= limit / DRAINED_DIVISOR {
             let waiters = std::mem::take(&mut s.drain_waiters);
             drop(s);
@@ -310,12 +312,13 @@ impl Outbox {
     /// Records that the socket refused bytes: the client's kernel buffers
     /// are full, and from now on what it takes shows whether it reads (see
     /// [`Credit`]).
-    pub fn refused(&self) {
+    pub fn refused(&self, limit: usize) {
         let mut s = self.lock();
         let now = Instant::now();
         s.credit
             .get_or_insert_with(|| Credit::new(now))
             .refused(now);
+        s.press(limit);
     }
 
     /// Records that the socket, which refused bytes, takes them again: the
@@ -371,6 +374,15 @@ impl Outbox {
 }
 
 impl State {
+    /// Tells the credit whether the client owes enough to hold its
+    /// senders back (over a quarter of `limit`).
+    fn press(&mut self, limit: usize) {
+        let pressing = self.owed > limit / CONGESTED_DIVISOR;
+        if let Some(credit) = &mut self.credit {
+            credit.press(pressing, Instant::now);
+        }
+    }
+
     /// Whether the client counts as still reading (see the module doc).
     fn reading(&self) -> bool {
         match &self.credit {
@@ -400,8 +412,14 @@ struct Credit {
     level: i64,
     at: Instant,
     /// Whether the client is behind: from a refusal until the connection
-    /// has written all it took. Only then does the credit drain.
+    /// has written all it took.
     behind: bool,
+    /// Whether it owes over a quarter of its queue, where it holds its
+    /// senders back. The credit drains only while it is behind and
+    /// pressing: until then, what it owes is what chatd's queue is for, and
+    /// a reader's first steps fill its credit rather than pay for its
+    /// start.
+    pressing: bool,
     /// Since when the socket takes bytes again, while the connection has
     /// not written to it yet.
     writable: Option<Instant>,
@@ -414,13 +432,15 @@ impl Credit {
             level: PROGRESS_BYTES as i64,
             at: now,
             behind: false,
+            pressing: false,
             writable: None,
         }
     }
 
-    /// The level now: drained since `at` while behind, down to the floor.
+    /// The level now: drained since `at` while behind and pressing, down
+    /// to the floor.
     fn level(&self, now: Instant) -> i64 {
-        if !self.behind {
+        if !(self.behind && self.pressing) {
             return self.level;
         }
         let drained = now.saturating_duration_since(self.at).as_micros() * PROGRESS_BYTES as u128
@@ -460,6 +480,15 @@ impl Credit {
             self.behind = true;
         }
         self.writable = None;
+    }
+
+    /// Whether the client owes enough to hold its senders back; reads the
+    /// clock only on a change, so that a push costs none.
+    fn press(&mut self, pressing: bool, now: impl FnOnce() -> Instant) {
+        if pressing != self.pressing {
+            self.settle(now());
+            self.pressing = pressing;
+        }
     }
 
     /// The reactor says the socket takes bytes again; whether this is news.
@@ -595,7 +624,7 @@ mod tests {
         // Its socket refuses bytes, then takes none for longer than the
         // window: queued, not congested, and a paused sender is released at
         // once.
-        o.refused();
+        o.refused(16 * 1024);
         std::thread::sleep(PROGRESS_WINDOW + Duration::from_millis(50));
         assert_eq!(o.push(kib.clone(), 16 * 1024), Push::Queued);
         let waker = Waker::from(std::sync::Arc::new(Count(0.into())));
@@ -646,10 +675,10 @@ mod tests {
         fill_past_a_quarter(&o);
         // Its buffers fill, and it takes a trickle between refusals: the
         // credit drains faster than the trickle fills it.
-        o.refused();
+        o.refused(MIB);
         for _ in 0..3 {
             o.written(PROGRESS_BYTES / 8, MIB);
-            o.refused();
+            o.refused(MIB);
         }
         std::thread::sleep(PROGRESS_WINDOW * 2);
         assert_eq!(o.push(Bytes::from_static(b"x"), MIB), Push::Queued);
@@ -663,6 +692,7 @@ mod tests {
         let t0 = Instant::now();
         let mut credit = Credit::new(t0);
         credit.refused(t0);
+        credit.press(true, || t0);
         let mut next = t0 + every;
         let mut seen = Vec::new();
         let tick = Duration::from_millis(10);
@@ -733,6 +763,7 @@ mod tests {
         let t0 = Instant::now();
         let mut credit = Credit::new(t0);
         credit.refused(t0);
+        credit.press(true, || t0);
         credit.took(PROGRESS_CREDIT * 4, false, t0);
         credit.refused(t0);
         let horizon = PROGRESS_WINDOW * (PROGRESS_CREDIT / PROGRESS_BYTES) as u32;
@@ -758,14 +789,32 @@ mod tests {
         credit.took(PROGRESS_CREDIT, true, later);
         credit.refused(later);
         assert_eq!(credit.level(later), PROGRESS_CREDIT as i64);
+        credit.press(true, || later);
         assert!(credit.reading(later + Duration::from_secs(3)));
+    }
+
+    #[test]
+    fn the_credit_holds_while_the_client_owes_too_little_to_hold_anyone_back() {
+        let t0 = Instant::now();
+        let mut credit = Credit::new(t0);
+        credit.refused(t0);
+        // Behind, but owing less than a quarter of its queue: its first
+        // steps, a second apart, fill its credit.
+        let second = Duration::from_secs(1);
+        credit.took(64 * 1024, false, t0 + second);
+        credit.took(64 * 1024, false, t0 + second * 2);
+        assert_eq!(
+            credit.level(t0 + second * 3),
+            (PROGRESS_BYTES + 128 * 1024) as i64
+        );
+        assert!(credit.reading(t0 + second * 3));
     }
 
     #[test]
     fn a_socket_taking_bytes_again_counts_before_chatd_writes() {
         let o = Outbox::new();
         fill_past_a_quarter(&o);
-        o.refused();
+        o.refused(MIB);
         std::thread::sleep(PROGRESS_WINDOW * 2);
         assert_eq!(o.push(Bytes::from_static(b"x"), MIB), Push::Queued);
         // The reactor says the client freed buffer space; chatd has not

@@ -340,14 +340,14 @@ impl<S: Socket> Connection<S> {
                 self.notice(&who);
             }
             Command::Msg { to, text } => match self.hub.private(&self.client, to, text) {
-                Ok(Some(congested)) => self.pause_for(congested),
+                Ok(Some(congested)) => self.pause_for_private(congested),
                 Ok(None) => {}
                 Err(PrivateError::Busy(target)) => {
                     self.error(&format!(
                         "{} is behind on reading; message not delivered, try again in a moment",
                         target.nick()
                     ));
-                    self.pause_for(target);
+                    self.pause_for_private(target);
                 }
                 Err(PrivateError::Failed(why)) => self.error(&why),
             },

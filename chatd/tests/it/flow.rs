@@ -9,7 +9,7 @@
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::support::*;
@@ -24,29 +24,34 @@ const SLOW_RATE: f64 = 20_000.0;
 const READER_RCVBUF: u32 = 128 * 1024;
 /// How long the honest reader reads.
 const RUN: Duration = Duration::from_secs(20);
+/// How long the flood of private messages lasts, and how long their target
+/// reads after it.
+const FLOOD: Duration = Duration::from_secs(15);
+const DRAIN: Duration = Duration::from_secs(8);
 
 /// Reads `stream` at `rate` bytes per second for `run`, in reads of at most
 /// 1 KiB every 10 ms, the way `nc` piped into a slow program reads: it
-/// takes only what the program has consumed. Returns the bytes read.
-async fn paced_reader(mut stream: TcpStream, rate: f64, run: Duration) -> usize {
+/// takes only what the program has consumed. Returns what it read.
+async fn paced_reader(mut stream: TcpStream, rate: f64, run: Duration) -> Vec<u8> {
     let start = Instant::now();
-    let mut bytes = 0usize;
+    let mut read = Vec::new();
     let mut buf = [0u8; 1024];
     while start.elapsed() < run {
         let allowed = (rate * start.elapsed().as_secs_f64()) as usize;
-        if bytes >= allowed {
+        if read.len() >= allowed {
             tokio::time::sleep(Duration::from_millis(10)).await;
             continue;
         }
-        let want = (allowed - bytes).min(buf.len());
-        match tokio::time::timeout(WAIT, stream.read(&mut buf[..want])).await {
-            Ok(Ok(n)) if n > 0 => bytes += n,
-            // Cut, and everything chatd had written before read.
-            Ok(_) => break,
-            Err(_) => panic!("nothing to read for {WAIT:?} after {bytes} bytes"),
+        let want = (allowed - read.len()).min(buf.len());
+        let left = run.saturating_sub(start.elapsed());
+        match tokio::time::timeout(left, stream.read(&mut buf[..want])).await {
+            Ok(Ok(n)) if n > 0 => read.extend_from_slice(&buf[..n]),
+            // Cut, and everything chatd had written before read; or the
+            // run is over.
+            _ => break,
         }
     }
-    bytes
+    read
 }
 
 /// Whether chatd has logged that it cut the client at `peer` (this end's
@@ -107,7 +112,9 @@ async fn sender(stream: TcpStream, stop: Duration) -> usize {
             tokio::time::sleep(Duration::from_millis(10)).await;
             continue;
         }
-        w.write_all(block.as_bytes()).await.expect("send");
+        w.write_all(block.as_bytes())
+            .await
+            .expect("chatd took the sender's lines (the sender was cut)");
         sent += block.len();
     }
     sent
@@ -137,8 +144,8 @@ async fn a_reader_above_the_rate_is_waited_for(server: &TestServer, label: &str)
             slow_cut = Some(started.elapsed());
         }
     }
-    let honest = honest.await.expect("honest reader");
-    let slow = slow.await.expect("slow reader");
+    let honest = honest.await.expect("honest reader").len();
+    let slow = slow.await.expect("slow reader").len();
     let sent = sent.await.expect("sender");
     let metrics = server.scrape_metrics().await;
     let pauses = metric(&metrics, "chatd_flow_control_pauses_total").unwrap_or(0);
@@ -168,6 +175,126 @@ fn local(stream: &TcpStream) -> std::net::SocketAddr {
     stream
         .local_addr()
         .expect("a connected socket has an address")
+}
+
+/// The filed attack on private messages: 32 connections from one address,
+/// each under the flood limit, send `/msg` lines of 1 KB to a member who
+/// reads 120 KB/s, while a friend of his sends him 56 messages. He is
+/// never cut, the flooders are told he is busy, and every message his
+/// friend was told went through reached him.
+#[tokio::test]
+async fn a_private_message_flood_does_not_cut_a_reader_above_the_rate() {
+    let server = TestServer::with_env(&[("CHATD_LIMITS__MAX_CLIENTS_PER_IP", "32")]);
+    let mut victim = member(&server, Some(READER_RCVBUF)).await;
+    victim.write_all(b"/nick victim\n").await.expect("send");
+    let mut seen = Vec::new();
+    while !String::from_utf8_lossy(&seen).contains("You are now known as victim") {
+        let mut buf = [0u8; 256];
+        let n = tokio::time::timeout(WAIT, victim.read(&mut buf))
+            .await
+            .expect("the rename in time")
+            .expect("read");
+        assert!(n > 0, "EOF before the rename");
+        seen.extend_from_slice(&buf[..n]);
+    }
+    let victim_at = local(&victim);
+    let (friend, friend_nick) = server.join().await;
+    let started = Instant::now();
+    let reading = tokio::spawn(paced_reader(victim, 120_000.0, FLOOD + DRAIN));
+    let mut flooders = Vec::new();
+    for _ in 0..32 {
+        let mut flooder = connect_from("127.0.0.2", &server).await;
+        flooder.welcome().await;
+        flooders.push(tokio::spawn(flood_privately(flooder, FLOOD)));
+    }
+    // The friend writes at his own pace, answered or not.
+    let (mut answers, mut to_victim) = friend.into_parts();
+    tokio::spawn(async move {
+        for i in 0..56 {
+            to_victim
+                .write_all(format!("/msg victim hello {i}\n").as_bytes())
+                .await
+                .expect("send");
+            tokio::time::sleep(FLOOD / 60).await;
+        }
+        to_victim
+    });
+    let (mut delivered, mut busy) = (0, 0);
+    let mut line = String::new();
+    while delivered + busy < 56 {
+        line.clear();
+        let n = tokio::time::timeout(WAIT, AsyncBufReadExt::read_line(&mut answers, &mut line))
+            .await
+            .unwrap_or_else(|_| {
+                panic!(
+                    "{} of 56 answered after {:?}",
+                    delivered + busy,
+                    started.elapsed()
+                )
+            })
+            .expect("read");
+        assert!(n > 0, "the friend was cut");
+        delivered += usize::from(line.starts_with("[pm -> victim]"));
+        busy += usize::from(line.contains("victim is behind on reading"));
+        assert!(
+            !cut(&server, victim_at),
+            "the 120 KB/s reader was cut after {:?}",
+            started.elapsed()
+        );
+    }
+    let answered = started.elapsed();
+    let mut flood = (0, 0);
+    for f in flooders {
+        let (sent, refused) = f.await.expect("flooder");
+        flood = (flood.0 + sent, flood.1 + refused);
+    }
+    let read = reading.await.expect("the victim");
+    let got = String::from_utf8_lossy(&read)
+        .lines()
+        .filter(|l| l.starts_with(&format!("[pm] <{friend_nick}> hello")))
+        .count();
+    println!(
+        "/msg flood: {} lines from 32 connections, {} refused as busy; the friend's 56, all \
+         answered within {answered:?}: {delivered} delivered, {busy} refused as busy; the victim \
+         read {} B and got {got}",
+        flood.0,
+        flood.1,
+        read.len()
+    );
+    assert!(!cut(&server, victim_at), "the 120 KB/s reader was cut");
+    assert_eq!(got, delivered, "every message said delivered arrived");
+}
+
+/// Sends `/msg victim` lines of 1 KB at 8 a second (under the flood
+/// limit) for `run`; returns (lines sent, refused as busy).
+async fn flood_privately(flooder: Client, run: Duration) -> (usize, usize) {
+    let (mut r, mut w) = flooder.into_parts();
+    let refused = tokio::spawn(async move {
+        let mut refused = 0;
+        let mut line = String::new();
+        while r.read_line(&mut line).await.is_ok_and(|n| n > 0) {
+            refused += usize::from(line.contains("behind on reading"));
+            line.clear();
+        }
+        refused
+    });
+    let filler = "m".repeat(980);
+    let start = Instant::now();
+    let mut sent = 0;
+    while start.elapsed() < run {
+        let line = format!("/msg victim {sent} {filler}\n");
+        if w.write_all(line.as_bytes()).await.is_err() {
+            break;
+        }
+        sent += 1;
+        tokio::time::sleep(Duration::from_millis(125)).await;
+    }
+    drop(w);
+    let refused = tokio::time::timeout(WAIT, refused)
+        .await
+        .ok()
+        .and_then(Result::ok);
+    (sent, refused.unwrap_or(0))
 }
 
 /// Flood control off, so that one sender carries the room; metrics on, to
