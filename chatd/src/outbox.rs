@@ -20,22 +20,22 @@
 //!   accept), so once it has refused bytes, what it takes next is what the
 //!   client's kernel acknowledged meanwhile, whatever the size of the
 //!   kernel's buffers. From then on the client is *behind* until its
-//!   connection has written all it took, and while behind it keeps a
-//!   reading credit ([`Credit`]): drained at [`PROGRESS_BYTES`] per
-//!   [`PROGRESS_WINDOW`] (80 KiB/s), refilled by every byte its socket
-//!   takes, within ±[`PROGRESS_CREDIT`], frozen while it is not behind,
-//!   and [`PROGRESS_BYTES`] to start with. It counts as reading while the
-//!   credit is positive, so a client that never read is recognised 50 ms
-//!   after its buffers filled, one that stops after reading within
-//!   [`PROGRESS_CREDIT`] at 80 KiB/s (3.2 s), a reader on average faster
-//!   than 80 KiB/s keeps counting between the steps in which its kernel
-//!   shows progress, and a trickle never brings the credit above zero.
-//!   The moment its socket takes bytes again counts as well, told by the
-//!   reactor ([`Outbox::writable`]) before the connection gets a worker to
-//!   write. Lines that wait because the client's connection has not had a
-//!   worker yet (chatd is busy, a burst is being fanned out) are chatd's
-//!   delay, not the client's; they count against it only past
-//!   [`CHATD_LATE`].
+//!   connection has written all it took, and keeps a reading credit
+//!   ([`Credit`]): [`PROGRESS_BYTES`] to start with, refilled by every byte
+//!   its socket takes while behind, drained at [`PROGRESS_BYTES`] per
+//!   [`PROGRESS_WINDOW`] (80 KiB/s) while it is behind and congested
+//!   (while it would hold its senders back), within ±[`PROGRESS_CREDIT`].
+//!   It counts as reading while the credit is positive. So a client that
+//!   never read is recognised 50 ms after it holds anyone back, one that
+//!   stops after reading within [`PROGRESS_CREDIT`] at 80 KiB/s (3.2 s), a
+//!   reader on average faster than 80 KiB/s keeps counting between the
+//!   steps, seconds apart, in which its kernel shows progress, and a
+//!   trickle never brings the credit above zero. The moment its socket
+//!   takes bytes again counts as well, told by the reactor
+//!   ([`Outbox::writable`]) before the connection gets a worker to write.
+//!   Lines that wait because the client's connection has not had a worker
+//!   yet (chatd is busy, a burst is being fanned out) are chatd's delay,
+//!   not the client's; they count against it only past [`CHATD_LATE`].
 //! - a client that reads slower than that, or not at all, never slows a
 //!   sender; it is cut as a slow consumer when it owes `limit` bytes (the
 //!   memory bound) or when it has owed something without making progress
