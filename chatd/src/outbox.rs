@@ -394,8 +394,9 @@ impl State {
 
 /// Whether a client whose socket refused bytes keeps reading: a bucket of
 /// bytes, drained at the pace a reader must keep ([`PROGRESS_BYTES`] per
-/// [`PROGRESS_WINDOW`]) while the client is behind, and refilled by what
-/// its socket takes, between `-PROGRESS_CREDIT` and `PROGRESS_CREDIT`. A
+/// [`PROGRESS_WINDOW`]) while the client is behind and holds its senders
+/// back, and refilled by what its socket takes while behind, between
+/// `-PROGRESS_CREDIT` and `PROGRESS_CREDIT`. A
 /// client behind counts as reading while it is positive, or while chatd
 /// has yet to write to a socket the reactor said takes bytes again.
 ///
@@ -426,7 +427,8 @@ struct Credit {
 }
 
 impl Credit {
-    /// A client's first refusal: [`PROGRESS_WINDOW`] to show progress.
+    /// A client's first refusal: [`PROGRESS_WINDOW`] of holding its
+    /// senders back to show progress.
     fn new(now: Instant) -> Self {
         Credit {
             level: PROGRESS_BYTES as i64,

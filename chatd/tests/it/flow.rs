@@ -4,7 +4,9 @@
 //! consumer. Whether a reader keeps up must not depend on how large the
 //! kernel lets chatd's send buffers grow (`net.ipv4.tcp_wmem`), so the
 //! same story runs with the machine's settings and, in network namespaces
-//! of their own (root only), with a small and a large send buffer.
+//! of their own (root only), with a small and a large send buffer. And the
+//! same reader under a flood of private messages, with a friend of his
+//! writing to him meanwhile.
 
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
