@@ -14,12 +14,24 @@
 //!   other sender of its room before its next read, pause until this client
 //!   drains to an eighth of `limit`: the burst waits in the senders' kernel
 //!   buffers, at the pace of the readers, and nothing is lost.
-//! - whether a client still reads is judged by its socket, never by how
-//!   long its lines have waited: only a socket that refused bytes (the
-//!   client's kernel buffers are full) shows that the client may have
-//!   stopped. From that moment it must take [`PROGRESS_BYTES`] within
-//!   [`PROGRESS_WINDOW`] (80 KB/s) to count as reading; the moment its
-//!   socket takes bytes again counts as well, told by the reactor
+//! - whether a client still reads is judged by what its socket takes,
+//!   never by how long its lines have waited. Every chat socket holds at
+//!   most [`UNSENT_LIMIT`] bytes not yet sent (`TCP_NOTSENT_LOWAT`, set at
+//!   accept), so once it has refused bytes, what it takes next is what the
+//!   client's kernel acknowledged meanwhile, whatever the size of the
+//!   kernel's buffers. From then on the client is *behind* until its
+//!   connection has written all it took, and keeps a reading credit
+//!   ([`Credit`]): [`PROGRESS_BYTES`] to start with, refilled by every byte
+//!   its socket takes while behind, drained at [`PROGRESS_BYTES`] per
+//!   [`PROGRESS_WINDOW`] (80 KiB/s) while it is behind and congested
+//!   (while it would hold its senders back), within ±[`PROGRESS_CREDIT`].
+//!   It counts as reading while the credit is positive. So a client that
+//!   never read is recognised 50 ms after it holds anyone back, one that
+//!   stops after reading within [`PROGRESS_CREDIT`] at 80 KiB/s (3.2 s), a
+//!   reader on average faster than 80 KiB/s keeps counting between the
+//!   steps, seconds apart, in which its kernel shows progress, and a
+//!   trickle never brings the credit above zero. The moment its socket
+//!   takes bytes again counts as well, told by the reactor
 //!   ([`Outbox::writable`]) before the connection gets a worker to write.
 //!   Lines that wait because the client's connection has not had a worker
 //!   yet (chatd is busy, a burst is being fanned out) are chatd's delay,
@@ -46,16 +58,35 @@ use bytes::Bytes;
 
 use crate::disconnect::Disconnect;
 
-/// How recently a congested client must have written something to count as
-/// still reading. Short, because it is also how long a client that has just
-/// stopped reading (its kernel buffers just full) can hold its room's
-/// senders back: a reader that keeps up frees buffer space every few
-/// milliseconds.
-pub const PROGRESS_WINDOW: Duration = Duration::from_millis(50);
-/// Bytes a client must read to count as making progress: a trickle (a
-/// byte now and then, as a hostile reader would do) does not hold senders
+/// With [`PROGRESS_BYTES`], the pace a client behind must keep to count as
+/// still reading (4 KiB per 50 ms: 80 KiB/s), and how long a client that
+/// never read (its kernel buffers just full) can hold its room's senders
 /// back.
+pub const PROGRESS_WINDOW: Duration = Duration::from_millis(50);
+/// Bytes a client must read per [`PROGRESS_WINDOW`] to count as making
+/// progress: a trickle (a byte now and then, as a hostile reader would
+/// do) does not hold senders back. Also what a client that has not been
+/// behind yet starts with, and what resets the stall deadline.
 pub const PROGRESS_BYTES: usize = 4 * 1024;
+/// The most reading credit a client banks, and the most debt it owes, in
+/// bytes. Larger than the steps in which a reader's kernel shows progress:
+/// once its receive buffer is full, it reopens its window only after the
+/// reader has emptied a good part of it (on loopback, 256 KiB at once
+/// behind a 128 KiB `SO_RCVBUF`, every 1.7 s at 150 KB/s), so that a
+/// reader above the pace keeps counting between them. The price: a reader
+/// that stops after reading well holds its room's senders back for up to
+/// 3.2 s before it is recognised, and one judged stopped must read this
+/// much more than the pace to count again.
+pub const PROGRESS_CREDIT: usize = 256 * 1024;
+/// Bytes a chat socket may hold that it has not sent yet
+/// (`TCP_NOTSENT_LOWAT`): what keeps a client's progress visible whatever
+/// the kernel lets its send buffer grow to. Without it, a socket took
+/// bytes again only once a third of a buffer autotuned up to `tcp_wmem`'s
+/// maximum (4 MB) had drained, so that a reader had to take a megabyte at
+/// once to show it was reading. Enough for a write of a busy room and a
+/// link's worth of segments ready to go; the bytes in flight are the
+/// congestion window's, not this.
+pub const UNSENT_LIMIT: u32 = 64 * 1024;
 /// How long a client whose socket refused nothing still counts as reading
 /// while it takes nothing: its connection is waiting for a worker, which
 /// on a busy machine can take a few hundred milliseconds in a burst. A
@@ -100,11 +131,9 @@ struct State {
     progress: Option<Instant>,
     /// Bytes written since `progress` was last set.
     since_progress: usize,
-    /// When the socket refused bytes, while the client has not taken
-    /// [`PROGRESS_BYTES`] since: the clock of "has it stopped reading?".
-    refused: Option<Instant>,
-    /// Bytes taken since the socket last refused some.
-    since_refused: usize,
+    /// Set from the socket's first refusal until the connection has
+    /// written all it took: whether the client keeps reading.
+    credit: Option<Credit>,
     /// Totals for the admin API: lines queued, bytes written.
     lines_out: u64,
     bytes_out: u64,
@@ -162,6 +191,7 @@ impl Outbox {
         s.queued += bytes.len();
         s.lines_out += lines;
         s.queue.push_back(bytes);
+        s.press(limit);
         let congested = s.owed > limit / CONGESTED_DIVISOR && s.reading();
         if s.queued >= s.wake_at {
             wake(s);
@@ -266,10 +296,12 @@ impl Outbox {
             s.progress = Some(Instant::now());
             s.since_progress = 0;
         }
-        s.since_refused += n;
-        if s.owed == 0 || s.since_refused >= PROGRESS_BYTES {
-            s.refused = None;
+        // All it took is written: the socket takes what it is given.
+        let caught_up = s.owed == s.queued;
+        if let Some(credit) = &mut s.credit {
+            credit.took(n, caught_up, Instant::now());
         }
+        s.press(limit);
         if !s.drain_waiters.is_empty() && s.owed <= limit / DRAINED_DIVISOR {
             let waiters = std::mem::take(&mut s.drain_waiters);
             drop(s);
@@ -278,12 +310,15 @@ impl Outbox {
     }
 
     /// Records that the socket refused bytes: the client's kernel buffers
-    /// are full, and it now has [`PROGRESS_WINDOW`] to take
-    /// [`PROGRESS_BYTES`] or count as no longer reading.
-    pub fn refused(&self) {
+    /// are full, and from now on what it takes shows whether it reads (see
+    /// [`Credit`]).
+    pub fn refused(&self, limit: usize) {
         let mut s = self.lock();
-        s.refused.get_or_insert_with(Instant::now);
-        s.since_refused = 0;
+        let now = Instant::now();
+        s.credit
+            .get_or_insert_with(|| Credit::new(now))
+            .refused(now);
+        s.press(limit);
     }
 
     /// Records that the socket, which refused bytes, takes them again: the
@@ -291,7 +326,9 @@ impl Outbox {
     /// before the connection gets a worker to write.
     pub fn writable(&self) {
         let mut s = self.lock();
-        if s.refused.take().is_some() {
+        if let Some(credit) = &mut s.credit
+            && credit.writable(Instant::now())
+        {
             s.progress = Some(Instant::now());
             s.since_progress = 0;
         }
@@ -337,12 +374,137 @@ impl Outbox {
 }
 
 impl State {
+    /// Tells the credit whether the client owes enough to hold its
+    /// senders back (over a quarter of `limit`).
+    fn press(&mut self, limit: usize) {
+        let pressing = self.owed > limit / CONGESTED_DIVISOR;
+        if let Some(credit) = &mut self.credit {
+            credit.press(pressing, Instant::now);
+        }
+    }
+
     /// Whether the client counts as still reading (see the module doc).
     fn reading(&self) -> bool {
-        match self.refused {
-            Some(t) => t.elapsed() < PROGRESS_WINDOW,
-            None => self.progress.is_none_or(|t| t.elapsed() < CHATD_LATE),
+        match &self.credit {
+            Some(credit) if credit.behind => credit.reading(Instant::now()),
+            _ => self.progress.is_none_or(|t| t.elapsed() < CHATD_LATE),
         }
+    }
+}
+
+/// Whether a client whose socket refused bytes keeps reading: a bucket of
+/// bytes, drained at the pace a reader must keep ([`PROGRESS_BYTES`] per
+/// [`PROGRESS_WINDOW`]) while the client is behind and holds its senders
+/// back, and refilled by what its socket takes while behind, between
+/// `-PROGRESS_CREDIT` and `PROGRESS_CREDIT`. A
+/// client behind counts as reading while it is positive, or while chatd
+/// has yet to write to a socket the reactor said takes bytes again.
+///
+/// Judged over seconds rather than per refusal because a reader's kernel
+/// shows progress in steps: once its buffer is full, a receiver reopens
+/// its window only after reading a good part of it, so that a reader at
+/// 150 KB/s behind a 256 KiB buffer takes 256 KiB every 1.7 s and nothing
+/// in between. And kept, frozen, while the client is not behind, so that
+/// the next time it falls behind it starts from what it has shown, not
+/// from scratch: a step can be due just then.
+#[derive(Debug)]
+struct Credit {
+    /// Bytes of credit at `at` (negative: debt).
+    level: i64,
+    at: Instant,
+    /// Whether the client is behind: from a refusal until the connection
+    /// has written all it took.
+    behind: bool,
+    /// Whether it owes over a quarter of its queue, where it holds its
+    /// senders back. The credit drains only while it is behind and
+    /// pressing: until then, what it owes is what chatd's queue is for, and
+    /// a reader's first steps fill its credit rather than pay for its
+    /// start.
+    pressing: bool,
+    /// Since when the socket takes bytes again, while the connection has
+    /// not written to it yet.
+    writable: Option<Instant>,
+}
+
+impl Credit {
+    /// A client's first refusal: [`PROGRESS_WINDOW`] of holding its
+    /// senders back to show progress.
+    fn new(now: Instant) -> Self {
+        Credit {
+            level: PROGRESS_BYTES as i64,
+            at: now,
+            behind: false,
+            pressing: false,
+            writable: None,
+        }
+    }
+
+    /// The level now: drained since `at` while behind and pressing, down
+    /// to the floor.
+    fn level(&self, now: Instant) -> i64 {
+        if !(self.behind && self.pressing) {
+            return self.level;
+        }
+        let drained = now.saturating_duration_since(self.at).as_micros() * PROGRESS_BYTES as u128
+            / PROGRESS_WINDOW.as_micros();
+        let drained = i64::try_from(drained).unwrap_or(i64::MAX);
+        self.level
+            .saturating_sub(drained)
+            .max(-(PROGRESS_CREDIT as i64))
+    }
+
+    /// Sets the level as of now.
+    fn settle(&mut self, now: Instant) {
+        self.level = self.level(now);
+        self.at = now;
+    }
+
+    /// The socket took `n` bytes; `caught_up`: all the connection took.
+    /// Bytes taken while the client is not behind show nothing: its
+    /// kernel buffers had room.
+    fn took(&mut self, n: usize, caught_up: bool, now: Instant) {
+        if !self.behind {
+            return;
+        }
+        self.settle(now);
+        let n = i64::try_from(n).unwrap_or(i64::MAX);
+        self.level = self.level.saturating_add(n).min(PROGRESS_CREDIT as i64);
+        self.writable = None;
+        if caught_up {
+            self.behind = false;
+        }
+    }
+
+    /// The socket refused bytes: the client is behind.
+    fn refused(&mut self, now: Instant) {
+        if !self.behind {
+            self.at = now;
+            self.behind = true;
+        }
+        self.writable = None;
+    }
+
+    /// Whether the client owes enough to hold its senders back; reads the
+    /// clock only on a change, so that a push costs none.
+    fn press(&mut self, pressing: bool, now: impl FnOnce() -> Instant) {
+        if pressing != self.pressing {
+            self.settle(now());
+            self.pressing = pressing;
+        }
+    }
+
+    /// The reactor says the socket takes bytes again; whether this is news.
+    fn writable(&mut self, now: Instant) -> bool {
+        self.behind && self.writable.is_none() && {
+            self.writable = Some(now);
+            true
+        }
+    }
+
+    fn reading(&self, now: Instant) -> bool {
+        self.writable
+            .is_some_and(|t| now.saturating_duration_since(t) < CHATD_LATE)
+            || self.level(now) > 0
     }
 }
 
@@ -464,7 +626,7 @@ mod tests {
         // Its socket refuses bytes, then takes none for longer than the
         // window: queued, not congested, and a paused sender is released at
         // once.
-        o.refused();
+        o.refused(16 * 1024);
         std::thread::sleep(PROGRESS_WINDOW + Duration::from_millis(50));
         assert_eq!(o.push(kib.clone(), 16 * 1024), Push::Queued);
         let waker = Waker::from(std::sync::Arc::new(Count(0.into())));
@@ -510,32 +672,151 @@ mod tests {
     }
 
     #[test]
-    fn only_taking_enough_after_a_refusal_keeps_a_client_reading() {
+    fn a_trickle_between_refusals_does_not_keep_a_client_reading() {
         let o = Outbox::new();
         fill_past_a_quarter(&o);
         // Its buffers fill, and it takes a trickle between refusals: the
-        // clock runs from the first refusal.
-        o.refused();
+        // credit drains faster than the trickle fills it.
+        o.refused(MIB);
         for _ in 0..3 {
-            o.written(PROGRESS_BYTES / 4, MIB);
-            o.refused();
+            o.written(PROGRESS_BYTES / 8, MIB);
+            o.refused(MIB);
         }
         std::thread::sleep(PROGRESS_WINDOW * 2);
         assert_eq!(o.push(Bytes::from_static(b"x"), MIB), Push::Queued);
         assert!(released(&o));
-        // Taking enough starts it afresh.
-        o.written(PROGRESS_BYTES, MIB);
-        fill_past_a_quarter(&o);
-        assert_eq!(o.push(Bytes::from_static(b"x"), MIB), Push::Congested);
-        o.refused();
-        assert!(!released(&o));
+    }
+
+    /// Whether a client behind, whose socket takes `step` bytes every
+    /// `every` from its first refusal on, counts as reading at each 10 ms
+    /// of `run`, after `settle`.
+    fn judged(step: usize, every: Duration, run: Duration, settle: Duration) -> Vec<bool> {
+        let t0 = Instant::now();
+        let mut credit = Credit::new(t0);
+        credit.refused(t0);
+        credit.press(true, || t0);
+        let mut next = t0 + every;
+        let mut seen = Vec::new();
+        let tick = Duration::from_millis(10);
+        let mut t = t0;
+        while t < t0 + run {
+            t += tick;
+            if t >= next {
+                credit.took(step, false, t);
+                credit.refused(t);
+                next += every;
+            }
+            if t >= t0 + settle {
+                seen.push(credit.reading(t));
+            }
+        }
+        seen
+    }
+
+    #[test]
+    fn a_reader_above_the_pace_counts_between_the_steps_its_kernel_shows() {
+        // 150 KB/s behind a 256 KiB window, as on loopback: 256 KiB every
+        // 1.75 s, nothing in between. Starting from nothing, it counts
+        // without a break once it has shown two steps.
+        let seen = judged(
+            256 * 1024,
+            Duration::from_millis(1750),
+            Duration::from_secs(60),
+            Duration::from_secs(4),
+        );
+        assert!(seen.iter().all(|&r| r), "judged stopped between steps");
+        // 100 KB/s in 64 KiB steps: some steps more.
+        let seen = judged(
+            64 * 1024,
+            Duration::from_millis(650),
+            Duration::from_secs(60),
+            Duration::from_secs(4),
+        );
+        assert!(seen.iter().all(|&r| r), "judged stopped between steps");
+    }
+
+    #[test]
+    fn a_reader_below_the_pace_never_counts() {
+        // 20 KB/s in 64 KiB steps, and 10 KB/s a kilobyte at a time.
+        let seen = judged(
+            64 * 1024,
+            Duration::from_millis(3200),
+            Duration::from_secs(60),
+            PROGRESS_WINDOW,
+        );
+        assert!(
+            seen.iter().all(|&r| !r),
+            "a 20 KB/s reader held its room back"
+        );
+        let seen = judged(
+            1000,
+            Duration::from_millis(100),
+            Duration::from_secs(60),
+            PROGRESS_WINDOW,
+        );
+        assert!(
+            seen.iter().all(|&r| !r),
+            "a 10 KB/s trickle held its room back"
+        );
+    }
+
+    #[test]
+    fn a_reader_that_stops_is_recognised_within_its_credit() {
+        let t0 = Instant::now();
+        let mut credit = Credit::new(t0);
+        credit.refused(t0);
+        credit.press(true, || t0);
+        credit.took(PROGRESS_CREDIT * 4, false, t0);
+        credit.refused(t0);
+        let horizon = PROGRESS_WINDOW * (PROGRESS_CREDIT / PROGRESS_BYTES) as u32;
+        assert!(credit.reading(t0 + horizon - PROGRESS_WINDOW));
+        assert!(!credit.reading(t0 + horizon));
+        // Judged stopped, it must pay its debt before it counts again.
+        let later = t0 + horizon * 3;
+        credit.took(PROGRESS_CREDIT, false, later);
+        credit.refused(later);
+        assert!(!credit.reading(later));
+        credit.took(PROGRESS_BYTES, false, later);
+        assert!(credit.reading(later));
+    }
+
+    #[test]
+    fn the_credit_holds_while_the_client_is_not_behind() {
+        let t0 = Instant::now();
+        let mut credit = Credit::new(t0);
+        credit.refused(t0);
+        credit.took(PROGRESS_CREDIT, true, t0);
+        // An hour keeping up; then behind again, with what it had shown.
+        let later = t0 + Duration::from_secs(3600);
+        credit.took(PROGRESS_CREDIT, true, later);
+        credit.refused(later);
+        assert_eq!(credit.level(later), PROGRESS_CREDIT as i64);
+        credit.press(true, || later);
+        assert!(credit.reading(later + Duration::from_secs(3)));
+    }
+
+    #[test]
+    fn the_credit_holds_while_the_client_owes_too_little_to_hold_anyone_back() {
+        let t0 = Instant::now();
+        let mut credit = Credit::new(t0);
+        credit.refused(t0);
+        // Behind, but owing less than a quarter of its queue: its first
+        // steps, a second apart, fill its credit.
+        let second = Duration::from_secs(1);
+        credit.took(64 * 1024, false, t0 + second);
+        credit.took(64 * 1024, false, t0 + second * 2);
+        assert_eq!(
+            credit.level(t0 + second * 3),
+            (PROGRESS_BYTES + 128 * 1024) as i64
+        );
+        assert!(credit.reading(t0 + second * 3));
     }
 
     #[test]
     fn a_socket_taking_bytes_again_counts_before_chatd_writes() {
         let o = Outbox::new();
         fill_past_a_quarter(&o);
-        o.refused();
+        o.refused(MIB);
         std::thread::sleep(PROGRESS_WINDOW * 2);
         assert_eq!(o.push(Bytes::from_static(b"x"), MIB), Push::Queued);
         // The reactor says the client freed buffer space; chatd has not

@@ -104,6 +104,9 @@ pub async fn resume(
                 return;
             }
         };
+        // A process of an earlier version may not have bounded it; the
+        // option changes nothing the old process relies on if it resumes.
+        crate::server::bound_unsent(&stream);
         let framer = LineFramer::import(&state.framer);
         let f = &state.flood;
         let now = Instant::now();

@@ -79,6 +79,14 @@ const CLOSE_LINGER: Duration = Duration::from_secs(2);
 /// How often a paused sender checks that the recipient it waits for is
 /// still reading (a drain wakes it at once; this is for one that stops).
 const RECHECK: Duration = crate::outbox::PROGRESS_WINDOW;
+/// The longest a sender pauses for the target of its private message. Its
+/// other senders do not pause with it (unlike a room's, which all wait for
+/// the member behind) and may keep the target's queue above the mark where
+/// it counts as drained for as long as they send: without a bound, a flood
+/// of private messages to one reader would silence everyone else who
+/// wrote to him, in every room. Past it, the sender's next message to a
+/// target still behind is refused with a line, and it pauses again.
+const PRIVATE_PAUSE: Duration = Duration::from_secs(1);
 /// The longest a new client waits for the default room's cluster-wide
 /// history before joining with this node's.
 const WELCOME_WAIT: Duration = Duration::from_secs(5);
@@ -393,6 +401,9 @@ impl<S: Socket> Connection<S> {
 struct Pause {
     on: Arc<Client>,
     until: Pin<Box<tokio::time::Sleep>>,
+    /// For the target of a private message, when the pause ends anyway
+    /// (see [`PRIVATE_PAUSE`]).
+    ends: Option<tokio::time::Instant>,
 }
 
 /// A command waiting for the cluster, and the lines read after it.
@@ -548,7 +559,10 @@ impl<S: Socket> Connection<S> {
                 break;
             };
             let limit = self.hub.queue_limit();
-            if pause.on.outbox.drained_or_wait(limit, cx.waker()) {
+            let over = pause
+                .ends
+                .is_some_and(|ends| tokio::time::Instant::now() >= ends);
+            if over || pause.on.outbox.drained_or_wait(limit, cx.waker()) {
                 self.room.pass_congested(&pause.on, limit);
                 self.pause = None;
                 continue;
@@ -703,10 +717,21 @@ impl<S: Socket> Connection<S> {
     /// drained or stopped reading: the sender's next lines wait in its own
     /// socket buffer instead of piling up in the recipient's queue.
     fn pause_for(&mut self, recipient: Arc<Client>) {
+        self.pause_until(recipient, None);
+    }
+
+    /// Like [`Connection::pause_for`], for the target of a private message:
+    /// for [`PRIVATE_PAUSE`] at most.
+    fn pause_for_private(&mut self, target: Arc<Client>) {
+        self.pause_until(target, Some(tokio::time::Instant::now() + PRIVATE_PAUSE));
+    }
+
+    fn pause_until(&mut self, recipient: Arc<Client>, ends: Option<tokio::time::Instant>) {
         self.hub.stats().flow_paused();
         self.pause = Some(Box::new(Pause {
             on: recipient,
             until: Box::pin(tokio::time::sleep(RECHECK)),
+            ends,
         }));
     }
 

@@ -148,9 +148,14 @@ impl<S: Socket> Connection<S> {
         self.grid_read_done(bytes > 0, raw);
         self.client.record_input(lines, bytes);
         self.hub.stats().input(lines, bytes);
-        if self.framer.mid_line() != self.mid_line {
-            self.mid_line = !self.mid_line;
-            self.client.set_mid_line(self.mid_line);
+        // A read that finished lines and ends in another starts the
+        // deadline afresh: a client that writes without a break, or one
+        // read in chunks after a pause, is mid-line after nearly every
+        // read, yet finishes lines all the time.
+        let mid_line = self.framer.mid_line();
+        if mid_line != self.mid_line || (mid_line && lines > 0) {
+            self.mid_line = mid_line;
+            self.client.set_mid_line(mid_line);
         }
         Ok(match outcome {
             Some(reason) => AfterRead::Close(reason),
@@ -338,14 +343,14 @@ impl<S: Socket> Connection<S> {
                 self.notice(&who);
             }
             Command::Msg { to, text } => match self.hub.private(&self.client, to, text) {
-                Ok(Some(congested)) => self.pause_for(congested),
+                Ok(Some(congested)) => self.pause_for_private(congested),
                 Ok(None) => {}
                 Err(PrivateError::Busy(target)) => {
                     self.error(&format!(
                         "{} is behind on reading; message not delivered, try again in a moment",
                         target.nick()
                     ));
-                    self.pause_for(target);
+                    self.pause_for_private(target);
                 }
                 Err(PrivateError::Failed(why)) => self.error(&why),
             },

@@ -164,7 +164,7 @@ impl<S: Socket> Connection<S> {
                     // Its buffers are full: whether it reads shows next.
                     if !self.refused {
                         self.refused = true;
-                        self.client.outbox.refused();
+                        self.client.outbox.refused(self.hub.queue_limit());
                     }
                     return Ok(());
                 }

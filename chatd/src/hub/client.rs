@@ -68,8 +68,8 @@ impl Client {
         }
     }
 
-    /// Records whether the client is in the middle of a line; called only
-    /// when that changes.
+    /// Records whether the client is in the middle of a line, since now;
+    /// called when that changes, or when a line began after others ended.
     pub fn set_mid_line(&self, mid_line: bool) {
         let since = if mid_line { clock::now_ms() } else { 0 };
         self.partial_since_ms.store(since, Relaxed);

@@ -409,6 +409,34 @@ async fn a_line_dribbled_a_byte_at_a_time_meets_its_deadline() {
     honest.expect("line not finished in time").await;
 }
 
+/// The other side of the partial-line deadline: a client whose every
+/// write finishes a line and starts the next (as a busy sender is read
+/// after a pause, in chunks that end anywhere) is never mid-line for long,
+/// and is not cut.
+#[tokio::test]
+async fn a_sender_whose_reads_all_end_mid_line_is_not_taken_for_a_dribbler() {
+    let server = TestServer::with_env(&[("CHATD_LIMITS__PARTIAL_LINE_TIMEOUT_SECS", "1")]);
+    let (mut sender, _) = server.join().await;
+    let (mut reader, _) = server.join().await;
+    sender.send("line 0 begins").await;
+    let started = Instant::now();
+    let mut n = 0;
+    while started.elapsed() < Duration::from_secs(3) {
+        sender
+            .send(&format!(" and ends\nline {} begins", n + 1))
+            .await;
+        reader.expect(&format!("line {n} begins and ends")).await;
+        n += 1;
+        // Within the flood limit (10 lines a second).
+        tokio::time::sleep(Duration::from_millis(120)).await;
+    }
+    assert!(server.logged("line not finished in time").is_empty());
+    println!(
+        "mid-line writes: {n} lines in {:?}, not cut",
+        started.elapsed()
+    );
+}
+
 #[tokio::test]
 async fn telnet_no_ops_do_not_keep_an_idle_client() {
     let server = TestServer::with_env(&[("CHATD_LIMITS__IDLE_TIMEOUT_SECS", "1")]);

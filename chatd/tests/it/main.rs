@@ -7,6 +7,7 @@ mod admin;
 mod chat;
 mod cluster;
 mod crash;
+mod flow;
 mod frontdoor;
 mod lifecycle;
 mod limits;
