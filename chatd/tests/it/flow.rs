@@ -328,12 +328,7 @@ fn a_reader_above_the_rate_is_waited_for_with_large_send_buffers() {
 /// unless `REQUIRE_TEST_TOOLS=1`.
 fn in_network_namespace(wmem: &str, label: &str) {
     if !can_unshare_network() {
-        let required = std::env::var("REQUIRE_TEST_TOOLS").is_ok_and(|v| v == "1");
-        assert!(
-            !required,
-            "cannot make a network namespace with `unshare -n` and `ip` and REQUIRE_TEST_TOOLS=1"
-        );
-        eprintln!("skipped: cannot make a network namespace here (needs root, unshare and ip)");
+        skip("cannot make a network namespace here (needs root, unshare and ip)");
         return;
     }
     let script = format!(

@@ -448,6 +448,20 @@ async fn a_second_chatd_on_the_same_state_dir_refuses_to_start() {
     first.chatctl(&["bans"]).await.ok();
 }
 
+/// chatd on its own ports with `state` as its state directory, run to its
+/// end (a refusal, here).
+fn on_state_dir(state: &Path) -> Run {
+    run_chatd(
+        &[],
+        &[
+            ("CHATD_SERVER__STATE_DIR", state.to_str().expect("utf-8")),
+            ("CHATD_CHAT__LISTEN", "127.0.0.1:0"),
+            ("CHATD_UDP__ENABLED", "false"),
+            ("CHATD_ADMIN__LISTEN", "127.0.0.1:0"),
+        ],
+    )
+}
+
 /// A state directory someone else controls (as the fallback under a shared
 /// `/tmp` could be, made in advance by another user) is refused before
 /// chatd creates anything in it: no lock file of ours lands there.
@@ -463,15 +477,7 @@ async fn a_state_dir_someone_else_controls_is_refused_untouched() {
     } else {
         std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o777)).expect("chmod");
     }
-    let run = run_chatd(
-        &[],
-        &[
-            ("CHATD_SERVER__STATE_DIR", state.to_str().expect("utf-8")),
-            ("CHATD_CHAT__LISTEN", "127.0.0.1:0"),
-            ("CHATD_UDP__ENABLED", "false"),
-            ("CHATD_ADMIN__LISTEN", "127.0.0.1:0"),
-        ],
-    );
+    let run = on_state_dir(&state);
     assert_eq!(run.code, 1, "{}", run.stderr);
     assert_eq!(run.stderr.trim().lines().count(), 1, "{}", run.stderr);
     assert!(run.stderr.contains("refusing"), "{}", run.stderr);
@@ -500,15 +506,7 @@ async fn a_planted_lock_file_reaches_the_terminal_clean() {
     let held = std::fs::File::open(&lock).expect("open the lock");
     rustix::fs::flock(&held, rustix::fs::FlockOperation::NonBlockingLockExclusive)
         .expect("hold the lock");
-    let run = run_chatd(
-        &[],
-        &[
-            ("CHATD_SERVER__STATE_DIR", state.to_str().expect("utf-8")),
-            ("CHATD_CHAT__LISTEN", "127.0.0.1:0"),
-            ("CHATD_UDP__ENABLED", "false"),
-            ("CHATD_ADMIN__LISTEN", "127.0.0.1:0"),
-        ],
-    );
+    let run = on_state_dir(&state);
     assert_eq!(run.code, 1, "{}", run.stderr);
     assert!(
         run.stderr.contains("in use by another chatd (pid unknown)"),

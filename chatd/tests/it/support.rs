@@ -23,6 +23,15 @@ pub fn metric(body: &str, name: &str) -> Option<u64> {
 /// How long any single expected event may take before the test fails.
 pub const WAIT: Duration = Duration::from_secs(10);
 
+/// Says, in one line, that a test is skipped because `why` (a missing tool,
+/// no namespace); under `REQUIRE_TEST_TOOLS=1`, where everything was
+/// installed (`.ci/run`), fails instead.
+pub fn skip(why: &str) {
+    let required = std::env::var("REQUIRE_TEST_TOOLS").is_ok_and(|v| v == "1");
+    assert!(!required, "{why}, and REQUIRE_TEST_TOOLS=1");
+    eprintln!("skipped: {why}");
+}
+
 pub fn chatd_bin() -> &'static str {
     env!("CARGO_BIN_EXE_chatd")
 }

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
 use tokio::net::tcp::OwnedReadHalf;
 
-use crate::support::{Client, TestServer, WAIT, chatd_bin, connect_from, metric};
+use crate::support::{Client, TestServer, WAIT, chatd_bin, connect_from, metric, skip};
 
 /// Lifts the limits a busy test would meet: flood control (the senders
 /// talk fast), the notice budget (200 joins) and the stall deadline (one
@@ -804,13 +804,8 @@ s.recv(1)  # exits once the old process has read why
 /// freeze, completes after it, and the old process welcomes it.
 #[tokio::test]
 async fn a_failure_after_the_freeze_leaves_a_connection_in_the_front_door_as_it_was() {
-    if !std::path::Path::new("/usr/bin/python3").exists() {
-        let required = std::env::var("REQUIRE_TEST_TOOLS").is_ok_and(|v| v == "1");
-        assert!(
-            !required,
-            "/usr/bin/python3 is missing and REQUIRE_TEST_TOOLS=1"
-        );
-        eprintln!("skipped: /usr/bin/python3 is missing");
+    if !Path::new("/usr/bin/python3").exists() {
+        skip("/usr/bin/python3 is missing");
         return;
     }
     let binary = Binary::copy();
@@ -1076,12 +1071,7 @@ async fn gone(pid: u32) {
 /// the stalled process stopped and reaped.
 async fn a_cancelled_upgrade_rolls_back_by_itself(point: &str) {
     if !Path::new("/usr/bin/python3").exists() {
-        let required = std::env::var("REQUIRE_TEST_TOOLS").is_ok_and(|v| v == "1");
-        assert!(
-            !required,
-            "/usr/bin/python3 is missing and REQUIRE_TEST_TOOLS=1"
-        );
-        eprintln!("skipped: /usr/bin/python3 is missing");
+        skip("/usr/bin/python3 is missing");
         return;
     }
     let binary = Binary::copy();
