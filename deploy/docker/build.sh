@@ -45,5 +45,6 @@ cp deploy/docker/Dockerfile "$context/"
 docker build --tag "$image" "$context"
 echo "built $image"
 if [ -n "$compose" ]; then
-    echo "next: $compose up -d    (the cluster: $compose --profile cluster up -d, after deploy/docker/nats/build.sh)"
+    echo "next: $compose up -d"
+    echo "  (a cluster: deploy/docker/nats/build.sh, then $compose -f deploy/compose/cluster/compose.yaml up -d)"
 fi
