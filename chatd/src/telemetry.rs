@@ -55,32 +55,6 @@ impl LogLevel {
     }
 }
 
-/// Checks a `log.level` value. `EnvFilter` reads a bare word it does not know
-/// (`inf`, `verbose`) as a *target* name, which silently turns off every
-/// other log line; so each comma-separated directive must be a level, or end
-/// in `=LEVEL` (`chatd=debug`, `chatd[conn]=trace`), and the whole must parse.
-pub fn check_level(level: &str) -> Result<(), String> {
-    const LEVELS: [&str; 6] = ["off", "error", "warn", "info", "debug", "trace"];
-    let is_level = |word: &str| LEVELS.iter().any(|l| l.eq_ignore_ascii_case(word.trim()));
-    if level.trim().is_empty() {
-        return Err("it is empty".into());
-    }
-    for directive in level.split(',') {
-        let directive = directive.trim();
-        let ok = match directive.rsplit_once('=') {
-            // `=` may also appear inside a span field filter.
-            Some((target, lvl)) => !target.trim().is_empty() && is_level(lvl),
-            None => is_level(directive),
-        };
-        if !ok {
-            return Err(format!("{directive:?} is neither a level nor TARGET=LEVEL"));
-        }
-    }
-    EnvFilter::try_new(level)
-        .map(drop)
-        .map_err(|e| e.to_string())
-}
-
 /// Whether the text log may be coloured: only on a terminal, and never when
 /// `NO_COLOR` is set (<https://no-color.org>). Colour codes in a file or a
 /// pipe are noise to whoever reads it.
@@ -230,39 +204,4 @@ fn tracer_provider(
         .with_span_processor(processor)
         .with_resource(resource.build())
         .build())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn levels_and_filters_pass() {
-        for ok in [
-            "info",
-            "WARN",
-            "off",
-            "info,chatd=debug",
-            "warn,chatd::connection=trace",
-            "chatd[conn{nick=alice}]=debug",
-        ] {
-            assert_eq!(check_level(ok), Ok(()), "{ok}");
-        }
-    }
-
-    #[test]
-    fn typos_are_refused() {
-        for bad in [
-            "inf",
-            "verbose",
-            "",
-            " ",
-            "info,chatd",
-            "chatd=verbose",
-            "=debug",
-            "info,",
-        ] {
-            assert!(check_level(bad).is_err(), "{bad:?}");
-        }
-    }
 }

@@ -12,6 +12,7 @@
 
 mod client;
 mod cluster;
+mod metric;
 mod report;
 mod scenario;
 mod server;
@@ -23,7 +24,7 @@ use std::time::Duration;
 
 use clap::Parser;
 
-use crate::report::Metric;
+use crate::metric::Metric;
 use crate::scenario::{Outcome, RunOptions, Scenario};
 use crate::server::Target;
 

@@ -15,7 +15,7 @@ use tokio::task::{JoinHandle, JoinSet};
 use tokio_util::sync::CancellationToken;
 
 use crate::client::{self, Conn, SendPlan, Shared, Tally};
-use crate::report::Metric;
+use crate::metric::Metric;
 use crate::server::{Server, Target};
 
 /// What a scenario asks of the clients.

@@ -48,7 +48,7 @@ pub struct MetricsConfig {
 }
 
 pub(super) fn validate_log(g: &RawLog) -> Result<LogConfig, ConfigError> {
-    if let Err(e) = crate::telemetry::check_level(&g.level) {
+    if let Err(e) = check_level(&g.level) {
         return Err(invalid(
             "log.level",
             format!("{:?}", g.level),
@@ -123,4 +123,65 @@ pub(super) fn validate_metrics(raw: &RawMetrics) -> Result<MetricsConfig, Config
         )? as u64),
     };
     Ok(metrics)
+}
+
+/// Checks a `log.level` value. `EnvFilter` reads a bare word it does not know
+/// (`inf`, `verbose`) as a *target* name, which silently turns off every
+/// other log line; so each comma-separated directive must be a level, or end
+/// in `=LEVEL` (`chatd=debug`, `chatd[conn]=trace`), and the whole must parse.
+fn check_level(level: &str) -> Result<(), String> {
+    const LEVELS: [&str; 6] = ["off", "error", "warn", "info", "debug", "trace"];
+    let is_level = |word: &str| LEVELS.iter().any(|l| l.eq_ignore_ascii_case(word.trim()));
+    if level.trim().is_empty() {
+        return Err("it is empty".into());
+    }
+    for directive in level.split(',') {
+        let directive = directive.trim();
+        let ok = match directive.rsplit_once('=') {
+            // `=` may also appear inside a span field filter.
+            Some((target, lvl)) => !target.trim().is_empty() && is_level(lvl),
+            None => is_level(directive),
+        };
+        if !ok {
+            return Err(format!("{directive:?} is neither a level nor TARGET=LEVEL"));
+        }
+    }
+    tracing_subscriber::EnvFilter::try_new(level)
+        .map(drop)
+        .map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn levels_and_filters_pass() {
+        for ok in [
+            "info",
+            "WARN",
+            "off",
+            "info,chatd=debug",
+            "warn,chatd::connection=trace",
+            "chatd[conn{nick=alice}]=debug",
+        ] {
+            assert_eq!(check_level(ok), Ok(()), "{ok}");
+        }
+    }
+
+    #[test]
+    fn typos_are_refused() {
+        for bad in [
+            "inf",
+            "verbose",
+            "",
+            " ",
+            "info,chatd",
+            "chatd=verbose",
+            "=debug",
+            "info,",
+        ] {
+            assert!(check_level(bad).is_err(), "{bad:?}");
+        }
+    }
 }
