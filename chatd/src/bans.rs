@@ -248,7 +248,9 @@ struct StoredBan {
 }
 
 /// Longest reason kept from the file; the admin API refuses longer ones.
-const MAX_REASON_BYTES: usize = crate::admin::MAX_REASON_BYTES;
+/// Longest kick or ban reason accepted, in bytes: a reason travels in one
+/// server line to the client and in the room's leave notice.
+pub const MAX_REASON_BYTES: usize = 256;
 
 fn read_file(path: &Path) -> Result<Vec<Ban>, BanError> {
     let text = match fs::read_to_string(path) {

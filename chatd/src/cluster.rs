@@ -67,7 +67,7 @@ use tracing::{debug, info, warn};
 
 use crate::clock;
 use crate::cluster_seq::{self, Backlog, Position, SEQ_HEADER, Seen, Verdict};
-use crate::cluster_state::{AdminBus, Claim, ClientId, ClusterState, Reply};
+use crate::cluster_state::{ADMIN_DEADLINE, AdminBus, Claim, ClientId, ClusterState, Reply};
 pub use crate::cluster_state::{Answer, GatherError, Gathered, Kind};
 use crate::config::{ClusterConfig, OnUnreachable};
 use crate::hub::Hub;
@@ -114,10 +114,6 @@ const START_WAIT: Duration = Duration::from_secs(3);
 const PING_INTERVAL: Duration = Duration::from_secs(10);
 /// At most one warning about dropped batches per this many milliseconds.
 const WARN_EVERY_MS: u64 = 10_000;
-/// How long a cluster-wide admin call waits for the other nodes' answers.
-/// Every live node answers in milliseconds; a node that is down or cut off
-/// costs the caller this long, and is then named as missing.
-pub const ADMIN_DEADLINE: Duration = Duration::from_secs(1);
 /// The header of an admin answer that is an error: the gRPC code (a
 /// number); the payload is then the message.
 pub const ERROR_HEADER: &str = "Chatd-Error";

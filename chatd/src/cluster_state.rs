@@ -38,6 +38,11 @@ use std::sync::Arc;
 use bytes::Bytes;
 use tokio::sync::oneshot;
 
+/// How long a cluster-wide admin call waits for the other nodes' answers.
+/// Every live node answers in milliseconds; a node that is down or cut off
+/// costs the caller this long, and is then named as missing.
+pub const ADMIN_DEADLINE: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// A client's number, unique on its node (the hub counts them); a
 /// cluster names a client by its node and this number.
 pub type ClientId = u64;

@@ -69,6 +69,7 @@ pub mod outbox;
 pub mod protocol;
 pub mod proxy;
 pub mod rate;
+pub mod rate_log;
 pub mod reload;
 pub mod sanitize;
 pub mod server;

@@ -216,7 +216,7 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) {
     let slots = Arc::new(Semaphore::new(config.max_connections));
-    let busy = crate::admin::RateLimitedLog::new(Duration::from_secs(60));
+    let busy = crate::rate_log::RateLimitedLog::new(Duration::from_secs(60));
     loop {
         let accepted = tokio::select! {
             () = shutdown.cancelled() => return,

@@ -18,8 +18,8 @@ use tonic::Status;
 use tonic::codegen::http::{self, HeaderMap};
 use tracing::info;
 
-use super::RateLimitedLog;
 use crate::config::{Role, TokenConfig};
+use crate::rate_log::RateLimitedLog;
 
 /// Who is calling; found in every authorised request's extensions.
 #[derive(Debug, Clone)]

@@ -263,7 +263,7 @@ pub fn incoming<L: Accept>(
     limits: ConnLimits,
 ) -> impl Stream<Item = io::Result<Limited<L::Io>>> + Send + 'static {
     let slots = Arc::new(Semaphore::new(limits.max_connections));
-    let refused = crate::admin::RateLimitedLog::new(Duration::from_secs(60));
+    let refused = crate::rate_log::RateLimitedLog::new(Duration::from_secs(60));
     let open: Vec<std::sync::Weak<Activity>> = Vec::new();
     futures_util::stream::unfold(
         (listener, slots, refused, open),

@@ -25,8 +25,8 @@ mod service;
 pub mod watch;
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Duration;
 
 use chatd_proto::admin::v1::admin_server::AdminServer;
 use tokio_util::sync::CancellationToken;
@@ -43,12 +43,8 @@ use crate::config::{AdminConfig, Role, TokenConfig};
 use crate::files;
 use crate::hub::Hub;
 use crate::listen::AdminListeners;
-use crate::lock::lock;
 use crate::reload::Reloader;
 
-/// Longest kick or ban reason accepted, in bytes: a reason travels in one
-/// server line to the client and in the room's leave notice.
-pub const MAX_REASON_BYTES: usize = 256;
 /// Longest broadcast text accepted, in bytes: one server line to everyone.
 pub const MAX_BROADCAST_BYTES: usize = 1024;
 
@@ -236,40 +232,6 @@ fn write_token(path: &Path, text: &str) -> std::io::Result<()> {
         files::check_private_dir(dir)?;
     }
     files::atomic_write(path, text.as_bytes())
-}
-
-/// Lets a log line through at most once per period and counts the ones held
-/// back, so a peer cannot fill the log by repeating a refused request.
-#[derive(Debug)]
-pub(crate) struct RateLimitedLog {
-    period: Duration,
-    state: Mutex<(Option<Instant>, u64)>,
-}
-
-impl RateLimitedLog {
-    pub(crate) const fn new(period: Duration) -> RateLimitedLog {
-        RateLimitedLog {
-            period,
-            state: Mutex::new((None, 0)),
-        }
-    }
-
-    /// `Some(n)`: log now, mentioning the `n` occurrences held back since
-    /// the last line; `None`: hold this one back.
-    pub(crate) fn allow(&self) -> Option<u64> {
-        let mut state = lock(&self.state);
-        let now = Instant::now();
-        match state.0 {
-            Some(last) if now.duration_since(last) < self.period => {
-                state.1 += 1;
-                None
-            }
-            _ => {
-                state.0 = Some(now);
-                Some(std::mem::take(&mut state.1))
-            }
-        }
-    }
 }
 
 fn generate_token() -> Result<String, SetupError> {

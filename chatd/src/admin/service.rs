@@ -19,7 +19,7 @@ use super::auth::Caller;
 use super::convert;
 use super::error::AdminError;
 use crate::bans::{self, Ban};
-use crate::cluster::ADMIN_DEADLINE;
+use crate::cluster_state::ADMIN_DEADLINE;
 use crate::cluster_state::{AdminBus, Answer, Gathered};
 use crate::hub::{Hub, HubError, Target};
 use crate::reload::Reloader;
@@ -528,7 +528,7 @@ impl Admin for AdminService {
     ) -> Reply<pb::KickClientResponse> {
         let by = who(&request);
         let r = request.into_inner();
-        at_most("reason", &r.reason, super::MAX_REASON_BYTES)?;
+        at_most("reason", &r.reason, crate::bans::MAX_REASON_BYTES)?;
         self.check_node(&r.node)?;
         let by_id_here = matches!(
             r.client.as_ref().and_then(|c| c.selector.as_ref()),
@@ -639,7 +639,7 @@ impl Admin for AdminService {
     async fn ban(&self, request: Request<pb::BanRequest>) -> Reply<pb::BanResponse> {
         let by = who(&request);
         let r = request.into_inner();
-        at_most("reason", &r.reason, super::MAX_REASON_BYTES)?;
+        at_most("reason", &r.reason, crate::bans::MAX_REASON_BYTES)?;
         let now = SystemTime::now();
         let ban = Ban {
             net: bans::parse_target(&r.target).map_err(AdminError::from)?,

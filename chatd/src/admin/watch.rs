@@ -439,7 +439,7 @@ impl std::fmt::Debug for Remote {
 
 impl Remote {
     /// Takes a place in the node's feed of other nodes' events, asks every
-    /// node for them, and waits (at most [`crate::cluster::ADMIN_DEADLINE`])
+    /// node for them, and waits (at most [`crate::cluster_state::ADMIN_DEADLINE`])
     /// until the nodes known to be there relay. Returns the feed and who
     /// answered.
     pub async fn open(bus: &Bus, messages: bool) -> Result<(Remote, Gathered), String> {
