@@ -22,25 +22,44 @@ const TICK: Duration = Duration::from_millis(500);
 /// Lateness of a tick below this is ordinary scheduling, not a stall.
 const SLACK: Duration = Duration::from_millis(250);
 
-/// Milliseconds of stall so far, read on every read of a client.
-static TOTAL_MS: AtomicU64 = AtomicU64::new(0);
-/// The end of the last stall counted, so that an overlapping report adds
-/// only what is new.
-static COUNTED_UNTIL_MS: Mutex<u64> = Mutex::new(0);
+/// Stall time counted once however many report it.
+struct Stalls {
+    /// Milliseconds of stall so far, read on every read of a client.
+    total_ms: AtomicU64,
+    /// The end of the last stall counted, so that an overlapping report
+    /// adds only what is new.
+    counted_until_ms: Mutex<u64>,
+}
+
+impl Stalls {
+    const fn new() -> Stalls {
+        Stalls {
+            total_ms: AtomicU64::new(0),
+            counted_until_ms: Mutex::new(0),
+        }
+    }
+
+    fn record(&self, from_ms: u64, to_ms: u64) {
+        let mut until = crate::lock::lock(&self.counted_until_ms);
+        let start = from_ms.max(*until);
+        if to_ms > start {
+            self.total_ms.fetch_add(to_ms - start, Ordering::Relaxed);
+            *until = to_ms;
+        }
+    }
+}
+
+/// This process's stalls.
+static STALLS: Stalls = Stalls::new();
 
 /// Milliseconds this process has spent stalled since it started.
 pub fn total_ms() -> u64 {
-    TOTAL_MS.load(Ordering::Relaxed)
+    STALLS.total_ms.load(Ordering::Relaxed)
 }
 
 /// Counts the stall from `from_ms` to `to_ms` ([`clock::now_ms`] readings).
 pub fn record(from_ms: u64, to_ms: u64) {
-    let mut until = crate::lock::lock(&COUNTED_UNTIL_MS);
-    let start = from_ms.max(*until);
-    if to_ms > start {
-        TOTAL_MS.fetch_add(to_ms - start, Ordering::Relaxed);
-        *until = to_ms;
-    }
+    STALLS.record(from_ms, to_ms);
 }
 
 /// Ticks on the runtime it is spawned on until `stop`, counting every tick
@@ -69,11 +88,10 @@ mod tests {
 
     #[test]
     fn overlapping_stalls_count_once() {
-        let base = total_ms();
-        let t = clock::now_ms() + 1_000_000;
-        record(t, t + 100);
-        record(t + 50, t + 150);
-        record(t + 10, t + 90);
-        assert_eq!(total_ms() - base, 150);
+        let stalls = Stalls::new();
+        stalls.record(1000, 1100);
+        stalls.record(1050, 1150);
+        stalls.record(1010, 1090);
+        assert_eq!(stalls.total_ms.load(Ordering::Relaxed), 150);
     }
 }

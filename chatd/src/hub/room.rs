@@ -390,12 +390,29 @@ impl Hub {
             return;
         };
         let total = read(&room.members).len() + self.cluster().remote_count(&room.name);
-        if total == 0 || total >= self.config().limits.room_notice_max {
+        let Some(text) = self.leave_notice(nick, &room, total, Some(&reason)) else {
             return;
-        }
-        let text = format!("{nick} left {} ({}): {reason}", room.name, users(total));
+        };
         // From no client of this node: every member hears it.
         self.room_notice(&room, 0, NoticeKind::Leave, &text);
+    }
+
+    /// `*** nick left ROOM (N users): reason`, unless the room is empty now
+    /// or too big for notices (`limits.room_notice_max`).
+    fn leave_notice(
+        &self,
+        nick: &str,
+        room: &Room,
+        total: usize,
+        reason: Option<&dyn std::fmt::Display>,
+    ) -> Option<String> {
+        if total == 0 || total >= self.config().limits.room_notice_max {
+            return None;
+        }
+        Some(match reason {
+            Some(r) => format!("{nick} left {} ({}): {r}", room.name, users(total)),
+            None => format!("{nick} left {} ({})", room.name, users(total)),
+        })
     }
 
     /// Removes `client` from `room` under the state lock, and drops the room
@@ -440,16 +457,11 @@ impl Hub {
         });
         // At shutdown everyone leaves at once: notices would be O(n²) noise.
         // With members left on other nodes only, the notice is for them.
-        if total >= config.limits.room_notice_max
-            || total == 0
-            || reason == Some(&Disconnect::Shutdown)
-        {
+        if reason == Some(&Disconnect::Shutdown) {
             return None;
         }
-        let text = match reason {
-            Some(r) => format!("{nick} left {} ({}): {r}", room.name, users(total)),
-            None => format!("{nick} left {} ({})", room.name, users(total)),
-        };
+        let reason = reason.map(|r| r as &dyn std::fmt::Display);
+        let text = self.leave_notice(&nick, room, total, reason)?;
         Some((room.clone(), text))
     }
 }

@@ -770,34 +770,44 @@ async fn proxied_clients_completing_their_headers_throughout_an_upgrade_are_all_
     }
 }
 
-/// Stands in for a new chatd that fails once the old one has frozen: it
-/// takes the listeners, says it is prepared, waits for the state (sent
-/// once everyone is parked) and gives up.
-const FAILS_AFTER_THE_FREEZE: &str = r#"#!/usr/bin/python3
-import json, os, socket, struct, sys
+/// The handoff peer's side in Python, for the scripts that stand in for a
+/// new chatd: the imports, the connection to the old process (from
+/// `HANDOFF_FROM_CHATD`), and `frame()` (one JSON message, its descriptors
+/// received and kept) and `send(msg)`.
+const HANDOFF_PEER: &str = r#"import json, os, socket, struct, sys, time
 s = socket.socket(socket.AF_UNIX)
 s.connect(os.environ["HANDOFF_FROM_CHATD"])
 def exactly(n):
     got = b""
     while len(got) < n:
-        data, _, _, _ = s.recvmsg(n - len(got), socket.CMSG_SPACE(4 * 256))
+        data, _, _, _ = s.recvmsg(n - len(got), socket.CMSG_SPACE(4 * 1024))
         if not data:
             sys.exit(1)
         got += data
     return got
 def frame():
-    return exactly(struct.unpack(">I", exactly(4))[0])
+    return json.loads(exactly(struct.unpack(">I", exactly(4))[0]))
 def send(msg):
     body = json.dumps(msg).encode()
     s.sendall(struct.pack(">I", len(body)) + body)
-frame()  # Hello
+"#;
+
+/// Stands in for a new chatd that fails once the old one has frozen: it
+/// takes the listeners, says it is prepared, waits for the state (sent
+/// once everyone is parked) and gives up.
+fn fails_after_the_freeze() -> String {
+    format!(
+        r#"#!/usr/bin/python3
+{HANDOFF_PEER}frame()  # Hello
 frame()  # Prepare, with the listeners
 send("Prepared")
 frame()  # State: everyone is parked
-send({"Failed": {"error": "this build cannot take over"}})
+send({{"Failed": {{"error": "this build cannot take over"}}}})
 print("this build cannot take over", file=sys.stderr, flush=True)
 s.recv(1)  # exits once the old process has read why
-"#;
+"#
+    )
+}
 
 /// A new process that fails after the freeze leaves a connection that was
 /// in the front door as it was: its PROXY header, half read before the
@@ -819,7 +829,7 @@ async fn a_failure_after_the_freeze_leaves_a_connection_in_the_front_door_as_it_
     proxied
         .send_raw(b"PROXY TCP4 10.9.0.1 127.0.0.1 4000 8080")
         .await;
-    binary.replace_with_script(FAILS_AFTER_THE_FREEZE);
+    binary.replace_with_script(&fails_after_the_freeze());
     let failed = server.chatctl(&["upgrade"]).await;
     assert_eq!(failed.code, 1, "{failed:#?}");
     assert!(
@@ -1022,26 +1032,11 @@ async fn a_sender_read_on_the_grid_is_heard_after_an_upgrade() {
 fn stalls_at(point: &str, pidfile: &Path) -> String {
     format!(
         r#"#!/usr/bin/python3
-import json, os, socket, struct, sys, time
+import os, time
 open({pidfile:?}, "w").write(str(os.getpid()))
 if "{point}" == "start":
     time.sleep(3600)
-s = socket.socket(socket.AF_UNIX)
-s.connect(os.environ["HANDOFF_FROM_CHATD"])
-def exactly(n):
-    got = b""
-    while len(got) < n:
-        data, _, _, _ = s.recvmsg(n - len(got), socket.CMSG_SPACE(4 * 1024))
-        if not data:
-            sys.exit(1)
-        got += data
-    return got
-def frame():
-    return json.loads(exactly(struct.unpack(">I", exactly(4))[0]))
-def send(msg):
-    body = json.dumps(msg).encode()
-    s.sendall(struct.pack(">I", len(body)) + body)
-frame()  # Hello
+{HANDOFF_PEER}frame()  # Hello
 frame()  # Prepare, with the listeners
 send("Prepared")
 frame()  # State: everyone is parked
