@@ -42,43 +42,34 @@
 
 pub mod activation;
 pub mod admin;
-pub mod bans;
 pub mod clients;
-pub mod clock;
 pub mod cluster;
 pub mod cluster_seq;
 pub mod cluster_state;
-pub mod config;
 pub mod connection;
-pub mod disconnect;
-pub mod files;
-pub mod framing;
 pub mod front;
-pub mod grid;
 pub mod handoff;
 pub mod hub;
 pub mod journal;
 pub mod listen;
-mod lock;
 pub mod log_fields;
 pub mod metrics;
 pub mod nats_options;
-pub mod netgroup;
 pub mod notify;
-pub mod outbox;
-pub mod protocol;
 pub mod proxy;
-pub mod rate;
-pub mod rate_log;
 pub mod reload;
-pub mod sanitize;
 pub mod server;
 pub mod sockopt;
 pub mod stall;
-pub mod stats;
 pub mod telemetry;
 pub mod tls;
 pub mod udp_echo;
+
+pub use chatd_config as config;
+pub use chatd_hub::{
+    bans, clock, disconnect, files, grid, lock, netgroup, outbox, rate_log, stats,
+};
+pub use chatd_text::{framing, protocol, rate, sanitize};
 
 pub use config::Config;
 pub use listen::Listeners;

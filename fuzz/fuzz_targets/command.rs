@@ -4,7 +4,7 @@
 //! a normalised room name is stable.
 #![no_main]
 
-use chatd::protocol::{self, Command};
+use chatd_text::protocol::{self, Command};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

@@ -6,7 +6,7 @@
 
 use std::sync::OnceLock;
 
-use chatd::config::{Config, Source};
+use chatd_config::{Config, Source};
 use libfuzzer_sys::fuzz_target;
 
 fn dir() -> &'static tempfile::TempDir {

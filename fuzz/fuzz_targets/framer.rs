@@ -6,7 +6,7 @@
 #![no_main]
 
 use bytes::BytesMut;
-use chatd::framing::{Frame, LineFramer};
+use chatd_text::framing::{Frame, LineFramer};
 use libfuzzer_sys::fuzz_target;
 
 #[derive(Debug, PartialEq, Eq)]

@@ -6,7 +6,7 @@
 //! is one line.
 #![no_main]
 
-use chatd::sanitize::{self, MAX_BLANKS};
+use chatd_text::sanitize::{self, MAX_BLANKS};
 use libfuzzer_sys::fuzz_target;
 
 /// An oracle independent of the sanitiser's own table.

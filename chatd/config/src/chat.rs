@@ -6,7 +6,7 @@ use std::time::Duration;
 use super::error::{ConfigError, invalid, range};
 use super::listen::{TlsFiles, addrs, nets, tls_files};
 use super::raw::RawChat;
-use crate::protocol;
+use chatd_text::protocol;
 
 #[derive(Debug, Clone)]
 pub struct ChatConfig {

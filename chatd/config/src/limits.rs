@@ -20,7 +20,7 @@ pub struct Limits {
     /// In the middle of a line for this long: disconnected.
     pub partial_line_timeout: Option<Duration>,
     pub keepalive: Option<Duration>,
-    /// The most a client may owe; see [`crate::outbox`] for the flow
+    /// The most a client may owe; see the hub's outbox for the flow
     /// control below it.
     pub outbound_queue_bytes: usize,
     /// Owing bytes and reading none for this long: cut as a slow consumer.

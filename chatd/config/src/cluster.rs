@@ -198,9 +198,7 @@ pub(super) fn validate_cluster(
             .strip_prefix("nats://")
             .or_else(|| url.strip_prefix("tls://"))
             .unwrap_or(url);
-        let ok = url.parse::<async_nats::ServerAddr>().is_ok()
-            && !hostport.is_empty()
-            && !url.contains(char::is_whitespace);
+        let ok = is_nats_url(url) && !hostport.is_empty() && !url.contains(char::is_whitespace);
         if !ok {
             return Err(invalid(
                 "cluster.nats_urls",
@@ -316,4 +314,17 @@ fn validate_nats_security(raw: &RawCluster) -> Result<(NatsAuth, NatsTls), Confi
         required: raw.tls_required,
     };
     Ok((auth, tls))
+}
+
+/// What the NATS client accepts as a server address: a URL with the scheme
+/// `nats`, `tls`, `ws` or `wss`, or `host:port` (read as `nats://host:port`).
+/// Parsed with the same URL parser the client uses, so a URL that passes
+/// here connects there.
+fn is_nats_url(input: &str) -> bool {
+    let parsed = if input.contains("://") {
+        url::Url::parse(input)
+    } else {
+        url::Url::parse(&format!("nats://{input}"))
+    };
+    parsed.is_ok_and(|url| matches!(url.scheme(), "nats" | "tls" | "ws" | "wss"))
 }

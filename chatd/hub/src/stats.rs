@@ -117,12 +117,12 @@ pub struct Counters {
 }
 
 impl Stats {
-    pub(crate) fn connected(&self, now: usize) {
+    pub fn connected(&self, now: usize) {
         self.connections.fetch_add(1, Relaxed);
         self.peak_clients.fetch_max(now as u64, Relaxed);
     }
 
-    pub(crate) fn disconnected(&self, reason: &Disconnect) {
+    pub fn disconnected(&self, reason: &Disconnect) {
         let counter = match reason {
             Disconnect::SlowConsumer => &self.slow_consumer_disconnects,
             Disconnect::Flood => &self.flood_disconnects,
@@ -133,29 +133,29 @@ impl Stats {
         counter.fetch_add(1, Relaxed);
     }
 
-    pub(crate) fn published(&self, lines: usize, reached: usize) {
+    pub fn published(&self, lines: usize, reached: usize) {
         self.lines_relayed.fetch_add(lines as u64, Relaxed);
         self.deliveries.fetch_add((lines * reached) as u64, Relaxed);
     }
 
-    pub(crate) fn flow_paused(&self) {
+    pub fn flow_paused(&self) {
         self.flow_pauses.fetch_add(1, Relaxed);
     }
 
-    pub(crate) fn grid_read(&self) {
+    pub fn grid_read(&self) {
         self.grid_reads.fetch_add(1, Relaxed);
     }
 
-    pub(crate) fn input(&self, lines: u64, bytes: u64) {
+    pub fn input(&self, lines: u64, bytes: u64) {
         self.lines_in.fetch_add(lines, Relaxed);
         self.bytes_in.fetch_add(bytes, Relaxed);
     }
 
-    pub(crate) fn output(&self, bytes: u64) {
+    pub fn output(&self, bytes: u64) {
         self.bytes_out.fetch_add(bytes, Relaxed);
     }
 
-    pub(crate) fn snapshot(&self, clients: usize, rooms: usize, uptime: Duration) -> StatsSnapshot {
+    pub fn snapshot(&self, clients: usize, rooms: usize, uptime: Duration) -> StatsSnapshot {
         StatsSnapshot {
             uptime,
             clients: clients as u64,
@@ -166,7 +166,7 @@ impl Stats {
 
     /// Every counter's value now: for reports, and for the next process
     /// of a seamless upgrade.
-    pub(crate) fn counters(&self) -> Counters {
+    pub fn counters(&self) -> Counters {
         let get = |c: &AtomicU64| c.load(Relaxed);
         Counters {
             connections: get(&self.connections),
@@ -192,7 +192,7 @@ impl Stats {
 
     /// Carries on from the previous process's counters: added to this
     /// process's own, the peak kept as the larger.
-    pub(crate) fn import(&self, from: &Counters) {
+    pub fn import(&self, from: &Counters) {
         let add = |c: &AtomicU64, v: u64| {
             c.fetch_add(v, Relaxed);
         };

@@ -302,7 +302,7 @@ fn read_file(path: &Path) -> Result<Vec<Ban>, BanError> {
                 net: parse_target(&b.target).map_err(|e| bad(e.to_string()))?,
                 // The file may have been edited by hand: its reasons reach
                 // banned clients' terminals, so they are cleaned like chat.
-                reason: bounded(crate::sanitize::clean(&b.reason), MAX_REASON_BYTES),
+                reason: bounded(chatd_text::sanitize::clean(&b.reason), MAX_REASON_BYTES),
                 created_at: time("created_at", &b.created_at)?,
                 expires_at: b
                     .expires_at

@@ -1,0 +1,25 @@
+//! chatd's domain: who is connected, in which room, under which nick, and
+//! every delivery between them.
+//!
+//! - [`outbox`]: one client's bounded outgoing queue; [`disconnect`]: why a
+//!   client leaves; [`grid`]: when a room's busy members are written to.
+//! - [`stats`]: the counters behind the admin API and the metrics.
+//! - [`bans`]: banned addresses and their file; [`files`]: private files
+//!   written atomically.
+//! - [`netgroup`]: what one address is for the per-address limits.
+//! - [`clock`], [`lock`], [`rate_log`]: the time, the poison-tolerant lock
+//!   and the rate-limited log every layer above shares.
+//!
+//! Architecture invariant: this crate knows nothing of NATS, gRPC, TLS or
+//! the upgrade.
+
+pub mod bans;
+pub mod clock;
+pub mod disconnect;
+pub mod files;
+pub mod grid;
+pub mod lock;
+pub mod netgroup;
+pub mod outbox;
+pub mod rate_log;
+pub mod stats;
