@@ -14,7 +14,7 @@
 //! header names it.
 //!
 //! A seamless upgrade's freeze counts every connection here that has read
-//! nothing a new process could not be told ([`Arrival`]): a plain one until
+//! nothing a new process could not be told ([`Arrival`](crate::handoff::Arrival)): a plain one until
 //! it registers, a trusted proxy's until its PROXY header is read (the
 //! bytes of it read so far go with it). Such a connection parks at the
 //! freeze and its bare socket is handed over ([`serve_handed`] in the new
@@ -33,7 +33,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use crate::connection;
-use crate::handoff::{Export, Outcome, WaitingState};
+use crate::handoff::{Arrival, Export, Outcome, WaitingState};
 use crate::hub::{Hub, Refusal, Seat};
 use crate::proxy;
 use crate::tls::{self, Certs};
@@ -48,45 +48,6 @@ pub enum Door {
     /// never holds up the thread that writes everyone's lines. Only the chat
     /// behind the pump moves to the client thread ([`tls::serve`]).
     Tls(Certs, Option<Handle>),
-}
-
-/// A connection in the front door, counted by an upgrade's freeze (see
-/// [`crate::handoff::gate`]) until it registers in the hub or gives up.
-#[derive(Debug)]
-pub struct Arrival(Option<Hub>);
-
-impl Arrival {
-    /// Counts one. Made by the accept loop itself, before it looks for a
-    /// freeze again, so that a freeze that saw every loop stop has them
-    /// all.
-    pub fn new(hub: &Hub) -> Arrival {
-        hub.handoff().arrive();
-        Arrival(Some(hub.clone()))
-    }
-
-    /// A connection the freeze does not wait for (a TLS client's, whose
-    /// handshake began).
-    pub fn none() -> Arrival {
-        Arrival(None)
-    }
-
-    pub fn counted(&self) -> bool {
-        self.0.is_some()
-    }
-
-    /// Left the front door: registered, refused, or past the point where
-    /// it could be handed over.
-    pub fn leave(&mut self) {
-        if let Some(hub) = self.0.take() {
-            hub.handoff().arrival_left();
-        }
-    }
-}
-
-impl Drop for Arrival {
-    fn drop(&mut self) {
-        self.leave();
-    }
 }
 
 /// Serves one accepted socket: real address, TLS, then the chat.

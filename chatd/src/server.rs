@@ -581,7 +581,7 @@ fn admit(stream: TcpStream, peer: SocketAddr, door: &Door, doors: &Doors<'_>) {
         }
     };
     tune(&stream, hub);
-    let arrival = front::Arrival::new(hub);
+    let arrival = crate::handoff::Arrival::new(hub);
     // A TLS client is handed to the client thread by `tls`, once its
     // handshake is done.
     let clients = doors.clients.filter(|_| matches!(door, Door::Plain));

@@ -28,7 +28,7 @@ use tracing::debug;
 
 use crate::config::TlsFiles;
 use crate::connection;
-use crate::front::Arrival;
+use crate::handoff::Arrival;
 use crate::hub::{Hub, Refusal, Seat, TLS_PUMP_FILES, server_line};
 
 /// Plaintext bytes the pump holds per direction.

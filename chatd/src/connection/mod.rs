@@ -215,7 +215,7 @@ pub async fn serve_on<S: Socket>(
     peer: SocketAddr,
     tls: bool,
     hub: Hub,
-    mut arrival: crate::front::Arrival,
+    mut arrival: crate::handoff::Arrival,
     mut seat: Seat,
 ) {
     let client = loop {

@@ -42,6 +42,7 @@
 //! go over as bare sockets in `Waiting`. A version 1 old process sends
 //! `State` with everything right after `Hello`; [`receive`] takes that too.
 
+mod arrival;
 pub mod gate;
 pub mod state;
 pub mod wire;
@@ -64,6 +65,7 @@ use tracing::{info, warn};
 
 use crate::hub::Hub;
 use crate::listen::Listeners;
+pub use arrival::Arrival;
 pub use gate::{Gate, Outcome};
 pub use state::{ClientState, Gone, ListenerKind, State, WaitingState};
 
