@@ -773,7 +773,7 @@ fn is_peer_error(e: &io::Error) -> bool {
 /// and TCP keepalive so dead peers are noticed even when nobody talks.
 fn tune(stream: &TcpStream, hub: &Hub) {
     let _ = stream.set_nodelay(true);
-    bound_unsent(stream);
+    crate::sockopt::bound_unsent(stream);
     if let Some(idle) = hub.limits().keepalive {
         let keepalive = TcpKeepalive::new()
             .with_time(idle)
@@ -782,16 +782,6 @@ fn tune(stream: &TcpStream, hub: &Hub) {
         if let Err(e) = SockRef::from(stream).set_tcp_keepalive(&keepalive) {
             warn!(error = %e, "cannot enable TCP keepalive");
         }
-    }
-}
-
-/// Bounds the bytes a chat socket holds unsent to
-/// [`crate::outbox::UNSENT_LIMIT`] (`TCP_NOTSENT_LOWAT`): what it takes
-/// then shows what the client reads. Also for a socket taken over from a
-/// process that did not set it.
-pub(crate) fn bound_unsent(stream: &TcpStream) {
-    if let Err(e) = SockRef::from(stream).set_tcp_notsent_lowat(crate::outbox::UNSENT_LIMIT) {
-        warn!(error = %e, "cannot bound the unsent bytes of a chat socket");
     }
 }
 

@@ -1,10 +1,15 @@
-//! The one socket option chatd sets that `socket2` and `rustix` do not
-//! offer: `SO_RCVLOWAT`, the bytes a socket must hold before it counts as
+//! The chat sockets' flow-control options: `TCP_NOTSENT_LOWAT`, which bounds
+//! what a socket holds unsent, and `SO_RCVLOWAT` (which `socket2` and
+//! `rustix` do not offer), the bytes a socket must hold before it counts as
 //! readable. A member that reads on its room's grid raises it so that a
 //! line does not wake chatd (see `connection::grid_read`).
 
 use std::io;
 use std::os::fd::AsRawFd;
+
+use socket2::SockRef;
+use tokio::net::TcpStream;
+use tracing::warn;
 
 /// Sets `SO_RCVLOWAT` on `socket` to `bytes` (at least 1).
 #[allow(unsafe_code)]
@@ -66,5 +71,15 @@ mod tests {
         let mut buf = [0u8; 16];
         let n = server.read(&mut buf).expect("read");
         assert_eq!(&buf[..n], b"hello\n");
+    }
+}
+
+/// Bounds the bytes a chat socket holds unsent to
+/// [`crate::outbox::UNSENT_LIMIT`] (`TCP_NOTSENT_LOWAT`): what it takes
+/// then shows what the client reads. Also for a socket taken over from a
+/// process that did not set it.
+pub fn bound_unsent(stream: &TcpStream) {
+    if let Err(e) = SockRef::from(stream).set_tcp_notsent_lowat(crate::outbox::UNSENT_LIMIT) {
+        warn!(error = %e, "cannot bound the unsent bytes of a chat socket");
     }
 }

@@ -106,7 +106,7 @@ pub async fn resume(
         };
         // A process of an earlier version may not have bounded it; the
         // option changes nothing the old process relies on if it resumes.
-        crate::server::bound_unsent(&stream);
+        crate::sockopt::bound_unsent(&stream);
         let framer = LineFramer::import(&state.framer);
         let f = &state.flood;
         let now = Instant::now();
