@@ -65,13 +65,13 @@ use tokio::sync::{Notify, mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::clock;
 use crate::cluster_seq::{self, Backlog, Position, SEQ_HEADER, Seen, Verdict};
 use crate::cluster_state::{ADMIN_DEADLINE, AdminBus, Claim, ClientId, ClusterState, Reply};
 pub use crate::cluster_state::{Answer, GatherError, Gathered, Kind};
 use crate::config::{ClusterConfig, OnUnreachable};
 use crate::hub::Hub;
 use crate::nats_options;
+use crate::rate_log::RateLimitedLog;
 
 /// The header naming the node a message comes from.
 pub const NODE_HEADER: &str = "Chatd-Node";
@@ -112,8 +112,9 @@ const START_WAIT: Duration = Duration::from_secs(3);
 /// partition rather than a closed socket) is noticed after two missed
 /// pongs, so within about twice this.
 const PING_INTERVAL: Duration = Duration::from_secs(10);
-/// At most one warning about dropped batches per this many milliseconds.
-const WARN_EVERY_MS: u64 = 10_000;
+/// At most one warning of each kind (dropped batches, a slow subscription,
+/// refused credentials) per this long.
+const WARN_EVERY: Duration = Duration::from_secs(10);
 /// The header of an admin answer that is an error: the gRPC code (a
 /// number); the payload is then the message.
 pub const ERROR_HEADER: &str = "Chatd-Error";
@@ -181,7 +182,7 @@ pub struct Link {
     tag: String,
     /// Batches that did not reach NATS (queue full, or NATS unreachable).
     dropped: AtomicU64,
-    last_warn_ms: AtomicU64,
+    dropped_log: RateLimitedLog,
     /// Cluster-wide admin; `None` only in unit tests without NATS.
     bus: Option<Bus>,
     /// The nick task ([`nicks`]); `None` only in unit tests without NATS.
@@ -219,14 +220,7 @@ impl Link {
                 return;
             }
             let total = self.dropped.fetch_add(1, Relaxed) + 1;
-            let now = clock::now_ms();
-            let last = self.last_warn_ms.load(Relaxed);
-            if (last == 0 || now.saturating_sub(last) >= WARN_EVERY_MS)
-                && self
-                    .last_warn_ms
-                    .compare_exchange(last, now.max(1), Relaxed, Relaxed)
-                    .is_ok()
-            {
+            if self.dropped_log.allow().is_some() {
                 warn!(
                     dropped_total = total,
                     "cluster: the queue to NATS is full; lines for other nodes are dropped"
@@ -485,9 +479,9 @@ pub async fn connect(config: &ClusterConfig) -> Result<Connected, ClusterError> 
     let urls = config.nats_urls.join(" ");
     let (state_tx, mut state_rx) = watch::channel(false);
     let state_tx = Arc::new(state_tx);
-    let slow_warned = Arc::new(AtomicU64::new(0));
+    let slow_log = Arc::new(RateLimitedLog::new(WARN_EVERY));
     let options = || async {
-        let options = connect_options(config, state_tx.clone(), slow_warned.clone());
+        let options = connect_options(config, state_tx.clone(), slow_log.clone());
         nats_options::secure(options, config).await
     };
     // One attempt first, to tell a refusal (credentials, TLS: fail closed)
@@ -572,7 +566,7 @@ pub async fn start(
         interest: Notify::new(),
         tag: node_tag(&config.node_id),
         dropped: AtomicU64::new(0),
-        last_warn_ms: AtomicU64::new(0),
+        dropped_log: RateLimitedLog::new(WARN_EVERY),
         bus: Some(bus.clone()),
         nicks: Some(nicks_tx),
         members: members::Members::default(),
@@ -742,9 +736,9 @@ pub async fn create_stream(
 fn connect_options(
     config: &ClusterConfig,
     events: Arc<watch::Sender<bool>>,
-    slow_warned: Arc<AtomicU64>,
+    slow_log: Arc<RateLimitedLog>,
 ) -> ConnectOptions {
-    let refused_warned = Arc::new(AtomicU64::new(0));
+    let refused_log = Arc::new(RateLimitedLog::new(WARN_EVERY));
     ConnectOptions::new()
         .name(format!("chatd {}", config.node_id))
         .connection_timeout(START_WAIT)
@@ -752,8 +746,8 @@ fn connect_options(
         .subscription_capacity(SUBSCRIPTION_CAPACITY)
         .event_callback(move |event| {
             let events = events.clone();
-            let slow_warned = slow_warned.clone();
-            let refused_warned = refused_warned.clone();
+            let slow_log = slow_log.clone();
+            let refused_log = refused_log.clone();
             async move {
                 match event {
                     async_nats::Event::Connected => {
@@ -764,14 +758,14 @@ fn connect_options(
                     }
                     async_nats::Event::SlowConsumer(_) => {
                         // NATS drops what a subscription cannot hold.
-                        if warn_due(&slow_warned) {
+                        if slow_log.allow().is_some() {
                             warn!("cluster: messages from other nodes (room lines, or events for a watcher that reads slowly) arrive faster than this node hands them out; some are dropped");
                         }
                     }
                     async_nats::Event::ServerError(async_nats::ServerError::AuthorizationViolation) => {
                         // Only after a start that found NATS away: a start
                         // that reached it stops on a refusal instead.
-                        if warn_due(&refused_warned) {
+                        if refused_log.allow().is_some() {
                             warn!("cluster: NATS refuses this node's credentials (cluster.creds_file, cluster.user/password, cluster.token); still serving this node's users alone");
                         }
                     }
@@ -779,16 +773,6 @@ fn connect_options(
                 }
             }
         })
-}
-
-/// True at most once per [`WARN_EVERY_MS`] for the same `last` stamp.
-fn warn_due(last_ms: &AtomicU64) -> bool {
-    let now = clock::now_ms().max(1);
-    let last = last_ms.load(Relaxed);
-    (last == 0 || now.saturating_sub(last) >= WARN_EVERY_MS)
-        && last_ms
-            .compare_exchange(last, now, Relaxed, Relaxed)
-            .is_ok()
 }
 
 /// The cluster task's state.
@@ -991,7 +975,7 @@ impl Node {
     }
 
     fn lock_backlog(&self) -> std::sync::MutexGuard<'_, Backlog> {
-        self.backlog.lock().unwrap_or_else(|p| p.into_inner())
+        crate::lock::lock(&self.backlog)
     }
 
     /// Asks the server to send back the last sequence given out: when it
@@ -1132,7 +1116,7 @@ impl Node {
     /// subscriptions of rooms without any.
     fn reconcile(&mut self) {
         let wanted = self.hub.occupied_rooms();
-        let mut backlog = self.backlog.lock().unwrap_or_else(|p| p.into_inner());
+        let mut backlog = crate::lock::lock(&self.backlog);
         self.rooms.retain(|room, sub| {
             let keep = wanted.contains(room);
             if !keep {
@@ -1428,11 +1412,7 @@ async fn serve_replay(
         let Some((room, after)) = cluster_seq::parse_replay_request(&msg.payload) else {
             continue;
         };
-        let answer =
-            backlog
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .replay(room, after, REPLAY_MAX_BYTES);
+        let answer = crate::lock::lock(&backlog).replay(room, after, REPLAY_MAX_BYTES);
         if let Err(e) = client.publish(reply, answer).await {
             debug!(error = %e, "cluster: cannot answer a replay request");
         }
@@ -1598,7 +1578,7 @@ impl Bus {
     /// Other nodes heard within `ttl` (at most [`PRESENCE_TTL`]).
     pub fn peers_within(&self, ttl: Duration) -> Vec<String> {
         let now = std::time::Instant::now();
-        let peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
+        let peers = crate::lock::lock(&self.peers);
         peers
             .iter()
             .filter(|(_, seen)| now.duration_since(**seen) < ttl)
@@ -1609,7 +1589,7 @@ impl Bus {
     /// Other nodes heard within [`PRESENCE_TTL`].
     pub fn live_peers(&self) -> Vec<String> {
         let now = std::time::Instant::now();
-        let mut peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
+        let mut peers = crate::lock::lock(&self.peers);
         peers.retain(|_, seen| now.duration_since(*seen) < PRESENCE_TTL);
         peers.keys().cloned().collect()
     }
@@ -1648,10 +1628,7 @@ async fn presence(bus: Bus, subject: String, stop: CancellationToken) {
                 if node == &*bus.node_id || node.is_empty() {
                     continue;
                 }
-                let new = bus
-                    .peers
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
+                let new = crate::lock::lock(&bus.peers)
                     .insert(node.to_string(), std::time::Instant::now())
                     .is_none();
                 if new {
@@ -1774,7 +1751,7 @@ mod tests {
             interest: Notify::new(),
             tag: node_tag("web1"),
             dropped: AtomicU64::new(0),
-            last_warn_ms: AtomicU64::new(0),
+            dropped_log: RateLimitedLog::new(WARN_EVERY),
             bus: None,
             nicks: None,
             members: members::Members::default(),

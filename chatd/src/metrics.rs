@@ -32,6 +32,7 @@ use tracing::{debug, warn};
 use crate::config::{Config, MetricsConfig};
 use crate::hub::Hub;
 use crate::listen::{BindError, bind_tcp};
+use crate::stats::{Counters, Stats, StatsSnapshot};
 
 /// Longest request head read.
 const MAX_REQUEST: usize = 8 * 1024;
@@ -94,118 +95,138 @@ impl Collector for HubCollector {
         let snap = self.hub.snapshot();
         let stats = self.hub.stats();
         let bans = self.hub.bans().len() as u64;
-        let gauges: [(&str, &str, u64); 5] = [
-            (
-                "uptime_seconds",
-                "Seconds since the daemon started",
-                snap.uptime.as_secs(),
-            ),
-            ("clients", "Clients connected now", snap.clients),
-            (
-                "peak_clients",
-                "Most clients connected at once",
-                snap.counters.peak_clients,
-            ),
-            ("rooms", "Rooms that exist now", snap.rooms),
-            ("bans", "Bans in force now", bans),
-        ];
-        for (name, help, value) in gauges {
+        for (name, help, value) in gauges(&snap, bans) {
             let metric = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
             ConstGauge::new(value as i64).encode(metric)?;
         }
-        let counters: [(&str, &str, u64); 17] = [
-            (
-                "connections",
-                "Connections accepted and registered",
-                snap.counters.connections,
-            ),
-            (
-                "refused",
-                "Connections refused (server full, per-address limit, shutdown)",
-                snap.counters.refused,
-            ),
-            (
-                "lines_in",
-                "Lines received from clients",
-                snap.counters.lines_in,
-            ),
-            (
-                "bytes_in",
-                "Bytes received from clients",
-                snap.counters.bytes_in,
-            ),
-            (
-                "lines_relayed",
-                "Chat lines relayed to a room or a person, each counted once",
-                snap.counters.lines_relayed,
-            ),
-            (
-                "deliveries",
-                "Chat line deliveries: lines relayed times recipients (the lines out)",
-                snap.counters.deliveries,
-            ),
-            (
-                "bytes_out",
-                "Bytes written to clients",
-                snap.counters.bytes_out,
-            ),
-            (
-                "kicks",
-                "Clients kicked by an operator",
-                snap.counters.kicks,
-            ),
-            (
-                "slow_consumer_disconnects",
-                "Clients cut off for not reading: queue full, or nothing read for limits.slow_consumer_secs",
-                snap.counters.slow_consumer_disconnects,
-            ),
-            (
-                "flood_disconnects",
-                "Clients cut off for flooding",
-                snap.counters.flood_disconnects,
-            ),
-            (
-                "idle_disconnects",
-                "Clients cut off for being idle or for not finishing a line in time",
-                snap.counters.idle_disconnects,
-            ),
-            (
-                "overlong_disconnects",
-                "Clients cut off for sending too many over-long lines",
-                snap.counters.overlong_disconnects,
-            ),
-            (
-                "flow_control_pauses",
-                "Times a sender paused reading because a recipient that is still reading was behind",
-                snap.counters.flow_pauses,
-            ),
-            (
-                "grid_reads",
-                "Reads of busy senders made in their room's read phase (server.client_threads = 1)",
-                snap.counters.grid_reads,
-            ),
-            ("udp_in", "UDP datagrams received", snap.counters.udp_in),
-            ("udp_out", "UDP datagrams echoed", snap.counters.udp_out),
-            (
-                "udp_dropped",
-                "UDP datagrams not echoed (too large or rate-limited)",
-                snap.counters.udp_dropped,
-            ),
-        ];
+        let c = &snap.counters;
+        let counters = traffic_counters(c)
+            .into_iter()
+            .chain(disconnect_counters(c))
+            .chain(flow_counters(c))
+            .chain(udp_counters(c));
         for (name, help, value) in counters {
             let metric = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
             ConstCounter::new(value).encode(metric)?;
         }
-        let (buckets, count, sum) = stats.fan_out_latency.buckets();
-        let mut metric = encoder.encode_descriptor(
-            "fan_out_seconds",
-            "Time to hand one batch of chat lines to every member of a room",
-            None,
-            MetricType::Histogram,
-        )?;
-        metric.encode_histogram::<NoLabelSet>(sum, count, &buckets, None)?;
-        Ok(())
+        encode_fan_out(&mut encoder, stats)
     }
+}
+
+/// A metric without labels: its name, its help text and its value.
+type Plain = (&'static str, &'static str, u64);
+
+fn gauges(snap: &StatsSnapshot, bans: u64) -> [Plain; 5] {
+    [
+        (
+            "uptime_seconds",
+            "Seconds since the daemon started",
+            snap.uptime.as_secs(),
+        ),
+        ("clients", "Clients connected now", snap.clients),
+        (
+            "peak_clients",
+            "Most clients connected at once",
+            snap.counters.peak_clients,
+        ),
+        ("rooms", "Rooms that exist now", snap.rooms),
+        ("bans", "Bans in force now", bans),
+    ]
+}
+
+/// Connections, and the lines and bytes they carried.
+fn traffic_counters(c: &Counters) -> [Plain; 7] {
+    [
+        (
+            "connections",
+            "Connections accepted and registered",
+            c.connections,
+        ),
+        (
+            "refused",
+            "Connections refused (server full, per-address limit, shutdown)",
+            c.refused,
+        ),
+        ("lines_in", "Lines received from clients", c.lines_in),
+        ("bytes_in", "Bytes received from clients", c.bytes_in),
+        (
+            "lines_relayed",
+            "Chat lines relayed to a room or a person, each counted once",
+            c.lines_relayed,
+        ),
+        (
+            "deliveries",
+            "Chat line deliveries: lines relayed times recipients (the lines out)",
+            c.deliveries,
+        ),
+        ("bytes_out", "Bytes written to clients", c.bytes_out),
+    ]
+}
+
+/// Clients cut off, by reason.
+fn disconnect_counters(c: &Counters) -> [Plain; 5] {
+    [
+        ("kicks", "Clients kicked by an operator", c.kicks),
+        (
+            "slow_consumer_disconnects",
+            "Clients cut off for not reading: queue full, or nothing read for limits.slow_consumer_secs",
+            c.slow_consumer_disconnects,
+        ),
+        (
+            "flood_disconnects",
+            "Clients cut off for flooding",
+            c.flood_disconnects,
+        ),
+        (
+            "idle_disconnects",
+            "Clients cut off for being idle or for not finishing a line in time",
+            c.idle_disconnects,
+        ),
+        (
+            "overlong_disconnects",
+            "Clients cut off for sending too many over-long lines",
+            c.overlong_disconnects,
+        ),
+    ]
+}
+
+/// How the fan-out kept up with slow readers and busy senders.
+fn flow_counters(c: &Counters) -> [Plain; 2] {
+    [
+        (
+            "flow_control_pauses",
+            "Times a sender paused reading because a recipient that is still reading was behind",
+            c.flow_pauses,
+        ),
+        (
+            "grid_reads",
+            "Reads of busy senders made in their room's read phase (server.client_threads = 1)",
+            c.grid_reads,
+        ),
+    ]
+}
+
+fn udp_counters(c: &Counters) -> [Plain; 3] {
+    [
+        ("udp_in", "UDP datagrams received", c.udp_in),
+        ("udp_out", "UDP datagrams echoed", c.udp_out),
+        (
+            "udp_dropped",
+            "UDP datagrams not echoed (too large or rate-limited)",
+            c.udp_dropped,
+        ),
+    ]
+}
+
+fn encode_fan_out(encoder: &mut DescriptorEncoder, stats: &Stats) -> Result<(), std::fmt::Error> {
+    let (buckets, count, sum) = stats.fan_out_latency.buckets();
+    let mut metric = encoder.encode_descriptor(
+        "fan_out_seconds",
+        "Time to hand one batch of chat lines to every member of a room",
+        None,
+        MetricType::Histogram,
+    )?;
+    metric.encode_histogram::<NoLabelSet>(sum, count, &buckets, None)
 }
 
 /// Serves `GET /metrics` on `listener` until `shutdown`.

@@ -92,7 +92,7 @@ impl Reloader {
     /// blocking task.
     pub fn reload(&self) -> Result<ReloadReport, ReloadError> {
         let inner = &*self.inner;
-        let started = inner.started.lock().unwrap_or_else(|p| p.into_inner());
+        let started = crate::lock::lock(&inner.started);
         let new = Config::load(&inner.source)?;
         // Read even when the paths are unchanged: renewed certificates
         // are usually written over the old files. A bad one changes nothing.

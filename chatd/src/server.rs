@@ -24,6 +24,7 @@ use crate::config::{Config, Source};
 use crate::front::{self, Door};
 use crate::hub::{Hub, Refusal};
 use crate::listen::{AdminListeners, BindError, Listeners, bind_tcp};
+use crate::rate_log::RateLimitedLog;
 use crate::reload::Reloader;
 use crate::telemetry::LogLevel;
 use crate::tls::{self, Certs, TlsError};
@@ -513,7 +514,7 @@ async fn accept_loop(
 ) {
     let hub = doors.hub;
     let mut backoff = Backoff::default();
-    let mut out_of_files = OutOfFiles::default();
+    let out_of_files = OutOfFiles::default();
     // Open for an upgrade's freeze to wait for (see `handoff::gate`).
     let _open = OpenDoor::new(hub);
     loop {
@@ -662,29 +663,24 @@ impl Spare {
 /// Connections refused with the spare descriptor, logged at most once a
 /// second with their number, so that a flood at the file limit costs one
 /// log line a second rather than one per connection.
-#[derive(Default)]
-struct OutOfFiles {
-    since_log: u64,
-    logged: Option<std::time::Instant>,
+struct OutOfFiles(RateLimitedLog);
+
+impl Default for OutOfFiles {
+    fn default() -> Self {
+        OutOfFiles(RateLimitedLog::new(Duration::from_secs(1)))
+    }
 }
 
 impl OutOfFiles {
-    fn refused(&mut self, e: &io::Error) {
-        self.since_log += 1;
-        let now = std::time::Instant::now();
-        if self
-            .logged
-            .is_some_and(|t| now.saturating_duration_since(t) < Duration::from_secs(1))
-        {
+    fn refused(&self, e: &io::Error) {
+        let Some(held_back) = self.0.allow() else {
             return;
-        }
+        };
         warn!(
             error = %e,
-            refused = self.since_log,
+            refused = held_back + 1,
             "out of file descriptors: refused connections with the reserved descriptor"
         );
-        self.since_log = 0;
-        self.logged = Some(now);
     }
 }
 

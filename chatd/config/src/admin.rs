@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use super::error::{ConfigError, invalid, range};
 use super::listen::{TlsFiles, addrs, tls_files};
-use super::raw::RawAdmin;
+use super::raw::{RawAdmin, RawToken};
 
 /// The admin API. `None` in [`Config::admin`](super::Config::admin) when
 /// `admin.enabled` is false.
@@ -76,61 +76,8 @@ fn validate_token(key: &'static str, token: &str) -> Result<(), ConfigError> {
 }
 
 pub(super) fn validate_admin(raw: &RawAdmin) -> Result<AdminConfig, ConfigError> {
-    let listen = addrs("admin.listen", &raw.listen)?;
-    let socket = (!raw.socket.is_empty()).then(|| PathBuf::from(&raw.socket));
-    if listen.is_empty() && socket.is_none() {
-        return Err(invalid(
-            "admin.listen",
-            "\"\"",
-            "an IP:PORT, or set admin.socket, or turn the API off with admin.enabled = false",
-        ));
-    }
-    let mut tokens = Vec::with_capacity(raw.tokens.len() + 1);
-    for t in &raw.tokens {
-        if t.name.is_empty() || t.name.len() > 64 || t.name.chars().any(char::is_control) {
-            return Err(invalid(
-                "admin.tokens.name",
-                format!("{:?}", t.name),
-                "1 to 64 characters, no control characters",
-            ));
-        }
-        validate_token("admin.tokens.token", &t.token)?;
-        let role = match t.role.as_str() {
-            "admin" | "" => Role::Admin,
-            "read" => Role::Read,
-            other => {
-                return Err(invalid(
-                    "admin.tokens.role",
-                    format!("{other:?}"),
-                    "\"admin\" or \"read\"",
-                ));
-            }
-        };
-        if tokens.iter().any(|c: &TokenConfig| c.name == t.name) {
-            return Err(invalid(
-                "admin.tokens.name",
-                format!("{:?}", t.name),
-                "each token needs a name of its own",
-            ));
-        }
-        tokens.push(TokenConfig {
-            name: t.name.clone(),
-            secret: t.token.clone(),
-            role,
-        });
-    }
-    if !raw.token_file.is_empty() {
-        let path = PathBuf::from(&raw.token_file);
-        let text = std::fs::read_to_string(&path)
-            .map_err(|source| ConfigError::TokenFile { path, source })?;
-        let secret = text.lines().next().unwrap_or_default().trim().to_string();
-        validate_token("admin.token_file", &secret)?;
-        tokens.push(TokenConfig {
-            name: "token_file".into(),
-            secret,
-            role: Role::Admin,
-        });
-    }
+    let (listen, socket) = endpoints(raw)?;
+    let tokens = tokens(raw)?;
     if let Some(public) = listen.iter().find(|a| !a.ip().is_loopback())
         && tokens.is_empty()
     {
@@ -156,4 +103,82 @@ pub(super) fn validate_admin(raw: &RawAdmin) -> Result<AdminConfig, ConfigError>
         )?,
         idle_timeout: positive_secs("admin.idle_timeout_secs", raw.idle_timeout_secs)?,
     })
+}
+
+/// `admin.listen` and `admin.socket`: at least one of them, or the API
+/// could not be reached.
+fn endpoints(raw: &RawAdmin) -> Result<(Vec<SocketAddr>, Option<PathBuf>), ConfigError> {
+    let listen = addrs("admin.listen", &raw.listen)?;
+    let socket = (!raw.socket.is_empty()).then(|| PathBuf::from(&raw.socket));
+    if listen.is_empty() && socket.is_none() {
+        return Err(invalid(
+            "admin.listen",
+            "\"\"",
+            "an IP:PORT, or set admin.socket, or turn the API off with admin.enabled = false",
+        ));
+    }
+    Ok((listen, socket))
+}
+
+/// `admin.tokens`, each with a name of its own, then `admin.token_file`.
+fn tokens(raw: &RawAdmin) -> Result<Vec<TokenConfig>, ConfigError> {
+    let mut tokens = Vec::with_capacity(raw.tokens.len() + 1);
+    for t in &raw.tokens {
+        let token = configured_token(t)?;
+        if tokens.iter().any(|c: &TokenConfig| c.name == token.name) {
+            return Err(invalid(
+                "admin.tokens.name",
+                format!("{:?}", t.name),
+                "each token needs a name of its own",
+            ));
+        }
+        tokens.push(token);
+    }
+    tokens.extend(token_from_file(raw)?);
+    Ok(tokens)
+}
+
+/// One `[[admin.tokens]]` entry, checked on its own.
+fn configured_token(t: &RawToken) -> Result<TokenConfig, ConfigError> {
+    if t.name.is_empty() || t.name.len() > 64 || t.name.chars().any(char::is_control) {
+        return Err(invalid(
+            "admin.tokens.name",
+            format!("{:?}", t.name),
+            "1 to 64 characters, no control characters",
+        ));
+    }
+    validate_token("admin.tokens.token", &t.token)?;
+    let role = match t.role.as_str() {
+        "admin" | "" => Role::Admin,
+        "read" => Role::Read,
+        other => {
+            return Err(invalid(
+                "admin.tokens.role",
+                format!("{other:?}"),
+                "\"admin\" or \"read\"",
+            ));
+        }
+    };
+    Ok(TokenConfig {
+        name: t.name.clone(),
+        secret: t.token.clone(),
+        role,
+    })
+}
+
+/// `admin.token_file`, if set: its first line is an admin token.
+fn token_from_file(raw: &RawAdmin) -> Result<Option<TokenConfig>, ConfigError> {
+    if raw.token_file.is_empty() {
+        return Ok(None);
+    }
+    let path = PathBuf::from(&raw.token_file);
+    let text =
+        std::fs::read_to_string(&path).map_err(|source| ConfigError::TokenFile { path, source })?;
+    let secret = text.lines().next().unwrap_or_default().trim().to_string();
+    validate_token("admin.token_file", &secret)?;
+    Ok(Some(TokenConfig {
+        name: "token_file".into(),
+        secret,
+        role: Role::Admin,
+    }))
 }

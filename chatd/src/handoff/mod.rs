@@ -9,8 +9,9 @@
 //! - [`wire`]: JSON frames with descriptors (`SCM_RIGHTS`) over a UNIX
 //!   socket;
 //! - [`Upgrader`] (here): the old process's side, from starting the new
-//!   binary to commit or rollback; [`receive`] and [`Incoming`]: the new
-//!   process's side.
+//!   binary to commit or rollback, with [`exchange`] the messages it
+//!   exchanges with the new process up to its `Ready`; [`receive`] and
+//!   [`Incoming`]: the new process's side.
 //!
 //! The exchange, on a private UNIX socket whose path the new process gets in
 //! `HANDOFF_FROM_CHATD` (and whose peer must be the process just started).
@@ -43,6 +44,7 @@
 //! `State` with everything right after `Hello`; [`receive`] takes that too.
 
 mod arrival;
+mod exchange;
 pub mod gate;
 pub mod state;
 pub mod wire;
@@ -66,6 +68,7 @@ use tracing::{info, warn};
 use crate::hub::Hub;
 use crate::listen::Listeners;
 pub use arrival::Arrival;
+use exchange::{Broke, Exchanged};
 pub use gate::{Gate, Outcome};
 pub use state::{ClientState, Gone, ListenerKind, State, WaitingState};
 
@@ -430,108 +433,42 @@ impl Upgrader {
         result
     }
 
+    /// Starts the new process and runs the exchange with it, bounded by
+    /// `server.upgrade_timeout_secs` from `started`, then commits. However
+    /// it ends before the commit, the new process is stopped
+    /// ([`Successor`]).
     async fn hand_over(&self, hub: &Hub, started: Instant) -> Result<Upgraded, UpgradeError> {
-        // A private socket, in a 0700 directory, for this one exchange.
         let path = self
             .inner
             .runtime_dir
             .join(format!("handoff-{}.sock", std::process::id()));
-        let channel = (|| {
-            crate::files::create_private_dir(&self.inner.runtime_dir)?;
-            let _ = std::fs::remove_file(&path);
-            let listener = std::os::unix::net::UnixListener::bind(&path)?;
-            listener.set_nonblocking(true)?;
-            tokio::net::UnixListener::from_std(listener)
-        })()
-        .map_err(|source| UpgradeError::Channel {
-            path: path.clone(),
-            source,
-        })?;
+        let channel = self.open_channel(&path)?;
         let _remove = RemoveOnDrop(path.clone());
-
-        let child = spawn_busy_aware(
-            Command::new(&self.inner.exe)
-                .args(&self.inner.args)
-                .env(HANDOFF_ENV, &path)
-                .stdin(std::process::Stdio::null())
-                .stderr(std::process::Stdio::piped())
-                .kill_on_drop(false),
-        )
-        .await
-        .map_err(|source| UpgradeError::Spawn {
-            exe: self.inner.exe.clone(),
-            source,
-        })?;
-        let mut successor = Successor(Some(child));
+        let mut successor = self.spawn_successor(&path).await?;
         let child = successor.child();
         let pid = child.id().unwrap_or(0);
-        let tail = Arc::new(Mutex::new(Vec::new()));
-        let forward = child
-            .stderr
-            .take()
-            .map(|e| tokio::spawn(forward_stderr(e, tail.clone())));
-        let failed = |why: Option<String>| {
-            let tail = tail.clone();
-            async move {
-                if let Some(f) = forward {
-                    let _ = tokio::time::timeout(Duration::from_secs(1), f).await;
-                }
-                let said = String::from_utf8_lossy(&crate::lock::lock(&tail))
-                    .trim()
-                    .to_string();
-                // The last line is the error; earlier ones are logs.
-                let last = said.lines().last().unwrap_or_default().to_string();
-                match why {
-                    Some(why) => why,
-                    None if last.is_empty() => "it exited before it was ready".to_string(),
-                    None => last,
-                }
-            }
-        };
-
+        let stderr = StderrTail::forward(child);
         let limit = hub.config().server.upgrade_timeout;
         let deadline = started + limit;
         let outcome = tokio::select! {
             r = tokio::time::timeout(limit, self.exchange(hub, &channel, pid, deadline)) => r,
             status = child.wait() => {
                 let status = status.map(|s| s.to_string()).unwrap_or_default();
-                let why = failed(None).await;
+                let why = stderr.why(None).await;
                 return Err(UpgradeError::NewProcess(if why.is_empty() { status } else { why }));
             }
         };
         let (sock, exchanged) = match outcome {
             Err(_) => {
-                let _ = child.start_kill();
-                let _ = child.wait().await;
-                let said = failed(None).await;
+                stop(child).await;
+                let said = stderr.why(None).await;
                 return Err(UpgradeError::Timeout(limit, format!(": {said}")));
             }
-            Ok(Err(Broke::Io(e))) => {
-                let _ = child.start_kill();
-                let _ = child.wait().await;
-                let said = failed(None).await;
-                return Err(UpgradeError::NewProcess(format!("{said} ({e})")));
-            }
-            Ok(Err(Broke::Said(error))) => {
-                let _ = tokio::time::timeout(limit, child.wait()).await;
-                let _ = child.start_kill();
-                return Err(UpgradeError::NewProcess(failed(Some(error)).await));
-            }
-            Ok(Err(Broke::Here(e))) => {
-                // Our side gave up (connections did not park): the new
-                // process holds nothing it may use without a commit.
-                let _ = child.start_kill();
-                let _ = child.wait().await;
-                return Err(e);
-            }
+            Ok(Err(broke)) => return Err(abandon(child, broke, stderr, limit).await),
             Ok(Ok(done)) => done,
         };
-        // systemd follows the new process from here.
-        crate::notify::main_pid(exchanged.pid);
-        tokio::task::block_in_place(|| wire::send(&sock, &ToNew::Commit, &[]))?;
+        commit(&sock, &exchanged, successor)?;
         let frozen = exchanged.frozen_at.elapsed();
-        // The new process lives on after this one: nothing waits for it.
-        successor.commit();
         Ok(Upgraded {
             pid: exchanged.pid,
             duration: started.elapsed(),
@@ -542,249 +479,119 @@ impl Upgrader {
         })
     }
 
-    /// The exchange with the new process `pid`, up to its `Ready`: the
-    /// listeners first, while everyone is served; once it says it is
-    /// prepared, the freeze, the state, and the clients in chunks.
-    async fn exchange(
-        &self,
-        hub: &Hub,
-        channel: &tokio::net::UnixListener,
-        pid: u32,
-        deadline: Instant,
-    ) -> Result<(UnixStream, Exchanged), Broke> {
-        let (sock, _) = channel.accept().await?;
-        let sock = sock.into_std()?;
-        check_peer(&sock, pid)?;
-        sock.set_nonblocking(false)?;
-        // Blocking calls cannot be interrupted: each waits at most until
-        // the upgrade's own deadline.
-        let left = deadline
-            .saturating_duration_since(Instant::now())
-            .max(Duration::from_millis(1));
-        sock.set_read_timeout(Some(left))?;
-        sock.set_write_timeout(Some(left))?;
-        let listener_fds: Vec<BorrowedFd<'_>> = self
-            .inner
-            .listeners
-            .iter()
-            .map(|(_, f)| f.as_fd())
-            .collect();
-        let kinds: Vec<ListenerKind> = self
-            .inner
-            .listeners
-            .iter()
-            .map(|(k, _)| k.clone())
-            .collect();
-        let stderr = io::stderr();
-        // Blocking writes, answered by a process that reads them at once;
-        // the socket's deadlines bound them.
-        let reply = tokio::task::block_in_place(|| {
-            wire::send(&sock, &ToNew::Hello, &[stderr.as_fd()])?;
-            wire::send(
-                &sock,
-                &ToNew::Prepare {
-                    listeners: kinds.clone(),
-                    admin_token: self.inner.admin_token.clone(),
-                },
-                &listener_fds,
-            )?;
-            wire::recv::<ToOld>(&sock, |_| 0)
+    /// A private socket, in a 0700 directory, for this one exchange.
+    fn open_channel(&self, path: &Path) -> Result<tokio::net::UnixListener, UpgradeError> {
+        (|| {
+            crate::files::create_private_dir(&self.inner.runtime_dir)?;
+            let _ = std::fs::remove_file(path);
+            let listener = std::os::unix::net::UnixListener::bind(path)?;
+            listener.set_nonblocking(true)?;
+            tokio::net::UnixListener::from_std(listener)
+        })()
+        .map_err(|source| UpgradeError::Channel {
+            path: path.to_owned(),
+            source,
+        })
+    }
+
+    /// Starts the binary with this process's arguments, told in
+    /// [`HANDOFF_ENV`] where the channel is.
+    async fn spawn_successor(&self, path: &Path) -> Result<Successor, UpgradeError> {
+        let child = spawn_busy_aware(
+            Command::new(&self.inner.exe)
+                .args(&self.inner.args)
+                .env(HANDOFF_ENV, path)
+                .stdin(std::process::Stdio::null())
+                .stderr(std::process::Stdio::piped())
+                .kill_on_drop(false),
+        )
+        .await
+        .map_err(|source| UpgradeError::Spawn {
+            exe: self.inner.exe.clone(),
+            source,
         })?;
-        match reply.0 {
-            ToOld::Prepared => {}
-            ToOld::Failed { error } => return Err(Broke::Said(error)),
-            ToOld::Ready { .. } => return Err(Broke::Io(protocol_error("Ready before the state"))),
-        }
-
-        // The new process is up and waits: freeze for the transfer only.
-        let frozen_at = Instant::now();
-        let gate = hub.handoff();
-        let freeze = gate.freeze();
-        hub.wake_connections();
-        let all_parked = gate.wait_parked(|| hub.client_count());
-        if tokio::time::timeout(FREEZE_TIMEOUT, all_parked)
-            .await
-            .is_err()
-        {
-            return Err(Broke::Here(UpgradeError::Freeze(FREEZE_TIMEOUT)));
-        }
-        let parked_ms = frozen_at.elapsed().as_millis() as u64;
-        let mut exports_rx = gate.collect();
-        let next_id = hub.next_client_id();
-        let state = State {
-            version: state::CURRENT,
-            listeners: kinds,
-            next_id,
-            rooms: hub.export_rooms(),
-            clients: Vec::new(),
-            admin_token: self.inner.admin_token.clone(),
-            stats: Some(hub.stats().counters()),
-            // Taken before any client is exported: from here on the
-            // cluster's listeners hand nothing on (they wait out the freeze).
-            cluster_receipts: hub.cluster().receipts(),
-        };
-        let state = serde_json::to_value(&state).map_err(io::Error::other)?;
-        tokio::task::block_in_place(|| wire::send(&sock, &ToNew::State { fds: 0, state }, &[]))?;
-        // The clients, a chunk at a time: each chunk's copies of sockets
-        // are closed once sent, before more are made. A thread of its own
-        // sends (blocking writes, bounded by the socket's deadlines) while
-        // the next chunk is collected.
-        let (chunks, mut to_send) = tokio::sync::mpsc::channel::<Chunk>(1);
-        let sending = hub.clone();
-        let sender = tokio::task::spawn_blocking(move || {
-            while let Some(chunk) = to_send.blocking_recv() {
-                let borrowed: Vec<BorrowedFd<'_>> = chunk.fds.iter().map(|f| f.as_fd()).collect();
-                let (clients, gone) = (chunk.clients, chunk.gone);
-                wire::send(&sock, &ToNew::Clients { clients, gone }, &borrowed)?;
-                drop(borrowed);
-                if !chunk.waiting.is_empty() {
-                    let borrowed: Vec<BorrowedFd<'_>> =
-                        chunk.waiting_fds.iter().map(|f| f.as_fd()).collect();
-                    let waiting = chunk.waiting;
-                    wire::send(&sock, &ToNew::Waiting { waiting }, &borrowed)?;
-                }
-                // Closed: as many more may be copied.
-                drop(chunk.fds);
-                drop(chunk.waiting_fds);
-                sending.handoff().release(freeze, chunk.exports);
-            }
-            // Only if it moved (it cannot while registration is refused):
-            // the previous release, which knows neither `NextId` nor
-            // `Waiting`, can take over whenever nobody is in the front door.
-            let now = sending.next_client_id();
-            if now != next_id {
-                wire::send(&sock, &ToNew::NextId { next_id: now }, &[])?;
-            }
-            wire::send(&sock, &ToNew::End, &[])?;
-            let reply = wire::recv::<ToOld>(&sock, |_| 0)?;
-            io::Result::Ok((sock, reply))
-        });
-        let deadline = tokio::time::Instant::now() + FREEZE_TIMEOUT;
-        let (mut collected, mut handed, mut waiting) = (0, 0, 0);
-        // At most this many exports (and copies of sockets) exist at once:
-        // the sender returns each chunk's permits once it has closed them.
-        gate.release(freeze, COPIES);
-        loop {
-            // Both only fall now: nobody registers or arrives in a freeze.
-            let total = hub.client_count() + gate.arrivals();
-            if collected >= total {
-                break;
-            }
-            let want = (total - collected).min(CHUNK);
-            let mut chunk = Chunk {
-                clients: Vec::with_capacity(want),
-                fds: Vec::with_capacity(want),
-                waiting: Vec::new(),
-                waiting_fds: Vec::new(),
-                gone: Vec::new(),
-                exports: want,
-            };
-            for _ in 0..want {
-                match tokio::time::timeout_at(deadline, exports_rx.recv()).await {
-                    Ok(Some(Export::Client { state, fd })) => {
-                        collected += 1;
-                        // A TLS client has no socket to hand over.
-                        match fd.map_err(|e| Broke::Here(UpgradeError::Copy(e)))? {
-                            Some(fd) => {
-                                chunk.clients.push(state);
-                                chunk.fds.push(fd);
-                            }
-                            None => chunk.gone.push(Gone {
-                                nick: state.nick,
-                                room: state.room,
-                            }),
-                        }
-                    }
-                    Ok(Some(Export::Waiting { state, fd })) => {
-                        collected += 1;
-                        waiting += 1;
-                        let fd = fd.map_err(|e| Broke::Here(UpgradeError::Copy(e)))?;
-                        chunk.waiting.push(state);
-                        chunk.waiting_fds.push(fd);
-                    }
-                    Ok(None) | Err(_) => {
-                        return Err(Broke::Here(UpgradeError::Freeze(FREEZE_TIMEOUT)));
-                    }
-                }
-            }
-            handed += chunk.clients.len();
-            if chunks.send(chunk).await.is_err() {
-                // The sender stopped on an error, which it returns.
-                break;
-            }
-        }
-        drop(chunks);
-        let collected_ms = frozen_at.elapsed().as_millis() as u64;
-        let (sock, reply) = sender.await.map_err(io::Error::other)??;
-        let new_pid = match reply.0 {
-            ToOld::Ready { pid } => pid,
-            ToOld::Failed { error } => return Err(Broke::Said(error)),
-            ToOld::Prepared => return Err(Broke::Io(protocol_error("Prepared twice"))),
-        };
-        info!(
-            clients = handed,
-            waiting,
-            parked_ms,
-            collected_ms,
-            ready_ms = frozen_at.elapsed().as_millis() as u64,
-            "upgrade: the new process holds every client"
-        );
-        Ok((
-            sock,
-            Exchanged {
-                pid: new_pid,
-                frozen_at,
-                clients: handed,
-                dropped_tls: collected - handed - waiting,
-                waiting,
-            },
-        ))
+        Ok(Successor(Some(child)))
     }
 }
 
-/// Clients for one `Clients` message, with their sockets' copies,
-/// connections still in the front door for a `Waiting` one, and how many
-/// exports they came from (TLS clients' included).
-struct Chunk {
-    clients: Vec<ClientState>,
-    fds: Vec<OwnedFd>,
-    waiting: Vec<WaitingState>,
-    waiting_fds: Vec<OwnedFd>,
-    /// Clients told to reconnect (TLS), for the new process to announce.
-    gone: Vec<Gone>,
-    exports: usize,
+/// The new process's stderr: copied to ours as it comes, its tail kept for
+/// the error message.
+struct StderrTail {
+    tail: Arc<Mutex<Vec<u8>>>,
+    forward: Option<tokio::task::JoinHandle<()>>,
 }
 
-/// How far the exchange with the new process got.
-struct Exchanged {
-    pid: u32,
-    frozen_at: Instant,
-    clients: usize,
-    dropped_tls: usize,
-    waiting: usize,
-}
+impl StderrTail {
+    fn forward(child: &mut tokio::process::Child) -> StderrTail {
+        let tail = Arc::new(Mutex::new(Vec::new()));
+        let forward = child
+            .stderr
+            .take()
+            .map(|e| tokio::spawn(forward_stderr(e, tail.clone())));
+        StderrTail { tail, forward }
+    }
 
-/// Why the exchange stopped before `Ready`.
-enum Broke {
-    /// The channel failed (the new process may have died; its stderr says).
-    Io(io::Error),
-    /// The new process said why it cannot take over.
-    Said(String),
-    /// This process gave up.
-    Here(UpgradeError),
-}
-
-impl From<io::Error> for Broke {
-    fn from(e: io::Error) -> Self {
-        Broke::Io(e)
+    /// `why` if given, else what the new process said last; either once
+    /// its stderr is closed, or after a second.
+    async fn why(self, why: Option<String>) -> String {
+        if let Some(f) = self.forward {
+            let _ = tokio::time::timeout(Duration::from_secs(1), f).await;
+        }
+        let said = String::from_utf8_lossy(&crate::lock::lock(&self.tail))
+            .trim()
+            .to_string();
+        // The last line is the error; earlier ones are logs.
+        let last = said.lines().last().unwrap_or_default().to_string();
+        match why {
+            Some(why) => why,
+            None if last.is_empty() => "it exited before it was ready".to_string(),
+            None => last,
+        }
     }
 }
 
-fn protocol_error(what: &str) -> io::Error {
-    io::Error::new(
-        io::ErrorKind::InvalidData,
-        format!("unexpected message from the new process: {what}"),
-    )
+/// The error for an exchange that stopped before `Ready`, once the new
+/// process is gone.
+async fn abandon(
+    child: &mut tokio::process::Child,
+    broke: Broke,
+    stderr: StderrTail,
+    limit: Duration,
+) -> UpgradeError {
+    match broke {
+        Broke::Io(e) => {
+            stop(child).await;
+            let said = stderr.why(None).await;
+            UpgradeError::NewProcess(format!("{said} ({e})"))
+        }
+        Broke::Said(error) => {
+            let _ = tokio::time::timeout(limit, child.wait()).await;
+            let _ = child.start_kill();
+            UpgradeError::NewProcess(stderr.why(Some(error)).await)
+        }
+        Broke::Here(e) => {
+            // Our side gave up (connections did not park): the new
+            // process holds nothing it may use without a commit.
+            stop(child).await;
+            e
+        }
+    }
+}
+
+async fn stop(child: &mut tokio::process::Child) {
+    let _ = child.start_kill();
+    let _ = child.wait().await;
+}
+
+/// Tells the new process, which holds every client, to serve, and leaves
+/// it running: from here on it owns every socket.
+fn commit(sock: &UnixStream, exchanged: &Exchanged, successor: Successor) -> io::Result<()> {
+    // systemd follows the new process from here.
+    crate::notify::main_pid(exchanged.pid);
+    tokio::task::block_in_place(|| wire::send(sock, &ToNew::Commit, &[]))?;
+    // The new process lives on after this one: nothing waits for it.
+    successor.commit();
+    Ok(())
 }
 
 /// After the commit this process only winds down (ten thousand tasks end,
@@ -864,21 +671,6 @@ async fn forward_stderr(mut from: tokio::process::ChildStderr, tail: Arc<Mutex<V
         let excess = t.len().saturating_sub(STDERR_TAIL);
         t.drain(..excess);
     }
-}
-
-/// Only the process this one started may take its sockets.
-fn check_peer(sock: &UnixStream, pid: u32) -> io::Result<()> {
-    let cred = rustix::net::sockopt::socket_peercred(sock)?;
-    if cred.pid.as_raw_nonzero().get() as u32 != pid {
-        return Err(io::Error::new(
-            io::ErrorKind::PermissionDenied,
-            format!(
-                "the handoff socket was reached by pid {}, not the new process {pid}",
-                cred.pid.as_raw_nonzero()
-            ),
-        ));
-    }
-    Ok(())
 }
 
 struct RemoveOnDrop(PathBuf);
