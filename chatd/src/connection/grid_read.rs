@@ -21,7 +21,13 @@
 //! that found nothing: the mark is lowered, and the kernel reports a line
 //! already waiting at once.
 
-use super::*;
+use std::io;
+use std::task::{Context, Poll};
+
+use super::read::READ_CHUNK;
+use super::wire::{Socket, Wire};
+use crate::grid::{Grid, Ticket};
+use crate::hub::Hub;
 
 /// Read phases in a row with nothing to read after which a member reads
 /// as its socket says again.
@@ -61,16 +67,16 @@ impl GridRead {
     }
 }
 
-impl<S: Socket> Connection<S> {
+impl<S: Socket> Wire<S> {
     /// At the start of a poll: whether the room's read phase has come.
-    pub(super) fn begin_grid_read(&mut self, cx: &mut Context<'_>) {
+    pub(super) fn begin_grid_read(&mut self, cx: &mut Context<'_>, grid: &Grid) {
         let reads = &mut self.grid_read;
         if !reads.on || !crate::grid::Grid::read_due(&mut reads.ticket, cx) {
             return;
         }
         reads.phase = true;
         reads.owed = true;
-        if reads.empty >= EMPTY_PHASES || !self.room.grid.wait_read(&mut reads.ticket, cx) {
+        if reads.empty >= EMPTY_PHASES || !grid.wait_read(&mut reads.ticket, cx) {
             self.grid_read_off();
         }
     }
@@ -78,7 +84,7 @@ impl<S: Socket> Connection<S> {
     /// Starts reading on the grid, called when this connection's writes
     /// are held to it. Only for a client that sends: one that only reads
     /// would be woken at every read phase for nothing.
-    pub(super) fn grid_read_on(&mut self, cx: &mut Context<'_>) {
+    pub(super) fn grid_read_on(&mut self, cx: &mut Context<'_>, grid: &Grid) {
         let reads = &mut self.grid_read;
         if !reads.allowed {
             return;
@@ -89,14 +95,14 @@ impl<S: Socket> Connection<S> {
             }
             if self.stream.set_read_low_water(LOW_WATER).is_err() {
                 // A socket without the option (a TLS client's pair): it
-                // reads as lines arrive, as before.
+                // reads as lines arrive.
                 reads.allowed = false;
                 return;
             }
             reads.on = true;
             reads.empty = 0;
         }
-        if !reads.ticket.is_waiting() && !self.room.grid.wait_read(&mut reads.ticket, cx) {
+        if !reads.ticket.is_waiting() && !grid.wait_read(&mut reads.ticket, cx) {
             self.grid_read_off();
         }
     }
@@ -113,17 +119,26 @@ impl<S: Socket> Connection<S> {
         }
     }
 
-    /// Reads: as the socket said, or (`raw`) in the read phase owed.
-    pub(super) fn read_now_or_phase(&mut self, raw: bool) -> io::Result<AfterRead> {
-        self.grid_read.owed = false;
-        self.on_readable(raw)
+    /// The socket's read readiness: `Ok(raw)` when it is to be read, as
+    /// the socket says, or (`raw`) because the read phase came, owed,
+    /// while the reactor was not told of the lines.
+    pub(super) fn poll_readable(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<bool>> {
+        let ready = match self.stream.poll_read_ready(cx) {
+            Poll::Pending if self.grid_read.owed => Poll::Ready(Ok(true)),
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(ready) => Poll::Ready(ready.map(|()| false)),
+        };
+        if let Poll::Ready(Ok(_)) = ready {
+            self.grid_read.owed = false;
+        }
+        ready
     }
 
     /// After a read: `got` whether it found bytes, `phase` whether it was
     /// the read phase's.
-    pub(super) fn grid_read_done(&mut self, got: bool, phase: bool) {
+    pub(super) fn grid_read_done(&mut self, got: bool, phase: bool, hub: &Hub) {
         if phase {
-            self.hub.stats().grid_read();
+            hub.stats().grid_read();
         }
         let reads = &mut self.grid_read;
         if got {

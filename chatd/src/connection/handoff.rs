@@ -1,8 +1,25 @@
 //! Seamless upgrade: a connection's state for the new process, and serving
 //! a client handed over by the old one.
 
-use super::*;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, debug, info, info_span};
+
+use super::flood::Flood;
+use super::session::Session;
+use super::wire::{Socket, Wire};
+use super::{CLOSE_FLUSH, Connection, linger};
+use crate::disconnect::Disconnect;
+use crate::framing::LineFramer;
+use crate::hub::{Client, Hub, Room, server_line};
+use crate::rate::TokenBucket;
 
 /// What a TLS client reads when the process serving it hands over to a new
 /// one: its session cannot follow (the keys live in this process's rustls
@@ -116,17 +133,20 @@ pub async fn resume(
         flood.dropped = f.dropped;
         flood.warned = f.warned;
         let nick = client.nick();
-        let lines_seen = client.outbox.totals().0;
-        let conn = Connection {
+        let wire = Wire {
+            // The restored totals are history, not lines arriving now.
+            lines_seen: client.outbox.totals().0,
+            ..Wire::new(stream)
+        };
+        let session = Session {
             mid_line: framer.mid_line(),
             framer,
             flood,
             overlong: state.overlong,
             greeted: state.greeted,
-            // The restored totals are history, not lines arriving now.
-            lines_seen,
-            ..Connection::new(stream, hub, client, room, nick)
+            ..Session::new(client, hub, room, nick)
         };
+        let conn = Connection { wire, session };
         drop(state);
         commit.cancelled().await;
         debug!("taken over from the previous process");
@@ -142,34 +162,35 @@ impl<S: Socket> Connection<S> {
     /// the upgrade is abandoned, so serving on loses nothing either.
     pub(super) fn export(&mut self) -> crate::handoff::Export {
         use crate::handoff::state::{ClientState, FloodState};
+        let Connection { wire, session } = self;
         // The socket goes to a process that knows nothing of a raised
         // low-water mark: a line under it would never be reported there.
-        self.grid_read_off();
-        let _ = self.client.outbox.take(&mut self.pending);
-        let mut unsent = Vec::with_capacity(self.pending.iter().map(Bytes::len).sum());
-        for bytes in &self.pending {
+        wire.grid_read_off();
+        let _ = session.client.outbox.take(&mut wire.pending);
+        let mut unsent = Vec::with_capacity(wire.pending.iter().map(Bytes::len).sum());
+        for bytes in &wire.pending {
             unsent.extend_from_slice(bytes);
         }
-        let (tokens, age) = self.flood.bucket.export(Instant::now());
+        let (tokens, age) = session.flood.bucket.export(Instant::now());
         let state = ClientState {
-            nick: self.nick.to_string(),
-            room: self.room.name.to_string(),
-            framer: self.framer.export(),
+            nick: session.nick.to_string(),
+            room: session.room.name.to_string(),
+            framer: session.framer.export(),
             flood: FloodState {
                 tokens,
                 age_ms: age.as_millis() as u64,
-                dropped: self.flood.dropped,
-                warned: self.flood.warned,
+                dropped: session.flood.dropped,
+                warned: session.flood.warned,
             },
-            overlong: self.overlong,
-            greeted: self.greeted,
+            overlong: session.overlong,
+            greeted: session.greeted,
             unsent,
-            ..self.client.handoff_state()
+            ..session.client.handoff_state()
         };
-        let fd = if self.client.tls {
+        let fd = if session.client.tls {
             Ok(None)
         } else {
-            self.stream.handoff_fd()
+            wire.stream.handoff_fd()
         };
         crate::handoff::Export::Client { state, fd }
     }
@@ -179,7 +200,7 @@ impl<S: Socket> Connection<S> {
     /// holds the same socket), and say nothing. A TLS client, which could
     /// not be handed over, is told to reconnect.
     pub(super) async fn handed_over(self) {
-        if !self.client.tls {
+        if !self.session.client.tls {
             return;
         }
         info!("TLS client not handed over: asked to reconnect");

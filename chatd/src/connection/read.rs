@@ -1,27 +1,34 @@
-//! Reading: framing, flood control, chat lines into batches, commands.
+//! Reading: a wake-up's reads, framed into lines; chat lines into one
+//! batch for the room, commands to `command`.
 
-use super::*;
+use std::io;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::Instant;
+
+use bytes::{BufMut, BytesMut};
+
+use super::Connection;
+use super::flood::Verdict;
+use super::session::Session;
+use super::wire::Socket;
+use crate::config::{Config, Limits};
+use crate::disconnect::Disconnect;
+use crate::framing::Frame;
+use crate::sanitize;
+
+/// Bytes read per `read` call. Lives on the worker thread's stack, not in
+/// the connection.
+pub(super) const READ_CHUNK: usize = 16 * 1024;
+/// Reads per wake-up before yielding to other clients.
+const READS_PER_WAKE: usize = 4;
 
 /// What this port says to a client speaking another protocol.
 pub(super) const WRONG_PROTOCOL: &str = "This is a chatd chat port: plain text lines for nc or telnet, \
      not HTTP, gRPC or TLS. The admin API (chatctl) listens on its own port.";
 
-pub(super) const HELP: &[&str] = &[
-    "Commands:",
-    "  /nick NAME       change your nick",
-    "  /join ROOM       leave this room and join (or create) ROOM",
-    "  /rooms           list rooms",
-    "  /who             list who is in this room",
-    "  /msg NICK TEXT   send a private message",
-    "  /me ACTION       send an action: * you ACTION",
-    "  /quit [REASON]   leave",
-    "  /help            this list",
-    "Any other line is sent to everyone in your room. Start it with // to send a leading /.",
-];
-
 /// A formatted chat line back to its text: `<nick> text` or, for an
 /// action, `* nick text`.
-pub(super) fn unformat<'a>(line: &'a [u8], nick: &str) -> (&'a [u8], bool) {
+fn unformat<'a>(line: &'a [u8], nick: &str) -> (&'a [u8], bool) {
     let said = line
         .strip_prefix(b"<")
         .and_then(|r| r.strip_prefix(nick.as_bytes()))
@@ -50,118 +57,156 @@ pub(super) enum AfterRead {
     Close(Disconnect),
 }
 
+/// Chat lines read in one wake-up, formatted for the room, waiting to be
+/// handed to the hub as one batch.
+pub(super) struct Batch {
+    buf: BytesMut,
+    lines: usize,
+}
+
+impl Batch {
+    /// An empty batch, which allocates nothing until a line comes.
+    pub(super) fn new() -> Self {
+        Batch {
+            buf: BytesMut::new(),
+            lines: 0,
+        }
+    }
+}
+
+/// One wake-up's reads: what they gathered, and what they decided.
+struct Pass {
+    batch: Batch,
+    telnet_replies: BytesMut,
+    outcome: Option<Disconnect>,
+    /// Whether the socket was emptied (a short read, or `WouldBlock`):
+    /// its readiness is then cleared, and nothing is left to come back
+    /// for.
+    drained: bool,
+    lines: u64,
+    bytes: u64,
+}
+
 impl<S: Socket> Connection<S> {
     /// Reads what is available and handles every complete line; `raw`:
     /// whatever the reactor says of the socket's readiness (the grid's read
     /// phase).
     pub(super) fn on_readable(&mut self, raw: bool) -> io::Result<AfterRead> {
-        self.follow_nick();
-        let config = self.hub.config();
-        let max_line = config.limits.max_line_bytes;
-        let mut buf = [0u8; READ_CHUNK];
-        let mut batch = Batch {
-            buf: BytesMut::new(),
+        self.session.follow_nick();
+        let config = self.session.hub.config();
+        let mut pass = Pass {
+            batch: Batch::new(),
+            telnet_replies: BytesMut::new(),
+            outcome: None,
+            drained: false,
             lines: 0,
+            bytes: 0,
         };
-        let mut outcome = None;
-        // Whether the socket was emptied (a short read, or `WouldBlock`):
-        // its readiness is then cleared, and nothing is left to come back
-        // for.
-        let mut drained = false;
-        let mut telnet_replies = BytesMut::new();
-        let (mut lines, mut bytes) = (0u64, 0u64);
         let now = Instant::now();
-        self.flood.before_read(config.limits.flood.as_ref(), now);
+        self.session
+            .flood
+            .before_read(config.limits.flood.as_ref(), now);
+        self.read_chunks(&mut pass, raw, &config, now)?;
+        let session = &mut self.session;
+        session.publish(&mut pass.batch);
+        session.flood.after_read(now, pass.drained);
+        self.wire.grid_read_done(pass.bytes > 0, raw, &session.hub);
+        session.client.record_input(pass.lines, pass.bytes);
+        session.hub.stats().input(pass.lines, pass.bytes);
+        session.track_mid_line(pass.lines);
+        Ok(match pass.outcome {
+            Some(reason) => AfterRead::Close(reason),
+            None if pass.drained && session.waiting.is_none() => AfterRead::Drained,
+            None => AfterRead::More,
+        })
+    }
+
+    /// Reads into a buffer on the thread's stack, up to [`READS_PER_WAKE`]
+    /// times, and hands each chunk to the session; stops early when the
+    /// socket is emptied or closed, or the session must stop reading.
+    fn read_chunks(
+        &mut self,
+        pass: &mut Pass,
+        raw: bool,
+        config: &Config,
+        now: Instant,
+    ) -> io::Result<()> {
+        let mut buf = [0u8; READ_CHUNK];
         // One wake-up's batch stays well inside the recipients' queues, or a
         // single batch could overflow a small one.
         let budget = (config.limits.outbound_queue_bytes / 8).max(1024);
         for _ in 0..READS_PER_WAKE {
-            let room = budget.saturating_sub(bytes as usize).min(buf.len());
-            if room == 0 {
+            let space = budget.saturating_sub(pass.bytes as usize).min(buf.len());
+            if space == 0 {
                 break;
             }
-            let read = if raw {
-                self.stream.read_now(&mut buf[..room])
-            } else {
-                self.stream.try_read_draining(&mut buf[..room])
-            };
-            let n = match read {
+            let n = match self.wire.read(&mut buf[..space], raw) {
                 Ok(0) => {
-                    outcome = Some(Disconnect::Closed);
+                    pass.outcome = Some(Disconnect::Closed);
                     break;
                 }
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    drained = true;
+                    pass.drained = true;
                     break;
                 }
                 Err(e) => return Err(e),
             };
-            bytes += n as u64;
-            let first_read = bytes == n as u64
-                && self
-                    .client
-                    .bytes_in
-                    .load(std::sync::atomic::Ordering::Relaxed)
-                    == 0;
-            if first_read && looks_like_tls(&buf[..n]) {
-                outcome = Some(Disconnect::WrongProtocol);
+            pass.bytes += n as u64;
+            if self.session.on_chunk(&mut buf[..n], pass, config, now) {
                 break;
             }
-            let kept = self.framer.strip_telnet(&mut buf[..n], &mut telnet_replies);
-            if batch.buf.capacity() == 0 {
-                batch.buf.reserve(kept + kept / 2 + 64);
-            }
-            let mut framer = std::mem::take(&mut self.framer);
-            framer.feed(&buf[..kept], max_line, |frame| {
-                if outcome.is_some() {
-                    return;
-                }
-                lines += u64::from(matches!(frame, Frame::Line(_)));
-                match &mut self.waiting {
-                    Some(waiting) => waiting.held.push_back(match frame {
-                        Frame::Line(line) => Held::Line(Bytes::copy_from_slice(line)),
-                        Frame::TooLong => Held::TooLong,
-                    }),
-                    None => outcome = self.on_frame(frame, &mut batch, &config, now),
-                }
-            });
-            self.framer = framer;
-            // After the answers to this read's lines, as a timing mark
-            // requires.
-            if !telnet_replies.is_empty() {
-                let limit = config.limits.outbound_queue_bytes;
-                self.client
-                    .outbox
-                    .push(telnet_replies.split().freeze(), limit);
-            }
-            if outcome.is_some() || self.waiting.is_some() {
-                break;
-            }
-            if n < room {
-                drained = true;
+            if n < space {
+                pass.drained = true;
                 break;
             }
         }
-        self.publish(&mut batch);
-        self.flood.after_read(now, drained);
-        self.grid_read_done(bytes > 0, raw);
-        self.client.record_input(lines, bytes);
-        self.hub.stats().input(lines, bytes);
-        // A read that finished lines and ends in another starts the
-        // deadline afresh: a client that writes without a break, or one
-        // read in chunks after a pause, is mid-line after nearly every
-        // read, yet finishes lines all the time.
-        let mid_line = self.framer.mid_line();
-        if mid_line != self.mid_line || (mid_line && lines > 0) {
-            self.mid_line = mid_line;
-            self.client.set_mid_line(mid_line);
+        Ok(())
+    }
+}
+
+impl Session {
+    /// Handles one chunk read: telnet commands out, lines framed and each
+    /// handled (or held behind a waiting command). `true` when reading
+    /// must stop: the client goes, or a command waits.
+    fn on_chunk(
+        &mut self,
+        chunk: &mut [u8],
+        pass: &mut Pass,
+        config: &Config,
+        now: Instant,
+    ) -> bool {
+        let first_read =
+            pass.bytes == chunk.len() as u64 && self.client.bytes_in.load(Relaxed) == 0;
+        if first_read && looks_like_tls(chunk) {
+            pass.outcome = Some(Disconnect::WrongProtocol);
+            return true;
         }
-        Ok(match outcome {
-            Some(reason) => AfterRead::Close(reason),
-            None if drained && self.waiting.is_none() => AfterRead::Drained,
-            None => AfterRead::More,
-        })
+        let kept = self.framer.strip_telnet(chunk, &mut pass.telnet_replies);
+        if pass.batch.buf.capacity() == 0 {
+            pass.batch.buf.reserve(kept + kept / 2 + 64);
+        }
+        let mut framer = std::mem::take(&mut self.framer);
+        framer.feed(&chunk[..kept], config.limits.max_line_bytes, |frame| {
+            if pass.outcome.is_some() {
+                return;
+            }
+            pass.lines += u64::from(matches!(frame, Frame::Line(_)));
+            match &mut self.waiting {
+                Some(waiting) => waiting.hold(frame),
+                None => pass.outcome = self.on_frame(frame, &mut pass.batch, config, now),
+            }
+        });
+        self.framer = framer;
+        // After the answers to this read's lines, as a timing mark
+        // requires.
+        if !pass.telnet_replies.is_empty() {
+            let limit = config.limits.outbound_queue_bytes;
+            self.client
+                .outbox
+                .push(pass.telnet_replies.split().freeze(), limit);
+        }
+        pass.outcome.is_some() || self.waiting.is_some()
     }
 
     /// Hands the batch to the hub.
@@ -186,27 +231,17 @@ impl<S: Socket> Connection<S> {
         }
     }
 
+    /// Handles one frame: an over-long line, a chat line, or a command.
     pub(super) fn on_frame(
         &mut self,
         frame: Frame<'_>,
         batch: &mut Batch,
-        config: &crate::config::Config,
+        config: &Config,
         now: Instant,
     ) -> Option<Disconnect> {
         let limits = &config.limits;
         let line = match frame {
-            Frame::TooLong => {
-                self.overlong += 1;
-                if self.overlong >= limits.max_overlong_lines {
-                    return Some(Disconnect::OverlongLines);
-                }
-                self.error(&format!(
-                    "line too long (max {} bytes), discarded; {} more and you are disconnected",
-                    limits.max_line_bytes,
-                    limits.max_overlong_lines - self.overlong
-                ));
-                return None;
-            }
+            Frame::TooLong => return self.too_long(limits),
             Frame::Line(line) => line,
         };
         if !self.greeted {
@@ -237,27 +272,27 @@ impl<S: Socket> Connection<S> {
                 self.say(batch, b"<", b"> ", &line[1..]);
                 None
             }
-            [b'/', ..] => {
-                // Commands change state or answer this client: anything
-                // batched so far must reach the room first.
-                self.publish(batch);
-                let text = String::from_utf8_lossy(line);
-                // One span per command (never per chat line), so a trace
-                // shows what each client did and how long it took.
-                let span = info_span!(
-                    "command",
-                    otel.name = command_name(&text),
-                    command = command_name(&text),
-                    room = %self.room.name,
-                );
-                let _entered = span.enter();
-                self.command(&text, batch)
-            }
+            [b'/', ..] => self.on_command(line, batch),
             _ => {
                 self.say(batch, b"<", b"> ", line);
                 None
             }
         }
+    }
+
+    /// An over-long line, discarded: the client is told, and cut after
+    /// `limits.max_overlong_lines` of them.
+    fn too_long(&mut self, limits: &Limits) -> Option<Disconnect> {
+        self.overlong += 1;
+        if self.overlong >= limits.max_overlong_lines {
+            return Some(Disconnect::OverlongLines);
+        }
+        self.error(&format!(
+            "line too long (max {} bytes), discarded; {} more and you are disconnected",
+            limits.max_line_bytes,
+            limits.max_overlong_lines - self.overlong
+        ));
+        None
     }
 
     /// Appends `before nick after text\r\n` to the batch, unless the cleaned
@@ -276,106 +311,12 @@ impl<S: Socket> Connection<S> {
             batch.lines += 1;
         }
     }
-
-    pub(super) fn command(&mut self, text: &str, batch: &mut Batch) -> Option<Disconnect> {
-        let command = match protocol::parse(text) {
-            Ok(c) => c,
-            Err(e) => {
-                self.error(&e.to_string());
-                return None;
-            }
-        };
-        match command {
-            Command::Say(text) => self.say(batch, b"<", b"> ", text.as_bytes()),
-            Command::Me(action) => {
-                self.say(batch, b"* ", b" ", action.as_bytes());
-                self.publish(batch);
-            }
-            Command::Help => {
-                for line in HELP {
-                    self.notice(line);
-                }
-            }
-            // Same spelling: nothing changes, so the room hears nothing.
-            Command::Nick(wanted) if wanted == &*self.nick => {
-                self.notice(&format!("You are already known as {wanted}."));
-            }
-            Command::Nick(wanted) => match self.hub.request_nick(&self.client, wanted) {
-                NickRequest::Done(Ok(new)) => self.renamed(new),
-                NickRequest::Done(Err(why)) => self.error(&why),
-                NickRequest::Wait(answer) => {
-                    self.waiting = Some(Box::new(Waiting {
-                        command: Pending::Nick {
-                            nick: wanted.into(),
-                            answer,
-                        },
-                        held: VecDeque::new(),
-                    }));
-                }
-            },
-            Command::Join(room) => match protocol::normalize_room(room) {
-                Ok(room) => match self.hub.request_join(&self.client, &room) {
-                    JoinRequest::Done(room) => {
-                        self.room = room;
-                        info!(room = %self.room.name, "joined");
-                    }
-                    JoinRequest::Wait { room, done } => {
-                        self.waiting = Some(Box::new(Waiting {
-                            command: Pending::Join { room, done },
-                            held: VecDeque::new(),
-                        }));
-                    }
-                },
-                Err(e) => self.error(&e.describe("room", room)),
-            },
-            Command::Rooms => {
-                let rooms = self.hub.all_rooms();
-                self.notice(&format!(
-                    "{}:",
-                    protocol::count(rooms.len() as u64, "room", "rooms")
-                ));
-                for r in rooms.iter().take(100) {
-                    self.notice(&format!("  {} ({})", r.name, protocol::users(r.members)));
-                }
-            }
-            Command::Who => {
-                let who = self.hub.who(&self.room);
-                self.notice(&who);
-            }
-            Command::Msg { to, text } => match self.hub.private(&self.client, to, text) {
-                Ok(Some(congested)) => self.pause_for_private(congested),
-                Ok(None) => {}
-                Err(PrivateError::Busy(target)) => {
-                    self.error(&format!(
-                        "{} is behind on reading; message not delivered, try again in a moment",
-                        target.nick()
-                    ));
-                    self.pause_for_private(target);
-                }
-                Err(PrivateError::Failed(why)) => self.error(&why),
-            },
-            Command::Quit(reason) => {
-                let reason = reason.map(sanitize::clean).filter(|r| !r.trim().is_empty());
-                return Some(Disconnect::Quit(reason));
-            }
-        }
-        None
-    }
-
-    pub(super) fn notice(&self, text: &str) {
-        self.client
-            .notice(text, self.hub.config().limits.outbound_queue_bytes);
-    }
-
-    pub(super) fn error(&self, text: &str) {
-        self.notice(&format!("error: {text}"));
-    }
 }
 
 /// Whether the first line is an HTTP request line (`GET / HTTP/1.1`) or
 /// the HTTP/2 preface (`PRI * HTTP/2.0`, which gRPC clients such as
 /// `chatctl` send): someone pointed the wrong client at this port.
-pub(super) fn looks_like_http(line: &[u8]) -> bool {
+fn looks_like_http(line: &[u8]) -> bool {
     let mut words = line.split(|&b| b == b' ');
     let (Some(method), Some(target), Some(version), None) =
         (words.next(), words.next(), words.next(), words.next())
@@ -390,23 +331,6 @@ pub(super) fn looks_like_http(line: &[u8]) -> bool {
 
 /// Whether a connection's first bytes are a TLS handshake record (content
 /// type 22, version 3.x): a TLS client on the plain-text port.
-pub(super) fn looks_like_tls(first: &[u8]) -> bool {
+fn looks_like_tls(first: &[u8]) -> bool {
     matches!(first, [0x16, 0x03, 0..=4, ..])
-}
-
-/// The command word of a `/command` line, for span names: one of a fixed
-/// set, so a client cannot create unbounded span names.
-pub(super) fn command_name(line: &str) -> &'static str {
-    let word = line.split_whitespace().next().unwrap_or("/");
-    match word.to_ascii_lowercase().as_str() {
-        "/nick" => "/nick",
-        "/join" => "/join",
-        "/rooms" => "/rooms",
-        "/who" => "/who",
-        "/msg" => "/msg",
-        "/me" => "/me",
-        "/quit" => "/quit",
-        "/help" => "/help",
-        _ => "/unknown",
-    }
 }

@@ -1,11 +1,23 @@
 //! Writing: the outbox to the socket, coalesced while lines keep coming.
 
-use std::task::{Wake, Waker};
+use std::collections::VecDeque;
+use std::future::Future;
+use std::io::{self, IoSlice};
+use std::sync::Arc;
+use std::task::{Context, Poll, Wake, Waker};
 
+use bytes::{Buf, Bytes};
 use futures_util::task::AtomicWaker;
 
-use super::*;
+use super::wire::{Socket, Wire};
+use crate::grid::{Grid, Wait};
+use crate::hub::{Client, Hub};
 
+/// Buffers handed to one vectored write.
+const IOV_MAX: usize = 64;
+/// Queued bytes that make a write worth its syscall: write coalescing
+/// never holds back more.
+const COALESCE_ENOUGH: usize = 8 * 1024;
 /// The waker a connection whose socket refused bytes waits for write
 /// readiness with. The reactor wakes it as soon as the client has read
 /// enough to free buffer space, and it tells the client's outbox at that
@@ -28,7 +40,43 @@ impl Wake for Writable {
     }
 }
 
-impl<S: Socket> Connection<S> {
+impl<S: Socket> Wire<S> {
+    /// Writes what the outbox gave unless write coalescing holds it: as
+    /// much as the socket takes now. An error: the socket is broken.
+    pub(super) fn write_queued(
+        &mut self,
+        cx: &mut Context<'_>,
+        client: &Arc<Client>,
+        hub: &Hub,
+        grid: &Arc<Grid>,
+    ) -> io::Result<()> {
+        let hold = !self.pending.is_empty() && self.hold_write(cx, client, hub, grid);
+        if !hold && !self.pending.is_empty() {
+            self.measure_arrivals(client);
+        }
+        let mut wrote = false;
+        while !hold && !self.pending.is_empty() {
+            match self.poll_writable(cx, client) {
+                // `flush` stops at `WouldBlock`, which clears the readiness,
+                // so the next round registers for it instead of spinning.
+                Poll::Ready(Ok(())) => {
+                    self.flush(client, hub)?;
+                    self.last_write = Some(tokio::time::Instant::now());
+                    wrote = true;
+                }
+                Poll::Ready(Err(e)) => return Err(e),
+                Poll::Pending => break,
+            }
+        }
+        if wrote && self.pending.is_empty() {
+            // Lines keep coming: the next write is held anyway, so the next
+            // line need not wake the task either, only the timer (the
+            // window is zero, and nothing is armed, when they do not).
+            self.hold_write(cx, client, hub, grid);
+        }
+        Ok(())
+    }
+
     /// Whether to hold back the queued lines for now: lines are coming fast
     /// (the window, up to `chat.write_coalesce_ms`, grows with their rate
     /// and has not passed since the last write), so more will join them,
@@ -43,11 +91,17 @@ impl<S: Socket> Connection<S> {
     /// over every millisecond and woke the second worker on each. The grid's
     /// clock wakes it; slower clients, and all where the grid has no clock,
     /// use the runtime's timer.
-    pub(super) fn hold_write(&mut self, cx: &mut Context<'_>) -> bool {
+    fn hold_write(
+        &mut self,
+        cx: &mut Context<'_>,
+        client: &Client,
+        hub: &Hub,
+        grid: &Arc<Grid>,
+    ) -> bool {
         let Some(last) = self.last_write else {
             return false;
         };
-        let budget = self.hub.write_coalesce();
+        let budget = hub.write_coalesce();
         if budget.is_zero() {
             return false;
         }
@@ -57,15 +111,15 @@ impl<S: Socket> Connection<S> {
         let share = self.arrivals / crate::grid::FULL_RATE;
         let on_grid = share >= 1.0;
         let due = if on_grid {
-            let step = self.room.grid.step(budget, self.arrivals);
-            self.room.grid.due(last, step)
+            let step = grid.step(budget, self.arrivals);
+            grid.due(last, step)
         } else {
             last + budget.mul_f32(share)
         };
         // In the read phase, this connection's own or the room's (members
         // reading on the grid are filling this write), the write waits for
         // the write phase, right after.
-        let reading = on_grid && (self.grid_read.phase || self.room.grid.reading());
+        let reading = on_grid && (self.grid_read.phase || grid.reading());
         if !reading && tokio::time::Instant::now() >= due {
             return false;
         }
@@ -76,7 +130,7 @@ impl<S: Socket> Connection<S> {
             return false;
         }
         if on_grid {
-            match self.room.grid.wait(&mut self.ticket, cx, &self.hub) {
+            match grid.wait(&mut self.ticket, cx, hub) {
                 // This write's point has passed as well (the task ran
                 // late): write now.
                 Wait::Passed if self.grid_read.phase => return false,
@@ -84,12 +138,12 @@ impl<S: Socket> Connection<S> {
                     // Until the write phase only a queue near its limit
                     // wakes the task.
                     let enough = if reading {
-                        self.hub.queue_limit() / 4
+                        hub.queue_limit() / 4
                     } else {
                         COALESCE_ENOUGH
                     };
-                    self.client.outbox.wake_only_at(enough.saturating_sub(held));
-                    self.grid_read_on(cx);
+                    client.outbox.wake_only_at(enough.saturating_sub(held));
+                    self.grid_read_on(cx, grid);
                     return true;
                 }
                 Wait::Unavailable => {}
@@ -99,6 +153,18 @@ impl<S: Socket> Connection<S> {
         if self.grid_read.phase {
             return false;
         }
+        self.hold_until(cx, client, due, held)
+    }
+
+    /// Holds the write until `due` on the runtime's timer, unless it has
+    /// come; `held`: the bytes queued now.
+    fn hold_until(
+        &mut self,
+        cx: &mut Context<'_>,
+        client: &Client,
+        due: tokio::time::Instant,
+        held: usize,
+    ) -> bool {
         let gate = self
             .write_gate
             .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(due)));
@@ -110,17 +176,20 @@ impl<S: Socket> Connection<S> {
         }
         // Until the write is due, lines joining it need not wake the task:
         // the timer will. Only enough to be worth a write of its own does.
-        self.client.outbox.wake_only_at(COALESCE_ENOUGH - held);
+        client.outbox.wake_only_at(COALESCE_ENOUGH - held);
         true
     }
 
     /// The socket's write readiness; while it refuses bytes, through
     /// [`Writable`].
-    pub(super) fn poll_writable(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+    fn poll_writable(
+        &mut self,
+        cx: &mut Context<'_>,
+        client: &Arc<Client>,
+    ) -> Poll<io::Result<()>> {
         if !self.refused {
             return self.stream.poll_write_ready(cx);
         }
-        let client = &self.client;
         let writable = self.writable.get_or_insert_with(|| {
             Arc::new(Writable {
                 client: Arc::clone(client),
@@ -134,9 +203,9 @@ impl<S: Socket> Connection<S> {
     }
 
     /// Updates the arrival rate with what gathered since the last write.
-    pub(super) fn measure_arrivals(&mut self) {
+    fn measure_arrivals(&mut self, client: &Client) {
         let now = tokio::time::Instant::now();
-        let (total, _) = self.client.outbox.totals();
+        let (total, _) = client.outbox.totals();
         let lines = total.saturating_sub(std::mem::replace(&mut self.lines_seen, total));
         let rate = match self.last_write {
             Some(last) => {
@@ -150,7 +219,7 @@ impl<S: Socket> Connection<S> {
 
     /// Writes as much of `pending` as the socket takes now, in one vectored
     /// syscall per round, and releases the queue's memory once it is empty.
-    pub(super) fn flush(&mut self) -> io::Result<()> {
+    fn flush(&mut self, client: &Client, hub: &Hub) -> io::Result<()> {
         while !self.pending.is_empty() {
             let mut slices = [IoSlice::new(&[]); IOV_MAX];
             let mut count = 0;
@@ -164,15 +233,15 @@ impl<S: Socket> Connection<S> {
                     // Its buffers are full: whether it reads shows next.
                     if !self.refused {
                         self.refused = true;
-                        self.client.outbox.refused(self.hub.queue_limit());
+                        client.outbox.refused(hub.queue_limit());
                     }
                     return Ok(());
                 }
                 Err(e) => return Err(e),
             };
             self.refused = false;
-            self.client.outbox.written(written, self.hub.queue_limit());
-            self.hub.stats().output(written as u64);
+            client.outbox.written(written, hub.queue_limit());
+            hub.stats().output(written as u64);
             while written > 0 {
                 let Some(front) = self.pending.front_mut() else {
                     break;
@@ -188,6 +257,16 @@ impl<S: Socket> Connection<S> {
         }
         if self.pending.capacity() > IOV_MAX {
             self.pending = VecDeque::new();
+        }
+        Ok(())
+    }
+
+    /// Writes `pending` whole, waiting for the socket as needed: the last
+    /// lines of a closing connection.
+    pub(super) async fn flush_all(&mut self, client: &Client, hub: &Hub) -> io::Result<()> {
+        while !self.pending.is_empty() {
+            self.stream.writable().await?;
+            self.flush(client, hub)?;
         }
         Ok(())
     }
