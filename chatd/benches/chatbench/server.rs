@@ -7,6 +7,7 @@ use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::str::FromStr;
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
@@ -17,6 +18,9 @@ use crate::client::Dialect;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Target {
     Chatd,
+    /// The chatd binary given with `--baseline`, built from an earlier
+    /// commit: runs beside this build so that both meet the same load.
+    ChatdBase,
     Ngircd,
     Inspircd,
     /// The multi-user chat server of the Python socket tutorial in
@@ -41,6 +45,7 @@ impl Target {
     pub fn name(self) -> &'static str {
         match self {
             Target::Chatd => "chatd",
+            Target::ChatdBase => "chatd@base",
             Target::Ngircd => "ngircd",
             Target::Inspircd => "inspircd",
             Target::Tutorial => "python",
@@ -49,7 +54,7 @@ impl Target {
 
     pub fn dialect(self) -> Dialect {
         match self {
-            Target::Chatd => Dialect::Chatd,
+            Target::Chatd | Target::ChatdBase => Dialect::Chatd,
             Target::Ngircd | Target::Inspircd => Dialect::Irc,
             Target::Tutorial => Dialect::Tutorial,
         }
@@ -71,6 +76,10 @@ impl Target {
     pub fn unavailable(self) -> Option<String> {
         match self {
             Target::Chatd => None,
+            Target::ChatdBase => BASELINE
+                .get()
+                .is_none()
+                .then(|| "no --baseline binary given".to_owned()),
             Target::Ngircd => find_program("ngircd")
                 .is_none()
                 .then(|| "ngircd not installed (apt-get install ngircd)".to_owned()),
@@ -88,6 +97,29 @@ impl Target {
             }
         }
     }
+}
+
+/// The binary [`Target::ChatdBase`] runs; a global because `Target` is a
+/// plain copyable key of the report's tables.
+static BASELINE: OnceLock<PathBuf> = OnceLock::new();
+
+/// Checks that `path` is a chatd that starts (`--version`) and makes it
+/// [`Target::ChatdBase`]'s binary; returns the version it printed.
+pub fn set_baseline(path: &Path) -> anyhow::Result<String> {
+    let out = Command::new(path)
+        .arg("--version")
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("--baseline {}: cannot run it", path.display()))?;
+    if !out.status.success() {
+        bail!(
+            "--baseline {}: `--version` failed ({})",
+            path.display(),
+            out.status
+        );
+    }
+    let _ = BASELINE.set(path.to_owned());
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
 }
 
 fn find_program(name: &str) -> Option<PathBuf> {
@@ -232,22 +264,11 @@ fn command(target: Target, dir: &Path, port: u16) -> anyhow::Result<Command> {
             // in the same minutes); the default is this build.
             let program = std::env::var_os("CHATBENCH_CHATD")
                 .unwrap_or_else(|| env!("CARGO_BIN_EXE_chatd").into());
-            let mut cmd = Command::new(program);
-            let config = std::env::var_os("CHATBENCH_CONFIG")
-                .map(std::path::PathBuf::from)
-                .unwrap_or_else(|| {
-                    Path::new(env!("CARGO_MANIFEST_DIR")).join("../config/bench.toml")
-                });
-            cmd.arg("--config")
-                .arg(config)
-                .env("CHATD_CHAT__LISTEN", format!("127.0.0.1:{port}"))
-                .env("CHATD_UDP__LISTEN", "127.0.0.1:0")
-                .env("CHATD_ADMIN__LISTEN", "127.0.0.1:0")
-                // Its generated admin token goes to the run's own directory,
-                // never to the host's /run/chatd where a later chatd on the
-                // same port would be taken for it.
-                .env("RUNTIME_DIRECTORY", dir);
-            cmd
+            chatd_command(program.as_ref(), dir, port)
+        }
+        Target::ChatdBase => {
+            let program = BASELINE.get().context("no --baseline binary given")?;
+            chatd_command(program, dir, port)
         }
         Target::Ngircd => {
             let conf = dir.join("ngircd.conf");
@@ -275,6 +296,25 @@ fn command(target: Target, dir: &Path, port: u16) -> anyhow::Result<Command> {
             cmd
         }
     })
+}
+
+/// `program` (a chatd) with the benchmark's configuration, or
+/// CHATBENCH_CONFIG's, listening on `port`.
+fn chatd_command(program: &Path, dir: &Path, port: u16) -> Command {
+    let mut cmd = Command::new(program);
+    let config = std::env::var_os("CHATBENCH_CONFIG")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../config/bench.toml"));
+    cmd.arg("--config")
+        .arg(config)
+        .env("CHATD_CHAT__LISTEN", format!("127.0.0.1:{port}"))
+        .env("CHATD_UDP__LISTEN", "127.0.0.1:0")
+        .env("CHATD_ADMIN__LISTEN", "127.0.0.1:0")
+        // Its generated admin token goes to the run's own directory,
+        // never to the host's /run/chatd where a later chatd on the
+        // same port would be taken for it.
+        .env("RUNTIME_DIRECTORY", dir);
+    cmd
 }
 
 /// The tutorial's `chat_server.py`, from its Markdown, with our port.
