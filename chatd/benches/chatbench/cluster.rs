@@ -314,21 +314,8 @@ async fn room_load(
             (msgs_after - msgs_before) as f64 / lines as f64
         );
     }
-    let cpu_ns: u64 = (0..nodes)
-        .map(|i| after[i].cpu_ns.saturating_sub(before[i].cpu_ns))
-        .sum();
-    let mut out = figures(&total, expected, span, &lat);
+    let mut out = figures(&total, expected, span, &lat, (&before, &after));
     out.values.insert(Metric::Connected, clients as f64);
-    out.values.insert(Metric::CpuSecs, cpu_ns as f64 / 1e9);
-    if unique > 0 {
-        out.values
-            .insert(Metric::CpuPerDelivery, cpu_ns as f64 / unique as f64);
-    }
-    let mib = |kib: u64| kib as f64 / 1024.0;
-    out.values
-        .insert(Metric::RssEnd, mib(after.iter().map(|s| s.rss_kib).sum()));
-    out.values
-        .insert(Metric::RssPeak, mib(after.iter().map(|s| s.hwm_kib).sum()));
     Ok(out)
 }
 
@@ -343,8 +330,15 @@ fn add(total: &mut Tally, t: &Tally) {
     total.echoed += t.echoed;
 }
 
-/// The delivery figures of one room load, as the report's metrics.
-fn figures(total: &Tally, expected: u64, span: f64, lat: &hdrhistogram::Histogram<u64>) -> Outcome {
+/// The figures of one room load, as the report's metrics; CPU and RSS of
+/// all nodes together, from their samples `before` and `after` sending.
+fn figures(
+    total: &Tally,
+    expected: u64,
+    span: f64,
+    lat: &hdrhistogram::Histogram<u64>,
+    (before, after): (&[Sample], &[Sample]),
+) -> Outcome {
     let mut out = Outcome::default();
     let mut set = |m: Metric, v: f64| {
         out.values.insert(m, v);
@@ -367,6 +361,18 @@ fn figures(total: &Tally, expected: u64, span: f64, lat: &hdrhistogram::Histogra
         set(Metric::P999, ms(0.999));
         set(Metric::Max, lat.max() as f64 / 1e6);
     }
+    let cpu_ns: u64 = before
+        .iter()
+        .zip(after)
+        .map(|(b, a)| a.cpu_ns.saturating_sub(b.cpu_ns))
+        .sum();
+    set(Metric::CpuSecs, cpu_ns as f64 / 1e9);
+    if total.unique > 0 {
+        set(Metric::CpuPerDelivery, cpu_ns as f64 / total.unique as f64);
+    }
+    let mib = |kib: u64| kib as f64 / 1024.0;
+    set(Metric::RssEnd, mib(after.iter().map(|s| s.rss_kib).sum()));
+    set(Metric::RssPeak, mib(after.iter().map(|s| s.hwm_kib).sum()));
     out
 }
 
