@@ -30,7 +30,7 @@ use crate::client::{self, Dialect, SendPlan, Shared, Tally};
 use crate::metric::Metric;
 use crate::report;
 use crate::scenario::Outcome;
-use crate::server::{Sample, Target, free_port, sample};
+use crate::server::{Sample, Target, chatd_program, free_port, sample};
 
 /// The line every storm client waits for.
 const STORM_LINE: &str = "storm line for everyone";
@@ -547,20 +547,25 @@ pub async fn run(storm_clients: usize) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// [`run`] against `baseline` too: every room load `runs` times on each
-/// build, alternating so that drift hits both alike, then a table of the
-/// medians with this build's over the baseline's; the storm once on each.
-pub async fn compare(baseline: &Path, runs: usize, storm_clients: usize) -> anyhow::Result<()> {
+/// [`run`] against the `--baseline` binary too: every room load `runs`
+/// times on each build, alternating so that drift hits both alike, then a
+/// table of the medians with this build's over the baseline's; the storm
+/// once on each.
+pub async fn compare(runs: usize, storm_clients: usize) -> anyhow::Result<()> {
     println!("# cluster scenarios (chatbench --cluster --baseline)");
-    let builds = [(Target::Chatd, this_build()), (Target::ChatdBase, baseline)];
-    let targets = builds.map(|(t, _)| t);
+    let mut builds = Vec::new();
+    for target in [Target::Chatd, Target::ChatdBase] {
+        let program = chatd_program(target).context("no --baseline binary given")?;
+        builds.push((target, program));
+    }
+    let targets: Vec<Target> = builds.iter().map(|(t, _)| *t).collect();
     let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
     for (name, load) in LOADS {
         for nodes in [1, 3] {
             let load_before = crate::loadavg();
             let mut outcomes = report::Runs::new();
             for run in 1..=runs {
-                for (target, program) in builds {
+                for (target, program) in &builds {
                     let title = format!("{name}, {} run {run}/{runs}", target.name());
                     let outcome = room_load(&title, nodes, load, program)
                         .await
@@ -568,7 +573,7 @@ pub async fn compare(baseline: &Path, runs: usize, storm_clients: usize) -> anyh
                             notes: vec![format!("failed: {e:#}")],
                             ..Outcome::default()
                         });
-                    outcomes.entry(target).or_default().push(outcome);
+                    outcomes.entry(*target).or_default().push(outcome);
                 }
             }
             let conditions = format!(
@@ -591,7 +596,7 @@ pub async fn compare(baseline: &Path, runs: usize, storm_clients: usize) -> anyh
         }
     }
     if storm_clients > 0 {
-        for (target, program) in builds {
+        for (target, program) in &builds {
             println!("\n# storm on {}", target.name());
             storm(storm_clients / 3, program).await?;
         }

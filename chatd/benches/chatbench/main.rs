@@ -238,14 +238,20 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
         cluster::storm_worker(spec).await?;
         return Ok(ExitCode::SUCCESS);
     }
-    if let Some(path) = &args.baseline {
-        let version = server::set_baseline(path)?;
-        eprintln!("chatbench: chatd@base is {} ({version})", path.display());
-    }
+    // Held to the end: the copies both chatd targets run.
+    let _builds = match &args.baseline {
+        Some(path) => {
+            let (dir, version) = server::set_baseline(path)?;
+            eprintln!("chatbench: chatd@base is {} ({version})", path.display());
+            Some(dir)
+        }
+        None => None,
+    };
     if args.cluster {
-        match &args.baseline {
-            Some(path) => cluster::compare(path, args.runs.max(1), args.storm_clients).await?,
-            None => cluster::run(args.storm_clients).await?,
+        if args.baseline.is_some() {
+            cluster::compare(args.runs.max(1), args.storm_clients).await?;
+        } else {
+            cluster::run(args.storm_clients).await?;
         }
         return Ok(ExitCode::SUCCESS);
     }

@@ -76,7 +76,7 @@ impl Target {
     pub fn unavailable(self) -> Option<String> {
         match self {
             Target::Chatd => None,
-            Target::ChatdBase => BASELINE
+            Target::ChatdBase => COMPARED
                 .get()
                 .is_none()
                 .then(|| "no --baseline binary given".to_owned()),
@@ -99,27 +99,58 @@ impl Target {
     }
 }
 
-/// The binary [`Target::ChatdBase`] runs; a global because `Target` is a
-/// plain copyable key of the report's tables.
-static BASELINE: OnceLock<PathBuf> = OnceLock::new();
+/// With `--baseline`, the copies of this build and of the baseline that
+/// [`Target::Chatd`] and [`Target::ChatdBase`] run; a global because
+/// `Target` is a plain copyable key of the report's tables.
+static COMPARED: OnceLock<(PathBuf, PathBuf)> = OnceLock::new();
 
-/// Checks that `path` is a chatd that starts (`--version`) and makes it
-/// [`Target::ChatdBase`]'s binary; returns the version it printed.
-pub fn set_baseline(path: &Path) -> anyhow::Result<String> {
-    let out = Command::new(path)
+/// This build's chatd, or CHATBENCH_CHATD's: CHATBENCH_CHATD and
+/// CHATBENCH_CONFIG run another build with its own configuration.
+fn default_chatd() -> PathBuf {
+    std::env::var_os("CHATBENCH_CHATD")
+        .unwrap_or_else(|| env!("CARGO_BIN_EXE_chatd").into())
+        .into()
+}
+
+/// The binary `target` runs, if it is a chatd.
+pub fn chatd_program(target: Target) -> Option<PathBuf> {
+    match (target, COMPARED.get()) {
+        (Target::Chatd, Some((this, _))) => Some(this.clone()),
+        (Target::Chatd, None) => Some(default_chatd()),
+        (Target::ChatdBase, Some((_, base))) => Some(base.clone()),
+        _ => None,
+    }
+}
+
+/// Makes `baseline` [`Target::ChatdBase`]'s binary, after checking that it
+/// starts (`--version`, which it returns). Both chatd targets then run
+/// fresh copies side by side in the directory returned (removed on drop):
+/// RSS counts the pages of the executable in memory, and identical
+/// binaries differed by 2 MiB idle when one was just written and the other
+/// had lain in the page cache for a while.
+pub fn set_baseline(baseline: &Path) -> anyhow::Result<(tempfile::TempDir, String)> {
+    let dir = tempfile::Builder::new()
+        .prefix("chatbench-builds-")
+        .tempdir()?;
+    let this = dir.path().join("chatd");
+    let base = dir.path().join("chatd@base");
+    let from = default_chatd();
+    fs::copy(&from, &this).with_context(|| format!("copying {}", from.display()))?;
+    fs::copy(baseline, &base).with_context(|| format!("--baseline {}", baseline.display()))?;
+    let out = Command::new(&base)
         .arg("--version")
         .stdin(Stdio::null())
         .output()
-        .with_context(|| format!("--baseline {}: cannot run it", path.display()))?;
+        .with_context(|| format!("--baseline {}: cannot run it", baseline.display()))?;
     if !out.status.success() {
         bail!(
             "--baseline {}: `--version` failed ({})",
-            path.display(),
+            baseline.display(),
             out.status
         );
     }
-    let _ = BASELINE.set(path.to_owned());
-    Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+    let _ = COMPARED.set((this, base));
+    Ok((dir, String::from_utf8_lossy(&out.stdout).trim().to_owned()))
 }
 
 fn find_program(name: &str) -> Option<PathBuf> {
@@ -258,17 +289,9 @@ fn command(target: Target, dir: &Path, port: u16) -> anyhow::Result<Command> {
             .replace("{{DIR}}", &dir.display().to_string())
     };
     Ok(match target {
-        Target::Chatd => {
-            // CHATBENCH_CHATD and CHATBENCH_CONFIG run another build with
-            // its own configuration (an older commit's, to compare the two
-            // in the same minutes); the default is this build.
-            let program = std::env::var_os("CHATBENCH_CHATD")
-                .unwrap_or_else(|| env!("CARGO_BIN_EXE_chatd").into());
-            chatd_command(program.as_ref(), dir, port)
-        }
-        Target::ChatdBase => {
-            let program = BASELINE.get().context("no --baseline binary given")?;
-            chatd_command(program, dir, port)
+        Target::Chatd | Target::ChatdBase => {
+            let program = chatd_program(target).context("no --baseline binary given")?;
+            chatd_command(&program, dir, port)
         }
         Target::Ngircd => {
             let conf = dir.join("ngircd.conf");
