@@ -11,6 +11,9 @@
 //! The storm needs more sockets than one process may open (the hard limit
 //! here is 20,000), so its clients live in worker processes: this binary
 //! again, with `--storm-worker ADDR:COUNT`, one per node.
+//!
+//! With `--baseline`, [`compare`] runs every room load on this build and on
+//! the baseline in turn, and prints the medians of both and their ratio.
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -23,8 +26,11 @@ use anyhow::{Context, bail};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::task::JoinSet;
 
-use crate::client::{self, Dialect, SendPlan, Shared};
-use crate::server::{Sample, free_port, sample};
+use crate::client::{self, Dialect, SendPlan, Shared, Tally};
+use crate::metric::Metric;
+use crate::report;
+use crate::scenario::Outcome;
+use crate::server::{Sample, Target, chatd_program, free_port, sample};
 
 /// The line every storm client waits for.
 const STORM_LINE: &str = "storm line for everyone";
@@ -37,9 +43,9 @@ struct Cluster {
 }
 
 impl Cluster {
-    /// `n` nodes; with `n == 1`, a single node in plain mode (no NATS), the
-    /// baseline.
-    fn start(n: usize) -> anyhow::Result<Cluster> {
+    /// `n` nodes running `program`; with `n == 1`, a single node in plain
+    /// mode (no NATS), the reference for the cluster's cost.
+    fn start(n: usize, program: &Path) -> anyhow::Result<Cluster> {
         let dir = tempfile::Builder::new()
             .prefix("chatbench-cluster-")
             .tempdir()?;
@@ -72,7 +78,7 @@ impl Cluster {
             let addr = SocketAddr::from(([127, 0, 0, 1], port));
             let log = std::fs::File::create(dir.path().join(format!("node-{i}.log")))?;
             let config = Path::new(env!("CARGO_MANIFEST_DIR")).join("../config/bench.toml");
-            let mut cmd = Command::new(env!("CARGO_BIN_EXE_chatd"));
+            let mut cmd = Command::new(program);
             cmd.arg("--config")
                 .arg(config)
                 .env("CHATD_CHAT__LISTEN", addr.to_string())
@@ -151,15 +157,35 @@ fn wait_accepting(addr: SocketAddr) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// This build's chatd, which the cluster scenarios run unless told otherwise.
+fn this_build() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_chatd"))
+}
+
+/// One room load's clients, senders, lines per sender and rate per sender
+/// (`None`: as fast as the window allows).
+type Load = (usize, usize, u32, Option<f64>);
+
+/// The room loads: scenario a (as fast as possible) and c (500 lines/s per
+/// sender), each on one node and on three.
+const LOADS: [(&str, Load); 2] = [
+    ("a", (100, 10, 2_000, None)),
+    ("c", (100, 10, 2_000, Some(500.0))),
+];
+
 /// One room load (`clients` clients, `senders` of them sending `messages`
 /// lines of 64 B, at `rate` lines/s each or as fast as the window allows)
-/// on `nodes` nodes; clients go to the nodes in turn. Prints one block.
+/// on `nodes` nodes running `program`; clients go to the nodes in turn.
+/// Prints one block and returns its figures (CPU and RSS: all nodes
+/// together).
 async fn room_load(
     name: &str,
     nodes: usize,
-    (clients, senders, messages, rate): (usize, usize, u32, Option<f64>),
-) -> anyhow::Result<()> {
-    let cluster = tokio::task::spawn_blocking(move || Cluster::start(nodes)).await??;
+    (clients, senders, messages, rate): Load,
+    program: &Path,
+) -> anyhow::Result<Outcome> {
+    let program = program.to_owned();
+    let cluster = tokio::task::spawn_blocking(move || Cluster::start(nodes, &program)).await??;
     let size = 64;
     let lines = u64::from(messages) * senders as u64;
     let expected = lines * (clients as u64 - 1);
@@ -242,14 +268,14 @@ async fn room_load(
     let msgs_after = cluster.in_msgs().await?;
     shared.stop.cancel();
     let mut per_node = vec![0u64; nodes];
-    let (mut unique, mut good, mut bad) = (0, 0, 0);
+    let mut total = Tally::default();
     while let Some(r) = readers.join_next().await {
         let (node, t) = r?;
         per_node[node] += t.unique;
-        unique += t.unique;
-        good += t.good;
-        bad += t.duplicated + t.out_of_order + t.garbled + t.extra + t.echoed;
+        add(&mut total, &t);
     }
+    let (unique, good) = (total.unique, total.good);
+    let bad = total.duplicated + total.out_of_order + total.garbled + total.extra + total.echoed;
     let span = shared
         .last_delivery
         .load(Ordering::Relaxed)
@@ -288,13 +314,74 @@ async fn room_load(
             (msgs_after - msgs_before) as f64 / lines as f64
         );
     }
-    Ok(())
+    let mut out = figures(&total, expected, span, &lat, (&before, &after));
+    out.values.insert(Metric::Connected, clients as f64);
+    Ok(out)
 }
 
-/// The storm: `per_node` clients on each of three nodes in one room (one of
-/// node 0's is the sender, here), then one line to all of them.
-async fn storm(per_node: usize) -> anyhow::Result<()> {
-    let cluster = tokio::task::spawn_blocking(|| Cluster::start(3)).await??;
+/// Adds one reader's counts of what the cluster figures show to `total`.
+fn add(total: &mut Tally, t: &Tally) {
+    total.unique += t.unique;
+    total.good += t.good;
+    total.duplicated += t.duplicated;
+    total.out_of_order += t.out_of_order;
+    total.garbled += t.garbled;
+    total.extra += t.extra;
+    total.echoed += t.echoed;
+}
+
+/// The figures of one room load, as the report's metrics; CPU and RSS of
+/// all nodes together, from their samples `before` and `after` sending.
+fn figures(
+    total: &Tally,
+    expected: u64,
+    span: f64,
+    lat: &hdrhistogram::Histogram<u64>,
+    (before, after): (&[Sample], &[Sample]),
+) -> Outcome {
+    let mut out = Outcome::default();
+    let mut set = |m: Metric, v: f64| {
+        out.values.insert(m, v);
+    };
+    set(Metric::Expected, expected as f64);
+    set(Metric::Delivered, total.unique as f64);
+    set(Metric::Lost, expected.saturating_sub(total.unique) as f64);
+    set(Metric::Duplicated, total.duplicated as f64);
+    set(Metric::OutOfOrder, total.out_of_order as f64);
+    set(Metric::Garbled, total.garbled as f64);
+    set(Metric::Extra, total.extra as f64);
+    set(Metric::Echoed, total.echoed as f64);
+    if span > 0.0 && total.good > 0 {
+        set(Metric::DeliveriesPerSec, total.good as f64 / span);
+    }
+    if !lat.is_empty() {
+        let ms = |q: f64| lat.value_at_quantile(q) as f64 / 1e6;
+        set(Metric::P50, ms(0.50));
+        set(Metric::P99, ms(0.99));
+        set(Metric::P999, ms(0.999));
+        set(Metric::Max, lat.max() as f64 / 1e6);
+    }
+    let cpu_ns: u64 = before
+        .iter()
+        .zip(after)
+        .map(|(b, a)| a.cpu_ns.saturating_sub(b.cpu_ns))
+        .sum();
+    set(Metric::CpuSecs, cpu_ns as f64 / 1e9);
+    if total.unique > 0 {
+        set(Metric::CpuPerDelivery, cpu_ns as f64 / total.unique as f64);
+    }
+    let mib = |kib: u64| kib as f64 / 1024.0;
+    set(Metric::RssEnd, mib(after.iter().map(|s| s.rss_kib).sum()));
+    set(Metric::RssPeak, mib(after.iter().map(|s| s.hwm_kib).sum()));
+    out
+}
+
+/// The storm: `per_node` clients on each of three nodes running `program`
+/// in one room (one of node 0's is the sender, here), then one line to all
+/// of them.
+async fn storm(per_node: usize, program: &Path) -> anyhow::Result<()> {
+    let program = program.to_owned();
+    let cluster = tokio::task::spawn_blocking(move || Cluster::start(3, &program)).await??;
     let me = std::env::current_exe()?;
     let started = Instant::now();
     let mut workers = Vec::new();
@@ -449,14 +536,70 @@ pub async fn storm_worker(spec: &str) -> anyhow::Result<()> {
 /// storm of `storm_clients` (30,000) over three nodes.
 pub async fn run(storm_clients: usize) -> anyhow::Result<()> {
     println!("# cluster scenarios (chatbench --cluster)");
-    for nodes in [1, 3] {
-        room_load("a", nodes, (100, 10, 2_000, None)).await?;
-    }
-    for nodes in [1, 3] {
-        room_load("c", nodes, (100, 10, 2_000, Some(500.0))).await?;
+    for (name, load) in LOADS {
+        for nodes in [1, 3] {
+            room_load(name, nodes, load, this_build()).await?;
+        }
     }
     if storm_clients > 0 {
-        storm(storm_clients / 3).await?;
+        storm(storm_clients / 3, this_build()).await?;
+    }
+    Ok(())
+}
+
+/// [`run`] against the `--baseline` binary too: every room load `runs`
+/// times on each build, alternating so that drift hits both alike, then a
+/// table of the medians with this build's over the baseline's; the storm
+/// once on each.
+pub async fn compare(runs: usize, storm_clients: usize) -> anyhow::Result<()> {
+    println!("# cluster scenarios (chatbench --cluster --baseline)");
+    let mut builds = Vec::new();
+    for target in [Target::Chatd, Target::ChatdBase] {
+        let program = chatd_program(target).context("no --baseline binary given")?;
+        builds.push((target, program));
+    }
+    let targets: Vec<Target> = builds.iter().map(|(t, _)| *t).collect();
+    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
+    for (name, load) in LOADS {
+        for nodes in [1, 3] {
+            let load_before = crate::loadavg();
+            let mut outcomes = report::Runs::new();
+            for run in 1..=runs {
+                for (target, program) in &builds {
+                    let title = format!("{name}, {} run {run}/{runs}", target.name());
+                    let outcome = room_load(&title, nodes, load, program)
+                        .await
+                        .unwrap_or_else(|e| Outcome {
+                            notes: vec![format!("failed: {e:#}")],
+                            ..Outcome::default()
+                        });
+                    outcomes.entry(*target).or_default().push(outcome);
+                }
+            }
+            let conditions = format!(
+                "CPU and RSS of all nodes together; nodes, NATS and load generator share all \
+                 {cpus} CPUs; load average (1/5/15 min) {load_before} before, {} after",
+                crate::loadavg()
+            );
+            let title = format!("cluster {name}, {nodes} node(s)");
+            let what = format!(
+                "{} clients in one room, {} senders x {} lines of 64 B, {}",
+                load.0,
+                load.1,
+                load.2,
+                load.3.map_or("as fast as possible".to_owned(), |r| format!(
+                    "{r} lines/s each"
+                ))
+            );
+            let table = report::table((&title, &what, &conditions), &targets, &outcomes);
+            print!("{table}");
+        }
+    }
+    if storm_clients > 0 {
+        for (target, program) in &builds {
+            println!("\n# storm on {}", target.name());
+            storm(storm_clients / 3, program).await?;
+        }
     }
     Ok(())
 }

@@ -19,6 +19,7 @@ mod server;
 mod upgrade;
 
 use std::collections::BTreeMap;
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -49,6 +50,12 @@ struct Args {
     /// Runs per scenario and target; the table shows medians.
     #[arg(long, default_value_t = 1)]
     runs: usize,
+    /// A chatd binary built from an earlier commit: it runs as one more
+    /// target, chatd@base, in turn with this build in every run, and the
+    /// tables show chatd/chatd@base; with --cluster, the room loads run
+    /// --runs times on each build and the storm once on each.
+    #[arg(long, value_name = "PATH")]
+    baseline: Option<PathBuf>,
     /// A tiny smoke scenario for CI; fails if chatd lost, garbled,
     /// duplicated, reordered, echoed or added a line, or cut a reader.
     #[arg(long)]
@@ -112,6 +119,30 @@ struct Args {
 }
 
 impl Args {
+    /// The targets asked for that can run here, each once; the baseline
+    /// right after this build, so that the two run back to back and their
+    /// ratio comes first.
+    fn targets(&self) -> Vec<Target> {
+        let mut targets = Vec::new();
+        for &t in &self.targets {
+            if targets.contains(&t) {
+                continue;
+            }
+            match t.unavailable() {
+                Some(why) => eprintln!("chatbench: skipping {}: {why}", t.name()),
+                None => targets.push(t),
+            }
+        }
+        if self.baseline.is_some() {
+            let at = targets
+                .iter()
+                .position(|&t| t == Target::Chatd)
+                .map_or(0, |i| i + 1);
+            targets.insert(at, Target::ChatdBase);
+        }
+        targets
+    }
+
     fn scenarios(&self) -> anyhow::Result<Vec<Scenario>> {
         let names: Vec<&str> = if self.quick {
             vec!["quick"]
@@ -195,6 +226,10 @@ fn main() -> ExitCode {
 
 async fn run(args: Args) -> anyhow::Result<ExitCode> {
     if args.upgrade {
+        anyhow::ensure!(
+            args.baseline.is_none(),
+            "--baseline does not apply to --upgrade (CHATBENCH_CHATD runs another build there)"
+        );
         let rate = args.rate.filter(|r| *r > 0.0).unwrap_or(5.0);
         return upgrade::run(args.clients.unwrap_or(10_000).max(2 * 100), rate).await;
     }
@@ -203,8 +238,21 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
         cluster::storm_worker(spec).await?;
         return Ok(ExitCode::SUCCESS);
     }
+    // Held to the end: the copies both chatd targets run.
+    let _builds = match &args.baseline {
+        Some(path) => {
+            let (dir, version) = server::set_baseline(path)?;
+            eprintln!("chatbench: chatd@base is {} ({version})", path.display());
+            Some(dir)
+        }
+        None => None,
+    };
     if args.cluster {
-        cluster::run(args.storm_clients).await?;
+        if args.baseline.is_some() {
+            cluster::compare(args.runs.max(1), args.storm_clients).await?;
+        } else {
+            cluster::run(args.storm_clients).await?;
+        }
         return Ok(ExitCode::SUCCESS);
     }
     let scenarios = args.scenarios()?;
@@ -224,16 +272,7 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
     } else {
         format!("server and load generator share all {cpus} CPUs")
     };
-    let mut targets = Vec::new();
-    for &t in &args.targets {
-        if targets.contains(&t) {
-            continue;
-        }
-        match t.unavailable() {
-            Some(why) => eprintln!("chatbench: skipping {}: {why}", t.name()),
-            None => targets.push(t),
-        }
-    }
+    let targets = args.targets();
     if targets.contains(&Target::Tutorial) {
         eprintln!(
             "chatbench: python relays raw 1024-byte chunks, not lines: its numbers are indicative"

@@ -7,6 +7,7 @@ use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::str::FromStr;
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
@@ -17,6 +18,9 @@ use crate::client::Dialect;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Target {
     Chatd,
+    /// The chatd binary given with `--baseline`, built from an earlier
+    /// commit: runs beside this build so that both meet the same load.
+    ChatdBase,
     Ngircd,
     Inspircd,
     /// The multi-user chat server of the Python socket tutorial in
@@ -41,6 +45,7 @@ impl Target {
     pub fn name(self) -> &'static str {
         match self {
             Target::Chatd => "chatd",
+            Target::ChatdBase => "chatd@base",
             Target::Ngircd => "ngircd",
             Target::Inspircd => "inspircd",
             Target::Tutorial => "python",
@@ -49,7 +54,7 @@ impl Target {
 
     pub fn dialect(self) -> Dialect {
         match self {
-            Target::Chatd => Dialect::Chatd,
+            Target::Chatd | Target::ChatdBase => Dialect::Chatd,
             Target::Ngircd | Target::Inspircd => Dialect::Irc,
             Target::Tutorial => Dialect::Tutorial,
         }
@@ -71,6 +76,10 @@ impl Target {
     pub fn unavailable(self) -> Option<String> {
         match self {
             Target::Chatd => None,
+            Target::ChatdBase => COMPARED
+                .get()
+                .is_none()
+                .then(|| "no --baseline binary given".to_owned()),
             Target::Ngircd => find_program("ngircd")
                 .is_none()
                 .then(|| "ngircd not installed (apt-get install ngircd)".to_owned()),
@@ -88,6 +97,60 @@ impl Target {
             }
         }
     }
+}
+
+/// With `--baseline`, the copies of this build and of the baseline that
+/// [`Target::Chatd`] and [`Target::ChatdBase`] run; a global because
+/// `Target` is a plain copyable key of the report's tables.
+static COMPARED: OnceLock<(PathBuf, PathBuf)> = OnceLock::new();
+
+/// This build's chatd, or CHATBENCH_CHATD's: CHATBENCH_CHATD and
+/// CHATBENCH_CONFIG run another build with its own configuration.
+fn default_chatd() -> PathBuf {
+    std::env::var_os("CHATBENCH_CHATD")
+        .unwrap_or_else(|| env!("CARGO_BIN_EXE_chatd").into())
+        .into()
+}
+
+/// The binary `target` runs, if it is a chatd.
+pub fn chatd_program(target: Target) -> Option<PathBuf> {
+    match (target, COMPARED.get()) {
+        (Target::Chatd, Some((this, _))) => Some(this.clone()),
+        (Target::Chatd, None) => Some(default_chatd()),
+        (Target::ChatdBase, Some((_, base))) => Some(base.clone()),
+        _ => None,
+    }
+}
+
+/// Makes `baseline` [`Target::ChatdBase`]'s binary, after checking that it
+/// starts (`--version`, which it returns). Both chatd targets then run
+/// fresh copies side by side in the directory returned (removed on drop):
+/// RSS counts the pages of the executable in memory, and identical
+/// binaries differed by 2 MiB idle when one was just written and the other
+/// had lain in the page cache for a while.
+pub fn set_baseline(baseline: &Path) -> anyhow::Result<(tempfile::TempDir, String)> {
+    let dir = tempfile::Builder::new()
+        .prefix("chatbench-builds-")
+        .tempdir()?;
+    let this = dir.path().join("chatd");
+    let base = dir.path().join("chatd@base");
+    let from = default_chatd();
+    fs::copy(&from, &this).with_context(|| format!("copying {}", from.display()))?;
+    fs::copy(baseline, &base).with_context(|| format!("--baseline {}", baseline.display()))?;
+    let out = Command::new(&base)
+        .arg("--version")
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("--baseline {}: cannot run it", baseline.display()))?;
+    if !out.status.success() {
+        bail!(
+            "--baseline {}: `--version` failed ({})",
+            baseline.display(),
+            out.status
+        );
+    }
+    let _ = COMPARED.set((this, base));
+    Ok((dir, String::from_utf8_lossy(&out.stdout).trim().to_owned()))
 }
 
 fn find_program(name: &str) -> Option<PathBuf> {
@@ -226,28 +289,9 @@ fn command(target: Target, dir: &Path, port: u16) -> anyhow::Result<Command> {
             .replace("{{DIR}}", &dir.display().to_string())
     };
     Ok(match target {
-        Target::Chatd => {
-            // CHATBENCH_CHATD and CHATBENCH_CONFIG run another build with
-            // its own configuration (an older commit's, to compare the two
-            // in the same minutes); the default is this build.
-            let program = std::env::var_os("CHATBENCH_CHATD")
-                .unwrap_or_else(|| env!("CARGO_BIN_EXE_chatd").into());
-            let mut cmd = Command::new(program);
-            let config = std::env::var_os("CHATBENCH_CONFIG")
-                .map(std::path::PathBuf::from)
-                .unwrap_or_else(|| {
-                    Path::new(env!("CARGO_MANIFEST_DIR")).join("../config/bench.toml")
-                });
-            cmd.arg("--config")
-                .arg(config)
-                .env("CHATD_CHAT__LISTEN", format!("127.0.0.1:{port}"))
-                .env("CHATD_UDP__LISTEN", "127.0.0.1:0")
-                .env("CHATD_ADMIN__LISTEN", "127.0.0.1:0")
-                // Its generated admin token goes to the run's own directory,
-                // never to the host's /run/chatd where a later chatd on the
-                // same port would be taken for it.
-                .env("RUNTIME_DIRECTORY", dir);
-            cmd
+        Target::Chatd | Target::ChatdBase => {
+            let program = chatd_program(target).context("no --baseline binary given")?;
+            chatd_command(&program, dir, port)
         }
         Target::Ngircd => {
             let conf = dir.join("ngircd.conf");
@@ -275,6 +319,25 @@ fn command(target: Target, dir: &Path, port: u16) -> anyhow::Result<Command> {
             cmd
         }
     })
+}
+
+/// `program` (a chatd) with the benchmark's configuration, or
+/// CHATBENCH_CONFIG's, listening on `port`.
+fn chatd_command(program: &Path, dir: &Path, port: u16) -> Command {
+    let mut cmd = Command::new(program);
+    let config = std::env::var_os("CHATBENCH_CONFIG")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../config/bench.toml"));
+    cmd.arg("--config")
+        .arg(config)
+        .env("CHATD_CHAT__LISTEN", format!("127.0.0.1:{port}"))
+        .env("CHATD_UDP__LISTEN", "127.0.0.1:0")
+        .env("CHATD_ADMIN__LISTEN", "127.0.0.1:0")
+        // Its generated admin token goes to the run's own directory,
+        // never to the host's /run/chatd where a later chatd on the
+        // same port would be taken for it.
+        .env("RUNTIME_DIRECTORY", dir);
+    cmd
 }
 
 /// The tutorial's `chat_server.py`, from its Markdown, with our port.
