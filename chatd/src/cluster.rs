@@ -28,7 +28,8 @@
 //!   and kept the same way, one backlog stream per destination node.
 //!
 //! Admin is cluster-wide through [`Bus`]: every node answers requests on
-//! `NAME.admin.OP` (see [`crate::admin::answer_remote`]), and the node an
+//! `NAME.admin.OP` (through the [`AdminHandler`] the wiring gives
+//! [`start`]), and the node an
 //! operator talks to scatters a request there and gathers the answers until
 //! a deadline ([`ADMIN_DEADLINE`]), so a dead node makes a call slower, never
 //! hang, and the reply names the nodes that answered. Nodes say they are
@@ -51,6 +52,7 @@ pub mod bans;
 pub mod history;
 pub mod members;
 pub mod nicks;
+pub mod watch;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -61,13 +63,17 @@ use async_nats::connection::State;
 use async_nats::{ConnectOptions, HeaderMap};
 use bytes::Bytes;
 use futures_util::StreamExt;
-use tokio::sync::{Notify, mpsc, watch};
+use tokio::sync::watch as tokio_watch;
+use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::clock;
 use crate::cluster_seq::{self, Backlog, Position, SEQ_HEADER, Seen, Verdict};
-use crate::cluster_state::{ADMIN_DEADLINE, AdminBus, Claim, ClientId, ClusterState, Reply};
+use crate::cluster_state::{
+    ADMIN_DEADLINE, AdminBus, AdminHandler, BoxFuture, Claim, ClientId, ClusterState, Pause,
+    RemoteEvents, Reply, WatchCodec, Watching,
+};
 pub use crate::cluster_state::{Answer, GatherError, Gathered, Kind};
 use crate::config::{ClusterConfig, OnUnreachable};
 use crate::hub::Hub;
@@ -117,6 +123,9 @@ const WARN_EVERY_MS: u64 = 10_000;
 /// The header of an admin answer that is an error: the gRPC code (a
 /// number); the payload is then the message.
 pub const ERROR_HEADER: &str = "Chatd-Error";
+/// The gRPC code `INTERNAL`, for an error answer whose code is not a
+/// number.
+const GRPC_INTERNAL: i32 = 13;
 /// How often a node says on `NAME.nodes` that it is there.
 const HEARTBEAT: Duration = Duration::from_secs(2);
 /// A node not heard for this long is no longer expected to answer (nor
@@ -208,6 +217,8 @@ pub struct Link {
     /// What each room's listener and the private messages' receiver have
     /// handed on, per sending node (for a seamless upgrade).
     receipts: Arc<cluster_seq::Receipts>,
+    /// The upgrade's freeze, which the receivers wait out.
+    pause: Arc<dyn Pause>,
 }
 
 impl Link {
@@ -414,14 +425,6 @@ impl ClusterState for Link {
         let _ = tx.send((room.into(), reply));
         Reply::Later(done)
     }
-
-    fn admin(&self) -> Option<&dyn AdminBus> {
-        self.bus.as_ref().map(|bus| bus as &dyn AdminBus)
-    }
-
-    fn receipts(&self) -> Vec<crate::handoff::state::StreamReceipts> {
-        self.receipts.export()
-    }
 }
 
 /// The guest-nick tag of `node_id`: itself when at most 6 characters, else
@@ -467,7 +470,7 @@ pub enum ClusterError {
 pub struct Connected {
     client: async_nats::Client,
     connected: bool,
-    state_rx: watch::Receiver<bool>,
+    state_rx: tokio_watch::Receiver<bool>,
 }
 
 impl std::fmt::Debug for Connected {
@@ -483,7 +486,7 @@ impl std::fmt::Debug for Connected {
 /// `cluster.on_unreachable` says.
 pub async fn connect(config: &ClusterConfig) -> Result<Connected, ClusterError> {
     let urls = config.nats_urls.join(" ");
-    let (state_tx, mut state_rx) = watch::channel(false);
+    let (state_tx, mut state_rx) = tokio_watch::channel(false);
     let state_tx = Arc::new(state_tx);
     let slow_warned = Arc::new(AtomicU64::new(0));
     let options = || async {
@@ -542,6 +545,40 @@ pub async fn connect(config: &ClusterConfig) -> Result<Connected, ClusterError> 
     })
 }
 
+/// What the cluster is given by the rest of the daemon, which it knows
+/// only through these seams.
+pub struct Seams {
+    /// Answers other nodes' admin requests on this node.
+    pub admin: Arc<dyn AdminHandler>,
+    /// Encodes this node's events for the other nodes' watches.
+    pub codec: Arc<dyn WatchCodec<crate::hub::Event>>,
+    /// The upgrade's freeze.
+    pub pause: Arc<dyn Pause>,
+    /// The previous process's receiving positions, after a seamless
+    /// upgrade; empty otherwise.
+    pub inherited: Vec<cluster_seq::StreamReceipts>,
+}
+
+/// The running cluster, as [`start`] returns it to the wiring.
+#[derive(Debug, Clone)]
+pub struct Cluster {
+    bus: Bus,
+    receipts: Arc<cluster_seq::Receipts>,
+}
+
+impl Cluster {
+    /// The admin API's way to the other nodes.
+    pub fn admin_bus(&self) -> Arc<dyn AdminBus> {
+        Arc::new(self.bus.clone())
+    }
+
+    /// What every subscribed stream has handed on from each other node,
+    /// for a seamless upgrade ([`cluster_seq::Receipts::export`]).
+    pub fn receipts(&self) -> Arc<cluster_seq::Receipts> {
+        self.receipts.clone()
+    }
+}
+
 /// Attaches the hub to the cluster through `connection` (see [`connect`])
 /// and spawns the cluster's tasks, which run until `shutdown`; nothing here
 /// waits on NATS.
@@ -549,8 +586,9 @@ pub async fn start(
     config: &ClusterConfig,
     connection: Connected,
     hub: Hub,
+    seams: Seams,
     shutdown: CancellationToken,
-) -> Result<(), ClusterError> {
+) -> Result<Cluster, ClusterError> {
     let Connected {
         client,
         connected,
@@ -562,6 +600,7 @@ pub async fn start(
         prefix: format!("{}.admin.", config.name),
         peers: Arc::default(),
         feed: Default::default(),
+        codec: seams.codec,
     };
     let (tx, rx) = mpsc::channel(OUTGOING_CAPACITY);
     let (nicks_tx, nicks_rx) = mpsc::unbounded_channel();
@@ -581,10 +620,13 @@ pub async fn start(
         node_id: config.node_id.clone().into(),
         member_ttl: config.timings.member_silence,
         loads: (per_room > 0).then_some(loads_tx),
-        receipts: Arc::new(cluster_seq::Receipts::inheriting(
-            &hub.handoff().take_inherited(),
-        )),
+        receipts: Arc::new(cluster_seq::Receipts::inheriting(&seams.inherited)),
+        pause: seams.pause.clone(),
     });
+    let handle = Cluster {
+        bus: bus.clone(),
+        receipts: link.receipts.clone(),
+    };
     let nick_task = nicks::Nicks::new(
         client.clone(),
         hub.clone(),
@@ -592,6 +634,7 @@ pub async fn start(
         format!("{}_nicks", config.name),
         replicas(config),
         &config.timings,
+        seams.pause,
     );
     tokio::spawn(nick_task.run(nicks_rx, state_rx.clone(), shutdown.clone()));
     // Holds the nicks of clients taken over by a seamless upgrade.
@@ -613,11 +656,7 @@ pub async fn start(
         state_rx.clone(),
         shutdown.clone(),
     ));
-    tokio::spawn(crate::admin::watch::relay(
-        bus.clone(),
-        hub.clone(),
-        shutdown.clone(),
-    ));
+    tokio::spawn(watch::relay(bus.clone(), hub.clone(), shutdown.clone()));
     tokio::spawn(presence(
         bus,
         format!("{}.nodes", config.name),
@@ -625,7 +664,7 @@ pub async fn start(
     ));
     tokio::spawn(serve_admin(
         client.clone(),
-        hub.clone(),
+        seams.admin,
         config.node_id.clone().into(),
         format!("{}.admin.", config.name),
         shutdown.clone(),
@@ -672,7 +711,7 @@ pub async fn start(
         shutdown,
     };
     tokio::spawn(node.run(rx, loads_rx, state_rx));
-    Ok(())
+    Ok(handle)
 }
 
 /// Replicas for the history stream and the nick and ban buckets: 3 when
@@ -741,7 +780,7 @@ pub async fn create_stream(
 /// and the events that drive `state` (connected or not) and warnings.
 fn connect_options(
     config: &ClusterConfig,
-    events: Arc<watch::Sender<bool>>,
+    events: Arc<tokio_watch::Sender<bool>>,
     slow_warned: Arc<AtomicU64>,
 ) -> ConnectOptions {
     let refused_warned = Arc::new(AtomicU64::new(0));
@@ -853,7 +892,7 @@ impl Node {
         mut self,
         mut rx: mpsc::Receiver<Outgoing>,
         mut loads: mpsc::UnboundedReceiver<(Arc<str>, tokio::sync::oneshot::Sender<()>)>,
-        mut state: watch::Receiver<bool>,
+        mut state: tokio_watch::Receiver<bool>,
     ) {
         if self.away == Away::Online {
             self.open_history().await;
@@ -1161,6 +1200,7 @@ impl Node {
                     client: self.client.clone(),
                     hub: self.hub.clone(),
                     receipts: self.link.receipts.clone(),
+                    pause: self.link.pause.clone(),
                     node_id: self.node_id.clone(),
                     subject: format!("{}{}", self.prefix, room),
                     replay_prefix: self.replay_prefix.clone(),
@@ -1181,6 +1221,7 @@ struct Listener {
     client: async_nats::Client,
     hub: Hub,
     receipts: Arc<cluster_seq::Receipts>,
+    pause: Arc<dyn Pause>,
     node_id: Arc<str>,
     /// `NAME.room.ROOM`; chat batches on `.chat`, notices on `.notice`.
     subject: String,
@@ -1204,6 +1245,7 @@ async fn listen(
         client,
         hub,
         receipts,
+        pause,
         node_id,
         subject,
         replay_prefix,
@@ -1296,7 +1338,7 @@ async fn listen(
             }
             _ => {}
         }
-        let handed = unless_frozen(&hub, &seen, |seen| {
+        let handed = unless_frozen(&*pause, &seen, |seen| {
             for (kind, seq, batch) in missed {
                 if kind == Kind::Chat
                     && pos
@@ -1332,18 +1374,18 @@ async fn listen(
 /// upgrade reads ([`cluster_seq::Receipts`]). `None` when an upgrade
 /// committed meanwhile: the new process asks the senders for the rest.
 pub(crate) async fn unless_frozen<T>(
-    hub: &Hub,
+    pause: &dyn Pause,
     seen: &std::sync::Mutex<Seen>,
     hand_on: impl FnOnce(&mut Seen) -> T,
 ) -> Option<T> {
     loop {
         {
             let mut seen = crate::lock::lock(seen);
-            if !hub.handoff().is_frozen() {
+            if !pause.is_frozen() {
                 return Some(hand_on(&mut seen));
             }
         }
-        if hub.handoff().settled().await == crate::handoff::Outcome::Committed {
+        if pause.settled().await {
             return None;
         }
     }
@@ -1478,11 +1520,13 @@ pub struct Bus {
     /// When each other node was last heard on `NAME.nodes` (presence).
     peers: Arc<std::sync::Mutex<HashMap<String, std::time::Instant>>>,
     /// Other nodes' events for this node's watches.
-    feed: crate::admin::watch::Feed,
+    feed: watch::Feed,
+    /// How this node's events look to the other nodes' watches.
+    codec: watch::Codec,
 }
 
-/// The admin service scatters through the seam: it sees a bus only in
-/// cluster mode ([`ClusterState::admin`]). The nodes that count as there
+/// The admin service scatters through the seam: the wiring hands it a bus
+/// only in cluster mode ([`Cluster::admin_bus`]). The nodes that count as there
 /// are those heard on `NAME.nodes` within [`PRESENCE_TTL`].
 impl AdminBus for Bus {
     fn node_id(&self) -> &str {
@@ -1500,12 +1544,11 @@ impl AdminBus for Bus {
         Box::pin(Bus::gather(self, op, payload, done))
     }
 
-    fn watch<'a>(
-        &'a self,
-        messages: bool,
-    ) -> crate::cluster_state::BoxFuture<'a, Result<(crate::admin::watch::Remote, Gathered), String>>
-    {
-        Box::pin(crate::admin::watch::Remote::open(self, messages))
+    fn watch<'a>(&'a self, messages: bool) -> BoxFuture<'a, Result<Watching, String>> {
+        Box::pin(async move {
+            let (remote, gathered) = watch::Remote::open(self, messages).await?;
+            Ok((Box::new(remote) as Box<dyn RemoteEvents>, gathered))
+        })
     }
 }
 
@@ -1516,14 +1559,19 @@ impl Bus {
     }
 
     /// The NATS connection, for admin streams that are not one request
-    /// (`WatchEvents`, [`crate::admin::watch`]).
+    /// (`WatchEvents`, [`watch`]).
     pub fn client(&self) -> &async_nats::Client {
         &self.client
     }
 
     /// The other nodes' events, shared by this node's watches.
-    pub fn feed(&self) -> &crate::admin::watch::Feed {
+    pub fn feed(&self) -> &watch::Feed {
         &self.feed
+    }
+
+    /// How this node's events look to the other nodes' watches.
+    pub fn codec(&self) -> &watch::Codec {
+        &self.codec
     }
 
     /// The admin subject `NAME.admin.REST`.
@@ -1570,9 +1618,7 @@ impl Bus {
             let result = match headers.get(ERROR_HEADER) {
                 None => Ok(msg.payload),
                 Some(code) => Err((
-                    code.as_str()
-                        .parse()
-                        .unwrap_or(tonic::Code::Internal as i32),
+                    code.as_str().parse().unwrap_or(GRPC_INTERNAL),
                     String::from_utf8_lossy(&msg.payload).into_owned(),
                 )),
             };
@@ -1663,11 +1709,11 @@ async fn presence(bus: Bus, subject: String, stop: CancellationToken) {
     }
 }
 
-/// Answers every admin request on `NAME.admin.*` from this node's hub until
-/// `stop`; each in its own task, as a ban writes a file.
+/// Answers every admin request on `NAME.admin.*` through `handler` (this
+/// node alone) until `stop`; each in its own task, as a ban writes a file.
 async fn serve_admin(
     client: async_nats::Client,
-    hub: Hub,
+    handler: Arc<dyn AdminHandler>,
     node_id: Arc<str>,
     prefix: String,
     stop: CancellationToken,
@@ -1691,16 +1737,15 @@ async fn serve_admin(
         else {
             continue;
         };
-        let (client, hub, node_id) = (client.clone(), hub.clone(), node_id.clone());
+        let (client, handler, node_id) = (client.clone(), handler.clone(), node_id.clone());
         tokio::spawn(async move {
             let mut headers = HeaderMap::new();
             headers.insert(NODE_HEADER, &*node_id);
-            let payload = match crate::admin::answer_remote(&hub, &node_id, &op, msg.payload).await
-            {
+            let payload = match handler.answer(&node_id, &op, msg.payload).await {
                 Ok(payload) => payload,
-                Err(status) => {
-                    headers.insert(ERROR_HEADER, (status.code() as i32).to_string().as_str());
-                    Bytes::from(status.message().to_string())
+                Err((code, message)) => {
+                    headers.insert(ERROR_HEADER, code.to_string().as_str());
+                    Bytes::from(message)
                 }
             };
             if let Err(e) = client.publish_with_headers(reply, headers, payload).await {
@@ -1784,6 +1829,7 @@ mod tests {
             member_ttl: Duration::from_secs(6),
             loads: None,
             receipts: Arc::default(),
+            pause: Arc::new(crate::cluster_state::NeverPaused),
         };
         (Arc::new(link), rx)
     }

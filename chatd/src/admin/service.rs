@@ -3,6 +3,7 @@
 //! methods log the caller's token name and what they did.
 
 use std::pin::Pin;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
@@ -27,15 +28,24 @@ use crate::reload::Reloader;
 pub struct AdminService {
     hub: Hub,
     reloader: Reloader,
+    /// The way to the other nodes' admin; `None` on one node, where admin
+    /// calls answer for this node alone.
+    bus: Option<Arc<dyn AdminBus>>,
     /// Cancelled when shutdown begins: open watch streams end then.
     shutdown: CancellationToken,
 }
 
 impl AdminService {
-    pub fn new(hub: Hub, reloader: Reloader, shutdown: CancellationToken) -> AdminService {
+    pub fn new(
+        hub: Hub,
+        reloader: Reloader,
+        bus: Option<Arc<dyn AdminBus>>,
+        shutdown: CancellationToken,
+    ) -> AdminService {
         AdminService {
             hub,
             reloader,
+            bus,
             shutdown,
         }
     }
@@ -404,7 +414,7 @@ fn none_succeeded(failed: Vec<(String, Status)>, what: &str) -> Status {
 impl AdminService {
     /// The way to the other nodes, in cluster mode.
     fn bus(&self) -> Option<&dyn AdminBus> {
-        self.hub.cluster().admin()
+        self.bus.as_deref()
     }
 
     /// Scatters `request` to every node and gathers the answers; `None`
@@ -790,10 +800,11 @@ impl Admin for AdminService {
                         let next = tokio::select! {
                             () = shutdown.cancelled() => return None,
                             next = events.recv() => next,
-                            event = from_remote => match event {
-                                Some(event) => {
+                            event = from_remote => match event.map(super::remote::decode) {
+                                Some(Some(event)) => {
                                     return Some((Ok(event), (events, guard, shutdown, remote)));
                                 }
+                                Some(None) => continue,
                                 None => {
                                     remote = None;
                                     continue;
@@ -887,7 +898,7 @@ mod tests {
         let config = RawConfig::default().validate().expect("defaults validate");
         let hub = Hub::new(config);
         let reloader = Reloader::new(Source::Default, hub.clone(), None, Default::default());
-        let service = AdminService::new(hub.clone(), reloader, CancellationToken::new());
+        let service = AdminService::new(hub.clone(), reloader, None, CancellationToken::new());
         (hub, service)
     }
 

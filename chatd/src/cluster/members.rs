@@ -586,7 +586,7 @@ pub async fn run(
                 payloads.push(msg.payload);
                 // As a room's listener does: handed on under the lock and
                 // only while no upgrade has frozen the clients.
-                let handed = super::unless_frozen(&hub, &pm_seen, |seen| {
+                let handed = super::unless_frozen(&*link.pause, &pm_seen, |seen| {
                     if let Some((from, pos)) = &from_pos {
                         seen.record(from, *pos);
                     }

@@ -38,6 +38,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use crate::cluster_state::Pause;
 use crate::hub::{ClientId, Hub};
 
 /// How long one KV operation may take before a claim says "try again".
@@ -90,6 +91,8 @@ enum Settled {
 pub struct Nicks {
     client: async_nats::Client,
     hub: Hub,
+    /// A committed upgrade's new process holds this node's nicks.
+    pause: Arc<dyn Pause>,
     node_id: Arc<str>,
     /// `NAME_nicks`.
     bucket: String,
@@ -120,10 +123,12 @@ impl Nicks {
         bucket: String,
         replicas: usize,
         timings: &crate::config::ClusterTimings,
+        pause: Arc<dyn Pause>,
     ) -> Self {
         Self {
             client,
             hub,
+            pause,
             node_id,
             bucket,
             replicas,
@@ -165,7 +170,7 @@ impl Nicks {
                 }
             }
         }
-        if self.hub.handoff().committed() {
+        if self.pause.committed() {
             // The new process of this node holds these nicks now.
             return;
         }

@@ -229,6 +229,8 @@ struct Inner {
     runtime_dir: PathBuf,
     listeners: Vec<(ListenerKind, OwnedFd)>,
     admin_token: Option<String>,
+    /// Cluster mode: what the cluster's receivers have handed on.
+    receipts: Option<Arc<crate::cluster_seq::Receipts>>,
     /// Cancelled at commit: this process then stops as after a signal,
     /// having nobody left to serve.
     shutdown: CancellationToken,
@@ -315,6 +317,7 @@ impl Upgrader {
         runtime_dir: PathBuf,
         listeners: Vec<(ListenerKind, OwnedFd)>,
         admin_token: Option<String>,
+        receipts: Option<Arc<crate::cluster_seq::Receipts>>,
         shutdown: CancellationToken,
     ) -> Upgrader {
         Upgrader {
@@ -324,6 +327,7 @@ impl Upgrader {
                 runtime_dir,
                 listeners,
                 admin_token,
+                receipts,
                 shutdown,
                 running: AtomicBool::new(false),
             }),
@@ -619,7 +623,11 @@ impl Upgrader {
             stats: Some(hub.stats().counters()),
             // Taken before any client is exported: from here on the
             // cluster's listeners hand nothing on (they wait out the freeze).
-            cluster_receipts: hub.cluster().receipts(),
+            cluster_receipts: self
+                .inner
+                .receipts
+                .as_ref()
+                .map_or_else(Vec::new, |r| r.export()),
         };
         let state = serde_json::to_value(&state).map_err(io::Error::other)?;
         tokio::task::block_in_place(|| wire::send(&sock, &ToNew::State { fds: 0, state }, &[]))?;

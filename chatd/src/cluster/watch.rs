@@ -14,7 +14,8 @@
 //!   most [`MAX_LEASES`], each expiring [`LEASE`] after its last renewal, so
 //!   a watcher's node that died stops costing within it), and while it holds
 //!   one it takes the hub's events (chat messages only while a lease asks for
-//!   them) and publishes each, encoded as the `Event` it will be, on
+//!   them) and publishes each, encoded by the admin API's [`WatchCodec`]
+//!   (the cluster carries the bytes and reads only their node), on
 //!   `NAME.admin.watch.ev` (messages on `.msg`), numbered per node in the
 //!   [`EVENT_SEQ_HEADER`] (a relay that falls behind the hub's ring sends a
 //!   `lagged` event of its own);
@@ -40,17 +41,18 @@ use std::time::{Duration, Instant};
 use async_nats::HeaderMap;
 use async_nats::connection::State;
 use bytes::Bytes;
-use chatd_proto::admin::v1 as pb;
 use futures_util::StreamExt;
-use prost::Message;
 use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast::{self, error::RecvError};
 use tokio_util::sync::{CancellationToken, DropGuard};
 use tracing::{debug, info, warn};
 
-use super::convert;
 use crate::cluster::{Bus, Gathered};
+use crate::cluster_state::{BoxFuture, Relayed, RemoteEvents, WatchCodec, WatchItem};
 use crate::hub::{Event, Hub, MessageWatch};
+
+/// The admin API's encoding of this node's events for the other nodes.
+pub type Codec = Arc<dyn WatchCodec<Event>>;
 
 /// How long a lease lasts after its last renewal: a watcher whose node died
 /// (and so never withdrew) costs the relays at most this long.
@@ -187,15 +189,15 @@ pub async fn relay(bus: Bus, hub: Hub, stop: CancellationToken) {
                 }
             }
             event = next => {
-                let (event, is_message) = match event {
+                let (item, is_message) = match event {
                     Ok(event) => {
                         let is_message = matches!(event, Event::Message { .. });
-                        (convert::event(event), is_message)
+                        (WatchItem::Event(event), is_message)
                     }
                     // This relay fell behind the hub: watchers are told how
                     // many events of this node they missed, on the subject
                     // every watcher follows.
-                    Err(RecvError::Lagged(missed)) => (convert::lagged(missed), false),
+                    Err(RecvError::Lagged(missed)) => (WatchItem::Lagged(missed), false),
                     Err(RecvError::Closed) => {
                         taking = None;
                         continue;
@@ -215,15 +217,11 @@ pub async fn relay(bus: Bus, hub: Hub, stop: CancellationToken) {
                     // Not queued for a reconnect: the numbers tell watchers.
                     continue;
                 }
-                let encoded = pb::Event {
-                    node: node.clone(),
-                    ..event
-                }
-                .encode_to_vec();
+                let encoded = bus.codec().encode(item, &node);
                 let mut headers = HeaderMap::new();
                 headers.insert(EVENT_SEQ_HEADER, seq.to_string().as_str());
                 if let Err(e) = client
-                    .publish_with_headers(subject.clone(), headers, encoded.into())
+                    .publish_with_headers(subject.clone(), headers, encoded)
                     .await
                 {
                     debug!(error = %e, "cluster: cannot relay an event");
@@ -256,11 +254,12 @@ fn settle(hub: &Hub, leases: &Leases, taking: &mut Option<Taking>) {
     }
 }
 
-/// Other nodes' events as the ring holds them: decoded once, for every
-/// watch of this node.
+/// Other nodes' events as the ring holds them: their node read once, for
+/// every watch of this node.
 #[derive(Debug)]
-struct Relayed {
-    event: pb::Event,
+struct Received {
+    node: String,
+    payload: Bytes,
     /// From `NAME.admin.watch.msg` (chat messages) rather than `.ev`.
     messages: bool,
     /// The origin's number for it on its subject, when it gave one.
@@ -282,7 +281,7 @@ pub struct Feed {
 
 #[derive(Debug)]
 struct FeedInner {
-    ring: broadcast::Sender<Arc<Relayed>>,
+    ring: broadcast::Sender<Arc<Received>>,
     /// Watches of this node that want chat messages.
     message_watches: AtomicUsize,
     /// Which subscriptions run (events, messages); held while one is
@@ -341,6 +340,7 @@ impl Feed {
             .await
             .map_err(|e| e.to_string())?;
         let own = bus.node_id().to_string();
+        let codec = bus.codec().clone();
         let feed = self.clone();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(FEED_CHECK);
@@ -357,10 +357,10 @@ impl Feed {
                             }
                             break;
                         };
-                        let Ok(event) = pb::Event::decode(msg.payload) else {
+                        let Some(node) = codec.node(&msg.payload) else {
                             continue;
                         };
-                        if event.node == own || event.node.is_empty() {
+                        if node == own || node.is_empty() {
                             continue;
                         }
                         let seq = msg
@@ -370,7 +370,8 @@ impl Feed {
                             .and_then(|s| s.as_str().parse::<u64>().ok());
                         // No watch left: nobody to hand it to, and the
                         // tick below lets go.
-                        let _ = feed.inner.ring.send(Arc::new(Relayed { event, messages, seq }));
+                        let received = Received { node, payload: msg.payload, messages, seq };
+                        let _ = feed.inner.ring.send(Arc::new(received));
                     }
                     _ = tick.tick() => {
                         let mut running = feed.inner.running.lock().await;
@@ -404,7 +405,7 @@ impl Feed {
 
 /// One watch's place in the [`Feed`]'s ring.
 struct FeedSeat {
-    rx: broadcast::Receiver<Arc<Relayed>>,
+    rx: broadcast::Receiver<Arc<Received>>,
     messages: bool,
     feed: Feed,
 }
@@ -424,8 +425,8 @@ pub struct Remote {
     seat: FeedSeat,
     /// (node, messages) → last number seen.
     last: HashMap<(String, bool), u64>,
-    /// Events not yet handed out (a gap's `lagged` goes first).
-    pending: VecDeque<pb::Event>,
+    /// Items not yet handed out (a gap's `lagged` goes first).
+    pending: VecDeque<Relayed>,
     _renew: DropGuard,
 }
 
@@ -494,7 +495,7 @@ impl Remote {
 
     /// The next event from another node (a `lagged` one for a gap); `None`
     /// once the feed ends.
-    pub async fn next(&mut self) -> Option<pb::Event> {
+    pub async fn next(&mut self) -> Option<Relayed> {
         loop {
             if let Some(event) = self.pending.pop_front() {
                 return Some(event);
@@ -509,25 +510,33 @@ impl Remote {
             if relayed.messages && !self.seat.messages {
                 continue;
             }
-            let event = &relayed.event;
             if let Some(seq) = relayed.seq {
                 if self.last.len() >= MAX_NODES {
                     self.last.clear();
                 }
-                let key = (event.node.clone(), relayed.messages);
+                let key = (relayed.node.clone(), relayed.messages);
                 match self.last.insert(key, seq) {
                     Some(last) if seq <= last => continue,
                     Some(last) if seq > last + 1 => {
-                        self.pending.push_back(pb::Event {
-                            node: event.node.clone(),
-                            ..convert::lagged(seq - last - 1)
+                        self.pending.push_back(Relayed::Lagged {
+                            node: relayed.node.clone(),
+                            missed: seq - last - 1,
                         });
                     }
                     _ => {}
                 }
             }
-            self.pending.push_back(event.clone());
+            self.pending.push_back(Relayed::Event {
+                node: relayed.node.clone(),
+                payload: relayed.payload.clone(),
+            });
         }
+    }
+}
+
+impl RemoteEvents for Remote {
+    fn next(&mut self) -> BoxFuture<'_, Option<Relayed>> {
+        Box::pin(Remote::next(self))
     }
 }
 
