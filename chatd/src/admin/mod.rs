@@ -39,6 +39,7 @@ pub use auth::{AuthLayer, Caller, Tokens};
 pub use error::AdminError;
 pub use remote::{EventCodec, RemoteAnswers};
 use service::AdminService;
+pub use service::MAX_BROADCAST_BYTES;
 
 use crate::cluster_state::AdminBus;
 use crate::config::{AdminConfig, Role, TokenConfig};
@@ -46,9 +47,6 @@ use crate::files;
 use crate::hub::Hub;
 use crate::listen::AdminListeners;
 use crate::reload::Reloader;
-
-/// Longest broadcast text accepted, in bytes: one server line to everyone.
-pub const MAX_BROADCAST_BYTES: usize = 1024;
 
 /// Why the admin API cannot start.
 #[derive(Debug, thiserror::Error)]

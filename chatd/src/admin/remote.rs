@@ -8,7 +8,7 @@ use prost::Message;
 
 use super::convert;
 use super::service::answer_remote;
-use crate::cluster_state::{AdminHandler, BoxFuture, Relayed, WatchCodec, WatchItem};
+use crate::cluster_state::{AdminHandler, BoxFuture, WatchCodec, WatchItem};
 use crate::hub::{Event, Hub};
 
 /// Answers other nodes' admin requests from this node's hub.
@@ -59,17 +59,5 @@ impl WatchCodec<Event> for EventCodec {
 
     fn node(&self, payload: &Bytes) -> Option<String> {
         pb::Event::decode(payload.clone()).ok().map(|e| e.node)
-    }
-}
-
-/// Another node's relayed item as the watch hands it out; `None` for bytes
-/// that are no event.
-pub fn decode(relayed: Relayed) -> Option<pb::Event> {
-    match relayed {
-        Relayed::Event { payload, .. } => pb::Event::decode(payload).ok(),
-        Relayed::Lagged { node, missed } => Some(pb::Event {
-            node,
-            ..convert::lagged(missed)
-        }),
     }
 }

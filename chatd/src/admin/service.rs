@@ -25,6 +25,9 @@ use crate::cluster_state::{AdminBus, Answer, Gathered};
 use crate::hub::{Hub, HubError, Target};
 use crate::reload::Reloader;
 
+/// Longest broadcast text accepted, in bytes: one server line to everyone.
+pub const MAX_BROADCAST_BYTES: usize = 1024;
+
 pub struct AdminService {
     hub: Hub,
     reloader: Reloader,
@@ -570,7 +573,7 @@ impl Admin for AdminService {
     ) -> Reply<pb::BroadcastResponse> {
         let by = who(&request);
         let r = request.into_inner();
-        at_most("broadcast text", &r.text, super::MAX_BROADCAST_BYTES)?;
+        at_most("broadcast text", &r.text, MAX_BROADCAST_BYTES)?;
         let (delivered, answered_nodes) = if self.bus().is_none() {
             let delivered = self
                 .hub
@@ -800,7 +803,7 @@ impl Admin for AdminService {
                         let next = tokio::select! {
                             () = shutdown.cancelled() => return None,
                             next = events.recv() => next,
-                            event = from_remote => match event.map(super::remote::decode) {
+                            event = from_remote => match event.map(convert::relayed) {
                                 Some(Some(event)) => {
                                     return Some((Ok(event), (events, guard, shutdown, remote)));
                                 }
@@ -947,7 +950,7 @@ mod tests {
         let (hub, service) = service();
         let status = service
             .broadcast(Request::new(pb::BroadcastRequest {
-                text: "x".repeat(crate::admin::MAX_BROADCAST_BYTES + 1),
+                text: "x".repeat(MAX_BROADCAST_BYTES + 1),
                 room: String::new(),
             }))
             .await

@@ -96,7 +96,7 @@ pub struct Nicks {
     node_id: Arc<str>,
     /// `NAME_nicks`.
     bucket: String,
-    /// Replicas for the bucket's stream ([`super::replicas`]).
+    /// Replicas for the bucket's stream ([`super::stream::replicas`]).
     replicas: usize,
     /// How long a key outlives the last refresh of its node
     /// (`cluster.nick_expiry_secs`): the most a dead node's nicks stay
@@ -194,7 +194,7 @@ impl Nicks {
             let js = jetstream::new(self.client.clone());
             let made = tokio::time::timeout(
                 OP_TIMEOUT,
-                open_bucket(&js, &self.bucket, self.ttl, self.replicas),
+                super::stream::open_bucket(&js, &self.bucket, self.ttl, self.replicas),
             )
             .await
             .unwrap_or_else(|_| Err("timed out".into()));
@@ -364,58 +364,6 @@ impl Nicks {
             self.hub.nick_lost(held.client, &key);
         }
     }
-}
-
-/// Makes (or opens) the key-value bucket `bucket` whose keys expire
-/// `max_age` after their last write. The stream is made here, as
-/// `create_key_value` would make it, because that call first reads the
-/// account's JetStream info in a form nats-server 2.9 does not send.
-/// With `replicas` > 1 and a JetStream that cannot place them (not
-/// clustered), it is made with one.
-pub async fn open_bucket(
-    js: &jetstream::Context,
-    bucket: &str,
-    max_age: Duration,
-    replicas: usize,
-) -> Result<kv::Store, String> {
-    let stream = jetstream::stream::Config {
-        name: format!("KV_{bucket}"),
-        subjects: vec![format!("$KV.{bucket}.>")],
-        max_messages_per_subject: 1,
-        max_age,
-        allow_rollup: true,
-        deny_delete: true,
-        allow_direct: true,
-        discard: jetstream::stream::DiscardPolicy::New,
-        num_replicas: replicas,
-        ..Default::default()
-    };
-    let name = stream.name.clone();
-    if let Err(e) = super::create_stream(js, stream).await {
-        // Made already by another node, perhaps with other settings: it is
-        // opened as it is, but with this node's expiry (the configured
-        // `cluster.nick_expiry_secs`, which every node should share).
-        debug!(error = %e, bucket, "cluster: cannot create the bucket's stream");
-        if let Ok(made) = js.get_stream(&name).await {
-            let config = &made.cached_info().config;
-            if config.max_age != max_age {
-                info!(
-                    bucket,
-                    was_secs = config.max_age.as_secs(),
-                    now_secs = max_age.as_secs(),
-                    "cluster: setting the bucket's expiry to this node's"
-                );
-                let config = jetstream::stream::Config {
-                    max_age,
-                    ..config.clone()
-                };
-                if let Err(e) = js.update_stream(config).await {
-                    warn!(error = %e, bucket, "cluster: cannot change the bucket's expiry");
-                }
-            }
-        }
-    }
-    js.get_key_value(bucket).await.map_err(|e| e.to_string())
 }
 
 /// Settles `key` with the bucket: rewrites it when this node wrote it last

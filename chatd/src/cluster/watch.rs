@@ -47,12 +47,55 @@ use tokio::sync::broadcast::{self, error::RecvError};
 use tokio_util::sync::{CancellationToken, DropGuard};
 use tracing::{debug, info, warn};
 
-use crate::cluster::{Bus, Gathered};
-use crate::cluster_state::{BoxFuture, Relayed, RemoteEvents, WatchCodec, WatchItem};
+use super::bus::Bus;
+use super::subjects::NODE_HEADER;
+use crate::cluster_state::{
+    AdminBus, Answer, BoxFuture, GatherError, Gathered, Relayed, RemoteEvents, WatchCodec,
+    WatchItem, Watching,
+};
 use crate::hub::{Event, Hub, MessageWatch};
 
 /// The admin API's encoding of this node's events for the other nodes.
 pub type Codec = Arc<dyn WatchCodec<Event>>;
+
+/// Cluster-wide admin as the admin API sees it: the bus's scatter-gather,
+/// and the other nodes' events through this node's [`Feed`]. The wiring
+/// hands it to the admin API only in cluster mode. The nodes that count as
+/// there are those heard on `NAME.nodes` within
+/// [`PRESENCE_TTL`](super::bus::PRESENCE_TTL).
+#[derive(Debug, Clone)]
+pub struct AdminLink {
+    bus: Bus,
+    feed: Feed,
+}
+
+impl AdminLink {
+    pub fn new(bus: Bus, feed: Feed) -> AdminLink {
+        AdminLink { bus, feed }
+    }
+}
+
+impl AdminBus for AdminLink {
+    fn node_id(&self) -> &str {
+        self.bus.node_id()
+    }
+
+    fn gather<'a>(
+        &'a self,
+        op: &'a str,
+        payload: Bytes,
+        done: &'a (dyn Fn(&Answer) -> bool + Send + Sync),
+    ) -> BoxFuture<'a, Result<Gathered, GatherError>> {
+        Box::pin(self.bus.gather(op, payload, done))
+    }
+
+    fn watch<'a>(&'a self, messages: bool) -> BoxFuture<'a, Result<Watching, String>> {
+        Box::pin(async move {
+            let (remote, gathered) = Remote::open(&self.bus, &self.feed, messages).await?;
+            Ok((Box::new(remote) as Box<dyn RemoteEvents>, gathered))
+        })
+    }
+}
 
 /// How long a lease lasts after its last renewal: a watcher whose node died
 /// (and so never withdrew) costs the relays at most this long.
@@ -138,7 +181,7 @@ struct Taking {
 /// leases, until `stop`. Answers every lease request that asks for an
 /// answer, once it relays (its own node's too, so a watch there knows this
 /// node is there, though it takes this node's events from the hub).
-pub async fn relay(bus: Bus, hub: Hub, stop: CancellationToken) {
+pub async fn relay(bus: Bus, hub: Hub, codec: Codec, stop: CancellationToken) {
     let client = bus.client().clone();
     let node = bus.node_id().to_string();
     let subject = bus.subject(WANT);
@@ -182,7 +225,7 @@ pub async fn relay(bus: Bus, hub: Hub, stop: CancellationToken) {
                 settle(&hub, &leases, &mut taking);
                 if let Some(reply) = msg.reply {
                     let mut headers = HeaderMap::new();
-                    headers.insert(crate::cluster::NODE_HEADER, node.as_str());
+                    headers.insert(NODE_HEADER, node.as_str());
                     if let Err(e) = client.publish_with_headers(reply, headers, Bytes::new()).await {
                         debug!(error = %e, "cluster: cannot answer a watch lease");
                     }
@@ -217,7 +260,7 @@ pub async fn relay(bus: Bus, hub: Hub, stop: CancellationToken) {
                     // Not queued for a reconnect: the numbers tell watchers.
                     continue;
                 }
-                let encoded = bus.codec().encode(item, &node);
+                let encoded = codec.encode(item, &node);
                 let mut headers = HeaderMap::new();
                 headers.insert(EVENT_SEQ_HEADER, seq.to_string().as_str());
                 if let Err(e) = client
@@ -288,12 +331,15 @@ struct FeedInner {
     /// started or stops, so a watch that opens as the last one ends never
     /// finds a subscription on its way out.
     running: tokio::sync::Mutex<(bool, bool)>,
+    /// Reads the node of each relayed event.
+    codec: Codec,
 }
 
-impl Default for Feed {
-    fn default() -> Self {
+impl Feed {
+    pub fn new(codec: Codec) -> Self {
         Feed {
             inner: Arc::new(FeedInner {
+                codec,
                 ring: broadcast::channel(FEED_RING).0,
                 message_watches: AtomicUsize::new(0),
                 running: tokio::sync::Mutex::new((false, false)),
@@ -340,7 +386,7 @@ impl Feed {
             .await
             .map_err(|e| e.to_string())?;
         let own = bus.node_id().to_string();
-        let codec = bus.codec().clone();
+        let codec = self.inner.codec.clone();
         let feed = self.clone();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(FEED_CHECK);
@@ -443,12 +489,16 @@ impl Remote {
     /// node for them, and waits (at most [`crate::cluster_state::ADMIN_DEADLINE`])
     /// until the nodes known to be there relay. Returns the feed and who
     /// answered.
-    pub async fn open(bus: &Bus, messages: bool) -> Result<(Remote, Gathered), String> {
+    pub async fn open(
+        bus: &Bus,
+        feed: &Feed,
+        messages: bool,
+    ) -> Result<(Remote, Gathered), String> {
         let client = bus.client().clone();
         if client.connection_state() != State::Connected {
             return Err("NATS is unreachable".into());
         }
-        let seat = bus.feed().join(bus, messages).await?;
+        let seat = feed.join(bus, messages).await?;
         let n = WATCHES.fetch_add(1, Relaxed) + 1;
         let want = Want {
             watcher: format!("{}/{}/{n}", bus.node_id(), std::process::id()),
