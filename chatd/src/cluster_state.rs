@@ -16,7 +16,7 @@
 //!   answer is immediate and comes from this node alone (a nick free here
 //!   is free; nobody is elsewhere), and there is nobody to publish to. No
 //!   NATS at run time; this is chatd without `[cluster]`.
-//! - [`crate::cluster::Link`], through NATS (`[cluster] nats_urls`): nick
+//! - `cluster::Link`, through NATS (`[cluster] nats_urls`): nick
 //!   claims in a key-value bucket, other nodes' members, room messages,
 //!   history in a stream.
 //!

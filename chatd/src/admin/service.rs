@@ -21,7 +21,7 @@ use super::convert;
 use super::error::AdminError;
 use crate::bans::{self, Ban};
 use crate::cluster_state::ADMIN_DEADLINE;
-use crate::cluster_state::{AdminBus, Answer, Gathered};
+use crate::cluster_state::{AdminBus, Answer, Gathered, RemoteEvents};
 use crate::hub::{Hub, HubError, Target};
 use crate::reload::Reloader;
 
@@ -185,22 +185,7 @@ pub async fn answer_remote(
         OP_STATS => convert::stats(hub.snapshot()).encode_to_vec(),
         OP_NODES => local_node(hub, node).encode_to_vec(),
         OP_BANS => local_bans(hub).encode_to_vec(),
-        OP_CLIENT => {
-            let r: pb::GetClientRequest = decode(payload)?;
-            let target = target(r.client)?;
-            if !r.node.is_empty() && r.node != node {
-                return Err(AdminError::Hub(HubError::NoSuchClient(target)).into());
-            }
-            let client = hub.client(&target).map_err(AdminError::from)?;
-            pb::GetClientResponse {
-                client: Some(pb::Client {
-                    node: node.to_string(),
-                    ..convert::client(client)
-                }),
-                answered_nodes: Vec::new(),
-            }
-            .encode_to_vec()
-        }
+        OP_CLIENT => remote_client(hub, node, decode(payload)?)?.encode_to_vec(),
         OP_KICK => {
             let r: pb::KickClientRequest = decode(payload)?;
             if !r.node.is_empty() && r.node != node {
@@ -223,27 +208,7 @@ pub async fn answer_remote(
             }
             .encode_to_vec()
         }
-        OP_BAN => {
-            let entry: pb::BanEntry = decode(payload)?;
-            let ban = Ban {
-                net: bans::parse_target(&entry.target).map_err(AdminError::from)?,
-                reason: crate::sanitize::clean(&entry.reason),
-                created_at: entry
-                    .created_at
-                    .and_then(|t| SystemTime::try_from(t).ok())
-                    .unwrap_or_else(SystemTime::now),
-                expires_at: entry.expires_at.and_then(|t| SystemTime::try_from(t).ok()),
-            };
-            let hub = hub.clone();
-            let (ban, kicked) = blocking(move || hub.ban(ban).map_err(AdminError::from)).await?;
-            info!(ban = %ban.target(), kicked, "admin: ban from another node");
-            pb::BanResponse {
-                ban: Some(convert::ban(&ban)),
-                kicked: kicked as u64,
-                answered_nodes: Vec::new(),
-            }
-            .encode_to_vec()
-        }
+        OP_BAN => remote_ban(hub, decode(payload)?).await?.encode_to_vec(),
         OP_UNBAN => {
             let r: pb::UnbanRequest = decode(payload)?;
             let net = bans::parse_target(&r.target).map_err(AdminError::from)?;
@@ -259,6 +224,47 @@ pub async fn answer_remote(
         }
     };
     Ok(Bytes::from(reply))
+}
+
+/// `GetClient` on this node, for another node.
+fn remote_client(
+    hub: &Hub,
+    node: &str,
+    r: pb::GetClientRequest,
+) -> Result<pb::GetClientResponse, Status> {
+    let target = target(r.client)?;
+    if !r.node.is_empty() && r.node != node {
+        return Err(AdminError::Hub(HubError::NoSuchClient(target)).into());
+    }
+    let client = hub.client(&target).map_err(AdminError::from)?;
+    Ok(pb::GetClientResponse {
+        client: Some(pb::Client {
+            node: node.to_string(),
+            ..convert::client(client)
+        }),
+        answered_nodes: Vec::new(),
+    })
+}
+
+/// A ban made on another node, applied here.
+async fn remote_ban(hub: &Hub, entry: pb::BanEntry) -> Result<pb::BanResponse, Status> {
+    let ban = Ban {
+        net: bans::parse_target(&entry.target).map_err(AdminError::from)?,
+        reason: crate::sanitize::clean(&entry.reason),
+        created_at: entry
+            .created_at
+            .and_then(|t| SystemTime::try_from(t).ok())
+            .unwrap_or_else(SystemTime::now),
+        expires_at: entry.expires_at.and_then(|t| SystemTime::try_from(t).ok()),
+    };
+    let hub = hub.clone();
+    let (ban, kicked) = blocking(move || hub.ban(ban).map_err(AdminError::from)).await?;
+    info!(ban = %ban.target(), kicked, "admin: ban from another node");
+    Ok(pb::BanResponse {
+        ban: Some(convert::ban(&ban)),
+        kicked: kicked as u64,
+        answered_nodes: Vec::new(),
+    })
 }
 
 const OP_LIST_CLIENTS: &str = "list-clients";
@@ -466,6 +472,30 @@ impl AdminService {
         Gathered {
             answers: vec![Answer { node, result }],
             missing: Vec::new(),
+        }
+    }
+
+    /// In cluster mode, the other nodes' events for a watch, and which
+    /// nodes answered and which are missing.
+    async fn remote_events(
+        &self,
+        include_messages: bool,
+        node: &str,
+    ) -> (Option<Box<dyn RemoteEvents>>, Vec<String>, Vec<String>) {
+        let Some(bus) = self.bus() else {
+            return (None, Vec::new(), Vec::new());
+        };
+        match bus.watch(include_messages).await {
+            Ok((remote, gathered)) => {
+                let mut answered: Vec<String> =
+                    gathered.answers.into_iter().map(|a| a.node).collect();
+                answered.sort();
+                (Some(remote), answered, gathered.missing)
+            }
+            Err(e) => {
+                warn!(error = %e, "admin: cannot reach the other nodes; watching this node alone");
+                (None, vec![node.to_string()], Vec::new())
+            }
         }
     }
 
@@ -762,21 +792,7 @@ impl Admin for AdminService {
         // In cluster mode, the other nodes' events too: subscribed to and
         // asked for before the stream starts, so that everything after
         // this call returns is in it.
-        let (remote, answered, missing) = match self.bus() {
-            None => (None, Vec::new(), Vec::new()),
-            Some(bus) => match bus.watch(include_messages).await {
-                Ok((remote, gathered)) => {
-                    let mut answered: Vec<String> =
-                        gathered.answers.into_iter().map(|a| a.node).collect();
-                    answered.sort();
-                    (Some(remote), answered, gathered.missing)
-                }
-                Err(e) => {
-                    warn!(error = %e, "admin: cannot reach the other nodes; watching this node alone");
-                    (None, vec![node.clone()], Vec::new())
-                }
-            },
-        };
+        let (remote, answered, missing) = self.remote_events(include_messages, &node).await;
         info!(
             by = who(&request),
             messages = include_messages,

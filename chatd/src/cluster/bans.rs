@@ -7,7 +7,7 @@
 //! node while it was cut off reaches the others.
 //!
 //! Live, a ban still reaches every node at once through the admin
-//! scatter ([`crate::admin`]); the bucket is what a node missed.
+//! scatter (the admin API); the bucket is what a node missed.
 
 use std::collections::HashMap;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};

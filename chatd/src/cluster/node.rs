@@ -12,8 +12,8 @@ use async_nats::HeaderMap;
 use async_nats::connection::State;
 use bytes::Bytes;
 use futures_util::StreamExt;
-use tokio::sync::mpsc;
 use tokio::sync::watch as tokio_watch;
+use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
@@ -167,13 +167,7 @@ impl Node {
         // Markers come back through this node's own subscription: once
         // one has, the server has every batch published before it.
         let marks = self.client.new_inbox();
-        let mut confirms = match self.client.subscribe(marks.clone()).await {
-            Ok(sub) => Some(sub),
-            Err(e) => {
-                warn!(error = %e, "cluster: cannot subscribe to confirmations; batches are published again after every reconnect");
-                None
-            }
-        };
+        let mut confirms = self.confirmations(&marks).await;
         loop {
             let hold_until = match self.away {
                 Away::Reconnecting { since } => Some(since + HOLD),
@@ -192,40 +186,9 @@ impl Node {
                 }
                 () = self.link.interest.notified() => self.reconcile(),
                 () = sleep_until(self.mark_at) => self.mark(&marks).await,
-                () = sleep_until(hold_until) => {
-                    let given_up = self.lock_backlog().abandon() as u64;
-                    self.link.dropped.fetch_add(given_up, Relaxed);
-                    self.away = Away::Abandoned { told: true };
-                    let told = self.hub.notice_rooms(
-                        "Other chat nodes are unreachable; chat on this node goes on.",
-                    );
-                    warn!(told, "cluster: NATS lost; serving this node's users alone until it is back");
-                }
+                () = sleep_until(hold_until) => self.abandon(),
                 // Disabled once no sender is left (`chat.history` = 0).
-                Some((room, reply)) = loads.recv() => {
-                    if self.history.is_none() && connected {
-                        self.open_history().await;
-                    }
-                    // Without NATS or the stream, the room's history is this
-                    // node's: the joining client goes on at once.
-                    if self.history.is_none() || !connected {
-                        let _ = reply.send(());
-                        continue;
-                    }
-                    // The room is wanted now (a client waits to join it):
-                    // its subscription exists after this.
-                    self.reconcile();
-                    match self.rooms.get(&room) {
-                        Some(sub) => {
-                            if let Err(e) = sub.loads.send(reply) {
-                                let _ = e.0.send(());
-                            }
-                        }
-                        None => {
-                            let _ = reply.send(());
-                        }
-                    }
-                }
+                Some((room, reply)) = loads.recv() => self.load(room, reply, connected).await,
                 changed = state.changed() => {
                     if changed.is_err() {
                         break;
@@ -251,6 +214,58 @@ impl Node {
         }
         // Sends what is already queued; a lost NATS does not hold up exit.
         let _ = tokio::time::timeout(Duration::from_secs(1), self.client.flush()).await;
+    }
+
+    /// The subscription confirmation markers come back on (`marks`).
+    async fn confirmations(&self, marks: &str) -> Option<async_nats::Subscriber> {
+        match self.client.subscribe(marks.to_string()).await {
+            Ok(sub) => Some(sub),
+            Err(e) => {
+                warn!(error = %e, "cluster: cannot subscribe to confirmations; batches are published again after every reconnect");
+                None
+            }
+        }
+    }
+
+    /// NATS has been away longer than [`HOLD`]: what was held is dropped,
+    /// and the users in rooms are told.
+    fn abandon(&mut self) {
+        let given_up = self.lock_backlog().abandon() as u64;
+        self.link.dropped.fetch_add(given_up, Relaxed);
+        self.away = Away::Abandoned { told: true };
+        let told = self
+            .hub
+            .notice_rooms("Other chat nodes are unreachable; chat on this node goes on.");
+        warn!(
+            told,
+            "cluster: NATS lost; serving this node's users alone until it is back"
+        );
+    }
+
+    /// Has `room`'s listener load its history and answer `reply`; at once
+    /// without NATS or the stream, where the room's history is this node's
+    /// and the joining client goes on.
+    async fn load(&mut self, room: Arc<str>, reply: oneshot::Sender<()>, connected: bool) {
+        if self.history.is_none() && connected {
+            self.open_history().await;
+        }
+        if self.history.is_none() || !connected {
+            let _ = reply.send(());
+            return;
+        }
+        // The room is wanted now (a client waits to join it):
+        // its subscription exists after this.
+        self.reconcile();
+        match self.rooms.get(&room) {
+            Some(sub) => {
+                if let Err(e) = sub.loads.send(reply) {
+                    let _ = e.0.send(());
+                }
+            }
+            None => {
+                let _ = reply.send(());
+            }
+        }
     }
 
     /// NATS is (back) there: publishes what the old server had not

@@ -177,13 +177,25 @@ struct Taking {
     messages: Option<MessageWatch>,
 }
 
+/// A relay's way out: where and how it publishes this node's events.
+struct Out {
+    client: async_nats::Client,
+    node: String,
+    codec: Codec,
+    /// `NAME.admin.watch.ev`, `NAME.admin.watch.msg`.
+    ev_subject: String,
+    msg_subject: String,
+    /// Per subject: the number of the last event relayed (or skipped).
+    ev_seq: u64,
+    msg_seq: u64,
+}
+
 /// Relays this node's events to NATS while other nodes' watchers hold
 /// leases, until `stop`. Answers every lease request that asks for an
 /// answer, once it relays (its own node's too, so a watch there knows this
 /// node is there, though it takes this node's events from the hub).
 pub async fn relay(bus: Bus, hub: Hub, codec: Codec, stop: CancellationToken) {
     let client = bus.client().clone();
-    let node = bus.node_id().to_string();
     let subject = bus.subject(WANT);
     let mut wants = match client.subscribe(subject.clone()).await {
         Ok(sub) => sub,
@@ -192,11 +204,17 @@ pub async fn relay(bus: Bus, hub: Hub, codec: Codec, stop: CancellationToken) {
             return;
         }
     };
-    let (ev_subject, msg_subject) = (bus.subject(EVENTS), bus.subject(MESSAGES));
+    let mut out = Out {
+        client,
+        node: bus.node_id().to_string(),
+        codec,
+        ev_subject: bus.subject(EVENTS),
+        msg_subject: bus.subject(MESSAGES),
+        ev_seq: 0,
+        msg_seq: 0,
+    };
     let mut leases = Leases::default();
     let mut taking: Option<Taking> = None;
-    // Per subject: the number of the last event relayed (or skipped).
-    let (mut ev_seq, mut msg_seq) = (0u64, 0u64);
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
         let next = async {
@@ -213,22 +231,9 @@ pub async fn relay(bus: Bus, hub: Hub, codec: Codec, stop: CancellationToken) {
             }
             want = wants.next() => {
                 let Some(msg) = want else { break };
-                let Ok(want) = serde_json::from_slice::<Want>(&msg.payload) else {
-                    debug!("cluster: ignored a malformed watch lease");
-                    continue;
-                };
-                let accepted = want.node == node || leases.apply(&want, Instant::now());
-                if !accepted {
-                    debug!(watcher = %want.watcher, "cluster: too many watch leases; refused one");
-                    continue;
-                }
-                settle(&hub, &leases, &mut taking);
-                if let Some(reply) = msg.reply {
-                    let mut headers = HeaderMap::new();
-                    headers.insert(NODE_HEADER, node.as_str());
-                    if let Err(e) = client.publish_with_headers(reply, headers, Bytes::new()).await {
-                        debug!(error = %e, "cluster: cannot answer a watch lease");
-                    }
+                if out.lease(&msg, &mut leases) {
+                    settle(&hub, &leases, &mut taking);
+                    out.answer(msg.reply).await;
                 }
             }
             event = next => {
@@ -249,27 +254,65 @@ pub async fn relay(bus: Bus, hub: Hub, codec: Codec, stop: CancellationToken) {
                 if is_message && !leases.messages() {
                     continue;
                 }
-                let (seq, subject) = if is_message {
-                    msg_seq += 1;
-                    (msg_seq, &msg_subject)
-                } else {
-                    ev_seq += 1;
-                    (ev_seq, &ev_subject)
-                };
-                if client.connection_state() != State::Connected {
-                    // Not queued for a reconnect: the numbers tell watchers.
-                    continue;
-                }
-                let encoded = codec.encode(item, &node);
-                let mut headers = HeaderMap::new();
-                headers.insert(EVENT_SEQ_HEADER, seq.to_string().as_str());
-                if let Err(e) = client
-                    .publish_with_headers(subject.clone(), headers, encoded)
-                    .await
-                {
-                    debug!(error = %e, "cluster: cannot relay an event");
-                }
+                out.publish(item, is_message).await;
             }
+        }
+    }
+}
+
+impl Out {
+    /// Records the lease `msg` asks for; `false` when it is malformed or
+    /// refused (too many).
+    fn lease(&self, msg: &async_nats::Message, leases: &mut Leases) -> bool {
+        let Ok(want) = serde_json::from_slice::<Want>(&msg.payload) else {
+            debug!("cluster: ignored a malformed watch lease");
+            return false;
+        };
+        let accepted = want.node == self.node || leases.apply(&want, Instant::now());
+        if !accepted {
+            debug!(watcher = %want.watcher, "cluster: too many watch leases; refused one");
+        }
+        accepted
+    }
+
+    /// Tells a watcher that asked that this node relays.
+    async fn answer(&self, reply: Option<async_nats::Subject>) {
+        let Some(reply) = reply else {
+            return;
+        };
+        let mut headers = HeaderMap::new();
+        headers.insert(NODE_HEADER, self.node.as_str());
+        if let Err(e) = self
+            .client
+            .publish_with_headers(reply, headers, Bytes::new())
+            .await
+        {
+            debug!(error = %e, "cluster: cannot answer a watch lease");
+        }
+    }
+
+    /// Numbers `item` on its subject and publishes it, unless NATS is away
+    /// (not queued for a reconnect: the numbers tell watchers).
+    async fn publish(&mut self, item: WatchItem<Event>, is_message: bool) {
+        let (seq, subject) = if is_message {
+            self.msg_seq += 1;
+            (self.msg_seq, &self.msg_subject)
+        } else {
+            self.ev_seq += 1;
+            (self.ev_seq, &self.ev_subject)
+        };
+        if self.client.connection_state() != State::Connected {
+            return;
+        }
+        let encoded = self.codec.encode(item, &self.node);
+        let mut headers = HeaderMap::new();
+        headers.insert(EVENT_SEQ_HEADER, seq.to_string().as_str());
+        if let Err(e) = self
+            .client
+            .publish_with_headers(subject.clone(), headers, encoded)
+            .await
+        {
+            debug!(error = %e, "cluster: cannot relay an event");
         }
     }
 }
