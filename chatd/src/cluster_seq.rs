@@ -31,7 +31,23 @@ use std::sync::{Arc, Mutex};
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
-use crate::handoff::state::{SenderReceipt, StreamReceipts};
+use serde::{Deserialize, Serialize};
+
+/// One stream's receiving position (a room, or this node's private
+/// messages): per sending node, its epoch and the last sequence handed on.
+/// Carried to the new process by a seamless upgrade.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StreamReceipts {
+    pub stream: String,
+    pub senders: Vec<SenderReceipt>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SenderReceipt {
+    pub node: String,
+    pub epoch: u64,
+    pub seq: u64,
+}
 
 /// The header carrying a message's [`Position`]: `EPOCH SEQ PREV`.
 pub const SEQ_HEADER: &str = "Chatd-Seq";

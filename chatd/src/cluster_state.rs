@@ -16,9 +16,16 @@
 //!   answer is immediate and comes from this node alone (a nick free here
 //!   is free; nobody is elsewhere), and there is nobody to publish to. No
 //!   NATS at run time; this is chatd without `[cluster]`.
-//! - [`crate::cluster::Link`], through NATS (`[cluster] nats_urls`): nick
+//! - `cluster::Link`, through NATS (`[cluster] nats_urls`): nick
 //!   claims in a key-value bucket, other nodes' members, room messages,
-//!   history in a stream, admin scatter-gather.
+//!   history in a stream.
+//!
+//! Beside it, the seams between the cluster and the admin API, which know
+//! nothing of each other: [`AdminBus`] (the admin API's way to the other
+//! nodes, handed to it by the wiring in cluster mode), [`AdminHandler`]
+//! (how this node answers them, handed to the cluster), [`WatchCodec`] and
+//! [`RemoteEvents`] (other nodes' events as opaque bytes), and [`Pause`]
+//! (the upgrade's freeze, as the cluster waits it out).
 //!
 //! The hub calls the same methods in both modes, so it reads the same in
 //! both. Every method is synchronous and cheap and never waits on the
@@ -142,21 +149,11 @@ pub trait ClusterState: fmt::Debug + Send + Sync {
     /// history, when kept by the cluster, is loaded into it (through
     /// [`crate::hub::Hub::replace_history`]) before the reply.
     fn load_history(&self, room: &str) -> Reply<()>;
-
-    /// The way to the other nodes' admin; `None` on one node, where admin
-    /// calls answer for this node alone, as they always did.
-    fn admin(&self) -> Option<&dyn AdminBus>;
-
-    /// What every subscribed stream has handed on from each other node,
-    /// for a seamless upgrade; call it only while the clients are frozen.
-    fn receipts(&self) -> Vec<crate::handoff::state::StreamReceipts> {
-        Vec::new()
-    }
 }
 
 /// Cluster-wide admin: a request scattered to every node, this one
 /// included, and their answers gathered until a deadline.
-pub trait AdminBus: Send + Sync {
+pub trait AdminBus: fmt::Debug + Send + Sync {
     /// This node's id.
     fn node_id(&self) -> &str;
 
@@ -173,10 +170,98 @@ pub trait AdminBus: Send + Sync {
     /// Opens a stream of the other nodes' events (`WatchEvents`): the
     /// stream, and which nodes agreed to send theirs. A stream rather than
     /// a gather, so it gets its own method.
-    fn watch<'a>(
+    fn watch<'a>(&'a self, messages: bool) -> BoxFuture<'a, Result<Watching, String>>;
+}
+
+/// A watch's feed of the other nodes' events, and which nodes agreed to
+/// send theirs.
+pub type Watching = (Box<dyn RemoteEvents>, Gathered);
+
+/// The other nodes' events for one watch, as the cluster relays them:
+/// opaque bytes that the admin API encoded on the sending node and decodes
+/// here. Dropping it ends the watch's interest in them.
+pub trait RemoteEvents: fmt::Debug + Send {
+    /// The next item from another node; `None` once the feed ends.
+    fn next(&mut self) -> BoxFuture<'_, Option<Relayed>>;
+}
+
+/// One item of [`RemoteEvents`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Relayed {
+    /// An event of `node`, as its [`WatchCodec`] encoded it.
+    Event { node: String, payload: Bytes },
+    /// `missed` events of `node` never reached this watch (NATS was away,
+    /// dropped them, or the watch fell behind).
+    Lagged { node: String, missed: u64 },
+}
+
+/// What a node relays to the other nodes' watches: one of its own events
+/// (`E`: the hub's event), or how many of them its relay skipped.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WatchItem<E> {
+    Event(E),
+    Lagged(u64),
+}
+
+/// How relayed events look on the wire, given to the cluster by the admin
+/// API, which owns the format: the cluster carries the bytes, never reads
+/// them beyond the node they name.
+pub trait WatchCodec<E>: fmt::Debug + Send + Sync {
+    /// `item` of `node`, as the other nodes' watches receive it.
+    fn encode(&self, item: WatchItem<E>, node: &str) -> Bytes;
+
+    /// The node an encoded item comes from; `None` when it is not one.
+    fn node(&self, payload: &Bytes) -> Option<String>;
+}
+
+/// Answers the admin requests other nodes send to this one, given to the
+/// cluster by the admin API: this node alone answers, never scattering
+/// again, so a request cannot loop.
+pub trait AdminHandler: fmt::Debug + Send + Sync {
+    /// Runs `op` with `payload` (an encoded admin request) on this node,
+    /// `node`, and returns the encoded answer, or the error's gRPC code and
+    /// message.
+    fn answer<'a>(
         &'a self,
-        messages: bool,
-    ) -> BoxFuture<'a, Result<(crate::admin::watch::Remote, Gathered), String>>;
+        node: &'a str,
+        op: &'a str,
+        payload: Bytes,
+    ) -> BoxFuture<'a, Result<Bytes, (i32, String)>>;
+}
+
+/// The upgrade's hold on this node, as the cluster sees it: while a
+/// seamless upgrade has the clients frozen, nothing is handed on to them,
+/// so what the upgrade reads of the receiving positions is exactly what
+/// reached them.
+pub trait Pause: fmt::Debug + Send + Sync {
+    /// Whether the clients are frozen now.
+    fn is_frozen(&self) -> bool;
+
+    /// Waits out a freeze: `true` when it ended in a commit (the new
+    /// process serves), `false` when the clients resumed here.
+    fn settled(&self) -> BoxFuture<'_, bool>;
+
+    /// Whether a new process took over: this one lets go of nothing it
+    /// hands on (nicks, sockets).
+    fn committed(&self) -> bool;
+}
+
+/// No upgrade ever pauses: for nodes and tests without one.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct NeverPaused;
+
+impl Pause for NeverPaused {
+    fn is_frozen(&self) -> bool {
+        false
+    }
+
+    fn settled(&self) -> BoxFuture<'_, bool> {
+        Box::pin(std::future::ready(false))
+    }
+
+    fn committed(&self) -> bool {
+        false
+    }
 }
 
 /// A boxed future, as the object-safe traits here return them.
@@ -269,10 +354,6 @@ impl ClusterState for SingleNode {
     fn load_history(&self, _room: &str) -> Reply<()> {
         Reply::Now(())
     }
-
-    fn admin(&self) -> Option<&dyn AdminBus> {
-        None
-    }
 }
 
 #[cfg(test)]
@@ -294,7 +375,6 @@ mod tests {
         assert_eq!(node.remote_nicks("lobby", 50), (Vec::new(), 0));
         assert!(node.remote_rooms().is_empty());
         assert_eq!(node.send_private(1, "alice", "bob", "hi"), None);
-        assert!(node.admin().is_none());
         assert_eq!(node.node_id(), "");
     }
 }

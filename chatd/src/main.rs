@@ -252,7 +252,7 @@ async fn serve(
         &cluster_stop,
     )
     .await;
-    let (daemon, handed) = match (prepared, &incoming) {
+    let (daemon, handed, cluster) = match (prepared, &incoming) {
         (Ok(prepared), _) => prepared,
         (Err(e), Some(incoming)) => {
             incoming.fail(&one_line(&e));
@@ -276,6 +276,7 @@ async fn serve(
         state_dir,
         copies,
         daemon.generated_admin_token(),
+        cluster.as_ref().map(chatd::cluster::Cluster::receipts),
         shutdown.clone(),
     );
     daemon.hub().handoff().set_upgrader(upgrader);
@@ -335,7 +336,7 @@ async fn prepare(
     listener_copies: usize,
     incoming: Option<&mut chatd::handoff::Incoming>,
     cluster_stop: &CancellationToken,
-) -> anyhow::Result<(Daemon, usize)> {
+) -> anyhow::Result<(Daemon, usize, Option<chatd::cluster::Cluster>)> {
     let cluster = config.cluster.clone();
     let max_clients = config.limits.max_clients;
     let side = chatd::server::side_connections(&config);
@@ -380,16 +381,20 @@ async fn prepare(
         None => 0,
     };
     // The cluster stops once chat has drained.
+    let mut running = None;
     if let (Some(cluster), Some(connection)) = (&cluster, connection) {
-        chatd::cluster::start(
+        let started = chatd::cluster::start(
             cluster,
             connection,
             daemon.hub().clone(),
+            daemon.cluster_seams(),
             cluster_stop.clone(),
         )
         .await?;
+        daemon.set_admin_bus(started.admin_bus());
+        running = Some(started);
     }
-    Ok((daemon, handed))
+    Ok((daemon, handed, running))
 }
 
 /// Every listener's addresses, space-separated, "off" for none.

@@ -7,6 +7,7 @@
 use std::io;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use socket2::{SockRef, TcpKeepalive};
@@ -20,6 +21,8 @@ use crate::activation::Activated;
 use crate::admin::{self, AdminSetup, SetupError};
 use crate::bans::{BanError, Bans};
 use crate::clients::ClientThread;
+use crate::cluster;
+use crate::cluster_state::{AdminBus, BoxFuture, Pause};
 use crate::config::{Config, Source};
 use crate::front::{self, Door};
 use crate::hub::{Hub, Refusal};
@@ -245,6 +248,28 @@ pub struct Daemon {
     commit: CancellationToken,
     /// The client thread, when `server.client_threads` is 1.
     clients: Option<ClientThread>,
+    /// The admin API's way to the other nodes, in cluster mode.
+    admin_bus: Option<Arc<dyn AdminBus>>,
+}
+
+/// The upgrade's freeze as the cluster waits it out: the hub's gate.
+#[derive(Debug, Clone)]
+struct GatePause(Hub);
+
+impl Pause for GatePause {
+    fn is_frozen(&self) -> bool {
+        self.0.handoff().is_frozen()
+    }
+
+    fn settled(&self) -> BoxFuture<'_, bool> {
+        Box::pin(
+            async move { self.0.handoff().settled().await == crate::handoff::Outcome::Committed },
+        )
+    }
+
+    fn committed(&self) -> bool {
+        self.0.handoff().committed()
+    }
 }
 
 /// How long the admin API may take to finish its last calls at exit.
@@ -300,6 +325,7 @@ impl Daemon {
             adopted: TaskTracker::new(),
             commit: CancellationToken::new(),
             clients,
+            admin_bus: None,
         })
     }
 
@@ -385,6 +411,23 @@ impl Daemon {
         &self.hub
     }
 
+    /// What the cluster is given of this daemon: the admin API's answers
+    /// and event encoding, the upgrade's freeze, and the receiving
+    /// positions the previous process handed over.
+    pub fn cluster_seams(&self) -> cluster::Seams {
+        cluster::Seams {
+            admin: Arc::new(admin::RemoteAnswers::new(self.hub.clone())),
+            codec: Arc::new(admin::EventCodec),
+            pause: Arc::new(GatePause(self.hub.clone())),
+            inherited: self.hub.handoff().take_inherited(),
+        }
+    }
+
+    /// Cluster mode: the admin API asks the other nodes through `bus`.
+    pub fn set_admin_bus(&mut self, bus: Arc<dyn AdminBus>) {
+        self.admin_bus = Some(bus);
+    }
+
     /// For SIGHUP.
     pub fn reloader(&self) -> Reloader {
         self.reloader.clone()
@@ -414,6 +457,7 @@ impl Daemon {
                 setup,
                 self.hub.clone(),
                 self.reloader.clone(),
+                self.admin_bus.clone(),
                 shutdown.clone(),
                 admin_stop.clone(),
             ));

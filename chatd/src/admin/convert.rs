@@ -4,8 +4,10 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use chatd_proto::admin::v1 as pb;
 use pb::event::Kind;
+use prost::Message;
 
 use crate::bans::Ban;
+use crate::cluster_state::Relayed;
 use crate::disconnect::Disconnect;
 use crate::hub::{ClientInfo, Event, RoomInfo};
 use crate::stats::StatsSnapshot;
@@ -228,4 +230,16 @@ pub fn sum_stats(
         }
     }
     sum
+}
+
+/// Another node's relayed item as the watch hands it out; `None` for bytes
+/// that are no event.
+pub fn relayed(relayed: Relayed) -> Option<pb::Event> {
+    match relayed {
+        Relayed::Event { payload, .. } => pb::Event::decode(payload).ok(),
+        Relayed::Lagged { node, missed } => Some(pb::Event {
+            node,
+            ..lagged(missed)
+        }),
+    }
 }

@@ -8,8 +8,9 @@
 //! - `convert`: hub types → protobuf messages;
 //! - `error`: the one conversion from domain errors to `tonic::Status`;
 //! - `conn`: the connection limit and the handshake and idle deadlines;
-//! - `watch`: `WatchEvents` across the nodes of a cluster (leases, the
-//!   relay every node runs, the other nodes' feed of a watch).
+//! - `remote`: what the cluster is given to answer other nodes' requests
+//!   and to relay this node's events to their watches (the cluster itself
+//!   only carries bytes).
 //!
 //! [`AdminSetup::prepare`] does everything that can fail before serving
 //! (tokens, the generated token files, TLS), so a problem stops startup
@@ -21,8 +22,8 @@ mod conn;
 mod convert;
 mod error;
 mod observe;
+mod remote;
 mod service;
-pub mod watch;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -36,17 +37,16 @@ use tracing::{error, info, warn};
 
 pub use auth::{AuthLayer, Caller, Tokens};
 pub use error::AdminError;
+pub use remote::{EventCodec, RemoteAnswers};
 use service::AdminService;
-pub use service::answer_remote;
+pub use service::MAX_BROADCAST_BYTES;
 
+use crate::cluster_state::AdminBus;
 use crate::config::{AdminConfig, Role, TokenConfig};
 use crate::files;
 use crate::hub::Hub;
 use crate::listen::AdminListeners;
 use crate::reload::Reloader;
-
-/// Longest broadcast text accepted, in bytes: one server line to everyone.
-pub const MAX_BROADCAST_BYTES: usize = 1024;
 
 /// Why the admin API cannot start.
 #[derive(Debug, thiserror::Error)]
@@ -254,11 +254,14 @@ fn error_chain(err: &dyn std::error::Error) -> String {
 /// Serves the admin API on `listeners` until `stop` is cancelled. When
 /// `shutdown` is cancelled (shutdown has begun), health turns NOT_SERVING
 /// and open `WatchEvents` streams end; the API keeps answering until `stop`.
+/// `bus` is the way to the other nodes, in cluster mode.
+#[allow(clippy::too_many_arguments)]
 pub async fn serve(
     listeners: AdminListeners,
     setup: AdminSetup,
     hub: Hub,
     reloader: Reloader,
+    bus: Option<Arc<dyn AdminBus>>,
     shutdown: CancellationToken,
     stop: CancellationToken,
 ) {
@@ -278,7 +281,7 @@ pub async fn serve(
         .inspect_err(|e| error!(error = %e, "server reflection (v1alpha) is off"))
         .ok();
     let hub_for_socket = hub.clone();
-    let admin = AdminServer::new(AdminService::new(hub, reloader, shutdown.clone()));
+    let admin = AdminServer::new(AdminService::new(hub, reloader, bus, shutdown.clone()));
     let limits = setup.limits;
     let router = |server: Server| {
         server

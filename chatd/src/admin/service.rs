@@ -3,6 +3,7 @@
 //! methods log the caller's token name and what they did.
 
 use std::pin::Pin;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
@@ -20,22 +21,34 @@ use super::convert;
 use super::error::AdminError;
 use crate::bans::{self, Ban};
 use crate::cluster_state::ADMIN_DEADLINE;
-use crate::cluster_state::{AdminBus, Answer, Gathered};
+use crate::cluster_state::{AdminBus, Answer, Gathered, RemoteEvents};
 use crate::hub::{Hub, HubError, Target};
 use crate::reload::Reloader;
+
+/// Longest broadcast text accepted, in bytes: one server line to everyone.
+pub const MAX_BROADCAST_BYTES: usize = 1024;
 
 pub struct AdminService {
     hub: Hub,
     reloader: Reloader,
+    /// The way to the other nodes' admin; `None` on one node, where admin
+    /// calls answer for this node alone.
+    bus: Option<Arc<dyn AdminBus>>,
     /// Cancelled when shutdown begins: open watch streams end then.
     shutdown: CancellationToken,
 }
 
 impl AdminService {
-    pub fn new(hub: Hub, reloader: Reloader, shutdown: CancellationToken) -> AdminService {
+    pub fn new(
+        hub: Hub,
+        reloader: Reloader,
+        bus: Option<Arc<dyn AdminBus>>,
+        shutdown: CancellationToken,
+    ) -> AdminService {
         AdminService {
             hub,
             reloader,
+            bus,
             shutdown,
         }
     }
@@ -172,22 +185,7 @@ pub async fn answer_remote(
         OP_STATS => convert::stats(hub.snapshot()).encode_to_vec(),
         OP_NODES => local_node(hub, node).encode_to_vec(),
         OP_BANS => local_bans(hub).encode_to_vec(),
-        OP_CLIENT => {
-            let r: pb::GetClientRequest = decode(payload)?;
-            let target = target(r.client)?;
-            if !r.node.is_empty() && r.node != node {
-                return Err(AdminError::Hub(HubError::NoSuchClient(target)).into());
-            }
-            let client = hub.client(&target).map_err(AdminError::from)?;
-            pb::GetClientResponse {
-                client: Some(pb::Client {
-                    node: node.to_string(),
-                    ..convert::client(client)
-                }),
-                answered_nodes: Vec::new(),
-            }
-            .encode_to_vec()
-        }
+        OP_CLIENT => remote_client(hub, node, decode(payload)?)?.encode_to_vec(),
         OP_KICK => {
             let r: pb::KickClientRequest = decode(payload)?;
             if !r.node.is_empty() && r.node != node {
@@ -210,27 +208,7 @@ pub async fn answer_remote(
             }
             .encode_to_vec()
         }
-        OP_BAN => {
-            let entry: pb::BanEntry = decode(payload)?;
-            let ban = Ban {
-                net: bans::parse_target(&entry.target).map_err(AdminError::from)?,
-                reason: crate::sanitize::clean(&entry.reason),
-                created_at: entry
-                    .created_at
-                    .and_then(|t| SystemTime::try_from(t).ok())
-                    .unwrap_or_else(SystemTime::now),
-                expires_at: entry.expires_at.and_then(|t| SystemTime::try_from(t).ok()),
-            };
-            let hub = hub.clone();
-            let (ban, kicked) = blocking(move || hub.ban(ban).map_err(AdminError::from)).await?;
-            info!(ban = %ban.target(), kicked, "admin: ban from another node");
-            pb::BanResponse {
-                ban: Some(convert::ban(&ban)),
-                kicked: kicked as u64,
-                answered_nodes: Vec::new(),
-            }
-            .encode_to_vec()
-        }
+        OP_BAN => remote_ban(hub, decode(payload)?).await?.encode_to_vec(),
         OP_UNBAN => {
             let r: pb::UnbanRequest = decode(payload)?;
             let net = bans::parse_target(&r.target).map_err(AdminError::from)?;
@@ -246,6 +224,47 @@ pub async fn answer_remote(
         }
     };
     Ok(Bytes::from(reply))
+}
+
+/// `GetClient` on this node, for another node.
+fn remote_client(
+    hub: &Hub,
+    node: &str,
+    r: pb::GetClientRequest,
+) -> Result<pb::GetClientResponse, Status> {
+    let target = target(r.client)?;
+    if !r.node.is_empty() && r.node != node {
+        return Err(AdminError::Hub(HubError::NoSuchClient(target)).into());
+    }
+    let client = hub.client(&target).map_err(AdminError::from)?;
+    Ok(pb::GetClientResponse {
+        client: Some(pb::Client {
+            node: node.to_string(),
+            ..convert::client(client)
+        }),
+        answered_nodes: Vec::new(),
+    })
+}
+
+/// A ban made on another node, applied here.
+async fn remote_ban(hub: &Hub, entry: pb::BanEntry) -> Result<pb::BanResponse, Status> {
+    let ban = Ban {
+        net: bans::parse_target(&entry.target).map_err(AdminError::from)?,
+        reason: crate::sanitize::clean(&entry.reason),
+        created_at: entry
+            .created_at
+            .and_then(|t| SystemTime::try_from(t).ok())
+            .unwrap_or_else(SystemTime::now),
+        expires_at: entry.expires_at.and_then(|t| SystemTime::try_from(t).ok()),
+    };
+    let hub = hub.clone();
+    let (ban, kicked) = blocking(move || hub.ban(ban).map_err(AdminError::from)).await?;
+    info!(ban = %ban.target(), kicked, "admin: ban from another node");
+    Ok(pb::BanResponse {
+        ban: Some(convert::ban(&ban)),
+        kicked: kicked as u64,
+        answered_nodes: Vec::new(),
+    })
 }
 
 const OP_LIST_CLIENTS: &str = "list-clients";
@@ -404,7 +423,7 @@ fn none_succeeded(failed: Vec<(String, Status)>, what: &str) -> Status {
 impl AdminService {
     /// The way to the other nodes, in cluster mode.
     fn bus(&self) -> Option<&dyn AdminBus> {
-        self.hub.cluster().admin()
+        self.bus.as_deref()
     }
 
     /// Scatters `request` to every node and gathers the answers; `None`
@@ -453,6 +472,30 @@ impl AdminService {
         Gathered {
             answers: vec![Answer { node, result }],
             missing: Vec::new(),
+        }
+    }
+
+    /// In cluster mode, the other nodes' events for a watch, and which
+    /// nodes answered and which are missing.
+    async fn remote_events(
+        &self,
+        include_messages: bool,
+        node: &str,
+    ) -> (Option<Box<dyn RemoteEvents>>, Vec<String>, Vec<String>) {
+        let Some(bus) = self.bus() else {
+            return (None, Vec::new(), Vec::new());
+        };
+        match bus.watch(include_messages).await {
+            Ok((remote, gathered)) => {
+                let mut answered: Vec<String> =
+                    gathered.answers.into_iter().map(|a| a.node).collect();
+                answered.sort();
+                (Some(remote), answered, gathered.missing)
+            }
+            Err(e) => {
+                warn!(error = %e, "admin: cannot reach the other nodes; watching this node alone");
+                (None, vec![node.to_string()], Vec::new())
+            }
         }
     }
 
@@ -560,7 +603,7 @@ impl Admin for AdminService {
     ) -> Reply<pb::BroadcastResponse> {
         let by = who(&request);
         let r = request.into_inner();
-        at_most("broadcast text", &r.text, super::MAX_BROADCAST_BYTES)?;
+        at_most("broadcast text", &r.text, MAX_BROADCAST_BYTES)?;
         let (delivered, answered_nodes) = if self.bus().is_none() {
             let delivered = self
                 .hub
@@ -749,21 +792,7 @@ impl Admin for AdminService {
         // In cluster mode, the other nodes' events too: subscribed to and
         // asked for before the stream starts, so that everything after
         // this call returns is in it.
-        let (remote, answered, missing) = match self.bus() {
-            None => (None, Vec::new(), Vec::new()),
-            Some(bus) => match bus.watch(include_messages).await {
-                Ok((remote, gathered)) => {
-                    let mut answered: Vec<String> =
-                        gathered.answers.into_iter().map(|a| a.node).collect();
-                    answered.sort();
-                    (Some(remote), answered, gathered.missing)
-                }
-                Err(e) => {
-                    warn!(error = %e, "admin: cannot reach the other nodes; watching this node alone");
-                    (None, vec![node.clone()], Vec::new())
-                }
-            },
-        };
+        let (remote, answered, missing) = self.remote_events(include_messages, &node).await;
         info!(
             by = who(&request),
             messages = include_messages,
@@ -790,10 +819,11 @@ impl Admin for AdminService {
                         let next = tokio::select! {
                             () = shutdown.cancelled() => return None,
                             next = events.recv() => next,
-                            event = from_remote => match event {
-                                Some(event) => {
+                            event = from_remote => match event.map(convert::relayed) {
+                                Some(Some(event)) => {
                                     return Some((Ok(event), (events, guard, shutdown, remote)));
                                 }
+                                Some(None) => continue,
                                 None => {
                                     remote = None;
                                     continue;
@@ -887,7 +917,7 @@ mod tests {
         let config = RawConfig::default().validate().expect("defaults validate");
         let hub = Hub::new(config);
         let reloader = Reloader::new(Source::Default, hub.clone(), None, Default::default());
-        let service = AdminService::new(hub.clone(), reloader, CancellationToken::new());
+        let service = AdminService::new(hub.clone(), reloader, None, CancellationToken::new());
         (hub, service)
     }
 
@@ -936,7 +966,7 @@ mod tests {
         let (hub, service) = service();
         let status = service
             .broadcast(Request::new(pb::BroadcastRequest {
-                text: "x".repeat(crate::admin::MAX_BROADCAST_BYTES + 1),
+                text: "x".repeat(MAX_BROADCAST_BYTES + 1),
                 room: String::new(),
             }))
             .await

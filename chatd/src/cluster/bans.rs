@@ -7,7 +7,7 @@
 //! node while it was cut off reaches the others.
 //!
 //! Live, a ban still reaches every node at once through the admin
-//! scatter ([`crate::admin`]); the bucket is what a node missed.
+//! scatter (the admin API); the bucket is what a node missed.
 
 use std::collections::HashMap;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -89,6 +89,29 @@ fn key(target: &str) -> Option<String> {
     Some(net.to_string().replace(':', "_"))
 }
 
+/// The bans task's state.
+struct Task {
+    client: async_nats::Client,
+    hub: Hub,
+    bucket: String,
+    replicas: usize,
+    store: Option<kv::Store>,
+    /// Unbans not written to the bucket yet (NATS away).
+    pending_unbans: Vec<(String, u64)>,
+}
+
+/// What a hub event asks of the bans task.
+enum Step {
+    /// Write this entry for this target.
+    Write(String, Entry),
+    /// Nothing to write.
+    Skip,
+    /// Events were missed: settle with the bucket now.
+    Settle,
+    /// The hub is gone.
+    Stop,
+}
+
 /// The bans task: writes this node's bans and unbans to the bucket, and
 /// settles with it whenever NATS (re)connects, until `stop`.
 pub async fn run(
@@ -99,10 +122,15 @@ pub async fn run(
     mut state: watch::Receiver<bool>,
     stop: CancellationToken,
 ) {
-    let bucket = format!("{name}_bans");
     let mut events = hub.subscribe();
-    let mut store: Option<kv::Store> = None;
-    let mut pending_unbans: Vec<(String, u64)> = Vec::new();
+    let mut task = Task {
+        client,
+        hub,
+        bucket: format!("{name}_bans"),
+        replicas,
+        store: None,
+        pending_unbans: Vec::new(),
+    };
     let connected_at = tokio::time::Instant::now();
     let mut schedule: Vec<tokio::time::Instant> = if *state.borrow_and_update() {
         SETTLE_AFTER_CONNECT
@@ -114,24 +142,7 @@ pub async fn run(
     };
     let mut settle_now = false;
     loop {
-        let due = schedule
-            .first()
-            .is_some_and(|t| *t <= tokio::time::Instant::now());
-        if (due || settle_now) && client.connection_state() == State::Connected {
-            settle_now = false;
-            if due {
-                schedule.remove(0);
-                if schedule.is_empty() {
-                    schedule.push(tokio::time::Instant::now() + SETTLE_EVERY);
-                }
-            }
-            if store.is_none() {
-                store = open(&client, &bucket, replicas).await;
-            }
-            if let Some(store) = &store {
-                settle(&client, &hub, store, &bucket, &mut pending_unbans).await;
-            }
-        }
+        task.settle_if_due(&mut schedule, &mut settle_now).await;
         let next = schedule
             .first()
             .copied()
@@ -148,48 +159,96 @@ pub async fn run(
                     schedule = SETTLE_AFTER_CONNECT.iter().map(|d| now + *d).collect();
                 }
             }
-            event = events.recv() => {
-                let (target, entry) = match event {
-                    Ok(Event::Ban { ban, .. }) => (ban.target(), Entry::of(&ban)),
-                    Ok(Event::Unban { target }) => {
-                        let now = ms(SystemTime::now());
-                        let entry = Entry {
-                            target: target.clone(),
-                            reason: String::new(),
-                            created_ms: now,
-                            expires_ms: None,
-                            removed_ms: Some(now),
-                        };
-                        (target, entry)
-                    }
-                    Ok(_) => continue,
-                    // Missed events: settling catches up.
-                    Err(broadcast::error::RecvError::Lagged(_)) => {
-                        settle_now = true;
-                        continue;
-                    }
-                    Err(broadcast::error::RecvError::Closed) => break,
-                };
-                let written = match (&store, client.connection_state() == State::Connected) {
-                    (Some(store), true) => write(store, &target, &entry).await,
-                    (None, true) => {
-                        store = open(&client, &bucket, replicas).await;
-                        match &store {
-                            Some(store) => write(store, &target, &entry).await,
-                            None => false,
-                        }
-                    }
-                    _ => false,
-                };
-                if !written && entry.removed_ms.is_some() {
-                    // A ban made meanwhile is found on this node at the
-                    // next settling; an unban is not, so it is remembered.
-                    if pending_unbans.len() >= MAX_PENDING_UNBANS {
-                        pending_unbans.remove(0);
-                    }
-                    pending_unbans.push((target, entry.changed_ms()));
+            event = events.recv() => match step(event) {
+                Step::Write(target, entry) => task.record(target, entry).await,
+                Step::Skip => {}
+                Step::Settle => settle_now = true,
+                Step::Stop => break,
+            },
+        }
+    }
+}
+
+/// What `event` asks of the bans task.
+fn step(event: Result<Event, broadcast::error::RecvError>) -> Step {
+    match event {
+        Ok(Event::Ban { ban, .. }) => Step::Write(ban.target(), Entry::of(&ban)),
+        Ok(Event::Unban { target }) => {
+            let now = ms(SystemTime::now());
+            let entry = Entry {
+                target: target.clone(),
+                reason: String::new(),
+                created_ms: now,
+                expires_ms: None,
+                removed_ms: Some(now),
+            };
+            Step::Write(target, entry)
+        }
+        Ok(_) => Step::Skip,
+        // Missed events: settling catches up.
+        Err(broadcast::error::RecvError::Lagged(_)) => Step::Settle,
+        Err(broadcast::error::RecvError::Closed) => Step::Stop,
+    }
+}
+
+impl Task {
+    /// Settles with the bucket when the schedule says so (or `settle_now`),
+    /// while NATS is there.
+    async fn settle_if_due(
+        &mut self,
+        schedule: &mut Vec<tokio::time::Instant>,
+        settle_now: &mut bool,
+    ) {
+        let due = schedule
+            .first()
+            .is_some_and(|t| *t <= tokio::time::Instant::now());
+        if !(due || *settle_now) || self.client.connection_state() != State::Connected {
+            return;
+        }
+        *settle_now = false;
+        if due {
+            schedule.remove(0);
+            if schedule.is_empty() {
+                schedule.push(tokio::time::Instant::now() + SETTLE_EVERY);
+            }
+        }
+        if self.store.is_none() {
+            self.store = open(&self.client, &self.bucket, self.replicas).await;
+        }
+        if let Some(store) = &self.store {
+            settle(
+                &self.client,
+                &self.hub,
+                store,
+                &self.bucket,
+                &mut self.pending_unbans,
+            )
+            .await;
+        }
+    }
+
+    /// Writes a ban or unban of this node to the bucket; an unban that
+    /// cannot be written is remembered.
+    async fn record(&mut self, target: String, entry: Entry) {
+        let connected = self.client.connection_state() == State::Connected;
+        let written = match (&self.store, connected) {
+            (Some(store), true) => write(store, &target, &entry).await,
+            (None, true) => {
+                self.store = open(&self.client, &self.bucket, self.replicas).await;
+                match &self.store {
+                    Some(store) => write(store, &target, &entry).await,
+                    None => false,
                 }
             }
+            _ => false,
+        };
+        if !written && entry.removed_ms.is_some() {
+            // A ban made meanwhile is found on this node at the
+            // next settling; an unban is not, so it is remembered.
+            if self.pending_unbans.len() >= MAX_PENDING_UNBANS {
+                self.pending_unbans.remove(0);
+            }
+            self.pending_unbans.push((target, entry.changed_ms()));
         }
     }
 }
@@ -198,7 +257,7 @@ async fn open(client: &async_nats::Client, bucket: &str, replicas: usize) -> Opt
     let js = jetstream::new(client.clone());
     match tokio::time::timeout(
         OP_TIMEOUT,
-        super::nicks::open_bucket(&js, bucket, Duration::ZERO, replicas),
+        super::stream::open_bucket(&js, bucket, Duration::ZERO, replicas),
     )
     .await
     {

@@ -53,7 +53,8 @@ pub async fn open_stream(
         num_replicas: replicas,
         ..Default::default()
     };
-    let made = tokio::time::timeout(OP_TIMEOUT, super::create_stream(js, config.clone())).await;
+    let made =
+        tokio::time::timeout(OP_TIMEOUT, super::stream::create_stream(js, config.clone())).await;
     let stream = match made {
         Ok(Ok(stream)) => Some(stream),
         Ok(Err(e)) => {

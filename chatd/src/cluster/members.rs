@@ -35,22 +35,12 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
-use tokio::sync::watch;
-use tokio_util::sync::CancellationToken;
-use tracing::{debug, warn};
 
-use crate::cluster_seq::{PRIVATE_KIND, Position, SEQ_HEADER, Verdict, private_stream};
-use crate::hub::{ClientId, Hub};
+use crate::hub::ClientId;
 use crate::lock::lock;
 use crate::protocol;
 
-/// How often tables of silent nodes are dropped (queries skip them at once).
-const PRUNE_EVERY: Duration = Duration::from_secs(2);
-/// At most one snapshot request per this long, however many gaps are seen.
-const SYNC_EVERY: Duration = Duration::from_secs(1);
 /// The largest part of a snapshot, in bytes (of its JSON): a quarter of
 /// the server's `max_payload` when that is smaller. Small enough that a
 /// part never holds up other messages for long; 25,000 members fit in
@@ -211,7 +201,7 @@ pub struct PmMsg {
 
 /// Whether `s` may be shown as a nick from another node: what a nick or a
 /// guest nick is made of, nothing that could forge a line.
-fn plausible_nick(s: &str) -> bool {
+pub(super) fn plausible_nick(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 64
         && s.bytes()
@@ -428,214 +418,6 @@ impl Members {
         });
         found
     }
-}
-
-/// The membership task: applies other nodes' tables, answers snapshot
-/// requests, delivers private messages from other nodes, and drops the
-/// tables of silent nodes, until `stop`.
-pub async fn run(
-    client: async_nats::Client,
-    hub: Hub,
-    link: Arc<super::Link>,
-    node_id: Arc<str>,
-    name: String,
-    mut state: watch::Receiver<bool>,
-    stop: CancellationToken,
-) {
-    let subject = format!("{name}.members");
-    let sync_subject = format!("{name}.members.sync");
-    let pm_subject = format!("{name}.pm.{node_id}");
-    let subscribe = |s: String| {
-        let client = client.clone();
-        async move {
-            client
-                .subscribe(s.clone())
-                .await
-                .map_err(|e| warn!(subject = %s, error = %e, "cluster: cannot subscribe; other nodes' members are unknown"))
-                .ok()
-        }
-    };
-    let (Some(mut changes), Some(mut syncs), Some(mut pms)) = (
-        subscribe(subject.clone()).await,
-        subscribe(sync_subject.clone()).await,
-        subscribe(pm_subject).await,
-    ) else {
-        return;
-    };
-    // This node's table, in parts small enough for the server it is on.
-    let snapshot = |hub: &Hub| {
-        let (seq, set) = hub.member_snapshot();
-        let budget = part_budget(client.server_info().max_payload);
-        let parts = MemberMsg::snapshot_parts(&node_id, seq, set, budget);
-        debug!(
-            members_seq = seq,
-            parts = parts.len(),
-            budget,
-            "cluster: member snapshot sent"
-        );
-        parts
-            .iter()
-            .map(|m| Bytes::from(serde_json::to_vec(m).unwrap_or_default()))
-            .collect::<Vec<_>>()
-    };
-    let send_snapshot = |parts: Vec<Bytes>| {
-        let client = client.clone();
-        let subject = subject.clone();
-        async move {
-            for part in parts {
-                if let Err(e) = client.publish(subject.clone(), part).await {
-                    debug!(error = %e, "cluster: cannot send a member snapshot");
-                    break;
-                }
-            }
-        }
-    };
-    let mut last_sync: Option<Instant> = None;
-    // The last private message handed on per sending node, carried on from
-    // the previous process after a seamless upgrade.
-    let pm_stream = private_stream(&node_id);
-    let pm_seen = link.receipts.open(&pm_stream);
-    let mut prune = tokio::time::interval(PRUNE_EVERY);
-    // Connected at start, or later: either way the first `changed` or the
-    // initial state says when to introduce this node.
-    let mut introduce = *state.borrow_and_update();
-    loop {
-        if introduce {
-            introduce = false;
-            // Our whole table for the others, then theirs for us.
-            send_snapshot(snapshot(&hub)).await;
-            let _ = client
-                .publish(sync_subject.clone(), Bytes::from(node_id.to_string()))
-                .await;
-            last_sync = Some(Instant::now());
-        }
-        tokio::select! {
-            () = stop.cancelled() => break,
-            changed = state.changed() => {
-                if changed.is_err() {
-                    break;
-                }
-                introduce = *state.borrow_and_update();
-            }
-            _ = prune.tick() => {
-                let Some(live) = link.live_nodes() else { continue };
-                link.members().retain(&live);
-                // A node that is there but whose table this node lacks (its
-                // snapshot was lost, or it was silent a while): ask again.
-                let lacking = live.iter().any(|n| !link.members().knows(n));
-                if lacking && last_sync.is_none_or(|t| t.elapsed() >= SYNC_EVERY) {
-                    last_sync = Some(Instant::now());
-                    let _ = client
-                        .publish(sync_subject.clone(), Bytes::from(node_id.to_string()))
-                        .await;
-                }
-            }
-            msg = changes.next() => {
-                let Some(msg) = msg else { break };
-                let Ok(wire) = serde_json::from_slice::<Wire>(&msg.payload) else {
-                    debug!("cluster: ignored a malformed member message");
-                    continue;
-                };
-                if wire.msg.node == *node_id {
-                    continue;
-                }
-                let gap = link.members().receive(wire);
-                if gap && last_sync.is_none_or(|t| t.elapsed() >= SYNC_EVERY) {
-                    last_sync = Some(Instant::now());
-                    let _ = client
-                        .publish(sync_subject.clone(), Bytes::from(node_id.to_string()))
-                        .await;
-                }
-            }
-            msg = syncs.next() => {
-                let Some(msg) = msg else { break };
-                if &msg.payload[..] != node_id.as_bytes() {
-                    send_snapshot(snapshot(&hub)).await;
-                }
-            }
-            msg = pms.next() => {
-                let Some(msg) = msg else { break };
-                // Errors coming back carry no position.
-                let from_pos = msg.headers.as_ref().and_then(|h| {
-                    let from = h.get(super::NODE_HEADER)?.as_str().to_string();
-                    let pos = Position::parse(h.get(SEQ_HEADER)?.as_str())?;
-                    Some((from, pos))
-                });
-                let mut payloads = Vec::new();
-                if let Some((from, pos)) = &from_pos {
-                    let verdict = crate::lock::lock(&pm_seen).check(from, *pos);
-                    match verdict {
-                        Verdict::Duplicate => continue,
-                        Verdict::Deliver => {}
-                        Verdict::Gap { after } => {
-                            let subject = format!("{name}.replay.{from}");
-                            let missed = tokio::select! {
-                                () = stop.cancelled() => break,
-                                missed = super::replay_raw(&client, subject, &pm_stream, after, pos.seq) => missed,
-                            };
-                            debug!(node = %from, after, got = missed.len(), "cluster: replayed missed private messages");
-                            payloads.extend(
-                                missed
-                                    .into_iter()
-                                    .filter(|(kind, _, _)| *kind == PRIVATE_KIND)
-                                    .map(|(_, _, payload)| payload),
-                            );
-                        }
-                    }
-                }
-                payloads.push(msg.payload);
-                // As a room's listener does: handed on under the lock and
-                // only while no upgrade has frozen the clients.
-                let handed = super::unless_frozen(&hub, &pm_seen, |seen| {
-                    if let Some((from, pos)) = &from_pos {
-                        seen.record(from, *pos);
-                    }
-                    payloads
-                        .into_iter()
-                        .filter_map(|payload| serde_json::from_slice::<PmMsg>(&payload).ok())
-                        .filter_map(|pm| deliver(&hub, pm))
-                        .collect::<Vec<_>>()
-                })
-                .await;
-                let Some(backs) = handed else { return };
-                for back in backs {
-                    let subject = format!("{name}.pm.{}", back.from_node);
-                    if let Ok(payload) = serde_json::to_vec(&back) {
-                        let _ = client.publish(subject, payload.into()).await;
-                    }
-                }
-            }
-        }
-    }
-}
-
-/// Hands a private message from another node to its recipient here, or
-/// an error back to its sender here. Returns the error to send back, if the
-/// message could not be delivered.
-fn deliver(hub: &Hub, pm: PmMsg) -> Option<PmMsg> {
-    if let Some(error) = &pm.error {
-        hub.notify_client(
-            pm.from_id,
-            &format!("error: {}", crate::sanitize::clean(error)),
-        );
-        return None;
-    }
-    if !plausible_nick(&pm.from_nick) || !plausible_node(&pm.from_node) {
-        return None;
-    }
-    match hub.deliver_private(&pm.from_nick, &pm.to, &pm.text) {
-        Ok(()) => None,
-        Err(why) => Some(PmMsg {
-            error: Some(why),
-            text: String::new(),
-            ..pm
-        }),
-    }
-}
-
-/// Whether `s` may be a node id (a subject token).
-fn plausible_node(s: &str) -> bool {
-    plausible_nick(s)
 }
 
 #[cfg(test)]

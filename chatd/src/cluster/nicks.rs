@@ -38,6 +38,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use crate::cluster_state::Pause;
 use crate::hub::{ClientId, Hub};
 
 /// How long one KV operation may take before a claim says "try again".
@@ -90,10 +91,12 @@ enum Settled {
 pub struct Nicks {
     client: async_nats::Client,
     hub: Hub,
+    /// A committed upgrade's new process holds this node's nicks.
+    pause: Arc<dyn Pause>,
     node_id: Arc<str>,
     /// `NAME_nicks`.
     bucket: String,
-    /// Replicas for the bucket's stream ([`super::replicas`]).
+    /// Replicas for the bucket's stream ([`super::stream::replicas`]).
     replicas: usize,
     /// How long a key outlives the last refresh of its node
     /// (`cluster.nick_expiry_secs`): the most a dead node's nicks stay
@@ -120,10 +123,12 @@ impl Nicks {
         bucket: String,
         replicas: usize,
         timings: &crate::config::ClusterTimings,
+        pause: Arc<dyn Pause>,
     ) -> Self {
         Self {
             client,
             hub,
+            pause,
             node_id,
             bucket,
             replicas,
@@ -165,7 +170,7 @@ impl Nicks {
                 }
             }
         }
-        if self.hub.handoff().committed() {
+        if self.pause.committed() {
             // The new process of this node holds these nicks now.
             return;
         }
@@ -189,7 +194,7 @@ impl Nicks {
             let js = jetstream::new(self.client.clone());
             let made = tokio::time::timeout(
                 OP_TIMEOUT,
-                open_bucket(&js, &self.bucket, self.ttl, self.replicas),
+                super::stream::open_bucket(&js, &self.bucket, self.ttl, self.replicas),
             )
             .await
             .unwrap_or_else(|_| Err("timed out".into()));
@@ -359,58 +364,6 @@ impl Nicks {
             self.hub.nick_lost(held.client, &key);
         }
     }
-}
-
-/// Makes (or opens) the key-value bucket `bucket` whose keys expire
-/// `max_age` after their last write. The stream is made here, as
-/// `create_key_value` would make it, because that call first reads the
-/// account's JetStream info in a form nats-server 2.9 does not send.
-/// With `replicas` > 1 and a JetStream that cannot place them (not
-/// clustered), it is made with one.
-pub async fn open_bucket(
-    js: &jetstream::Context,
-    bucket: &str,
-    max_age: Duration,
-    replicas: usize,
-) -> Result<kv::Store, String> {
-    let stream = jetstream::stream::Config {
-        name: format!("KV_{bucket}"),
-        subjects: vec![format!("$KV.{bucket}.>")],
-        max_messages_per_subject: 1,
-        max_age,
-        allow_rollup: true,
-        deny_delete: true,
-        allow_direct: true,
-        discard: jetstream::stream::DiscardPolicy::New,
-        num_replicas: replicas,
-        ..Default::default()
-    };
-    let name = stream.name.clone();
-    if let Err(e) = super::create_stream(js, stream).await {
-        // Made already by another node, perhaps with other settings: it is
-        // opened as it is, but with this node's expiry (the configured
-        // `cluster.nick_expiry_secs`, which every node should share).
-        debug!(error = %e, bucket, "cluster: cannot create the bucket's stream");
-        if let Ok(made) = js.get_stream(&name).await {
-            let config = &made.cached_info().config;
-            if config.max_age != max_age {
-                info!(
-                    bucket,
-                    was_secs = config.max_age.as_secs(),
-                    now_secs = max_age.as_secs(),
-                    "cluster: setting the bucket's expiry to this node's"
-                );
-                let config = jetstream::stream::Config {
-                    max_age,
-                    ..config.clone()
-                };
-                if let Err(e) = js.update_stream(config).await {
-                    warn!(error = %e, bucket, "cluster: cannot change the bucket's expiry");
-                }
-            }
-        }
-    }
-    js.get_key_value(bucket).await.map_err(|e| e.to_string())
 }
 
 /// Settles `key` with the bucket: rewrites it when this node wrote it last

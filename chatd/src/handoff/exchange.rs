@@ -179,7 +179,11 @@ impl Upgrader {
             stats: Some(hub.stats().counters()),
             // Taken before any client is exported: from here on the
             // cluster's listeners hand nothing on (they wait out the freeze).
-            cluster_receipts: hub.cluster().receipts(),
+            cluster_receipts: self
+                .inner
+                .receipts
+                .as_ref()
+                .map_or_else(Vec::new, |r| r.export()),
         };
         let state = serde_json::to_value(&state).map_err(io::Error::other)?;
         tokio::task::block_in_place(|| wire::send(sock, &ToNew::State { fds: 0, state }, &[]))?;

@@ -234,6 +234,8 @@ struct Inner {
     runtime_dir: PathBuf,
     listeners: Vec<(ListenerKind, OwnedFd)>,
     admin_token: Option<String>,
+    /// Cluster mode: what the cluster's receivers have handed on.
+    receipts: Option<Arc<crate::cluster_seq::Receipts>>,
     /// Cancelled at commit: this process then stops as after a signal,
     /// having nobody left to serve.
     shutdown: CancellationToken,
@@ -320,6 +322,7 @@ impl Upgrader {
         runtime_dir: PathBuf,
         listeners: Vec<(ListenerKind, OwnedFd)>,
         admin_token: Option<String>,
+        receipts: Option<Arc<crate::cluster_seq::Receipts>>,
         shutdown: CancellationToken,
     ) -> Upgrader {
         Upgrader {
@@ -329,6 +332,7 @@ impl Upgrader {
                 runtime_dir,
                 listeners,
                 admin_token,
+                receipts,
                 shutdown,
                 running: AtomicBool::new(false),
             }),

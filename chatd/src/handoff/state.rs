@@ -57,20 +57,8 @@ pub struct State {
     pub cluster_receipts: Vec<StreamReceipts>,
 }
 
-/// One stream's receiving position (a room, or this node's private
-/// messages): per sending node, its epoch and the last sequence handed on.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct StreamReceipts {
-    pub stream: String,
-    pub senders: Vec<SenderReceipt>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct SenderReceipt {
-    pub node: String,
-    pub epoch: u64,
-    pub seq: u64,
-}
+/// A stream's receiving position, defined where the cluster keeps it.
+pub use crate::cluster_seq::{SenderReceipt, StreamReceipts};
 
 /// What a handed-over listener serves.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -321,9 +321,6 @@ impl ClusterState for Elsewhere {
         self.record(format!("history {room}"));
         Reply::Now(())
     }
-    fn admin(&self) -> Option<&dyn crate::cluster_state::AdminBus> {
-        None
-    }
 }
 
 #[test]
@@ -399,7 +396,6 @@ fn a_hub_without_a_cluster_is_a_single_node() {
     let a = hub.connect(peer(1)).expect("a");
     assert_eq!(a.nick().as_ref(), "guest-1");
     assert_eq!(hub.cluster().node_id(), "");
-    assert!(hub.cluster().admin().is_none());
     assert!(matches!(
         hub.request_nick(&a, "alice"),
         NickRequest::Done(Ok(nick)) if &*nick == "alice"

@@ -14,7 +14,8 @@
 //!   most [`MAX_LEASES`], each expiring [`LEASE`] after its last renewal, so
 //!   a watcher's node that died stops costing within it), and while it holds
 //!   one it takes the hub's events (chat messages only while a lease asks for
-//!   them) and publishes each, encoded as the `Event` it will be, on
+//!   them) and publishes each, encoded by the admin API's [`WatchCodec`]
+//!   (the cluster carries the bytes and reads only their node), on
 //!   `NAME.admin.watch.ev` (messages on `.msg`), numbered per node in the
 //!   [`EVENT_SEQ_HEADER`] (a relay that falls behind the hub's ring sends a
 //!   `lagged` event of its own);
@@ -40,17 +41,61 @@ use std::time::{Duration, Instant};
 use async_nats::HeaderMap;
 use async_nats::connection::State;
 use bytes::Bytes;
-use chatd_proto::admin::v1 as pb;
 use futures_util::StreamExt;
-use prost::Message;
 use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast::{self, error::RecvError};
 use tokio_util::sync::{CancellationToken, DropGuard};
 use tracing::{debug, info, warn};
 
-use super::convert;
-use crate::cluster::{Bus, Gathered};
+use super::bus::Bus;
+use super::subjects::NODE_HEADER;
+use crate::cluster_state::{
+    AdminBus, Answer, BoxFuture, GatherError, Gathered, Relayed, RemoteEvents, WatchCodec,
+    WatchItem, Watching,
+};
 use crate::hub::{Event, Hub, MessageWatch};
+
+/// The admin API's encoding of this node's events for the other nodes.
+pub type Codec = Arc<dyn WatchCodec<Event>>;
+
+/// Cluster-wide admin as the admin API sees it: the bus's scatter-gather,
+/// and the other nodes' events through this node's [`Feed`]. The wiring
+/// hands it to the admin API only in cluster mode. The nodes that count as
+/// there are those heard on `NAME.nodes` within
+/// [`PRESENCE_TTL`](super::bus::PRESENCE_TTL).
+#[derive(Debug, Clone)]
+pub struct AdminLink {
+    bus: Bus,
+    feed: Feed,
+}
+
+impl AdminLink {
+    pub fn new(bus: Bus, feed: Feed) -> AdminLink {
+        AdminLink { bus, feed }
+    }
+}
+
+impl AdminBus for AdminLink {
+    fn node_id(&self) -> &str {
+        self.bus.node_id()
+    }
+
+    fn gather<'a>(
+        &'a self,
+        op: &'a str,
+        payload: Bytes,
+        done: &'a (dyn Fn(&Answer) -> bool + Send + Sync),
+    ) -> BoxFuture<'a, Result<Gathered, GatherError>> {
+        Box::pin(self.bus.gather(op, payload, done))
+    }
+
+    fn watch<'a>(&'a self, messages: bool) -> BoxFuture<'a, Result<Watching, String>> {
+        Box::pin(async move {
+            let (remote, gathered) = Remote::open(&self.bus, &self.feed, messages).await?;
+            Ok((Box::new(remote) as Box<dyn RemoteEvents>, gathered))
+        })
+    }
+}
 
 /// How long a lease lasts after its last renewal: a watcher whose node died
 /// (and so never withdrew) costs the relays at most this long.
@@ -132,13 +177,25 @@ struct Taking {
     messages: Option<MessageWatch>,
 }
 
+/// A relay's way out: where and how it publishes this node's events.
+struct Out {
+    client: async_nats::Client,
+    node: String,
+    codec: Codec,
+    /// `NAME.admin.watch.ev`, `NAME.admin.watch.msg`.
+    ev_subject: String,
+    msg_subject: String,
+    /// Per subject: the number of the last event relayed (or skipped).
+    ev_seq: u64,
+    msg_seq: u64,
+}
+
 /// Relays this node's events to NATS while other nodes' watchers hold
 /// leases, until `stop`. Answers every lease request that asks for an
 /// answer, once it relays (its own node's too, so a watch there knows this
 /// node is there, though it takes this node's events from the hub).
-pub async fn relay(bus: Bus, hub: Hub, stop: CancellationToken) {
+pub async fn relay(bus: Bus, hub: Hub, codec: Codec, stop: CancellationToken) {
     let client = bus.client().clone();
-    let node = bus.node_id().to_string();
     let subject = bus.subject(WANT);
     let mut wants = match client.subscribe(subject.clone()).await {
         Ok(sub) => sub,
@@ -147,11 +204,17 @@ pub async fn relay(bus: Bus, hub: Hub, stop: CancellationToken) {
             return;
         }
     };
-    let (ev_subject, msg_subject) = (bus.subject(EVENTS), bus.subject(MESSAGES));
+    let mut out = Out {
+        client,
+        node: bus.node_id().to_string(),
+        codec,
+        ev_subject: bus.subject(EVENTS),
+        msg_subject: bus.subject(MESSAGES),
+        ev_seq: 0,
+        msg_seq: 0,
+    };
     let mut leases = Leases::default();
     let mut taking: Option<Taking> = None;
-    // Per subject: the number of the last event relayed (or skipped).
-    let (mut ev_seq, mut msg_seq) = (0u64, 0u64);
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
         let next = async {
@@ -168,34 +231,21 @@ pub async fn relay(bus: Bus, hub: Hub, stop: CancellationToken) {
             }
             want = wants.next() => {
                 let Some(msg) = want else { break };
-                let Ok(want) = serde_json::from_slice::<Want>(&msg.payload) else {
-                    debug!("cluster: ignored a malformed watch lease");
-                    continue;
-                };
-                let accepted = want.node == node || leases.apply(&want, Instant::now());
-                if !accepted {
-                    debug!(watcher = %want.watcher, "cluster: too many watch leases; refused one");
-                    continue;
-                }
-                settle(&hub, &leases, &mut taking);
-                if let Some(reply) = msg.reply {
-                    let mut headers = HeaderMap::new();
-                    headers.insert(crate::cluster::NODE_HEADER, node.as_str());
-                    if let Err(e) = client.publish_with_headers(reply, headers, Bytes::new()).await {
-                        debug!(error = %e, "cluster: cannot answer a watch lease");
-                    }
+                if out.lease(&msg, &mut leases) {
+                    settle(&hub, &leases, &mut taking);
+                    out.answer(msg.reply).await;
                 }
             }
             event = next => {
-                let (event, is_message) = match event {
+                let (item, is_message) = match event {
                     Ok(event) => {
                         let is_message = matches!(event, Event::Message { .. });
-                        (convert::event(event), is_message)
+                        (WatchItem::Event(event), is_message)
                     }
                     // This relay fell behind the hub: watchers are told how
                     // many events of this node they missed, on the subject
                     // every watcher follows.
-                    Err(RecvError::Lagged(missed)) => (convert::lagged(missed), false),
+                    Err(RecvError::Lagged(missed)) => (WatchItem::Lagged(missed), false),
                     Err(RecvError::Closed) => {
                         taking = None;
                         continue;
@@ -204,31 +254,65 @@ pub async fn relay(bus: Bus, hub: Hub, stop: CancellationToken) {
                 if is_message && !leases.messages() {
                     continue;
                 }
-                let (seq, subject) = if is_message {
-                    msg_seq += 1;
-                    (msg_seq, &msg_subject)
-                } else {
-                    ev_seq += 1;
-                    (ev_seq, &ev_subject)
-                };
-                if client.connection_state() != State::Connected {
-                    // Not queued for a reconnect: the numbers tell watchers.
-                    continue;
-                }
-                let encoded = pb::Event {
-                    node: node.clone(),
-                    ..event
-                }
-                .encode_to_vec();
-                let mut headers = HeaderMap::new();
-                headers.insert(EVENT_SEQ_HEADER, seq.to_string().as_str());
-                if let Err(e) = client
-                    .publish_with_headers(subject.clone(), headers, encoded.into())
-                    .await
-                {
-                    debug!(error = %e, "cluster: cannot relay an event");
-                }
+                out.publish(item, is_message).await;
             }
+        }
+    }
+}
+
+impl Out {
+    /// Records the lease `msg` asks for; `false` when it is malformed or
+    /// refused (too many).
+    fn lease(&self, msg: &async_nats::Message, leases: &mut Leases) -> bool {
+        let Ok(want) = serde_json::from_slice::<Want>(&msg.payload) else {
+            debug!("cluster: ignored a malformed watch lease");
+            return false;
+        };
+        let accepted = want.node == self.node || leases.apply(&want, Instant::now());
+        if !accepted {
+            debug!(watcher = %want.watcher, "cluster: too many watch leases; refused one");
+        }
+        accepted
+    }
+
+    /// Tells a watcher that asked that this node relays.
+    async fn answer(&self, reply: Option<async_nats::Subject>) {
+        let Some(reply) = reply else {
+            return;
+        };
+        let mut headers = HeaderMap::new();
+        headers.insert(NODE_HEADER, self.node.as_str());
+        if let Err(e) = self
+            .client
+            .publish_with_headers(reply, headers, Bytes::new())
+            .await
+        {
+            debug!(error = %e, "cluster: cannot answer a watch lease");
+        }
+    }
+
+    /// Numbers `item` on its subject and publishes it, unless NATS is away
+    /// (not queued for a reconnect: the numbers tell watchers).
+    async fn publish(&mut self, item: WatchItem<Event>, is_message: bool) {
+        let (seq, subject) = if is_message {
+            self.msg_seq += 1;
+            (self.msg_seq, &self.msg_subject)
+        } else {
+            self.ev_seq += 1;
+            (self.ev_seq, &self.ev_subject)
+        };
+        if self.client.connection_state() != State::Connected {
+            return;
+        }
+        let encoded = self.codec.encode(item, &self.node);
+        let mut headers = HeaderMap::new();
+        headers.insert(EVENT_SEQ_HEADER, seq.to_string().as_str());
+        if let Err(e) = self
+            .client
+            .publish_with_headers(subject.clone(), headers, encoded)
+            .await
+        {
+            debug!(error = %e, "cluster: cannot relay an event");
         }
     }
 }
@@ -256,11 +340,12 @@ fn settle(hub: &Hub, leases: &Leases, taking: &mut Option<Taking>) {
     }
 }
 
-/// Other nodes' events as the ring holds them: decoded once, for every
-/// watch of this node.
+/// Other nodes' events as the ring holds them: their node read once, for
+/// every watch of this node.
 #[derive(Debug)]
-struct Relayed {
-    event: pb::Event,
+struct Received {
+    node: String,
+    payload: Bytes,
     /// From `NAME.admin.watch.msg` (chat messages) rather than `.ev`.
     messages: bool,
     /// The origin's number for it on its subject, when it gave one.
@@ -282,19 +367,22 @@ pub struct Feed {
 
 #[derive(Debug)]
 struct FeedInner {
-    ring: broadcast::Sender<Arc<Relayed>>,
+    ring: broadcast::Sender<Arc<Received>>,
     /// Watches of this node that want chat messages.
     message_watches: AtomicUsize,
     /// Which subscriptions run (events, messages); held while one is
     /// started or stops, so a watch that opens as the last one ends never
     /// finds a subscription on its way out.
     running: tokio::sync::Mutex<(bool, bool)>,
+    /// Reads the node of each relayed event.
+    codec: Codec,
 }
 
-impl Default for Feed {
-    fn default() -> Self {
+impl Feed {
+    pub fn new(codec: Codec) -> Self {
         Feed {
             inner: Arc::new(FeedInner {
+                codec,
                 ring: broadcast::channel(FEED_RING).0,
                 message_watches: AtomicUsize::new(0),
                 running: tokio::sync::Mutex::new((false, false)),
@@ -341,6 +429,7 @@ impl Feed {
             .await
             .map_err(|e| e.to_string())?;
         let own = bus.node_id().to_string();
+        let codec = self.inner.codec.clone();
         let feed = self.clone();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(FEED_CHECK);
@@ -357,10 +446,10 @@ impl Feed {
                             }
                             break;
                         };
-                        let Ok(event) = pb::Event::decode(msg.payload) else {
+                        let Some(node) = codec.node(&msg.payload) else {
                             continue;
                         };
-                        if event.node == own || event.node.is_empty() {
+                        if node == own || node.is_empty() {
                             continue;
                         }
                         let seq = msg
@@ -370,7 +459,8 @@ impl Feed {
                             .and_then(|s| s.as_str().parse::<u64>().ok());
                         // No watch left: nobody to hand it to, and the
                         // tick below lets go.
-                        let _ = feed.inner.ring.send(Arc::new(Relayed { event, messages, seq }));
+                        let received = Received { node, payload: msg.payload, messages, seq };
+                        let _ = feed.inner.ring.send(Arc::new(received));
                     }
                     _ = tick.tick() => {
                         let mut running = feed.inner.running.lock().await;
@@ -404,7 +494,7 @@ impl Feed {
 
 /// One watch's place in the [`Feed`]'s ring.
 struct FeedSeat {
-    rx: broadcast::Receiver<Arc<Relayed>>,
+    rx: broadcast::Receiver<Arc<Received>>,
     messages: bool,
     feed: Feed,
 }
@@ -424,8 +514,8 @@ pub struct Remote {
     seat: FeedSeat,
     /// (node, messages) → last number seen.
     last: HashMap<(String, bool), u64>,
-    /// Events not yet handed out (a gap's `lagged` goes first).
-    pending: VecDeque<pb::Event>,
+    /// Items not yet handed out (a gap's `lagged` goes first).
+    pending: VecDeque<Relayed>,
     _renew: DropGuard,
 }
 
@@ -442,12 +532,16 @@ impl Remote {
     /// node for them, and waits (at most [`crate::cluster_state::ADMIN_DEADLINE`])
     /// until the nodes known to be there relay. Returns the feed and who
     /// answered.
-    pub async fn open(bus: &Bus, messages: bool) -> Result<(Remote, Gathered), String> {
+    pub async fn open(
+        bus: &Bus,
+        feed: &Feed,
+        messages: bool,
+    ) -> Result<(Remote, Gathered), String> {
         let client = bus.client().clone();
         if client.connection_state() != State::Connected {
             return Err("NATS is unreachable".into());
         }
-        let seat = bus.feed().join(bus, messages).await?;
+        let seat = feed.join(bus, messages).await?;
         let n = WATCHES.fetch_add(1, Relaxed) + 1;
         let want = Want {
             watcher: format!("{}/{}/{n}", bus.node_id(), std::process::id()),
@@ -494,7 +588,7 @@ impl Remote {
 
     /// The next event from another node (a `lagged` one for a gap); `None`
     /// once the feed ends.
-    pub async fn next(&mut self) -> Option<pb::Event> {
+    pub async fn next(&mut self) -> Option<Relayed> {
         loop {
             if let Some(event) = self.pending.pop_front() {
                 return Some(event);
@@ -509,25 +603,33 @@ impl Remote {
             if relayed.messages && !self.seat.messages {
                 continue;
             }
-            let event = &relayed.event;
             if let Some(seq) = relayed.seq {
                 if self.last.len() >= MAX_NODES {
                     self.last.clear();
                 }
-                let key = (event.node.clone(), relayed.messages);
+                let key = (relayed.node.clone(), relayed.messages);
                 match self.last.insert(key, seq) {
                     Some(last) if seq <= last => continue,
                     Some(last) if seq > last + 1 => {
-                        self.pending.push_back(pb::Event {
-                            node: event.node.clone(),
-                            ..convert::lagged(seq - last - 1)
+                        self.pending.push_back(Relayed::Lagged {
+                            node: relayed.node.clone(),
+                            missed: seq - last - 1,
                         });
                     }
                     _ => {}
                 }
             }
-            self.pending.push_back(event.clone());
+            self.pending.push_back(Relayed::Event {
+                node: relayed.node.clone(),
+                payload: relayed.payload.clone(),
+            });
         }
+    }
+}
+
+impl RemoteEvents for Remote {
+    fn next(&mut self) -> BoxFuture<'_, Option<Relayed>> {
+        Box::pin(Remote::next(self))
     }
 }
 
