@@ -1,13 +1,13 @@
 //! Cluster mode: rooms that span several chatd nodes, through NATS.
 //!
 //! This module owns the NATS connection and is the only code that talks to
-//! NATS. It is the NATS implementation of [`ClusterState`]: the hub stays
+//! NATS. It is the NATS implementation of [`ClusterState`](crate::cluster_state::ClusterState): the hub stays
 //! the single-node hub and asks the [`Link`] what it asks
 //! [`SingleNode`](crate::cluster_state::SingleNode) on one node. It hands this module every batch published in a room and
-//! every room notice ([`ClusterState::offer`], a `try_send` on a bounded
+//! every room notice ([`ClusterState::offer`](crate::cluster_state::ClusterState::offer), a `try_send` on a bounded
 //! channel: the hot path never waits on the network), and says when a room
 //! gains its first or loses its last local member
-//! ([`ClusterState::interest_changed`]). One task, the node's cluster task,
+//! ([`ClusterState::interest_changed`](crate::cluster_state::ClusterState::interest_changed)). One task, the node's cluster task,
 //! then:
 //!
 //! - publishes each batch once to `NAME.room.ROOM.chat` (a room notice to
@@ -31,14 +31,14 @@
 //! `NAME.admin.OP` (through the [`AdminHandler`] the wiring gives
 //! [`start`]), and the node an
 //! operator talks to scatters a request there and gathers the answers until
-//! a deadline ([`ADMIN_DEADLINE`]), so a dead node makes a call slower, never
+//! a deadline ([`ADMIN_DEADLINE`](crate::cluster_state::ADMIN_DEADLINE)), so a dead node makes a call slower, never
 //! hang, and the reply names the nodes that answered. Nodes say they are
 //! there on `NAME.nodes` (presence), so a gather can stop once every live
 //! node answered and name the live ones that did not.
 //!
 //! Nicks are unique cluster-wide through a JetStream key-value bucket
 //! ([`nicks`]): `/nick` asks the nick task through
-//! [`ClusterState::claim_nick`] and the client's connection waits for the
+//! [`ClusterState::claim_nick`](crate::cluster_state::ClusterState::claim_nick) and the client's connection waits for the
 //! answer without blocking anything else.
 //!
 //! Who is where on the other nodes ([`members`]) makes `/who`, `/rooms`,

@@ -49,10 +49,10 @@ pub enum ClusterError {
     },
 }
 
-/// A NATS connection made for [`start`], before this node serves anyone
+/// A NATS connection made for [`start`](super::start), before this node serves anyone
 /// through it. Made apart so that a new process taking over from a running
 /// one (seamless upgrade) connects while the clients are still served; only
-/// [`start`] subscribes and publishes.
+/// [`start`](super::start) subscribes and publishes.
 pub struct Connected {
     pub(super) client: async_nats::Client,
     pub(super) connected: bool,

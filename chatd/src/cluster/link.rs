@@ -221,7 +221,7 @@ impl ClusterState for Link {
 
     /// Numbered and queued for the other nodes' tables ([`members`]);
     /// called under the hub's `state` lock, so that numbers follow the
-    /// order of changes and a snapshot ([`Hub::member_snapshot`]) holds
+    /// order of changes and a snapshot ([`Hub::member_snapshot`](crate::hub::Hub::member_snapshot)) holds
     /// exactly the changes up to its number. A change dropped on a full
     /// queue makes the others ask for a snapshot.
     fn member_set(&self, id: ClientId, nick: &str, room: &str) {

@@ -1,7 +1,7 @@
 //! Cluster-wide nicks: a nick belongs to whoever created its key first in
 //! the JetStream key-value bucket `NAME_nicks`.
 //!
-//! The key is the nick's [`protocol::fold`] (so `Alice`, `alice` and
+//! The key is the nick's [`crate::protocol::fold`] (so `Alice`, `alice` and
 //! `a1ice` are one key, as on one node); the value says who holds it
 //! (`NODE CLIENT NICK`). A claim is a KV *create*, which NATS grants to
 //! exactly one of any number of concurrent callers; the others read "taken".
