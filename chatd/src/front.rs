@@ -32,9 +32,9 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
-use crate::connection;
+use crate::connection::{self, Chat};
 use crate::handoff::{Arrival, Export, Outcome, WaitingState};
-use crate::hub::{Hub, Refusal, Seat};
+use crate::hub::{Refusal, Seat};
 use crate::proxy;
 use crate::tls::{self, Certs};
 
@@ -63,10 +63,11 @@ pub fn serve(
     stream: TcpStream,
     peer: SocketAddr,
     door: Door,
-    hub: Hub,
+    chat: Chat,
     arrival: Arrival,
     seat: Seat,
 ) -> impl Future<Output = ()> + Send {
+    let hub = &chat.hub;
     // A dual-stack listener reports IPv4 clients as `::ffff:a.b.c.d`; bans,
     // limits and proxies are written with the IPv4 address.
     let peer = SocketAddr::new(peer.ip().to_canonical(), peer.port());
@@ -78,7 +79,7 @@ pub fn serve(
         .any(|net| net.contains(&peer.ip()));
     match door {
         Door::Plain if !trusted => Either::Left(connection::serve_on(
-            stream, peer, false, hub, arrival, seat,
+            stream, peer, false, chat, arrival, seat,
         )),
         door => Either::Right(Box::pin(serve_guarded(
             stream,
@@ -91,7 +92,7 @@ pub fn serve(
                 header: Vec::new(),
                 started: Instant::now(),
             },
-            hub,
+            chat,
         ))),
     }
 }
@@ -104,14 +105,14 @@ pub async fn serve_handed(
     state: WaitingState,
     certs: Certs,
     clients: Option<Handle>,
-    hub: Hub,
+    chat: Chat,
     commit: CancellationToken,
 ) {
-    let arrival = Arrival::new(&hub);
+    let arrival = Arrival::new(&chat.gate);
     // Admitted by the previous process: counted, never refused. A trusted
     // proxy's client is counted by its address once its header is read.
     let known = state.proxy_header.is_none().then_some(state.peer.ip());
-    let seat = hub.seat_handed(known);
+    let seat = chat.hub.seat_handed(known);
     commit.cancelled().await;
     let stream = match TcpStream::from_std(stream) {
         Ok(stream) => stream,
@@ -122,7 +123,7 @@ pub async fn serve_handed(
     };
     debug!(peer = %state.peer, "connection taken over from the previous process's front door");
     let Some(header) = state.proxy_header else {
-        return connection::serve_on(stream, state.peer, false, hub, arrival, seat).await;
+        return connection::serve_on(stream, state.peer, false, chat, arrival, seat).await;
     };
     let now = Instant::now();
     let started = now
@@ -141,7 +142,7 @@ pub async fn serve_handed(
         header,
         started,
     };
-    serve_guarded(stream, state.peer, guarded, hub).await;
+    serve_guarded(stream, state.peer, guarded, chat).await;
 }
 
 /// What [`serve_guarded`] goes on from.
@@ -157,7 +158,8 @@ struct Guarded {
 }
 
 /// [`serve`] for a client from a trusted proxy or on a TLS listener.
-async fn serve_guarded(mut stream: TcpStream, peer: SocketAddr, guarded: Guarded, hub: Hub) {
+async fn serve_guarded(mut stream: TcpStream, peer: SocketAddr, guarded: Guarded, chat: Chat) {
+    let (hub, gate) = (&chat.hub, &chat.gate);
     let Guarded {
         trusted,
         door,
@@ -169,7 +171,6 @@ async fn serve_guarded(mut stream: TcpStream, peer: SocketAddr, guarded: Guarded
     let deadline = hub.config().limits.handshake_timeout;
     let client = if trusted {
         let read = loop {
-            let gate = hub.handoff();
             tokio::select! {
                 read = tokio::time::timeout_at(started + deadline, proxy::read(&mut stream, &mut header)) => break read,
                 () = gate.frozen(), if arrival.counted() => {}
@@ -219,12 +220,12 @@ async fn serve_guarded(mut stream: TcpStream, peer: SocketAddr, guarded: Guarded
         peer
     };
     match door {
-        Door::Plain => connection::serve_on(stream, client, false, hub, arrival, seat).await,
+        Door::Plain => connection::serve_on(stream, client, false, chat, arrival, seat).await,
         Door::Tls(certs, clients) => {
             // A handshake that began cannot be handed over.
             arrival.leave();
             let left = deadline.saturating_sub(started.elapsed());
-            tls::serve(stream, client, certs, clients, hub, left, seat).await;
+            tls::serve(stream, client, certs, clients, chat, left, seat).await;
         }
     }
 }

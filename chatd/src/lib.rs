@@ -47,6 +47,7 @@ pub mod cluster;
 pub mod cluster_seq;
 pub mod cluster_state;
 pub mod connection;
+pub mod control;
 pub mod front;
 pub mod handoff;
 pub mod hub;

@@ -271,15 +271,15 @@ async fn serve(
         );
     }
     let upgrader = chatd::handoff::Upgrader::new(
-        restart.exe,
-        restart.args,
+        (restart.exe, restart.args),
         state_dir,
         copies,
         daemon.generated_admin_token(),
         cluster.as_ref().map(chatd::cluster::Cluster::receipts),
+        daemon.gate().clone(),
         shutdown.clone(),
     );
-    daemon.hub().handoff().set_upgrader(upgrader);
+    daemon.set_upgrader(upgrader.clone());
     let addrs = describe(&listeners, metrics.as_ref())?;
     for (what, given) in from_systemd {
         if given {
@@ -301,6 +301,7 @@ async fn serve(
         shutdown.clone(),
         daemon.reloader(),
         daemon.hub().clone(),
+        upgrader.clone(),
     ));
     if let Some(listener) = metrics {
         tokio::spawn(chatd::metrics::serve(
@@ -312,12 +313,17 @@ async fn serve(
     }
     // Every listener is bound: connections queue in the backlog from here.
     chatd::notify::ready();
-    let notifier = tokio::spawn(chatd::notify::run(daemon.hub().clone(), shutdown.clone()));
-    let hub = daemon.hub().clone();
+    let gate = daemon.gate().clone();
+    let handed_over = move || gate.committed();
+    let notifier = tokio::spawn(chatd::notify::run(
+        daemon.hub().clone(),
+        handed_over.clone(),
+        shutdown.clone(),
+    ));
     daemon.run(listeners, shutdown).await;
     let _ = notifier.await;
     telemetry.shutdown().await;
-    if hub.handoff().committed() {
+    if handed_over() {
         info!("stopped: the new process serves everyone");
     } else {
         info!("stopped");
@@ -476,6 +482,7 @@ async fn signals(
     shutdown: CancellationToken,
     reloader: Reloader,
     hub: chatd::hub::Hub,
+    upgrader: chatd::handoff::Upgrader,
 ) {
     let Some(Handlers {
         mut int,
@@ -493,7 +500,7 @@ async fn signals(
             _ = term.recv() => break,
             _ = hup.recv() => reload(&reloader).await,
             _ = usr2.recv() => {
-                tokio::spawn(upgrade(hub.clone()));
+                tokio::spawn(upgrade(upgrader.clone(), hub.clone()));
             }
             () = shutdown.cancelled() => return,
         }
@@ -509,10 +516,7 @@ async fn signals(
 }
 
 /// SIGUSR2: the same as the admin API's `Upgrade`; the outcome is logged.
-async fn upgrade(hub: chatd::hub::Hub) {
-    let Some(upgrader) = hub.handoff().upgrader().cloned() else {
-        return;
-    };
+async fn upgrade(upgrader: chatd::handoff::Upgrader, hub: chatd::hub::Hub) {
     info!("SIGUSR2: upgrading");
     if let Err(e) = upgrader.upgrade(&hub).await {
         error!(error = %e, "SIGUSR2: upgrade failed; this process serves on");

@@ -65,7 +65,7 @@ pub fn status(text: &str) {
 /// hub's state lock (through [`Hub::snapshot`]); only when it comes back is
 /// `WATCHDOG=1` sent. A deadlocked hub or a starved runtime therefore stops
 /// the pings, and systemd restarts the daemon.
-pub async fn run(hub: Hub, shutdown: CancellationToken) {
+pub async fn run(hub: Hub, handed_over: impl Fn() -> bool, shutdown: CancellationToken) {
     if !enabled() {
         return;
     }
@@ -110,7 +110,7 @@ pub async fn run(hub: Hub, shutdown: CancellationToken) {
     }
     // After a seamless upgrade the new process is the service: saying
     // STOPPING now would stop it.
-    if !hub.handoff().committed() {
+    if !handed_over() {
         stopping();
     }
 }

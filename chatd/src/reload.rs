@@ -15,36 +15,12 @@
 use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
 
+use crate::admin::control::{CertReport, ReloadReport};
 use crate::bans::BanError;
 use crate::config::{Config, ConfigError, RawConfig, Source, UdpConfig};
 use crate::hub::Hub;
 use crate::telemetry::LogLevel;
 use crate::tls::{self, Certs, TlsError};
-
-/// What a reload did.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ReloadReport {
-    /// The file read; `built-in defaults` when there is none.
-    pub config_path: String,
-    /// Keys (`limits.max_clients`) whose new value is in effect now.
-    pub applied: Vec<String>,
-    /// Keys that differ from the running values until a restart.
-    pub restart_required: Vec<String>,
-    /// The chat certificate served from now on, when TLS is configured.
-    pub certificate: Option<CertReport>,
-}
-
-/// The certificate a reload left in place, and whether it is a new one (a
-/// renewal written over the same files changes no key).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct CertReport {
-    pub subject: String,
-    /// When it expires, e.g. `2027-03-01T12:00:00Z`, and as Unix seconds.
-    pub expires: String,
-    pub not_after: i64,
-    pub serial: String,
-    pub changed: bool,
-}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ReloadError {

@@ -22,9 +22,12 @@ use crate::admin::{self, AdminSetup, SetupError};
 use crate::bans::{BanError, Bans};
 use crate::clients::ClientThread;
 use crate::cluster;
-use crate::cluster_state::{AdminBus, BoxFuture, Pause};
+use crate::cluster_state::AdminBus;
 use crate::config::{Config, Source};
+use crate::connection::Chat;
+use crate::control::Controls;
 use crate::front::{self, Door};
+use crate::handoff::Gate;
 use crate::hub::{Hub, Refusal};
 use crate::listen::{AdminListeners, BindError, Listeners, bind_tcp};
 use crate::rate_log::RateLimitedLog;
@@ -238,7 +241,13 @@ pub enum StartError {
 #[derive(Debug)]
 pub struct Daemon {
     hub: Hub,
-    reloader: Reloader,
+    /// The upgrade's freeze, handed to every task that owns a socket.
+    gate: Arc<Gate>,
+    /// After an upgrade in cluster mode: the previous process's receiving
+    /// positions, until the cluster starts with them.
+    inherited: Vec<crate::cluster_seq::StreamReceipts>,
+    /// Reload and upgrade, for the admin API (and SIGHUP, SIGUSR2).
+    controls: Arc<Controls>,
     admin: Option<AdminSetup>,
     certs: Certs,
     grace: Duration,
@@ -250,26 +259,6 @@ pub struct Daemon {
     clients: Option<ClientThread>,
     /// The admin API's way to the other nodes, in cluster mode.
     admin_bus: Option<Arc<dyn AdminBus>>,
-}
-
-/// The upgrade's freeze as the cluster waits it out: the hub's gate.
-#[derive(Debug, Clone)]
-struct GatePause(Hub);
-
-impl Pause for GatePause {
-    fn is_frozen(&self) -> bool {
-        self.0.handoff().is_frozen()
-    }
-
-    fn settled(&self) -> BoxFuture<'_, bool> {
-        Box::pin(
-            async move { self.0.handoff().settled().await == crate::handoff::Outcome::Committed },
-        )
-    }
-
-    fn committed(&self) -> bool {
-        self.0.handoff().committed()
-    }
 }
 
 /// How long the admin API may take to finish its last calls at exit.
@@ -315,10 +304,18 @@ impl Daemon {
             _ => Some(ClientThread::start().map_err(StartError::Clients)?),
         };
         let hub = Hub::with_bans(config, bans);
-        let reloader = Reloader::new(source, hub.clone(), log, certs.clone());
+        let gate = Arc::new(Gate::new(hub.clone()));
+        let controls = Arc::new(Controls {
+            hub: hub.clone(),
+            gate: gate.clone(),
+            reloader: Reloader::new(source, hub.clone(), log, certs.clone()),
+            upgrader: std::sync::OnceLock::new(),
+        });
         Ok(Daemon {
             hub,
-            reloader,
+            gate,
+            inherited: Vec::new(),
+            controls,
             admin,
             certs,
             grace,
@@ -343,7 +340,10 @@ impl Daemon {
     /// the runtime.
     pub fn adopt(&mut self, received: crate::handoff::Received<'_>) {
         let clients = match received {
-            crate::handoff::Received::State(state) => return self.hub.restore(state),
+            crate::handoff::Received::State(state) => {
+                self.inherited = state.cluster_receipts.clone();
+                return self.hub.restore(state);
+            }
             crate::handoff::Received::NextId(next) => return self.hub.restore_next_id(next),
             crate::handoff::Received::Gone(gone) => {
                 let (hub, commit) = (self.hub.clone(), self.commit.clone());
@@ -368,7 +368,7 @@ impl Daemon {
                         state,
                         self.certs.clone(),
                         clients.clone(),
-                        self.hub.clone(),
+                        self.chat(),
                         self.commit.clone(),
                     );
                     if tls {
@@ -392,7 +392,7 @@ impl Daemon {
                 client,
                 room,
                 state,
-                self.hub.clone(),
+                self.chat(),
                 self.commit.clone(),
             ));
         }
@@ -414,12 +414,12 @@ impl Daemon {
     /// What the cluster is given of this daemon: the admin API's answers
     /// and event encoding, the upgrade's freeze, and the receiving
     /// positions the previous process handed over.
-    pub fn cluster_seams(&self) -> cluster::Seams {
+    pub fn cluster_seams(&mut self) -> cluster::Seams {
         cluster::Seams {
             admin: Arc::new(admin::RemoteAnswers::new(self.hub.clone())),
             codec: Arc::new(admin::EventCodec),
-            pause: Arc::new(GatePause(self.hub.clone())),
-            inherited: self.hub.handoff().take_inherited(),
+            pause: self.gate.clone(),
+            inherited: std::mem::take(&mut self.inherited),
         }
     }
 
@@ -428,9 +428,26 @@ impl Daemon {
         self.admin_bus = Some(bus);
     }
 
+    /// The upgrade's freeze of this daemon's sockets.
+    pub fn gate(&self) -> &Arc<Gate> {
+        &self.gate
+    }
+
+    fn chat(&self) -> Chat {
+        Chat {
+            hub: self.hub.clone(),
+            gate: self.gate.clone(),
+        }
+    }
+
     /// For SIGHUP.
     pub fn reloader(&self) -> Reloader {
-        self.reloader.clone()
+        self.controls.reloader.clone()
+    }
+
+    /// Makes upgrades available to the admin API's `Upgrade`.
+    pub fn set_upgrader(&self, upgrader: crate::handoff::Upgrader) {
+        let _ = self.controls.upgrader.set(upgrader);
     }
 
     /// Where the generated admin token was written (once per admin
@@ -456,7 +473,7 @@ impl Daemon {
                 listeners.admin,
                 setup,
                 self.hub.clone(),
-                self.reloader.clone(),
+                self.controls.clone(),
                 self.admin_bus.clone(),
                 shutdown.clone(),
                 admin_stop.clone(),
@@ -473,8 +490,12 @@ impl Daemon {
         self.commit.cancel();
         self.adopted.close();
         let clients = self.clients.as_ref().map(|c| c.handle().clone());
-        let hub = self.hub.clone();
-        serve(chat, self.hub, self.certs, clients, shutdown, self.grace).await;
+        let gate = self.gate.clone();
+        let served = Chat {
+            hub: self.hub,
+            gate: self.gate,
+        };
+        serve(chat, served, self.certs, clients, shutdown, self.grace).await;
         // `serve` closed the hub: adopted clients are leaving like the others.
         let _ = tokio::time::timeout(self.grace, self.adopted.wait()).await;
         admin_stop.cancel();
@@ -485,7 +506,7 @@ impl Daemon {
         {
             warn!("the admin API did not stop in time");
         }
-        admin::remove_token_files(&token_files, &hub);
+        admin::remove_token_files(&token_files, gate.committed());
     }
 }
 
@@ -495,15 +516,21 @@ impl Daemon {
 /// if clients have one.
 pub async fn serve(
     listeners: Listeners,
-    hub: Hub,
+    chat: Chat,
     certs: Certs,
     clients: Option<Handle>,
     shutdown: CancellationToken,
     grace: Duration,
 ) {
+    let Chat { hub, gate } = chat;
     let tracker = TaskTracker::new();
     for udp in listeners.udp {
-        tracker.spawn(udp_echo::run(udp, hub.clone(), shutdown.clone()));
+        tracker.spawn(udp_echo::run(
+            udp,
+            hub.clone(),
+            gate.clone(),
+            shutdown.clone(),
+        ));
     }
     tracker.spawn(reap(hub.clone(), shutdown.clone()));
     tracker.spawn(crate::stall::watch(shutdown.clone()));
@@ -517,6 +544,7 @@ pub async fn serve(
     let spare = Spare::open();
     let shared = Doors {
         hub: &hub,
+        gate: &gate,
         tracker: &tracker,
         clients: clients.as_ref(),
         spare: &spare,
@@ -545,6 +573,7 @@ pub async fn serve(
 /// What every accept loop shares.
 struct Doors<'a> {
     hub: &'a Hub,
+    gate: &'a Arc<Gate>,
     tracker: &'a TaskTracker,
     clients: Option<&'a Handle>,
     spare: &'a Spare,
@@ -556,11 +585,11 @@ async fn accept_loop(
     doors: &Doors<'_>,
     shutdown: &CancellationToken,
 ) {
-    let hub = doors.hub;
+    let (hub, gate) = (doors.hub, doors.gate);
     let mut backoff = Backoff::default();
     let out_of_files = OutOfFiles::default();
     // Open for an upgrade's freeze to wait for (see `handoff::gate`).
-    let _open = OpenDoor::new(hub);
+    let _open = OpenDoor::new(gate);
     loop {
         let accepted = tokio::select! {
             // A freeze before an accept: a loop that starts (or resumes)
@@ -570,10 +599,10 @@ async fn accept_loop(
             // A seamless upgrade: new connections wait in the backlog for
             // whichever process serves next. The freeze waits for this
             // loop to stop: every connection it took is counted by then.
-            () = hub.handoff().frozen() => {
-                hub.handoff().door_closed();
-                let outcome = hub.handoff().settled().await;
-                hub.handoff().door_opened();
+            () = gate.frozen() => {
+                gate.door_closed();
+                let outcome = gate.settled().await;
+                gate.door_opened();
                 match outcome {
                     crate::handoff::Outcome::Resumed => continue,
                     crate::handoff::Outcome::Committed => return,
@@ -626,7 +655,7 @@ fn admit(stream: TcpStream, peer: SocketAddr, door: &Door, doors: &Doors<'_>) {
         }
     };
     tune(&stream, hub);
-    let arrival = crate::handoff::Arrival::new(hub);
+    let arrival = crate::handoff::Arrival::new(doors.gate);
     // A TLS client is handed to the client thread by `tls`, once its
     // handshake is done.
     let clients = doors.clients.filter(|_| matches!(door, Door::Plain));
@@ -635,7 +664,10 @@ fn admit(stream: TcpStream, peer: SocketAddr, door: &Door, doors: &Doors<'_>) {
             stream,
             peer,
             door.clone(),
-            hub.clone(),
+            Chat {
+                hub: hub.clone(),
+                gate: doors.gate.clone(),
+            },
             arrival,
             seat,
         ));
@@ -650,11 +682,13 @@ fn admit(stream: TcpStream, peer: SocketAddr, door: &Door, doors: &Doors<'_>) {
             return;
         }
     };
-    let (door, hub) = (door.clone(), hub.clone());
+    let (door, hub, gate) = (door.clone(), hub.clone(), doors.gate.clone());
     doors.tracker.spawn_on(
         async move {
             match TcpStream::from_std(stream) {
-                Ok(stream) => front::serve(stream, peer, door, hub, arrival, seat).await,
+                Ok(stream) => {
+                    front::serve(stream, peer, door, Chat { hub, gate }, arrival, seat).await
+                }
                 Err(e) => {
                     warn!(%peer, error = %e, "cannot serve a connection on the client thread");
                 }
@@ -737,18 +771,18 @@ fn is_out_of_files(e: &io::Error) -> bool {
 }
 
 /// An accept loop counted as open by the upgrade's gate while it lives.
-struct OpenDoor<'a>(&'a Hub);
+struct OpenDoor<'a>(&'a Gate);
 
 impl<'a> OpenDoor<'a> {
-    fn new(hub: &'a Hub) -> OpenDoor<'a> {
-        hub.handoff().door_opened();
-        OpenDoor(hub)
+    fn new(gate: &'a Gate) -> OpenDoor<'a> {
+        gate.door_opened();
+        OpenDoor(gate)
     }
 }
 
 impl Drop for OpenDoor<'_> {
     fn drop(&mut self) {
-        self.0.handoff().door_closed();
+        self.0.door_closed();
     }
 }
 

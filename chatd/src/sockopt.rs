@@ -35,6 +35,16 @@ pub fn set_recv_low_water(socket: &impl AsRawFd, bytes: usize) -> io::Result<()>
     }
 }
 
+/// Bounds the bytes a chat socket holds unsent to
+/// [`crate::outbox::UNSENT_LIMIT`] (`TCP_NOTSENT_LOWAT`): what it takes
+/// then shows what the client reads. Also for a socket taken over from a
+/// process that did not set it.
+pub fn bound_unsent(stream: &TcpStream) {
+    if let Err(e) = SockRef::from(stream).set_tcp_notsent_lowat(crate::outbox::UNSENT_LIMIT) {
+        warn!(error = %e, "cannot bound the unsent bytes of a chat socket");
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -71,15 +81,5 @@ mod tests {
         let mut buf = [0u8; 16];
         let n = server.read(&mut buf).expect("read");
         assert_eq!(&buf[..n], b"hello\n");
-    }
-}
-
-/// Bounds the bytes a chat socket holds unsent to
-/// [`crate::outbox::UNSENT_LIMIT`] (`TCP_NOTSENT_LOWAT`): what it takes
-/// then shows what the client reads. Also for a socket taken over from a
-/// process that did not set it.
-pub fn bound_unsent(stream: &TcpStream) {
-    if let Err(e) = SockRef::from(stream).set_tcp_notsent_lowat(crate::outbox::UNSENT_LIMIT) {
-        warn!(error = %e, "cannot bound the unsent bytes of a chat socket");
     }
 }

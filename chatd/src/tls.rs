@@ -27,9 +27,9 @@ use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
 use crate::config::TlsFiles;
-use crate::connection;
+use crate::connection::{self, Chat};
 use crate::handoff::Arrival;
-use crate::hub::{Hub, Refusal, Seat, TLS_PUMP_FILES, server_line};
+use crate::hub::{Refusal, Seat, TLS_PUMP_FILES, server_line};
 
 /// Plaintext bytes the pump holds per direction.
 const PUMP_BUF: usize = 16 * 1024;
@@ -211,7 +211,7 @@ pub async fn serve(
     peer: SocketAddr,
     certs: Certs,
     clients: Option<Handle>,
-    hub: Hub,
+    chat: Chat,
     deadline: Duration,
     mut seat: Seat,
 ) {
@@ -260,8 +260,8 @@ pub async fn serve(
     let done = CancellationToken::new();
     let chat = async {
         match clients {
-            None => connection::serve_on(ours, peer, true, hub, Arrival::none(), seat).await,
-            Some(clients) => serve_on_client_thread(ours, peer, hub, &clients, seat).await,
+            None => connection::serve_on(ours, peer, true, chat, Arrival::none(), seat).await,
+            Some(clients) => serve_on_client_thread(ours, peer, chat, &clients, seat).await,
         }
         done.cancel();
     };
@@ -310,7 +310,7 @@ async fn plain_text(mut stream: TcpStream, peer: SocketAddr) {
 async fn serve_on_client_thread(
     ours: UnixStream,
     peer: SocketAddr,
-    hub: Hub,
+    chat: Chat,
     clients: &Handle,
     seat: Seat,
 ) {
@@ -323,7 +323,7 @@ async fn serve_on_client_thread(
     };
     let chat = clients.spawn(async move {
         match UnixStream::from_std(ours) {
-            Ok(ours) => connection::serve_on(ours, peer, true, hub, Arrival::none(), seat).await,
+            Ok(ours) => connection::serve_on(ours, peer, true, chat, Arrival::none(), seat).await,
             Err(e) => {
                 tracing::warn!(%peer, error = %e, "cannot serve a TLS connection on the client thread");
             }

@@ -16,6 +16,9 @@ use tokio::net::UdpSocket;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
+use std::sync::Arc;
+
+use crate::handoff::Gate;
 use crate::hub::Hub;
 use crate::rate::TokenBucket;
 
@@ -23,7 +26,7 @@ use crate::rate::TokenBucket;
 /// refilled are forgotten; if none has, new sources are not answered.
 const MAX_SOURCES: usize = 65_536;
 
-pub async fn run(socket: UdpSocket, hub: Hub, shutdown: CancellationToken) {
+pub async fn run(socket: UdpSocket, hub: Hub, gate: Arc<Gate>, shutdown: CancellationToken) {
     // One buffer for the life of the port, large enough for any datagram so
     // an oversized one is seen as such rather than silently truncated.
     let mut buf = vec![0u8; 65_536];
@@ -34,7 +37,7 @@ pub async fn run(socket: UdpSocket, hub: Hub, shutdown: CancellationToken) {
             () = shutdown.cancelled() => return,
             // A seamless upgrade: datagrams wait in the socket for
             // whichever process serves next.
-            () = hub.handoff().frozen() => match hub.handoff().settled().await {
+            () = gate.frozen() => match gate.settled().await {
                 crate::handoff::Outcome::Resumed => continue,
                 crate::handoff::Outcome::Committed => return,
             },

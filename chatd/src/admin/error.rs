@@ -2,9 +2,9 @@
 
 use tonic::Status;
 
+use super::control::ControlError;
 use crate::bans::BanError;
 use crate::hub::HubError;
-use crate::reload::ReloadError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AdminError {
@@ -13,9 +13,7 @@ pub enum AdminError {
     #[error(transparent)]
     Ban(#[from] BanError),
     #[error(transparent)]
-    Reload(#[from] ReloadError),
-    #[error(transparent)]
-    Upgrade(#[from] crate::handoff::UpgradeError),
+    Control(#[from] ControlError),
     /// A client addressed on a node, on a chatd that is not in a cluster.
     #[error("no node {0:?}: this chatd is not part of a cluster; name the client without a node")]
     NoSuchNode(String),
@@ -42,7 +40,7 @@ impl From<AdminError> for Status {
             | AdminError::Ban(BanError::NotFound(_)) => Status::not_found(message),
             AdminError::Hub(HubError::Invalid(_))
             | AdminError::Ban(BanError::BadTarget(_) | BanError::AlreadyExpired)
-            | AdminError::Reload(_)
+            | AdminError::Control(ControlError::Config(_))
             | AdminError::BadRequest(_) => Status::invalid_argument(message),
             AdminError::Ban(
                 BanError::Read { .. }
@@ -51,9 +49,10 @@ impl From<AdminError> for Status {
                 | BanError::UnsafeDir { .. },
             )
             | AdminError::Internal(_) => Status::internal(message),
-            AdminError::Upgrade(crate::handoff::UpgradeError::Busy)
-            | AdminError::UpgradeRunning(_) => Status::aborted(message),
-            AdminError::Upgrade(_) => Status::failed_precondition(message),
+            AdminError::Control(ControlError::Busy(_)) | AdminError::UpgradeRunning(_) => {
+                Status::aborted(message)
+            }
+            AdminError::Control(ControlError::Upgrade(_)) => Status::failed_precondition(message),
         }
     }
 }

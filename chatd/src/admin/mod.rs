@@ -19,6 +19,7 @@
 
 mod auth;
 mod conn;
+pub mod control;
 mod convert;
 mod error;
 mod observe;
@@ -36,6 +37,7 @@ use tonic_health::ServingStatus;
 use tracing::{error, info, warn};
 
 pub use auth::{AuthLayer, Caller, Tokens};
+pub use control::Control;
 pub use error::AdminError;
 pub use remote::{EventCodec, RemoteAnswers};
 use service::AdminService;
@@ -46,7 +48,6 @@ use crate::config::{AdminConfig, Role, TokenConfig};
 use crate::files;
 use crate::hub::Hub;
 use crate::listen::AdminListeners;
-use crate::reload::Reloader;
 
 /// Why the admin API cannot start.
 #[derive(Debug, thiserror::Error)]
@@ -260,7 +261,7 @@ pub async fn serve(
     listeners: AdminListeners,
     setup: AdminSetup,
     hub: Hub,
-    reloader: Reloader,
+    control: Arc<dyn Control>,
     bus: Option<Arc<dyn AdminBus>>,
     shutdown: CancellationToken,
     stop: CancellationToken,
@@ -280,8 +281,8 @@ pub async fn serve(
         .build_v1alpha()
         .inspect_err(|e| error!(error = %e, "server reflection (v1alpha) is off"))
         .ok();
-    let hub_for_socket = hub.clone();
-    let admin = AdminServer::new(AdminService::new(hub, reloader, bus, shutdown.clone()));
+    let handed_over = control.clone();
+    let admin = AdminServer::new(AdminService::new(hub, control, bus, shutdown.clone()));
     let limits = setup.limits;
     let router = |server: Server| {
         server
@@ -314,7 +315,7 @@ pub async fn serve(
             error!(error = %error_chain(&e), "admin API (UNIX socket) failed");
         }
         // After a seamless upgrade the new process serves this socket.
-        if hub_for_socket.handoff().committed() {
+        if handed_over.handed_over() {
             return;
         }
         if let Err(e) = std::fs::remove_file(&path) {
@@ -337,8 +338,8 @@ pub async fn serve(
 
 /// Removes the generated token files once nothing serves their addresses,
 /// unless a new process took over (it keeps the token and its files).
-pub fn remove_token_files(files: &[PathBuf], hub: &Hub) {
-    if hub.handoff().committed() {
+pub fn remove_token_files(files: &[PathBuf], handed_over: bool) {
+    if handed_over {
         return;
     }
     for path in files {

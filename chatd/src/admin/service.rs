@@ -17,20 +17,20 @@ use tonic::{Request, Response, Status};
 use tracing::{info, warn};
 
 use super::auth::Caller;
+use super::control::Control;
 use super::convert;
 use super::error::AdminError;
 use crate::bans::{self, Ban};
 use crate::cluster_state::ADMIN_DEADLINE;
 use crate::cluster_state::{AdminBus, Answer, Gathered, RemoteEvents};
 use crate::hub::{Hub, HubError, Target};
-use crate::reload::Reloader;
 
 /// Longest broadcast text accepted, in bytes: one server line to everyone.
 pub const MAX_BROADCAST_BYTES: usize = 1024;
 
 pub struct AdminService {
     hub: Hub,
-    reloader: Reloader,
+    control: Arc<dyn Control>,
     /// The way to the other nodes' admin; `None` on one node, where admin
     /// calls answer for this node alone.
     bus: Option<Arc<dyn AdminBus>>,
@@ -41,13 +41,13 @@ pub struct AdminService {
 impl AdminService {
     pub fn new(
         hub: Hub,
-        reloader: Reloader,
+        control: Arc<dyn Control>,
         bus: Option<Arc<dyn AdminBus>>,
         shutdown: CancellationToken,
     ) -> AdminService {
         AdminService {
             hub,
-            reloader,
+            control,
             bus,
             shutdown,
         }
@@ -850,8 +850,8 @@ impl Admin for AdminService {
 
     async fn reload(&self, request: Request<pb::ReloadRequest>) -> Reply<pb::ReloadResponse> {
         let by = who(&request);
-        let reloader = self.reloader.clone();
-        let report = blocking(move || reloader.reload().map_err(AdminError::from)).await;
+        let control = self.control.clone();
+        let report = blocking(move || control.reload().map_err(AdminError::from)).await;
         let report = match report {
             Ok(report) => report,
             Err(e) => {
@@ -876,25 +876,17 @@ impl Admin for AdminService {
 
     async fn upgrade(&self, request: Request<pb::UpgradeRequest>) -> Reply<pb::UpgradeResponse> {
         let by = who(&request);
-        let upgrader = self
-            .hub
-            .handoff()
-            .upgrader()
-            .cloned()
-            .ok_or(AdminError::Upgrade(
-                crate::handoff::UpgradeError::Unavailable,
-            ))?;
         info!(by, "admin: upgrade");
         let wait = caller_deadline(request.metadata());
         let started = std::time::Instant::now();
-        let running = upgrader.start(&self.hub).map_err(AdminError::from)?;
+        let running = self.control.upgrade().map_err(AdminError::from)?;
         // The upgrade runs in its own task: this call only waits for it,
         // and answers before the caller gives up.
         let done = match wait {
-            Some(wait) => tokio::time::timeout(wait, running.outcome())
+            Some(wait) => tokio::time::timeout(wait, running)
                 .await
                 .map_err(|_| AdminError::UpgradeRunning(started.elapsed().as_millis() as u64))?,
-            None => running.outcome().await,
+            None => running.await,
         }
         .map_err(AdminError::from)?;
         Ok(Response::new(pb::UpgradeResponse {
@@ -911,13 +903,38 @@ mod tests {
     use futures_util::StreamExt;
 
     use super::*;
-    use crate::config::{RawConfig, Source};
+    use crate::admin::control::{ControlError, ReloadReport, UpgradeReport};
+    use crate::config::RawConfig;
+
+    /// A process that can neither reload nor upgrade: these tests ask for
+    /// neither.
+    #[derive(Debug)]
+    struct Fixed;
+
+    impl Control for Fixed {
+        fn reload(&self) -> Result<ReloadReport, ControlError> {
+            Err(ControlError::Config("no reload here".into()))
+        }
+
+        fn upgrade(
+            &self,
+        ) -> Result<
+            crate::cluster_state::BoxFuture<'static, Result<UpgradeReport, ControlError>>,
+            ControlError,
+        > {
+            Err(ControlError::Upgrade("no upgrade here".into()))
+        }
+
+        fn handed_over(&self) -> bool {
+            false
+        }
+    }
 
     fn service() -> (Hub, AdminService) {
         let config = RawConfig::default().validate().expect("defaults validate");
         let hub = Hub::new(config);
-        let reloader = Reloader::new(Source::Default, hub.clone(), None, Default::default());
-        let service = AdminService::new(hub.clone(), reloader, None, CancellationToken::new());
+        let service =
+            AdminService::new(hub.clone(), Arc::new(Fixed), None, CancellationToken::new());
         (hub, service)
     }
 

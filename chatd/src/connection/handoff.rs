@@ -15,10 +15,11 @@ use tracing::{Instrument, debug, info, info_span};
 use super::flood::Flood;
 use super::session::Session;
 use super::wire::{Socket, Wire};
-use super::{CLOSE_FLUSH, Connection, linger};
+use super::{CLOSE_FLUSH, Chat, Connection, linger};
 use crate::disconnect::Disconnect;
 use crate::framing::LineFramer;
-use crate::hub::{Client, Hub, Room, server_line};
+use crate::handoff::Gate;
+use crate::hub::{Client, Room, server_line};
 use crate::rate::TokenBucket;
 
 /// What a TLS client reads when the process serving it hands over to a new
@@ -49,9 +50,8 @@ pub(super) async fn wait_out_upgrade<S: Socket>(
     peer: SocketAddr,
     tls: bool,
     counted: bool,
-    hub: &Hub,
+    gate: &Gate,
 ) -> Waited {
-    let gate = hub.handoff();
     if tls || !counted {
         return match gate.settled().await {
             crate::handoff::Outcome::Resumed => Waited::Resumed,
@@ -105,9 +105,10 @@ pub async fn resume(
     client: Arc<Client>,
     room: Arc<Room>,
     state: crate::handoff::ClientState,
-    hub: Hub,
+    chat: Chat,
     commit: CancellationToken,
 ) {
+    let Chat { hub, gate } = chat;
     let span = info_span!("conn", client = client.id, peer = %client.peer, tls = false, nick = %client.nick());
     async move {
         // Registering only tells this process's epoll about the socket: it
@@ -118,6 +119,7 @@ pub async fn resume(
                 commit.cancelled().await;
                 tracing::warn!(error = %e, "could not serve a client taken over from the previous process");
                 hub.leave(&client, &Disconnect::Error);
+                gate.client_left();
                 return;
             }
         };
@@ -146,7 +148,11 @@ pub async fn resume(
             greeted: state.greeted,
             ..Session::new(client, hub, room, nick)
         };
-        let conn = Connection { wire, session };
+        let conn = Connection {
+            wire,
+            session,
+            gate,
+        };
         drop(state);
         commit.cancelled().await;
         debug!("taken over from the previous process");
@@ -162,7 +168,7 @@ impl<S: Socket> Connection<S> {
     /// the upgrade is abandoned, so serving on loses nothing either.
     pub(super) fn export(&mut self) -> crate::handoff::Export {
         use crate::handoff::state::{ClientState, FloodState};
-        let Connection { wire, session } = self;
+        let Connection { wire, session, .. } = self;
         // The socket goes to a process that knows nothing of a raised
         // low-water mark: a line under it would never be reported there.
         wire.grid_read_off();

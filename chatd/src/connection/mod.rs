@@ -45,6 +45,7 @@ use tokio::io::AsyncWriteExt;
 use tracing::{Instrument, debug, info, info_span};
 
 use crate::disconnect::Disconnect;
+use crate::handoff::Gate;
 use crate::hub::{Client, Hub, JoinRequest, Refusal, Room, Seat, server_line};
 use crate::sanitize;
 use read::{AfterRead, WRONG_PROTOCOL};
@@ -93,16 +94,21 @@ pub async fn serve_on<S: Socket>(
     stream: S,
     peer: SocketAddr,
     tls: bool,
-    hub: Hub,
+    chat: Chat,
     mut arrival: crate::handoff::Arrival,
     mut seat: Seat,
 ) {
+    let Chat { hub, gate } = chat;
     let client = loop {
         match hub.register(&mut seat, peer, tls) {
             Ok(client) => break client,
             Err(Refusal::Upgrading) => {
                 let counted = arrival.counted();
-                match Box::pin(handoff::wait_out_upgrade(&stream, peer, tls, counted, &hub)).await {
+                match Box::pin(handoff::wait_out_upgrade(
+                    &stream, peer, tls, counted, &gate,
+                ))
+                .await
+                {
                     handoff::Waited::Resumed => {}
                     handoff::Waited::HandedOver => return,
                     handoff::Waited::Reconnect => {
@@ -135,7 +141,7 @@ pub async fn serve_on<S: Socket>(
                 hub.finish_join(&client, &room)
             }
         };
-        Connection::new(stream, hub, client, room, nick)
+        Connection::new(stream, Chat { hub, gate }, client, room, nick)
             .serve()
             .await;
     }
@@ -196,15 +202,26 @@ async fn linger<S: Socket>(mut stream: S) {
 struct Connection<S> {
     wire: Wire<S>,
     session: Session,
+    /// The upgrade's freeze, looked at before every read.
+    gate: Arc<Gate>,
+}
+
+/// What a connection is served with: the hub it chats in, and the
+/// upgrade's gate it stops at (see `crate::handoff::gate`).
+#[derive(Debug, Clone)]
+pub struct Chat {
+    pub hub: Hub,
+    pub gate: Arc<Gate>,
 }
 
 impl<S: Socket> Connection<S> {
     /// A connection that starts afresh: no line read, a full flood bucket,
     /// nothing owed. Must run inside its `conn` span, which it keeps.
-    fn new(stream: S, hub: Hub, client: Arc<Client>, room: Arc<Room>, nick: Arc<str>) -> Self {
+    fn new(stream: S, chat: Chat, client: Arc<Client>, room: Arc<Room>, nick: Arc<str>) -> Self {
         Connection {
             wire: Wire::new(stream),
-            session: Session::new(client, hub, room, nick),
+            session: Session::new(client, chat.hub, room, nick),
+            gate: chat.gate,
         }
     }
 
@@ -216,8 +233,8 @@ impl<S: Socket> Connection<S> {
             if reason != Disconnect::Handoff {
                 return Box::pin(self.finish(reason)).await;
             }
-            let hub = self.session.hub.clone();
-            let outcome = Box::pin(hub.handoff().park(|| self.export())).await;
+            let gate = self.gate.clone();
+            let outcome = Box::pin(gate.park(|| self.export())).await;
             match outcome {
                 crate::handoff::Outcome::Resumed => {}
                 crate::handoff::Outcome::Committed => return Box::pin(self.handed_over()).await,
@@ -268,7 +285,7 @@ impl<S: Socket> Connection<S> {
         // then reach outboxes that are exported only once everyone has
         // parked); one that takes too long makes the upgrade time out and
         // roll back, never lose those lines.
-        if self.session.hub.handoff().is_frozen() && self.session.waiting.is_none() {
+        if self.gate.is_frozen() && self.session.waiting.is_none() {
             return ControlFlow::Break(Poll::Ready(Disconnect::Handoff));
         }
         let Session {
@@ -338,6 +355,8 @@ impl<S: Socket> Connection<S> {
     async fn finish(mut self, reason: Disconnect) {
         self.session.abandon_waiting();
         self.session.hub.leave(&self.session.client, &reason);
+        // A freeze waiting for every client to park counts again.
+        self.gate.client_left();
         info!(%reason, "disconnected");
         let last = match &reason {
             Disconnect::Closed | Disconnect::Error | Disconnect::SlowConsumer => return,
@@ -358,7 +377,9 @@ impl<S: Socket> Connection<S> {
     /// Writes what the client is still owed plus `last` as a server line,
     /// within [`CLOSE_FLUSH`], then closes gently.
     async fn close_with(self, last: &str) {
-        let Connection { mut wire, session } = self;
+        let Connection {
+            mut wire, session, ..
+        } = self;
         session.client.outbox.take(&mut wire.pending);
         wire.pending.push_back(server_line(last));
         let flushed =

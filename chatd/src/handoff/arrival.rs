@@ -2,20 +2,22 @@
 //! waits for (see [`super::gate`]): each is counted from its accept until
 //! it registers in the hub or gives up.
 
-use crate::hub::Hub;
+use std::sync::Arc;
+
+use super::Gate;
 
 /// A connection in the front door, counted by an upgrade's freeze (see
 /// [`crate::handoff::gate`]) until it registers in the hub or gives up.
 #[derive(Debug)]
-pub struct Arrival(Option<Hub>);
+pub struct Arrival(Option<Arc<Gate>>);
 
 impl Arrival {
     /// Counts one. Made by the accept loop itself, before it looks for a
     /// freeze again, so that a freeze that saw every loop stop has them
     /// all.
-    pub fn new(hub: &Hub) -> Arrival {
-        hub.handoff().arrive();
-        Arrival(Some(hub.clone()))
+    pub fn new(gate: &Arc<Gate>) -> Arrival {
+        gate.arrive();
+        Arrival(Some(gate.clone()))
     }
 
     /// A connection the freeze does not wait for (a TLS client's, whose
@@ -31,8 +33,8 @@ impl Arrival {
     /// Left the front door: registered, refused, or past the point where
     /// it could be handed over.
     pub fn leave(&mut self) {
-        if let Some(hub) = self.0.take() {
-            hub.handoff().arrival_left();
+        if let Some(gate) = self.0.take() {
+            gate.arrival_left();
         }
     }
 }

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 use tracing::info;
 
+use super::Gate;
 use super::{
     CHUNK, COPIES, ClientState, Export, FREEZE_TIMEOUT, Gone, ListenerKind, State, ToNew, ToOld,
     UpgradeError, Upgrader, WaitingState, state, wire,
@@ -83,9 +84,10 @@ impl Upgrader {
         self.prepare(&sock, &kinds)?;
         // The new process is up and waits: freeze for the transfer only.
         let frozen_at = Instant::now();
-        let freeze = freeze(hub).await?;
+        let gate = &self.inner.gate;
+        let freeze = freeze(hub, gate).await?;
         let parked_ms = frozen_at.elapsed().as_millis() as u64;
-        let exports = hub.handoff().collect();
+        let exports = gate.collect();
         let next_id = hub.next_client_id();
         self.send_state(hub, &sock, kinds, next_id)?;
         // The clients, a chunk at a time: each chunk's copies of sockets
@@ -93,11 +95,11 @@ impl Upgrader {
         // sends (blocking writes, bounded by the socket's deadlines) while
         // the next chunk is collected.
         let (chunks, to_send) = mpsc::channel::<Chunk>(1);
-        let sending = hub.clone();
+        let (sending, releasing) = (hub.clone(), gate.clone());
         let sender = tokio::task::spawn_blocking(move || {
-            send_chunks(sock, to_send, &sending, freeze, next_id)
+            send_chunks(sock, to_send, (&sending, &releasing), freeze, next_id)
         });
-        let collected = collect(hub, freeze, exports, chunks).await?;
+        let collected = collect(hub, gate, freeze, exports, chunks).await?;
         let collected_ms = frozen_at.elapsed().as_millis() as u64;
         let (sock, reply) = sender.await.map_err(io::Error::other)??;
         let new_pid = ready(reply.0)?;
@@ -229,8 +231,7 @@ fn check_peer(sock: &UnixStream, pid: u32) -> io::Result<()> {
 
 /// Stops every connection at a clean point and waits until all have
 /// parked; returns the freeze's number, for [`super::Gate::release`].
-async fn freeze(hub: &Hub) -> Result<u64, Broke> {
-    let gate = hub.handoff();
+async fn freeze(hub: &Hub, gate: &Gate) -> Result<u64, Broke> {
     let freeze = gate.freeze();
     hub.wake_connections();
     let all_parked = gate.wait_parked(|| hub.client_count());
@@ -248,12 +249,12 @@ async fn freeze(hub: &Hub) -> Result<u64, Broke> {
 /// once: the sender returns each chunk's permits once it has closed them.
 async fn collect(
     hub: &Hub,
+    gate: &Gate,
     freeze: u64,
     mut exports: mpsc::UnboundedReceiver<Export>,
     chunks: mpsc::Sender<Chunk>,
 ) -> Result<Collected, Broke> {
     let deadline = tokio::time::Instant::now() + FREEZE_TIMEOUT;
-    let gate = hub.handoff();
     let mut collected = Collected {
         exports: 0,
         clients: 0,
@@ -336,7 +337,7 @@ impl Chunk {
 fn send_chunks(
     sock: UnixStream,
     mut to_send: mpsc::Receiver<Chunk>,
-    hub: &Hub,
+    (hub, gate): (&Hub, &Gate),
     freeze: u64,
     next_id: u64,
 ) -> io::Result<Answer> {
@@ -344,7 +345,7 @@ fn send_chunks(
         let exports = chunk.exports;
         send_chunk(&sock, chunk)?;
         // Closed: as many more may be copied.
-        hub.handoff().release(freeze, exports);
+        gate.release(freeze, exports);
     }
     // Only if it moved (it cannot while registration is refused):
     // the previous release, which knows neither `NextId` nor

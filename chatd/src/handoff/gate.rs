@@ -33,6 +33,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use tokio::sync::{Notify, Semaphore, mpsc, watch};
 
 use super::Export;
+use crate::hub::Hub;
 
 /// Where the handoff stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -55,6 +56,7 @@ pub enum Outcome {
 
 #[derive(Debug)]
 pub struct Gate {
+    hub: Hub,
     /// The hot path's cheap look: set from freeze to resume.
     frozen: AtomicBool,
     step: watch::Sender<Step>,
@@ -74,16 +76,14 @@ pub struct Gate {
     /// Freezes so far, to tell a release for an earlier one.
     freezes: std::sync::atomic::AtomicU64,
     exports: Mutex<Option<mpsc::UnboundedSender<Export>>>,
-    /// How this process upgrades itself, when it can (set by `main`).
-    upgrader: std::sync::OnceLock<super::Upgrader>,
-    /// Cluster mode, in a new process: the previous process's receiving
-    /// positions, until the cluster starts and takes them.
-    inherited: Mutex<Vec<super::state::StreamReceipts>>,
 }
 
-impl Default for Gate {
-    fn default() -> Self {
+impl Gate {
+    /// The gate of `hub`'s clients: a freeze also closes the hub to new
+    /// registrations, so that the count of clients it waits for is final.
+    pub fn new(hub: Hub) -> Gate {
         Gate {
+            hub,
             frozen: AtomicBool::new(false),
             step: watch::Sender::new(Step::Running),
             parked: AtomicUsize::new(0),
@@ -95,30 +95,7 @@ impl Default for Gate {
             freezes: std::sync::atomic::AtomicU64::new(0),
             frozen_at_ms: std::sync::atomic::AtomicU64::new(0),
             exports: Mutex::new(None),
-            upgrader: std::sync::OnceLock::new(),
-            inherited: Mutex::default(),
         }
-    }
-}
-
-impl Gate {
-    /// Makes upgrades available (SIGUSR2, the admin API's `Upgrade`).
-    pub fn set_upgrader(&self, upgrader: super::Upgrader) {
-        let _ = self.upgrader.set(upgrader);
-    }
-
-    pub fn upgrader(&self) -> Option<&super::Upgrader> {
-        self.upgrader.get()
-    }
-
-    /// Keeps the previous process's cluster receiving positions for
-    /// [`Gate::take_inherited`].
-    pub fn inherit(&self, receipts: Vec<super::state::StreamReceipts>) {
-        *crate::lock::lock(&self.inherited) = receipts;
-    }
-
-    pub fn take_inherited(&self) -> Vec<super::state::StreamReceipts> {
-        std::mem::take(&mut *crate::lock::lock(&self.inherited))
     }
 
     /// Whether a connection must stop before its next read.
@@ -295,6 +272,7 @@ impl Gate {
         // Left over from an abandoned handoff: none may be used now.
         self.permits.forget_permits(usize::MAX);
         let freeze = self.freezes.fetch_add(1, Ordering::AcqRel) + 1;
+        self.hub.set_upgrading(true);
         self.frozen_at_ms
             .store(crate::clock::now_ms(), Ordering::Relaxed);
         self.frozen.store(true, Ordering::Release);
@@ -313,6 +291,7 @@ impl Gate {
         self.want.store(usize::MAX, Ordering::SeqCst);
         self.permits.forget_permits(usize::MAX);
         self.frozen.store(false, Ordering::Release);
+        self.hub.set_upgrading(false);
         crate::stall::record(
             self.frozen_at_ms.load(Ordering::Relaxed),
             crate::clock::now_ms(),
@@ -330,6 +309,22 @@ impl Gate {
     /// then remove nothing the new one uses (the admin socket file).
     pub fn committed(&self) -> bool {
         *self.step.borrow() == Step::Committed
+    }
+}
+
+/// The freeze as the cluster waits it out (a room's lines received during
+/// a freeze are handed on only once it ends, and not at all after a commit).
+impl crate::cluster_state::Pause for Gate {
+    fn is_frozen(&self) -> bool {
+        Gate::is_frozen(self)
+    }
+
+    fn settled(&self) -> crate::cluster_state::BoxFuture<'_, bool> {
+        Box::pin(async move { Gate::settled(self).await == Outcome::Committed })
+    }
+
+    fn committed(&self) -> bool {
+        Gate::committed(self)
     }
 }
 
@@ -351,7 +346,11 @@ mod tests {
 
     #[tokio::test]
     async fn a_parked_connection_exports_only_with_a_permit_of_this_freeze() {
-        let gate = Arc::new(Gate::default());
+        let gate = Arc::new(Gate::new(crate::hub::Hub::new(
+            crate::config::RawConfig::default()
+                .validate()
+                .expect("defaults"),
+        )));
         let abandoned = gate.freeze();
         gate.resume();
         let freeze = gate.freeze();
@@ -399,7 +398,11 @@ mod tests {
 
     #[tokio::test]
     async fn a_freeze_waits_for_every_accept_loop_and_every_connection_in_the_front_door() {
-        let gate = Arc::new(Gate::default());
+        let gate = Arc::new(Gate::new(crate::hub::Hub::new(
+            crate::config::RawConfig::default()
+                .validate()
+                .expect("defaults"),
+        )));
         gate.door_opened();
         gate.arrive();
         gate.freeze();
@@ -451,14 +454,15 @@ mod tests {
         );
         let peer: std::net::SocketAddr = "127.0.0.1:4000".parse().expect("addr");
         let first = hub.connect(peer).expect("registered").id;
-        hub.handoff().freeze();
+        let gate = Gate::new(hub.clone());
+        gate.freeze();
         let next = hub.next_client_id();
         assert!(matches!(
             hub.connect(peer),
             Err(crate::hub::Refusal::Upgrading)
         ));
         assert_eq!(hub.next_client_id(), next, "an id was taken in the freeze");
-        hub.handoff().resume();
+        gate.resume();
         let after = hub.connect(peer).expect("registered after a resume").id;
         assert!(after > first && after >= next);
     }

@@ -236,6 +236,8 @@ struct Inner {
     admin_token: Option<String>,
     /// Cluster mode: what the cluster's receivers have handed on.
     receipts: Option<Arc<crate::cluster_seq::Receipts>>,
+    /// The freeze of this process's sockets.
+    gate: Arc<Gate>,
     /// Cancelled at commit: this process then stops as after a signal,
     /// having nobody left to serve.
     shutdown: CancellationToken,
@@ -312,17 +314,17 @@ impl Drop for Successor {
 }
 
 impl Upgrader {
-    /// `exe` and `args` as resolved at start (so a package upgrade that
+    /// The command `exe` and `args` as resolved at start (so a package upgrade that
     /// replaced the file is what starts); `runtime_dir` a private directory
     /// for the handoff socket; `listeners` copies of every listening socket
     /// with what it serves.
     pub fn new(
-        exe: PathBuf,
-        args: Vec<OsString>,
+        (exe, args): (PathBuf, Vec<OsString>),
         runtime_dir: PathBuf,
         listeners: Vec<(ListenerKind, OwnedFd)>,
         admin_token: Option<String>,
         receipts: Option<Arc<crate::cluster_seq::Receipts>>,
+        gate: Arc<Gate>,
         shutdown: CancellationToken,
     ) -> Upgrader {
         Upgrader {
@@ -333,6 +335,7 @@ impl Upgrader {
                 listeners,
                 admin_token,
                 receipts,
+                gate,
                 shutdown,
                 running: AtomicBool::new(false),
             }),
@@ -405,7 +408,7 @@ impl Upgrader {
         }
         check_descriptors(hub.client_count())?;
         let started = Instant::now();
-        let gate = hub.handoff();
+        let gate = &*self.inner.gate;
         info!(exe = %self.inner.exe.display(), "upgrade: starting the new process");
         let mut thaw = Thaw { gate, armed: true };
         let result = self.hand_over(hub, started).await;

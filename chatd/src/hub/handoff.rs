@@ -13,8 +13,8 @@ use bytes::Bytes;
 use super::{Client, Hub, Names, Room};
 use crate::clock;
 use crate::framing::FramerState;
+use crate::handoff::State;
 use crate::handoff::state::{ClientState, FloodState, RoomState};
-use crate::handoff::{Gate, State};
 use crate::lock::{lock, write};
 use crate::outbox::Outbox;
 use crate::protocol;
@@ -50,11 +50,6 @@ impl Client {
 }
 
 impl Hub {
-    /// The upgrade's freeze, which every socket-owning task checks.
-    pub fn handoff(&self) -> &Gate {
-        &self.shared.handoff
-    }
-
     /// Clients registered now.
     pub fn client_count(&self) -> usize {
         self.state().clients.len()
@@ -101,7 +96,6 @@ impl Hub {
         if let Some(stats) = &state.stats {
             self.shared.stats.import(stats);
         }
-        self.handoff().inherit(state.cluster_receipts.clone());
         let mut s = self.state();
         for r in &state.rooms {
             let room = s

@@ -195,6 +195,10 @@ struct Shared {
     state: Mutex<State>,
     stats: Stats,
     next_id: AtomicU64,
+    /// Registrations are refused ([`Refusal::Upgrading`]) while set: a
+    /// seamless upgrade is taking this process's clients, and counts them
+    /// under the state lock after setting it.
+    upgrading: AtomicBool,
     started: Instant,
     events: broadcast::Sender<Event>,
     bans: Bans,
@@ -207,8 +211,6 @@ struct Shared {
     /// The state shared with other nodes, set once at start in cluster
     /// mode; unset, it is [`SingleNode`] (see [`Hub::cluster`]).
     cluster: OnceLock<Arc<dyn ClusterState>>,
-    /// The freeze of a seamless upgrade (see [`crate::handoff`]).
-    handoff: crate::handoff::Gate,
 }
 
 /// The per-address connection rate (`limits.connect_rate_per_ip`): one token
@@ -252,6 +254,7 @@ impl Hub {
                 state: Mutex::new(State::default()),
                 stats: Stats::default(),
                 next_id: AtomicU64::new(1),
+                upgrading: AtomicBool::new(false),
                 started: Instant::now(),
                 events,
                 bans,
@@ -259,7 +262,6 @@ impl Hub {
                 notices_due: Mutex::new(Vec::new()),
                 connect_rate: Mutex::new(ConnectRate::default()),
                 cluster: OnceLock::new(),
-                handoff: crate::handoff::Gate::default(),
             }),
         }
     }
@@ -434,6 +436,15 @@ impl Hub {
         }
     }
 
+    /// Refuses (`true`) or admits again (`false`) new registrations, for a
+    /// seamless upgrade's freeze: once set, the client count read under the
+    /// state lock is final.
+    pub fn set_upgrading(&self, upgrading: bool) {
+        self.shared
+            .upgrading
+            .store(upgrading, std::sync::atomic::Ordering::SeqCst);
+    }
+
     /// Unregisters `client` for good: leaves its room (others see `reason`)
     /// and frees its nick.
     pub fn leave(&self, client: &Arc<Client>, reason: &Disconnect) {
@@ -451,7 +462,6 @@ impl Hub {
         state.vacate(Some(client.group), client.files);
         self.shared.stats.disconnected(reason);
         drop(state);
-        self.shared.handoff.client_left();
         if let Some((room, text)) = parted {
             self.room_notice(&room, client.id, NoticeKind::Leave, &text);
         }

@@ -206,7 +206,11 @@ impl Hub {
         let mut state = self.state();
         // Under the lock the upgrade counts clients with: nobody registers
         // once a freeze began (its state and next id are being taken).
-        if self.shared.handoff.is_frozen() {
+        if self
+            .shared
+            .upgrading
+            .load(std::sync::atomic::Ordering::SeqCst)
+        {
             return Err(Refusal::Upgrading);
         }
         if state.closing {
