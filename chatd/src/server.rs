@@ -387,7 +387,7 @@ impl Daemon {
             if !notice.is_empty() {
                 client.notice(&notice, usize::MAX);
             }
-            self.spawn_client(crate::connection::resume(
+            self.spawn_client(crate::connection::handoff::resume(
                 stream,
                 client,
                 room,

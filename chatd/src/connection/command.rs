@@ -2,8 +2,7 @@
 
 use tracing::{info, info_span};
 
-use super::read::Batch;
-use super::session::{Pending, Session};
+use super::session::{Batch, Pending, Session};
 use crate::disconnect::Disconnect;
 use crate::hub::{JoinRequest, NickRequest, PrivateError};
 use crate::protocol::{self, Command};

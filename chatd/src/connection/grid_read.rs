@@ -36,37 +36,6 @@ const EMPTY_PHASES: u8 = 4;
 /// The low-water mark while reading on the grid: a read's worth.
 const LOW_WATER: usize = READ_CHUNK;
 
-/// A connection's state for reading on the grid.
-#[derive(Debug, Default)]
-pub(super) struct GridRead {
-    /// Whether this connection may read on the grid at all (it runs on a
-    /// single-threaded runtime, and its socket takes the mark).
-    pub(super) allowed: bool,
-    /// Reading on the grid: the mark is raised.
-    pub(super) on: bool,
-    /// The place in the queue for the grid's next read phase.
-    ticket: Ticket,
-    /// Within this poll, the read phase: read, and hold the write.
-    pub(super) phase: bool,
-    /// A read phase came and the socket has not been read since.
-    pub(super) owed: bool,
-    /// Read phases in a row that found nothing to read.
-    empty: u8,
-    /// Whether the client sent anything since this connection last went
-    /// on the grid or read in a phase.
-    sent: bool,
-}
-
-impl GridRead {
-    pub(super) fn new() -> Self {
-        GridRead {
-            allowed: tokio::runtime::Handle::try_current()
-                .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::CurrentThread),
-            ..GridRead::default()
-        }
-    }
-}
-
 impl<S: Socket> Wire<S> {
     /// At the start of a poll: whether the room's read phase has come.
     pub(super) fn begin_grid_read(&mut self, cx: &mut Context<'_>, grid: &Grid) {

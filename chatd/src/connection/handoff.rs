@@ -1,13 +1,10 @@
 //! Seamless upgrade: a connection's state for the new process, and serving
 //! a client handed over by the old one.
 
-use std::io;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, info_span};
@@ -15,80 +12,11 @@ use tracing::{Instrument, debug, info, info_span};
 use super::flood::Flood;
 use super::session::Session;
 use super::wire::{Socket, Wire};
-use super::{CLOSE_FLUSH, Chat, Connection, linger};
+use super::{Chat, Connection, TLS_NOT_HANDED};
 use crate::disconnect::Disconnect;
 use crate::framing::LineFramer;
-use crate::handoff::Gate;
-use crate::hub::{Client, Room, server_line};
+use crate::hub::{Client, Room};
 use crate::rate::TokenBucket;
-
-/// What a TLS client reads when the process serving it hands over to a new
-/// one: its session cannot follow (the keys live in this process's rustls
-/// state), so it must reconnect.
-pub(super) const TLS_NOT_HANDED: &str =
-    "Server upgrade: TLS sessions cannot be carried over. Please reconnect.";
-
-/// How a connection that met a freeze in the front door came out of it.
-pub(super) enum Waited {
-    /// The upgrade was abandoned: register now, as if nothing happened.
-    Resumed,
-    /// The new process serves the socket: drop it, closing nothing.
-    HandedOver,
-    /// A TLS client (whose handshake began here) or one the freeze did not
-    /// count: it cannot follow, so it is told to reconnect.
-    Reconnect,
-}
-
-/// A connection not yet registered when an upgrade froze this process
-/// (registration is refused from the freeze on). A plain one counted as an
-/// arrival parks like a client and, if the upgrade goes ahead, its bare
-/// socket is handed over (it has read nothing yet but its PROXY header, if
-/// any, which `peer` already reflects): the new process serves it from the
-/// front door. A TLS one only waits for the outcome.
-pub(super) async fn wait_out_upgrade<S: Socket>(
-    stream: &S,
-    peer: SocketAddr,
-    tls: bool,
-    counted: bool,
-    gate: &Gate,
-) -> Waited {
-    if tls || !counted {
-        return match gate.settled().await {
-            crate::handoff::Outcome::Resumed => Waited::Resumed,
-            crate::handoff::Outcome::Committed => Waited::Reconnect,
-        };
-    }
-    let export = || crate::handoff::Export::Waiting {
-        state: crate::handoff::WaitingState {
-            peer,
-            proxy_header: None,
-            tls: false,
-            age_ms: 0,
-        },
-        fd: stream
-            .handoff_fd()
-            .and_then(|fd| fd.ok_or_else(|| io::Error::other("the socket cannot be handed over"))),
-    };
-    match gate.park(export).await {
-        crate::handoff::Outcome::Resumed => Waited::Resumed,
-        crate::handoff::Outcome::Committed => {
-            debug!(%peer, "handed over before it registered");
-            Waited::HandedOver
-        }
-    }
-}
-
-/// Tells a client that could not be handed over to reconnect, and closes.
-pub(super) async fn tell_to_reconnect<S: Socket>(mut stream: S, tls: bool) {
-    info!("connection not handed over: asked to reconnect");
-    let line = server_line(if tls {
-        TLS_NOT_HANDED
-    } else {
-        "Server upgrade: this connection cannot be carried over. Please reconnect."
-    });
-    let _ = tokio::time::timeout(CLOSE_FLUSH, stream.write_all(&line)).await;
-    linger(stream).await;
-}
 
 /// Continues serving a client handed over by the previous chatd process,
 /// exactly where it stopped: the unfinished line, the flood bucket and the

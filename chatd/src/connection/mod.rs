@@ -48,20 +48,18 @@ use crate::disconnect::Disconnect;
 use crate::handoff::Gate;
 use crate::hub::{Client, Hub, JoinRequest, Refusal, Room, Seat, server_line};
 use crate::sanitize;
-use read::{AfterRead, WRONG_PROTOCOL};
 use session::Session;
 use wire::Wire;
 
 mod command;
 mod flood;
 mod grid_read;
-mod handoff;
+pub mod handoff;
 mod read;
 mod session;
 mod wire;
 mod write;
 
-pub use handoff::resume;
 pub use wire::Socket;
 
 /// Turns per poll of a connection whose reads empty its socket: the turn
@@ -104,15 +102,11 @@ pub async fn serve_on<S: Socket>(
             Ok(client) => break client,
             Err(Refusal::Upgrading) => {
                 let counted = arrival.counted();
-                match Box::pin(handoff::wait_out_upgrade(
-                    &stream, peer, tls, counted, &gate,
-                ))
-                .await
-                {
-                    handoff::Waited::Resumed => {}
-                    handoff::Waited::HandedOver => return,
-                    handoff::Waited::Reconnect => {
-                        return Box::pin(handoff::tell_to_reconnect(stream, tls)).await;
+                match Box::pin(wait_out_upgrade(&stream, peer, tls, counted, &gate)).await {
+                    Waited::Resumed => {}
+                    Waited::HandedOver => return,
+                    Waited::Reconnect => {
+                        return Box::pin(tell_to_reconnect(stream, tls)).await;
                     }
                 }
             }
@@ -194,6 +188,89 @@ async fn linger<S: Socket>(mut stream: S) {
         }
     };
     let _ = tokio::time::timeout(CLOSE_LINGER, drain).await;
+}
+
+/// What this port says to a client speaking another protocol.
+pub(super) const WRONG_PROTOCOL: &str = "This is a chatd chat port: plain text lines for nc or telnet, \
+     not HTTP, gRPC or TLS. The admin API (chatctl) listens on its own port.";
+
+/// What a read left to do.
+pub(super) enum AfterRead {
+    /// The socket is empty (its readiness cleared): the connection can go
+    /// round once more, writing any replies, without waking itself.
+    Drained,
+    /// More may be waiting, or a command waits for the cluster: come back
+    /// after other clients had their turn.
+    More,
+    Close(Disconnect),
+}
+
+/// What a TLS client reads when the process serving it hands over to a new
+/// one: its session cannot follow (the keys live in this process's rustls
+/// state), so it must reconnect.
+pub(super) const TLS_NOT_HANDED: &str =
+    "Server upgrade: TLS sessions cannot be carried over. Please reconnect.";
+
+/// How a connection that met a freeze in the front door came out of it.
+enum Waited {
+    /// The upgrade was abandoned: register now, as if nothing happened.
+    Resumed,
+    /// The new process serves the socket: drop it, closing nothing.
+    HandedOver,
+    /// A TLS client (whose handshake began here) or one the freeze did not
+    /// count: it cannot follow, so it is told to reconnect.
+    Reconnect,
+}
+
+/// A connection not yet registered when an upgrade froze this process
+/// (registration is refused from the freeze on). A plain one counted as an
+/// arrival parks like a client and, if the upgrade goes ahead, its bare
+/// socket is handed over (it has read nothing yet but its PROXY header, if
+/// any, which `peer` already reflects): the new process serves it from the
+/// front door. A TLS one only waits for the outcome.
+async fn wait_out_upgrade<S: Socket>(
+    stream: &S,
+    peer: SocketAddr,
+    tls: bool,
+    counted: bool,
+    gate: &Gate,
+) -> Waited {
+    if tls || !counted {
+        return match gate.settled().await {
+            crate::handoff::Outcome::Resumed => Waited::Resumed,
+            crate::handoff::Outcome::Committed => Waited::Reconnect,
+        };
+    }
+    let export = || crate::handoff::Export::Waiting {
+        state: crate::handoff::WaitingState {
+            peer,
+            proxy_header: None,
+            tls: false,
+            age_ms: 0,
+        },
+        fd: stream
+            .handoff_fd()
+            .and_then(|fd| fd.ok_or_else(|| io::Error::other("the socket cannot be handed over"))),
+    };
+    match gate.park(export).await {
+        crate::handoff::Outcome::Resumed => Waited::Resumed,
+        crate::handoff::Outcome::Committed => {
+            debug!(%peer, "handed over before it registered");
+            Waited::HandedOver
+        }
+    }
+}
+
+/// Tells a client that could not be handed over to reconnect, and closes.
+async fn tell_to_reconnect<S: Socket>(mut stream: S, tls: bool) {
+    info!("connection not handed over: asked to reconnect");
+    let line = server_line(if tls {
+        TLS_NOT_HANDED
+    } else {
+        "Server upgrade: this connection cannot be carried over. Please reconnect."
+    });
+    let _ = tokio::time::timeout(CLOSE_FLUSH, stream.write_all(&line)).await;
+    linger(stream).await;
 }
 
 /// One client's task state: its wire and its session. The poll loop below

@@ -7,10 +7,10 @@ use std::time::Instant;
 
 use bytes::{BufMut, BytesMut};
 
-use super::Connection;
 use super::flood::Verdict;
-use super::session::Session;
+use super::session::{Batch, Session};
 use super::wire::Socket;
+use super::{AfterRead, Connection};
 use crate::config::{Config, Limits};
 use crate::disconnect::Disconnect;
 use crate::framing::Frame;
@@ -21,10 +21,6 @@ use crate::sanitize;
 pub(super) const READ_CHUNK: usize = 16 * 1024;
 /// Reads per wake-up before yielding to other clients.
 const READS_PER_WAKE: usize = 4;
-
-/// What this port says to a client speaking another protocol.
-pub(super) const WRONG_PROTOCOL: &str = "This is a chatd chat port: plain text lines for nc or telnet, \
-     not HTTP, gRPC or TLS. The admin API (chatctl) listens on its own port.";
 
 /// A formatted chat line back to its text: `<nick> text` or, for an
 /// action, `* nick text`.
@@ -43,34 +39,6 @@ fn unformat<'a>(line: &'a [u8], nick: &str) -> (&'a [u8], bool) {
     match acted {
         Some(text) => (text, true),
         None => (line, false),
-    }
-}
-
-/// What a read left to do.
-pub(super) enum AfterRead {
-    /// The socket is empty (its readiness cleared): the connection can go
-    /// round once more, writing any replies, without waking itself.
-    Drained,
-    /// More may be waiting, or a command waits for the cluster: come back
-    /// after other clients had their turn.
-    More,
-    Close(Disconnect),
-}
-
-/// Chat lines read in one wake-up, formatted for the room, waiting to be
-/// handed to the hub as one batch.
-pub(super) struct Batch {
-    buf: BytesMut,
-    lines: usize,
-}
-
-impl Batch {
-    /// An empty batch, which allocates nothing until a line comes.
-    pub(super) fn new() -> Self {
-        Batch {
-            buf: BytesMut::new(),
-            lines: 0,
-        }
     }
 }
 

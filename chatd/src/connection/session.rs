@@ -14,11 +14,10 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use tracing::info;
 
 use super::flood::Flood;
-use super::read::Batch;
 use crate::cluster_state::Claim;
 use crate::disconnect::Disconnect;
 use crate::framing::{Frame, LineFramer};
@@ -340,6 +339,23 @@ impl Session {
                 Pending::Nick { nick, .. } => self.hub.release_nick(&self.client, nick),
                 Pending::Join { room, .. } => self.hub.cancel_join(room),
             }
+        }
+    }
+}
+
+/// Chat lines read in one wake-up, formatted for the room, waiting to be
+/// handed to the hub as one batch.
+pub(super) struct Batch {
+    pub(super) buf: BytesMut,
+    pub(super) lines: usize,
+}
+
+impl Batch {
+    /// An empty batch, which allocates nothing until a line comes.
+    pub(super) fn new() -> Self {
+        Batch {
+            buf: BytesMut::new(),
+            lines: 0,
         }
     }
 }

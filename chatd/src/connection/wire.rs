@@ -12,15 +12,15 @@ use std::future::Future;
 use std::io::{self, IoSlice};
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Wake};
 
 use bytes::Bytes;
+use futures_util::task::AtomicWaker;
 use tokio::io::{AsyncWrite, Interest};
 use tokio::net::{TcpStream, UnixStream};
 
-use super::grid_read::GridRead;
-use super::write::Writable;
 use crate::grid::Ticket;
+use crate::hub::Client;
 
 /// What a connection needs of its socket: readiness-driven, non-blocking
 /// I/O. A TCP socket for plain clients; one end of a UNIX socket pair for
@@ -182,5 +182,58 @@ impl<S: Socket> Wire<S> {
         } else {
             self.stream.try_read_draining(buf)
         }
+    }
+}
+
+/// A connection's state for reading on the grid.
+#[derive(Debug, Default)]
+pub(super) struct GridRead {
+    /// Whether this connection may read on the grid at all (it runs on a
+    /// single-threaded runtime, and its socket takes the mark).
+    pub(super) allowed: bool,
+    /// Reading on the grid: the mark is raised.
+    pub(super) on: bool,
+    /// The place in the queue for the grid's next read phase.
+    pub(super) ticket: Ticket,
+    /// Within this poll, the read phase: read, and hold the write.
+    pub(super) phase: bool,
+    /// A read phase came and the socket has not been read since.
+    pub(super) owed: bool,
+    /// Read phases in a row that found nothing to read.
+    pub(super) empty: u8,
+    /// Whether the client sent anything since this connection last went
+    /// on the grid or read in a phase.
+    pub(super) sent: bool,
+}
+
+impl GridRead {
+    pub(super) fn new() -> Self {
+        GridRead {
+            allowed: tokio::runtime::Handle::try_current()
+                .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::CurrentThread),
+            ..GridRead::default()
+        }
+    }
+}
+
+/// The waker a connection whose socket refused bytes waits for write
+/// readiness with. The reactor wakes it as soon as the client has read
+/// enough to free buffer space, and it tells the client's outbox at that
+/// moment, before the connection task gets a worker: whether the client
+/// still reads (flow control, [`crate::outbox`]) must not depend on how
+/// long chatd takes to get to it.
+pub(super) struct Writable {
+    pub(super) client: Arc<Client>,
+    pub(super) task: AtomicWaker,
+}
+
+impl Wake for Writable {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.client.outbox.writable();
+        self.task.wake();
     }
 }

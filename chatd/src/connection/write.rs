@@ -4,12 +4,12 @@ use std::collections::VecDeque;
 use std::future::Future;
 use std::io::{self, IoSlice};
 use std::sync::Arc;
-use std::task::{Context, Poll, Wake, Waker};
+use std::task::{Context, Poll, Waker};
 
 use bytes::{Buf, Bytes};
 use futures_util::task::AtomicWaker;
 
-use super::wire::{Socket, Wire};
+use super::wire::{Socket, Wire, Writable};
 use crate::grid::{Grid, Wait};
 use crate::hub::{Client, Hub};
 
@@ -18,27 +18,6 @@ const IOV_MAX: usize = 64;
 /// Queued bytes that make a write worth its syscall: write coalescing
 /// never holds back more.
 const COALESCE_ENOUGH: usize = 8 * 1024;
-/// The waker a connection whose socket refused bytes waits for write
-/// readiness with. The reactor wakes it as soon as the client has read
-/// enough to free buffer space, and it tells the client's outbox at that
-/// moment, before the connection task gets a worker: whether the client
-/// still reads (flow control, [`crate::outbox`]) must not depend on how
-/// long chatd takes to get to it.
-pub(super) struct Writable {
-    client: Arc<Client>,
-    task: AtomicWaker,
-}
-
-impl Wake for Writable {
-    fn wake(self: Arc<Self>) {
-        self.wake_by_ref();
-    }
-
-    fn wake_by_ref(self: &Arc<Self>) {
-        self.client.outbox.writable();
-        self.task.wake();
-    }
-}
 
 impl<S: Socket> Wire<S> {
     /// Writes what the outbox gave unless write coalescing holds it: as

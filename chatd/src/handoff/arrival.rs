@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use super::Gate;
+use super::gate::Gate;
 
 /// A connection in the front door, counted by an upgrade's freeze (see
 /// [`crate::handoff::gate`]) until it registers in the hub or gives up.

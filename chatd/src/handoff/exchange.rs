@@ -12,10 +12,10 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 use tracing::info;
 
-use super::Gate;
+use super::gate::{Export, Gate};
 use super::{
-    CHUNK, COPIES, ClientState, Export, FREEZE_TIMEOUT, Gone, ListenerKind, State, ToNew, ToOld,
-    UpgradeError, Upgrader, WaitingState, state, wire,
+    Broke, CHUNK, COPIES, ClientState, Exchanged, FREEZE_TIMEOUT, Gone, ListenerKind, State, ToNew,
+    ToOld, UpgradeError, Upgrader, WaitingState, state, wire,
 };
 use crate::hub::Hub;
 
@@ -30,31 +30,6 @@ struct Chunk {
     /// Clients told to reconnect (TLS), for the new process to announce.
     gone: Vec<Gone>,
     exports: usize,
-}
-
-/// How far the exchange with the new process got.
-pub(super) struct Exchanged {
-    pub(super) pid: u32,
-    pub(super) frozen_at: Instant,
-    pub(super) clients: usize,
-    pub(super) dropped_tls: usize,
-    pub(super) waiting: usize,
-}
-
-/// Why the exchange stopped before `Ready`.
-pub(super) enum Broke {
-    /// The channel failed (the new process may have died; its stderr says).
-    Io(io::Error),
-    /// The new process said why it cannot take over.
-    Said(String),
-    /// This process gave up.
-    Here(UpgradeError),
-}
-
-impl From<io::Error> for Broke {
-    fn from(e: io::Error) -> Self {
-        Broke::Io(e)
-    }
 }
 
 /// How many exports the collection took, and what they were.

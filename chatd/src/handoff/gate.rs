@@ -27,13 +27,35 @@
 //! freeze also waits for every accept loop to stop ([`Gate::door_opened`]):
 //! after that no arrival can appear, so the count it waits for is final.
 
+use std::io;
+use std::os::fd::OwnedFd;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use tokio::sync::{Notify, Semaphore, mpsc, watch};
 
-use super::Export;
+use super::state::{ClientState, WaitingState};
 use crate::hub::Hub;
+
+/// One parked connection's contribution. A copy of a socket that could
+/// not be made (out of descriptors) abandons the upgrade: nobody is
+/// dropped for it.
+#[derive(Debug)]
+pub enum Export {
+    /// A client: its state and, for a plain TCP client, a copy of its
+    /// socket. A TLS client has none: its session keys live in this
+    /// process's rustls state and cannot be exported, so it is told to
+    /// reconnect at commit.
+    Client {
+        state: ClientState,
+        fd: io::Result<Option<OwnedFd>>,
+    },
+    /// A connection still in the front door, and a copy of its socket.
+    Waiting {
+        state: WaitingState,
+        fd: io::Result<OwnedFd>,
+    },
+}
 
 /// Where the handoff stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -68,8 +68,7 @@ use tracing::{info, warn};
 use crate::hub::Hub;
 use crate::listen::Listeners;
 pub use arrival::Arrival;
-use exchange::{Broke, Exchanged};
-pub use gate::{Gate, Outcome};
+pub use gate::{Export, Gate, Outcome};
 pub use state::{ClientState, Gone, ListenerKind, State, WaitingState};
 
 /// The variable that tells a starting chatd to take over from a running
@@ -89,24 +88,29 @@ const COPIES: usize = 2 * CHUNK;
 /// How much of the new process's stderr is kept for the error message.
 const STDERR_TAIL: usize = 4096;
 
-/// One parked connection's contribution. A copy of a socket that could
-/// not be made (out of descriptors) abandons the upgrade: nobody is
-/// dropped for it.
-#[derive(Debug)]
-pub enum Export {
-    /// A client: its state and, for a plain TCP client, a copy of its
-    /// socket. A TLS client has none: its session keys live in this
-    /// process's rustls state and cannot be exported, so it is told to
-    /// reconnect at commit.
-    Client {
-        state: ClientState,
-        fd: io::Result<Option<OwnedFd>>,
-    },
-    /// A connection still in the front door, and a copy of its socket.
-    Waiting {
-        state: WaitingState,
-        fd: io::Result<OwnedFd>,
-    },
+/// How far the exchange with the new process got.
+pub(super) struct Exchanged {
+    pub(super) pid: u32,
+    pub(super) frozen_at: Instant,
+    pub(super) clients: usize,
+    pub(super) dropped_tls: usize,
+    pub(super) waiting: usize,
+}
+
+/// Why the exchange stopped before `Ready`.
+pub(super) enum Broke {
+    /// The channel failed (the new process may have died; its stderr says).
+    Io(io::Error),
+    /// The new process said why it cannot take over.
+    Said(String),
+    /// This process gave up.
+    Here(UpgradeError),
+}
+
+impl From<io::Error> for Broke {
+    fn from(e: io::Error) -> Self {
+        Broke::Io(e)
+    }
 }
 
 #[derive(Debug, Serialize, Deserialize)]
