@@ -122,7 +122,7 @@ impl Bus {
     /// Other nodes heard within `ttl` (at most [`PRESENCE_TTL`]).
     pub fn peers_within(&self, ttl: Duration) -> Vec<String> {
         let now = std::time::Instant::now();
-        let peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
+        let peers = crate::lock::lock(&self.peers);
         peers
             .iter()
             .filter(|(_, seen)| now.duration_since(**seen) < ttl)
@@ -133,7 +133,7 @@ impl Bus {
     /// Other nodes heard within [`PRESENCE_TTL`].
     pub fn live_peers(&self) -> Vec<String> {
         let now = std::time::Instant::now();
-        let mut peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
+        let mut peers = crate::lock::lock(&self.peers);
         peers.retain(|_, seen| now.duration_since(*seen) < PRESENCE_TTL);
         peers.keys().cloned().collect()
     }
@@ -172,10 +172,7 @@ pub(super) async fn presence(bus: Bus, subject: String, stop: CancellationToken)
                 if node == &*bus.node_id || node.is_empty() {
                     continue;
                 }
-                let new = bus
-                    .peers
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
+                let new = crate::lock::lock(&bus.peers)
                     .insert(node.to_string(), std::time::Instant::now())
                     .is_none();
                 if new {

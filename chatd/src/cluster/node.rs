@@ -307,7 +307,7 @@ impl Node {
     }
 
     pub(super) fn lock_backlog(&self) -> std::sync::MutexGuard<'_, Backlog> {
-        self.backlog.lock().unwrap_or_else(|p| p.into_inner())
+        crate::lock::lock(&self.backlog)
     }
 
     /// Asks the server to send back the last sequence given out: when it
@@ -448,7 +448,7 @@ impl Node {
     /// subscriptions of rooms without any.
     pub(super) fn reconcile(&mut self) {
         let wanted = self.hub.occupied_rooms();
-        let mut backlog = self.backlog.lock().unwrap_or_else(|p| p.into_inner());
+        let mut backlog = crate::lock::lock(&self.backlog);
         self.rooms.retain(|room, sub| {
             let keep = wanted.contains(room);
             if !keep {
@@ -513,11 +513,7 @@ pub(super) async fn serve_replay(
         let Some((room, after)) = cluster_seq::parse_replay_request(&msg.payload) else {
             continue;
         };
-        let answer =
-            backlog
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .replay(room, after, REPLAY_MAX_BYTES);
+        let answer = crate::lock::lock(&backlog).replay(room, after, REPLAY_MAX_BYTES);
         if let Err(e) = client.publish(reply, answer).await {
             debug!(error = %e, "cluster: cannot answer a replay request");
         }
