@@ -45,12 +45,10 @@ pub mod admin;
 pub mod clients;
 pub mod cluster;
 pub mod cluster_seq;
-pub mod cluster_state;
 pub mod connection;
 pub mod control;
 pub mod front;
 pub mod handoff;
-pub mod hub;
 pub mod journal;
 pub mod listen;
 pub mod log_fields;
@@ -68,7 +66,8 @@ pub mod udp_echo;
 
 pub use chatd_config as config;
 pub use chatd_hub::{
-    bans, clock, disconnect, files, grid, lock, netgroup, outbox, rate_log, stats,
+    bans, clock, cluster_state, disconnect, files, grid, hub, lock, netgroup, outbox, rate_log,
+    stats,
 };
 pub use chatd_text::{framing, protocol, rate, sanitize};
 

@@ -342,7 +342,12 @@ impl Daemon {
         let clients = match received {
             crate::handoff::Received::State(state) => {
                 self.inherited = state.cluster_receipts.clone();
-                return self.hub.restore(state);
+                return self.hub.restore(
+                    &state.rooms,
+                    &state.clients,
+                    state.next_id,
+                    state.stats.as_ref(),
+                );
             }
             crate::handoff::Received::NextId(next) => return self.hub.restore_next_id(next),
             crate::handoff::Received::Gone(gone) => {

@@ -3,6 +3,12 @@
 //!
 //! - [`outbox`]: one client's bounded outgoing queue; [`disconnect`]: why a
 //!   client leaves; [`grid`]: when a room's busy members are written to.
+//! - [`hub`]: clients, nicks, rooms, history and every fan-out; the
+//!   operations the admin API exposes.
+//! - [`cluster_state`]: the seam between this node and the service, in the
+//!   hub's own terms: what it asks of the other nodes, with [`SingleNode`]
+//!   (cluster_state::SingleNode) for one node alone; and the seams the
+//!   cluster and the admin API meet at without knowing each other.
 //! - [`stats`]: the counters behind the admin API and the metrics.
 //! - [`bans`]: banned addresses and their file; [`files`]: private files
 //!   written atomically.
@@ -15,9 +21,11 @@
 
 pub mod bans;
 pub mod clock;
+pub mod cluster_state;
 pub mod disconnect;
 pub mod files;
 pub mod grid;
+pub mod hub;
 pub mod lock;
 pub mod netgroup;
 pub mod outbox;

@@ -17,6 +17,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use super::subjects::KindOnWire;
 use crate::cluster_seq::{self, Backlog, Position, SEQ_HEADER};
 use crate::cluster_state::Kind;
 use crate::config::ClusterConfig;

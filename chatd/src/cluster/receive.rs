@@ -9,6 +9,7 @@ use futures_util::StreamExt;
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
+use super::subjects::KindOnWire;
 use crate::cluster_seq::{self, Seen};
 use crate::cluster_state::{Kind, Pause};
 

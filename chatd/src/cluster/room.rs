@@ -10,6 +10,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
+use super::subjects::KindOnWire;
 use crate::cluster_seq::{self, Position, SEQ_HEADER, Seen, Verdict};
 use crate::cluster_state::{Kind, Pause};
 use crate::hub::Hub;

@@ -14,16 +14,25 @@ pub const KIND_HEADER: &str = "Chatd-Kind";
 /// number); the payload is then the message.
 pub const ERROR_HEADER: &str = "Chatd-Error";
 
-/// On the wire: the `Chatd-Kind` header and the backlog's byte.
-impl Kind {
-    pub(super) fn as_str(self) -> &'static str {
+/// A room message's kind on the wire: the `Chatd-Kind` header and the
+/// backlog's byte. The hub names the kinds; only the cluster spells them.
+pub trait KindOnWire: Sized {
+    fn as_str(&self) -> &'static str;
+    fn parse(s: &str) -> Option<Self>;
+    /// As kept in the backlog and sent in a replay.
+    fn as_byte(&self) -> u8;
+    fn from_byte(b: u8) -> Option<Self>;
+}
+
+impl KindOnWire for Kind {
+    fn as_str(&self) -> &'static str {
         match self {
             Kind::Chat => "chat",
             Kind::Notice => "notice",
         }
     }
 
-    pub(super) fn parse(s: &str) -> Option<Kind> {
+    fn parse(s: &str) -> Option<Kind> {
         match s {
             "chat" => Some(Kind::Chat),
             "notice" => Some(Kind::Notice),
@@ -31,15 +40,14 @@ impl Kind {
         }
     }
 
-    /// As kept in the backlog and sent in a replay.
-    pub(super) fn as_byte(self) -> u8 {
+    fn as_byte(&self) -> u8 {
         match self {
             Kind::Chat => 0,
             Kind::Notice => 1,
         }
     }
 
-    pub(super) fn from_byte(b: u8) -> Option<Kind> {
+    fn from_byte(b: u8) -> Option<Kind> {
         match b {
             0 => Some(Kind::Chat),
             1 => Some(Kind::Notice),

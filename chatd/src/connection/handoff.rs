@@ -32,7 +32,7 @@ pub async fn resume(
     stream: std::net::TcpStream,
     client: Arc<Client>,
     room: Arc<Room>,
-    state: crate::handoff::ClientState,
+    state: crate::hub::handoff::ClientState,
     chat: Chat,
     commit: CancellationToken,
 ) {
@@ -95,7 +95,7 @@ impl<S: Socket> Connection<S> {
     /// outbox joins what was taken but not yet written, and stays there if
     /// the upgrade is abandoned, so serving on loses nothing either.
     pub(super) fn export(&mut self) -> crate::handoff::Export {
-        use crate::handoff::state::{ClientState, FloodState};
+        use crate::hub::handoff::{ClientState, FloodState};
         let Connection { wire, session, .. } = self;
         // The socket goes to a process that knows nothing of a raised
         // low-water mark: a line under it would never be reported there.

@@ -14,10 +14,11 @@ use tracing::info;
 
 use super::gate::{Export, Gate};
 use super::{
-    Broke, CHUNK, COPIES, ClientState, Exchanged, FREEZE_TIMEOUT, Gone, ListenerKind, State, ToNew,
-    ToOld, UpgradeError, Upgrader, WaitingState, state, wire,
+    Broke, CHUNK, COPIES, Exchanged, FREEZE_TIMEOUT, Gone, ListenerKind, State, ToNew, ToOld,
+    UpgradeError, Upgrader, WaitingState, state, wire,
 };
 use crate::hub::Hub;
+use crate::hub::handoff::ClientState;
 
 /// Clients for one `Clients` message, with their sockets' copies,
 /// connections still in the front door for a `Waiting` one, and how many

@@ -34,8 +34,9 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use tokio::sync::{Notify, Semaphore, mpsc, watch};
 
-use super::state::{ClientState, WaitingState};
+use super::state::WaitingState;
 use crate::hub::Hub;
+use crate::hub::handoff::ClientState;
 
 /// One parked connection's contribution. A copy of a socket that could
 /// not be made (out of descriptors) abandons the upgrade: nobody is

@@ -66,10 +66,11 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::hub::Hub;
+use crate::hub::handoff::ClientState;
 use crate::listen::Listeners;
 pub use arrival::Arrival;
 pub use gate::{Export, Gate, Outcome};
-pub use state::{ClientState, Gone, ListenerKind, State, WaitingState};
+pub use state::{Gone, ListenerKind, State, WaitingState};
 
 /// The variable that tells a starting chatd to take over from a running
 /// one, and where to ask. Not `CHATD_…`: those are config keys.

@@ -28,6 +28,8 @@ use std::net::SocketAddr;
 
 use serde::{Deserialize, Serialize};
 
+use crate::hub::handoff::{ClientState, RoomState};
+
 /// The state version this binary writes.
 pub const CURRENT: u32 = 2;
 
@@ -72,48 +74,6 @@ pub enum ListenerKind {
     /// serves it last).
     AdminUnix(std::path::PathBuf),
     Metrics,
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct RoomState {
-    pub name: String,
-    pub messages: u64,
-    /// The remembered lines, oldest first, each with its `\r\n`.
-    pub history: Vec<Vec<u8>>,
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct ClientState {
-    pub id: u64,
-    pub nick: String,
-    pub room: String,
-    pub peer: SocketAddr,
-    pub connected_at_unix_ms: u64,
-    pub lines_in: u64,
-    pub bytes_in: u64,
-    pub lines_out: u64,
-    pub bytes_out: u64,
-    /// Milliseconds since the last complete line (the idle deadline's
-    /// clock).
-    pub idle_ms: u64,
-    /// Milliseconds the client has been in the middle of a line, if it is.
-    pub partial_ms: Option<u64>,
-    pub framer: crate::framing::FramerState,
-    pub flood: FloodState,
-    pub overlong: u32,
-    pub greeted: bool,
-    /// Bytes owed to the client: taken from the outbox or queued, not yet
-    /// written. The new process writes them first.
-    pub unsent: Vec<u8>,
-}
-
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub struct FloodState {
-    pub tokens: f64,
-    /// Milliseconds since the bucket was last refilled.
-    pub age_ms: u64,
-    pub dropped: u32,
-    pub warned: bool,
 }
 
 /// A client of the old process that was not handed over (a TLS client,

@@ -1,23 +1,65 @@
-//! The hub's part in a seamless upgrade (see [`crate::handoff`]): what it
+//! The hub's part in a seamless upgrade (the daemon's `handoff`): what it
 //! exports (rooms, history, the next id, each client's counters) and how a
 //! new process rebuilds it, without a single join, leave or history replay
 //! reaching anyone.
 
+use std::net::SocketAddr;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, UNIX_EPOCH};
 
 use bytes::Bytes;
+use serde::{Deserialize, Serialize};
 
 use super::{Client, Hub, Names, Room};
 use crate::clock;
-use crate::framing::FramerState;
-use crate::handoff::State;
-use crate::handoff::state::{ClientState, FloodState, RoomState};
 use crate::lock::{lock, write};
 use crate::outbox::Outbox;
-use crate::protocol;
+use chatd_text::framing::FramerState;
+use chatd_text::protocol;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RoomState {
+    pub name: String,
+    pub messages: u64,
+    /// The remembered lines, oldest first, each with its `\r\n`.
+    pub history: Vec<Vec<u8>>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ClientState {
+    pub id: u64,
+    pub nick: String,
+    pub room: String,
+    pub peer: SocketAddr,
+    pub connected_at_unix_ms: u64,
+    pub lines_in: u64,
+    pub bytes_in: u64,
+    pub lines_out: u64,
+    pub bytes_out: u64,
+    /// Milliseconds since the last complete line (the idle deadline's
+    /// clock).
+    pub idle_ms: u64,
+    /// Milliseconds the client has been in the middle of a line, if it is.
+    pub partial_ms: Option<u64>,
+    pub framer: chatd_text::framing::FramerState,
+    pub flood: FloodState,
+    pub overlong: u32,
+    pub greeted: bool,
+    /// Bytes owed to the client: taken from the outbox or queued, not yet
+    /// written. The new process writes them first.
+    pub unsent: Vec<u8>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct FloodState {
+    pub tokens: f64,
+    /// Milliseconds since the bucket was last refilled.
+    pub age_ms: u64,
+    pub dropped: u32,
+    pub warned: bool,
+}
 
 impl Client {
     /// The part of this client's handoff state the hub keeps: its id,
@@ -84,20 +126,25 @@ impl Hub {
 
     /// Rebuilds rooms, history and the id counter from a handed-over state,
     /// before any client is adopted.
-    pub fn restore(&self, state: &State) {
-        let next = state
-            .clients
+    pub fn restore(
+        &self,
+        rooms: &[RoomState],
+        clients: &[ClientState],
+        next_id: u64,
+        stats: Option<&crate::stats::Counters>,
+    ) {
+        let next = clients
             .iter()
             .map(|c| c.id + 1)
             .max()
             .unwrap_or(1)
-            .max(state.next_id);
+            .max(next_id);
         self.shared.next_id.fetch_max(next, Relaxed);
-        if let Some(stats) = &state.stats {
+        if let Some(stats) = stats {
             self.shared.stats.import(stats);
         }
         let mut s = self.state();
-        for r in &state.rooms {
+        for r in rooms {
             let room = s
                 .rooms
                 .entry(r.name.as_str().into())

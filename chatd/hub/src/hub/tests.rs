@@ -3,7 +3,7 @@
 use std::collections::VecDeque;
 
 use super::*;
-use crate::config::RawConfig;
+use chatd_config::RawConfig;
 
 fn hub() -> Hub {
     Hub::new(RawConfig::default().validate().expect("defaults"))

@@ -304,7 +304,7 @@ impl ClusterState for SingleNode {
     }
 
     fn guest_nick(&self, id: ClientId) -> String {
-        format!("{}{id}", crate::protocol::GUEST_PREFIX)
+        format!("{}{id}", chatd_text::protocol::GUEST_PREFIX)
     }
 
     /// The hub's own checks, already passed, are the whole answer.

@@ -45,15 +45,15 @@ use tokio::sync::broadcast;
 use crate::bans::{Ban, BanError, Bans};
 use crate::clock;
 use crate::cluster_state::{Claim, ClusterState, Kind, Reply, SingleNode};
-use crate::config::{Config, Limits};
 use crate::disconnect::Disconnect;
 use crate::grid::{Grid, Period};
 use crate::lock::{lock, read, write};
 use crate::outbox::{Outbox, Push};
-use crate::protocol::{self, users};
-use crate::rate::TokenBucket;
-use crate::sanitize;
 use crate::stats::{Stats, StatsSnapshot};
+use chatd_config::{Config, Limits};
+use chatd_text::protocol::{self, users};
+use chatd_text::rate::TokenBucket;
+use chatd_text::sanitize;
 
 /// Why a new connection is refused. The text is sent to it as one line.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -481,7 +481,7 @@ pub fn unix_ms(t: SystemTime) -> u64 {
 mod admin;
 mod client;
 mod fanout;
-mod handoff;
+pub mod handoff;
 mod reap;
 mod room;
 mod seat;
