@@ -41,10 +41,7 @@
 //! See `ARCHITECTURE.md` at the repository root for the path of a message.
 
 pub mod activation;
-pub mod admin;
 pub mod clients;
-pub mod cluster;
-pub mod cluster_seq;
 pub mod connection;
 pub mod control;
 pub mod front;
@@ -53,7 +50,6 @@ pub mod journal;
 pub mod listen;
 pub mod log_fields;
 pub mod metrics;
-pub mod nats_options;
 pub mod notify;
 pub mod proxy;
 pub mod reload;
@@ -64,6 +60,9 @@ pub mod telemetry;
 pub mod tls;
 pub mod udp_echo;
 
+pub use chatd_admin as admin;
+pub use chatd_cluster as cluster;
+pub use chatd_cluster::{nats_options, seq as cluster_seq};
 pub use chatd_config as config;
 pub use chatd_hub::{
     bans, clock, cluster_state, disconnect, files, grid, hub, lock, netgroup, outbox, rate_log,

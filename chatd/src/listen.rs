@@ -6,10 +6,11 @@
 
 use std::io;
 use std::net::SocketAddr;
-use std::path::PathBuf;
 
 use socket2::SockRef;
-use tokio::net::{TcpListener, TcpSocket, UdpSocket, UnixListener};
+
+use crate::admin::AdminListeners;
+use tokio::net::{TcpListener, TcpSocket, UdpSocket};
 
 /// Every socket the daemon serves, already bound.
 #[derive(Debug)]
@@ -34,31 +35,6 @@ impl Listeners {
                 unix: None,
             },
         }
-    }
-}
-
-/// The admin API's sockets, bound by [`crate::server::bind`].
-#[derive(Debug)]
-pub struct AdminListeners {
-    /// One per `admin.listen` address.
-    pub tcp: Vec<TcpListener>,
-    /// The listener and its path (removed at exit).
-    pub unix: Option<(UnixListener, PathBuf)>,
-}
-
-impl AdminListeners {
-    /// The bound addresses, as the token files name them.
-    pub fn addrs(&self) -> Vec<chatd_proto::AdminAddr> {
-        let tcp = self
-            .tcp
-            .iter()
-            .filter_map(|l| l.local_addr().ok())
-            .map(chatd_proto::AdminAddr::Tcp);
-        let unix = self
-            .unix
-            .as_ref()
-            .map(|(_, path)| chatd_proto::AdminAddr::Unix(path.clone()));
-        tcp.into_iter().chain(unix).collect()
     }
 }
 

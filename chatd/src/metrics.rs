@@ -13,14 +13,13 @@
 
 use std::io;
 use std::net::SocketAddr;
-use std::sync::{Arc, LazyLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use prometheus_client::collector::Collector;
-use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric, NoLabelSet};
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric, NoLabelSet};
 use prometheus_client::metrics::MetricType;
-use prometheus_client::metrics::counter::{ConstCounter, Counter};
-use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::registry::Registry;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -36,25 +35,6 @@ use crate::stats::{Counters, Stats, StatsSnapshot};
 
 /// Longest request head read.
 const MAX_REQUEST: usize = 8 * 1024;
-
-#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct RpcLabels {
-    method: String,
-    status: String,
-}
-
-static ADMIN_RPCS: LazyLock<Family<RpcLabels, Counter>> = LazyLock::new(Family::default);
-
-/// Counts one admin RPC by method (e.g. `"Kick"`) and status code name
-/// (e.g. `"OK"`, `"NOT_FOUND"`).
-pub fn admin_rpc(method: &str, status: &str) {
-    ADMIN_RPCS
-        .get_or_create(&RpcLabels {
-            method: method.to_string(),
-            status: status.to_string(),
-        })
-        .inc();
-}
 
 /// Binds `[metrics] listen`, if set.
 pub fn bind(config: &Config) -> Result<Option<TcpListener>, BindError> {
@@ -74,7 +54,7 @@ pub fn render(hub: &Hub) -> String {
     registry.register(
         "admin_rpcs",
         "Admin API calls, by method and status",
-        ADMIN_RPCS.clone(),
+        crate::admin::observe::ADMIN_RPCS.clone(),
     );
     registry.register_collector(Box::new(HubCollector { hub: hub.clone() }));
     let mut text = String::new();
@@ -346,9 +326,9 @@ mod tests {
             .validate()
             .expect("defaults validate");
         let hub = Hub::new(config);
-        admin_rpc("Kick", "OK");
-        admin_rpc("Kick", "OK");
-        admin_rpc("Kick", "NOT_FOUND");
+        crate::admin::observe::admin_rpc("Kick", "OK");
+        crate::admin::observe::admin_rpc("Kick", "OK");
+        crate::admin::observe::admin_rpc("Kick", "NOT_FOUND");
         let text = render(&hub);
         assert!(
             text.contains("chatd_admin_rpcs_total{method=\"Kick\",status=\"OK\"} 2"),

@@ -18,6 +18,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
 
 use crate::activation::Activated;
+use crate::admin::AdminListeners;
 use crate::admin::{self, AdminSetup, SetupError};
 use crate::bans::{BanError, Bans};
 use crate::clients::ClientThread;
@@ -29,7 +30,7 @@ use crate::control::Controls;
 use crate::front::{self, Door};
 use crate::handoff::Gate;
 use crate::hub::{Hub, Refusal};
-use crate::listen::{AdminListeners, BindError, Listeners, bind_tcp};
+use crate::listen::{BindError, Listeners, bind_tcp};
 use crate::rate_log::RateLimitedLog;
 use crate::reload::Reloader;
 use crate::telemetry::LogLevel;

@@ -168,7 +168,7 @@ fn node(url: &str, id: &str, env: &[(&str, &str)]) -> TestServer {
         ("CHATD_CLUSTER__NATS_URLS", url),
         ("CHATD_CLUSTER__NODE_ID", id),
         // Subscriptions are logged at debug: tests wait for them.
-        ("CHATD_LOG__LEVEL", "info,chatd::cluster=debug"),
+        ("CHATD_LOG__LEVEL", "info,chatd_cluster=debug"),
     ];
     all.extend_from_slice(env);
     TestServer::with_env(&all)
@@ -183,7 +183,7 @@ fn upgradable_node(url: &str, id: &str) -> TestServer {
         &[
             ("CHATD_CLUSTER__NATS_URLS", url),
             ("CHATD_CLUSTER__NODE_ID", id),
-            ("CHATD_LOG__LEVEL", "info,chatd::cluster=debug"),
+            ("CHATD_LOG__LEVEL", "info,chatd_cluster=debug"),
         ],
     )
 }

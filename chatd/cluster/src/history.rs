@@ -3,13 +3,13 @@
 //! batches of each room, whichever node published them, on NATS's disk.
 //!
 //! A node loads a room's history when the room gains its first member on
-//! it (the joining client waits, see [`crate::hub::Hub::request_join`]):
+//! it (the joining client waits, see [`chatd_hub::hub::Hub::request_join`]):
 //! the room's subscription is in place first, then the stored batches are
 //! read one by one (direct get, by subject), and they replace the room's
 //! history on this node. Live batches that arrive meanwhile wait in the
 //! subscription and are handed on after it, skipping those the stored
 //! ones already hold: every batch carries an id (`Chatd-Id`, its sender's
-//! position: node, epoch and sequence, see [`crate::cluster_seq`]), which
+//! position: node, epoch and sequence, see [`crate::seq`]), which
 //! the stream keeps with it. The same id goes in `Nats-Msg-Id`, so a batch
 //! published again after a reconnect is stored once; and a batch replayed
 //! to fill a gap is skipped by the same id when the stream held it. So a joining client reads

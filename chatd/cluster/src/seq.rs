@@ -189,18 +189,18 @@ impl Receipts {
     /// The receiving side of `stream`, carrying on from the previous
     /// process if it received it.
     pub fn open(&self, stream: &str) -> Arc<Mutex<Seen>> {
-        let seen = crate::lock::lock(&self.inherited)
+        let seen = chatd_hub::lock::lock(&self.inherited)
             .remove(stream)
             .unwrap_or_default();
         let seen = Arc::new(Mutex::new(seen));
-        crate::lock::lock(&self.streams).insert(stream.to_string(), seen.clone());
+        chatd_hub::lock::lock(&self.streams).insert(stream.to_string(), seen.clone());
         seen
     }
 
     /// `stream` is no longer received (by `seen`, as [`Receipts::open`]
     /// gave it: a later subscription of the same stream keeps its own).
     pub fn close(&self, stream: &str, seen: &Arc<Mutex<Seen>>) {
-        let mut streams = crate::lock::lock(&self.streams);
+        let mut streams = chatd_hub::lock::lock(&self.streams);
         if streams.get(stream).is_some_and(|s| Arc::ptr_eq(s, seen)) {
             streams.remove(stream);
         }
@@ -208,18 +208,18 @@ impl Receipts {
 
     /// Every stream's position, waiting for any message being handed on.
     pub fn export(&self) -> Vec<StreamReceipts> {
-        let streams: Vec<(String, Arc<Mutex<Seen>>)> = crate::lock::lock(&self.streams)
+        let streams: Vec<(String, Arc<Mutex<Seen>>)> = chatd_hub::lock::lock(&self.streams)
             .iter()
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
         let mut out: Vec<StreamReceipts> = streams
             .into_iter()
             .map(|(stream, seen)| StreamReceipts {
-                senders: crate::lock::lock(&seen).export(),
+                senders: chatd_hub::lock::lock(&seen).export(),
                 stream,
             })
             .collect();
-        for (stream, seen) in crate::lock::lock(&self.inherited).iter() {
+        for (stream, seen) in chatd_hub::lock::lock(&self.inherited).iter() {
             if !out.iter().any(|s| s.stream == *stream) {
                 out.push(StreamReceipts {
                     stream: stream.clone(),
@@ -479,7 +479,7 @@ mod tests {
     fn private_messages_are_a_stream_per_node_beside_the_rooms() {
         let key = private_stream("node-b");
         assert!(
-            crate::protocol::normalize_room(&key).is_err(),
+            chatd_text::protocol::normalize_room(&key).is_err(),
             "never a room"
         );
         assert_eq!(
@@ -546,6 +546,6 @@ mod tests {
     }
 
     fn lock_seen(seen: &Mutex<Seen>) -> std::sync::MutexGuard<'_, Seen> {
-        crate::lock::lock(seen)
+        chatd_hub::lock::lock(seen)
     }
 }

@@ -10,15 +10,15 @@ use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
 use super::subjects::KindOnWire;
-use crate::cluster_seq::{self, Seen};
-use crate::cluster_state::{Kind, Pause};
+use crate::seq::{self, Seen};
+use chatd_hub::cluster_state::{Kind, Pause};
 
 /// How long a node waits for another to replay what it missed.
 pub(super) const REPLAY_DEADLINE: Duration = Duration::from_secs(1);
 
 /// Runs `hand_on` with a stream's `seen` locked, once no upgrade has the
 /// clients frozen: what a stream has handed on is then exactly what an
-/// upgrade reads ([`cluster_seq::Receipts`]). `None` when an upgrade
+/// upgrade reads ([`seq::Receipts`]). `None` when an upgrade
 /// committed meanwhile: the new process asks the senders for the rest.
 pub(crate) async fn unless_frozen<T>(
     pause: &dyn Pause,
@@ -27,7 +27,7 @@ pub(crate) async fn unless_frozen<T>(
 ) -> Option<T> {
     loop {
         {
-            let mut seen = crate::lock::lock(seen);
+            let mut seen = chatd_hub::lock::lock(seen);
             if !pause.is_frozen() {
                 return Some(hand_on(&mut seen));
             }
@@ -57,7 +57,7 @@ pub(super) async fn replay(
 }
 
 /// [`replay`] of any backlog stream (a room, or the private messages for
-/// a node, [`cluster_seq::private_stream`]), with the kind bytes as kept.
+/// a node, [`seq::private_stream`]), with the kind bytes as kept.
 pub(crate) async fn replay_raw(
     client: &async_nats::Client,
     subject: String,
@@ -65,7 +65,7 @@ pub(crate) async fn replay_raw(
     after: u64,
     before: u64,
 ) -> Vec<(u8, u64, Bytes)> {
-    let asked = client.request(subject, cluster_seq::replay_request(room, after));
+    let asked = client.request(subject, seq::replay_request(room, after));
     let answer = match tokio::time::timeout(REPLAY_DEADLINE, asked).await {
         Ok(Ok(answer)) => answer,
         Ok(Err(e)) => {
@@ -77,7 +77,7 @@ pub(crate) async fn replay_raw(
             return Vec::new();
         }
     };
-    cluster_seq::decode_replay(answer.payload)
+    seq::decode_replay(answer.payload)
         .unwrap_or_default()
         .into_iter()
         .filter(|(_, seq, _)| *seq < before)

@@ -3,8 +3,8 @@
 use tonic::Status;
 
 use super::control::ControlError;
-use crate::bans::BanError;
-use crate::hub::HubError;
+use chatd_hub::bans::BanError;
+use chatd_hub::hub::HubError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AdminError {

@@ -11,13 +11,15 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::LazyLock;
 use std::task::{Context, Poll};
 
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use tonic::codegen::http;
 use tracing::Instrument;
 use tracing::field::Empty;
-
-use crate::metrics;
 
 #[derive(Debug, Clone, Copy, Default)]
 pub struct ObserveLayer;
@@ -75,7 +77,7 @@ where
                     Err(_) => "UNKNOWN",
                 };
                 recorded.record("rpc.grpc.status", status);
-                metrics::admin_rpc(method, status);
+                admin_rpc(method, status);
                 result
             }
             .instrument(span),
@@ -155,6 +157,27 @@ fn status_name(headers: &http::HeaderMap) -> &'static str {
         tonic::Code::DataLoss => "DATA_LOSS",
         tonic::Code::Unauthenticated => "UNAUTHENTICATED",
     }
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RpcLabels {
+    method: String,
+    status: String,
+}
+
+/// Admin API calls by method and status, registered by the metrics
+/// endpoint (`admin_rpcs`).
+pub static ADMIN_RPCS: LazyLock<Family<RpcLabels, Counter>> = LazyLock::new(Family::default);
+
+/// Counts one admin RPC by method (e.g. `"Kick"`) and status code name
+/// (e.g. `"OK"`, `"NOT_FOUND"`).
+pub fn admin_rpc(method: &str, status: &str) {
+    ADMIN_RPCS
+        .get_or_create(&RpcLabels {
+            method: method.to_string(),
+            status: status.to_string(),
+        })
+        .inc();
 }
 
 #[cfg(test)]

@@ -8,8 +8,8 @@ use prost::Message;
 
 use super::convert;
 use super::service::answer_remote;
-use crate::cluster_state::{AdminHandler, BoxFuture, WatchCodec, WatchItem};
-use crate::hub::{Event, Hub};
+use chatd_hub::cluster_state::{AdminHandler, BoxFuture, WatchCodec, WatchItem};
+use chatd_hub::hub::{Event, Hub};
 
 /// Answers other nodes' admin requests from this node's hub.
 #[derive(Debug, Clone)]

@@ -1,13 +1,13 @@
 //! Cluster mode: rooms that span several chatd nodes, through NATS.
 //!
 //! This module owns the NATS connection and is the only code that talks to
-//! NATS. It is the NATS implementation of [`ClusterState`](crate::cluster_state::ClusterState): the hub stays
+//! NATS. It is the NATS implementation of [`ClusterState`](chatd_hub::cluster_state::ClusterState): the hub stays
 //! the single-node hub and asks the [`Link`] what it asks
-//! [`SingleNode`](crate::cluster_state::SingleNode) on one node. It hands this module every batch published in a room and
-//! every room notice ([`ClusterState::offer`](crate::cluster_state::ClusterState::offer), a `try_send` on a bounded
+//! [`SingleNode`](chatd_hub::cluster_state::SingleNode) on one node. It hands this module every batch published in a room and
+//! every room notice ([`ClusterState::offer`](chatd_hub::cluster_state::ClusterState::offer), a `try_send` on a bounded
 //! channel: the hot path never waits on the network), and says when a room
 //! gains its first or loses its last local member
-//! ([`ClusterState::interest_changed`](crate::cluster_state::ClusterState::interest_changed)). One task, the node's cluster task,
+//! ([`ClusterState::interest_changed`](chatd_hub::cluster_state::ClusterState::interest_changed)). One task, the node's cluster task,
 //! then:
 //!
 //! - publishes each batch once to `NAME.room.ROOM.chat` (a room notice to
@@ -20,7 +20,7 @@
 //! - watches the connection: when NATS is lost the users in rooms are told
 //!   once, and once again when it is back (the client reconnects by itself,
 //!   with backoff). A reconnect within `HOLD` (2 s; another server of a NATS
-//!   cluster) loses nothing: batches carry positions ([`cluster_seq`]),
+//!   cluster) loses nothing: batches carry positions ([`seq`]),
 //!   the node publishes again what its server had not confirmed, and a node
 //!   that missed some asks their sender for them. Past `HOLD`, batches
 //!   for other nodes are dropped and counted, not queued. Private
@@ -31,14 +31,14 @@
 //! `NAME.admin.OP` (through the [`AdminHandler`] the wiring gives
 //! [`start`]), and the node an
 //! operator talks to scatters a request there and gathers the answers until
-//! a deadline ([`ADMIN_DEADLINE`](crate::cluster_state::ADMIN_DEADLINE)), so a dead node makes a call slower, never
+//! a deadline ([`ADMIN_DEADLINE`](chatd_hub::cluster_state::ADMIN_DEADLINE)), so a dead node makes a call slower, never
 //! hang, and the reply names the nodes that answered. Nodes say they are
 //! there on `NAME.nodes` (presence), so a gather can stop once every live
 //! node answered and name the live ones that did not.
 //!
 //! Nicks are unique cluster-wide through a JetStream key-value bucket
 //! ([`nicks`]): `/nick` asks the nick task through
-//! [`ClusterState::claim_nick`](crate::cluster_state::ClusterState::claim_nick) and the client's connection waits for the
+//! [`ClusterState::claim_nick`](chatd_hub::cluster_state::ClusterState::claim_nick) and the client's connection waits for the
 //! answer without blocking anything else.
 //!
 //! Who is where on the other nodes ([`members`]) makes `/who`, `/rooms`,
@@ -55,10 +55,12 @@ pub mod history;
 mod link;
 mod member_task;
 pub mod members;
+pub mod nats_options;
 pub mod nicks;
 mod node;
 mod receive;
 mod room;
+pub mod seq;
 mod stream;
 mod subjects;
 pub mod watch;
@@ -78,11 +80,10 @@ pub use room::well_formed;
 pub use stream::{create_stream, replicas};
 pub use subjects::{ERROR_HEADER, KIND_HEADER, NODE_HEADER};
 
-use crate::cluster_seq;
-use crate::cluster_state::{AdminBus, AdminHandler, Pause, WatchCodec};
-pub use crate::cluster_state::{Answer, GatherError, Gathered, Kind};
-use crate::config::ClusterConfig;
-use crate::hub::Hub;
+use chatd_config::ClusterConfig;
+use chatd_hub::cluster_state::{AdminBus, AdminHandler, Pause, WatchCodec};
+pub use chatd_hub::cluster_state::{Answer, GatherError, Gathered, Kind};
+use chatd_hub::hub::Hub;
 
 /// Batches waiting for the cluster task. Past it, batches for other nodes
 /// are dropped and counted: local chat never waits for NATS.
@@ -94,19 +95,19 @@ pub struct Seams {
     /// Answers other nodes' admin requests on this node.
     pub admin: Arc<dyn AdminHandler>,
     /// Encodes this node's events for the other nodes' watches.
-    pub codec: Arc<dyn WatchCodec<crate::hub::Event>>,
+    pub codec: Arc<dyn WatchCodec<chatd_hub::hub::Event>>,
     /// The upgrade's freeze.
     pub pause: Arc<dyn Pause>,
     /// The previous process's receiving positions, after a seamless
     /// upgrade; empty otherwise.
-    pub inherited: Vec<cluster_seq::StreamReceipts>,
+    pub inherited: Vec<seq::StreamReceipts>,
 }
 
 /// The running cluster, as [`start`] returns it to the wiring.
 #[derive(Debug, Clone)]
 pub struct Cluster {
     admin: watch::AdminLink,
-    receipts: Arc<cluster_seq::Receipts>,
+    receipts: Arc<seq::Receipts>,
 }
 
 impl Cluster {
@@ -116,8 +117,8 @@ impl Cluster {
     }
 
     /// What every subscribed stream has handed on from each other node,
-    /// for a seamless upgrade ([`cluster_seq::Receipts::export`]).
-    pub fn receipts(&self) -> Arc<cluster_seq::Receipts> {
+    /// for a seamless upgrade ([`seq::Receipts::export`]).
+    pub fn receipts(&self) -> Arc<seq::Receipts> {
         self.receipts.clone()
     }
 }
@@ -152,7 +153,7 @@ pub async fn start(
         nicks: Some(nicks_tx),
         prefix: Some(format!("{}.", config.name)),
         loads: (per_room > 0).then_some(loads_tx),
-        receipts: Arc::new(cluster_seq::Receipts::inheriting(&seams.inherited)),
+        receipts: Arc::new(seq::Receipts::inheriting(&seams.inherited)),
         ..Link::new(
             tx,
             &config.node_id,
@@ -265,7 +266,7 @@ mod tests {
 
     fn hub() -> Hub {
         Hub::new(
-            crate::config::RawConfig::default()
+            chatd_config::RawConfig::default()
                 .validate()
                 .expect("defaults"),
         )
@@ -275,7 +276,7 @@ mod tests {
         std::net::SocketAddr::from(([127, 0, 0, n], 40000 + u16::from(n)))
     }
 
-    fn drain(client: &crate::hub::Client) -> String {
+    fn drain(client: &chatd_hub::hub::Client) -> String {
         let mut q = std::collections::VecDeque::new();
         client.outbox.take(&mut q);
         let n: usize = q.iter().map(|b| b.len()).sum();
@@ -289,7 +290,7 @@ mod tests {
             tx,
             "web1",
             Duration::from_secs(6),
-            Arc::new(crate::cluster_state::NeverPaused),
+            Arc::new(chatd_hub::cluster_state::NeverPaused),
         );
         (Arc::new(link), rx)
     }
@@ -360,7 +361,7 @@ mod tests {
             hub.publish(&room, a.id, Bytes::from_static(b"<a> more\r\n"), 1);
         }
         assert_eq!(link.dropped(), 3);
-        hub.leave(&a, &crate::disconnect::Disconnect::Closed);
+        hub.leave(&a, &chatd_hub::disconnect::Disconnect::Closed);
         assert!(
             link.interest.notified().now_or_never().is_some(),
             "the last member leaving drops it"

@@ -12,7 +12,7 @@
 
 use async_nats::{ConnectError, ConnectErrorKind, ConnectOptions};
 
-use crate::config::{ClusterConfig, NatsAuth};
+use chatd_config::{ClusterConfig, NatsAuth};
 
 /// Why the options could not be built.
 #[derive(Debug, thiserror::Error)]

@@ -20,10 +20,10 @@ use super::auth::Caller;
 use super::control::Control;
 use super::convert;
 use super::error::AdminError;
-use crate::bans::{self, Ban};
-use crate::cluster_state::ADMIN_DEADLINE;
-use crate::cluster_state::{AdminBus, Answer, Gathered, RemoteEvents};
-use crate::hub::{Hub, HubError, Target};
+use chatd_hub::bans::{self, Ban};
+use chatd_hub::cluster_state::ADMIN_DEADLINE;
+use chatd_hub::cluster_state::{AdminBus, Answer, Gathered, RemoteEvents};
+use chatd_hub::hub::{Hub, HubError, Target};
 
 /// Longest broadcast text accepted, in bytes: one server line to everyone.
 pub const MAX_BROADCAST_BYTES: usize = 1024;
@@ -110,7 +110,7 @@ fn at_most(what: &str, text: &str, max: usize) -> Result<(), AdminError> {
 /// Admin-supplied text as the audit log shows it: cleaned like chat text,
 /// so line breaks and terminal escapes cannot forge or hide log lines.
 fn logged(text: &str) -> String {
-    crate::sanitize::clean(text)
+    chatd_text::sanitize::clean(text)
 }
 
 /// The node a client request names: none when empty; otherwise it must be
@@ -250,7 +250,7 @@ fn remote_client(
 async fn remote_ban(hub: &Hub, entry: pb::BanEntry) -> Result<pb::BanResponse, Status> {
     let ban = Ban {
         net: bans::parse_target(&entry.target).map_err(AdminError::from)?,
-        reason: crate::sanitize::clean(&entry.reason),
+        reason: chatd_text::sanitize::clean(&entry.reason),
         created_at: entry
             .created_at
             .and_then(|t| SystemTime::try_from(t).ok())
@@ -571,7 +571,7 @@ impl Admin for AdminService {
     ) -> Reply<pb::KickClientResponse> {
         let by = who(&request);
         let r = request.into_inner();
-        at_most("reason", &r.reason, crate::bans::MAX_REASON_BYTES)?;
+        at_most("reason", &r.reason, chatd_hub::bans::MAX_REASON_BYTES)?;
         self.check_node(&r.node)?;
         let by_id_here = matches!(
             r.client.as_ref().and_then(|c| c.selector.as_ref()),
@@ -682,11 +682,11 @@ impl Admin for AdminService {
     async fn ban(&self, request: Request<pb::BanRequest>) -> Reply<pb::BanResponse> {
         let by = who(&request);
         let r = request.into_inner();
-        at_most("reason", &r.reason, crate::bans::MAX_REASON_BYTES)?;
+        at_most("reason", &r.reason, chatd_hub::bans::MAX_REASON_BYTES)?;
         let now = SystemTime::now();
         let ban = Ban {
             net: bans::parse_target(&r.target).map_err(AdminError::from)?,
-            reason: crate::sanitize::clean(&r.reason),
+            reason: chatd_text::sanitize::clean(&r.reason),
             created_at: now,
             expires_at: expiry(r.expiry, now)?,
         };
@@ -831,7 +831,9 @@ impl Admin for AdminService {
                             },
                         };
                         let event = match next {
-                            Ok(crate::hub::Event::Message { .. }) if !include_messages => continue,
+                            Ok(chatd_hub::hub::Event::Message { .. }) if !include_messages => {
+                                continue;
+                            }
                             Ok(event) => convert::event(event),
                             Err(RecvError::Lagged(missed)) => convert::lagged(missed),
                             Err(RecvError::Closed) => return None,
@@ -903,8 +905,8 @@ mod tests {
     use futures_util::StreamExt;
 
     use super::*;
-    use crate::admin::control::{ControlError, ReloadReport, UpgradeReport};
-    use crate::config::RawConfig;
+    use crate::control::{ControlError, ReloadReport, UpgradeReport};
+    use chatd_config::RawConfig;
 
     /// A process that can neither reload nor upgrade: these tests ask for
     /// neither.
@@ -919,7 +921,7 @@ mod tests {
         fn upgrade(
             &self,
         ) -> Result<
-            crate::cluster_state::BoxFuture<'static, Result<UpgradeReport, ControlError>>,
+            chatd_hub::cluster_state::BoxFuture<'static, Result<UpgradeReport, ControlError>>,
             ControlError,
         > {
             Err(ControlError::Upgrade("no upgrade here".into()))

@@ -22,7 +22,7 @@ mod conn;
 pub mod control;
 mod convert;
 mod error;
-mod observe;
+pub mod observe;
 mod remote;
 mod service;
 
@@ -31,6 +31,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chatd_proto::admin::v1::admin_server::AdminServer;
+use tokio::net::{TcpListener, UnixListener};
 use tokio_util::sync::CancellationToken;
 use tonic::transport::{Identity, Server, ServerTlsConfig};
 use tonic_health::ServingStatus;
@@ -43,11 +44,10 @@ pub use remote::{EventCodec, RemoteAnswers};
 use service::AdminService;
 pub use service::MAX_BROADCAST_BYTES;
 
-use crate::cluster_state::AdminBus;
-use crate::config::{AdminConfig, Role, TokenConfig};
-use crate::files;
-use crate::hub::Hub;
-use crate::listen::AdminListeners;
+use chatd_config::{AdminConfig, Role, TokenConfig};
+use chatd_hub::cluster_state::AdminBus;
+use chatd_hub::files;
+use chatd_hub::hub::Hub;
 
 /// Why the admin API cannot start.
 #[derive(Debug, thiserror::Error)]
@@ -250,6 +250,31 @@ fn error_chain(err: &dyn std::error::Error) -> String {
         source = cause.source();
     }
     text
+}
+
+/// The admin API's sockets, bound by the daemon.
+#[derive(Debug)]
+pub struct AdminListeners {
+    /// One per `admin.listen` address.
+    pub tcp: Vec<TcpListener>,
+    /// The listener and its path (removed at exit).
+    pub unix: Option<(UnixListener, PathBuf)>,
+}
+
+impl AdminListeners {
+    /// The bound addresses, as the token files name them.
+    pub fn addrs(&self) -> Vec<chatd_proto::AdminAddr> {
+        let tcp = self
+            .tcp
+            .iter()
+            .filter_map(|l| l.local_addr().ok())
+            .map(chatd_proto::AdminAddr::Tcp);
+        let unix = self
+            .unix
+            .as_ref()
+            .map(|(_, path)| chatd_proto::AdminAddr::Unix(path.clone()));
+        tcp.into_iter().chain(unix).collect()
+    }
 }
 
 /// Serves the admin API on `listeners` until `stop` is cancelled. When

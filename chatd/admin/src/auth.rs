@@ -18,8 +18,8 @@ use tonic::Status;
 use tonic::codegen::http::{self, HeaderMap};
 use tracing::info;
 
-use crate::config::{Role, TokenConfig};
-use crate::rate_log::RateLimitedLog;
+use chatd_config::{Role, TokenConfig};
+use chatd_hub::rate_log::RateLimitedLog;
 
 /// Who is calling; found in every authorised request's extensions.
 #[derive(Debug, Clone)]
@@ -125,7 +125,7 @@ fn log_refusal(path: &str, message: &'static str) {
     while !path.is_char_boundary(end) {
         end -= 1;
     }
-    let path = crate::sanitize::clean(&path[..end]);
+    let path = chatd_text::sanitize::clean(&path[..end]);
     info!(path, suppressed, "{message}");
 }
 

@@ -1,7 +1,7 @@
 //! Cluster-wide nicks: a nick belongs to whoever created its key first in
 //! the JetStream key-value bucket `NAME_nicks`.
 //!
-//! The key is the nick's [`crate::protocol::fold`] (so `Alice`, `alice` and
+//! The key is the nick's [`chatd_text::protocol::fold`] (so `Alice`, `alice` and
 //! `a1ice` are one key, as on one node); the value says who holds it
 //! (`NODE CLIENT NICK`). A claim is a KV *create*, which NATS grants to
 //! exactly one of any number of concurrent callers; the others read "taken".
@@ -38,13 +38,13 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::cluster_state::Pause;
-use crate::hub::{ClientId, Hub};
+use chatd_hub::cluster_state::Pause;
+use chatd_hub::hub::{ClientId, Hub};
 
 /// How long one KV operation may take before a claim says "try again".
 const OP_TIMEOUT: Duration = Duration::from_secs(2);
 
-pub use crate::cluster_state::Claim;
+pub use chatd_hub::cluster_state::Claim;
 
 /// What the nick task is asked.
 #[derive(Debug)]
@@ -122,7 +122,7 @@ impl Nicks {
         node_id: Arc<str>,
         bucket: String,
         replicas: usize,
-        timings: &crate::config::ClusterTimings,
+        timings: &chatd_config::ClusterTimings,
         pause: Arc<dyn Pause>,
     ) -> Self {
         Self {

@@ -18,10 +18,10 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::subjects::KindOnWire;
-use crate::cluster_seq::{self, Backlog, Position, SEQ_HEADER};
-use crate::cluster_state::Kind;
-use crate::config::ClusterConfig;
-use crate::hub::Hub;
+use crate::seq::{self, Backlog, Position, SEQ_HEADER};
+use chatd_config::ClusterConfig;
+use chatd_hub::cluster_state::Kind;
+use chatd_hub::hub::Hub;
 
 use super::history;
 use super::link::{Link, Outgoing};
@@ -308,7 +308,7 @@ impl Node {
     }
 
     pub(super) fn lock_backlog(&self) -> std::sync::MutexGuard<'_, Backlog> {
-        crate::lock::lock(&self.backlog)
+        chatd_hub::lock::lock(&self.backlog)
     }
 
     /// Asks the server to send back the last sequence given out: when it
@@ -341,9 +341,9 @@ impl Node {
                 kind,
             } => (room, payload, kind.as_byte()),
             Outgoing::Private { node, payload } => (
-                Arc::from(cluster_seq::private_stream(&node)),
+                Arc::from(seq::private_stream(&node)),
                 payload,
-                cluster_seq::PRIVATE_KIND,
+                seq::PRIVATE_KIND,
             ),
             Outgoing::Direct { subject, payload } => {
                 // Membership changes are not held: a node that misses a
@@ -399,7 +399,7 @@ impl Node {
     /// message's position (the receiver drops repeats and asks for what
     /// it missed, see [`members`]).
     pub(super) async fn send_entry(&self, key: &str, pos: Position, kind: u8, payload: Bytes) {
-        if kind != cluster_seq::PRIVATE_KIND {
+        if kind != seq::PRIVATE_KIND {
             let kind = Kind::from_byte(kind).unwrap_or(Kind::Notice);
             return self.send(key, pos, kind, payload).await;
         }
@@ -449,7 +449,7 @@ impl Node {
     /// subscriptions of rooms without any.
     pub(super) fn reconcile(&mut self) {
         let wanted = self.hub.occupied_rooms();
-        let mut backlog = crate::lock::lock(&self.backlog);
+        let mut backlog = chatd_hub::lock::lock(&self.backlog);
         self.rooms.retain(|room, sub| {
             let keep = wanted.contains(room);
             if !keep {
@@ -511,10 +511,10 @@ pub(super) async fn serve_replay(
     };
     while let Some(msg) = next_or_stop(&mut sub, &stop).await {
         let Some(reply) = msg.reply else { continue };
-        let Some((room, after)) = cluster_seq::parse_replay_request(&msg.payload) else {
+        let Some((room, after)) = seq::parse_replay_request(&msg.payload) else {
             continue;
         };
-        let answer = crate::lock::lock(&backlog).replay(room, after, REPLAY_MAX_BYTES);
+        let answer = chatd_hub::lock::lock(&backlog).replay(room, after, REPLAY_MAX_BYTES);
         if let Err(e) = client.publish(reply, answer).await {
             debug!(error = %e, "cluster: cannot answer a replay request");
         }
@@ -539,7 +539,7 @@ pub(super) async fn sleep_until(at: Option<tokio::time::Instant>) {
     }
 }
 
-/// This process's epoch for its positions ([`cluster_seq`]): random, so
+/// This process's epoch for its positions ([`seq`]): random, so
 /// that a restarted node's numbers never pass for its previous process's.
 /// A clock-based epoch only if the system has no randomness at all: two
 /// starts of a node within a nanosecond are not a concern.
@@ -554,5 +554,5 @@ fn epoch() -> u64 {
 }
 
 /// Published batches kept to publish again after a reconnect and to replay
-/// to a node that missed some ([`cluster_seq`]).
+/// to a node that missed some ([`seq`]).
 const BACKLOG_CAPACITY: usize = 4096;

@@ -12,7 +12,7 @@ use futures_util::StreamExt;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
-use crate::cluster_state::{ADMIN_DEADLINE, AdminHandler, Answer, GatherError, Gathered};
+use chatd_hub::cluster_state::{ADMIN_DEADLINE, AdminHandler, Answer, GatherError, Gathered};
 
 use super::receive::next_or_stop;
 use super::subjects::{ERROR_HEADER, NODE_HEADER};
@@ -122,7 +122,7 @@ impl Bus {
     /// Other nodes heard within `ttl` (at most [`PRESENCE_TTL`]).
     pub fn peers_within(&self, ttl: Duration) -> Vec<String> {
         let now = std::time::Instant::now();
-        let peers = crate::lock::lock(&self.peers);
+        let peers = chatd_hub::lock::lock(&self.peers);
         peers
             .iter()
             .filter(|(_, seen)| now.duration_since(**seen) < ttl)
@@ -133,7 +133,7 @@ impl Bus {
     /// Other nodes heard within [`PRESENCE_TTL`].
     pub fn live_peers(&self) -> Vec<String> {
         let now = std::time::Instant::now();
-        let mut peers = crate::lock::lock(&self.peers);
+        let mut peers = chatd_hub::lock::lock(&self.peers);
         peers.retain(|_, seen| now.duration_since(*seen) < PRESENCE_TTL);
         peers.keys().cloned().collect()
     }
@@ -172,7 +172,7 @@ pub(super) async fn presence(bus: Bus, subject: String, stop: CancellationToken)
                 if node == &*bus.node_id || node.is_empty() {
                     continue;
                 }
-                let new = crate::lock::lock(&bus.peers)
+                let new = chatd_hub::lock::lock(&bus.peers)
                     .insert(node.to_string(), std::time::Instant::now())
                     .is_none();
                 if new {

@@ -6,11 +6,11 @@ use chatd_proto::admin::v1 as pb;
 use pb::event::Kind;
 use prost::Message;
 
-use crate::bans::Ban;
-use crate::cluster_state::Relayed;
-use crate::disconnect::Disconnect;
-use crate::hub::{ClientInfo, Event, RoomInfo};
-use crate::stats::StatsSnapshot;
+use chatd_hub::bans::Ban;
+use chatd_hub::cluster_state::Relayed;
+use chatd_hub::disconnect::Disconnect;
+use chatd_hub::hub::{ClientInfo, Event, RoomInfo};
+use chatd_hub::stats::StatsSnapshot;
 
 pub fn timestamp(t: SystemTime) -> prost_types::Timestamp {
     prost_types::Timestamp::from(t)

@@ -15,8 +15,8 @@ use super::link::Link;
 use super::members::{MemberMsg, PmMsg, Wire, part_budget, plausible_nick};
 use super::receive::{replay_raw, unless_frozen};
 use super::subjects::NODE_HEADER;
-use crate::cluster_seq::{PRIVATE_KIND, Position, SEQ_HEADER, Seen, Verdict, private_stream};
-use crate::hub::Hub;
+use crate::seq::{PRIVATE_KIND, Position, SEQ_HEADER, Seen, Verdict, private_stream};
+use chatd_hub::hub::Hub;
 
 /// How often tables of silent nodes are dropped (queries skip them at once).
 const PRUNE_EVERY: Duration = Duration::from_secs(2);
@@ -221,7 +221,7 @@ impl Task {
         });
         let mut payloads = Vec::new();
         if let Some((from, pos)) = &from_pos {
-            let verdict = crate::lock::lock(&self.pm_seen).check(from, *pos);
+            let verdict = chatd_hub::lock::lock(&self.pm_seen).check(from, *pos);
             match verdict {
                 Verdict::Duplicate => return true,
                 Verdict::Deliver => {}
@@ -282,7 +282,7 @@ fn deliver(hub: &Hub, pm: PmMsg) -> Option<PmMsg> {
     if let Some(error) = &pm.error {
         hub.notify_client(
             pm.from_id,
-            &format!("error: {}", crate::sanitize::clean(error)),
+            &format!("error: {}", chatd_text::sanitize::clean(error)),
         );
         return None;
     }

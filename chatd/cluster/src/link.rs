@@ -10,9 +10,9 @@ use bytes::Bytes;
 use tokio::sync::{Notify, mpsc};
 use tracing::warn;
 
-use crate::clock;
-use crate::cluster_seq::{self};
-use crate::cluster_state::{Claim, ClientId, ClusterState, Kind, Pause, Reply};
+use crate::seq::{self};
+use chatd_hub::clock;
+use chatd_hub::cluster_state::{Claim, ClientId, ClusterState, Kind, Pause, Reply};
 
 use super::bus::Bus;
 use super::{members, nicks};
@@ -30,7 +30,7 @@ pub(super) enum Outgoing {
         kind: Kind,
     },
     /// A private message (a [`members::PmMsg`]) for a client of `node`:
-    /// positioned and kept like a room's batch ([`cluster_seq`]).
+    /// positioned and kept like a room's batch ([`seq`]).
     Private { node: Arc<str>, payload: Bytes },
     /// A membership change, for `subject`.
     Direct { subject: String, payload: Bytes },
@@ -70,7 +70,7 @@ pub struct Link {
     pub(super) loads: Option<mpsc::UnboundedSender<(Arc<str>, tokio::sync::oneshot::Sender<()>)>>,
     /// What each room's listener and the private messages' receiver have
     /// handed on, per sending node (for a seamless upgrade).
-    pub(super) receipts: Arc<cluster_seq::Receipts>,
+    pub(super) receipts: Arc<seq::Receipts>,
     /// The upgrade's freeze, which the receivers wait out.
     pub(super) pause: Arc<dyn Pause>,
 }
@@ -177,7 +177,7 @@ impl ClusterState for Link {
 
     /// `guest-7-TAG`, with this node's [`node_tag`].
     fn guest_nick(&self, id: ClientId) -> String {
-        format!("{}{id}-{}", crate::protocol::GUEST_PREFIX, self.tag)
+        format!("{}{id}-{}", chatd_text::protocol::GUEST_PREFIX, self.tag)
     }
 
     /// Asks the nick task; the answer comes later. Without a nick task
@@ -188,7 +188,7 @@ impl ClusterState for Link {
         };
         let (reply, answer) = tokio::sync::oneshot::channel();
         let sent = tx.send(nicks::Request::Claim {
-            key: crate::protocol::fold(nick),
+            key: chatd_text::protocol::fold(nick),
             nick: nick.into(),
             client,
             reply,
@@ -203,7 +203,7 @@ impl ClusterState for Link {
     fn hold_nick(&self, nick: &str, client: ClientId) {
         if let Some(tx) = &self.nicks {
             let _ = tx.send(nicks::Request::Hold {
-                key: crate::protocol::fold(nick),
+                key: chatd_text::protocol::fold(nick),
                 nick: nick.into(),
                 client,
             });
@@ -213,7 +213,7 @@ impl ClusterState for Link {
     fn release_nick(&self, nick: &str, client: ClientId) {
         if let Some(tx) = &self.nicks {
             let _ = tx.send(nicks::Request::Release {
-                key: crate::protocol::fold(nick),
+                key: chatd_text::protocol::fold(nick),
                 client,
             });
         }
@@ -221,7 +221,7 @@ impl ClusterState for Link {
 
     /// Numbered and queued for the other nodes' tables ([`members`]);
     /// called under the hub's `state` lock, so that numbers follow the
-    /// order of changes and a snapshot ([`Hub::member_snapshot`](crate::hub::Hub::member_snapshot)) holds
+    /// order of changes and a snapshot ([`Hub::member_snapshot`](chatd_hub::hub::Hub::member_snapshot)) holds
     /// exactly the changes up to its number. A change dropped on a full
     /// queue makes the others ask for a snapshot.
     fn member_set(&self, id: ClientId, nick: &str, room: &str) {
@@ -265,7 +265,7 @@ impl ClusterState for Link {
 
     /// One NATS message, to `NAME.pm.NODE` of the node that has `to`,
     /// with a position, so that a NATS failover loses none
-    /// ([`cluster_seq`]).
+    /// ([`seq`]).
     fn send_private(
         &self,
         from: ClientId,

@@ -9,9 +9,9 @@ use async_nats::ConnectOptions;
 use tokio::sync::watch as tokio_watch;
 use tracing::{debug, info, warn};
 
-use crate::clock;
-use crate::config::{ClusterConfig, OnUnreachable};
 use crate::nats_options;
+use chatd_config::{ClusterConfig, OnUnreachable};
+use chatd_hub::clock;
 
 use super::link::WARN_EVERY_MS;
 

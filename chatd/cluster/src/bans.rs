@@ -19,8 +19,8 @@ use tokio::sync::{broadcast, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info};
 
-use crate::bans::{Ban, format_target, parse_target};
-use crate::hub::{Event, Hub};
+use chatd_hub::bans::{Ban, format_target, parse_target};
+use chatd_hub::hub::{Event, Hub};
 
 const OP_TIMEOUT: Duration = Duration::from_secs(2);
 /// Unbans made while NATS was away, remembered for the next settling; past
@@ -72,7 +72,7 @@ impl Entry {
         let at = |ms: u64| UNIX_EPOCH + Duration::from_millis(ms);
         Some(Ban {
             net: parse_target(&self.target).ok()?,
-            reason: crate::sanitize::clean(&self.reason),
+            reason: chatd_text::sanitize::clean(&self.reason),
             created_at: at(self.created_ms),
             expires_at: self.expires_ms.map(at),
         })
@@ -80,7 +80,7 @@ impl Entry {
 }
 
 fn ms(t: SystemTime) -> u64 {
-    crate::hub::unix_ms(t)
+    chatd_hub::hub::unix_ms(t)
 }
 
 /// The bucket key of a target: `:` (IPv6) is not allowed in keys.

@@ -11,9 +11,9 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use super::subjects::KindOnWire;
-use crate::cluster_seq::{self, Position, SEQ_HEADER, Seen, Verdict};
-use crate::cluster_state::{Kind, Pause};
-use crate::hub::Hub;
+use crate::seq::{self, Position, SEQ_HEADER, Seen, Verdict};
+use chatd_hub::cluster_state::{Kind, Pause};
+use chatd_hub::hub::Hub;
 
 use super::connect::START_WAIT;
 use super::history;
@@ -24,7 +24,7 @@ use super::subjects::NODE_HEADER;
 pub(super) struct Listener {
     pub(super) client: async_nats::Client,
     pub(super) hub: Hub,
-    pub(super) receipts: Arc<cluster_seq::Receipts>,
+    pub(super) receipts: Arc<seq::Receipts>,
     pub(super) pause: Arc<dyn Pause>,
     pub(super) node_id: Arc<str>,
     /// `NAME.room.ROOM`; chat batches on `.chat`, notices on `.notice`.
@@ -54,7 +54,7 @@ pub(super) async fn listen(
     let Some(mut sub) = l.subscribe(&stop).await else {
         return;
     };
-    // The last position handed on per sender ([`cluster_seq`]), carried on
+    // The last position handed on per sender ([`seq`]), carried on
     // from the previous process after a seamless upgrade.
     let seen = l.receipts.open(&l.room);
     let _close = CloseReceipts(&l.receipts, &l.room, seen.clone());
@@ -155,7 +155,7 @@ impl Listener {
         let pos = headers
             .get(SEQ_HEADER)
             .and_then(|p| Position::parse(p.as_str()));
-        let verdict = pos.map(|pos| crate::lock::lock(seen).check(&from, pos));
+        let verdict = pos.map(|pos| chatd_hub::lock::lock(seen).check(&from, pos));
         let mut missed = Vec::new();
         match (verdict, pos) {
             (Some(Verdict::Duplicate), _) => return true,
@@ -217,11 +217,7 @@ impl Listener {
 }
 
 /// Forgets a room's receiving position when its listener ends.
-pub(super) struct CloseReceipts<'a>(
-    &'a cluster_seq::Receipts,
-    &'a str,
-    Arc<std::sync::Mutex<Seen>>,
-);
+pub(super) struct CloseReceipts<'a>(&'a seq::Receipts, &'a str, Arc<std::sync::Mutex<Seen>>);
 
 impl Drop for CloseReceipts<'_> {
     fn drop(&mut self) {

@@ -4,7 +4,7 @@
 //!
 //! Every node numbers the changes of its clients (a client's nick and room
 //! set, or the client gone) and publishes each on `NAME.members`, in order
-//! (see [`crate::cluster_state::ClusterState::member_set`]); on connecting to NATS, and
+//! (see [`chatd_hub::cluster_state::ClusterState::member_set`]); on connecting to NATS, and
 //! whenever another node asks on `NAME.members.sync`, it publishes its whole
 //! table (a snapshot, numbered like the changes). A node keeps one table per
 //! other node: a snapshot replaces it, a change applies when it is the next
@@ -19,13 +19,13 @@
 //! is there; a part missing, or parts not all there within
 //! [`ASSEMBLY_LIMIT`], make the node ask for a new snapshot.
 //! A node that stops saying it is there (presence,
-//! [`crate::cluster::PRESENCE_TTL`]) no longer counts, and its table is
+//! [`crate::PRESENCE_TTL`]) no longer counts, and its table is
 //! dropped: a dead node's members leave `/who` and the counts within 10 s.
 //!
 //! Private messages to a client on another node go to that node's
 //! `NAME.pm.NODE`, one NATS message each; an error comes back only when the
 //! message cannot be delivered. Each carries its sender's position
-//! ([`crate::cluster_seq`]): a repeat (published again after a NATS
+//! ([`crate::seq`]): a repeat (published again after a NATS
 //! failover) is dropped, and a gap makes this task ask the sender for the
 //! missed ones on `NAME.replay.SENDER` (waiting at most a second, which
 //! holds up membership changes as long, on a gap only) before handing the
@@ -37,9 +37,9 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
-use crate::hub::ClientId;
-use crate::lock::lock;
-use crate::protocol;
+use chatd_hub::hub::ClientId;
+use chatd_hub::lock::lock;
+use chatd_text::protocol;
 
 /// The largest part of a snapshot, in bytes (of its JSON): a quarter of
 /// the server's `max_payload` when that is smaller. Small enough that a

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use tracing::{debug, info, warn};
 
-use crate::config::ClusterConfig;
+use chatd_config::ClusterConfig;
 
 use async_nats::jetstream::{self, kv};
 

@@ -49,11 +49,11 @@ use tracing::{debug, info, warn};
 
 use super::bus::Bus;
 use super::subjects::NODE_HEADER;
-use crate::cluster_state::{
+use chatd_hub::cluster_state::{
     AdminBus, Answer, BoxFuture, GatherError, Gathered, Relayed, RemoteEvents, WatchCodec,
     WatchItem, Watching,
 };
-use crate::hub::{Event, Hub, MessageWatch};
+use chatd_hub::hub::{Event, Hub, MessageWatch};
 
 /// The admin API's encoding of this node's events for the other nodes.
 pub type Codec = Arc<dyn WatchCodec<Event>>;
@@ -529,7 +529,7 @@ impl std::fmt::Debug for Remote {
 
 impl Remote {
     /// Takes a place in the node's feed of other nodes' events, asks every
-    /// node for them, and waits (at most [`crate::cluster_state::ADMIN_DEADLINE`])
+    /// node for them, and waits (at most [`chatd_hub::cluster_state::ADMIN_DEADLINE`])
     /// until the nodes known to be there relay. Returns the feed and who
     /// answered.
     pub async fn open(

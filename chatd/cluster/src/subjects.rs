@@ -1,7 +1,7 @@
 //! The names on the wire that more than one of the cluster's tasks uses:
 //! headers, and how a room message's kind is spelled.
 
-use crate::cluster_state::Kind;
+use chatd_hub::cluster_state::Kind;
 
 /// The header naming the node a message comes from.
 pub const NODE_HEADER: &str = "Chatd-Node";

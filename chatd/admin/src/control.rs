@@ -5,7 +5,7 @@
 use std::fmt;
 use std::time::Duration;
 
-use crate::cluster_state::BoxFuture;
+use chatd_hub::cluster_state::BoxFuture;
 
 /// Reload, upgrade, and whether this process handed everything over.
 pub trait Control: fmt::Debug + Send + Sync {

@@ -32,7 +32,7 @@ use tokio::time::{Instant, Sleep};
 use tonic::codegen::http;
 use tonic::transport::server::{Connected, TlsConnectInfo};
 
-use crate::lock::lock;
+use chatd_hub::lock::lock;
 
 /// The limits of one listener (from `[admin]`).
 #[derive(Debug, Clone, Copy)]
@@ -263,7 +263,7 @@ pub fn incoming<L: Accept>(
     limits: ConnLimits,
 ) -> impl Stream<Item = io::Result<Limited<L::Io>>> + Send + 'static {
     let slots = Arc::new(Semaphore::new(limits.max_connections));
-    let refused = crate::rate_log::RateLimitedLog::new(Duration::from_secs(60));
+    let refused = chatd_hub::rate_log::RateLimitedLog::new(Duration::from_secs(60));
     let open: Vec<std::sync::Weak<Activity>> = Vec::new();
     futures_util::stream::unfold(
         (listener, slots, refused, open),
