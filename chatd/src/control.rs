@@ -4,11 +4,11 @@
 
 use std::sync::{Arc, OnceLock};
 
-use crate::admin::control::{Control, ControlError, ReloadReport, UpgradeReport};
-use crate::cluster_state::BoxFuture;
 use crate::handoff::{Gate, UpgradeError, Upgrader};
-use crate::hub::Hub;
 use crate::reload::Reloader;
+use chatd_admin::control::{Control, ControlError, ReloadReport, UpgradeReport};
+use chatd_hub::cluster_state::BoxFuture;
+use chatd_hub::hub::Hub;
 
 #[derive(Debug)]
 pub struct Controls {

@@ -34,9 +34,9 @@ use tracing::{debug, warn};
 
 use crate::connection::{self, Chat};
 use crate::handoff::{Arrival, Export, Outcome, WaitingState};
-use crate::hub::{Refusal, Seat};
 use crate::proxy;
 use crate::tls::{self, Certs};
+use chatd_hub::hub::{Refusal, Seat};
 
 /// Which listener accepted the socket.
 #[derive(Debug, Clone)]
@@ -234,7 +234,7 @@ async fn serve_guarded(mut stream: TcpStream, peer: SocketAddr, guarded: Guarded
 /// at once, and drops it: a flood of connections gets no task, no timer
 /// and no log line each, and its descriptor is free again at once.
 pub(crate) fn refuse_fast(stream: &impl AsFd, refusal: &Refusal) {
-    let line = crate::hub::server_line(&format!("error: {refusal}"));
+    let line = chatd_hub::hub::server_line(&format!("error: {refusal}"));
     let _ = rustix::net::send(
         stream,
         &line,

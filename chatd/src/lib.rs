@@ -1,4 +1,17 @@
-//! chatd: a line-based chat daemon for `nc` and `telnet` users.
+//! chatd, the daemon: the front door, each client's connection, the
+//! upgrade, running under systemd and being watched, and the wiring of the
+//! layers below it.
+//!
+//! # Layers (crates, lowest first)
+//!
+//! - `chatd-text`: framing, telnet, commands, cleaning user text, rates.
+//!   Pure.
+//! - `chatd-config`: raw layers → one validated `Config`.
+//! - `chatd-hub`: clients, rooms, nicks, history, fan-out, bans, and the
+//!   seams to the cluster (`cluster_state`) in the hub's own terms.
+//! - `chatd-cluster` (NATS) and `chatd-admin` (gRPC), beside each other:
+//!   neither depends on the other.
+//! - this crate, which gives each of them what it needs at start.
 //!
 //! # Layout
 //!
@@ -9,30 +22,12 @@
 //! - [`front`]: between accept and chat: the real address ([`proxy`], PROXY
 //!   protocol from trusted load balancers) and TLS ([`tls`]).
 //! - [`connection`]: one client's task, the only owner of its socket.
-//! - [`framing`]: bytes → lines, with the line-length limit and telnet
-//!   filtering.
-//! - [`protocol`]: a line → a command; nick and room rules.
-//! - [`sanitize`]: cleaning user text for other people's terminals.
-//! - [`hub`]: clients, rooms and every fan-out; the operations the admin API
-//!   exposes.
-//! - [`outbox`]: one client's bounded outgoing queue; [`disconnect`]: why a
-//!   client leaves; [`grid`]: when a room's busy members are written to.
-//! - [`cluster_state`]: the seam between this node and the service: the
-//!   state all nodes share (nicks, members elsewhere, history, admin
-//!   across nodes), one interface with two implementations: in process
-//!   (one node) and NATS.
-//! - [`cluster`]: cluster mode, the NATS implementation; the NATS
-//!   connection and rooms that span nodes (the only code that talks to
-//!   NATS); [`nats_options`]: its credentials and TLS; [`cluster_seq`]:
-//!   stream positions, so a failover loses no line.
+//! - [`clients`]: the client thread that serves every chat connection.
 //! - [`udp_echo`]: the UDP echo port.
-//! - [`admin`]: the gRPC admin API (tokens, service, health, reflection).
-//! - [`bans`]: banned addresses and their file; [`files`]: private files
-//!   written atomically.
-//! - [`reload`]: re-reading the config at run time (admin `Reload`, SIGHUP).
-//! - [`netgroup`]: what one address is for the per-address limits.
-//! - [`config`], [`telemetry`] (with [`log_fields`]), [`stats`], [`rate`],
-//!   [`clock`]: what they say.
+//! - [`reload`]: re-reading the config at run time (admin `Reload`, SIGHUP);
+//!   [`control`]: reload and upgrade as the admin API asks for them.
+//! - [`telemetry`] (with [`log_fields`]), [`stall`], [`sockopt`]: what they
+//!   say.
 //! - [`notify`], [`journal`], [`metrics`]: running under systemd and being
 //!   watched (sd_notify, the journal, Prometheus).
 //! - [`handoff`]: seamless upgrade, handing every socket and client state to
@@ -60,16 +55,5 @@ pub mod telemetry;
 pub mod tls;
 pub mod udp_echo;
 
-pub use chatd_admin as admin;
-pub use chatd_cluster as cluster;
-pub use chatd_cluster::{nats_options, seq as cluster_seq};
-pub use chatd_config as config;
-pub use chatd_hub::{
-    bans, clock, cluster_state, disconnect, files, grid, hub, lock, netgroup, outbox, rate_log,
-    stats,
-};
-pub use chatd_text::{framing, protocol, rate, sanitize};
-
-pub use config::Config;
 pub use listen::Listeners;
 pub use server::{Daemon, bind};

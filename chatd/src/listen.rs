@@ -9,7 +9,7 @@ use std::net::SocketAddr;
 
 use socket2::SockRef;
 
-use crate::admin::AdminListeners;
+use chatd_admin::AdminListeners;
 use tokio::net::{TcpListener, TcpSocket, UdpSocket};
 
 /// Every socket the daemon serves, already bound.

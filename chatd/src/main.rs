@@ -13,9 +13,9 @@ use tracing::{error, info, warn};
 
 use chatd::Daemon;
 use chatd::activation::Activated;
-use chatd::config::{Config, Source};
 use chatd::reload::Reloader;
 use chatd::telemetry::Telemetry;
+use chatd_config::{Config, Source};
 
 /// A line-based chat daemon for nc and telnet, with a UDP echo port.
 #[derive(Parser, Debug)]
@@ -190,11 +190,13 @@ async fn serve(
     // one `bans.json`. A successor's predecessor holds the lock until it
     // exits; the successor takes it then.
     let _state_lock = match &restart.handoff {
-        None => Some(chatd::files::StateLock::acquire(&config.server.state_dir)?),
+        None => Some(chatd_hub::files::StateLock::acquire(
+            &config.server.state_dir,
+        )?),
         Some(_) => {
             let dir = config.server.state_dir.clone();
             tokio::spawn(async move {
-                match chatd::files::StateLock::take_over(
+                match chatd_hub::files::StateLock::take_over(
                     &dir,
                     std::time::Duration::from_millis(100),
                 )
@@ -275,7 +277,7 @@ async fn serve(
         state_dir,
         copies,
         daemon.generated_admin_token(),
-        cluster.as_ref().map(chatd::cluster::Cluster::receipts),
+        cluster.as_ref().map(chatd_cluster::Cluster::receipts),
         daemon.gate().clone(),
         shutdown.clone(),
     );
@@ -342,7 +344,7 @@ async fn prepare(
     listener_copies: usize,
     incoming: Option<&mut chatd::handoff::Incoming>,
     cluster_stop: &CancellationToken,
-) -> anyhow::Result<(Daemon, usize, Option<chatd::cluster::Cluster>)> {
+) -> anyhow::Result<(Daemon, usize, Option<chatd_cluster::Cluster>)> {
     let cluster = config.cluster.clone();
     let max_clients = config.limits.max_clients;
     let side = chatd::server::side_connections(&config);
@@ -375,7 +377,7 @@ async fn prepare(
     // reach NATS never serves. Connected before the clients are taken over,
     // so that the old process's users are not frozen while NATS answers.
     let connection = match &cluster {
-        Some(cluster) => Some(chatd::cluster::connect(cluster).await?),
+        Some(cluster) => Some(chatd_cluster::connect(cluster).await?),
         None => None,
     };
     // Everything above ran while the previous process served on; it
@@ -389,7 +391,7 @@ async fn prepare(
     // The cluster stops once chat has drained.
     let mut running = None;
     if let (Some(cluster), Some(connection)) = (&cluster, connection) {
-        let started = chatd::cluster::start(
+        let started = chatd_cluster::start(
             cluster,
             connection,
             daemon.hub().clone(),
@@ -481,7 +483,7 @@ async fn signals(
     handlers: Option<Handlers>,
     shutdown: CancellationToken,
     reloader: Reloader,
-    hub: chatd::hub::Hub,
+    hub: chatd_hub::hub::Hub,
     upgrader: chatd::handoff::Upgrader,
 ) {
     let Some(Handlers {
@@ -516,7 +518,7 @@ async fn signals(
 }
 
 /// SIGUSR2: the same as the admin API's `Upgrade`; the outcome is logged.
-async fn upgrade(upgrader: chatd::handoff::Upgrader, hub: chatd::hub::Hub) {
+async fn upgrade(upgrader: chatd::handoff::Upgrader, hub: chatd_hub::hub::Hub) {
     info!("SIGUSR2: upgrading");
     if let Err(e) = upgrader.upgrade(&hub).await {
         error!(error = %e, "SIGUSR2: upgrade failed; this process serves on");

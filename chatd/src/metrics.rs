@@ -28,10 +28,10 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
-use crate::config::{Config, MetricsConfig};
-use crate::hub::Hub;
 use crate::listen::{BindError, bind_tcp};
-use crate::stats::{Counters, Stats, StatsSnapshot};
+use chatd_config::{Config, MetricsConfig};
+use chatd_hub::hub::Hub;
+use chatd_hub::stats::{Counters, Stats, StatsSnapshot};
 
 /// Longest request head read.
 const MAX_REQUEST: usize = 8 * 1024;
@@ -54,7 +54,7 @@ pub fn render(hub: &Hub) -> String {
     registry.register(
         "admin_rpcs",
         "Admin API calls, by method and status",
-        crate::admin::observe::ADMIN_RPCS.clone(),
+        chatd_admin::observe::ADMIN_RPCS.clone(),
     );
     registry.register_collector(Box::new(HubCollector { hub: hub.clone() }));
     let mut text = String::new();
@@ -217,7 +217,7 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) {
     let slots = Arc::new(Semaphore::new(config.max_connections));
-    let busy = crate::rate_log::RateLimitedLog::new(Duration::from_secs(60));
+    let busy = chatd_hub::rate_log::RateLimitedLog::new(Duration::from_secs(60));
     loop {
         let accepted = tokio::select! {
             () = shutdown.cancelled() => return,
@@ -322,13 +322,13 @@ mod tests {
 
     #[test]
     fn admin_rpcs_are_counted_by_method_and_status() {
-        let config = crate::config::RawConfig::default()
+        let config = chatd_config::RawConfig::default()
             .validate()
             .expect("defaults validate");
         let hub = Hub::new(config);
-        crate::admin::observe::admin_rpc("Kick", "OK");
-        crate::admin::observe::admin_rpc("Kick", "OK");
-        crate::admin::observe::admin_rpc("Kick", "NOT_FOUND");
+        chatd_admin::observe::admin_rpc("Kick", "OK");
+        chatd_admin::observe::admin_rpc("Kick", "OK");
+        chatd_admin::observe::admin_rpc("Kick", "NOT_FOUND");
         let text = render(&hub);
         assert!(
             text.contains("chatd_admin_rpcs_total{method=\"Kick\",status=\"OK\"} 2"),

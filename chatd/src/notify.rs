@@ -14,8 +14,8 @@ use sd_notify::NotifyState;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
-use crate::hub::Hub;
-use crate::protocol::count;
+use chatd_hub::hub::Hub;
+use chatd_text::protocol::count;
 
 /// How often `STATUS=` is refreshed when no watchdog asks for more.
 const STATUS_EVERY: Duration = Duration::from_secs(10);

@@ -15,12 +15,12 @@
 use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
 
-use crate::admin::control::{CertReport, ReloadReport};
-use crate::bans::BanError;
-use crate::config::{Config, ConfigError, RawConfig, Source, UdpConfig};
-use crate::hub::Hub;
 use crate::telemetry::LogLevel;
 use crate::tls::{self, Certs, TlsError};
+use chatd_admin::control::{CertReport, ReloadReport};
+use chatd_config::{Config, ConfigError, RawConfig, Source, UdpConfig};
+use chatd_hub::bans::BanError;
+use chatd_hub::hub::Hub;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ReloadError {
@@ -68,7 +68,7 @@ impl Reloader {
     /// blocking task.
     pub fn reload(&self) -> Result<ReloadReport, ReloadError> {
         let inner = &*self.inner;
-        let started = crate::lock::lock(&inner.started);
+        let started = chatd_hub::lock::lock(&inner.started);
         let new = Config::load(&inner.source)?;
         // Read even when the paths are unchanged: renewed certificates
         // are usually written over the old files. A bad one changes nothing.

@@ -18,24 +18,24 @@ use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
 
 use crate::activation::Activated;
-use crate::admin::AdminListeners;
-use crate::admin::{self, AdminSetup, SetupError};
-use crate::bans::{BanError, Bans};
 use crate::clients::ClientThread;
-use crate::cluster;
-use crate::cluster_state::AdminBus;
-use crate::config::{Config, Source};
 use crate::connection::Chat;
 use crate::control::Controls;
 use crate::front::{self, Door};
 use crate::handoff::Gate;
-use crate::hub::{Hub, Refusal};
 use crate::listen::{BindError, Listeners, bind_tcp};
-use crate::rate_log::RateLimitedLog;
 use crate::reload::Reloader;
 use crate::telemetry::LogLevel;
 use crate::tls::{self, Certs, TlsError};
 use crate::udp_echo;
+use chatd_admin::AdminListeners;
+use chatd_admin::{self as admin, AdminSetup, SetupError};
+use chatd_cluster as cluster;
+use chatd_config::{Config, Source};
+use chatd_hub::bans::{BanError, Bans};
+use chatd_hub::cluster_state::AdminBus;
+use chatd_hub::hub::{Hub, Refusal};
+use chatd_hub::rate_log::RateLimitedLog;
 
 /// Binds every listener the configuration asks for, except those systemd
 /// already passed in `activated`.
@@ -161,7 +161,7 @@ pub fn bind_unix(path: &Path) -> io::Result<UnixListener> {
         std::fs::remove_file(path)?;
     }
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        crate::files::create_private_dir(dir)?;
+        chatd_hub::files::create_private_dir(dir)?;
     }
     // The umask makes the socket 0600 from its creation; the chmod below
     // is for the record. Startup is single-threaded here.
@@ -200,9 +200,9 @@ pub fn raise_file_limit() -> u64 {
 /// files, the accept loops' spare ([`Spare`]), and a margin for
 /// accepting a connection only to refuse it with one line (an eighth of
 /// the limit, between 16 and 256), plus the busy rooms' write clocks
-/// ([`crate::grid::MAX_CLOCKS`]).
+/// ([`chatd_hub::grid::MAX_CLOCKS`]).
 pub fn reserved_files(open_files: u64) -> u64 {
-    (open_files / 8).clamp(16, 256) + crate::grid::MAX_CLOCKS as u64
+    (open_files / 8).clamp(16, 256) + chatd_hub::grid::MAX_CLOCKS as u64
 }
 
 /// Connections the admin API and the metrics endpoint may hold at once
@@ -246,7 +246,7 @@ pub struct Daemon {
     gate: Arc<Gate>,
     /// After an upgrade in cluster mode: the previous process's receiving
     /// positions, until the cluster starts with them.
-    inherited: Vec<crate::cluster_seq::StreamReceipts>,
+    inherited: Vec<chatd_cluster::seq::StreamReceipts>,
     /// Reload and upgrade, for the admin API (and SIGHUP, SIGUSR2).
     controls: Arc<Controls>,
     admin: Option<AdminSetup>,
@@ -725,7 +725,7 @@ impl Spare {
     /// the spare descriptor. False when there was no spare to use or no
     /// connection waiting.
     fn refuse_one(&self, listener: &TcpListener, hub: &Hub) -> bool {
-        let mut spare = crate::lock::lock(&self.0);
+        let mut spare = chatd_hub::lock::lock(&self.0);
         if spare.take().is_none() {
             // Taken by a failed reopen: try to have one for next time.
             *spare = std::fs::File::open("/dev/null").ok();
@@ -849,7 +849,7 @@ fn is_peer_error(e: &io::Error) -> bool {
 
 /// Per-socket options: no Nagle delay (we coalesce writes ourselves), a
 /// bounded queue of unsent bytes so that what the socket takes shows what
-/// the client reads (flow control, see [`crate::outbox::UNSENT_LIMIT`]),
+/// the client reads (flow control, see [`chatd_hub::outbox::UNSENT_LIMIT`]),
 /// and TCP keepalive so dead peers are noticed even when nobody talks.
 fn tune(stream: &TcpStream, hub: &Hub) {
     let _ = stream.set_nodelay(true);

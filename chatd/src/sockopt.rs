@@ -36,11 +36,11 @@ pub fn set_recv_low_water(socket: &impl AsRawFd, bytes: usize) -> io::Result<()>
 }
 
 /// Bounds the bytes a chat socket holds unsent to
-/// [`crate::outbox::UNSENT_LIMIT`] (`TCP_NOTSENT_LOWAT`): what it takes
+/// [`chatd_hub::outbox::UNSENT_LIMIT`] (`TCP_NOTSENT_LOWAT`): what it takes
 /// then shows what the client reads. Also for a socket taken over from a
 /// process that did not set it.
 pub fn bound_unsent(stream: &TcpStream) {
-    if let Err(e) = SockRef::from(stream).set_tcp_notsent_lowat(crate::outbox::UNSENT_LIMIT) {
+    if let Err(e) = SockRef::from(stream).set_tcp_notsent_lowat(chatd_hub::outbox::UNSENT_LIMIT) {
         warn!(error = %e, "cannot bound the unsent bytes of a chat socket");
     }
 }

@@ -2,7 +2,7 @@
 //! paused virtual machine), a runtime starved, or every connection frozen
 //! for an upgrade. Lines a client sent meanwhile wait in its socket and are
 //! read together afterwards; flood control forgives them as far as they
-//! could have arrived within the limit (`connection::Flood`), so an honest
+//! could have arrived within the limit (`connection::flood::Flood` in the daemon), so an honest
 //! speaker is not taken for a flooder because chatd was away.
 //!
 //! A ticker on each runtime that serves clients notices when its own tick
@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use crate::clock;
+use chatd_hub::clock;
 
 /// How often each runtime looks at the clock.
 const TICK: Duration = Duration::from_millis(500);
@@ -40,7 +40,7 @@ impl Stalls {
     }
 
     fn record(&self, from_ms: u64, to_ms: u64) {
-        let mut until = crate::lock::lock(&self.counted_until_ms);
+        let mut until = chatd_hub::lock::lock(&self.counted_until_ms);
         let start = from_ms.max(*until);
         if to_ms > start {
             self.total_ms.fetch_add(to_ms - start, Ordering::Relaxed);

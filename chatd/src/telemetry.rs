@@ -25,8 +25,8 @@ use tracing_subscriber::layer::SubscriberExt as _;
 use tracing_subscriber::util::SubscriberInitExt as _;
 use tracing_subscriber::{EnvFilter, Layer, Registry, reload};
 
-use crate::config::{LogConfig, LogFormat, LogTarget, TelemetryConfig};
 use crate::journal::JournalLayer;
+use chatd_config::{LogConfig, LogFormat, LogTarget, TelemetryConfig};
 
 /// Spans waiting for export; beyond it new spans are dropped.
 const SPAN_QUEUE: usize = 4096;

@@ -26,10 +26,10 @@ use tokio_rustls::rustls::{self, ServerConfig};
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
-use crate::config::TlsFiles;
 use crate::connection::{self, Chat};
 use crate::handoff::Arrival;
-use crate::hub::{Refusal, Seat, TLS_PUMP_FILES, server_line};
+use chatd_config::TlsFiles;
+use chatd_hub::hub::{Refusal, Seat, TLS_PUMP_FILES, server_line};
 
 /// Plaintext bytes the pump holds per direction.
 const PUMP_BUF: usize = 16 * 1024;

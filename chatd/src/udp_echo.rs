@@ -19,8 +19,8 @@ use tracing::{debug, warn};
 use std::sync::Arc;
 
 use crate::handoff::Gate;
-use crate::hub::Hub;
-use crate::rate::TokenBucket;
+use chatd_hub::hub::Hub;
+use chatd_text::rate::TokenBucket;
 
 /// Source addresses tracked at once. Beyond it, sources whose bucket has
 /// refilled are forgotten; if none has, new sources are not answered.

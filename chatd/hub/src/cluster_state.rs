@@ -31,7 +31,7 @@
 //! both. Every method is synchronous and cheap and never waits on the
 //! network: what needs a remote answer returns a [`Reply::Later`], which the
 //! asking connection waits for without blocking anything else and without
-//! reordering its client's lines (see `connection::Waiting`).
+//! reordering its client's lines (the daemon's `connection::session::Waiting`).
 //!
 //! This module depends on nothing of chatd's but [`crate::protocol`], so
 //! that both the hub and the cluster can depend on it.

@@ -3,10 +3,10 @@
 use tracing::{info, info_span};
 
 use super::session::{Batch, Pending, Session};
-use crate::disconnect::Disconnect;
-use crate::hub::{JoinRequest, NickRequest, PrivateError};
-use crate::protocol::{self, Command};
-use crate::sanitize;
+use chatd_hub::disconnect::Disconnect;
+use chatd_hub::hub::{JoinRequest, NickRequest, PrivateError};
+use chatd_text::protocol::{self, Command};
+use chatd_text::sanitize;
 
 const HELP: &[&str] = &[
     "Commands:",

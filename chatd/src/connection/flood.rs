@@ -14,8 +14,8 @@
 
 use std::time::{Duration, Instant};
 
-use crate::config::FloodLimits;
-use crate::rate::TokenBucket;
+use chatd_config::FloodLimits;
+use chatd_text::rate::TokenBucket;
 
 /// Most lines forgiven at once: more than any socket buffer holds.
 const MAX_FORGIVEN: f64 = 100_000.0;

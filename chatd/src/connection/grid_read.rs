@@ -2,7 +2,7 @@
 //! reads at the room's grid points, not when each line arrives.
 //!
 //! **Why.** A busy member's lines are written on its room's grid
-//! (`crate::grid`), so a line read the moment it arrives reaches nobody
+//! (`chatd_hub::grid`), so a line read the moment it arrives reaches nobody
 //! sooner than one read at the next point. But each arrival wakes the
 //! client thread: at 5,000 lines a second into a room, that was most of
 //! chatd's context switches. So the member raises its socket's receive
@@ -26,8 +26,8 @@ use std::task::{Context, Poll};
 
 use super::read::READ_CHUNK;
 use super::wire::{Socket, Wire};
-use crate::grid::{Grid, Ticket};
-use crate::hub::Hub;
+use chatd_hub::grid::{Grid, Ticket};
+use chatd_hub::hub::Hub;
 
 /// Read phases in a row with nothing to read after which a member reads
 /// as its socket says again.
@@ -40,7 +40,7 @@ impl<S: Socket> Wire<S> {
     /// At the start of a poll: whether the room's read phase has come.
     pub(super) fn begin_grid_read(&mut self, cx: &mut Context<'_>, grid: &Grid) {
         let reads = &mut self.grid_read;
-        if !reads.on || !crate::grid::Grid::read_due(&mut reads.ticket, cx) {
+        if !reads.on || !chatd_hub::grid::Grid::read_due(&mut reads.ticket, cx) {
             return;
         }
         reads.phase = true;

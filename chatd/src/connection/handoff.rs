@@ -13,10 +13,10 @@ use super::flood::Flood;
 use super::session::Session;
 use super::wire::{Socket, Wire};
 use super::{Chat, Connection, TLS_NOT_HANDED};
-use crate::disconnect::Disconnect;
-use crate::framing::LineFramer;
-use crate::hub::{Client, Room};
-use crate::rate::TokenBucket;
+use chatd_hub::disconnect::Disconnect;
+use chatd_hub::hub::{Client, Room};
+use chatd_text::framing::LineFramer;
+use chatd_text::rate::TokenBucket;
 
 /// Continues serving a client handed over by the previous chatd process,
 /// exactly where it stopped: the unfinished line, the flood bucket and the
@@ -32,7 +32,7 @@ pub async fn resume(
     stream: std::net::TcpStream,
     client: Arc<Client>,
     room: Arc<Room>,
-    state: crate::hub::handoff::ClientState,
+    state: chatd_hub::hub::handoff::ClientState,
     chat: Chat,
     commit: CancellationToken,
 ) {
@@ -95,7 +95,7 @@ impl<S: Socket> Connection<S> {
     /// outbox joins what was taken but not yet written, and stays there if
     /// the upgrade is abandoned, so serving on loses nothing either.
     pub(super) fn export(&mut self) -> crate::handoff::Export {
-        use crate::hub::handoff::{ClientState, FloodState};
+        use chatd_hub::hub::handoff::{ClientState, FloodState};
         let Connection { wire, session, .. } = self;
         // The socket goes to a process that knows nothing of a raised
         // low-water mark: a line under it would never be reported there.

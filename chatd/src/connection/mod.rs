@@ -1,7 +1,7 @@
 //! One client's task: the only owner of its socket.
 //!
 //! A single task per client both reads and writes, driven by the socket's
-//! readiness and the client's [`Outbox`](crate::outbox::Outbox):
+//! readiness and the client's [`Outbox`](chatd_hub::outbox::Outbox):
 //!
 //! - **read**: whatever is readable is read into a buffer on the thread's
 //!   stack (so an idle client holds no read buffer), framed into lines,
@@ -19,12 +19,12 @@
 //!   on their room's grid, whose period shortens again as the rate rises
 //!   further (a write already carries enough lines), so a room's held
 //!   writes all fall due at one instant, when the grid's clock wakes them
-//!   ([`crate::grid`]).
+//!   ([`chatd_hub::grid`]).
 //!
 //! Nothing here blocks on another client. A client that stops reading only
 //! stops its own writes; its outbox fills and the hub cuts it off. A client
 //! that reads but is behind makes its *senders* pause reading for a moment
-//! (flow control, see [`crate::outbox`]): the pause is a state of this task,
+//! (flow control, see [`chatd_hub::outbox`]): the pause is a state of this task,
 //! never a wait inside the hub.
 //!
 //! A `Connection` is two halves: the `wire` (the socket and the bytes on
@@ -44,10 +44,10 @@ use std::time::Duration;
 use tokio::io::AsyncWriteExt;
 use tracing::{Instrument, debug, info, info_span};
 
-use crate::disconnect::Disconnect;
 use crate::handoff::Gate;
-use crate::hub::{Client, Hub, JoinRequest, Refusal, Room, Seat, server_line};
-use crate::sanitize;
+use chatd_hub::disconnect::Disconnect;
+use chatd_hub::hub::{Client, Hub, JoinRequest, Refusal, Room, Seat, server_line};
+use chatd_text::sanitize;
 use session::Session;
 use wire::Wire;
 

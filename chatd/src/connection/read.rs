@@ -11,10 +11,10 @@ use super::flood::Verdict;
 use super::session::{Batch, Session};
 use super::wire::Socket;
 use super::{AfterRead, Connection};
-use crate::config::{Config, Limits};
-use crate::disconnect::Disconnect;
-use crate::framing::Frame;
-use crate::sanitize;
+use chatd_config::{Config, Limits};
+use chatd_hub::disconnect::Disconnect;
+use chatd_text::framing::Frame;
+use chatd_text::sanitize;
 
 /// Bytes read per `read` call. Lives on the worker thread's stack, not in
 /// the connection.

@@ -2,7 +2,7 @@
 //!
 //! Its nick and room, the framer holding a line not yet finished, flood
 //! control, and the two states that stop it reading: a pause for a
-//! recipient that is behind (flow control, see [`crate::outbox`]) and a
+//! recipient that is behind (flow control, see [`chatd_hub::outbox`]) and a
 //! command waiting for the cluster's answer. The bytes themselves, and the
 //! socket, are the [`Wire`](super::wire::Wire)'s. Beside it: `read` (lines
 //! into batches) and `command` (one function per chat command).
@@ -18,15 +18,15 @@ use bytes::{Bytes, BytesMut};
 use tracing::info;
 
 use super::flood::Flood;
-use crate::cluster_state::Claim;
-use crate::disconnect::Disconnect;
-use crate::framing::{Frame, LineFramer};
-use crate::hub::{Client, Hub, Room};
-use crate::rate::TokenBucket;
+use chatd_hub::cluster_state::Claim;
+use chatd_hub::disconnect::Disconnect;
+use chatd_hub::hub::{Client, Hub, Room};
+use chatd_text::framing::{Frame, LineFramer};
+use chatd_text::rate::TokenBucket;
 
 /// How often a paused sender checks that the recipient it waits for is
 /// still reading (a drain wakes it at once; this is for one that stops).
-const RECHECK: Duration = crate::outbox::PROGRESS_WINDOW;
+const RECHECK: Duration = chatd_hub::outbox::PROGRESS_WINDOW;
 /// The longest a sender pauses for the target of its private message. Its
 /// other senders do not pause with it (unlike a room's, which all wait for
 /// the member behind) and may keep the target's queue above the mark where

@@ -19,8 +19,8 @@ use futures_util::task::AtomicWaker;
 use tokio::io::{AsyncWrite, Interest};
 use tokio::net::{TcpStream, UnixStream};
 
-use crate::grid::Ticket;
-use crate::hub::Client;
+use chatd_hub::grid::Ticket;
+use chatd_hub::hub::Client;
 
 /// What a connection needs of its socket: readiness-driven, non-blocking
 /// I/O. A TCP socket for plain clients; one end of a UNIX socket pair for
@@ -145,7 +145,7 @@ pub(super) struct Wire<S> {
     /// a client that is never busy does not carry a timer.
     pub(super) write_gate: Option<Pin<Box<tokio::time::Sleep>>>,
     /// This client's place in its room's queue for the grid's next tick,
-    /// when busy (see [`crate::grid`]).
+    /// when busy (see [`chatd_hub::grid`]).
     pub(super) ticket: Ticket,
     /// Set while the socket refuses bytes: wakes the task when it takes
     /// them again, telling the outbox first (see [`Writable`]). Made on
@@ -220,7 +220,7 @@ impl GridRead {
 /// readiness with. The reactor wakes it as soon as the client has read
 /// enough to free buffer space, and it tells the client's outbox at that
 /// moment, before the connection task gets a worker: whether the client
-/// still reads (flow control, [`crate::outbox`]) must not depend on how
+/// still reads (flow control, [`chatd_hub::outbox`]) must not depend on how
 /// long chatd takes to get to it.
 pub(super) struct Writable {
     pub(super) client: Arc<Client>,

@@ -10,8 +10,8 @@ use bytes::{Buf, Bytes};
 use futures_util::task::AtomicWaker;
 
 use super::wire::{Socket, Wire, Writable};
-use crate::grid::{Grid, Wait};
-use crate::hub::{Client, Hub};
+use chatd_hub::grid::{Grid, Wait};
+use chatd_hub::hub::{Client, Hub};
 
 /// Buffers handed to one vectored write.
 const IOV_MAX: usize = 64;
@@ -64,7 +64,7 @@ impl<S: Socket> Wire<S> {
     /// then, lines pushed meanwhile do not wake the task.
     ///
     /// A client at the full rate is written to on its room's grid (see
-    /// [`crate::grid`]), not a window after its own last write: then every
+    /// [`chatd_hub::grid`]), not a window after its own last write: then every
     /// busy member of a room is due at the same instant, and one wake-up
     /// writes them all, where per-client windows spread the room's writes
     /// over every millisecond and woke the second worker on each. The grid's
@@ -87,7 +87,7 @@ impl<S: Socket> Wire<S> {
         // At and above the full rate, the room's grid; below, a window
         // shrinking with the rate, so that a client that gets a line now and
         // then (whose writes would gather little) gets it at once.
-        let share = self.arrivals / crate::grid::FULL_RATE;
+        let share = self.arrivals / chatd_hub::grid::FULL_RATE;
         let on_grid = share >= 1.0;
         let due = if on_grid {
             let step = grid.step(budget, self.arrivals);

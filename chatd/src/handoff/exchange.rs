@@ -17,8 +17,8 @@ use super::{
     Broke, CHUNK, COPIES, Exchanged, FREEZE_TIMEOUT, Gone, ListenerKind, State, ToNew, ToOld,
     UpgradeError, Upgrader, WaitingState, state, wire,
 };
-use crate::hub::Hub;
-use crate::hub::handoff::ClientState;
+use chatd_hub::hub::Hub;
+use chatd_hub::hub::handoff::ClientState;
 
 /// Clients for one `Clients` message, with their sockets' copies,
 /// connections still in the front door for a `Waiting` one, and how many

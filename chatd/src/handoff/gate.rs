@@ -35,8 +35,8 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use tokio::sync::{Notify, Semaphore, mpsc, watch};
 
 use super::state::WaitingState;
-use crate::hub::Hub;
-use crate::hub::handoff::ClientState;
+use chatd_hub::hub::Hub;
+use chatd_hub::hub::handoff::ClientState;
 
 /// One parked connection's contribution. A copy of a socket that could
 /// not be made (out of descriptors) abandons the upgrade: nobody is
@@ -93,7 +93,7 @@ pub struct Gate {
     want: AtomicUsize,
     /// Exports allowed now, while collecting (see the module doc).
     permits: Semaphore,
-    /// When the freeze began ([`crate::clock::now_ms`]), for the stall it
+    /// When the freeze began ([`chatd_hub::clock::now_ms`]), for the stall it
     /// is to every client (see [`crate::stall`]).
     frozen_at_ms: std::sync::atomic::AtomicU64,
     /// Freezes so far, to tell a release for an earlier one.
@@ -180,7 +180,7 @@ impl Gate {
                     };
                     if let Ok(permit) = permit {
                         permit.forget();
-                        let sender = crate::lock::lock(&self.exports).clone();
+                        let sender = chatd_hub::lock::lock(&self.exports).clone();
                         if let (Some(sender), Some(export)) = (sender, export.take()) {
                             let _ = sender.send(export());
                         }
@@ -297,7 +297,7 @@ impl Gate {
         let freeze = self.freezes.fetch_add(1, Ordering::AcqRel) + 1;
         self.hub.set_upgrading(true);
         self.frozen_at_ms
-            .store(crate::clock::now_ms(), Ordering::Relaxed);
+            .store(chatd_hub::clock::now_ms(), Ordering::Relaxed);
         self.frozen.store(true, Ordering::Release);
         self.step.send_replace(Step::Frozen);
         freeze
@@ -305,25 +305,25 @@ impl Gate {
 
     pub(super) fn collect(&self) -> mpsc::UnboundedReceiver<Export> {
         let (tx, rx) = mpsc::unbounded_channel();
-        *crate::lock::lock(&self.exports) = Some(tx);
+        *chatd_hub::lock::lock(&self.exports) = Some(tx);
         rx
     }
 
     pub(super) fn resume(&self) {
-        *crate::lock::lock(&self.exports) = None;
+        *chatd_hub::lock::lock(&self.exports) = None;
         self.want.store(usize::MAX, Ordering::SeqCst);
         self.permits.forget_permits(usize::MAX);
         self.frozen.store(false, Ordering::Release);
         self.hub.set_upgrading(false);
         crate::stall::record(
             self.frozen_at_ms.load(Ordering::Relaxed),
-            crate::clock::now_ms(),
+            chatd_hub::clock::now_ms(),
         );
         self.step.send_replace(Step::Running);
     }
 
     pub(super) fn commit(&self) {
-        *crate::lock::lock(&self.exports) = None;
+        *chatd_hub::lock::lock(&self.exports) = None;
         self.permits.forget_permits(usize::MAX);
         self.step.send_replace(Step::Committed);
     }
@@ -337,12 +337,12 @@ impl Gate {
 
 /// The freeze as the cluster waits it out (a room's lines received during
 /// a freeze are handed on only once it ends, and not at all after a commit).
-impl crate::cluster_state::Pause for Gate {
+impl chatd_hub::cluster_state::Pause for Gate {
     fn is_frozen(&self) -> bool {
         Gate::is_frozen(self)
     }
 
-    fn settled(&self) -> crate::cluster_state::BoxFuture<'_, bool> {
+    fn settled(&self) -> chatd_hub::cluster_state::BoxFuture<'_, bool> {
         Box::pin(async move { Gate::settled(self).await == Outcome::Committed })
     }
 
@@ -369,8 +369,8 @@ mod tests {
 
     #[tokio::test]
     async fn a_parked_connection_exports_only_with_a_permit_of_this_freeze() {
-        let gate = Arc::new(Gate::new(crate::hub::Hub::new(
-            crate::config::RawConfig::default()
+        let gate = Arc::new(Gate::new(chatd_hub::hub::Hub::new(
+            chatd_config::RawConfig::default()
                 .validate()
                 .expect("defaults"),
         )));
@@ -421,8 +421,8 @@ mod tests {
 
     #[tokio::test]
     async fn a_freeze_waits_for_every_accept_loop_and_every_connection_in_the_front_door() {
-        let gate = Arc::new(Gate::new(crate::hub::Hub::new(
-            crate::config::RawConfig::default()
+        let gate = Arc::new(Gate::new(chatd_hub::hub::Hub::new(
+            chatd_config::RawConfig::default()
                 .validate()
                 .expect("defaults"),
         )));
@@ -470,8 +470,8 @@ mod tests {
     /// during a freeze; the next id sent after collection is final.
     #[test]
     fn nobody_registers_during_a_freeze() {
-        let hub = crate::hub::Hub::new(
-            crate::config::RawConfig::default()
+        let hub = chatd_hub::hub::Hub::new(
+            chatd_config::RawConfig::default()
                 .validate()
                 .expect("defaults"),
         );
@@ -482,7 +482,7 @@ mod tests {
         let next = hub.next_client_id();
         assert!(matches!(
             hub.connect(peer),
-            Err(crate::hub::Refusal::Upgrading)
+            Err(chatd_hub::hub::Refusal::Upgrading)
         ));
         assert_eq!(hub.next_client_id(), next, "an id was taken in the freeze");
         gate.resume();

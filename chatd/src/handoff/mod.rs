@@ -65,10 +65,10 @@ use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::hub::Hub;
-use crate::hub::handoff::ClientState;
 use crate::listen::Listeners;
 pub use arrival::Arrival;
+use chatd_hub::hub::Hub;
+use chatd_hub::hub::handoff::ClientState;
 pub use gate::{Export, Gate, Outcome};
 pub use state::{Gone, ListenerKind, State, WaitingState};
 
@@ -240,7 +240,7 @@ struct Inner {
     listeners: Vec<(ListenerKind, OwnedFd)>,
     admin_token: Option<String>,
     /// Cluster mode: what the cluster's receivers have handed on.
-    receipts: Option<Arc<crate::cluster_seq::Receipts>>,
+    receipts: Option<Arc<chatd_cluster::seq::Receipts>>,
     /// The freeze of this process's sockets.
     gate: Arc<Gate>,
     /// Cancelled at commit: this process then stops as after a signal,
@@ -328,7 +328,7 @@ impl Upgrader {
         runtime_dir: PathBuf,
         listeners: Vec<(ListenerKind, OwnedFd)>,
         admin_token: Option<String>,
-        receipts: Option<Arc<crate::cluster_seq::Receipts>>,
+        receipts: Option<Arc<chatd_cluster::seq::Receipts>>,
         gate: Arc<Gate>,
         shutdown: CancellationToken,
     ) -> Upgrader {
@@ -494,7 +494,7 @@ impl Upgrader {
     /// A private socket, in a 0700 directory, for this one exchange.
     fn open_channel(&self, path: &Path) -> Result<tokio::net::UnixListener, UpgradeError> {
         (|| {
-            crate::files::create_private_dir(&self.inner.runtime_dir)?;
+            chatd_hub::files::create_private_dir(&self.inner.runtime_dir)?;
             let _ = std::fs::remove_file(path);
             let listener = std::os::unix::net::UnixListener::bind(path)?;
             listener.set_nonblocking(true)?;
@@ -549,7 +549,7 @@ impl StderrTail {
         if let Some(f) = self.forward {
             let _ = tokio::time::timeout(Duration::from_secs(1), f).await;
         }
-        let said = String::from_utf8_lossy(&crate::lock::lock(&self.tail))
+        let said = String::from_utf8_lossy(&chatd_hub::lock::lock(&self.tail))
             .trim()
             .to_string();
         // The last line is the error; earlier ones are logs.
@@ -678,7 +678,7 @@ async fn forward_stderr(mut from: tokio::process::ChildStderr, tail: Arc<Mutex<V
             Ok(n) => n,
         };
         let _ = out.write_all(&buf[..n]).await;
-        let mut t = crate::lock::lock(&tail);
+        let mut t = chatd_hub::lock::lock(&tail);
         t.extend_from_slice(&buf[..n]);
         let excess = t.len().saturating_sub(STDERR_TAIL);
         t.drain(..excess);

@@ -28,7 +28,7 @@ use std::net::SocketAddr;
 
 use serde::{Deserialize, Serialize};
 
-use crate::hub::handoff::{ClientState, RoomState};
+use chatd_hub::hub::handoff::{ClientState, RoomState};
 
 /// The state version this binary writes.
 pub const CURRENT: u32 = 2;
@@ -49,7 +49,7 @@ pub struct State {
     pub admin_token: Option<String>,
     /// Server-wide counters (version 2; none from version 1).
     #[serde(default)]
-    pub stats: Option<crate::stats::Counters>,
+    pub stats: Option<chatd_hub::stats::Counters>,
     /// Cluster mode: what each subscribed stream had handed on from each
     /// other node when the clients were frozen, so that the new process
     /// asks for what it then missed instead of losing it. Added within
@@ -60,7 +60,7 @@ pub struct State {
 }
 
 /// A stream's receiving position, defined where the cluster keeps it.
-pub use crate::cluster_seq::{SenderReceipt, StreamReceipts};
+pub use chatd_cluster::seq::{SenderReceipt, StreamReceipts};
 
 /// What a handed-over listener serves.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -181,9 +181,9 @@ mod tests {
     fn what_this_version_writes_it_reads() {
         let mut state = decode(V1.as_bytes()).expect("decodes");
         state.version = CURRENT;
-        state.stats = Some(crate::stats::Counters {
+        state.stats = Some(chatd_hub::stats::Counters {
             deliveries: 99,
-            ..crate::stats::Counters::default()
+            ..chatd_hub::stats::Counters::default()
         });
         let again = serde_json::to_vec(&state).expect("encodes");
         assert_eq!(decode(&again).expect("decodes again"), state);
