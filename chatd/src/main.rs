@@ -181,61 +181,21 @@ async fn serve(
     restart: Restart,
     early: EarlySignals,
 ) -> anyhow::Result<()> {
-    let from_systemd = [
-        ("chat", !activated.chat.is_empty()),
-        ("tls", !activated.tls.is_empty()),
-        ("udp", !activated.udp.is_empty()),
-    ];
-    // One chatd per state directory: two would each keep their own bans in
-    // one `bans.json`. A successor's predecessor holds the lock until it
-    // exits; the successor takes it then.
-    let _state_lock = match &restart.handoff {
-        None => Some(chatd_hub::files::StateLock::acquire(
-            &config.server.state_dir,
-        )?),
-        Some(_) => {
-            let dir = config.server.state_dir.clone();
-            tokio::spawn(async move {
-                match chatd_hub::files::StateLock::take_over(
-                    &dir,
-                    std::time::Duration::from_millis(100),
-                )
-                .await
-                {
-                    Ok(lock) => {
-                        // Held for the rest of this process's life.
-                        let _lock = lock;
-                        std::future::pending::<()>().await;
-                    }
-                    Err(e) => warn!(error = %e, "cannot lock the state directory"),
-                }
-            });
-            None
-        }
-    };
+    let from_systemd = passed_by_systemd(&activated);
+    let _state_lock = lock_state_dir(&config, restart.handoff.is_some())?;
     // Before any descriptor arrives: a successor receives one per client.
     chatd::server::raise_file_limit();
     // Taking over from a running chatd: its sockets instead of binding.
-    let mut incoming = match &restart.handoff {
-        Some(path) => Some(tokio::task::block_in_place(|| {
-            chatd::handoff::receive(path)
-        })?),
-        None => None,
-    };
-    let (listeners, metrics) = match incoming.as_mut() {
-        Some(incoming) => (
-            std::mem::replace(&mut incoming.listeners, chatd::Listeners::empty()),
-            incoming.metrics.take(),
-        ),
-        None => (
-            chatd::bind(&config, activated)?,
-            chatd::metrics::bind(&config)?,
-        ),
-    };
+    let mut incoming = restart
+        .handoff
+        .as_ref()
+        .map(|path| tokio::task::block_in_place(|| chatd::handoff::receive(path)))
+        .transpose()?;
+    let (listeners, metrics) = sockets(&config, activated, incoming.as_mut())?;
     let metrics_config = config.metrics.clone();
     let file = source
         .path()
-        .map_or("built-in defaults".to_string(), |p| p.display().to_string());
+        .map_or("built-in defaults".into(), |p| p.display().to_string());
     let state_dir = config.server.state_dir.clone();
     let shutdown = CancellationToken::new();
     let cluster_stop = CancellationToken::new();
@@ -244,7 +204,7 @@ async fn serve(
     // Kept for the next upgrade, which hands these to its successor.
     let copies = chatd::handoff::Upgrader::listener_copies(&listeners, metrics.as_ref())
         .context("copying the listeners for upgrades")?;
-    let prepared = prepare(
+    let (daemon, cluster) = prepare_or_tell(
         config,
         source,
         &telemetry,
@@ -253,25 +213,7 @@ async fn serve(
         incoming.as_mut(),
         &cluster_stop,
     )
-    .await;
-    let (daemon, handed, cluster) = match (prepared, &incoming) {
-        (Ok(prepared), _) => prepared,
-        (Err(e), Some(incoming)) => {
-            incoming.fail(&one_line(&e));
-            return Err(e);
-        }
-        (Err(e), None) => return Err(e),
-    };
-    if let Some(incoming) = &incoming {
-        // Until the old process commits, this one touches no socket.
-        tokio::task::block_in_place(|| incoming.ready())?;
-        chatd::notify::main_pid(std::process::id());
-        info!(
-            clients = handed,
-            pid = std::process::id(),
-            "upgrade: took over from the previous process"
-        );
-    }
+    .await?;
     let upgrader = chatd::handoff::Upgrader::new(
         (restart.exe, restart.args),
         state_dir,
@@ -283,10 +225,8 @@ async fn serve(
     );
     daemon.set_upgrader(upgrader.clone());
     let addrs = describe(&listeners, metrics.as_ref())?;
-    for (what, given) in from_systemd {
-        if given {
-            info!(listener = what, "using the sockets systemd passed");
-        }
+    for what in from_systemd {
+        info!(listener = what, "using the sockets systemd passed");
     }
     let _cluster_stop = cluster_stop.drop_guard();
     // Installed before anything says the process serves (the `listening`
@@ -298,22 +238,92 @@ async fn serve(
         early.release();
     }
     info!(chat = %addrs.chat, tls = %addrs.tls, udp = %addrs.udp, admin = %addrs.admin, admin_socket = %addrs.admin_socket, metrics = %addrs.metrics, config = %file, "listening");
-    tokio::spawn(signals(
-        handlers,
-        shutdown.clone(),
-        daemon.reloader(),
-        daemon.hub().clone(),
-        upgrader.clone(),
-    ));
+    let (reloader, hub) = (daemon.reloader(), daemon.hub().clone());
+    tokio::spawn(signals(handlers, shutdown.clone(), reloader, hub, upgrader));
     if let Some(listener) = metrics {
+        let hub = daemon.hub().clone();
         tokio::spawn(chatd::metrics::serve(
             listener,
-            daemon.hub().clone(),
+            hub,
             metrics_config,
             shutdown.clone(),
         ));
     }
-    // Every listener is bound: connections queue in the backlog from here.
+    run_until_stopped(daemon, listeners, telemetry, shutdown).await;
+    Ok(())
+}
+
+/// [`prepare`]; a successor then tells the old process why it failed (the
+/// old one serves on), or waits for its commit.
+#[allow(clippy::too_many_arguments)]
+async fn prepare_or_tell(
+    config: Config,
+    source: Source,
+    telemetry: &Telemetry,
+    listeners: &chatd::Listeners,
+    listener_copies: usize,
+    mut incoming: Option<&mut chatd::handoff::Incoming>,
+    cluster_stop: &CancellationToken,
+) -> anyhow::Result<(Daemon, Option<chatd_cluster::Cluster>)> {
+    let prepared = prepare(
+        config,
+        source,
+        telemetry,
+        listeners,
+        listener_copies,
+        incoming.as_deref_mut(),
+        cluster_stop,
+    )
+    .await;
+    match (prepared, incoming) {
+        (Ok((daemon, handed, cluster)), Some(incoming)) => {
+            took_over(incoming, handed)?;
+            Ok((daemon, cluster))
+        }
+        (Ok((daemon, _, cluster)), None) => Ok((daemon, cluster)),
+        (Err(e), Some(incoming)) => {
+            incoming.fail(&one_line(&e));
+            Err(e)
+        }
+        (Err(e), None) => Err(e),
+    }
+}
+
+/// The listeners systemd passed, by what they serve.
+fn passed_by_systemd(activated: &Activated) -> Vec<&'static str> {
+    let given = [
+        ("chat", !activated.chat.is_empty()),
+        ("tls", !activated.tls.is_empty()),
+        ("udp", !activated.udp.is_empty()),
+    ];
+    given
+        .into_iter()
+        .filter(|(_, given)| *given)
+        .map(|(what, _)| what)
+        .collect()
+}
+
+/// A successor's start: until the old process commits, this one touches no
+/// socket; then systemd is told which process is the service now.
+fn took_over(incoming: &chatd::handoff::Incoming, handed: usize) -> anyhow::Result<()> {
+    tokio::task::block_in_place(|| incoming.ready())?;
+    chatd::notify::main_pid(std::process::id());
+    info!(
+        clients = handed,
+        pid = std::process::id(),
+        "upgrade: took over from the previous process"
+    );
+    Ok(())
+}
+
+/// Serves until `shutdown`, then says how this process stopped. Every
+/// listener is bound: connections queue in the backlog from READY=1 on.
+async fn run_until_stopped(
+    daemon: Daemon,
+    listeners: chatd::Listeners,
+    telemetry: Telemetry,
+    shutdown: CancellationToken,
+) {
     chatd::notify::ready();
     let gate = daemon.gate().clone();
     let handed_over = move || gate.committed();
@@ -330,7 +340,53 @@ async fn serve(
     } else {
         info!("stopped");
     }
-    Ok(())
+}
+
+/// One chatd per state directory: two would each keep their own bans in
+/// one `bans.json`. A successor's predecessor holds the lock until it
+/// exits; the successor takes it then, in the background, and holds it for
+/// the rest of its life.
+fn lock_state_dir(
+    config: &Config,
+    taking_over: bool,
+) -> anyhow::Result<Option<chatd_hub::files::StateLock>> {
+    if !taking_over {
+        return Ok(Some(chatd_hub::files::StateLock::acquire(
+            &config.server.state_dir,
+        )?));
+    }
+    let dir = config.server.state_dir.clone();
+    tokio::spawn(async move {
+        match chatd_hub::files::StateLock::take_over(&dir, std::time::Duration::from_millis(100))
+            .await
+        {
+            Ok(lock) => {
+                let _lock = lock;
+                std::future::pending::<()>().await;
+            }
+            Err(e) => warn!(error = %e, "cannot lock the state directory"),
+        }
+    });
+    Ok(None)
+}
+
+/// The chat, UDP, admin and metrics sockets: the previous process's when
+/// taking over from it, else bound (or passed by systemd) now.
+fn sockets(
+    config: &Config,
+    activated: Activated,
+    incoming: Option<&mut chatd::handoff::Incoming>,
+) -> anyhow::Result<(chatd::Listeners, Option<tokio::net::TcpListener>)> {
+    Ok(match incoming {
+        Some(incoming) => (
+            std::mem::replace(&mut incoming.listeners, chatd::Listeners::empty()),
+            incoming.metrics.take(),
+        ),
+        None => (
+            chatd::bind(config, activated)?,
+            chatd::metrics::bind(config)?,
+        ),
+    })
 }
 
 /// Prepares the daemon on `listeners`: bans, admin tokens, the file limit,
