@@ -124,34 +124,14 @@ pub async fn channel(
             "--ca-cert needs an https:// endpoint".to_owned(),
         ));
     }
-    let unreachable = |err: tonic::transport::Error| {
-        let cause = error_chain(&err);
-        // rustls's words for a server that answered TLS with plain bytes.
-        if addr.is_https() && cause.contains("InvalidContentType") {
-            return ChatctlError::NotTls {
-                endpoint: addr.to_string(),
-            };
-        }
-        ChatctlError::Unreachable {
-            endpoint: addr.to_string(),
-            cause,
-        }
-    };
+    let unreachable = |err| unreachable(addr, &err);
     match addr {
         EndpointAddr::Url { uri, .. } => {
             let mut endpoint = Endpoint::from(uri.clone()).connect_timeout(timeout);
             if addr.is_https() {
-                let tls = match ca_cert {
-                    Some(path) => {
-                        let pem = std::fs::read(path).map_err(|source| ChatctlError::CaCert {
-                            path: path.to_owned(),
-                            source,
-                        })?;
-                        ClientTlsConfig::new().ca_certificate(Certificate::from_pem(pem))
-                    }
-                    None => ClientTlsConfig::new().with_enabled_roots(),
-                };
-                endpoint = endpoint.tls_config(tls).map_err(unreachable)?;
+                endpoint = endpoint
+                    .tls_config(tls_config(ca_cert)?)
+                    .map_err(unreachable)?;
                 let channel = endpoint.connect().await.map_err(unreachable)?;
                 heard.store(true, Ordering::Relaxed);
                 return Ok(channel);
@@ -201,6 +181,35 @@ pub async fn channel(
                 .map_err(unreachable)
         }
     }
+}
+
+/// Why a connection to `addr` failed, in the user's words.
+fn unreachable(addr: &EndpointAddr, err: &tonic::transport::Error) -> ChatctlError {
+    let cause = error_chain(err);
+    // rustls's words for a server that answered TLS with plain bytes.
+    if addr.is_https() && cause.contains("InvalidContentType") {
+        return ChatctlError::NotTls {
+            endpoint: addr.to_string(),
+        };
+    }
+    ChatctlError::Unreachable {
+        endpoint: addr.to_string(),
+        cause,
+    }
+}
+
+/// Trusts `ca_cert` alone when given, else the system's roots.
+fn tls_config(ca_cert: Option<&std::path::Path>) -> Result<ClientTlsConfig, ChatctlError> {
+    Ok(match ca_cert {
+        Some(path) => {
+            let pem = std::fs::read(path).map_err(|source| ChatctlError::CaCert {
+                path: path.to_owned(),
+                source,
+            })?;
+            ClientTlsConfig::new().ca_certificate(Certificate::from_pem(pem))
+        }
+        None => ClientTlsConfig::new().with_enabled_roots(),
+    })
 }
 
 /// A stream that notes whether the server ever sent a byte: a call that

@@ -166,7 +166,24 @@ impl EventView {
     /// One line for people, without the trailing newline.
     pub fn line(&self) -> String {
         let at = self.at.as_deref().unwrap_or("-");
-        let (label, text) = match &self.kind {
+        let (label, text) = self
+            .kind
+            .session()
+            .or_else(|| self.kind.room())
+            .or_else(|| self.kind.admin())
+            .unwrap_or_else(|| self.kind.other());
+        if self.node.is_empty() {
+            format!("{at}  {label:<10}  {text}")
+        } else {
+            format!("{at}  {}  {label:<10}  {text}", clean(&self.node))
+        }
+    }
+}
+
+impl KindView {
+    /// A client coming, going or renaming itself.
+    fn session(&self) -> Option<(&'static str, String)> {
+        Some(match self {
             KindView::Connect {
                 client_id,
                 nick,
@@ -203,6 +220,13 @@ impl EventView {
                     clean(new_nick)
                 ),
             ),
+            _ => return None,
+        })
+    }
+
+    /// A client joining, leaving or kicked.
+    fn room(&self) -> Option<(&'static str, String)> {
+        Some(match self {
             KindView::Join {
                 client_id,
                 nick,
@@ -227,6 +251,13 @@ impl EventView {
                 "kick",
                 format!("#{client_id} {}: {}", clean(nick), clean(reason)),
             ),
+            _ => return None,
+        })
+    }
+
+    /// What an operator did to everyone: bans and broadcasts.
+    fn admin(&self) -> Option<(&'static str, String)> {
+        Some(match self {
             KindView::Ban {
                 target,
                 reason,
@@ -257,6 +288,13 @@ impl EventView {
                     format!("to {scope} ({delivered} reached): {}", clean(text)),
                 )
             }
+            _ => return None,
+        })
+    }
+
+    /// Chat messages, and what the stream itself says.
+    fn other(&self) -> (&'static str, String) {
+        match self {
             KindView::Message {
                 nick,
                 room,
@@ -285,11 +323,8 @@ impl EventView {
                 ),
             ),
             KindView::Unknown => ("unknown", "an event this chatctl does not know".to_owned()),
-        };
-        if self.node.is_empty() {
-            format!("{at}  {label:<10}  {text}")
-        } else {
-            format!("{at}  {}  {label:<10}  {text}", clean(&self.node))
+
+            _ => ("unknown", "an event this chatctl does not know".to_owned()),
         }
     }
 }
