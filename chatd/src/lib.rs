@@ -36,24 +36,24 @@
 //! See `ARCHITECTURE.md` at the repository root for the path of a message.
 
 pub mod activation;
-pub mod clients;
-pub mod connection;
-pub mod control;
-pub mod front;
+mod clients;
+mod connection;
+mod control;
+mod front;
 pub mod handoff;
-pub mod journal;
-pub mod listen;
-pub mod log_fields;
+mod journal;
+mod listen;
+mod log_fields;
 pub mod metrics;
 pub mod notify;
-pub mod proxy;
+mod proxy;
 pub mod reload;
 pub mod server;
-pub mod sockopt;
-pub mod stall;
+mod sockopt;
+mod stall;
 pub mod telemetry;
-pub mod tls;
-pub mod udp_echo;
+mod tls;
+mod udp_echo;
 
 pub use listen::Listeners;
 pub use server::{Daemon, bind};

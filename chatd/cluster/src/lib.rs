@@ -48,22 +48,22 @@
 //! last batches ([`history`]), loaded when a room gains its first member on
 //! a node.
 
-pub mod bans;
+mod bans;
 mod bus;
 mod connect;
-pub mod history;
+mod history;
 mod link;
 mod member_task;
-pub mod members;
-pub mod nats_options;
-pub mod nicks;
+mod members;
+mod nats_options;
+mod nicks;
 mod node;
 mod receive;
 mod room;
 pub mod seq;
 mod stream;
 mod subjects;
-pub mod watch;
+mod watch;
 
 use std::sync::Arc;
 

@@ -27,7 +27,7 @@ pub mod files;
 pub mod grid;
 pub mod hub;
 pub mod lock;
-pub mod netgroup;
+mod netgroup;
 pub mod outbox;
 pub mod rate_log;
 pub mod stats;
