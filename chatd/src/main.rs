@@ -139,7 +139,7 @@ impl EarlySignals {
             .into_iter()
             .map(|(name, signal)| {
                 let flag = Arc::new(AtomicBool::new(false));
-                // Failing, the signal keeps its default action, as before.
+                // Failing, the signal keeps its default action (it exits).
                 let id = signal_hook::flag::register(signal, flag.clone()).ok();
                 (name, flag, id)
             })

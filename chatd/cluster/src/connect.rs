@@ -2,7 +2,6 @@
 //! does when NATS refuses or does not answer.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
 use async_nats::ConnectOptions;
@@ -11,9 +10,9 @@ use tracing::{debug, info, warn};
 
 use crate::nats_options;
 use chatd_config::{ClusterConfig, OnUnreachable};
-use chatd_hub::clock;
+use chatd_hub::rate_log::RateLimitedLog;
 
-use super::link::WARN_EVERY_MS;
+use super::link::WARN_EVERY;
 
 /// Messages NATS may queue for one room's subscription before it drops
 /// them (and reports a slow consumer) instead of growing.
@@ -74,7 +73,7 @@ pub async fn connect(config: &ClusterConfig) -> Result<Connected, ClusterError> 
     let urls = config.nats_urls.join(" ");
     let (state_tx, mut state_rx) = tokio_watch::channel(false);
     let state_tx = Arc::new(state_tx);
-    let slow_warned = Arc::new(AtomicU64::new(0));
+    let slow_warned = Arc::new(RateLimitedLog::new(WARN_EVERY));
     let options = || async {
         let options = connect_options(config, state_tx.clone(), slow_warned.clone());
         nats_options::secure(options, config).await
@@ -136,9 +135,9 @@ pub async fn connect(config: &ClusterConfig) -> Result<Connected, ClusterError> 
 pub(super) fn connect_options(
     config: &ClusterConfig,
     events: Arc<tokio_watch::Sender<bool>>,
-    slow_warned: Arc<AtomicU64>,
+    slow_warned: Arc<RateLimitedLog>,
 ) -> ConnectOptions {
-    let refused_warned = Arc::new(AtomicU64::new(0));
+    let refused_warned = Arc::new(RateLimitedLog::new(WARN_EVERY));
     ConnectOptions::new()
         .name(format!("chatd {}", config.node_id))
         .connection_timeout(START_WAIT)
@@ -158,14 +157,14 @@ pub(super) fn connect_options(
                     }
                     async_nats::Event::SlowConsumer(_) => {
                         // NATS drops what a subscription cannot hold.
-                        if warn_due(&slow_warned) {
+                        if slow_warned.allow().is_some() {
                             warn!("cluster: messages from other nodes (room lines, or events for a watcher that reads slowly) arrive faster than this node hands them out; some are dropped");
                         }
                     }
                     async_nats::Event::ServerError(async_nats::ServerError::AuthorizationViolation) => {
                         // Only after a start that found NATS away: a start
                         // that reached it stops on a refusal instead.
-                        if warn_due(&refused_warned) {
+                        if refused_warned.allow().is_some() {
                             warn!("cluster: NATS refuses this node's credentials (cluster.creds_file, cluster.user/password, cluster.token); still serving this node's users alone");
                         }
                     }
@@ -173,14 +172,4 @@ pub(super) fn connect_options(
                 }
             }
         })
-}
-
-/// True at most once per [`WARN_EVERY_MS`] for the same `last` stamp.
-pub(super) fn warn_due(last_ms: &AtomicU64) -> bool {
-    let now = clock::now_ms().max(1);
-    let last = last_ms.load(Relaxed);
-    (last == 0 || now.saturating_sub(last) >= WARN_EVERY_MS)
-        && last_ms
-            .compare_exchange(last, now, Relaxed, Relaxed)
-            .is_ok()
 }

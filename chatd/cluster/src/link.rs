@@ -11,14 +11,14 @@ use tokio::sync::{Notify, mpsc};
 use tracing::warn;
 
 use crate::seq::{self};
-use chatd_hub::clock;
 use chatd_hub::cluster_state::{Claim, ClientId, ClusterState, Kind, Pause, Reply};
+use chatd_hub::rate_log::RateLimitedLog;
 
 use super::bus::Bus;
 use super::{members, nicks};
 
 /// At most one warning about dropped batches per this many milliseconds.
-pub(super) const WARN_EVERY_MS: u64 = 10_000;
+pub(super) const WARN_EVERY: Duration = Duration::from_secs(10);
 
 /// One message for the other nodes.
 #[derive(Debug)]
@@ -44,7 +44,7 @@ pub struct Link {
     pub(super) tag: String,
     /// Batches that did not reach NATS (queue full, or NATS unreachable).
     pub(super) dropped: AtomicU64,
-    pub(super) last_warn_ms: AtomicU64,
+    pub(super) dropped_log: RateLimitedLog,
     /// Cluster-wide admin; `None` only in unit tests without NATS.
     pub(super) bus: Option<Bus>,
     /// The nick task ([`nicks`]); `None` only in unit tests without NATS.
@@ -89,7 +89,7 @@ impl Link {
             interest: Notify::new(),
             tag: node_tag(node_id),
             dropped: AtomicU64::new(0),
-            last_warn_ms: AtomicU64::new(0),
+            dropped_log: RateLimitedLog::new(WARN_EVERY),
             bus: None,
             nicks: None,
             members: members::Members::default(),
@@ -111,14 +111,7 @@ impl Link {
                 return;
             }
             let total = self.dropped.fetch_add(1, Relaxed) + 1;
-            let now = clock::now_ms();
-            let last = self.last_warn_ms.load(Relaxed);
-            if (last == 0 || now.saturating_sub(last) >= WARN_EVERY_MS)
-                && self
-                    .last_warn_ms
-                    .compare_exchange(last, now.max(1), Relaxed, Relaxed)
-                    .is_ok()
-            {
+            if self.dropped_log.allow().is_some() {
                 warn!(
                     dropped_total = total,
                     "cluster: the queue to NATS is full; lines for other nodes are dropped"

@@ -48,7 +48,7 @@ impl Default for RawServer {
     }
 }
 
-/// A listen setting: one address, as before, or a list of them. `""` and
+/// A listen setting: one address or a list of them. `""` and
 /// `[]` both mean none.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(untagged)]

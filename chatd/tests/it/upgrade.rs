@@ -535,7 +535,7 @@ async fn two_upgrades_in_a_row_by_sigusr2_are_invisible() {
 /// Thousands of clients under a file limit that leaves room for far fewer
 /// than one more descriptor each: the old process copies sockets a chunk
 /// at a time and closes each chunk's copies once sent, so the upgrade goes
-/// through (it used to need a copy of every client's socket at once).
+/// through without a copy of every client's socket at once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_upgrade_needs_no_second_descriptor_per_client() {
     const CLIENTS: usize = 2500;
