@@ -539,27 +539,22 @@ mod tests {
         assert_ne!(apart.as_nanos() % step.as_nanos(), 0);
     }
 
-    /// How late after each of 40 points of `grid` a task is woken, waiting
-    /// either on the grid's clock or, for comparison, on the runtime's
-    /// timer; sorted.
-    async fn lateness(grid: &Arc<Grid>, step: Duration, on_grid: bool) -> Vec<Duration> {
+    /// How late after each of 40 points of `grid` a task waiting on the
+    /// grid's clock is woken; sorted.
+    async fn lateness(grid: &Arc<Grid>, step: Duration) -> Vec<Duration> {
         let mut ticket = Ticket::default();
         let mut late = Vec::new();
         let mut last = Instant::now();
         for _ in 0..40 {
             let due = grid.due(last, step);
-            if on_grid {
-                std::future::poll_fn(|cx| {
-                    if Instant::now() >= due {
-                        return Poll::Ready(());
-                    }
-                    assert_ne!(grid.wait(&mut ticket, cx, &step), Wait::Unavailable);
-                    Poll::Pending
-                })
-                .await;
-            } else {
-                tokio::time::sleep_until(due).await;
-            }
+            std::future::poll_fn(|cx| {
+                if Instant::now() >= due {
+                    return Poll::Ready(());
+                }
+                assert_ne!(grid.wait(&mut ticket, cx, &step), Wait::Unavailable);
+                Poll::Pending
+            })
+            .await;
             last = Instant::now();
             late.push(last - due);
         }
@@ -567,23 +562,20 @@ mod tests {
         late
     }
 
-    /// The clock wakes a waiting task at the grid's points, closer to them
-    /// than the runtime's timer does (it rounds up to the millisecond and
-    /// wakes up to a millisecond after that), measured side by side.
+    /// The clock wakes a waiting task at the grid's points: its median
+    /// lateness stays under a millisecond, where the runtime's timer rounds
+    /// up to one. (How much that buys in p99 is the benchmark's to say:
+    /// docs/PERFORMANCE.md, "What each knob costs".)
     #[tokio::test]
     async fn the_clock_wakes_waiters_on_the_points() {
         let grid = Arc::new(Grid::new());
         let step = 3 * MS;
         let within = Duration::from_secs(10);
-        let clock = tokio::time::timeout(within, lateness(&grid, step, true))
+        let clock = tokio::time::timeout(within, lateness(&grid, step))
             .await
             .expect("the clock ticks");
-        let timer = lateness(&grid, step, false).await;
-        let (clock, timer) = (clock[clock.len() / 2], timer[timer.len() / 2]);
-        assert!(
-            clock < timer && clock < MS,
-            "median lateness: {clock:?} on the clock, {timer:?} on the runtime's timer"
-        );
+        let clock = clock[clock.len() / 2];
+        assert!(clock < MS, "median lateness on the clock: {clock:?}");
     }
 
     #[test]
