@@ -92,7 +92,7 @@ async fn member(server: &TestServer, rcvbuf: Option<u32>) -> TcpStream {
 /// Sends lines of about 1 KB at [`ROOM_RATE`] until `stop`, reading (and
 /// dropping) whatever it is sent. A pause by chatd shows as a write that
 /// waits; the sender then catches up, as a client with a backlog would.
-async fn sender(stream: TcpStream, stop: Duration) -> usize {
+async fn sender(stream: TcpStream, stop: Duration) -> std::io::Result<usize> {
     stream.set_nodelay(true).expect("nodelay");
     let (mut r, mut w) = stream.into_split();
     tokio::spawn(async move {
@@ -114,12 +114,20 @@ async fn sender(stream: TcpStream, stop: Duration) -> usize {
             tokio::time::sleep(Duration::from_millis(10)).await;
             continue;
         }
-        w.write_all(block.as_bytes())
-            .await
-            .expect("chatd took the sender's lines (the sender was cut)");
+        w.write_all(block.as_bytes()).await?;
         sent += block.len();
     }
-    sent
+    Ok(sent)
+}
+
+/// Why chatd disconnected the client at `peer`, as it logged it.
+fn why_disconnected(server: &TestServer, peer: std::net::SocketAddr) -> Vec<String> {
+    server
+        .logged("disconnected")
+        .iter()
+        .filter(|v| v["span"]["peer"].as_str() == Some(&peer.to_string()))
+        .map(|v| v.to_string())
+        .collect()
 }
 
 /// The story: one sender at 520 KB/s, a member reading 150 KB/s and one
@@ -131,7 +139,7 @@ async fn a_reader_above_the_rate_is_waited_for(server: &TestServer, label: &str)
     let honest = member(server, Some(READER_RCVBUF)).await;
     let slow = member(server, Some(READER_RCVBUF)).await;
     let sending = member(server, None).await;
-    let (honest_at, slow_at) = (local(&honest), local(&slow));
+    let (honest_at, slow_at, sender_at) = (local(&honest), local(&slow), local(&sending));
     let started = Instant::now();
     let slow = tokio::spawn(paced_reader(slow, SLOW_RATE, RUN));
     let honest = tokio::spawn(paced_reader(honest, HONEST_RATE, RUN));
@@ -148,7 +156,12 @@ async fn a_reader_above_the_rate_is_waited_for(server: &TestServer, label: &str)
     }
     let honest = honest.await.expect("honest reader").len();
     let slow = slow.await.expect("slow reader").len();
-    let sent = sent.await.expect("sender");
+    let sent = sent.await.expect("sender").unwrap_or_else(|e| {
+        panic!(
+            "{label}: chatd took the sender's lines ({e}); it logged: {:?}",
+            why_disconnected(server, sender_at)
+        )
+    });
     let metrics = server.scrape_metrics().await;
     let pauses = metric(&metrics, "chatd_flow_control_pauses_total").unwrap_or(0);
     println!(
