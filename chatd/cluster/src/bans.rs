@@ -22,6 +22,8 @@ use tracing::{debug, info};
 use chatd_hub::bans::{Ban, format_target, parse_target};
 use chatd_hub::hub::{Event, Hub};
 
+use super::subjects;
+
 const OP_TIMEOUT: Duration = Duration::from_secs(2);
 /// Unbans made while NATS was away, remembered for the next settling; past
 /// this many the oldest are forgotten (an operator lifting more bans than
@@ -126,7 +128,7 @@ pub async fn run(
     let mut task = Task {
         client,
         hub,
-        bucket: format!("{name}_bans"),
+        bucket: subjects::bans_bucket(&name),
         replicas,
         store: None,
         pending_unbans: Vec::new(),

@@ -13,6 +13,7 @@ use chatd_config::{ClusterConfig, OnUnreachable};
 use chatd_hub::rate_log::RateLimitedLog;
 
 use super::link::WARN_EVERY;
+use super::subjects;
 
 /// Messages NATS may queue for one room's subscription before it drops
 /// them (and reports a slow consumer) instead of growing.
@@ -109,7 +110,7 @@ pub async fn connect(config: &ClusterConfig) -> Result<Connected, ClusterError> 
         }
     };
     if connected {
-        info!(node = %config.node_id, nats = %urls, subjects = %format!("{}.room.*.*", config.name), "cluster mode: connected to NATS");
+        info!(node = %config.node_id, nats = %urls, subjects = %format!("{}*.*", subjects::room_prefix(&config.name)), "cluster mode: connected to NATS");
     } else if config.on_unreachable == OnUnreachable::Refuse {
         return Err(ClusterError::Unreachable {
             urls,

@@ -24,6 +24,8 @@ use async_nats::jetstream::{self, stream};
 use bytes::Bytes;
 use tracing::{debug, info, warn};
 
+use super::subjects;
+
 /// The header carrying a chat batch's id: `NODE-EPOCH-SEQ` ([`batch_id`]).
 pub const ID_HEADER: &str = "Chatd-Id";
 
@@ -45,8 +47,8 @@ pub async fn open_stream(
     replicas: usize,
 ) -> Option<stream::Stream> {
     let config = stream::Config {
-        name: format!("{name}_history"),
-        subjects: vec![format!("{name}.room.*.chat")],
+        name: subjects::history_stream(name),
+        subjects: vec![subjects::history_subjects(name)],
         max_messages_per_subject: i64::try_from(per_room).unwrap_or(i64::MAX),
         discard: stream::DiscardPolicy::Old,
         allow_direct: true,

@@ -141,7 +141,7 @@ pub async fn start(
     let bus = Bus {
         client: client.clone(),
         node_id: config.node_id.clone().into(),
-        prefix: format!("{}.admin.", config.name),
+        prefix: subjects::admin_prefix(&config.name),
         peers: Arc::default(),
     };
     let (tx, rx) = mpsc::channel(OUTGOING_CAPACITY);
@@ -151,7 +151,7 @@ pub async fn start(
     let link = Arc::new(Link {
         bus: Some(bus.clone()),
         nicks: Some(nicks_tx),
-        prefix: Some(format!("{}.", config.name)),
+        prefix: Some(subjects::cluster_prefix(&config.name)),
         loads: (per_room > 0).then_some(loads_tx),
         receipts: Arc::new(seq::Receipts::inheriting(&seams.inherited)),
         ..Link::new(
@@ -169,7 +169,7 @@ pub async fn start(
         client.clone(),
         hub.clone(),
         config.node_id.clone().into(),
-        format!("{}_nicks", config.name),
+        subjects::nicks_bucket(&config.name),
         replicas(config),
         &config.timings,
         seams.pause.clone(),
@@ -229,14 +229,14 @@ fn spawn_admin_tasks(
     ));
     tokio::spawn(presence(
         bus.clone(),
-        format!("{}.nodes", config.name),
+        subjects::nodes(&config.name),
         shutdown.clone(),
     ));
     tokio::spawn(serve_admin(
         bus.client().clone(),
         seams.admin,
         config.node_id.clone().into(),
-        format!("{}.admin.", config.name),
+        subjects::admin_prefix(&config.name),
         shutdown.clone(),
     ));
 }

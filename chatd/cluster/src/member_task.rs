@@ -14,7 +14,7 @@ use tracing::{debug, warn};
 use super::link::Link;
 use super::members::{MemberMsg, PmMsg, Wire, part_budget, plausible_nick};
 use super::receive::{replay_raw, unless_frozen};
-use super::subjects::NODE_HEADER;
+use super::subjects::{self, NODE_HEADER};
 use crate::seq::{PRIVATE_KIND, Position, SEQ_HEADER, Seen, Verdict, private_stream};
 use chatd_hub::hub::Hub;
 
@@ -56,9 +56,9 @@ pub async fn run(
     mut state: watch::Receiver<bool>,
     stop: CancellationToken,
 ) {
-    let subject = format!("{name}.members");
-    let sync_subject = format!("{name}.members.sync");
-    let pm_subject = format!("{name}.pm.{node_id}");
+    let subject = subjects::members(&name);
+    let sync_subject = format!("{subject}.sync");
+    let pm_subject = format!("{}{node_id}", subjects::pm_prefix(&name));
     let (Some(mut changes), Some(mut syncs), Some(mut pms)) = (
         subscribe(&client, subject.clone()).await,
         subscribe(&client, sync_subject.clone()).await,
@@ -248,7 +248,7 @@ impl Task {
         .await;
         let Some(backs) = handed else { return false };
         for back in backs {
-            let subject = format!("{}.pm.{}", self.name, back.from_node);
+            let subject = format!("{}{}", subjects::pm_prefix(&self.name), back.from_node);
             if let Ok(payload) = serde_json::to_vec(&back) {
                 let _ = self.client.publish(subject, payload.into()).await;
             }
@@ -259,7 +259,7 @@ impl Task {
     /// The private messages of `from` after `after` and before `before`,
     /// asked of it again; `None` once the task stops.
     async fn missed(&self, from: &str, after: u64, before: u64) -> Option<Vec<Bytes>> {
-        let subject = format!("{}.replay.{from}", self.name);
+        let subject = format!("{}{from}", subjects::replay_prefix(&self.name));
         let missed = tokio::select! {
             () = self.stop.cancelled() => return None,
             missed = replay_raw(&self.client, subject, &self.pm_stream, after, before) => missed,

@@ -28,7 +28,7 @@ use super::link::{Link, Outgoing};
 use super::receive::next_or_stop;
 use super::room::{Listener, listen};
 use super::stream::replicas;
-use super::subjects::{KIND_HEADER, NODE_HEADER};
+use super::subjects::{self, KIND_HEADER, NODE_HEADER};
 
 /// How long a lost connection may take to come back (to another server of
 /// a NATS cluster, usually within milliseconds) before users are told that
@@ -121,7 +121,11 @@ impl Node {
         tokio::spawn(serve_replay(
             client.clone(),
             backlog.clone(),
-            format!("{}.replay.{}", config.name, config.node_id),
+            format!(
+                "{}{}",
+                subjects::replay_prefix(&config.name),
+                config.node_id
+            ),
             shutdown.clone(),
         ));
         Node {
@@ -130,9 +134,9 @@ impl Node {
             hub,
             link,
             node_id: config.node_id.clone().into(),
-            prefix: format!("{}.room.", config.name),
-            replay_prefix: format!("{}.replay.", config.name),
-            pm_prefix: format!("{}.pm.", config.name),
+            prefix: subjects::room_prefix(&config.name),
+            replay_prefix: subjects::replay_prefix(&config.name),
+            pm_prefix: subjects::pm_prefix(&config.name),
             name: config.name.clone(),
             rooms: HashMap::new(),
             backlog,

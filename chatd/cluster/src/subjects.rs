@@ -1,7 +1,65 @@
-//! The names on the wire that more than one of the cluster's tasks uses:
-//! headers, and how a room message's kind is spelled.
+//! Every name the cluster puts on the wire, built in one place: the
+//! subjects (all under the cluster's `name`, so that two clusters can share
+//! one NATS), the JetStream streams and buckets, the headers, and how a room
+//! message's kind is spelled. Nodes of different versions meet on these
+//! names: change one and a rolling upgrade splits the cluster.
 
 use chatd_hub::cluster_state::Kind;
+
+/// A room's messages: `NAME.room.ROOM.KIND` (`chat` or `notice`).
+pub fn room_prefix(name: &str) -> String {
+    format!("{name}.room.")
+}
+
+/// What the history stream keeps: every room's chat lines.
+pub fn history_subjects(name: &str) -> String {
+    format!("{name}.room.*.chat")
+}
+
+/// Private messages to one node: `NAME.pm.NODE`.
+pub fn pm_prefix(name: &str) -> String {
+    format!("{name}.pm.")
+}
+
+/// Replays of what one node published: `NAME.replay.NODE`.
+pub fn replay_prefix(name: &str) -> String {
+    format!("{name}.replay.")
+}
+
+/// Membership changes, and the requests for a full table (`.sync`).
+pub fn members(name: &str) -> String {
+    format!("{name}.members")
+}
+
+/// Every node's presence heartbeat.
+pub fn nodes(name: &str) -> String {
+    format!("{name}.nodes")
+}
+
+/// Admin requests between nodes: `NAME.admin.OP`.
+pub fn admin_prefix(name: &str) -> String {
+    format!("{name}.admin.")
+}
+
+/// The cluster's own subjects, for those built from a suffix.
+pub fn cluster_prefix(name: &str) -> String {
+    format!("{name}.")
+}
+
+/// The JetStream stream of room history.
+pub fn history_stream(name: &str) -> String {
+    format!("{name}_history")
+}
+
+/// The key-value bucket of nick claims.
+pub fn nicks_bucket(name: &str) -> String {
+    format!("{name}_nicks")
+}
+
+/// The key-value bucket of bans.
+pub fn bans_bucket(name: &str) -> String {
+    format!("{name}_bans")
+}
 
 /// The header naming the node a message comes from.
 pub const NODE_HEADER: &str = "Chatd-Node";
