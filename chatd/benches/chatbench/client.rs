@@ -313,6 +313,20 @@ pub struct Tally {
     pub longest_gap_ns: u64,
 }
 
+impl Tally {
+    /// Adds another reader's counts of each kind of line (not its bytes,
+    /// deliveries or gaps, which the callers sum or compare themselves).
+    pub fn add_counts(&mut self, t: &Tally) {
+        self.unique += t.unique;
+        self.good += t.good;
+        self.duplicated += t.duplicated;
+        self.out_of_order += t.out_of_order;
+        self.garbled += t.garbled;
+        self.extra += t.extra;
+        self.echoed += t.echoed;
+    }
+}
+
 struct Receiver {
     dialect: Dialect,
     /// This client's id and room index.

@@ -272,7 +272,7 @@ async fn room_load(
     while let Some(r) = readers.join_next().await {
         let (node, t) = r?;
         per_node[node] += t.unique;
-        add(&mut total, &t);
+        total.add_counts(&t);
     }
     let (unique, good) = (total.unique, total.good);
     let bad = total.duplicated + total.out_of_order + total.garbled + total.extra + total.echoed;
@@ -317,17 +317,6 @@ async fn room_load(
     let mut out = figures(&total, expected, span, &lat, (&before, &after));
     out.values.insert(Metric::Connected, clients as f64);
     Ok(out)
-}
-
-/// Adds one reader's counts of what the cluster figures show to `total`.
-fn add(total: &mut Tally, t: &Tally) {
-    total.unique += t.unique;
-    total.good += t.good;
-    total.duplicated += t.duplicated;
-    total.out_of_order += t.out_of_order;
-    total.garbled += t.garbled;
-    total.extra += t.extra;
-    total.echoed += t.echoed;
 }
 
 /// The figures of one room load, as the report's metrics; CPU and RSS of

@@ -378,13 +378,7 @@ pub async fn run(target: Target, params: &Params, opts: &RunOptions) -> anyhow::
             cut_gap = cut_gap.max(t.longest_gap_ns);
         }
         total.delivered += t.delivered;
-        total.unique += t.unique;
-        total.good += t.good;
-        total.duplicated += t.duplicated;
-        total.out_of_order += t.out_of_order;
-        total.garbled += t.garbled;
-        total.extra += t.extra;
-        total.echoed += t.echoed;
+        total.add_counts(&t);
         total.bytes += t.bytes;
         cut += usize::from(t.eof || t.error);
     }

@@ -130,6 +130,19 @@ impl Task {
     /// Our whole table for the others, then theirs for us.
     async fn introduce(&mut self) {
         self.send_snapshot().await;
+        self.publish_sync().await;
+    }
+
+    /// Asks every node for its table, at most once per [`SYNC_EVERY`].
+    async fn ask_sync(&mut self) {
+        if self.last_sync.is_none_or(|t| t.elapsed() >= SYNC_EVERY) {
+            self.publish_sync().await;
+        }
+    }
+
+    /// Asks every node for its table now.
+    async fn publish_sync(&mut self) {
+        self.last_sync = Some(Instant::now());
         let _ = self
             .client
             .publish(
@@ -137,21 +150,6 @@ impl Task {
                 Bytes::from(self.node_id.to_string()),
             )
             .await;
-        self.last_sync = Some(Instant::now());
-    }
-
-    /// Asks every node for its table, at most once per [`SYNC_EVERY`].
-    async fn ask_sync(&mut self) {
-        if self.last_sync.is_none_or(|t| t.elapsed() >= SYNC_EVERY) {
-            self.last_sync = Some(Instant::now());
-            let _ = self
-                .client
-                .publish(
-                    self.sync_subject.clone(),
-                    Bytes::from(self.node_id.to_string()),
-                )
-                .await;
-        }
     }
 
     /// This node's table, in parts small enough for the server it is on.

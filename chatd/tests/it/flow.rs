@@ -60,12 +60,20 @@ async fn paced_reader(mut stream: TcpStream, rate: f64, run: Duration) -> Vec<u8
 /// address) as a slow consumer. The client itself sees it later: its
 /// kernel still holds the bytes written before.
 fn cut(server: &TestServer, peer: std::net::SocketAddr) -> bool {
-    server.logged("disconnected").iter().any(|v| {
-        v["span"]["peer"].as_str() == Some(&peer.to_string())
-            && v["reason"]
-                .as_str()
-                .is_some_and(|r| r.contains("slow consumer"))
+    disconnects(server, peer).iter().any(|v| {
+        v["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("slow consumer"))
     })
+}
+
+/// What chatd logged when it disconnected the client at `peer`.
+fn disconnects(server: &TestServer, peer: std::net::SocketAddr) -> Vec<serde_json::Value> {
+    server
+        .logged("disconnected")
+        .into_iter()
+        .filter(|v| v["span"]["peer"].as_str() == Some(&peer.to_string()))
+        .collect()
 }
 
 /// Connects, reads the welcome, and hands over the bare socket. `rcvbuf`:
@@ -120,16 +128,6 @@ async fn sender(stream: TcpStream, stop: Duration) -> std::io::Result<usize> {
     Ok(sent)
 }
 
-/// Why chatd disconnected the client at `peer`, as it logged it.
-fn why_disconnected(server: &TestServer, peer: std::net::SocketAddr) -> Vec<String> {
-    server
-        .logged("disconnected")
-        .iter()
-        .filter(|v| v["span"]["peer"].as_str() == Some(&peer.to_string()))
-        .map(|v| v.to_string())
-        .collect()
-}
-
 /// The story: one sender at 520 KB/s, a member reading 150 KB/s and one
 /// reading 20 KB/s. `label` names the kernel settings in the output.
 async fn a_reader_above_the_rate_is_waited_for(server: &TestServer, label: &str) {
@@ -159,7 +157,7 @@ async fn a_reader_above_the_rate_is_waited_for(server: &TestServer, label: &str)
     let sent = sent.await.expect("sender").unwrap_or_else(|e| {
         panic!(
             "{label}: chatd took the sender's lines ({e}); it logged: {:?}",
-            why_disconnected(server, sender_at)
+            disconnects(server, sender_at)
         )
     });
     let metrics = server.scrape_metrics().await;
